@@ -1,0 +1,138 @@
+//! The artifact store: files stages produce, under one root directory.
+//!
+//! Invariant: a path handed to the store is relative, has no `..` or root component, and stays
+//! under the root; anything else is refused before touching the disk.
+//! Invariant: a file appears under its final name only once it is complete (written to a
+//! temporary name in the same directory, flushed, then renamed), so a checkpoint that names an
+//! artifact always names a complete file.
+
+use std::{
+    io::Write,
+    path::{Component, Path, PathBuf},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact path {0:?} is not a safe relative path")]
+    UnsafePath(String),
+    #[error("artifact {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ArtifactStore {
+    root: PathBuf,
+}
+
+impl ArtifactStore {
+    /// Creates the root directory if needed.
+    pub fn open(root: impl Into<PathBuf>) -> Result<Self, ArtifactError> {
+        let root = root.into();
+        std::fs::create_dir_all(&root).map_err(|source| ArtifactError::Io {
+            path: root.display().to_string(),
+            source,
+        })?;
+        Ok(Self { root })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The absolute path of a safe relative path.
+    pub fn resolve(&self, relative: &str) -> Result<PathBuf, ArtifactError> {
+        let path = Path::new(relative);
+        let safe = !relative.is_empty()
+            && !relative.contains(['\0', '\\'])
+            && relative.split('/').all(|segment| !matches!(segment, "" | "." | ".."))
+            && path.components().all(|c| matches!(c, Component::Normal(_)));
+        if !safe {
+            return Err(ArtifactError::UnsafePath(relative.to_owned()));
+        }
+        Ok(self.root.join(path))
+    }
+
+    /// Writes a complete file atomically and answers its relative path.
+    pub async fn write(&self, relative: &str, bytes: Vec<u8>) -> Result<String, ArtifactError> {
+        let target = self.resolve(relative)?;
+        let relative = relative.to_owned();
+        tokio::task::spawn_blocking(move || write_atomically(&target, &bytes).map(|()| relative.clone()).map_err(|source| ArtifactError::Io { path: relative, source }))
+            .await
+            .map_err(|e| ArtifactError::Io {
+                path: String::new(),
+                source: std::io::Error::other(e),
+            })?
+    }
+
+    /// Appends one line to a log file (not atomic: for ledgers that record what happened).
+    pub async fn append_line(&self, relative: &str, line: &str) -> Result<(), ArtifactError> {
+        let target = self.resolve(relative)?;
+        let line = format!("{line}\n");
+        let io_error = |source| ArtifactError::Io {
+            path: relative.to_owned(),
+            source,
+        };
+        if let Some(dir) = target.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io_error)?;
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&target)
+            .await
+            .map_err(io_error)?;
+        tokio::io::AsyncWriteExt::write_all(&mut file, line.as_bytes())
+            .await
+            .map_err(io_error)?;
+        Ok(())
+    }
+}
+
+fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let file_name = target.file_name().and_then(|n| n.to_str()).unwrap_or("artifact");
+    let temp = dir.join(format!(".{file_name}.tmp-{}", uuid::Uuid::new_v4().simple()));
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, target)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsafe_paths_are_refused() {
+        let store = ArtifactStore { root: PathBuf::from("/srv/artifacts") };
+        for bad in ["", "/etc/passwd", "../secret", "runs/../../x", "runs/./x", "a\0b"] {
+            assert!(store.resolve(bad).is_err(), "{bad:?} must be refused");
+        }
+        assert_eq!(
+            store.resolve("runs/x/a.json").expect("safe"),
+            PathBuf::from("/srv/artifacts/runs/x/a.json")
+        );
+    }
+
+    #[tokio::test]
+    async fn writes_are_complete_files_with_no_temporaries_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ArtifactStore::open(dir.path()).expect("open");
+        let path = store.write("runs/r1/out.json", b"{}".to_vec()).await.expect("write");
+        assert_eq!(path, "runs/r1/out.json");
+        let entries: Vec<_> = std::fs::read_dir(dir.path().join("runs/r1")).expect("dir").collect();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(std::fs::read(dir.path().join(&path)).expect("read"), b"{}");
+    }
+}

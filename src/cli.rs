@@ -1,0 +1,320 @@
+//! The `stagecraft` command: process roles (`serve`, `worker`, `dev`, `migrate`) and client
+//! commands that talk to the API (`submit`, `status`, `runs`, `cancel`, `resume`).
+
+use std::{sync::Arc, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::{
+    artifacts::ArtifactStore,
+    client::Client,
+    clock::SystemClock,
+    config::Config,
+    engine::{Engine, EngineSettings},
+    http::{self, AppState},
+    ids::WorkerId,
+    metrics::Metrics,
+    queue::{self, ClaimSettings},
+    shutdown,
+    store::{SharedStore, sqlite::SqliteStore},
+    telemetry,
+    workflows::{Catalog, queues},
+};
+
+#[derive(Debug, Parser)]
+#[command(name = "stagecraft", version, about = "Durable runs for long, expensive AI-agent pipelines")]
+pub struct Cli {
+    /// API base URL for the client commands (default: STAGECRAFT_URL, else http://127.0.0.1:8000).
+    #[arg(long, global = true)]
+    pub api_url: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API.
+    Serve,
+    /// Execute runs from the queues.
+    Worker {
+        /// Comma-separated queues to take runs from.
+        #[arg(long, value_delimiter = ',', default_values_t = queues::ALL.map(String::from))]
+        queues: Vec<String>,
+        /// Runs executed at once (default: WORKER_CONCURRENCY).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// The API and workers in one process: the local one-command mode.
+    Dev {
+        /// Runs executed at once (default: WORKER_CONCURRENCY).
+        #[arg(long)]
+        concurrency: Option<usize>,
+    },
+    /// Create or update the store's schema, then exit.
+    Migrate,
+    /// Submit a run.
+    Submit {
+        /// Workflow (or agent) name.
+        name: String,
+        /// agent, workflow or work_order.
+        #[arg(long, default_value = "workflow")]
+        kind: String,
+        /// Inputs as a JSON object.
+        #[arg(long, default_value = "{}")]
+        inputs: String,
+        #[arg(long)]
+        budget_usd: Option<f64>,
+        /// mock or live.
+        #[arg(long)]
+        provider_mode: Option<String>,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// Wait until the run finishes and print its final status.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print a run's status document.
+    Status { run_id: String },
+    /// List runs, newest first.
+    Runs {
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        name: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Cancel a run.
+    Cancel { run_id: String },
+    /// Re-queue a finished run from a stage.
+    Resume {
+        run_id: String,
+        /// `auto` or a stage name.
+        #[arg(long, default_value = "auto")]
+        from_stage: String,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::from_env()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(cli, config))
+}
+
+async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve => {
+            telemetry::init(&config);
+            serve_role(config, Role::Api).await
+        }
+        Command::Worker { queues, concurrency } => {
+            telemetry::init(&config);
+            let concurrency = concurrency.unwrap_or(config.worker_concurrency).max(1);
+            serve_role(config, Role::Worker { queues, concurrency }).await
+        }
+        Command::Dev { concurrency } => {
+            telemetry::init(&config);
+            let concurrency = concurrency.unwrap_or(config.worker_concurrency).max(1);
+            serve_role(config, Role::Dev { concurrency }).await
+        }
+        Command::Migrate => {
+            telemetry::init(&config);
+            open_store(&config).await?;
+            println!("schema is up to date");
+            Ok(())
+        }
+        client_command => {
+            let client = Client::new(cli.api_url.unwrap_or_else(|| config.api_url.clone()), config.api_token.clone());
+            run_client(&client, client_command).await
+        }
+    }
+}
+
+enum Role {
+    Api,
+    Worker { queues: Vec<String>, concurrency: usize },
+    Dev { concurrency: usize },
+}
+
+async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
+    let store = SqliteStore::open(&config.database_url, Arc::new(SystemClock))
+        .await
+        .with_context(|| format!("opening the store at {}", config.database_url))?;
+    Ok(Arc::new(store))
+}
+
+async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
+    let shutdown = shutdown::on_signal().context("installing signal handlers")?;
+    let store = open_store(&config).await?;
+    let artifacts = ArtifactStore::open(&config.artifact_dir).context("opening the artifact directory")?;
+    let catalog = Arc::new(Catalog::builtin());
+    let metrics = Arc::new(Metrics::default());
+    let config = Arc::new(config);
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let sweeper_stop = CancellationToken::new();
+    tasks.spawn({
+        let store = store.clone();
+        let (interval, retention, stop) = (config.sweep_interval, config.run_retention, sweeper_stop.clone());
+        async move {
+            queue::run_sweeper(store, interval, retention, stop).await;
+            Ok(())
+        }
+    });
+
+    let serves_api = matches!(role, Role::Api | Role::Dev { .. });
+    if serves_api {
+        let address = std::net::SocketAddr::new(config.host, config.port);
+        let listener = TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+        let bound = listener.local_addr()?;
+        // Printed, not logged: scripts and tests read the address from here.
+        println!("stagecraft: listening on http://{bound}");
+        info!(address = %bound, backend = store.backend_name(), "API listening");
+        let state = AppState {
+            store: store.clone(),
+            catalog: catalog.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            started: std::time::Instant::now(),
+        };
+        let stop = shutdown.clone();
+        tasks.spawn(async move { http::serve(listener, state, stop).await.context("serving HTTP") });
+    }
+
+    let workers = match role {
+        Role::Api => None,
+        Role::Worker { queues, concurrency } => Some((queues, concurrency, "worker")),
+        Role::Dev { concurrency } => Some((queues::ALL.map(String::from).to_vec(), concurrency, "dev")),
+    };
+    if let Some((queues, concurrency, role_name)) = workers {
+        for queue in &queues {
+            if !queues::ALL.contains(&queue.as_str()) {
+                anyhow::bail!("unknown queue {queue:?}; queues are {}", queues::ALL.join(", "));
+            }
+        }
+        let engine = Arc::new(Engine {
+            store: store.clone(),
+            catalog: catalog.clone(),
+            artifacts: artifacts.clone(),
+            settings: EngineSettings {
+                lease_ttl: config.lease_ttl,
+                default_retry: config.default_retry,
+            },
+            worker: WorkerId::for_this_process(role_name),
+            metrics: metrics.clone(),
+            stopping: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+        });
+        let settings = ClaimSettings {
+            queues,
+            lease_ttl: config.lease_ttl,
+            poll_interval: config.poll_interval,
+        };
+        let (stop, grace) = (shutdown.clone(), config.shutdown_grace);
+        tasks.spawn(async move { queue::run_workers(engine, settings, concurrency, stop, grace).await });
+    }
+
+    // Wait for the roles to end (they end after the shutdown signal); the first error wins.
+    let mut outcome = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
+        if let Err(error) = result {
+            tracing::error!(error = ?error, "a role failed; stopping the process");
+            shutdown.cancel();
+            if outcome.is_ok() {
+                outcome = Err(error);
+            }
+        }
+        if shutdown.is_cancelled() {
+            sweeper_stop.cancel();
+        }
+    }
+    info!("stopped");
+    outcome
+}
+
+async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
+    let printed = match command {
+        Command::Submit { name, kind, inputs, budget_usd, provider_mode, idempotency_key, wait } => {
+            let inputs: Value = serde_json::from_str(&inputs).context("--inputs is not valid JSON")?;
+            let mut body = json!({"kind": kind, "name": name, "inputs": inputs});
+            if let Some(budget) = budget_usd {
+                body["budget_usd"] = json!(budget);
+            }
+            if let Some(mode) = provider_mode {
+                body["provider_mode"] = json!(mode);
+            }
+            let headers: Vec<(&str, String)> = idempotency_key.map(|k| ("idempotency-key", k)).into_iter().collect();
+            let (_, run) = client.call(reqwest::Method::POST, "/runs", Some(&body), &headers).await?;
+            if wait {
+                let id = run["run_id"].as_str().unwrap_or_default().to_owned();
+                wait_for(client, &id).await?
+            } else {
+                run
+            }
+        }
+        Command::Status { run_id } => client.get(&format!("/runs/{run_id}")).await?,
+        Command::Runs { kind, status, name, limit, cursor } => {
+            let mut query = vec![format!("limit={limit}")];
+            for (key, value) in [("kind", kind), ("status", status), ("name", name), ("cursor", cursor)] {
+                if let Some(value) = value {
+                    query.push(format!("{key}={}", urlencode(&value)));
+                }
+            }
+            client.get(&format!("/runs?{}", query.join("&"))).await?
+        }
+        Command::Cancel { run_id } => client.post(&format!("/runs/{run_id}/cancel"), &json!({})).await?,
+        Command::Resume { run_id, from_stage } => {
+            client.post(&format!("/runs/{run_id}/resume"), &json!({"from_stage": from_stage})).await?
+        }
+        Command::Serve | Command::Worker { .. } | Command::Dev { .. } | Command::Migrate => unreachable!("handled by run"),
+    };
+    println!("{}", serde_json::to_string_pretty(&printed)?);
+    Ok(())
+}
+
+async fn wait_for(client: &Client, run_id: &str) -> anyhow::Result<Value> {
+    loop {
+        let run = client.get(&format!("/runs/{run_id}")).await?;
+        if matches!(run["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+            return Ok(run);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+fn urlencode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+}

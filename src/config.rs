@@ -1,0 +1,369 @@
+//! Configuration, read once at start-up from the environment (and a `.env` file when present).
+//!
+//! This is the only module that reads environment variables. Every variable is documented in
+//! `.env.example`; a value that does not parse stops the process with a message naming the
+//! variable.
+//!
+//! | Variable | Default | Meaning |
+//! |---|---|---|
+//! | `ENV` | `development` | `development` or `production` (production logs JSON) |
+//! | `DEBUG` | `true` in development | reported by `/health` |
+//! | `LOG_LEVEL` | `info` | a `tracing` filter such as `info` or `stagecraft=debug` |
+//! | `LOG_FORMAT` | `pretty` in development, `json` in production | `pretty` or `json` |
+//! | `PROVIDER_MODE` | `mock` | default provider mode of new runs |
+//! | `ARTIFACT_DIR` | `./artifacts` | root of every file a stage writes |
+//! | `DATA_DIR` | `./data` | where the embedded store lives |
+//! | `QUEUE_BACKEND` | `sqlite` | the durable store and queue |
+//! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file |
+//! | `HOST`, `PORT` | `127.0.0.1`, `8000` | where `serve` and `dev` listen (`PORT=0`: any free port) |
+//! | `WORKER_CONCURRENCY` | `4` | runs one worker process executes at once |
+//! | `LEASE_TTL_SECS` | `10` | how long a lease lives without a heartbeat |
+//! | `SWEEP_INTERVAL_MS` | `5000` | how often expired leases are swept |
+//! | `POLL_INTERVAL_MS` | `20` | how long an idle worker waits before asking the store again |
+//! | `SHUTDOWN_GRACE_SECS` | `30` | how long a stopping worker lets its current stage run |
+//! | `STAGE_MAX_ATTEMPTS`, `RETRY_BASE_MS`, `RETRY_MAX_MS`, `STAGE_TIMEOUT_SECS` | `3`, `1000`, `60000`, `3600` | default retry policy of a stage |
+//! | `API_TOKEN` | unset | bearer token every route but `/health` requires |
+//! | `CORS_ORIGINS` | unset | comma-separated origins allowed by CORS |
+//! | `RUN_RETENTION_DAYS` | `7` | finished runs are deleted this long after they finish |
+//! | `MAX_BODY_BYTES` | `1048576` | largest request body accepted |
+//! | `SYNC_WAIT_SECS` | `30` | how long a synchronous submit waits before answering 202 |
+//! | `STAGECRAFT_URL` | `http://127.0.0.1:8000` | the API the client commands talk to |
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+    str::FromStr,
+    time::Duration,
+};
+
+use secrecy::SecretString;
+
+use crate::engine::RetryPolicy;
+
+/// Everything the processes need to know about their deployment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `development` or `production`.
+    pub env: Environment,
+    /// Reported by `/health`; development defaults to true.
+    pub debug: bool,
+    /// The `tracing` filter directive.
+    pub log_level: String,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// The provider mode a run gets when it does not ask for one.
+    pub provider_mode: ProviderMode,
+    /// Root of all artifacts; created at start-up.
+    pub artifact_dir: PathBuf,
+    /// Which durable store carries runs.
+    pub backend: BackendKind,
+    /// The SQLite database URL.
+    pub database_url: String,
+    /// Listen address of the HTTP API.
+    pub host: IpAddr,
+    /// Listen port of the HTTP API; 0 picks a free one.
+    pub port: u16,
+    /// How many runs one worker process executes at once.
+    pub worker_concurrency: usize,
+    /// Lease lifetime without a heartbeat; recovery after a crash takes at most this plus one sweep.
+    pub lease_ttl: Duration,
+    /// Interval of the expired-lease sweeper.
+    pub sweep_interval: Duration,
+    /// How long an idle worker waits before asking the store again (it is also woken at once by
+    /// submissions made in the same process).
+    pub poll_interval: Duration,
+    /// How long a stopping worker lets a running stage continue before abandoning it.
+    pub shutdown_grace: Duration,
+    /// Retry policy of stages that do not declare their own.
+    pub default_retry: RetryPolicy,
+    /// Bearer token required on every route but `/health`, when set.
+    pub api_token: Option<SecretString>,
+    /// Origins allowed by CORS; empty means no CORS headers at all.
+    pub cors_origins: Vec<String>,
+    /// How long finished runs are kept.
+    pub run_retention: Duration,
+    /// Largest accepted request body, in bytes.
+    pub max_body_bytes: usize,
+    /// How long a synchronous submit waits for completion before answering 202.
+    pub sync_wait: Duration,
+    /// Base URL of the API for the client commands.
+    pub api_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Environment {
+    Development,
+    Production,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderMode {
+    Mock,
+    Live,
+}
+
+impl ProviderMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mock => "mock",
+            Self::Live => "live",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Sqlite,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+        }
+    }
+}
+
+/// A variable that is set but does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("configuration variable {variable} has an invalid value {value:?}: {reason}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Reads `.env` (if present, without overriding variables already set) and then the process
+    /// environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        // A missing .env file is normal; a malformed one is reported by the values it leaves unset.
+        let _ = dotenvy::dotenv();
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Builds the configuration from any lookup function, so tests can pass a map.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let vars = Vars { lookup: &lookup };
+        let env = vars.parse_with("ENV", Environment::Development, |v| match v {
+            "development" | "dev" => Ok(Environment::Development),
+            "production" | "prod" => Ok(Environment::Production),
+            _ => Err("expected development or production".to_owned()),
+        })?;
+        let development = env == Environment::Development;
+        let debug = vars.parse_with("DEBUG", development, parse_bool)?;
+        let log_level = vars.string("LOG_LEVEL").unwrap_or_else(|| "info".to_owned());
+        let default_format = if development { LogFormat::Pretty } else { LogFormat::Json };
+        let log_format = vars.parse_with("LOG_FORMAT", default_format, |v| match v {
+            "pretty" | "text" => Ok(LogFormat::Pretty),
+            "json" => Ok(LogFormat::Json),
+            _ => Err("expected pretty or json".to_owned()),
+        })?;
+        let provider_mode = vars.parse_with("PROVIDER_MODE", ProviderMode::Mock, |v| match v {
+            "mock" => Ok(ProviderMode::Mock),
+            "live" => Ok(ProviderMode::Live),
+            _ => Err("expected mock or live".to_owned()),
+        })?;
+        let artifact_dir = vars.path("ARTIFACT_DIR").unwrap_or_else(|| PathBuf::from("./artifacts"));
+        let data_dir = vars.path("DATA_DIR").unwrap_or_else(|| PathBuf::from("./data"));
+        let backend = vars.parse_with("QUEUE_BACKEND", BackendKind::Sqlite, |v| match v {
+            "sqlite" => Ok(BackendKind::Sqlite),
+            _ => Err("expected sqlite".to_owned()),
+        })?;
+        let database_url = vars
+            .string("DATABASE_URL")
+            .unwrap_or_else(|| sqlite_url_for(&data_dir.join("stagecraft.db")));
+        if !database_url.starts_with("sqlite:") {
+            return Err(ConfigError {
+                variable: "DATABASE_URL",
+                value: database_url,
+                reason: "expected a sqlite: URL".to_owned(),
+            });
+        }
+        let host = vars.parse("HOST", IpAddr::from([127, 0, 0, 1]))?;
+        let port = vars.parse("PORT", 8000u16)?;
+        let worker_concurrency = vars.parse("WORKER_CONCURRENCY", 4usize)?;
+        if worker_concurrency == 0 {
+            return Err(ConfigError {
+                variable: "WORKER_CONCURRENCY",
+                value: "0".to_owned(),
+                reason: "must be at least 1".to_owned(),
+            });
+        }
+        let lease_ttl = Duration::from_secs(vars.parse_positive("LEASE_TTL_SECS", 10)?);
+        let sweep_interval = Duration::from_millis(vars.parse_positive("SWEEP_INTERVAL_MS", 5000)?);
+        let poll_interval = Duration::from_millis(vars.parse_positive("POLL_INTERVAL_MS", 20)?);
+        let shutdown_grace = Duration::from_secs(vars.parse("SHUTDOWN_GRACE_SECS", 30u64)?);
+        let default_retry = RetryPolicy {
+            max_attempts: vars.parse_positive("STAGE_MAX_ATTEMPTS", 3)? as u32,
+            base_delay: Duration::from_millis(vars.parse("RETRY_BASE_MS", 1000u64)?),
+            max_delay: Duration::from_millis(vars.parse("RETRY_MAX_MS", 60_000u64)?),
+            timeout: Duration::from_secs(vars.parse_positive("STAGE_TIMEOUT_SECS", 3600)?),
+        };
+        let api_token = vars
+            .string("API_TOKEN")
+            .filter(|t| !t.is_empty())
+            .map(SecretString::from);
+        let cors_origins = vars
+            .string("CORS_ORIGINS")
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        let run_retention = Duration::from_secs(vars.parse_positive("RUN_RETENTION_DAYS", 7)? * 86_400);
+        let max_body_bytes = vars.parse_positive("MAX_BODY_BYTES", 1_048_576)? as usize;
+        let sync_wait = Duration::from_secs(vars.parse("SYNC_WAIT_SECS", 30u64)?);
+        let api_url = vars
+            .string("STAGECRAFT_URL")
+            .unwrap_or_else(|| "http://127.0.0.1:8000".to_owned())
+            .trim_end_matches('/')
+            .to_owned();
+        Ok(Self {
+            env,
+            debug,
+            log_level,
+            log_format,
+            provider_mode,
+            artifact_dir,
+            backend,
+            database_url,
+            host,
+            port,
+            worker_concurrency,
+            lease_ttl,
+            sweep_interval,
+            poll_interval,
+            shutdown_grace,
+            default_retry,
+            api_token,
+            cors_origins,
+            run_retention,
+            max_body_bytes,
+            sync_wait,
+            api_url,
+        })
+    }
+}
+
+/// The `sqlite://` URL of a file path.
+pub fn sqlite_url_for(path: &Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+struct Vars<'a> {
+    lookup: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl Vars<'_> {
+    fn string(&self, name: &str) -> Option<String> {
+        (self.lookup)(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+    }
+
+    fn path(&self, name: &str) -> Option<PathBuf> {
+        self.string(name).map(PathBuf::from)
+    }
+
+    fn parse_with<T>(
+        &self,
+        name: &'static str,
+        default: T,
+        parse: impl Fn(&str) -> Result<T, String>,
+    ) -> Result<T, ConfigError> {
+        match self.string(name) {
+            None => Ok(default),
+            Some(value) => parse(&value.to_ascii_lowercase()).map_err(|reason| ConfigError {
+                variable: name,
+                value,
+                reason,
+            }),
+        }
+    }
+
+    fn parse<T: FromStr>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.string(name) {
+            None => Ok(default),
+            Some(value) => value.parse().map_err(|e: T::Err| ConfigError {
+                variable: name,
+                reason: e.to_string(),
+                value,
+            }),
+        }
+    }
+
+    fn parse_positive(&self, name: &'static str, default: u64) -> Result<u64, ConfigError> {
+        let value = self.parse(name, default)?;
+        if value == 0 {
+            return Err(ConfigError {
+                variable: name,
+                value: "0".to_owned(),
+                reason: "must be greater than zero".to_owned(),
+            });
+        }
+        Ok(value)
+    }
+}
+
+fn parse_bool(value: &str) -> Result<bool, String> {
+    match value {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err("expected true or false".to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn config_from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> =
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = config_from(&[]).expect("defaults parse");
+        assert_eq!(config.port, 8000);
+        assert_eq!(config.lease_ttl, Duration::from_secs(10));
+        assert_eq!(config.sweep_interval, Duration::from_secs(5));
+        assert_eq!(config.provider_mode, ProviderMode::Mock);
+        assert_eq!(config.backend, BackendKind::Sqlite);
+        assert!(config.api_token.is_none());
+        assert_eq!(config.database_url, "sqlite://./data/stagecraft.db");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let error = config_from(&[("LEASE_TTL_SECS", "ten")]).expect_err("must fail");
+        assert_eq!(error.variable, "LEASE_TTL_SECS");
+        assert!(error.to_string().contains("LEASE_TTL_SECS"));
+        let error = config_from(&[("PROVIDER_MODE", "real")]).expect_err("must fail");
+        assert_eq!(error.variable, "PROVIDER_MODE");
+        let error = config_from(&[("WORKER_CONCURRENCY", "0")]).expect_err("must fail");
+        assert_eq!(error.variable, "WORKER_CONCURRENCY");
+    }
+
+    #[test]
+    fn production_logs_json_by_default() {
+        let config = config_from(&[("ENV", "production")]).expect("parses");
+        assert_eq!(config.log_format, LogFormat::Json);
+        assert!(!config.debug);
+    }
+}

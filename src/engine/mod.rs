@@ -1,0 +1,283 @@
+//! The stage engine: executes one claimed run, stage by stage, under its lease.
+//!
+//! Invariant: the engine decides what a failure means (retry, fail, cancel); stages only
+//! classify their errors as [`StageError`].
+//! Invariant: retries are durable: a transient failure stores the time of the next attempt and
+//! releases the run, so a crash during the backoff loses nothing and holds no worker slot.
+//! Invariant: the engine stops touching a run the moment the store refuses its fencing token.
+
+mod retry;
+mod stage;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+    time::Duration,
+};
+
+use futures::FutureExt;
+pub use retry::RetryPolicy;
+pub use stage::{Stage, StageContext, StageError, StageOutput};
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    artifacts::ArtifactStore,
+    ids::WorkerId,
+    metrics::Metrics,
+    store::{Claimed, Lease, RunError, SharedStore, StageCheckpoint, StageOutcome, StageStatus, StoreError},
+    workflows::Catalog,
+};
+
+/// Settings of the engine, from the configuration.
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub lease_ttl: Duration,
+    pub default_retry: RetryPolicy,
+}
+
+/// Shared by every run a worker process executes.
+pub struct Engine {
+    pub store: SharedStore,
+    pub catalog: Arc<Catalog>,
+    pub artifacts: ArtifactStore,
+    pub settings: EngineSettings,
+    pub worker: WorkerId,
+    pub metrics: Arc<Metrics>,
+    /// Fired when the process begins to stop: no new stage starts, runs are released between
+    /// stages.
+    pub stopping: CancellationToken,
+    /// Fired when the grace period is over: running stages are abandoned and released.
+    pub abandon: CancellationToken,
+}
+
+/// Why a run's execution ended in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    Completed,
+    RetryScheduled,
+    Failed,
+    Cancelled,
+    Released,
+    LeaseLost,
+}
+
+impl Engine {
+    /// Executes a claimed run until it completes, fails, waits for a retry, is cancelled or
+    /// released, or its lease is lost.
+    pub async fn execute(&self, claimed: Claimed) -> Ending {
+        let span = info_span!("run", run.id = %claimed.run.id, run.name = %claimed.run.name, fence = claimed.lease.fence.0);
+        async move {
+            let lease = claimed.lease.clone();
+            let cancel = CancellationToken::new();
+            let lease_lost = CancellationToken::new();
+            let heartbeat = tokio::spawn(keep_lease(
+                self.store.clone(),
+                lease.clone(),
+                self.settings.lease_ttl,
+                cancel.clone(),
+                lease_lost.clone(),
+            ));
+            if claimed.recovered {
+                self.metrics.lease_recoveries.inc();
+            }
+            let ending = self.execute_stages(claimed, &cancel, &lease_lost).await;
+            heartbeat.abort();
+            if ending == Ending::LeaseLost {
+                self.metrics.fence_rejections.inc();
+                warn!("lease lost; this worker stopped executing the run");
+            }
+            info!(ending = ?ending, "run execution ended");
+            ending
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn execute_stages(
+        &self,
+        claimed: Claimed,
+        cancel: &CancellationToken,
+        lease_lost: &CancellationToken,
+    ) -> Ending {
+        let Claimed { lease, mut run, .. } = claimed;
+        let Some(workflow) = self.catalog.get(run.kind, &run.name) else {
+            let error = RunError {
+                code: "unknown_workflow".to_owned(),
+                message: format!("no {} named {:?} is known to this worker", run.kind.as_str(), run.name),
+            };
+            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
+        };
+        if run.cancel_requested {
+            let first_open = run.stages.iter().position(|s| s.status != StageStatus::Completed).unwrap_or(0);
+            return self.settle(self.store.end_attempt(&lease, first_open, StageOutcome::Cancelled).await, Ending::Cancelled);
+        }
+        let stages = workflow.stages();
+        let mut previous = BTreeMap::new();
+        for (index, stage) in stages.iter().enumerate() {
+            let record = &run.stages[index];
+            if record.status == StageStatus::Completed {
+                previous.insert(record.name.clone(), record.output.clone().unwrap_or_default());
+                continue;
+            }
+            if self.stopping.is_cancelled() {
+                return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Abandoned).await, Ending::Released);
+            }
+            let memo: HashMap<_, _> = match self.store.steps(run.id, index).await {
+                Ok(steps) => steps.into_iter().map(|s| (s.key.clone(), s)).collect(),
+                Err(error) => return self.store_failure(error),
+            };
+            let mut ctx = StageContext {
+                run_id: run.id,
+                stage_name: stage.name(),
+                stage_index: index,
+                attempt: 0,
+                inputs: run.inputs.clone(),
+                provider_mode: run.provider_mode,
+                previous: previous.clone(),
+                cancel: cancel.clone(),
+                store: self.store.clone(),
+                lease: lease.clone(),
+                artifacts: self.artifacts.clone(),
+                memo,
+                step_total: 0,
+                written: Vec::new(),
+            };
+            if let Some(budget) = run.budget_usd {
+                let estimate = stage.estimated_cost_usd(&ctx);
+                if run.cost_usd + estimate > budget + f64::EPSILON {
+                    let error = RunError {
+                        code: "budget_exceeded".to_owned(),
+                        message: format!(
+                            "stage {} is estimated at ${estimate:.2} but only ${:.2} of the ${budget:.2} budget remains",
+                            stage.name(),
+                            (budget - run.cost_usd).max(0.0)
+                        ),
+                    };
+                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Fail { error }).await, Ending::Failed);
+                }
+            }
+            ctx.attempt = match self.store.start_stage(&lease, index).await {
+                Ok(attempt) => attempt,
+                Err(error) => return self.store_failure(error),
+            };
+            let policy = stage.retry_policy().unwrap_or(self.settings.default_retry);
+            let started = std::time::Instant::now();
+            info!(stage.name = stage.name(), attempt = ctx.attempt, "stage started");
+            let attempt = std::panic::AssertUnwindSafe(tokio::time::timeout(policy.timeout, stage.run(&mut ctx))).catch_unwind();
+            let result = tokio::select! {
+                result = attempt => match result {
+                    Ok(Ok(result)) => result,
+                    Ok(Err(_elapsed)) => Err(StageError::retryable(format!("stage timed out after {} s", policy.timeout.as_secs_f64()))),
+                    Err(_panic) => Err(StageError::fatal("stage_panicked", format!("stage {} panicked", stage.name()))),
+                },
+                () = cancel.cancelled() => Err(StageError::Cancelled),
+                () = lease_lost.cancelled() => return Ending::LeaseLost,
+                () = self.abandon.cancelled() => {
+                    warn!(stage.name = stage.name(), "grace period over; abandoning the stage");
+                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Abandoned).await, Ending::Released);
+                }
+            };
+            let elapsed = started.elapsed();
+            self.metrics.observe_stage(stage.name(), elapsed);
+            match result {
+                Ok(done) => {
+                    let is_last = index + 1 == stages.len();
+                    previous.insert(stage.name().to_owned(), done.output.clone());
+                    let run_result = is_last.then(|| workflow.result(&previous));
+                    let checkpoint = StageCheckpoint {
+                        output: done.output,
+                        artifacts: ctx.artifacts(),
+                        cost_usd: done.cost_usd,
+                        run_result,
+                    };
+                    if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
+                        return self.store_failure(error);
+                    }
+                    run.cost_usd += done.cost_usd;
+                    info!(stage.name = stage.name(), duration_ms = elapsed.as_millis() as u64, "stage completed");
+                    if is_last {
+                        self.metrics.runs_finished.with_label("completed").inc();
+                        return Ending::Completed;
+                    }
+                }
+                Err(StageError::Retryable(message)) if policy.allows_another_after(ctx.attempt) => {
+                    let delay = policy.delay_after(ctx.attempt, &mut rand::rng());
+                    warn!(stage.name = stage.name(), attempt = ctx.attempt, delay_ms = delay.as_millis() as u64, error = %message, "stage failed; retry scheduled");
+                    self.metrics.retries.inc();
+                    let error = RunError { code: "stage_error".to_owned(), message };
+                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Retry { error, delay }).await, Ending::RetryScheduled);
+                }
+                Err(StageError::Retryable(message)) => {
+                    let error = RunError {
+                        code: "attempts_exhausted".to_owned(),
+                        message: format!("stage {} failed {} times; last error: {message}", stage.name(), ctx.attempt),
+                    };
+                    return self.fail(&lease, index, error).await;
+                }
+                Err(StageError::Fatal { code, message }) => {
+                    return self.fail(&lease, index, RunError { code, message }).await;
+                }
+                Err(StageError::Cancelled) => {
+                    self.metrics.runs_finished.with_label("cancelled").inc();
+                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Cancelled).await, Ending::Cancelled);
+                }
+                Err(StageError::LeaseLost(_)) => return Ending::LeaseLost,
+            }
+        }
+        Ending::Completed
+    }
+
+    async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {
+        warn!(stage.index = index, error.code = %error.code, error = %error.message, "run failed");
+        self.metrics.runs_finished.with_label("failed").inc();
+        self.settle(self.store.end_attempt(lease, index, StageOutcome::Fail { error }).await, Ending::Failed)
+    }
+
+    /// The ending of a store write that closes the attempt.
+    fn settle(&self, written: Result<(), StoreError>, ending: Ending) -> Ending {
+        match written {
+            Ok(()) => ending,
+            Err(error) => self.store_failure(error),
+        }
+    }
+
+    /// A store error in the middle of a run: a refused fence means someone else owns the run;
+    /// anything else leaves the lease to expire, after which the sweeper re-queues the run.
+    fn store_failure(&self, error: StoreError) -> Ending {
+        match error {
+            StoreError::FenceRejected { .. } => Ending::LeaseLost,
+            other => {
+                warn!(error = %other, "store write failed; the lease will expire and the run be re-queued");
+                Ending::LeaseLost
+            }
+        }
+    }
+}
+
+/// Renews the lease until aborted; fires `cancel` when a cancel is requested and `lost` when
+/// the lease is gone.
+async fn keep_lease(
+    store: SharedStore,
+    lease: Lease,
+    ttl: Duration,
+    cancel: CancellationToken,
+    lost: CancellationToken,
+) {
+    let every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticker.tick().await;
+    loop {
+        ticker.tick().await;
+        match store.heartbeat(&lease, ttl).await {
+            Ok(true) => cancel.cancel(),
+            Ok(false) => {}
+            Err(StoreError::FenceRejected { .. }) => {
+                lost.cancel();
+                return;
+            }
+            Err(error) => warn!(error = %error, "heartbeat failed; retrying"),
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! What a stage is, what it is given, and how it fails.
+
+use std::collections::{BTreeMap, HashMap};
+
+use async_trait::async_trait;
+use serde::{Serialize, de::DeserializeOwned};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use super::RetryPolicy;
+use crate::{
+    artifacts::{ArtifactError, ArtifactStore},
+    config::ProviderMode,
+    ids::RunId,
+    store::{Lease, Progress, SharedStore, StepRecord, StoreError},
+};
+
+/// How a stage attempt failed. The stage classifies; the engine decides what follows.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Worth another attempt after a backoff (timeouts, 429s, 5xx, a flaky network).
+    #[error("{0}")]
+    Retryable(String),
+    /// Another attempt would fail the same way (bad input, budget exceeded, 4xx).
+    #[error("{message}")]
+    Fatal { code: String, message: String },
+    /// The run was cancelled while the stage ran.
+    #[error("cancelled")]
+    Cancelled,
+    /// The store refused a write: this worker no longer owns the run.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+}
+
+impl StageError {
+    pub fn retryable(message: impl Into<String>) -> Self {
+        Self::Retryable(message.into())
+    }
+
+    pub fn fatal(code: impl Into<String>, message: impl Into<String>) -> Self {
+        Self::Fatal {
+            code: code.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl From<StoreError> for StageError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::FenceRejected { .. } => Self::LeaseLost(error.to_string()),
+            other => Self::Retryable(format!("store: {other}")),
+        }
+    }
+}
+
+impl From<ArtifactError> for StageError {
+    fn from(error: ArtifactError) -> Self {
+        match error {
+            ArtifactError::UnsafePath(_) => Self::fatal("unsafe_artifact_path", error.to_string()),
+            ArtifactError::Io { .. } => Self::Retryable(error.to_string()),
+        }
+    }
+}
+
+/// What a completed stage hands to its checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct StageOutput {
+    pub output: Value,
+    /// Cost incurred outside memoised steps (steps record their own).
+    pub cost_usd: f64,
+}
+
+/// One named step of a workflow.
+#[async_trait]
+pub trait Stage: Send + Sync {
+    /// The stage's stored name. Frozen once shipped: stored runs refer to it.
+    fn name(&self) -> &'static str;
+
+    /// This stage's retry policy; `None` takes the deployment's default.
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        None
+    }
+
+    /// What the stage is expected to cost, checked against the run's remaining budget before
+    /// it starts.
+    fn estimated_cost_usd(&self, _ctx: &StageContext) -> f64 {
+        0.0
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError>;
+}
+
+/// Everything one stage attempt may see and do.
+pub struct StageContext {
+    pub run_id: RunId,
+    pub stage_name: &'static str,
+    pub stage_index: usize,
+    /// 1 for the first execution of this stage, 2 for the second, …
+    pub attempt: u32,
+    pub inputs: Value,
+    pub provider_mode: ProviderMode,
+    /// Outputs of the stages before this one, by stage name.
+    pub previous: BTreeMap<String, Value>,
+    /// Fired when the run is cancelled; long work should stop at the next chance.
+    pub cancel: CancellationToken,
+    pub(super) store: SharedStore,
+    pub(super) lease: Lease,
+    pub(super) artifacts: ArtifactStore,
+    pub(super) memo: HashMap<String, StepRecord>,
+    pub(super) step_total: u32,
+    pub(super) written: Vec<String>,
+}
+
+impl StageContext {
+    /// The directory of this run's artifacts, relative to the artifact root.
+    pub fn run_dir(&self) -> String {
+        format!("runs/{}", self.run_id)
+    }
+
+    /// Declares how many steps this stage has, for progress reporting.
+    pub fn set_step_total(&mut self, total: u32) {
+        self.step_total = total;
+    }
+
+    /// The stored output of a step that already completed (in an earlier attempt), if any.
+    pub fn memoised<T: DeserializeOwned>(&self, key: &str) -> Option<T> {
+        self.memo
+            .get(key)
+            .and_then(|step| serde_json::from_value(step.output.clone()).ok())
+    }
+
+    /// Commits a step's result so no later attempt of this stage redoes it. Artifacts the step
+    /// names must be complete already.
+    pub async fn complete_step<T: Serialize>(
+        &mut self,
+        key: &str,
+        output: &T,
+        cost_usd: f64,
+        artifacts: Vec<String>,
+    ) -> Result<(), StageError> {
+        let output = serde_json::to_value(output)
+            .map_err(|e| StageError::fatal("invalid_step_output", e.to_string()))?;
+        let record = StepRecord {
+            key: key.to_owned(),
+            output,
+            cost_usd,
+            artifacts,
+        };
+        let done = self.memo.len() as u32 + 1;
+        let progress = Progress {
+            done,
+            total: self.step_total.max(done),
+        };
+        self.store
+            .record_step(&self.lease, self.stage_index, &record, progress)
+            .await?;
+        self.written.extend(record.artifacts.iter().cloned());
+        self.memo.insert(key.to_owned(), record);
+        Ok(())
+    }
+
+    /// Writes a complete artifact file and lists it in this stage's checkpoint.
+    pub async fn write_artifact(&mut self, relative: &str, bytes: Vec<u8>) -> Result<String, StageError> {
+        let path = self.artifacts.write(relative, bytes).await?;
+        if !self.written.contains(&path) {
+            self.written.push(path.clone());
+        }
+        Ok(path)
+    }
+
+    /// The artifact store itself, for reads and ledgers.
+    pub fn artifact_store(&self) -> &ArtifactStore {
+        &self.artifacts
+    }
+
+    /// Every artifact this attempt wrote or that its memoised steps name.
+    pub fn artifacts(&self) -> Vec<String> {
+        let mut all: Vec<String> = self
+            .memo
+            .values()
+            .flat_map(|s| s.artifacts.iter().cloned())
+            .chain(self.written.iter().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+}

@@ -1,0 +1,216 @@
+//! The HTTP API: routes, state, authentication, and the OpenAPI document.
+//!
+//! Invariant: http never runs stages. It validates, stores and reads runs; workers execute them.
+
+mod error;
+mod runs;
+
+use std::{sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Request, State},
+    http::{HeaderValue, Method, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+};
+pub use error::{ApiError, ErrorBody, JsonBody};
+use secrecy::ExposeSecret;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+use utoipa_axum::{router::OpenApiRouter, routes};
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::{config::Config, metrics::Metrics, store::SharedStore, workflows::Catalog};
+
+/// What every handler may use.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: SharedStore,
+    pub catalog: Arc<Catalog>,
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Stagecraft", description = "Durable runs for long, expensive AI-agent pipelines"),
+    tags(
+        (name = "runs", description = "Submit, watch, cancel and resume runs of any kind"),
+        (name = "workflows", description = "Multi-stage workflow runs"),
+        (name = "ops", description = "Health, queues and metrics")
+    ),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The whole API as a router, apart from any socket, so tests and `dev` can serve it.
+pub fn app(state: AppState) -> Router {
+    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health))
+        .routes(routes!(root))
+        .routes(routes!(queues))
+        .routes(routes!(metrics))
+        .merge(runs::routes())
+        .split_for_parts();
+    let body_limit = state.config.max_body_bytes;
+    let router = router
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn(move |mut req: Request, next: Next| async move {
+            req.extensions_mut().insert(error::BodyLimit(body_limit));
+            next.run(req).await
+        }))
+        .layer(DefaultBodyLimit::max(body_limit));
+    let router = match cors(&state.config) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+fn cors(config: &Config) -> Option<CorsLayer> {
+    if config.cors_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::HeaderName::from_static("idempotency-key")]),
+    )
+}
+
+/// With `API_TOKEN` set, every route but `/health` needs `Authorization: Bearer <token>`.
+async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let Some(expected) = &state.config.api_token else {
+        return next.run(req).await;
+    };
+    if req.uri().path() == "/health" || req.method() == Method::OPTIONS {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if constant_time_eq(presented.as_bytes(), expected.expose_secret().as_bytes()) {
+        next.run(req).await
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Serves the API on `listener` until `shutdown` fires, then finishes open requests.
+pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+    let app = app(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct Health {
+    /// `healthy`, or `unhealthy` with a reason.
+    status: &'static str,
+    mode: &'static str,
+    debug: bool,
+    version: &'static str,
+    backend: &'static str,
+    uptime_secs: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+/// Liveness and store reachability. Never requires a token.
+#[utoipa::path(get, path = "/health", tag = "ops",
+    responses((status = 200, body = Health), (status = 503, body = Health)))]
+async fn health(State(state): State<AppState>) -> Response {
+    let ping = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
+    let reason = match ping {
+        Ok(Ok(())) => None,
+        Ok(Err(error)) => Some(format!("store unreachable: {error}")),
+        Err(_) => Some("store did not answer within 2 s".to_owned()),
+    };
+    let status = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let body = Health {
+        status: if reason.is_none() { "healthy" } else { "unhealthy" },
+        mode: state.config.provider_mode.as_str(),
+        debug: state.config.debug,
+        version: env!("CARGO_PKG_VERSION"),
+        backend: state.store.backend_name(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        reason,
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Name, version and where to go next.
+#[utoipa::path(get, path = "/", tag = "ops", responses((status = 200, body = Object)))]
+async fn root() -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "name": "Stagecraft",
+        "version": env!("CARGO_PKG_VERSION"),
+        "docs": "/docs",
+        "openapi": "/openapi.json",
+        "endpoints": {
+            "runs": "/runs",
+            "workflows": "/workflows",
+            "queues": "/queues",
+            "metrics": "/metrics",
+            "health": "/health"
+        }
+    }))
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct Queues {
+    queues: Vec<crate::store::QueueDepth>,
+}
+
+/// Runs by queue and status.
+#[utoipa::path(get, path = "/queues", tag = "ops", responses((status = 200, body = Queues)))]
+async fn queues(State(state): State<AppState>) -> Result<Json<Queues>, ApiError> {
+    Ok(Json(Queues { queues: state.store.queue_depths().await? }))
+}
+
+/// Prometheus metrics: runs by status and queue from the store, and this process's counters.
+#[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, body = String, content_type = "text/plain")))]
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP stagecraft_runs Runs in the store by queue and status.");
+    let _ = writeln!(out, "# TYPE stagecraft_runs gauge");
+    for depth in state.store.queue_depths().await? {
+        let _ = writeln!(out, "stagecraft_runs{{queue=\"{}\",status=\"{}\"}} {}", depth.queue, depth.status.as_str(), depth.count);
+    }
+    state.metrics.render(&mut out);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}

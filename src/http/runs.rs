@@ -1,0 +1,518 @@
+//! Runs of every kind (`/runs`) and the workflow routes of the studio API (`/workflows`).
+
+use std::{convert::Infallible, time::Duration};
+
+use axum::{
+    Json,
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+};
+use chrono::{DateTime, Utc};
+use futures::{Stream, StreamExt, stream};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::{AppState, ApiError, ErrorBody, JsonBody};
+use crate::{
+    config::ProviderMode,
+    ids::RunId,
+    store::{FromStage, NewRun, Progress, RunError, RunFilter, RunKind, RunRecord, RunStatus, StageStatus},
+};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(submit_run, list_runs))
+        .routes(routes!(get_run))
+        .routes(routes!(run_events))
+        .routes(routes!(cancel_run))
+        .routes(routes!(resume_run))
+        .routes(routes!(list_workflows))
+        .routes(routes!(run_workflow))
+        .routes(routes!(workflow_status))
+        .routes(routes!(resume_workflow))
+}
+
+const MAX_IDEMPOTENCY_KEY: usize = 200;
+const MAX_NAME: usize = 200;
+
+/// `POST /runs`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRun {
+    pub kind: RunKind,
+    /// The workflow (or agent) name.
+    pub name: String,
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub inputs: Value,
+    /// The run fails with `budget_exceeded` rather than start a stage that would exceed this.
+    pub budget_usd: Option<f64>,
+    /// Overrides the deployment's provider mode for this run.
+    pub provider_mode: Option<ProviderMode>,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// One stage in the status document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StageDoc {
+    pub name: String,
+    pub status: StageStatus,
+    pub attempts: u32,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub cost_usd: f64,
+    pub artifacts: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<RunError>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// The run status document.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunDoc {
+    pub run_id: String,
+    pub kind: RunKind,
+    pub name: String,
+    pub status: RunStatus,
+    #[schema(value_type = Object)]
+    pub inputs: Value,
+    pub provider_mode: ProviderMode,
+    pub current_stage: Option<String>,
+    pub last_completed_stage: Option<String>,
+    /// Absent in listings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stages: Option<Vec<StageDoc>>,
+    pub cost_usd: f64,
+    pub budget_usd: Option<f64>,
+    #[schema(value_type = Object)]
+    pub result: Option<Value>,
+    pub error: Option<RunError>,
+    pub cancel_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub worker: Option<String>,
+    pub artifacts_url: String,
+}
+
+impl RunDoc {
+    fn new(run: RunRecord, with_stages: bool) -> Self {
+        let last_completed_stage = run.last_completed_stage().map(str::to_owned);
+        let stages = with_stages.then(|| {
+            run.stages
+                .into_iter()
+                .map(|s| StageDoc {
+                    name: s.name,
+                    status: s.status,
+                    attempts: s.attempts,
+                    started_at: s.started_at,
+                    finished_at: s.finished_at,
+                    cost_usd: s.cost_usd,
+                    artifacts: s.artifacts,
+                    progress: s.progress,
+                    error: s.error,
+                    next_attempt_at: s.next_attempt_at,
+                })
+                .collect()
+        });
+        Self {
+            run_id: run.id.to_string(),
+            kind: run.kind,
+            name: run.name,
+            status: run.status,
+            inputs: run.inputs,
+            provider_mode: run.provider_mode,
+            current_stage: run.current_stage,
+            last_completed_stage,
+            stages,
+            cost_usd: run.cost_usd,
+            budget_usd: run.budget_usd,
+            result: run.result,
+            error: run.error,
+            cancel_requested: run.cancel_requested,
+            created_at: run.created_at,
+            updated_at: run.updated_at,
+            finished_at: run.finished_at,
+            worker: run.worker,
+            artifacts_url: format!("/artifacts/runs/{}", run.id),
+        }
+    }
+}
+
+fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
+    RunId::parse(text).ok_or_else(|| ApiError::not_found(format!("run {text} not found")))
+}
+
+async fn load_run(state: &AppState, id: &str) -> Result<RunRecord, ApiError> {
+    let id = parse_run_id(id)?;
+    state
+        .store
+        .get_run(id)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("run {id} not found")))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII", Some("Idempotency-Key")))?;
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+        return Err(ApiError::invalid(
+            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"),
+            Some("Idempotency-Key"),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
+/// Validates and stores a run. Answers the record and whether it was created now (false when
+/// the idempotency key was already used).
+async fn submit(state: &AppState, request: SubmitRun, headers: &HeaderMap) -> Result<(RunRecord, bool), ApiError> {
+    let key = idempotency_key(headers)?;
+    if request.name.len() > MAX_NAME {
+        return Err(ApiError::invalid("name is too long", Some("name")));
+    }
+    let workflow = state.catalog.get(request.kind, &request.name).ok_or_else(|| {
+        let known: Vec<&str> = state.catalog.of_kind(request.kind).map(|w| w.name()).collect();
+        ApiError::NotFound {
+            code: "unknown_workflow",
+            message: format!("no {} named {:?}", request.kind.as_str(), request.name),
+            details: Some(serde_json::json!({"known": known})),
+        }
+    })?;
+    if !request.inputs.is_object() {
+        return Err(ApiError::invalid("inputs must be a JSON object", Some("inputs")));
+    }
+    workflow
+        .validate(&request.inputs)
+        .map_err(|e| ApiError::invalid(e.to_string(), Some(&e.field)))?;
+    if let Some(budget) = request.budget_usd {
+        if !(budget.is_finite() && budget >= 0.0) {
+            return Err(ApiError::invalid("budget_usd must be a non-negative number", Some("budget_usd")));
+        }
+    }
+    let run = NewRun {
+        id: RunId::generate(),
+        kind: request.kind,
+        name: workflow.name().to_owned(),
+        queue: workflow.queue().to_owned(),
+        inputs: request.inputs,
+        provider_mode: request.provider_mode.unwrap_or(state.config.provider_mode),
+        budget_usd: request.budget_usd,
+        stage_names: workflow.stage_names(),
+        idempotency_key: key,
+    };
+    Ok(state.store.insert_run(run).await?)
+}
+
+/// Submits a run of any kind. Answers once it is stored and queued (201), or with the run an
+/// earlier request with the same `Idempotency-Key` created (200).
+#[utoipa::path(post, path = "/runs", tag = "runs", request_body = SubmitRun,
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key returns the same run")),
+    responses((status = 201, body = RunDoc), (status = 200, body = RunDoc, description = "idempotent replay"),
+              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn submit_run(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<SubmitRun>,
+) -> Result<Response, ApiError> {
+    let (run, created) = submit(&state, request, &headers).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(RunDoc::new(run, true))).into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    kind: Option<String>,
+    status: Option<String>,
+    name: Option<String>,
+    /// Page size, 1 to 500 (default 50).
+    limit: Option<u32>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RunList {
+    runs: Vec<RunDoc>,
+    /// How many runs match the filters in all.
+    total: u64,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    next_cursor: Option<String>,
+}
+
+/// Lists runs, newest first.
+#[utoipa::path(get, path = "/runs", tag = "runs", params(ListQuery),
+    responses((status = 200, body = RunList), (status = 422, body = ErrorBody)))]
+async fn list_runs(State(state): State<AppState>, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<RunList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid { code: "invalid_query", message: e.body_text(), details: None })?;
+    let invalid = |field: &str, message: String| ApiError::Invalid {
+        code: "invalid_query",
+        message,
+        details: Some(serde_json::json!({"field": field})),
+    };
+    let kind = match query.kind.as_deref() {
+        None => None,
+        Some(k) => Some(RunKind::parse(k).ok_or_else(|| invalid("kind", format!("unknown kind {k:?}; expected agent, workflow or work_order")))?),
+    };
+    let status = match query.status.as_deref() {
+        None => None,
+        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| invalid("status", format!("unknown status {s:?}")))?),
+    };
+    let before = match query.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(RunId::parse(c).ok_or_else(|| invalid("cursor", "cursor is not a run id".to_owned()))?),
+    };
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(invalid("limit", "limit must be between 1 and 500".to_owned()));
+    }
+    let filter = RunFilter { kind, status, name: query.name, before, limit };
+    let (runs, total) = state.store.list_runs(&filter).await?;
+    let next_cursor = (runs.len() == limit as usize).then(|| runs.last().map(|r| r.id.to_string())).flatten();
+    Ok(Json(RunList {
+        runs: runs.into_iter().map(|r| RunDoc::new(r, false)).collect(),
+        total,
+        next_cursor,
+    }))
+}
+
+/// The status document of one run.
+#[utoipa::path(get, path = "/runs/{id}", tag = "runs", params(("id" = String, Path)),
+    responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody)))]
+async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunDoc>, ApiError> {
+    Ok(Json(RunDoc::new(load_run(&state, &id).await?, true)))
+}
+
+/// Server-Sent Events of a run's progress, from the start (or after `Last-Event-ID`); the stream
+/// ends once the run is finished and every event has been sent.
+#[utoipa::path(get, path = "/runs/{id}/events", tag = "runs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
+async fn run_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let run = load_run(&state, &id).await?;
+    let after: i64 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let store = state.store.clone();
+    let run_id = run.id;
+    let batches = stream::unfold(Some(after), move |position| {
+        let store = store.clone();
+        async move {
+            let mut after = position?;
+            loop {
+                // Read the status first: the events of a finished run are all committed with it.
+                let finished = match store.get_run(run_id).await {
+                    Ok(Some(run)) => run.status.is_finished(),
+                    Ok(None) => true,
+                    Err(_) => false,
+                };
+                match store.events_after(run_id, after, 500).await {
+                    Ok(events) if !events.is_empty() => {
+                        after = events.last().map(|e| e.seq).unwrap_or(after);
+                        let items: Vec<Result<Event, Infallible>> = events
+                            .iter()
+                            .map(|e| {
+                                Ok(Event::default()
+                                    .id(e.seq.to_string())
+                                    .event(e.kind.clone())
+                                    .json_data(e)
+                                    .unwrap_or_else(|_| Event::default().comment("unserializable event")))
+                            })
+                            .collect();
+                        return Some((stream::iter(items), Some(after)));
+                    }
+                    Ok(_) if finished => return None,
+                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        }
+    });
+    Ok(Sse::new(batches.flatten()).keep_alive(KeepAlive::default()))
+}
+
+/// Cancels a run: a queued one at once; a running one at its worker's next heartbeat, which
+/// interrupts the stage and kills its subprocesses.
+#[utoipa::path(post, path = "/runs/{id}/cancel", tag = "runs", params(("id" = String, Path)),
+    responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
+async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunDoc>, ApiError> {
+    let id = parse_run_id(&id)?;
+    Ok(Json(RunDoc::new(state.store.request_cancel(id).await?, true)))
+}
+
+/// `POST /runs/{id}/resume`.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeRequest {
+    /// `auto` (default: the first stage without a checkpoint) or a stage name.
+    #[serde(default)]
+    pub from_stage: Option<String>,
+}
+
+async fn resume(state: &AppState, id: &str, request: ResumeRequest, expected_name: Option<&str>) -> Result<RunRecord, ApiError> {
+    let run = load_run(state, id).await?;
+    if let Some(name) = expected_name {
+        if run.name != name {
+            return Err(ApiError::not_found(format!("run {id} is not a run of {name:?}")));
+        }
+    }
+    let from = match request.from_stage.as_deref() {
+        None | Some("auto") => FromStage::Auto,
+        Some(stage) if run.stage_index(stage).is_some() => FromStage::Named(stage.to_owned()),
+        Some(stage) => {
+            let names: Vec<&str> = run.stages.iter().map(|s| s.name.as_str()).collect();
+            return Err(ApiError::Invalid {
+                code: "invalid_from_stage",
+                message: format!("run {} has no stage {stage:?}", run.id),
+                details: Some(serde_json::json!({"field": "from_stage", "stages": names})),
+            });
+        }
+    };
+    Ok(state.store.resume(run.id, from).await?)
+}
+
+/// Re-queues a failed, cancelled or completed run from a stage, keeping the checkpoints before it.
+#[utoipa::path(post, path = "/runs/{id}/resume", tag = "runs", params(("id" = String, Path)), request_body = ResumeRequest,
+    responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn resume_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    JsonBody(request): JsonBody<ResumeRequest>,
+) -> Result<Json<RunDoc>, ApiError> {
+    Ok(Json(RunDoc::new(resume(&state, &id, request, None).await?, true)))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkflowInfo {
+    name: String,
+    description: String,
+    stages: Vec<String>,
+    #[schema(value_type = Object)]
+    input_schema: Value,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkflowList {
+    workflows: Vec<WorkflowInfo>,
+}
+
+/// The workflows this deployment runs, with their stages.
+#[utoipa::path(get, path = "/workflows", tag = "workflows", responses((status = 200, body = WorkflowList)))]
+async fn list_workflows(State(state): State<AppState>) -> Json<WorkflowList> {
+    let workflows = state
+        .catalog
+        .of_kind(RunKind::Workflow)
+        .map(|w| WorkflowInfo {
+            name: w.name().to_owned(),
+            description: w.description().to_owned(),
+            stages: w.stage_names(),
+            input_schema: w.input_schema(),
+        })
+        .collect();
+    Json(WorkflowList { workflows })
+}
+
+/// `POST /workflows/{name}/run`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkflowRunRequest {
+    #[serde(default = "empty_object")]
+    #[schema(value_type = Object)]
+    pub inputs: Value,
+    /// Answer at once instead of waiting for completion (`run_async` is accepted too).
+    #[serde(default, rename = "async", alias = "run_async")]
+    pub run_async: bool,
+    pub budget_usd: Option<f64>,
+    pub provider_mode: Option<ProviderMode>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkflowRunResponse {
+    run_id: String,
+    workflow: String,
+    status: RunStatus,
+    #[schema(value_type = Object)]
+    result: Option<Value>,
+    error: Option<RunError>,
+    message: Option<String>,
+}
+
+/// Starts a workflow run. Async answers at once (202); sync waits up to `SYNC_WAIT_SECS` for the
+/// result and answers 200 when finished, 202 with the run id to poll otherwise.
+#[utoipa::path(post, path = "/workflows/{name}/run", tag = "workflows", params(("name" = String, Path)),
+    request_body = WorkflowRunRequest,
+    responses((status = 200, body = WorkflowRunResponse), (status = 202, body = WorkflowRunResponse),
+              (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
+async fn run_workflow(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<WorkflowRunRequest>,
+) -> Result<Response, ApiError> {
+    let submit_request = SubmitRun {
+        kind: RunKind::Workflow,
+        name: name.clone(),
+        inputs: request.inputs,
+        budget_usd: request.budget_usd,
+        provider_mode: request.provider_mode,
+    };
+    let (mut run, _) = submit(&state, submit_request, &headers).await?;
+    if !request.run_async {
+        let deadline = tokio::time::Instant::now() + state.config.sync_wait;
+        while !run.status.is_finished() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            run = load_run(&state, &run.id.to_string()).await?;
+        }
+    }
+    let finished = run.status.is_finished();
+    let message = (!finished).then(|| format!("Workflow started. Poll /workflows/status/{} for updates.", run.id));
+    let body = WorkflowRunResponse {
+        run_id: run.id.to_string(),
+        workflow: run.name,
+        status: run.status,
+        result: run.result,
+        error: run.error,
+        message,
+    };
+    let status = if finished { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok((status, Json(body)).into_response())
+}
+
+/// The status document of a workflow run.
+#[utoipa::path(get, path = "/workflows/status/{run_id}", tag = "workflows", params(("run_id" = String, Path)),
+    responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody)))]
+async fn workflow_status(State(state): State<AppState>, Path(run_id): Path<String>) -> Result<Json<RunDoc>, ApiError> {
+    Ok(Json(RunDoc::new(load_run(&state, &run_id).await?, true)))
+}
+
+/// Resumes a workflow run from `from_stage` (default `auto`).
+#[utoipa::path(post, path = "/workflows/{name}/resume/{run_id}", tag = "workflows",
+    params(("name" = String, Path), ("run_id" = String, Path)), request_body = ResumeRequest,
+    responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn resume_workflow(
+    State(state): State<AppState>,
+    Path((name, run_id)): Path<(String, String)>,
+    JsonBody(request): JsonBody<ResumeRequest>,
+) -> Result<Json<RunDoc>, ApiError> {
+    Ok(Json(RunDoc::new(resume(&state, &run_id, request, Some(&name)).await?, true)))
+}

@@ -1,0 +1,31 @@
+//! Stagecraft: durable runs for long, expensive AI-agent pipelines.
+//!
+//! Codemap, in reading order:
+//! - [`config`]: every environment variable, read once, typed.
+//! - [`ids`]: `RunId`, `WorkerId`, `FenceToken`.
+//! - [`store`]: the durable record of runs, stages, checkpoints, steps, leases and events, and
+//!   the queue workers claim from ([`store::sqlite`] is the embedded backend).
+//! - [`workflows`]: the catalogue of workflows and their stages ([`workflows::demo`]).
+//! - [`engine`]: executes one claimed run stage by stage: leases, retries, checkpoints, cancel.
+//! - [`queue`]: delivers runs to apalis workers and sweeps expired leases.
+//! - [`http`]: the axum API, its errors and its OpenAPI document.
+//! - [`artifacts`]: files stages write, atomically, under one root.
+//! - [`process`]: the one place subprocesses are spawned.
+//! - [`cli`], [`client`]: the `stagecraft` command and its HTTP client.
+//! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`]: process plumbing.
+
+pub mod artifacts;
+pub mod cli;
+pub mod client;
+pub mod clock;
+pub mod config;
+pub mod engine;
+pub mod http;
+pub mod ids;
+pub mod metrics;
+pub mod process;
+pub mod queue;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod workflows;

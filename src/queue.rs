@@ -1,0 +1,188 @@
+//! Delivery of runs to workers: an apalis worker whose backend claims runs from our store.
+//!
+//! Invariant: this is the only module that names apalis types.
+//!
+//! apalis supplies the worker runtime (concurrency limit, panic catching, tracing, graceful
+//! stop); the backend is ours. Its stream asks the run store for the next due run only when
+//! the worker has a free slot, so claims never pile up in a process, and the claim itself takes
+//! the lease. apalis's own storages are not used: their retry bookkeeping, per-worker orphan
+//! recovery and polling would decide a run's fate instead of the engine.
+
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use apalis::prelude::{Task, WorkerBuilder, WorkerContext};
+use apalis::layers::WorkerBuilderExt;
+use apalis_core::backend::{Backend, BackendConfig};
+use futures::{Stream, StreamExt, stream::BoxStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::{
+    engine::Engine,
+    ids::WorkerId,
+    store::{Claimed, SharedStore},
+};
+
+/// How a worker pool claims runs.
+#[derive(Debug, Clone)]
+pub struct ClaimSettings {
+    pub queues: Vec<String>,
+    pub lease_ttl: Duration,
+    pub poll_interval: Duration,
+}
+
+/// The apalis backend: a stream of runs claimed from the store.
+struct ClaimBackend {
+    claims: BoxStream<'static, Task<Claimed>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("claim backend error")]
+pub struct ClaimBackendError;
+
+impl ClaimBackend {
+    fn new(store: SharedStore, worker: WorkerId, settings: ClaimSettings, stopping: CancellationToken) -> Self {
+        let claims = futures::stream::unfold((), move |()| {
+            let store = store.clone();
+            let worker = worker.clone();
+            let settings = settings.clone();
+            let stopping = stopping.clone();
+            async move {
+                let mut failures = 0u32;
+                loop {
+                    if stopping.is_cancelled() {
+                        return None;
+                    }
+                    match store.claim(&settings.queues, &worker, settings.lease_ttl).await {
+                        Ok(Some(claimed)) => return Some((Task::new(claimed), ())),
+                        Ok(None) => {
+                            failures = 0;
+                            tokio::select! {
+                                () = store.wait_for_work(settings.poll_interval) => {}
+                                () = stopping.cancelled() => return None,
+                            }
+                        }
+                        Err(error) => {
+                            // The store is unreachable: keep trying with a growing pause, never exit.
+                            failures = failures.saturating_add(1);
+                            let pause = Duration::from_millis(100 * 2u64.pow(failures.min(6)));
+                            warn!(error = %error, pause_ms = pause.as_millis() as u64, "claim failed; retrying");
+                            tokio::select! {
+                                () = tokio::time::sleep(pause) => {}
+                                () = stopping.cancelled() => return None,
+                            }
+                        }
+                    }
+                }
+            }
+        })
+        .boxed();
+        Self { claims }
+    }
+}
+
+impl Backend for ClaimBackend {
+    type Task = Task<Claimed>;
+    type Error = ClaimBackendError;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_next(&mut self, cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        Pin::new(&mut self.claims).poll_next(cx).map(|next| next.map(Ok))
+    }
+
+    fn poll_close(&mut self, _cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl BackendConfig for ClaimBackend {
+    type Args = Claimed;
+    type Id = apalis_core::task::task_id::RandomId;
+    type Kind = apalis_core::backend::finalize::Ephemeral;
+    type Config = ();
+    type Layer = tower::layer::util::Identity;
+
+    fn config(&self) -> &Self::Config {
+        &()
+    }
+
+    fn middleware(&mut self, _worker: &mut WorkerContext) -> Self::Layer {
+        tower::layer::util::Identity::new()
+    }
+}
+
+/// Runs a pool of `concurrency` run executors until `shutdown` fires, then stops claiming,
+/// lets running stages finish within the grace period, abandons what is left, and returns.
+pub async fn run_workers(
+    engine: Arc<Engine>,
+    settings: ClaimSettings,
+    concurrency: usize,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let backend = ClaimBackend::new(engine.store.clone(), engine.worker.clone(), settings.clone(), engine.stopping.clone());
+    let executor = engine.clone();
+    let worker = WorkerBuilder::new(engine.worker.to_string())
+        .backend(backend)
+        .concurrency(concurrency)
+        .build(move |claimed: Claimed| {
+            let engine = executor.clone();
+            async move {
+                engine.execute(claimed).await;
+                true
+            }
+        });
+    info!(worker.id = %engine.worker, queues = ?settings.queues, concurrency, "worker started");
+    let stopping = engine.stopping.clone();
+    let abandon = engine.abandon.clone();
+    let signal = async move {
+        shutdown.cancelled().await;
+        info!(grace_secs = grace.as_secs(), "stopping: no new runs; running stages may finish within the grace period");
+        stopping.cancel();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            abandon.cancel();
+        });
+        Ok::<(), std::io::Error>(())
+    };
+    worker.run_until(signal).await.map_err(|e| anyhow::anyhow!("worker failed: {e}"))?;
+    info!(worker.id = %engine.worker, "worker stopped");
+    Ok(())
+}
+
+/// Re-queues runs with expired leases and deletes runs past retention, every `interval`,
+/// until `shutdown` fires.
+pub async fn run_sweeper(store: SharedStore, interval: Duration, retention: Duration, shutdown: CancellationToken) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_purge = std::time::Instant::now() - Duration::from_secs(3600);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        match store.sweep_expired_leases().await {
+            Ok(recovered) if !recovered.is_empty() => {
+                info!(runs = recovered.len(), ids = ?recovered, "re-queued runs whose lease expired");
+            }
+            Ok(_) => {}
+            Err(error) => warn!(error = %error, "lease sweep failed"),
+        }
+        if last_purge.elapsed() >= Duration::from_secs(600) {
+            last_purge = std::time::Instant::now();
+            match store.purge_finished(retention).await {
+                Ok(0) => {}
+                Ok(deleted) => info!(runs = deleted, "deleted finished runs past retention"),
+                Err(error) => warn!(error = %error, "retention purge failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,409 @@
+//! The run store: the durable record of runs, their stages, checkpoints, memoised steps,
+//! leases and events, and the queue workers claim runs from.
+//!
+//! Invariant: every write a worker makes on behalf of a run is conditional on the run's current
+//! fencing token and lease owner, and is refused with [`StoreError::FenceRejected`] otherwise.
+//! Invariant: a stage's checkpoint and the run's status change that follows it are one
+//! transaction.
+//!
+//! [`RunStore`] is the boundary; [`sqlite::SqliteStore`] is the embedded implementation.
+
+pub mod sqlite;
+
+use std::{sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{
+    clock::Millis,
+    config::ProviderMode,
+    ids::{FenceToken, RunId, WorkerId},
+};
+
+/// Failures of the run store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The caller's lease is no longer the current one: another worker owns the run now, or it
+    /// was cancelled or re-queued. The caller must stop working on the run.
+    #[error("lease of run {run_id} with fence {fence} is no longer current")]
+    FenceRejected { run_id: RunId, fence: FenceToken },
+    /// The run does not exist.
+    #[error("run {0} not found")]
+    NotFound(RunId),
+    /// The request conflicts with the run's current state (e.g. resuming a running run).
+    #[error("{0}")]
+    Conflict(String),
+    /// The stored data could not be read back (corruption or an incompatible schema).
+    #[error("stored data is invalid: {0}")]
+    Corrupt(String),
+    /// The database itself failed or is unreachable.
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// The schema could not be migrated.
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// The three kinds of runs. The strings are frozen: they are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    Agent,
+    Workflow,
+    WorkOrder,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Agent => "agent",
+            Self::Workflow => "workflow",
+            Self::WorkOrder => "work_order",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "agent" => Some(Self::Agent),
+            "workflow" => Some(Self::Workflow),
+            "work_order" => Some(Self::WorkOrder),
+            _ => None,
+        }
+    }
+}
+
+/// A run's status. The strings are frozen: they are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    Queued,
+    Running,
+    Retrying,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunStatus {
+    pub const ALL: [RunStatus; 6] = [
+        Self::Queued,
+        Self::Running,
+        Self::Retrying,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
+    }
+
+    /// A finished run changes only when a user resumes it.
+    pub fn is_finished(self) -> bool {
+        matches!(self, Self::Completed | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// A stage's status. The strings are frozen: they are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StageStatus {
+    Pending,
+    Running,
+    Retrying,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl StageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "pending",
+            Self::Running => "running",
+            Self::Retrying => "retrying",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Running,
+            Self::Retrying,
+            Self::Completed,
+            Self::Failed,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+}
+
+/// A machine-readable error attached to a failed stage or run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunError {
+    /// Stable code, e.g. `stage_failed`, `attempts_exhausted`, `budget_exceeded`, `timeout`.
+    pub code: String,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+/// Progress of the steps inside a running stage.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Progress {
+    pub done: u32,
+    pub total: u32,
+}
+
+/// What the API stores when a run is submitted.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub id: RunId,
+    pub kind: RunKind,
+    pub name: String,
+    pub queue: String,
+    pub inputs: Value,
+    pub provider_mode: ProviderMode,
+    pub budget_usd: Option<f64>,
+    pub stage_names: Vec<String>,
+    pub idempotency_key: Option<String>,
+}
+
+/// One stage of a run as stored: its status and, once completed, its checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StageRecord {
+    pub name: String,
+    pub status: StageStatus,
+    /// Executions of this stage since the run was submitted or last resumed from it.
+    pub attempts: u32,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub cost_usd: f64,
+    /// Paths relative to the artifact root.
+    pub artifacts: Vec<String>,
+    pub output: Option<Value>,
+    pub error: Option<RunError>,
+    pub progress: Option<Progress>,
+    /// When a stage waits for its backoff: when the next attempt may start.
+    pub next_attempt_at: Option<DateTime<Utc>>,
+}
+
+/// A run as stored, with its stages.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub id: RunId,
+    pub kind: RunKind,
+    pub name: String,
+    pub queue: String,
+    pub inputs: Value,
+    pub status: RunStatus,
+    pub provider_mode: ProviderMode,
+    pub budget_usd: Option<f64>,
+    pub cost_usd: f64,
+    pub current_stage: Option<String>,
+    pub result: Option<Value>,
+    pub error: Option<RunError>,
+    pub worker: Option<String>,
+    pub fence: FenceToken,
+    pub cancel_requested: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub stages: Vec<StageRecord>,
+}
+
+impl RunRecord {
+    /// The last stage, in order, whose checkpoint is committed with all stages before it.
+    pub fn last_completed_stage(&self) -> Option<&str> {
+        self.stages
+            .iter()
+            .take_while(|s| s.status == StageStatus::Completed)
+            .last()
+            .map(|s| s.name.as_str())
+    }
+
+    pub fn stage_index(&self, name: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.name == name)
+    }
+}
+
+/// The right of one worker to execute one run, until `expires`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub run_id: RunId,
+    pub worker: WorkerId,
+    pub fence: FenceToken,
+}
+
+/// A run a worker has just claimed.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub lease: Lease,
+    pub run: RunRecord,
+    /// True when the run was taken over after a lease expired or a worker stopped.
+    pub recovered: bool,
+}
+
+/// A memoised step's stored result.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub key: String,
+    pub output: Value,
+    pub cost_usd: f64,
+    pub artifacts: Vec<String>,
+}
+
+/// What a completed stage commits.
+#[derive(Debug, Clone)]
+pub struct StageCheckpoint {
+    pub output: Value,
+    pub artifacts: Vec<String>,
+    pub cost_usd: f64,
+    /// Set on the last stage: the run's result, which completes the run.
+    pub run_result: Option<Value>,
+}
+
+/// How a stage that did not complete ends its attempt.
+#[derive(Debug, Clone)]
+pub enum StageOutcome {
+    /// Transient failure: the run waits `delay` and is claimed again.
+    Retry { error: RunError, delay: Duration },
+    /// Permanent failure or attempts exhausted: the run fails.
+    Fail { error: RunError },
+    /// The user cancelled the run.
+    Cancelled,
+    /// The worker is stopping: the run goes back to the queue as it is.
+    Abandoned,
+}
+
+/// Where a resume starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FromStage {
+    /// The first stage without a committed checkpoint; memoised steps are kept.
+    Auto,
+    /// This stage and every later one run again; their steps are forgotten.
+    Named(String),
+}
+
+/// Filters of the run listing.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub kind: Option<RunKind>,
+    pub status: Option<RunStatus>,
+    pub name: Option<String>,
+    /// Only runs older than this one (the cursor of the previous page).
+    pub before: Option<RunId>,
+    pub limit: u32,
+}
+
+/// One entry of a run's event log, as streamed by `GET /runs/{id}/events`.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct RunEvent {
+    /// Position in the store's event log; strictly increasing.
+    pub seq: i64,
+    pub run_id: RunId,
+    pub at: DateTime<Utc>,
+    /// e.g. `run_queued`, `stage_started`, `step_completed`, `stage_completed`, `retry_scheduled`,
+    /// `stage_failed`, `run_completed`, `run_failed`, `run_cancelled`, `lease_recovered`.
+    pub kind: String,
+    pub stage: Option<String>,
+    pub data: Value,
+}
+
+/// Counts by queue and status, for ops.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct QueueDepth {
+    pub queue: String,
+    pub status: RunStatus,
+    pub count: u64,
+}
+
+/// The durable store behind every process. Implementations must make every method safe to
+/// call from several processes at once.
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
+    /// Name of the backend for `/health`.
+    fn backend_name(&self) -> &'static str;
+
+    /// Checks the store answers.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Persists a new queued run. With an idempotency key already used, returns the existing
+    /// run and `false`.
+    async fn insert_run(&self, run: NewRun) -> StoreResult<(RunRecord, bool)>;
+
+    async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>>;
+
+    /// Runs matching the filter, newest first, without their stages, and how many match in all.
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)>;
+
+    /// Claims the oldest due run of these queues: a new lease with a larger fence.
+    async fn claim(&self, queues: &[String], worker: &WorkerId, ttl: Duration) -> StoreResult<Option<Claimed>>;
+
+    /// Extends the lease. Answers whether a cancel was requested.
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool>;
+
+    /// Marks a stage running and counts the attempt; answers the attempt number.
+    async fn start_stage(&self, lease: &Lease, stage: usize) -> StoreResult<u32>;
+
+    async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>>;
+
+    /// Stores a memoised step's result and the stage's progress.
+    async fn record_step(&self, lease: &Lease, stage: usize, step: &StepRecord, progress: Progress) -> StoreResult<()>;
+
+    /// Commits a stage's checkpoint, and completes the run when the checkpoint carries the result.
+    async fn commit_stage(&self, lease: &Lease, stage: usize, checkpoint: StageCheckpoint) -> StoreResult<()>;
+
+    /// Ends an attempt that did not complete, releasing the lease.
+    async fn end_attempt(&self, lease: &Lease, stage: usize, outcome: StageOutcome) -> StoreResult<()>;
+
+    /// Fails the run before any stage runs (e.g. unknown workflow at the worker).
+    async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()>;
+
+    /// Cancels a queued run at once; flags a running one for its worker to stop.
+    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord>;
+
+    /// Re-queues a finished run from a stage, keeping the checkpoints before it.
+    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord>;
+
+    /// Re-queues runs whose lease expired; answers their ids.
+    async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>>;
+
+    /// Deletes runs finished more than `retention` ago; answers how many.
+    async fn purge_finished(&self, retention: Duration) -> StoreResult<u64>;
+
+    /// Events of a run after `after_seq`, oldest first.
+    async fn events_after(&self, run: RunId, after_seq: i64, limit: u32) -> StoreResult<Vec<RunEvent>>;
+
+    async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>>;
+
+    /// Waits until work may be available: woken at once when this process queues or releases
+    /// a run, otherwise after `timeout` (other processes' submissions are seen on the next poll).
+    async fn wait_for_work(&self, timeout: Duration);
+}
+
+pub type SharedStore = Arc<dyn RunStore>;
+
+/// Converts stored milliseconds to a timestamp.
+pub(crate) fn to_datetime(ms: Millis) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}

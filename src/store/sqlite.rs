@@ -1,0 +1,834 @@
+//! The embedded run store: one SQLite file in WAL mode, shared by the processes of one host.
+//!
+//! Every fenced write opens an immediate (write-locking) transaction whose first statement is
+//! the fence check, so two processes can never both believe they own a run, and the checks of
+//! SQLite's single writer keep claims atomic without any row locks.
+
+use std::{str::FromStr, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use sqlx::{
+    Row, Sqlite, Transaction,
+    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+};
+use tokio::sync::Notify;
+
+use super::{
+    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter, RunKind, RunRecord,
+    RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError,
+    StoreResult, to_datetime,
+};
+use crate::{
+    clock::{Millis, SharedClock},
+    config::ProviderMode,
+    ids::{FenceToken, RunId, WorkerId},
+};
+
+/// The SQLite implementation of [`RunStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    clock: SharedClock,
+    /// Wakes this process's idle workers when this process queues a run.
+    work_available: Arc<Notify>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(database_url: &str, clock: SharedClock) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(database_url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // NORMAL in WAL mode survives any process crash; only an OS crash or power loss
+            // can lose the last transactions.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true);
+        if let Some(dir) = options.get_filename().parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+            }
+        }
+        let pool = SqlitePoolOptions::new()
+            .max_connections(8)
+            .min_connections(1)
+            .connect_with(options)
+            .await?;
+        let store = Self {
+            pool,
+            clock,
+            work_available: Arc::new(Notify::new()),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Applies the migrations in `migrations/`. Safe to run from several processes at once.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        Ok(())
+    }
+
+    fn now(&self) -> Millis {
+        self.clock.now_ms()
+    }
+
+    async fn begin(&self) -> StoreResult<Transaction<'static, Sqlite>> {
+        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Opens a write transaction that holds only if `lease` is still the run's current lease.
+    async fn begin_fenced(&self, lease: &Lease) -> StoreResult<Transaction<'static, Sqlite>> {
+        let mut tx = self.begin().await?;
+        let updated = sqlx::query("UPDATE runs SET updated_at = ? WHERE id = ? AND fence = ? AND lease_owner = ?")
+            .bind(self.now())
+            .bind(lease.run_id.to_string())
+            .bind(lease.fence.0)
+            .bind(lease.worker.as_str())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+        if updated != 1 {
+            tx.rollback().await?;
+            return Err(StoreError::FenceRejected {
+                run_id: lease.run_id,
+                fence: lease.fence,
+            });
+        }
+        Ok(tx)
+    }
+
+    async fn load_stages(&self, run: RunId) -> StoreResult<Vec<StageRecord>> {
+        let rows = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx")
+            .bind(run.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(stage_from_row).collect()
+    }
+}
+
+async fn insert_event(
+    tx: &mut Transaction<'static, Sqlite>,
+    run: RunId,
+    at: Millis,
+    kind: &str,
+    stage: Option<&str>,
+    data: Value,
+) -> StoreResult<()> {
+    sqlx::query("INSERT INTO events (run_id, at, kind, stage, data) VALUES (?, ?, ?, ?, ?)")
+        .bind(run.to_string())
+        .bind(at)
+        .bind(kind)
+        .bind(stage)
+        .bind(data.to_string())
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+async fn stage_name(tx: &mut Transaction<'static, Sqlite>, run: RunId, stage: usize) -> StoreResult<String> {
+    let row = sqlx::query("SELECT name FROM stages WHERE run_id = ? AND idx = ?")
+        .bind(run.to_string())
+        .bind(stage as i64)
+        .fetch_optional(&mut **tx)
+        .await?;
+    match row {
+        Some(row) => Ok(row.try_get("name")?),
+        None => Err(StoreError::Corrupt(format!("run {run} has no stage {stage}"))),
+    }
+}
+
+fn json_text(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>, what: &str) -> StoreResult<Option<T>> {
+    match text {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}"))),
+    }
+}
+
+fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
+    let id: String = row.try_get("id")?;
+    let kind: String = row.try_get("kind")?;
+    let status: String = row.try_get("status")?;
+    let mode: String = row.try_get("provider_mode")?;
+    Ok(RunRecord {
+        id: RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?,
+        kind: RunKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("run kind {kind}")))?,
+        name: row.try_get("name")?,
+        queue: row.try_get("queue")?,
+        inputs: parse_json(Some(row.try_get("inputs")?), "inputs")?.unwrap_or(Value::Null),
+        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
+        provider_mode: if mode == "live" { ProviderMode::Live } else { ProviderMode::Mock },
+        budget_usd: row.try_get("budget_usd")?,
+        cost_usd: row.try_get("cost_usd")?,
+        current_stage: row.try_get("current_stage")?,
+        result: parse_json(row.try_get("result")?, "result")?,
+        error: parse_json(row.try_get("error")?, "error")?,
+        worker: row.try_get("worker")?,
+        fence: FenceToken(row.try_get("fence")?),
+        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
+        created_at: to_datetime(row.try_get("created_at")?),
+        updated_at: to_datetime(row.try_get("updated_at")?),
+        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(to_datetime),
+        stages: Vec::new(),
+    })
+}
+
+fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
+    let status: String = row.try_get("status")?;
+    let done: Option<i64> = row.try_get("progress_done")?;
+    let total: Option<i64> = row.try_get("progress_total")?;
+    Ok(StageRecord {
+        name: row.try_get("name")?,
+        status: StageStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("stage status {status}")))?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        started_at: row.try_get::<Option<i64>, _>("started_at")?.map(to_datetime),
+        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(to_datetime),
+        cost_usd: row.try_get("cost_usd")?,
+        artifacts: parse_json(Some(row.try_get("artifacts")?), "artifacts")?.unwrap_or_default(),
+        output: parse_json(row.try_get("output")?, "output")?,
+        error: parse_json(row.try_get("error")?, "error")?,
+        progress: match (done, total) {
+            (Some(done), Some(total)) => Some(Progress {
+                done: done as u32,
+                total: total as u32,
+            }),
+            _ => None,
+        },
+        next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(to_datetime),
+    })
+}
+
+/// Resets stages from `from` on to pending, as a resume or a fresh queueing leaves them.
+async fn reset_stages_from(tx: &mut Transaction<'static, Sqlite>, run: RunId, from: usize) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, cost_usd = 0, \
+         artifacts = '[]', output = NULL, error = NULL, progress_done = NULL, progress_total = NULL, \
+         next_attempt_at = NULL WHERE run_id = ? AND idx >= ?",
+    )
+    .bind(run.to_string())
+    .bind(from as i64)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl RunStore for SqliteStore {
+    fn backend_name(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn insert_run(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        if let Some(key) = &run.idempotency_key {
+            let existing = sqlx::query("SELECT id FROM runs WHERE idempotency_key = ?")
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if let Some(row) = existing {
+                tx.rollback().await?;
+                let id: String = row.try_get("id")?;
+                let id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
+                let record = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+                return Ok((record, false));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, budget_usd, available_at, \
+             idempotency_key, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(run.id.to_string())
+        .bind(run.kind.as_str())
+        .bind(&run.name)
+        .bind(&run.queue)
+        .bind(run.inputs.to_string())
+        .bind(run.provider_mode.as_str())
+        .bind(run.budget_usd)
+        .bind(now)
+        .bind(&run.idempotency_key)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        for (idx, name) in run.stage_names.iter().enumerate() {
+            sqlx::query("INSERT INTO stages (run_id, idx, name, status) VALUES (?, ?, ?, 'pending')")
+                .bind(run.id.to_string())
+                .bind(idx as i64)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        insert_event(&mut tx, run.id, now, "run_queued", None, json!({"queue": run.queue})).await?;
+        tx.commit().await?;
+        self.work_available.notify_waiters();
+        let record = self.get_run(run.id).await?.ok_or(StoreError::NotFound(run.id))?;
+        Ok((record, true))
+    }
+
+    async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
+        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut run = run_from_row(&row)?;
+        run.stages = self.load_stages(id).await?;
+        Ok(Some(run))
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
+        let kind = filter.kind.map(RunKind::as_str);
+        let status = filter.status.map(RunStatus::as_str);
+        let total: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
+             AND (?3 IS NULL OR name = ?3)",
+        )
+        .bind(kind)
+        .bind(status)
+        .bind(&filter.name)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
+             AND (?3 IS NULL OR name = ?3) AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5",
+        )
+        .bind(kind)
+        .bind(status)
+        .bind(&filter.name)
+        .bind(filter.before.map(|id| id.to_string()))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let runs = rows.iter().map(run_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok((runs, total as u64))
+    }
+
+    async fn claim(&self, queues: &[String], worker: &WorkerId, ttl: Duration) -> StoreResult<Option<Claimed>> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let row = sqlx::query(
+            "UPDATE runs SET status = 'running', lease_owner = ?1, worker = ?1, lease_expires_at = ?2, \
+             fence = fence + 1, updated_at = ?3 \
+             WHERE id = (SELECT id FROM runs WHERE status IN ('queued', 'retrying') AND available_at <= ?3 \
+                         AND queue IN (SELECT value FROM json_each(?4)) ORDER BY available_at, id LIMIT 1) \
+             RETURNING id, fence",
+        )
+        .bind(worker.as_str())
+        .bind(now + ttl.as_millis() as i64)
+        .bind(now)
+        .bind(json_text(&queues))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let id: String = row.try_get("id")?;
+        let run_id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
+        let fence = FenceToken(row.try_get("fence")?);
+        insert_event(
+            &mut tx,
+            run_id,
+            now,
+            "run_started",
+            None,
+            json!({"worker": worker.as_str(), "fence": fence.0}),
+        )
+        .await?;
+        tx.commit().await?;
+        let run = self.get_run(run_id).await?.ok_or(StoreError::NotFound(run_id))?;
+        let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
+        Ok(Some(Claimed {
+            lease: Lease {
+                run_id,
+                worker: worker.clone(),
+                fence,
+            },
+            run,
+            recovered,
+        }))
+    }
+
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
+        let now = self.now();
+        let row = sqlx::query(
+            "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND fence = ? AND lease_owner = ? \
+             RETURNING cancel_requested",
+        )
+        .bind(now + ttl.as_millis() as i64)
+        .bind(lease.run_id.to_string())
+        .bind(lease.fence.0)
+        .bind(lease.worker.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.try_get::<i64, _>("cancel_requested")? != 0),
+            None => Err(StoreError::FenceRejected {
+                run_id: lease.run_id,
+                fence: lease.fence,
+            }),
+        }
+    }
+
+    async fn start_stage(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
+        let now = self.now();
+        let mut tx = self.begin_fenced(lease).await?;
+        let row = sqlx::query(
+            "UPDATE stages SET status = 'running', attempts = attempts + 1, started_at = ?, finished_at = NULL, \
+             error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ? RETURNING attempts, name",
+        )
+        .bind(now)
+        .bind(lease.run_id.to_string())
+        .bind(stage as i64)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?;
+        let attempt = row.try_get::<i64, _>("attempts")? as u32;
+        let name: String = row.try_get("name")?;
+        sqlx::query("UPDATE runs SET status = 'running', current_stage = ? WHERE id = ?")
+            .bind(&name)
+            .bind(lease.run_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        insert_event(&mut tx, lease.run_id, now, "stage_started", Some(&name), json!({"attempt": attempt})).await?;
+        tx.commit().await?;
+        Ok(attempt)
+    }
+
+    async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
+        let rows = sqlx::query(
+            "SELECT key, output, cost_usd, artifacts FROM steps WHERE run_id = ? AND stage_idx = ? ORDER BY created_at",
+        )
+        .bind(run.to_string())
+        .bind(stage as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StepRecord {
+                    key: row.try_get("key")?,
+                    output: parse_json(Some(row.try_get("output")?), "step output")?.unwrap_or(Value::Null),
+                    cost_usd: row.try_get("cost_usd")?,
+                    artifacts: parse_json(Some(row.try_get("artifacts")?), "step artifacts")?.unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn record_step(&self, lease: &Lease, stage: usize, step: &StepRecord, progress: Progress) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin_fenced(lease).await?;
+        let inserted = sqlx::query(
+            "INSERT INTO steps (run_id, stage_idx, key, output, cost_usd, artifacts, created_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(lease.run_id.to_string())
+        .bind(stage as i64)
+        .bind(&step.key)
+        .bind(step.output.to_string())
+        .bind(step.cost_usd)
+        .bind(json_text(&step.artifacts))
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if inserted == 1 {
+            sqlx::query(
+                "UPDATE stages SET cost_usd = cost_usd + ?, progress_done = ?, progress_total = ? \
+                 WHERE run_id = ? AND idx = ?",
+            )
+            .bind(step.cost_usd)
+            .bind(i64::from(progress.done))
+            .bind(i64::from(progress.total))
+            .bind(lease.run_id.to_string())
+            .bind(stage as i64)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?")
+                .bind(step.cost_usd)
+                .bind(lease.run_id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            let name = stage_name(&mut tx, lease.run_id, stage).await?;
+            insert_event(
+                &mut tx,
+                lease.run_id,
+                now,
+                "step_completed",
+                Some(&name),
+                json!({"step": step.key, "done": progress.done, "total": progress.total, "cost_usd": step.cost_usd}),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn commit_stage(&self, lease: &Lease, stage: usize, checkpoint: StageCheckpoint) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin_fenced(lease).await?;
+        sqlx::query(
+            "UPDATE stages SET status = 'completed', finished_at = ?, output = ?, artifacts = ?, \
+             cost_usd = cost_usd + ?, error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ?",
+        )
+        .bind(now)
+        .bind(checkpoint.output.to_string())
+        .bind(json_text(&checkpoint.artifacts))
+        .bind(checkpoint.cost_usd)
+        .bind(lease.run_id.to_string())
+        .bind(stage as i64)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?")
+            .bind(checkpoint.cost_usd)
+            .bind(lease.run_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        let name = stage_name(&mut tx, lease.run_id, stage).await?;
+        insert_event(
+            &mut tx,
+            lease.run_id,
+            now,
+            "stage_completed",
+            Some(&name),
+            json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts}),
+        )
+        .await?;
+        if let Some(result) = &checkpoint.run_result {
+            sqlx::query(
+                "UPDATE runs SET status = 'completed', result = ?, error = NULL, finished_at = ?, current_stage = NULL, \
+                 lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
+            )
+            .bind(result.to_string())
+            .bind(now)
+            .bind(lease.run_id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            insert_event(&mut tx, lease.run_id, now, "run_completed", None, json!({})).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn end_attempt(&self, lease: &Lease, stage: usize, outcome: StageOutcome) -> StoreResult<()> {
+        let now = self.now();
+        let run = lease.run_id.to_string();
+        let mut tx = self.begin_fenced(lease).await?;
+        let name = stage_name(&mut tx, lease.run_id, stage).await?;
+        match outcome {
+            StageOutcome::Retry { error, delay } => {
+                let at = now + delay.as_millis() as i64;
+                sqlx::query("UPDATE stages SET status = 'retrying', error = ?, next_attempt_at = ? WHERE run_id = ? AND idx = ?")
+                    .bind(json_text(&error))
+                    .bind(at)
+                    .bind(&run)
+                    .bind(stage as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE runs SET status = 'retrying', available_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = ?",
+                )
+                .bind(at)
+                .bind(&run)
+                .execute(&mut *tx)
+                .await?;
+                insert_event(
+                    &mut tx,
+                    lease.run_id,
+                    now,
+                    "retry_scheduled",
+                    Some(&name),
+                    json!({"delay_ms": delay.as_millis() as u64, "error": error}),
+                )
+                .await?;
+            }
+            StageOutcome::Fail { error } => {
+                sqlx::query("UPDATE stages SET status = 'failed', error = ?, finished_at = ? WHERE run_id = ? AND idx = ?")
+                    .bind(json_text(&error))
+                    .bind(now)
+                    .bind(&run)
+                    .bind(stage as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ?, lease_owner = NULL, \
+                     lease_expires_at = NULL WHERE id = ?",
+                )
+                .bind(json_text(&error))
+                .bind(now)
+                .bind(&run)
+                .execute(&mut *tx)
+                .await?;
+                insert_event(&mut tx, lease.run_id, now, "stage_failed", Some(&name), json!({"error": error})).await?;
+                insert_event(&mut tx, lease.run_id, now, "run_failed", None, json!({"error": error})).await?;
+            }
+            StageOutcome::Cancelled => {
+                sqlx::query("UPDATE stages SET status = 'cancelled', finished_at = ? WHERE run_id = ? AND idx = ?")
+                    .bind(now)
+                    .bind(&run)
+                    .bind(stage as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE runs SET status = 'cancelled', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = ?",
+                )
+                .bind(now)
+                .bind(&run)
+                .execute(&mut *tx)
+                .await?;
+                insert_event(&mut tx, lease.run_id, now, "run_cancelled", Some(&name), json!({})).await?;
+            }
+            StageOutcome::Abandoned => {
+                sqlx::query("UPDATE stages SET status = 'pending' WHERE run_id = ? AND idx = ?")
+                    .bind(&run)
+                    .bind(stage as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query(
+                    "UPDATE runs SET status = 'queued', available_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+                     WHERE id = ?",
+                )
+                .bind(now)
+                .bind(&run)
+                .execute(&mut *tx)
+                .await?;
+                insert_event(&mut tx, lease.run_id, now, "run_released", Some(&name), json!({})).await?;
+            }
+        }
+        tx.commit().await?;
+        self.work_available.notify_waiters();
+        Ok(())
+    }
+
+    async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
+        let now = self.now();
+        let mut tx = self.begin_fenced(lease).await?;
+        sqlx::query(
+            "UPDATE runs SET status = 'failed', error = ?, finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ?",
+        )
+        .bind(json_text(&error))
+        .bind(now)
+        .bind(lease.run_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        insert_event(&mut tx, lease.run_id, now, "run_failed", None, json!({"error": error})).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let row = sqlx::query("SELECT status FROM runs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or(StoreError::NotFound(id))?;
+        let status: String = row.try_get("status")?;
+        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?;
+        match status {
+            RunStatus::Queued | RunStatus::Retrying => {
+                sqlx::query(
+                    "UPDATE runs SET status = 'cancelled', cancel_requested = 1, finished_at = ?, updated_at = ? \
+                     WHERE id = ?",
+                )
+                .bind(now)
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                sqlx::query(
+                    "UPDATE stages SET status = 'cancelled', finished_at = ?, next_attempt_at = NULL \
+                     WHERE run_id = ? AND status = 'retrying'",
+                )
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await?;
+                insert_event(&mut tx, id, now, "run_cancelled", None, json!({})).await?;
+            }
+            RunStatus::Running => {
+                sqlx::query("UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?")
+                    .bind(now)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await?;
+                insert_event(&mut tx, id, now, "cancel_requested", None, json!({})).await?;
+            }
+            finished => {
+                tx.rollback().await?;
+                return Err(StoreError::Conflict(format!(
+                    "run {id} is already {}; only queued, retrying or running runs can be cancelled",
+                    finished.as_str()
+                )));
+            }
+        }
+        tx.commit().await?;
+        self.get_run(id).await?.ok_or(StoreError::NotFound(id))
+    }
+
+    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
+        let now = self.now();
+        let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+        if !run.status.is_finished() {
+            return Err(StoreError::Conflict(format!(
+                "run {id} is {}; only failed, cancelled or completed runs can be resumed",
+                run.status.as_str()
+            )));
+        }
+        let (from_idx, forget_steps) = match &from {
+            FromStage::Auto => match run.stages.iter().position(|s| s.status != StageStatus::Completed) {
+                Some(idx) => (idx, false),
+                None => {
+                    return Err(StoreError::Conflict(format!(
+                        "run {id} has completed every stage; name the stage to resume from"
+                    )));
+                }
+            },
+            FromStage::Named(name) => match run.stage_index(name) {
+                Some(idx) => (idx, true),
+                None => return Err(StoreError::Conflict(format!("run {id} has no stage named {name:?}"))),
+            },
+        };
+        let mut tx = self.begin().await?;
+        // The status check again, inside the write lock: a concurrent resume may have won.
+        let updated = sqlx::query(
+            "UPDATE runs SET status = 'queued', available_at = ?, updated_at = ?, result = NULL, error = NULL, \
+             finished_at = NULL, cancel_requested = 0, current_stage = NULL, lease_owner = NULL, lease_expires_at = NULL \
+             WHERE id = ? AND status = ?",
+        )
+        .bind(now)
+        .bind(now)
+        .bind(id.to_string())
+        .bind(run.status.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated != 1 {
+            tx.rollback().await?;
+            return Err(StoreError::Conflict(format!("run {id} changed while resuming; try again")));
+        }
+        reset_stages_from(&mut tx, id, from_idx).await?;
+        if forget_steps {
+            sqlx::query("DELETE FROM steps WHERE run_id = ? AND stage_idx >= ?")
+                .bind(id.to_string())
+                .bind(from_idx as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let from_name = run.stages[from_idx].name.clone();
+        insert_event(&mut tx, id, now, "run_resumed", Some(&from_name), json!({"from_stage": from_name})).await?;
+        tx.commit().await?;
+        self.work_available.notify_waiters();
+        self.get_run(id).await?.ok_or(StoreError::NotFound(id))
+    }
+
+    async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
+        let now = self.now();
+        let mut tx = self.begin().await?;
+        let cancelled = sqlx::query(
+            "UPDATE runs SET status = 'cancelled', finished_at = ?1, updated_at = ?1, lease_owner = NULL, \
+             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1 AND cancel_requested = 1 \
+             RETURNING id",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &cancelled {
+            let id: String = row.try_get("id")?;
+            if let Some(id) = RunId::parse(&id) {
+                insert_event(&mut tx, id, now, "run_cancelled", None, json!({"reason": "lease expired"})).await?;
+            }
+        }
+        let rows = sqlx::query(
+            "UPDATE runs SET status = 'queued', available_at = ?1, updated_at = ?1, lease_owner = NULL, \
+             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1 RETURNING id, worker",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut recovered = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let worker: Option<String> = row.try_get("worker")?;
+            let Some(id) = RunId::parse(&id) else { continue };
+            insert_event(&mut tx, id, now, "lease_recovered", None, json!({"previous_worker": worker})).await?;
+            recovered.push(id);
+        }
+        tx.commit().await?;
+        if !recovered.is_empty() {
+            self.work_available.notify_waiters();
+        }
+        Ok(recovered)
+    }
+
+    async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
+        let cutoff = self.now() - retention.as_millis() as i64;
+        let deleted = sqlx::query("DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(deleted)
+    }
+
+    async fn events_after(&self, run: RunId, after_seq: i64, limit: u32) -> StoreResult<Vec<RunEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, kind, stage, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(run.to_string())
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RunEvent {
+                    seq: row.try_get("seq")?,
+                    run_id: run,
+                    at: to_datetime(row.try_get("at")?),
+                    kind: row.try_get("kind")?,
+                    stage: row.try_get("stage")?,
+                    data: parse_json(Some(row.try_get("data")?), "event data")?.unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
+        let rows = sqlx::query("SELECT queue, status, COUNT(*) AS n FROM runs GROUP BY queue, status ORDER BY queue, status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .filter_map(|row| {
+                let status: String = row.try_get("status").ok()?;
+                Some(Ok(QueueDepth {
+                    queue: row.try_get("queue").ok()?,
+                    status: RunStatus::parse(&status)?,
+                    count: row.try_get::<i64, _>("n").ok()? as u64,
+                }))
+            })
+            .collect()
+    }
+
+    async fn wait_for_work(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.work_available.notified()).await;
+    }
+}

@@ -1,0 +1,96 @@
+//! The catalogue of workflows a deployment knows: their stages, their inputs and their queue.
+//!
+//! Invariant: workflow, stage and queue names are stored with runs and frozen once shipped;
+//! renaming a Rust type never changes them.
+
+pub mod demo;
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{engine::Stage, store::RunKind};
+
+/// Queue names. Workers subscribe to these with `--queues`.
+pub mod queues {
+    pub const AGENTS: &str = "agents";
+    pub const WORKFLOWS: &str = "workflows";
+    pub const WORK_ORDERS: &str = "work_orders";
+    pub const ALL: [&str; 3] = [AGENTS, WORKFLOWS, WORK_ORDERS];
+}
+
+/// Inputs that do not fit a workflow, naming the offending field.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InputError {
+    pub field: String,
+    pub message: String,
+}
+
+/// Parses inputs into a typed struct, naming the field that does not fit.
+pub fn parse_inputs<T: DeserializeOwned>(inputs: &Value) -> Result<T, InputError> {
+    serde_path_to_error::deserialize(inputs).map_err(|error| {
+        let field = error.path().to_string();
+        InputError {
+            field: if field == "." { "inputs".to_owned() } else { format!("inputs.{field}") },
+            message: error.inner().to_string(),
+        }
+    })
+}
+
+/// A named, ordered list of stages.
+pub trait Workflow: Send + Sync {
+    fn kind(&self) -> RunKind;
+    /// The stored name. Frozen once shipped.
+    fn name(&self) -> &'static str;
+    fn description(&self) -> &'static str;
+    /// The queue its runs are delivered on.
+    fn queue(&self) -> &'static str;
+    fn stages(&self) -> &[Box<dyn Stage>];
+    /// Checks the inputs at submission, so bad input is refused before anything is stored.
+    fn validate(&self, inputs: &Value) -> Result<(), InputError>;
+    /// A JSON Schema of the inputs, for documentation.
+    fn input_schema(&self) -> Value;
+    /// The run's result, from every stage's output; by default the last stage's output.
+    fn result(&self, outputs: &BTreeMap<String, Value>) -> Value {
+        self.stages()
+            .last()
+            .and_then(|stage| outputs.get(stage.name()).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    fn stage_names(&self) -> Vec<String> {
+        self.stages().iter().map(|s| s.name().to_owned()).collect()
+    }
+}
+
+/// Every workflow this build knows, by kind and name.
+#[derive(Default)]
+pub struct Catalog {
+    workflows: BTreeMap<(&'static str, &'static str), Arc<dyn Workflow>>,
+}
+
+impl Catalog {
+    /// The catalogue of this build.
+    pub fn builtin() -> Self {
+        let mut catalog = Self::default();
+        catalog.add(Arc::new(demo::Demo::new()));
+        catalog
+    }
+
+    pub fn add(&mut self, workflow: Arc<dyn Workflow>) {
+        self.workflows.insert((workflow.kind().as_str(), workflow.name()), workflow);
+    }
+
+    pub fn get(&self, kind: RunKind, name: &str) -> Option<Arc<dyn Workflow>> {
+        self.workflows
+            .iter()
+            .find(|((k, n), _)| *k == kind.as_str() && *n == name)
+            .map(|(_, w)| w.clone())
+    }
+
+    pub fn of_kind(&self, kind: RunKind) -> impl Iterator<Item = &Arc<dyn Workflow>> {
+        self.workflows.iter().filter(move |((k, _), _)| *k == kind.as_str()).map(|(_, w)| w)
+    }
+}
