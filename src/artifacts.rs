@@ -48,7 +48,9 @@ impl ArtifactStore {
         let path = Path::new(relative);
         let safe = !relative.is_empty()
             && !relative.contains(['\0', '\\'])
-            && relative.split('/').all(|segment| !matches!(segment, "" | "." | ".."))
+            && relative
+                .split('/')
+                .all(|segment| !matches!(segment, "" | "." | ".."))
             && path.components().all(|c| matches!(c, Component::Normal(_)));
         if !safe {
             return Err(ArtifactError::UnsafePath(relative.to_owned()));
@@ -60,12 +62,32 @@ impl ArtifactStore {
     pub async fn write(&self, relative: &str, bytes: Vec<u8>) -> Result<String, ArtifactError> {
         let target = self.resolve(relative)?;
         let relative = relative.to_owned();
-        tokio::task::spawn_blocking(move || write_atomically(&target, &bytes).map(|()| relative.clone()).map_err(|source| ArtifactError::Io { path: relative, source }))
-            .await
-            .map_err(|e| ArtifactError::Io {
-                path: String::new(),
-                source: std::io::Error::other(e),
-            })?
+        tokio::task::spawn_blocking(move || {
+            write_atomically(&target, &bytes)
+                .map(|()| relative.clone())
+                .map_err(|source| ArtifactError::Io {
+                    path: relative,
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| ArtifactError::Io {
+            path: String::new(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
+    /// Reads a whole text file; `None` when it does not exist.
+    pub async fn read_to_string(&self, relative: &str) -> Result<Option<String>, ArtifactError> {
+        let target = self.resolve(relative)?;
+        match tokio::fs::read_to_string(&target).await {
+            Ok(text) => Ok(Some(text)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ArtifactError::Io {
+                path: relative.to_owned(),
+                source,
+            }),
+        }
     }
 
     /// Appends one line to a log file (not atomic: for ledgers that record what happened).
@@ -95,8 +117,14 @@ impl ArtifactStore {
 fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = target.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
-    let file_name = target.file_name().and_then(|n| n.to_str()).unwrap_or("artifact");
-    let temp = dir.join(format!(".{file_name}.tmp-{}", uuid::Uuid::new_v4().simple()));
+    let file_name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("artifact");
+    let temp = dir.join(format!(
+        ".{file_name}.tmp-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
     let result = (|| {
         let mut file = std::fs::File::create(&temp)?;
         file.write_all(bytes)?;
@@ -115,8 +143,17 @@ mod tests {
 
     #[test]
     fn unsafe_paths_are_refused() {
-        let store = ArtifactStore { root: PathBuf::from("/srv/artifacts") };
-        for bad in ["", "/etc/passwd", "../secret", "runs/../../x", "runs/./x", "a\0b"] {
+        let store = ArtifactStore {
+            root: PathBuf::from("/srv/artifacts"),
+        };
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../secret",
+            "runs/../../x",
+            "runs/./x",
+            "a\0b",
+        ] {
             assert!(store.resolve(bad).is_err(), "{bad:?} must be refused");
         }
         assert_eq!(
@@ -129,9 +166,14 @@ mod tests {
     async fn writes_are_complete_files_with_no_temporaries_left() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = ArtifactStore::open(dir.path()).expect("open");
-        let path = store.write("runs/r1/out.json", b"{}".to_vec()).await.expect("write");
+        let path = store
+            .write("runs/r1/out.json", b"{}".to_vec())
+            .await
+            .expect("write");
         assert_eq!(path, "runs/r1/out.json");
-        let entries: Vec<_> = std::fs::read_dir(dir.path().join("runs/r1")).expect("dir").collect();
+        let entries: Vec<_> = std::fs::read_dir(dir.path().join("runs/r1"))
+            .expect("dir")
+            .collect();
         assert_eq!(entries.len(), 1);
         assert_eq!(std::fs::read(dir.path().join(&path)).expect("read"), b"{}");
     }

@@ -27,7 +27,11 @@ use crate::{
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "stagecraft", version, about = "Durable runs for long, expensive AI-agent pipelines")]
+#[command(
+    name = "stagecraft",
+    version,
+    about = "Durable runs for long, expensive AI-agent pipelines"
+)]
 pub struct Cli {
     /// API base URL for the client commands (default: STAGECRAFT_URL, else http://127.0.0.1:8000).
     #[arg(long, global = true)]
@@ -121,10 +125,20 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             telemetry::init(&config);
             serve_role(config, Role::Api).await
         }
-        Command::Worker { queues, concurrency } => {
+        Command::Worker {
+            queues,
+            concurrency,
+        } => {
             telemetry::init(&config);
             let concurrency = concurrency.unwrap_or(config.worker_concurrency).max(1);
-            serve_role(config, Role::Worker { queues, concurrency }).await
+            serve_role(
+                config,
+                Role::Worker {
+                    queues,
+                    concurrency,
+                },
+            )
+            .await
         }
         Command::Dev { concurrency } => {
             telemetry::init(&config);
@@ -138,7 +152,10 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         client_command => {
-            let client = Client::new(cli.api_url.unwrap_or_else(|| config.api_url.clone()), config.api_token.clone());
+            let client = Client::new(
+                cli.api_url.unwrap_or_else(|| config.api_url.clone()),
+                config.api_token.clone(),
+            );
             run_client(&client, client_command).await
         }
     }
@@ -146,8 +163,13 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
 
 enum Role {
     Api,
-    Worker { queues: Vec<String>, concurrency: usize },
-    Dev { concurrency: usize },
+    Worker {
+        queues: Vec<String>,
+        concurrency: usize,
+    },
+    Dev {
+        concurrency: usize,
+    },
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
@@ -160,7 +182,8 @@ async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
 async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     let shutdown = shutdown::on_signal().context("installing signal handlers")?;
     let store = open_store(&config).await?;
-    let artifacts = ArtifactStore::open(&config.artifact_dir).context("opening the artifact directory")?;
+    let artifacts =
+        ArtifactStore::open(&config.artifact_dir).context("opening the artifact directory")?;
     let catalog = Arc::new(Catalog::builtin());
     let metrics = Arc::new(Metrics::default());
     let config = Arc::new(config);
@@ -169,7 +192,11 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     let sweeper_stop = CancellationToken::new();
     tasks.spawn({
         let store = store.clone();
-        let (interval, retention, stop) = (config.sweep_interval, config.run_retention, sweeper_stop.clone());
+        let (interval, retention, stop) = (
+            config.sweep_interval,
+            config.run_retention,
+            sweeper_stop.clone(),
+        );
         async move {
             queue::run_sweeper(store, interval, retention, stop).await;
             Ok(())
@@ -179,7 +206,9 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     let serves_api = matches!(role, Role::Api | Role::Dev { .. });
     if serves_api {
         let address = std::net::SocketAddr::new(config.host, config.port);
-        let listener = TcpListener::bind(address).await.with_context(|| format!("binding {address}"))?;
+        let listener = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding {address}"))?;
         let bound = listener.local_addr()?;
         // Printed, not logged: scripts and tests read the address from here.
         println!("stagecraft: listening on http://{bound}");
@@ -192,18 +221,30 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             started: std::time::Instant::now(),
         };
         let stop = shutdown.clone();
-        tasks.spawn(async move { http::serve(listener, state, stop).await.context("serving HTTP") });
+        tasks.spawn(async move {
+            http::serve(listener, state, stop)
+                .await
+                .context("serving HTTP")
+        });
     }
 
     let workers = match role {
         Role::Api => None,
-        Role::Worker { queues, concurrency } => Some((queues, concurrency, "worker")),
-        Role::Dev { concurrency } => Some((queues::ALL.map(String::from).to_vec(), concurrency, "dev")),
+        Role::Worker {
+            queues,
+            concurrency,
+        } => Some((queues, concurrency, "worker")),
+        Role::Dev { concurrency } => {
+            Some((queues::ALL.map(String::from).to_vec(), concurrency, "dev"))
+        }
     };
     if let Some((queues, concurrency, role_name)) = workers {
         for queue in &queues {
             if !queues::ALL.contains(&queue.as_str()) {
-                anyhow::bail!("unknown queue {queue:?}; queues are {}", queues::ALL.join(", "));
+                anyhow::bail!(
+                    "unknown queue {queue:?}; queues are {}",
+                    queues::ALL.join(", ")
+                );
             }
         }
         let engine = Arc::new(Engine {
@@ -225,7 +266,9 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             poll_interval: config.poll_interval,
         };
         let (stop, grace) = (shutdown.clone(), config.shutdown_grace);
-        tasks.spawn(async move { queue::run_workers(engine, settings, concurrency, stop, grace).await });
+        tasks.spawn(
+            async move { queue::run_workers(engine, settings, concurrency, stop, grace).await },
+        );
     }
 
     // Wait for the roles to end (they end after the shutdown signal); the first error wins.
@@ -249,8 +292,17 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
 
 async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
     let printed = match command {
-        Command::Submit { name, kind, inputs, budget_usd, provider_mode, idempotency_key, wait } => {
-            let inputs: Value = serde_json::from_str(&inputs).context("--inputs is not valid JSON")?;
+        Command::Submit {
+            name,
+            kind,
+            inputs,
+            budget_usd,
+            provider_mode,
+            idempotency_key,
+            wait,
+        } => {
+            let inputs: Value =
+                serde_json::from_str(&inputs).context("--inputs is not valid JSON")?;
             let mut body = json!({"kind": kind, "name": name, "inputs": inputs});
             if let Some(budget) = budget_usd {
                 body["budget_usd"] = json!(budget);
@@ -258,8 +310,13 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
             if let Some(mode) = provider_mode {
                 body["provider_mode"] = json!(mode);
             }
-            let headers: Vec<(&str, String)> = idempotency_key.map(|k| ("idempotency-key", k)).into_iter().collect();
-            let (_, run) = client.call(reqwest::Method::POST, "/runs", Some(&body), &headers).await?;
+            let headers: Vec<(&str, String)> = idempotency_key
+                .map(|k| ("idempotency-key", k))
+                .into_iter()
+                .collect();
+            let (_, run) = client
+                .call(reqwest::Method::POST, "/runs", Some(&body), &headers)
+                .await?;
             if wait {
                 let id = run["run_id"].as_str().unwrap_or_default().to_owned();
                 wait_for(client, &id).await?
@@ -268,20 +325,42 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Status { run_id } => client.get(&format!("/runs/{run_id}")).await?,
-        Command::Runs { kind, status, name, limit, cursor } => {
+        Command::Runs {
+            kind,
+            status,
+            name,
+            limit,
+            cursor,
+        } => {
             let mut query = vec![format!("limit={limit}")];
-            for (key, value) in [("kind", kind), ("status", status), ("name", name), ("cursor", cursor)] {
+            for (key, value) in [
+                ("kind", kind),
+                ("status", status),
+                ("name", name),
+                ("cursor", cursor),
+            ] {
                 if let Some(value) = value {
                     query.push(format!("{key}={}", urlencode(&value)));
                 }
             }
             client.get(&format!("/runs?{}", query.join("&"))).await?
         }
-        Command::Cancel { run_id } => client.post(&format!("/runs/{run_id}/cancel"), &json!({})).await?,
-        Command::Resume { run_id, from_stage } => {
-            client.post(&format!("/runs/{run_id}/resume"), &json!({"from_stage": from_stage})).await?
+        Command::Cancel { run_id } => {
+            client
+                .post(&format!("/runs/{run_id}/cancel"), &json!({}))
+                .await?
         }
-        Command::Serve | Command::Worker { .. } | Command::Dev { .. } | Command::Migrate => unreachable!("handled by run"),
+        Command::Resume { run_id, from_stage } => {
+            client
+                .post(
+                    &format!("/runs/{run_id}/resume"),
+                    &json!({"from_stage": from_stage}),
+                )
+                .await?
+        }
+        Command::Serve | Command::Worker { .. } | Command::Dev { .. } | Command::Migrate => {
+            unreachable!("handled by run")
+        }
     };
     println!("{}", serde_json::to_string_pretty(&printed)?);
     Ok(())
@@ -290,7 +369,10 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
 async fn wait_for(client: &Client, run_id: &str) -> anyhow::Result<Value> {
     loop {
         let run = client.get(&format!("/runs/{run_id}")).await?;
-        if matches!(run["status"].as_str(), Some("completed" | "failed" | "cancelled")) {
+        if matches!(
+            run["status"].as_str(),
+            Some("completed" | "failed" | "cancelled")
+        ) {
             return Ok(run);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -301,7 +383,9 @@ fn urlencode(value: &str) -> String {
     value
         .bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
             _ => format!("%{b:02X}"),
         })
         .collect()

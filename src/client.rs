@@ -22,7 +22,13 @@ impl Client {
 
     /// Sends a request and answers the JSON body; a 4xx or 5xx becomes an error carrying the
     /// API's error code and message.
-    pub async fn call(&self, method: Method, path: &str, body: Option<&Value>, headers: &[(&str, String)]) -> anyhow::Result<(StatusCode, Value)> {
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        headers: &[(&str, String)],
+    ) -> anyhow::Result<(StatusCode, Value)> {
         let url = format!("{}{path}", self.base);
         let mut request = self.http.request(method, &url);
         if let Some(token) = &self.token {
@@ -34,13 +40,19 @@ impl Client {
         if let Some(body) = body {
             request = request.json(body);
         }
-        let response = request.send().await.with_context(|| format!("cannot reach the API at {}", self.base))?;
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the API at {}", self.base))?;
         let status = response.status();
         let text = response.text().await.context("reading the API's answer")?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
         if status.is_client_error() || status.is_server_error() {
             let code = value["error"]["code"].as_str().unwrap_or("error");
-            let message = value["error"]["message"].as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+            let message = value["error"]["message"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| value.to_string());
             bail!("{status} {code}: {message}");
         }
         Ok((status, value))

@@ -102,7 +102,9 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ProviderMode {
     Mock,
@@ -159,8 +161,14 @@ impl Config {
         })?;
         let development = env == Environment::Development;
         let debug = vars.parse_with("DEBUG", development, parse_bool)?;
-        let log_level = vars.string("LOG_LEVEL").unwrap_or_else(|| "info".to_owned());
-        let default_format = if development { LogFormat::Pretty } else { LogFormat::Json };
+        let log_level = vars
+            .string("LOG_LEVEL")
+            .unwrap_or_else(|| "info".to_owned());
+        let default_format = if development {
+            LogFormat::Pretty
+        } else {
+            LogFormat::Json
+        };
         let log_format = vars.parse_with("LOG_FORMAT", default_format, |v| match v {
             "pretty" | "text" => Ok(LogFormat::Pretty),
             "json" => Ok(LogFormat::Json),
@@ -171,8 +179,12 @@ impl Config {
             "live" => Ok(ProviderMode::Live),
             _ => Err("expected mock or live".to_owned()),
         })?;
-        let artifact_dir = vars.path("ARTIFACT_DIR").unwrap_or_else(|| PathBuf::from("./artifacts"));
-        let data_dir = vars.path("DATA_DIR").unwrap_or_else(|| PathBuf::from("./data"));
+        let artifact_dir = vars
+            .path("ARTIFACT_DIR")
+            .unwrap_or_else(|| PathBuf::from("./artifacts"));
+        let data_dir = vars
+            .path("DATA_DIR")
+            .unwrap_or_else(|| PathBuf::from("./data"));
         let backend = vars.parse_with("QUEUE_BACKEND", BackendKind::Sqlite, |v| match v {
             "sqlite" => Ok(BackendKind::Sqlite),
             _ => Err("expected sqlite".to_owned()),
@@ -221,7 +233,8 @@ impl Config {
                     .collect()
             })
             .unwrap_or_default();
-        let run_retention = Duration::from_secs(vars.parse_positive("RUN_RETENTION_DAYS", 7)? * 86_400);
+        let run_retention =
+            Duration::from_secs(vars.parse_positive("RUN_RETENTION_DAYS", 7)? * 86_400);
         let max_body_bytes = vars.parse_positive("MAX_BODY_BYTES", 1_048_576)? as usize;
         let sync_wait = Duration::from_secs(vars.parse("SYNC_WAIT_SECS", 30u64)?);
         let api_url = vars
@@ -267,7 +280,9 @@ struct Vars<'a> {
 
 impl Vars<'_> {
     fn string(&self, name: &str) -> Option<String> {
-        (self.lookup)(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty())
+        (self.lookup)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
     }
 
     fn path(&self, name: &str) -> Option<PathBuf> {
@@ -332,8 +347,10 @@ mod tests {
     use super::*;
 
     fn config_from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         Config::from_lookup(|k| map.get(k).cloned())
     }
 

@@ -7,7 +7,19 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 /// The id of one submitted run. UUID v7, so ids sort by creation time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    utoipa::ToSchema,
+)]
 #[serde(transparent)]
 #[schema(value_type = String, format = Uuid)]
 pub struct RunId(Uuid);
@@ -45,7 +57,9 @@ impl WorkerId {
             use rand::Rng;
             let mut rng = rand::rng();
             (0..4)
-                .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
+                .map(|_| {
+                    char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)])
+                })
                 .collect()
         };
         Self(format!("{host}:{}:{role}-{suffix}", std::process::id()))

@@ -30,7 +30,10 @@ pub struct LabeledCounter(Mutex<BTreeMap<String, u64>>);
 
 impl LabeledCounter {
     pub fn with_label(&self, label: &str) -> LabeledIncrement<'_> {
-        LabeledIncrement { counter: self, label: label.to_owned() }
+        LabeledIncrement {
+            counter: self,
+            label: label.to_owned(),
+        }
     }
 
     fn snapshot(&self) -> BTreeMap<String, u64> {
@@ -52,7 +55,9 @@ impl LabeledIncrement<'_> {
 }
 
 /// Upper bounds of the stage duration histogram, in seconds.
-const STAGE_BUCKETS: [f64; 12] = [0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 7200.0];
+const STAGE_BUCKETS: [f64; 12] = [
+    0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 7200.0,
+];
 
 #[derive(Debug, Default, Clone)]
 struct Histogram {
@@ -87,30 +92,70 @@ impl Metrics {
 
     /// Appends this process's metrics to `out`.
     pub fn render(&self, out: &mut String) {
-        let _ = writeln!(out, "# HELP stagecraft_runs_finished_total Runs this process finished, by outcome.");
+        let _ = writeln!(
+            out,
+            "# HELP stagecraft_runs_finished_total Runs this process finished, by outcome."
+        );
         let _ = writeln!(out, "# TYPE stagecraft_runs_finished_total counter");
         for (outcome, count) in self.runs_finished.snapshot() {
-            let _ = writeln!(out, "stagecraft_runs_finished_total{{outcome=\"{outcome}\"}} {count}");
+            let _ = writeln!(
+                out,
+                "stagecraft_runs_finished_total{{outcome=\"{outcome}\"}} {count}"
+            );
         }
         for (name, help, counter) in [
-            ("stagecraft_retries_total", "Stage retries this process scheduled.", &self.retries),
-            ("stagecraft_lease_recoveries_total", "Runs this process took over after another worker's lease expired.", &self.lease_recoveries),
-            ("stagecraft_fencing_rejections_total", "Writes refused because this process no longer held the lease.", &self.fence_rejections),
+            (
+                "stagecraft_retries_total",
+                "Stage retries this process scheduled.",
+                &self.retries,
+            ),
+            (
+                "stagecraft_lease_recoveries_total",
+                "Runs this process took over after another worker's lease expired.",
+                &self.lease_recoveries,
+            ),
+            (
+                "stagecraft_fencing_rejections_total",
+                "Writes refused because this process no longer held the lease.",
+                &self.fence_rejections,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", counter.get());
         }
-        let _ = writeln!(out, "# HELP stagecraft_stage_duration_seconds Duration of stage attempts in this process.");
+        let _ = writeln!(
+            out,
+            "# HELP stagecraft_stage_duration_seconds Duration of stage attempts in this process."
+        );
         let _ = writeln!(out, "# TYPE stagecraft_stage_duration_seconds histogram");
-        let histograms = self.stage_seconds.lock().map(|m| m.clone()).unwrap_or_default();
+        let histograms = self
+            .stage_seconds
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default();
         for (stage, histogram) in histograms {
             for (count, bound) in histogram.buckets.iter().zip(STAGE_BUCKETS) {
-                let _ = writeln!(out, "stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"{bound}\"}} {count}");
+                let _ = writeln!(
+                    out,
+                    "stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"{bound}\"}} {count}"
+                );
             }
-            let _ = writeln!(out, "stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {}", histogram.count);
-            let _ = writeln!(out, "stagecraft_stage_duration_seconds_sum{{stage=\"{stage}\"}} {}", histogram.sum);
-            let _ = writeln!(out, "stagecraft_stage_duration_seconds_count{{stage=\"{stage}\"}} {}", histogram.count);
+            let _ = writeln!(
+                out,
+                "stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {}",
+                histogram.count
+            );
+            let _ = writeln!(
+                out,
+                "stagecraft_stage_duration_seconds_sum{{stage=\"{stage}\"}} {}",
+                histogram.sum
+            );
+            let _ = writeln!(
+                out,
+                "stagecraft_stage_duration_seconds_count{{stage=\"{stage}\"}} {}",
+                histogram.count
+            );
         }
     }
 }

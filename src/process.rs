@@ -90,7 +90,11 @@ pub enum ProcessError {
     #[error("{program} was cancelled and killed with its process group")]
     Cancelled { program: String },
     #[error("{program} failed ({status}): {stderr}")]
-    Failed { program: String, status: ExitStatus, stderr: String },
+    Failed {
+        program: String,
+        status: ExitStatus,
+        stderr: String,
+    },
     #[error("{program}: {source}")]
     Io {
         program: String,
@@ -127,19 +131,30 @@ pub async fn run(spec: &CommandSpec, cancel: &CancellationToken) -> Result<Outpu
         Err(ProcessError::Failed {
             program: spec.display(),
             status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr).trim().chars().take(4000).collect(),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim()
+                .chars()
+                .take(4000)
+                .collect(),
         })
     }
 }
 
 /// Runs a command to completion, whatever its exit status.
-pub async fn run_unchecked(spec: &CommandSpec, cancel: &CancellationToken) -> Result<Output, ProcessError> {
+pub async fn run_unchecked(
+    spec: &CommandSpec,
+    cancel: &CancellationToken,
+) -> Result<Output, ProcessError> {
     let program = spec.display();
     let mut command = tokio::process::Command::new(&spec.program);
     command
         .args(&spec.args)
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdin(if spec.stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -147,7 +162,10 @@ pub async fn run_unchecked(spec: &CommandSpec, cancel: &CancellationToken) -> Re
     if let Some(dir) = &spec.cwd {
         command.current_dir(dir);
     }
-    let mut child = command.spawn().map_err(|source| ProcessError::Spawn { program: program.clone(), source })?;
+    let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
     let mut guard = GroupGuard {
         pgid: child.id().map(|id| Pid::from_raw(id as i32)),
     };
@@ -194,13 +212,17 @@ mod tests {
     #[tokio::test]
     async fn output_and_stdin_pass_through() {
         let spec = CommandSpec::new("cat", Duration::from_secs(5)).stdin(b"hello".to_vec());
-        let output = run(&spec, &CancellationToken::new()).await.expect("cat runs");
+        let output = run(&spec, &CancellationToken::new())
+            .await
+            .expect("cat runs");
         assert_eq!(output.stdout, b"hello");
     }
 
     #[tokio::test]
     async fn failure_carries_stderr() {
-        let spec = CommandSpec::new("sh", Duration::from_secs(5)).arg("-c").arg("echo broken >&2; exit 3");
+        let spec = CommandSpec::new("sh", Duration::from_secs(5))
+            .arg("-c")
+            .arg("echo broken >&2; exit 3");
         match run(&spec, &CancellationToken::new()).await {
             Err(ProcessError::Failed { stderr, .. }) => assert_eq!(stderr, "broken"),
             other => panic!("unexpected {other:?}"),
@@ -212,12 +234,21 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let pidfile = dir.path().join("grandchild.pid");
         let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
-        let spec = CommandSpec::new("sh", Duration::from_millis(500)).arg("-c").arg(script);
+        let spec = CommandSpec::new("sh", Duration::from_millis(500))
+            .arg("-c")
+            .arg(script);
         let started = Instant::now();
         let result = run(&spec, &CancellationToken::new()).await;
-        assert!(matches!(result, Err(ProcessError::TimedOut { .. })), "{result:?}");
+        assert!(
+            matches!(result, Err(ProcessError::TimedOut { .. })),
+            "{result:?}"
+        );
         assert!(started.elapsed() < Duration::from_secs(5));
-        let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("number");
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("number");
         let deadline = Instant::now() + Duration::from_secs(5);
         while pid_alive(pid) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -231,7 +262,9 @@ mod tests {
         for by_drop in [false, true] {
             let pidfile = dir.path().join(format!("gc-{by_drop}.pid"));
             let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
-            let spec = CommandSpec::new("sh", Duration::from_secs(60)).arg("-c").arg(script);
+            let spec = CommandSpec::new("sh", Duration::from_secs(60))
+                .arg("-c")
+                .arg(script);
             let cancel = CancellationToken::new();
             let mut running = Box::pin(run(&spec, &cancel));
             let deadline = Instant::now() + Duration::from_secs(5);
@@ -247,7 +280,11 @@ mod tests {
                 cancel.cancel();
                 assert!(matches!(running.await, Err(ProcessError::Cancelled { .. })));
             }
-            let pid: i32 = std::fs::read_to_string(&pidfile).expect("pid").trim().parse().expect("number");
+            let pid: i32 = std::fs::read_to_string(&pidfile)
+                .expect("pid")
+                .trim()
+                .parse()
+                .expect("number");
             let deadline = Instant::now() + Duration::from_secs(5);
             while pid_alive(pid) && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -15,8 +15,8 @@ use std::{
     time::Duration,
 };
 
-use apalis::prelude::{Task, WorkerBuilder, WorkerContext};
 use apalis::layers::WorkerBuilderExt;
+use apalis::prelude::{Task, WorkerBuilder, WorkerContext};
 use apalis_core::backend::{Backend, BackendConfig};
 use futures::{Stream, StreamExt, stream::BoxStream};
 use tokio_util::sync::CancellationToken;
@@ -46,7 +46,12 @@ struct ClaimBackend {
 pub struct ClaimBackendError;
 
 impl ClaimBackend {
-    fn new(store: SharedStore, worker: WorkerId, settings: ClaimSettings, stopping: CancellationToken) -> Self {
+    fn new(
+        store: SharedStore,
+        worker: WorkerId,
+        settings: ClaimSettings,
+        stopping: CancellationToken,
+    ) -> Self {
         let claims = futures::stream::unfold((), move |()| {
             let store = store.clone();
             let worker = worker.clone();
@@ -90,15 +95,29 @@ impl Backend for ClaimBackend {
     type Task = Task<Claimed>;
     type Error = ClaimBackendError;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+    fn poll_ready(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Option<Result<Self::Task, Self::Error>>> {
-        Pin::new(&mut self.claims).poll_next(cx).map(|next| next.map(Ok))
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Option<Result<Self::Task, Self::Error>>> {
+        Pin::new(&mut self.claims)
+            .poll_next(cx)
+            .map(|next| next.map(Ok))
     }
 
-    fn poll_close(&mut self, _cx: &mut Context<'_>, _worker: &WorkerContext) -> Poll<Result<(), Self::Error>> {
+    fn poll_close(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _worker: &WorkerContext,
+    ) -> Poll<Result<(), Self::Error>> {
         Poll::Ready(Ok(()))
     }
 }
@@ -128,7 +147,12 @@ pub async fn run_workers(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let backend = ClaimBackend::new(engine.store.clone(), engine.worker.clone(), settings.clone(), engine.stopping.clone());
+    let backend = ClaimBackend::new(
+        engine.store.clone(),
+        engine.worker.clone(),
+        settings.clone(),
+        engine.stopping.clone(),
+    );
     let executor = engine.clone();
     let worker = WorkerBuilder::new(engine.worker.to_string())
         .backend(backend)
@@ -145,7 +169,10 @@ pub async fn run_workers(
     let abandon = engine.abandon.clone();
     let signal = async move {
         shutdown.cancelled().await;
-        info!(grace_secs = grace.as_secs(), "stopping: no new runs; running stages may finish within the grace period");
+        info!(
+            grace_secs = grace.as_secs(),
+            "stopping: no new runs; running stages may finish within the grace period"
+        );
         stopping.cancel();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
@@ -153,14 +180,22 @@ pub async fn run_workers(
         });
         Ok::<(), std::io::Error>(())
     };
-    worker.run_until(signal).await.map_err(|e| anyhow::anyhow!("worker failed: {e}"))?;
+    worker
+        .run_until(signal)
+        .await
+        .map_err(|e| anyhow::anyhow!("worker failed: {e}"))?;
     info!(worker.id = %engine.worker, "worker stopped");
     Ok(())
 }
 
 /// Re-queues runs with expired leases and deletes runs past retention, every `interval`,
 /// until `shutdown` fires.
-pub async fn run_sweeper(store: SharedStore, interval: Duration, retention: Duration, shutdown: CancellationToken) {
+pub async fn run_sweeper(
+    store: SharedStore,
+    interval: Duration,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_purge = std::time::Instant::now() - Duration::from_secs(3600);

@@ -25,7 +25,10 @@ use crate::{
     artifacts::ArtifactStore,
     ids::WorkerId,
     metrics::Metrics,
-    store::{Claimed, Lease, RunError, SharedStore, StageCheckpoint, StageOutcome, StageStatus, StoreError},
+    store::{
+        Claimed, Lease, RunError, SharedStore, StageCheckpoint, StageOutcome, StageStatus,
+        StoreError,
+    },
     workflows::Catalog,
 };
 
@@ -104,24 +107,45 @@ impl Engine {
         let Some(workflow) = self.catalog.get(run.kind, &run.name) else {
             let error = RunError {
                 code: "unknown_workflow".to_owned(),
-                message: format!("no {} named {:?} is known to this worker", run.kind.as_str(), run.name),
+                message: format!(
+                    "no {} named {:?} is known to this worker",
+                    run.kind.as_str(),
+                    run.name
+                ),
             };
             return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
         };
         if run.cancel_requested {
-            let first_open = run.stages.iter().position(|s| s.status != StageStatus::Completed).unwrap_or(0);
-            return self.settle(self.store.end_attempt(&lease, first_open, StageOutcome::Cancelled).await, Ending::Cancelled);
+            let first_open = run
+                .stages
+                .iter()
+                .position(|s| s.status != StageStatus::Completed)
+                .unwrap_or(0);
+            return self.settle(
+                self.store
+                    .end_attempt(&lease, first_open, StageOutcome::Cancelled)
+                    .await,
+                Ending::Cancelled,
+            );
         }
         let stages = workflow.stages();
         let mut previous = BTreeMap::new();
         for (index, stage) in stages.iter().enumerate() {
             let record = &run.stages[index];
             if record.status == StageStatus::Completed {
-                previous.insert(record.name.clone(), record.output.clone().unwrap_or_default());
+                previous.insert(
+                    record.name.clone(),
+                    record.output.clone().unwrap_or_default(),
+                );
                 continue;
             }
             if self.stopping.is_cancelled() {
-                return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Abandoned).await, Ending::Released);
+                return self.settle(
+                    self.store
+                        .end_attempt(&lease, index, StageOutcome::Abandoned)
+                        .await,
+                    Ending::Released,
+                );
             }
             let memo: HashMap<_, _> = match self.store.steps(run.id, index).await {
                 Ok(steps) => steps.into_iter().map(|s| (s.key.clone(), s)).collect(),
@@ -154,7 +178,12 @@ impl Engine {
                             (budget - run.cost_usd).max(0.0)
                         ),
                     };
-                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Fail { error }).await, Ending::Failed);
+                    return self.settle(
+                        self.store
+                            .end_attempt(&lease, index, StageOutcome::Fail { error })
+                            .await,
+                        Ending::Failed,
+                    );
                 }
             }
             ctx.attempt = match self.store.start_stage(&lease, index).await {
@@ -163,8 +192,16 @@ impl Engine {
             };
             let policy = stage.retry_policy().unwrap_or(self.settings.default_retry);
             let started = std::time::Instant::now();
-            info!(stage.name = stage.name(), attempt = ctx.attempt, "stage started");
-            let attempt = std::panic::AssertUnwindSafe(tokio::time::timeout(policy.timeout, stage.run(&mut ctx))).catch_unwind();
+            info!(
+                stage.name = stage.name(),
+                attempt = ctx.attempt,
+                "stage started"
+            );
+            let attempt = std::panic::AssertUnwindSafe(tokio::time::timeout(
+                policy.timeout,
+                stage.run(&mut ctx),
+            ))
+            .catch_unwind();
             let result = tokio::select! {
                 result = attempt => match result {
                     Ok(Ok(result)) => result,
@@ -195,7 +232,11 @@ impl Engine {
                         return self.store_failure(error);
                     }
                     run.cost_usd += done.cost_usd;
-                    info!(stage.name = stage.name(), duration_ms = elapsed.as_millis() as u64, "stage completed");
+                    info!(
+                        stage.name = stage.name(),
+                        duration_ms = elapsed.as_millis() as u64,
+                        "stage completed"
+                    );
                     if is_last {
                         self.metrics.runs_finished.with_label("completed").inc();
                         return Ending::Completed;
@@ -205,13 +246,25 @@ impl Engine {
                     let delay = policy.delay_after(ctx.attempt, &mut rand::rng());
                     warn!(stage.name = stage.name(), attempt = ctx.attempt, delay_ms = delay.as_millis() as u64, error = %message, "stage failed; retry scheduled");
                     self.metrics.retries.inc();
-                    let error = RunError { code: "stage_error".to_owned(), message };
-                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Retry { error, delay }).await, Ending::RetryScheduled);
+                    let error = RunError {
+                        code: "stage_error".to_owned(),
+                        message,
+                    };
+                    return self.settle(
+                        self.store
+                            .end_attempt(&lease, index, StageOutcome::Retry { error, delay })
+                            .await,
+                        Ending::RetryScheduled,
+                    );
                 }
                 Err(StageError::Retryable(message)) => {
                     let error = RunError {
                         code: "attempts_exhausted".to_owned(),
-                        message: format!("stage {} failed {} times; last error: {message}", stage.name(), ctx.attempt),
+                        message: format!(
+                            "stage {} failed {} times; last error: {message}",
+                            stage.name(),
+                            ctx.attempt
+                        ),
                     };
                     return self.fail(&lease, index, error).await;
                 }
@@ -220,7 +273,12 @@ impl Engine {
                 }
                 Err(StageError::Cancelled) => {
                     self.metrics.runs_finished.with_label("cancelled").inc();
-                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Cancelled).await, Ending::Cancelled);
+                    return self.settle(
+                        self.store
+                            .end_attempt(&lease, index, StageOutcome::Cancelled)
+                            .await,
+                        Ending::Cancelled,
+                    );
                 }
                 Err(StageError::LeaseLost(_)) => return Ending::LeaseLost,
             }
@@ -231,7 +289,12 @@ impl Engine {
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {
         warn!(stage.index = index, error.code = %error.code, error = %error.message, "run failed");
         self.metrics.runs_finished.with_label("failed").inc();
-        self.settle(self.store.end_attempt(lease, index, StageOutcome::Fail { error }).await, Ending::Failed)
+        self.settle(
+            self.store
+                .end_attempt(lease, index, StageOutcome::Fail { error })
+                .await,
+            Ending::Failed,
+        )
     }
 
     /// The ending of a store write that closes the attempt.

@@ -66,7 +66,9 @@ mod tests {
     #[test]
     fn ceilings_double_up_to_the_maximum() {
         let policy = policy();
-        let ceilings: Vec<u128> = (1..=6).map(|a| policy.ceiling_after(a).as_millis()).collect();
+        let ceilings: Vec<u128> = (1..=6)
+            .map(|a| policy.ceiling_after(a).as_millis())
+            .collect();
         assert_eq!(ceilings, vec![100, 200, 400, 800, 1000, 1000]);
     }
 
@@ -83,7 +85,10 @@ mod tests {
             }
             let mean = seen.iter().sum::<u128>() as f64 / seen.len() as f64;
             let half = policy.ceiling_after(attempt).as_millis() as f64 / 2.0;
-            assert!((mean - half).abs() < half * 0.25, "mean {mean} far from {half}");
+            assert!(
+                (mean - half).abs() < half * 0.25,
+                "mean {mean} far from {half}"
+            );
         }
     }
 

@@ -161,7 +161,11 @@ impl StageContext {
     }
 
     /// Writes a complete artifact file and lists it in this stage's checkpoint.
-    pub async fn write_artifact(&mut self, relative: &str, bytes: Vec<u8>) -> Result<String, StageError> {
+    pub async fn write_artifact(
+        &mut self,
+        relative: &str,
+        bytes: Vec<u8>,
+    ) -> Result<String, StageError> {
         let path = self.artifacts.write(relative, bytes).await?;
         if !self.written.contains(&path) {
             self.written.push(path.clone());

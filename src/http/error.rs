@@ -41,13 +41,21 @@ pub enum ApiError {
     #[error("missing or invalid bearer token")]
     Unauthorized,
     #[error("{message}")]
-    NotFound { code: &'static str, message: String, details: Option<Value> },
+    NotFound {
+        code: &'static str,
+        message: String,
+        details: Option<Value>,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{message}")]
-    Invalid { code: &'static str, message: String, details: Option<Value> },
+    Invalid {
+        code: &'static str,
+        message: String,
+        details: Option<Value>,
+    },
     #[error("{0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -56,7 +64,11 @@ pub enum ApiError {
 
 impl ApiError {
     pub fn not_found(message: impl Into<String>) -> Self {
-        Self::NotFound { code: "not_found", message: message.into(), details: None }
+        Self::NotFound {
+            code: "not_found",
+            message: message.into(),
+            details: None,
+        }
     }
 
     pub fn invalid(message: impl Into<String>, field: Option<&str>) -> Self {
@@ -111,7 +123,11 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let body = ErrorBody {
-            error: ErrorDetail { code: code.to_owned(), message, details },
+            error: ErrorDetail {
+                code: code.to_owned(),
+                message,
+                details,
+            },
         };
         (status, Json(body)).into_response()
     }
@@ -122,7 +138,9 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::NotFound(id) => Self::not_found(format!("run {id} not found")),
             StoreError::Conflict(message) => Self::Conflict(message),
-            StoreError::Database(sqlx::Error::PoolTimedOut) => Self::Unavailable("the store is unreachable".to_owned()),
+            StoreError::Database(sqlx::Error::PoolTimedOut) => {
+                Self::Unavailable("the store is unreachable".to_owned())
+            }
             other => Self::Internal(other.into()),
         }
     }
@@ -131,22 +149,17 @@ impl From<StoreError> for ApiError {
 /// Parses a JSON body, telling syntax errors (400) from values that do not fit (422, naming
 /// the field).
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                let field = if path == "." { None } else { Some(path.as_str()) };
-                ApiError::invalid(inner.to_string(), field)
-            }
-            _ => ApiError::MalformedJson(format!("request body is not valid JSON: {inner}")),
-        }
-    })?;
-    deserializer
-        .end()
+    let value: Value = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::MalformedJson(format!("request body is not valid JSON: {e}")))?;
-    Ok(value)
+    serde_path_to_error::deserialize(value).map_err(|error| {
+        let path = error.path().to_string();
+        let field = if path == "." {
+            None
+        } else {
+            Some(path.as_str())
+        };
+        ApiError::invalid(error.inner().to_string(), field)
+    })
 }
 
 /// A JSON request body, rejected as an [`ApiError`]. An empty body reads as `{}`.
@@ -172,7 +185,11 @@ where
                 ApiError::MalformedJson(rejection.body_text())
             }
         })?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) { b"{}" } else { &bytes };
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
         parse_json(bytes).map(JsonBody)
     }
 }
@@ -195,12 +212,21 @@ mod tests {
 
     #[test]
     fn syntax_errors_are_malformed_and_type_errors_name_the_field() {
-        assert!(matches!(parse_json::<Body>(b"{\"name\": "), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(
+            parse_json::<Body>(b"{\"name\": "),
+            Err(ApiError::MalformedJson(_))
+        ));
         match parse_json::<Body>(br#"{"name": "x", "count": "three"}"#) {
-            Err(ApiError::Invalid { details: Some(details), .. }) => assert_eq!(details["field"], "count"),
+            Err(ApiError::Invalid {
+                details: Some(details),
+                ..
+            }) => assert_eq!(details["field"], "count"),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(matches!(parse_json::<Body>(br#"{"name": "x", "count": 1} trailing"#), Err(ApiError::MalformedJson(_))));
+        assert!(matches!(
+            parse_json::<Body>(br#"{"name": "x", "count": 1} trailing"#),
+            Err(ApiError::MalformedJson(_))
+        ));
         assert!(parse_json::<Body>(br#"{"name": "x", "count": 1}"#).is_ok());
     }
 }

@@ -75,10 +75,12 @@ pub fn app(state: AppState) -> Router {
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .layer(middleware::from_fn(move |mut req: Request, next: Next| async move {
-            req.extensions_mut().insert(error::BodyLimit(body_limit));
-            next.run(req).await
-        }))
+        .layer(middleware::from_fn(
+            move |mut req: Request, next: Next| async move {
+                req.extensions_mut().insert(error::BodyLimit(body_limit));
+                next.run(req).await
+            },
+        ))
         .layer(DefaultBodyLimit::max(body_limit));
     let router = match cors(&state.config) {
         Some(cors) => router.layer(cors),
@@ -91,12 +93,20 @@ fn cors(config: &Config) -> Option<CorsLayer> {
     if config.cors_origins.is_empty() {
         return None;
     }
-    let origins: Vec<HeaderValue> = config.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+    let origins: Vec<HeaderValue> = config
+        .cors_origins
+        .iter()
+        .filter_map(|o| o.parse().ok())
+        .collect();
     Some(
         CorsLayer::new()
             .allow_origin(AllowOrigin::list(origins))
             .allow_methods([Method::GET, Method::POST])
-            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::HeaderName::from_static("idempotency-key")]),
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::HeaderName::from_static("idempotency-key"),
+            ]),
     )
 }
 
@@ -129,7 +139,11 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Serves the API on `listener` until `shutdown` fires, then finishes open requests.
-pub async fn serve(listener: TcpListener, state: AppState, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let app = app(state).layer(tower_http::trace::TraceLayer::new_for_http());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
@@ -159,9 +173,17 @@ async fn health(State(state): State<AppState>) -> Response {
         Ok(Err(error)) => Some(format!("store unreachable: {error}")),
         Err(_) => Some("store did not answer within 2 s".to_owned()),
     };
-    let status = if reason.is_none() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if reason.is_none() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     let body = Health {
-        status: if reason.is_none() { "healthy" } else { "unhealthy" },
+        status: if reason.is_none() {
+            "healthy"
+        } else {
+            "unhealthy"
+        },
         mode: state.config.provider_mode.as_str(),
         debug: state.config.debug,
         version: env!("CARGO_PKG_VERSION"),
@@ -198,7 +220,9 @@ struct Queues {
 /// Runs by queue and status.
 #[utoipa::path(get, path = "/queues", tag = "ops", responses((status = 200, body = Queues)))]
 async fn queues(State(state): State<AppState>) -> Result<Json<Queues>, ApiError> {
-    Ok(Json(Queues { queues: state.store.queue_depths().await? }))
+    Ok(Json(Queues {
+        queues: state.store.queue_depths().await?,
+    }))
 }
 
 /// Prometheus metrics: runs by status and queue from the store, and this process's counters.
@@ -206,10 +230,19 @@ async fn queues(State(state): State<AppState>) -> Result<Json<Queues>, ApiError>
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
     use std::fmt::Write;
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP stagecraft_runs Runs in the store by queue and status.");
+    let _ = writeln!(
+        out,
+        "# HELP stagecraft_runs Runs in the store by queue and status."
+    );
     let _ = writeln!(out, "# TYPE stagecraft_runs gauge");
     for depth in state.store.queue_depths().await? {
-        let _ = writeln!(out, "stagecraft_runs{{queue=\"{}\",status=\"{}\"}} {}", depth.queue, depth.status.as_str(), depth.count);
+        let _ = writeln!(
+            out,
+            "stagecraft_runs{{queue=\"{}\",status=\"{}\"}} {}",
+            depth.queue,
+            depth.status.as_str(),
+            depth.count
+        );
     }
     state.metrics.render(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())

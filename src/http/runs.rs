@@ -17,11 +17,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{AppState, ApiError, ErrorBody, JsonBody};
+use super::{ApiError, AppState, ErrorBody, JsonBody};
 use crate::{
     config::ProviderMode,
     ids::RunId,
-    store::{FromStage, NewRun, Progress, RunError, RunFilter, RunKind, RunRecord, RunStatus, StageStatus},
+    store::{
+        FromStage, NewRun, Progress, RunError, RunFilter, RunKind, RunRecord, RunStatus,
+        StageStatus,
+    },
 };
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -164,10 +167,15 @@ async fn load_run(state: &AppState, id: &str) -> Result<RunRecord, ApiError> {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = value
-        .to_str()
-        .map_err(|_| ApiError::invalid("Idempotency-Key must be visible ASCII", Some("Idempotency-Key")))?;
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| {
+        ApiError::invalid(
+            "Idempotency-Key must be visible ASCII",
+            Some("Idempotency-Key"),
+        )
+    })?;
     if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
         return Err(ApiError::invalid(
             format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"),
@@ -179,28 +187,45 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Validates and stores a run. Answers the record and whether it was created now (false when
 /// the idempotency key was already used).
-async fn submit(state: &AppState, request: SubmitRun, headers: &HeaderMap) -> Result<(RunRecord, bool), ApiError> {
+async fn submit(
+    state: &AppState,
+    request: SubmitRun,
+    headers: &HeaderMap,
+) -> Result<(RunRecord, bool), ApiError> {
     let key = idempotency_key(headers)?;
     if request.name.len() > MAX_NAME {
         return Err(ApiError::invalid("name is too long", Some("name")));
     }
-    let workflow = state.catalog.get(request.kind, &request.name).ok_or_else(|| {
-        let known: Vec<&str> = state.catalog.of_kind(request.kind).map(|w| w.name()).collect();
-        ApiError::NotFound {
-            code: "unknown_workflow",
-            message: format!("no {} named {:?}", request.kind.as_str(), request.name),
-            details: Some(serde_json::json!({"known": known})),
-        }
-    })?;
+    let workflow = state
+        .catalog
+        .get(request.kind, &request.name)
+        .ok_or_else(|| {
+            let known: Vec<&str> = state
+                .catalog
+                .of_kind(request.kind)
+                .map(|w| w.name())
+                .collect();
+            ApiError::NotFound {
+                code: "unknown_workflow",
+                message: format!("no {} named {:?}", request.kind.as_str(), request.name),
+                details: Some(serde_json::json!({"known": known})),
+            }
+        })?;
     if !request.inputs.is_object() {
-        return Err(ApiError::invalid("inputs must be a JSON object", Some("inputs")));
+        return Err(ApiError::invalid(
+            "inputs must be a JSON object",
+            Some("inputs"),
+        ));
     }
     workflow
         .validate(&request.inputs)
         .map_err(|e| ApiError::invalid(e.to_string(), Some(&e.field)))?;
     if let Some(budget) = request.budget_usd {
         if !(budget.is_finite() && budget >= 0.0) {
-            return Err(ApiError::invalid("budget_usd must be a non-negative number", Some("budget_usd")));
+            return Err(ApiError::invalid(
+                "budget_usd must be a non-negative number",
+                Some("budget_usd"),
+            ));
         }
     }
     let run = NewRun {
@@ -230,7 +255,11 @@ async fn submit_run(
     JsonBody(request): JsonBody<SubmitRun>,
 ) -> Result<Response, ApiError> {
     let (run, created) = submit(&state, request, &headers).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(RunDoc::new(run, true))).into_response())
 }
 
@@ -257,8 +286,15 @@ pub struct RunList {
 /// Lists runs, newest first.
 #[utoipa::path(get, path = "/runs", tag = "runs", params(ListQuery),
     responses((status = 200, body = RunList), (status = 422, body = ErrorBody)))]
-async fn list_runs(State(state): State<AppState>, query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>) -> Result<Json<RunList>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::Invalid { code: "invalid_query", message: e.body_text(), details: None })?;
+async fn list_runs(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<RunList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid {
+        code: "invalid_query",
+        message: e.body_text(),
+        details: None,
+    })?;
     let invalid = |field: &str, message: String| ApiError::Invalid {
         code: "invalid_query",
         message,
@@ -266,23 +302,45 @@ async fn list_runs(State(state): State<AppState>, query: Result<Query<ListQuery>
     };
     let kind = match query.kind.as_deref() {
         None => None,
-        Some(k) => Some(RunKind::parse(k).ok_or_else(|| invalid("kind", format!("unknown kind {k:?}; expected agent, workflow or work_order")))?),
+        Some(k) => Some(RunKind::parse(k).ok_or_else(|| {
+            invalid(
+                "kind",
+                format!("unknown kind {k:?}; expected agent, workflow or work_order"),
+            )
+        })?),
     };
     let status = match query.status.as_deref() {
         None => None,
-        Some(s) => Some(RunStatus::parse(s).ok_or_else(|| invalid("status", format!("unknown status {s:?}")))?),
+        Some(s) => Some(
+            RunStatus::parse(s)
+                .ok_or_else(|| invalid("status", format!("unknown status {s:?}")))?,
+        ),
     };
     let before = match query.cursor.as_deref() {
         None => None,
-        Some(c) => Some(RunId::parse(c).ok_or_else(|| invalid("cursor", "cursor is not a run id".to_owned()))?),
+        Some(c) => Some(
+            RunId::parse(c)
+                .ok_or_else(|| invalid("cursor", "cursor is not a run id".to_owned()))?,
+        ),
     };
     let limit = query.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
-        return Err(invalid("limit", "limit must be between 1 and 500".to_owned()));
+        return Err(invalid(
+            "limit",
+            "limit must be between 1 and 500".to_owned(),
+        ));
     }
-    let filter = RunFilter { kind, status, name: query.name, before, limit };
+    let filter = RunFilter {
+        kind,
+        status,
+        name: query.name,
+        before,
+        limit,
+    };
     let (runs, total) = state.store.list_runs(&filter).await?;
-    let next_cursor = (runs.len() == limit as usize).then(|| runs.last().map(|r| r.id.to_string())).flatten();
+    let next_cursor = (runs.len() == limit as usize)
+        .then(|| runs.last().map(|r| r.id.to_string()))
+        .flatten();
     Ok(Json(RunList {
         runs: runs.into_iter().map(|r| RunDoc::new(r, false)).collect(),
         total,
@@ -293,7 +351,10 @@ async fn list_runs(State(state): State<AppState>, query: Result<Query<ListQuery>
 /// The status document of one run.
 #[utoipa::path(get, path = "/runs/{id}", tag = "runs", params(("id" = String, Path)),
     responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody)))]
-async fn get_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunDoc>, ApiError> {
+async fn get_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunDoc>, ApiError> {
     Ok(Json(RunDoc::new(load_run(&state, &id).await?, true)))
 }
 
@@ -335,7 +396,9 @@ async fn run_events(
                                     .id(e.seq.to_string())
                                     .event(e.kind.clone())
                                     .json_data(e)
-                                    .unwrap_or_else(|_| Event::default().comment("unserializable event")))
+                                    .unwrap_or_else(|_| {
+                                        Event::default().comment("unserializable event")
+                                    }))
                             })
                             .collect();
                         return Some((stream::iter(items), Some(after)));
@@ -353,9 +416,15 @@ async fn run_events(
 /// interrupts the stage and kills its subprocesses.
 #[utoipa::path(post, path = "/runs/{id}/cancel", tag = "runs", params(("id" = String, Path)),
     responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
-async fn cancel_run(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<RunDoc>, ApiError> {
+async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RunDoc>, ApiError> {
     let id = parse_run_id(&id)?;
-    Ok(Json(RunDoc::new(state.store.request_cancel(id).await?, true)))
+    Ok(Json(RunDoc::new(
+        state.store.request_cancel(id).await?,
+        true,
+    )))
 }
 
 /// `POST /runs/{id}/resume`.
@@ -367,11 +436,18 @@ pub struct ResumeRequest {
     pub from_stage: Option<String>,
 }
 
-async fn resume(state: &AppState, id: &str, request: ResumeRequest, expected_name: Option<&str>) -> Result<RunRecord, ApiError> {
+async fn resume(
+    state: &AppState,
+    id: &str,
+    request: ResumeRequest,
+    expected_name: Option<&str>,
+) -> Result<RunRecord, ApiError> {
     let run = load_run(state, id).await?;
     if let Some(name) = expected_name {
         if run.name != name {
-            return Err(ApiError::not_found(format!("run {id} is not a run of {name:?}")));
+            return Err(ApiError::not_found(format!(
+                "run {id} is not a run of {name:?}"
+            )));
         }
     }
     let from = match request.from_stage.as_deref() {
@@ -398,7 +474,10 @@ async fn resume_run(
     Path(id): Path<String>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::new(resume(&state, &id, request, None).await?, true)))
+    Ok(Json(RunDoc::new(
+        resume(&state, &id, request, None).await?,
+        true,
+    )))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -484,7 +563,12 @@ async fn run_workflow(
         }
     }
     let finished = run.status.is_finished();
-    let message = (!finished).then(|| format!("Workflow started. Poll /workflows/status/{} for updates.", run.id));
+    let message = (!finished).then(|| {
+        format!(
+            "Workflow started. Poll /workflows/status/{} for updates.",
+            run.id
+        )
+    });
     let body = WorkflowRunResponse {
         run_id: run.id.to_string(),
         workflow: run.name,
@@ -493,14 +577,21 @@ async fn run_workflow(
         error: run.error,
         message,
     };
-    let status = if finished { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let status = if finished {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((status, Json(body)).into_response())
 }
 
 /// The status document of a workflow run.
 #[utoipa::path(get, path = "/workflows/status/{run_id}", tag = "workflows", params(("run_id" = String, Path)),
     responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody)))]
-async fn workflow_status(State(state): State<AppState>, Path(run_id): Path<String>) -> Result<Json<RunDoc>, ApiError> {
+async fn workflow_status(
+    State(state): State<AppState>,
+    Path(run_id): Path<String>,
+) -> Result<Json<RunDoc>, ApiError> {
     Ok(Json(RunDoc::new(load_run(&state, &run_id).await?, true)))
 }
 
@@ -514,5 +605,8 @@ async fn resume_workflow(
     Path((name, run_id)): Path<(String, String)>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::new(resume(&state, &run_id, request, Some(&name)).await?, true)))
+    Ok(Json(RunDoc::new(
+        resume(&state, &run_id, request, Some(&name)).await?,
+        true,
+    )))
 }

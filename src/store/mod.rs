@@ -357,7 +357,12 @@ pub trait RunStore: Send + Sync + 'static {
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)>;
 
     /// Claims the oldest due run of these queues: a new lease with a larger fence.
-    async fn claim(&self, queues: &[String], worker: &WorkerId, ttl: Duration) -> StoreResult<Option<Claimed>>;
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerId,
+        ttl: Duration,
+    ) -> StoreResult<Option<Claimed>>;
 
     /// Extends the lease. Answers whether a cancel was requested.
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool>;
@@ -368,13 +373,29 @@ pub trait RunStore: Send + Sync + 'static {
     async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>>;
 
     /// Stores a memoised step's result and the stage's progress.
-    async fn record_step(&self, lease: &Lease, stage: usize, step: &StepRecord, progress: Progress) -> StoreResult<()>;
+    async fn record_step(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        step: &StepRecord,
+        progress: Progress,
+    ) -> StoreResult<()>;
 
     /// Commits a stage's checkpoint, and completes the run when the checkpoint carries the result.
-    async fn commit_stage(&self, lease: &Lease, stage: usize, checkpoint: StageCheckpoint) -> StoreResult<()>;
+    async fn commit_stage(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        checkpoint: StageCheckpoint,
+    ) -> StoreResult<()>;
 
     /// Ends an attempt that did not complete, releasing the lease.
-    async fn end_attempt(&self, lease: &Lease, stage: usize, outcome: StageOutcome) -> StoreResult<()>;
+    async fn end_attempt(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        outcome: StageOutcome,
+    ) -> StoreResult<()>;
 
     /// Fails the run before any stage runs (e.g. unknown workflow at the worker).
     async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()>;
@@ -392,7 +413,12 @@ pub trait RunStore: Send + Sync + 'static {
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64>;
 
     /// Events of a run after `after_seq`, oldest first.
-    async fn events_after(&self, run: RunId, after_seq: i64, limit: u32) -> StoreResult<Vec<RunEvent>>;
+    async fn events_after(
+        &self,
+        run: RunId,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<RunEvent>>;
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>>;
 

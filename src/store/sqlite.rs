@@ -10,14 +10,17 @@ use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::{
     Row, Sqlite, Transaction,
-    sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous},
+    sqlite::{
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+        SqliteSynchronous,
+    },
 };
 use tokio::sync::Notify;
 
 use super::{
-    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter, RunKind, RunRecord,
-    RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError,
-    StoreResult, to_datetime,
+    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter,
+    RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
+    StageStatus, StepRecord, StoreError, StoreResult, to_datetime,
 };
 use crate::{
     clock::{Millis, SharedClock},
@@ -47,7 +50,8 @@ impl SqliteStore {
             .foreign_keys(true);
         if let Some(dir) = options.get_filename().parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+                std::fs::create_dir_all(dir)
+                    .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
             }
         }
         let pool = SqlitePoolOptions::new()
@@ -81,14 +85,16 @@ impl SqliteStore {
     /// Opens a write transaction that holds only if `lease` is still the run's current lease.
     async fn begin_fenced(&self, lease: &Lease) -> StoreResult<Transaction<'static, Sqlite>> {
         let mut tx = self.begin().await?;
-        let updated = sqlx::query("UPDATE runs SET updated_at = ? WHERE id = ? AND fence = ? AND lease_owner = ?")
-            .bind(self.now())
-            .bind(lease.run_id.to_string())
-            .bind(lease.fence.0)
-            .bind(lease.worker.as_str())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
+        let updated = sqlx::query(
+            "UPDATE runs SET updated_at = ? WHERE id = ? AND fence = ? AND lease_owner = ?",
+        )
+        .bind(self.now())
+        .bind(lease.run_id.to_string())
+        .bind(lease.fence.0)
+        .bind(lease.worker.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
         if updated != 1 {
             tx.rollback().await?;
             return Err(StoreError::FenceRejected {
@@ -127,7 +133,11 @@ async fn insert_event(
     Ok(())
 }
 
-async fn stage_name(tx: &mut Transaction<'static, Sqlite>, run: RunId, stage: usize) -> StoreResult<String> {
+async fn stage_name(
+    tx: &mut Transaction<'static, Sqlite>,
+    run: RunId,
+    stage: usize,
+) -> StoreResult<String> {
     let row = sqlx::query("SELECT name FROM stages WHERE run_id = ? AND idx = ?")
         .bind(run.to_string())
         .bind(stage as i64)
@@ -135,7 +145,9 @@ async fn stage_name(tx: &mut Transaction<'static, Sqlite>, run: RunId, stage: us
         .await?;
     match row {
         Some(row) => Ok(row.try_get("name")?),
-        None => Err(StoreError::Corrupt(format!("run {run} has no stage {stage}"))),
+        None => Err(StoreError::Corrupt(format!(
+            "run {run} has no stage {stage}"
+        ))),
     }
 }
 
@@ -143,7 +155,10 @@ fn json_text(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
-fn parse_json<T: serde::de::DeserializeOwned>(text: Option<String>, what: &str) -> StoreResult<Option<T>> {
+fn parse_json<T: serde::de::DeserializeOwned>(
+    text: Option<String>,
+    what: &str,
+) -> StoreResult<Option<T>> {
     match text {
         None => Ok(None),
         Some(text) => serde_json::from_str(&text)
@@ -159,12 +174,18 @@ fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
     let mode: String = row.try_get("provider_mode")?;
     Ok(RunRecord {
         id: RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?,
-        kind: RunKind::parse(&kind).ok_or_else(|| StoreError::Corrupt(format!("run kind {kind}")))?,
+        kind: RunKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("run kind {kind}")))?,
         name: row.try_get("name")?,
         queue: row.try_get("queue")?,
         inputs: parse_json(Some(row.try_get("inputs")?), "inputs")?.unwrap_or(Value::Null),
-        status: RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
-        provider_mode: if mode == "live" { ProviderMode::Live } else { ProviderMode::Mock },
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
+        provider_mode: if mode == "live" {
+            ProviderMode::Live
+        } else {
+            ProviderMode::Mock
+        },
         budget_usd: row.try_get("budget_usd")?,
         cost_usd: row.try_get("cost_usd")?,
         current_stage: row.try_get("current_stage")?,
@@ -175,7 +196,9 @@ fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
         cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
         created_at: to_datetime(row.try_get("created_at")?),
         updated_at: to_datetime(row.try_get("updated_at")?),
-        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(to_datetime),
+        finished_at: row
+            .try_get::<Option<i64>, _>("finished_at")?
+            .map(to_datetime),
         stages: Vec::new(),
     })
 }
@@ -186,10 +209,15 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
     let total: Option<i64> = row.try_get("progress_total")?;
     Ok(StageRecord {
         name: row.try_get("name")?,
-        status: StageStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("stage status {status}")))?,
+        status: StageStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("stage status {status}")))?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
-        started_at: row.try_get::<Option<i64>, _>("started_at")?.map(to_datetime),
-        finished_at: row.try_get::<Option<i64>, _>("finished_at")?.map(to_datetime),
+        started_at: row
+            .try_get::<Option<i64>, _>("started_at")?
+            .map(to_datetime),
+        finished_at: row
+            .try_get::<Option<i64>, _>("finished_at")?
+            .map(to_datetime),
         cost_usd: row.try_get("cost_usd")?,
         artifacts: parse_json(Some(row.try_get("artifacts")?), "artifacts")?.unwrap_or_default(),
         output: parse_json(row.try_get("output")?, "output")?,
@@ -201,12 +229,18 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
             }),
             _ => None,
         },
-        next_attempt_at: row.try_get::<Option<i64>, _>("next_attempt_at")?.map(to_datetime),
+        next_attempt_at: row
+            .try_get::<Option<i64>, _>("next_attempt_at")?
+            .map(to_datetime),
     })
 }
 
 /// Resets stages from `from` on to pending, as a resume or a fresh queueing leaves them.
-async fn reset_stages_from(tx: &mut Transaction<'static, Sqlite>, run: RunId, from: usize) -> StoreResult<()> {
+async fn reset_stages_from(
+    tx: &mut Transaction<'static, Sqlite>,
+    run: RunId,
+    from: usize,
+) -> StoreResult<()> {
     sqlx::query(
         "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, cost_usd = 0, \
          artifacts = '[]', output = NULL, error = NULL, progress_done = NULL, progress_total = NULL, \
@@ -241,7 +275,8 @@ impl RunStore for SqliteStore {
             if let Some(row) = existing {
                 tx.rollback().await?;
                 let id: String = row.try_get("id")?;
-                let id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
+                let id =
+                    RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
                 let record = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
                 return Ok((record, false));
             }
@@ -264,17 +299,30 @@ impl RunStore for SqliteStore {
         .execute(&mut *tx)
         .await?;
         for (idx, name) in run.stage_names.iter().enumerate() {
-            sqlx::query("INSERT INTO stages (run_id, idx, name, status) VALUES (?, ?, ?, 'pending')")
-                .bind(run.id.to_string())
-                .bind(idx as i64)
-                .bind(name)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO stages (run_id, idx, name, status) VALUES (?, ?, ?, 'pending')",
+            )
+            .bind(run.id.to_string())
+            .bind(idx as i64)
+            .bind(name)
+            .execute(&mut *tx)
+            .await?;
         }
-        insert_event(&mut tx, run.id, now, "run_queued", None, json!({"queue": run.queue})).await?;
+        insert_event(
+            &mut tx,
+            run.id,
+            now,
+            "run_queued",
+            None,
+            json!({"queue": run.queue}),
+        )
+        .await?;
         tx.commit().await?;
         self.work_available.notify_waiters();
-        let record = self.get_run(run.id).await?.ok_or(StoreError::NotFound(run.id))?;
+        let record = self
+            .get_run(run.id)
+            .await?
+            .ok_or(StoreError::NotFound(run.id))?;
         Ok((record, true))
     }
 
@@ -313,11 +361,19 @@ impl RunStore for SqliteStore {
         .bind(i64::from(filter.limit))
         .fetch_all(&self.pool)
         .await?;
-        let runs = rows.iter().map(run_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let runs = rows
+            .iter()
+            .map(run_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
         Ok((runs, total as u64))
     }
 
-    async fn claim(&self, queues: &[String], worker: &WorkerId, ttl: Duration) -> StoreResult<Option<Claimed>> {
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerId,
+        ttl: Duration,
+    ) -> StoreResult<Option<Claimed>> {
         let now = self.now();
         let mut tx = self.begin().await?;
         let row = sqlx::query(
@@ -338,7 +394,8 @@ impl RunStore for SqliteStore {
             return Ok(None);
         };
         let id: String = row.try_get("id")?;
-        let run_id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
+        let run_id =
+            RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
         let fence = FenceToken(row.try_get("fence")?);
         insert_event(
             &mut tx,
@@ -350,7 +407,10 @@ impl RunStore for SqliteStore {
         )
         .await?;
         tx.commit().await?;
-        let run = self.get_run(run_id).await?.ok_or(StoreError::NotFound(run_id))?;
+        let run = self
+            .get_run(run_id)
+            .await?
+            .ok_or(StoreError::NotFound(run_id))?;
         let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
         Ok(Some(Claimed {
             lease: Lease {
@@ -404,7 +464,15 @@ impl RunStore for SqliteStore {
             .bind(lease.run_id.to_string())
             .execute(&mut *tx)
             .await?;
-        insert_event(&mut tx, lease.run_id, now, "stage_started", Some(&name), json!({"attempt": attempt})).await?;
+        insert_event(
+            &mut tx,
+            lease.run_id,
+            now,
+            "stage_started",
+            Some(&name),
+            json!({"attempt": attempt}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(attempt)
     }
@@ -421,15 +489,23 @@ impl RunStore for SqliteStore {
             .map(|row| {
                 Ok(StepRecord {
                     key: row.try_get("key")?,
-                    output: parse_json(Some(row.try_get("output")?), "step output")?.unwrap_or(Value::Null),
+                    output: parse_json(Some(row.try_get("output")?), "step output")?
+                        .unwrap_or(Value::Null),
                     cost_usd: row.try_get("cost_usd")?,
-                    artifacts: parse_json(Some(row.try_get("artifacts")?), "step artifacts")?.unwrap_or_default(),
+                    artifacts: parse_json(Some(row.try_get("artifacts")?), "step artifacts")?
+                        .unwrap_or_default(),
                 })
             })
             .collect()
     }
 
-    async fn record_step(&self, lease: &Lease, stage: usize, step: &StepRecord, progress: Progress) -> StoreResult<()> {
+    async fn record_step(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        step: &StepRecord,
+        progress: Progress,
+    ) -> StoreResult<()> {
         let now = self.now();
         let mut tx = self.begin_fenced(lease).await?;
         let inserted = sqlx::query(
@@ -478,7 +554,12 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    async fn commit_stage(&self, lease: &Lease, stage: usize, checkpoint: StageCheckpoint) -> StoreResult<()> {
+    async fn commit_stage(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        checkpoint: StageCheckpoint,
+    ) -> StoreResult<()> {
         let now = self.now();
         let mut tx = self.begin_fenced(lease).await?;
         sqlx::query(
@@ -524,7 +605,12 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    async fn end_attempt(&self, lease: &Lease, stage: usize, outcome: StageOutcome) -> StoreResult<()> {
+    async fn end_attempt(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        outcome: StageOutcome,
+    ) -> StoreResult<()> {
         let now = self.now();
         let run = lease.run_id.to_string();
         let mut tx = self.begin_fenced(lease).await?;
@@ -574,8 +660,24 @@ impl RunStore for SqliteStore {
                 .bind(&run)
                 .execute(&mut *tx)
                 .await?;
-                insert_event(&mut tx, lease.run_id, now, "stage_failed", Some(&name), json!({"error": error})).await?;
-                insert_event(&mut tx, lease.run_id, now, "run_failed", None, json!({"error": error})).await?;
+                insert_event(
+                    &mut tx,
+                    lease.run_id,
+                    now,
+                    "stage_failed",
+                    Some(&name),
+                    json!({"error": error}),
+                )
+                .await?;
+                insert_event(
+                    &mut tx,
+                    lease.run_id,
+                    now,
+                    "run_failed",
+                    None,
+                    json!({"error": error}),
+                )
+                .await?;
             }
             StageOutcome::Cancelled => {
                 sqlx::query("UPDATE stages SET status = 'cancelled', finished_at = ? WHERE run_id = ? AND idx = ?")
@@ -592,7 +694,15 @@ impl RunStore for SqliteStore {
                 .bind(&run)
                 .execute(&mut *tx)
                 .await?;
-                insert_event(&mut tx, lease.run_id, now, "run_cancelled", Some(&name), json!({})).await?;
+                insert_event(
+                    &mut tx,
+                    lease.run_id,
+                    now,
+                    "run_cancelled",
+                    Some(&name),
+                    json!({}),
+                )
+                .await?;
             }
             StageOutcome::Abandoned => {
                 sqlx::query("UPDATE stages SET status = 'pending' WHERE run_id = ? AND idx = ?")
@@ -608,7 +718,15 @@ impl RunStore for SqliteStore {
                 .bind(&run)
                 .execute(&mut *tx)
                 .await?;
-                insert_event(&mut tx, lease.run_id, now, "run_released", Some(&name), json!({})).await?;
+                insert_event(
+                    &mut tx,
+                    lease.run_id,
+                    now,
+                    "run_released",
+                    Some(&name),
+                    json!({}),
+                )
+                .await?;
             }
         }
         tx.commit().await?;
@@ -628,7 +746,15 @@ impl RunStore for SqliteStore {
         .bind(lease.run_id.to_string())
         .execute(&mut *tx)
         .await?;
-        insert_event(&mut tx, lease.run_id, now, "run_failed", None, json!({"error": error})).await?;
+        insert_event(
+            &mut tx,
+            lease.run_id,
+            now,
+            "run_failed",
+            None,
+            json!({"error": error}),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -642,7 +768,8 @@ impl RunStore for SqliteStore {
             .await?
             .ok_or(StoreError::NotFound(id))?;
         let status: String = row.try_get("status")?;
-        let status = RunStatus::parse(&status).ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?;
+        let status = RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?;
         match status {
             RunStatus::Queued | RunStatus::Retrying => {
                 sqlx::query(
@@ -694,7 +821,11 @@ impl RunStore for SqliteStore {
             )));
         }
         let (from_idx, forget_steps) = match &from {
-            FromStage::Auto => match run.stages.iter().position(|s| s.status != StageStatus::Completed) {
+            FromStage::Auto => match run
+                .stages
+                .iter()
+                .position(|s| s.status != StageStatus::Completed)
+            {
                 Some(idx) => (idx, false),
                 None => {
                     return Err(StoreError::Conflict(format!(
@@ -704,7 +835,11 @@ impl RunStore for SqliteStore {
             },
             FromStage::Named(name) => match run.stage_index(name) {
                 Some(idx) => (idx, true),
-                None => return Err(StoreError::Conflict(format!("run {id} has no stage named {name:?}"))),
+                None => {
+                    return Err(StoreError::Conflict(format!(
+                        "run {id} has no stage named {name:?}"
+                    )));
+                }
             },
         };
         let mut tx = self.begin().await?;
@@ -723,7 +858,9 @@ impl RunStore for SqliteStore {
         .rows_affected();
         if updated != 1 {
             tx.rollback().await?;
-            return Err(StoreError::Conflict(format!("run {id} changed while resuming; try again")));
+            return Err(StoreError::Conflict(format!(
+                "run {id} changed while resuming; try again"
+            )));
         }
         reset_stages_from(&mut tx, id, from_idx).await?;
         if forget_steps {
@@ -734,7 +871,15 @@ impl RunStore for SqliteStore {
                 .await?;
         }
         let from_name = run.stages[from_idx].name.clone();
-        insert_event(&mut tx, id, now, "run_resumed", Some(&from_name), json!({"from_stage": from_name})).await?;
+        insert_event(
+            &mut tx,
+            id,
+            now,
+            "run_resumed",
+            Some(&from_name),
+            json!({"from_stage": from_name}),
+        )
+        .await?;
         tx.commit().await?;
         self.work_available.notify_waiters();
         self.get_run(id).await?.ok_or(StoreError::NotFound(id))
@@ -754,7 +899,15 @@ impl RunStore for SqliteStore {
         for row in &cancelled {
             let id: String = row.try_get("id")?;
             if let Some(id) = RunId::parse(&id) {
-                insert_event(&mut tx, id, now, "run_cancelled", None, json!({"reason": "lease expired"})).await?;
+                insert_event(
+                    &mut tx,
+                    id,
+                    now,
+                    "run_cancelled",
+                    None,
+                    json!({"reason": "lease expired"}),
+                )
+                .await?;
             }
         }
         let rows = sqlx::query(
@@ -768,8 +921,18 @@ impl RunStore for SqliteStore {
         for row in &rows {
             let id: String = row.try_get("id")?;
             let worker: Option<String> = row.try_get("worker")?;
-            let Some(id) = RunId::parse(&id) else { continue };
-            insert_event(&mut tx, id, now, "lease_recovered", None, json!({"previous_worker": worker})).await?;
+            let Some(id) = RunId::parse(&id) else {
+                continue;
+            };
+            insert_event(
+                &mut tx,
+                id,
+                now,
+                "lease_recovered",
+                None,
+                json!({"previous_worker": worker}),
+            )
+            .await?;
             recovered.push(id);
         }
         tx.commit().await?;
@@ -781,15 +944,21 @@ impl RunStore for SqliteStore {
 
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
         let cutoff = self.now() - retention.as_millis() as i64;
-        let deleted = sqlx::query("DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+        let deleted =
+            sqlx::query("DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?")
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         Ok(deleted)
     }
 
-    async fn events_after(&self, run: RunId, after_seq: i64, limit: u32) -> StoreResult<Vec<RunEvent>> {
+    async fn events_after(
+        &self,
+        run: RunId,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<RunEvent>> {
         let rows = sqlx::query(
             "SELECT seq, at, kind, stage, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
@@ -806,7 +975,8 @@ impl RunStore for SqliteStore {
                     at: to_datetime(row.try_get("at")?),
                     kind: row.try_get("kind")?,
                     stage: row.try_get("stage")?,
-                    data: parse_json(Some(row.try_get("data")?), "event data")?.unwrap_or(Value::Null),
+                    data: parse_json(Some(row.try_get("data")?), "event data")?
+                        .unwrap_or(Value::Null),
                 })
             })
             .collect()

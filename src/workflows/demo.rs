@@ -5,7 +5,9 @@
 //! - `sleep_ms`: how long each stage works;
 //! - `steps`: memoised steps per stage, each sleeping `sleep_ms / steps` and writing one small
 //!   artifact;
-//! - `fail`: map of stage name to how many attempts fail transiently before one succeeds;
+//! - `fail`: map of stage name to how many executions of that stage fail transiently before
+//!   one succeeds (counted over the run's whole life, so a run whose attempts were exhausted
+//!   succeeds when resumed, like a run whose flaky dependency recovered);
 //! - `fatal`: a stage that fails permanently;
 //! - `cost_usd`: what each stage costs (and is estimated to cost, for budgets).
 //!
@@ -52,18 +54,31 @@ impl DemoInputs {
             message,
         };
         if self.sleep_ms > MAX_SLEEP_MS {
-            return Err(invalid("sleep_ms", format!("must be at most {MAX_SLEEP_MS}")));
+            return Err(invalid(
+                "sleep_ms",
+                format!("must be at most {MAX_SLEEP_MS}"),
+            ));
         }
         if self.steps > MAX_STEPS {
             return Err(invalid("steps", format!("must be at most {MAX_STEPS}")));
         }
         if !(self.cost_usd >= 0.0 && self.cost_usd.is_finite()) {
-            return Err(invalid("cost_usd", "must be a non-negative number".to_owned()));
+            return Err(invalid(
+                "cost_usd",
+                "must be a non-negative number".to_owned(),
+            ));
         }
         for stage in self.fail.keys().chain(self.fatal.iter()) {
             if !STAGES.contains(&stage.as_str()) {
-                let field = if self.fatal.as_ref() == Some(stage) { "fatal".to_owned() } else { format!("fail.{stage}") };
-                return Err(invalid(&field, format!("unknown stage {stage:?}; stages are {}", STAGES.join(", "))));
+                let field = if self.fatal.as_ref() == Some(stage) {
+                    "fatal".to_owned()
+                } else {
+                    format!("fail.{stage}")
+                };
+                return Err(invalid(
+                    &field,
+                    format!("unknown stage {stage:?}; stages are {}", STAGES.join(", ")),
+                ));
             }
         }
         Ok(())
@@ -77,7 +92,10 @@ pub struct Demo {
 impl Demo {
     pub fn new() -> Self {
         Self {
-            stages: STAGES.iter().map(|name| Box::new(DemoStage { name }) as Box<dyn Stage>).collect(),
+            stages: STAGES
+                .iter()
+                .map(|name| Box::new(DemoStage { name }) as Box<dyn Stage>)
+                .collect(),
         }
     }
 }
@@ -154,17 +172,30 @@ impl Stage for DemoStage {
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let inputs = inputs_of(ctx)?;
         let ledger = format!("{}/executions.log", ctx.run_dir());
+        let marker = format!("stage {} attempt", self.name);
+        let earlier_executions = ctx
+            .artifact_store()
+            .read_to_string(&ledger)
+            .await?
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.starts_with(&marker))
+            .count() as u32;
         ctx.artifact_store()
-            .append_line(&ledger, &format!("stage {} attempt {}", self.name, ctx.attempt))
+            .append_line(&ledger, &format!("{marker} {}", ctx.attempt))
             .await?;
+        let execution = earlier_executions + 1;
         if inputs.fatal.as_deref() == Some(self.name) {
-            return Err(StageError::fatal("planned_failure", format!("stage {} was asked to fail", self.name)));
+            return Err(StageError::fatal(
+                "planned_failure",
+                format!("stage {} was asked to fail", self.name),
+            ));
         }
         let planned = inputs.fail.get(self.name).copied().unwrap_or(0);
-        if ctx.attempt <= planned {
+        if execution <= planned {
             return Err(StageError::retryable(format!(
-                "planned transient failure {} of {planned} in stage {}",
-                ctx.attempt, self.name
+                "planned transient failure {execution} of {planned} in stage {}",
+                self.name
             )));
         }
         let mut reused = 0;
@@ -183,7 +214,10 @@ impl Stage for DemoStage {
                 tokio::time::sleep(pause).await;
                 let path = format!("{}/{}/{key}.json", ctx.run_dir(), self.name);
                 let body = json!({"stage": self.name, "step": step});
-                let path = ctx.artifact_store().write(&path, body.to_string().into_bytes()).await?;
+                let path = ctx
+                    .artifact_store()
+                    .write(&path, body.to_string().into_bytes())
+                    .await?;
                 ctx.complete_step(&key, &body, 0.0, vec![path]).await?;
             }
         } else {
@@ -196,7 +230,8 @@ impl Stage for DemoStage {
             "steps_reused": reused,
         });
         let path = format!("{}/{}/output.json", ctx.run_dir(), self.name);
-        ctx.write_artifact(&path, output.to_string().into_bytes()).await?;
+        ctx.write_artifact(&path, output.to_string().into_bytes())
+            .await?;
         Ok(StageOutput {
             output,
             cost_usd: inputs.cost_usd,

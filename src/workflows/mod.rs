@@ -33,7 +33,11 @@ pub fn parse_inputs<T: DeserializeOwned>(inputs: &Value) -> Result<T, InputError
     serde_path_to_error::deserialize(inputs).map_err(|error| {
         let field = error.path().to_string();
         InputError {
-            field: if field == "." { "inputs".to_owned() } else { format!("inputs.{field}") },
+            field: if field == "." {
+                "inputs".to_owned()
+            } else {
+                format!("inputs.{field}")
+            },
             message: error.inner().to_string(),
         }
     })
@@ -80,7 +84,8 @@ impl Catalog {
     }
 
     pub fn add(&mut self, workflow: Arc<dyn Workflow>) {
-        self.workflows.insert((workflow.kind().as_str(), workflow.name()), workflow);
+        self.workflows
+            .insert((workflow.kind().as_str(), workflow.name()), workflow);
     }
 
     pub fn get(&self, kind: RunKind, name: &str) -> Option<Arc<dyn Workflow>> {
@@ -91,6 +96,9 @@ impl Catalog {
     }
 
     pub fn of_kind(&self, kind: RunKind) -> impl Iterator<Item = &Arc<dyn Workflow>> {
-        self.workflows.iter().filter(move |((k, _), _)| *k == kind.as_str()).map(|(_, w)| w)
+        self.workflows
+            .iter()
+            .filter(move |((k, _), _)| *k == kind.as_str())
+            .map(|(_, w)| w)
     }
 }

@@ -1,0 +1,480 @@
+//! The HTTP API and the CLI, through real processes.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{TestApp, stage};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_run_completes_with_the_status_document_of_the_spec() {
+    let app = TestApp::started();
+    let (status, health) = app.get("/health").await;
+    assert_eq!(status, 200);
+    assert_eq!(health["status"], "healthy");
+    assert_eq!(health["mode"], "mock");
+    assert_eq!(health["backend"], "sqlite");
+
+    let id = app
+        .submit_demo(json!({"sleep_ms": 30, "steps": 2, "cost_usd": 0.25}))
+        .await;
+    let run = app.wait_status(&id, "completed", WAIT).await;
+    for field in [
+        "run_id",
+        "kind",
+        "name",
+        "status",
+        "inputs",
+        "provider_mode",
+        "current_stage",
+        "last_completed_stage",
+        "stages",
+        "cost_usd",
+        "budget_usd",
+        "result",
+        "error",
+        "created_at",
+        "updated_at",
+        "worker",
+        "artifacts_url",
+    ] {
+        assert!(
+            run.get(field).is_some(),
+            "status document lacks {field}: {run:#}"
+        );
+    }
+    assert_eq!(run["kind"], "workflow");
+    assert_eq!(run["name"], "demo");
+    assert_eq!(run["provider_mode"], "mock");
+    assert_eq!(run["last_completed_stage"], "three");
+    assert_eq!(run["artifacts_url"], format!("/artifacts/runs/{id}"));
+    assert!((run["cost_usd"].as_f64().expect("cost") - 0.75).abs() < 1e-9);
+    let names: Vec<&str> = run["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| s["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["one", "two", "three"]);
+    for name in names {
+        let stage = stage(&run, name);
+        assert_eq!(stage["status"], "completed");
+        assert_eq!(stage["attempts"], 1);
+        assert!(stage["started_at"].is_string() && stage["finished_at"].is_string());
+        assert_eq!(stage["progress"], json!({"done": 2, "total": 2}));
+        let artifacts = stage["artifacts"].as_array().expect("artifacts");
+        assert_eq!(artifacts.len(), 3, "two steps and an output: {artifacts:?}");
+        for artifact in artifacts {
+            let path = app
+                .dir
+                .path()
+                .join("artifacts")
+                .join(artifact.as_str().expect("path"));
+            assert!(path.is_file(), "{} is missing", path.display());
+        }
+    }
+    assert_eq!(run["result"]["stages"].as_array().expect("result").len(), 3);
+    assert!(run["worker"].as_str().expect("worker").contains(":worker-"));
+
+    let (status, list) = app
+        .get("/runs?kind=workflow&status=completed&name=demo")
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(list["total"], 1);
+    assert_eq!(list["runs"][0]["run_id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_stream_the_run_and_end_when_it_finishes() {
+    let app = TestApp::started();
+    let id = app.submit_demo(json!({"sleep_ms": 20, "steps": 2})).await;
+    let events = tokio::time::timeout(WAIT, app.events(&id))
+        .await
+        .expect("stream ends");
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["kind"].as_str().expect("kind"))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"run_queued"));
+    assert_eq!(kinds.last(), Some(&"run_completed"));
+    assert_eq!(kinds.iter().filter(|k| **k == "stage_completed").count(), 3);
+    assert_eq!(kinds.iter().filter(|k| **k == "step_completed").count(), 6);
+    let seqs: Vec<i64> = events
+        .iter()
+        .map(|e| e["seq"].as_i64().expect("seq"))
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "events out of order: {seqs:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_with_a_json_error_and_nothing_is_stored() {
+    let app = TestApp::new().with_env("MAX_BODY_BYTES", "2048").with_api();
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "malformed JSON",
+            "{\"kind\": ".to_owned(),
+            400,
+            "malformed_json",
+        ),
+        ("not an object", "[1, 2]".to_owned(), 422, "invalid_input"),
+        (
+            "wrong type",
+            json!({"kind": "workflow", "name": 7}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "unknown kind",
+            json!({"kind": "batch", "name": "demo"}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "missing name",
+            json!({"kind": "workflow"}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "unknown field",
+            json!({"kind": "workflow", "name": "demo", "extra": 1}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "unknown workflow",
+            json!({"kind": "workflow", "name": "nope"}).to_string(),
+            404,
+            "unknown_workflow",
+        ),
+        (
+            "wrong input type",
+            json!({"kind": "workflow", "name": "demo", "inputs": {"sleep_ms": "slow"}}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "unknown input",
+            json!({"kind": "workflow", "name": "demo", "inputs": {"speed": 1}}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "unknown stage in input",
+            json!({"kind": "workflow", "name": "demo", "inputs": {"fatal": "four"}}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "inputs not an object",
+            json!({"kind": "workflow", "name": "demo", "inputs": [1]}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "negative budget",
+            json!({"kind": "workflow", "name": "demo", "budget_usd": -1}).to_string(),
+            422,
+            "invalid_input",
+        ),
+        (
+            "oversize body",
+            json!({"kind": "workflow", "name": "demo", "inputs": {"pad": "x".repeat(4096)}})
+                .to_string(),
+            413,
+            "payload_too_large",
+        ),
+    ];
+    for (what, body, expected_status, expected_code) in cases {
+        let (status, error) = app.post_raw("/runs", body, &[]).await;
+        assert_eq!(status, expected_status, "{what}: {error}");
+        assert_eq!(error["error"]["code"], expected_code, "{what}: {error}");
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}: {error}"
+        );
+    }
+    let (_, error) = app
+        .post_raw(
+            "/runs",
+            json!({"kind": "workflow", "name": "demo", "inputs": {"sleep_ms": "slow"}}).to_string(),
+            &[],
+        )
+        .await;
+    assert_eq!(error["error"]["details"]["field"], "inputs.sleep_ms");
+
+    let missing = "01939a4e-0000-7000-8000-000000000000";
+    for path in [
+        format!("/runs/{missing}"),
+        "/runs/not-a-uuid".to_owned(),
+        format!("/workflows/status/{missing}"),
+    ] {
+        let (status, error) = app.get(&path).await;
+        assert_eq!(status, 404, "{path}: {error}");
+        assert_eq!(error["error"]["code"], "not_found");
+    }
+    let (status, _) = app
+        .post(&format!("/runs/{missing}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 404);
+    let (status, error) = app.get("/runs?status=sleeping").await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (422, Some("invalid_query"))
+    );
+
+    let (_, list) = app.get("/runs").await;
+    assert_eq!(
+        list["total"], 0,
+        "a refused request stored something: {list}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_refuses_unknown_stages_and_running_runs() {
+    let app = TestApp::started();
+    let id = app.submit_demo(json!({"sleep_ms": 10})).await;
+    app.wait_status(&id, "completed", WAIT).await;
+    let (status, error) = app
+        .post(
+            &format!("/runs/{id}/resume"),
+            &json!({"from_stage": "four"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{error}");
+    assert_eq!(error["error"]["code"], "invalid_from_stage");
+    assert_eq!(
+        error["error"]["details"]["stages"],
+        json!(["one", "two", "three"])
+    );
+    let (status, error) = app
+        .post(&format!("/runs/{id}/resume"), &json!({"from_stage": 3}))
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (422, Some("invalid_input"))
+    );
+    let (status, error) = app.post(&format!("/runs/{id}/resume"), &json!({})).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (409, Some("conflict")),
+        "all stages done: {error}"
+    );
+
+    let running = app.submit_demo(json!({"sleep_ms": 3000})).await;
+    app.wait_status(&running, "running", WAIT).await;
+    let (status, error) = app
+        .post(
+            &format!("/runs/{running}/resume"),
+            &json!({"from_stage": "auto"}),
+        )
+        .await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (409, Some("conflict"))
+    );
+    app.post(&format!("/runs/{running}/cancel"), &json!({}))
+        .await;
+    app.wait_status(&running, "cancelled", WAIT).await;
+    let run = app.run(&id).await;
+    assert_eq!(
+        run["status"], "completed",
+        "a refused resume changed the run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_returns_the_same_run() {
+    let app = TestApp::new().with_api();
+    let body = json!({"kind": "workflow", "name": "demo", "inputs": {}}).to_string();
+    let (first_status, first) = app
+        .post_raw("/runs", body.clone(), &[("idempotency-key", "order-42")])
+        .await;
+    let (second_status, second) = app
+        .post_raw("/runs", body.clone(), &[("idempotency-key", "order-42")])
+        .await;
+    let (_, other) = app
+        .post_raw("/runs", body, &[("idempotency-key", "order-43")])
+        .await;
+    assert_eq!((first_status, second_status), (201, 200));
+    assert_eq!(first["run_id"], second["run_id"]);
+    assert_ne!(first["run_id"], other["run_id"]);
+    let (_, list) = app.get("/runs").await;
+    assert_eq!(list["total"], 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configured_token_guards_every_route_but_health() {
+    let app = TestApp::new()
+        .with_env("API_TOKEN", "s3cret-token")
+        .with_api();
+    let (status, _) = app.get("/health").await;
+    assert_eq!(status, 200);
+    for token in [None, Some("wrong"), Some("s3cret-tokenX")] {
+        let mut request = app.http.get(app.url("/runs"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("GET");
+        assert_eq!(response.status().as_u16(), 401, "token {token:?}");
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"]["code"], "unauthorized");
+    }
+    let response = app
+        .http
+        .get(app.url("/runs"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(response.status().as_u16(), 200);
+    let response = app
+        .http
+        .post(app.url("/runs"))
+        .json(&json!({"kind": "workflow", "name": "demo"}))
+        .send()
+        .await
+        .expect("POST");
+    assert_eq!(response.status().as_u16(), 401);
+    let log = app.api.as_ref().expect("api").log_text();
+    assert!(!log.contains("s3cret-token"), "the token reached the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_and_docs_are_served_offline() {
+    let app = TestApp::new().with_api();
+    let (status, openapi) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    for path in [
+        "/runs",
+        "/runs/{id}",
+        "/runs/{id}/events",
+        "/runs/{id}/cancel",
+        "/runs/{id}/resume",
+        "/health",
+        "/workflows",
+        "/workflows/{name}/run",
+        "/workflows/status/{run_id}",
+        "/queues",
+        "/metrics",
+    ] {
+        assert!(
+            openapi["paths"].get(path).is_some(),
+            "{path} missing from the OpenAPI document"
+        );
+    }
+    let response = app.http.get(app.url("/docs/")).send().await.expect("docs");
+    assert_eq!(response.status().as_u16(), 200);
+    let html = response.text().await.expect("html");
+    assert!(html.contains("swagger"), "not the Swagger UI");
+    assert!(
+        !html.contains("https://"),
+        "docs page loads something from the internet"
+    );
+    let (status, root) = app.get("/").await;
+    assert_eq!(status, 200);
+    assert_eq!(root["docs"], "/docs");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_routes_run_sync_and_async() {
+    let app = TestApp::started();
+    let (status, listed) = app.get("/workflows").await;
+    assert_eq!(status, 200);
+    assert_eq!(listed["workflows"][0]["name"], "demo");
+    assert_eq!(
+        listed["workflows"][0]["stages"],
+        json!(["one", "two", "three"])
+    );
+
+    let (status, sync) = app
+        .post("/workflows/demo/run", &json!({"inputs": {"sleep_ms": 10}}))
+        .await;
+    assert_eq!(status, 200, "{sync}");
+    assert_eq!(sync["status"], "completed");
+    assert_eq!(sync["workflow"], "demo");
+    assert_eq!(sync["result"]["stages"].as_array().map(Vec::len), Some(3));
+
+    for flag in ["async", "run_async"] {
+        let (status, started) = app
+            .post(
+                "/workflows/demo/run",
+                &json!({"inputs": {"sleep_ms": 10}, flag: true}),
+            )
+            .await;
+        assert_eq!(status, 202, "{started}");
+        assert!(matches!(
+            started["status"].as_str(),
+            Some("queued" | "running")
+        ));
+        let id = started["run_id"].as_str().expect("id");
+        let (status, doc) = app.get(&format!("/workflows/status/{id}")).await;
+        assert_eq!(status, 200);
+        assert_eq!(doc["run_id"], id);
+        app.wait_status(id, "completed", WAIT).await;
+        let (status, resumed) = app
+            .post(
+                &format!("/workflows/demo/resume/{id}"),
+                &json!({"from_stage": "three"}),
+            )
+            .await;
+        assert_eq!(status, 200, "{resumed}");
+        app.wait_status(id, "completed", WAIT).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_submits_waits_lists_and_resumes() {
+    let app = TestApp::started();
+    let cli = |args: &[&str]| {
+        let output = app
+            .command(args)
+            .env("STAGECRAFT_URL", &app.base_url)
+            .output()
+            .expect("cli runs");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).expect("cli prints JSON")
+    };
+    let run = cli(&[
+        "submit",
+        "demo",
+        "--inputs",
+        r#"{"sleep_ms": 10}"#,
+        "--wait",
+    ]);
+    assert_eq!(run["status"], "completed");
+    let id = run["run_id"].as_str().expect("id").to_owned();
+    assert_eq!(cli(&["status", &id])["run_id"], id.as_str());
+    assert_eq!(cli(&["runs", "--status", "completed"])["total"], 1);
+    let resumed = cli(&["resume", &id, "--from-stage", "two"]);
+    assert_eq!(resumed["status"], "queued");
+    app.wait_status(&id, "completed", WAIT).await;
+
+    let output = app
+        .command(&["status", "nope"])
+        .env("STAGECRAFT_URL", &app.base_url)
+        .output()
+        .expect("cli runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not_found"));
+}
+
+#[test]
+fn a_bad_configuration_value_stops_start_up_naming_the_variable() {
+    let app = TestApp::new().with_env("LEASE_TTL_SECS", "soon");
+    let output = app.command(&["serve"]).output().expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("LEASE_TTL_SECS"), "{stderr}");
+}

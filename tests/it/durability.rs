@@ -1,0 +1,206 @@
+//! Guarantees about processes: crashes, frozen workers, shutdown, and the API dying.
+
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use serde_json::json;
+
+use crate::support::{TestApp, stage};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_worker_run_resumes_elsewhere_from_its_last_checkpoint_and_step() {
+    let mut app = TestApp::started();
+    let id = app.submit_demo(json!({"steps": 5, "sleep_ms": 2500})).await;
+    // Stage two has committed at least two of its five steps.
+    let before = app
+        .wait_run(&id, WAIT, |r| {
+            stage(r, "two")["progress"]["done"].as_u64().unwrap_or(0) >= 2
+        })
+        .await;
+    let done_before = stage(&before, "two")["progress"]["done"]
+        .as_u64()
+        .expect("done");
+    app.workers[0].kill9();
+    let killed_at = Instant::now();
+    app.start_worker();
+    let run = app.wait_status(&id, "completed", WAIT).await;
+    let recovery = killed_at.elapsed();
+
+    let ledger = app.ledger(&id);
+    assert_eq!(
+        TestApp::count(&ledger, "stage one "),
+        1,
+        "stage one ran again: {ledger:#?}"
+    );
+    assert_eq!(
+        TestApp::count(&ledger, "stage two "),
+        2,
+        "stage two ran other than twice: {ledger:#?}"
+    );
+    assert_eq!(TestApp::count(&ledger, "stage three "), 1);
+    for step in 0..5 {
+        let runs = TestApp::count(&ledger, &format!("step two/step-{step}"));
+        if (step as u64) < done_before {
+            assert_eq!(runs, 1, "finished step {step} was redone: {ledger:#?}");
+        } else {
+            assert!(runs <= 2, "step {step} ran {runs} times");
+        }
+    }
+    let repeated: usize = (0..5)
+        .map(|s| TestApp::count(&ledger, &format!("step two/step-{s}")).saturating_sub(1))
+        .sum();
+    assert!(
+        repeated <= 1,
+        "more than the one interrupted step was redone: {ledger:#?}"
+    );
+    assert_eq!(stage(&run, "one")["attempts"], 1);
+    assert_eq!(stage(&run, "two")["attempts"], 2);
+    let events = app.events(&id).await;
+    assert!(
+        events.iter().any(|e| e["kind"] == "lease_recovered"),
+        "{events:#?}"
+    );
+    assert!(
+        recovery < Duration::from_secs(20),
+        "recovery took {recovery:?}: {events:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes() {
+    let mut app = TestApp::started();
+    let id = app.submit_demo(json!({"steps": 2, "sleep_ms": 3000})).await;
+    app.wait_run(&id, WAIT, |r| stage(r, "two")["status"] == "running")
+        .await;
+    app.workers[0].signal(Signal::SIGSTOP);
+    app.start_worker();
+    let finished = app.wait_status(&id, "completed", WAIT).await;
+    let ledger_after_finish = app.ledger(&id);
+
+    app.workers[0].signal(Signal::SIGCONT);
+    // Let the zombie finish its step (up to 1.5 s of sleep) and try to commit and heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !app.workers[0].log_text().contains("lease lost") {
+        assert!(
+            Instant::now() < deadline,
+            "the zombie never noticed: {}",
+            app.workers[0].log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let after = app.run(&id).await;
+    assert_eq!(after, finished, "the zombie changed the run");
+    assert_eq!(after["status"], "completed");
+    // Whatever the zombie did after waking left no stage execution behind it.
+    let ledger = app.ledger(&id);
+    assert_eq!(
+        TestApp::count(&ledger, "stage "),
+        TestApp::count(&ledger_after_finish, "stage ")
+    );
+    let (_, metrics) = (
+        0,
+        app.http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text"),
+    );
+    assert!(metrics.contains("stagecraft_runs{queue=\"workflows\",status=\"completed\"} 1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero() {
+    let mut app = TestApp::started();
+    let id = app.submit_demo(json!({"sleep_ms": 1500})).await;
+    app.wait_run(&id, WAIT, |r| stage(r, "one")["status"] == "running")
+        .await;
+    app.workers[0].signal(Signal::SIGTERM);
+    let status = app.workers[0]
+        .wait_exit(Duration::from_secs(12))
+        .expect("worker exits within the grace period");
+    assert!(status.success(), "exit status {status:?}");
+    let run = app.run(&id).await;
+    assert_eq!(run["status"], "queued", "the run was not released: {run:#}");
+    assert_eq!(
+        stage(&run, "one")["status"],
+        "completed",
+        "the running stage was not allowed to finish"
+    );
+    assert_eq!(stage(&run, "two")["status"], "pending");
+    app.start_worker();
+    app.wait_status(&id, "completed", WAIT).await;
+    assert_eq!(TestApp::count(&app.ledger(&id), "stage one "), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_grace_period_the_stage_is_abandoned_and_rerun_elsewhere() {
+    let mut app = TestApp::new()
+        .with_env("SHUTDOWN_GRACE_SECS", "1")
+        .with_api();
+    app.start_worker();
+    let id = app.submit_demo(json!({"sleep_ms": 8000})).await;
+    app.wait_run(&id, WAIT, |r| stage(r, "one")["status"] == "running")
+        .await;
+    let stopped = Instant::now();
+    app.workers[0].signal(Signal::SIGTERM);
+    let status = app.workers[0]
+        .wait_exit(Duration::from_secs(10))
+        .expect("worker exits");
+    assert!(status.success());
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        stopped.elapsed()
+    );
+    let run = app.run(&id).await;
+    assert_eq!(run["status"], "queued");
+    assert_eq!(stage(&run, "one")["status"], "pending");
+    // The next worker takes it at once (no lease to wait for) and runs the stage again.
+    app.env.insert("SHUTDOWN_GRACE_SECS".into(), "30".into());
+    app.start_worker();
+    app.wait_run(&id, WAIT, |r| stage(r, "one")["attempts"] == 2)
+        .await;
+    app.post(&format!("/runs/{id}/cancel"), &json!({})).await;
+    app.wait_status(&id, "cancelled", WAIT).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accepted_run_survives_the_api_dying_right_after_answering() {
+    let mut app = TestApp::new().with_api();
+    let id = app.submit_demo(json!({"steps": 1})).await;
+    app.api.as_mut().expect("api").kill9();
+    app.start_worker();
+    app.start_api();
+    let run = app.wait_status(&id, "completed", WAIT).await;
+    assert_eq!(run["run_id"], id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_one_store_without_running_anything_twice() {
+    let mut app = TestApp::started();
+    app.start_worker_with(&["--concurrency", "3"]);
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(app.submit_demo(json!({"sleep_ms": 10})).await);
+    }
+    for id in &ids {
+        app.wait_status(id, "completed", WAIT).await;
+    }
+    let mut workers = std::collections::BTreeSet::new();
+    for id in &ids {
+        let ledger = app.ledger(id);
+        assert_eq!(ledger.len(), 3, "run {id}: {ledger:?}");
+        workers.insert(
+            app.run(id).await["worker"]
+                .as_str()
+                .expect("worker")
+                .to_owned(),
+        );
+    }
+    assert_eq!(workers.len(), 2, "both workers took runs: {workers:?}");
+}

@@ -1,0 +1,187 @@
+//! The stage engine's policies: retries, permanent failures, budgets, cancel and resume.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+
+use crate::support::{TestApp, stage};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn time(value: &serde_json::Value) -> DateTime<Utc> {
+    value
+        .as_str()
+        .expect("timestamp")
+        .parse()
+        .expect("RFC 3339")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_failures_are_retried_after_growing_backoff_then_succeed() {
+    let app = TestApp::started();
+    let id = app.submit_demo(json!({"fail": {"two": 2}})).await;
+    let run = app.wait_status(&id, "completed", WAIT).await;
+    assert_eq!(stage(&run, "one")["attempts"], 1);
+    assert_eq!(stage(&run, "two")["attempts"], 3);
+    assert_eq!(stage(&run, "three")["attempts"], 1);
+    let ledger = app.ledger(&id);
+    assert_eq!(TestApp::count(&ledger, "stage one "), 1);
+    assert_eq!(TestApp::count(&ledger, "stage two "), 3);
+
+    let events = app.events(&id).await;
+    let retries: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "retry_scheduled")
+        .collect();
+    assert_eq!(retries.len(), 2);
+    // Full jitter under ceilings of 100 ms then 200 ms (RETRY_BASE_MS=100, doubling).
+    for (retry, ceiling) in retries.iter().zip([100, 200]) {
+        let delay = retry["data"]["delay_ms"].as_u64().expect("delay");
+        assert!(delay <= ceiling, "delay {delay} over ceiling {ceiling}");
+        assert_eq!(retry["data"]["error"]["code"], "stage_error");
+    }
+    // Each retry started no sooner than its scheduled delay.
+    let starts: Vec<_> = events
+        .iter()
+        .filter(|e| e["kind"] == "stage_started" && e["stage"] == "two")
+        .collect();
+    for (retry, next) in retries.iter().zip(starts.iter().skip(1)) {
+        let waited = time(&next["at"]) - time(&retry["at"]);
+        assert!(
+            waited.num_milliseconds() >= retry["data"]["delay_ms"].as_i64().expect("delay") - 1
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_failure_fails_the_run_at_once_keeping_its_checkpoints() {
+    let app = TestApp::started();
+    let id = app.submit_demo(json!({"fatal": "two"})).await;
+    let run = app.wait_status(&id, "failed", WAIT).await;
+    assert_eq!(run["error"]["code"], "planned_failure");
+    assert_eq!(stage(&run, "one")["status"], "completed");
+    assert_eq!(stage(&run, "two")["status"], "failed");
+    assert_eq!(stage(&run, "two")["attempts"], 1);
+    assert_eq!(stage(&run, "three")["status"], "pending");
+    assert_eq!(run["last_completed_stage"], "one");
+    let (_, failed) = app.get("/runs?status=failed").await;
+    assert_eq!(failed["total"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exhausted_attempts_fail_the_run_and_a_resume_completes_it() {
+    let app = TestApp::started();
+    let id = app
+        .submit_demo(json!({"fail": {"two": 3}, "steps": 2}))
+        .await;
+    let run = app.wait_status(&id, "failed", WAIT).await;
+    assert_eq!(run["error"]["code"], "attempts_exhausted");
+    assert_eq!(stage(&run, "two")["attempts"], 3);
+    assert_eq!(stage(&run, "one")["status"], "completed");
+
+    let (status, resumed) = app
+        .post(
+            &format!("/runs/{id}/resume"),
+            &json!({"from_stage": "auto"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{resumed}");
+    assert_eq!(resumed["status"], "queued");
+    let run = app.wait_status(&id, "completed", WAIT).await;
+    assert_eq!(
+        stage(&run, "two")["attempts"],
+        1,
+        "a resume starts a fresh series of attempts"
+    );
+    let ledger = app.ledger(&id);
+    assert_eq!(
+        TestApp::count(&ledger, "stage one "),
+        1,
+        "the checkpoint of stage one was kept"
+    );
+    assert_eq!(TestApp::count(&ledger, "stage two "), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resuming_from_a_named_stage_reruns_it_and_what_follows_only() {
+    let app = TestApp::started();
+    let id = app.submit_demo(json!({"steps": 2})).await;
+    let first = app.wait_status(&id, "completed", WAIT).await;
+    let (status, _) = app
+        .post(&format!("/runs/{id}/resume"), &json!({"from_stage": "two"}))
+        .await;
+    assert_eq!(status, 200);
+    let run = app.wait_status(&id, "completed", WAIT).await;
+    assert_eq!(
+        stage(&run, "one")["finished_at"],
+        stage(&first, "one")["finished_at"],
+        "stage one was redone"
+    );
+    let ledger = app.ledger(&id);
+    assert_eq!(TestApp::count(&ledger, "stage one "), 1);
+    assert_eq!(TestApp::count(&ledger, "stage two "), 2);
+    assert_eq!(
+        TestApp::count(&ledger, "step two/step-0"),
+        2,
+        "a named resume redoes the stage's steps"
+    );
+    assert_eq!(TestApp::count(&ledger, "stage three "), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_stops_the_run_before_a_stage_that_would_exceed_it() {
+    let app = TestApp::started();
+    let (status, body) = app
+        .post("/runs", &json!({"kind": "workflow", "name": "demo", "inputs": {"cost_usd": 2.0}, "budget_usd": 5.0}))
+        .await;
+    assert_eq!(status, 201);
+    let id = body["run_id"].as_str().expect("id");
+    let run = app.wait_status(id, "failed", WAIT).await;
+    assert_eq!(run["error"]["code"], "budget_exceeded");
+    assert_eq!(stage(&run, "three")["status"], "failed");
+    assert_eq!(
+        stage(&run, "three")["attempts"],
+        0,
+        "the stage never started"
+    );
+    assert!((run["cost_usd"].as_f64().expect("cost") - 4.0).abs() < 1e-9);
+    assert_eq!(TestApp::count(&app.ledger(id), "stage three "), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_interrupts_a_running_stage_and_stops_a_queued_run() {
+    let app = TestApp::started();
+    let id = app.submit_demo(json!({"sleep_ms": 20000})).await;
+    app.wait_run(&id, WAIT, |r| stage(r, "one")["status"] == "running")
+        .await;
+    let (status, body) = app.post(&format!("/runs/{id}/cancel"), &json!({})).await;
+    assert_eq!(status, 200, "{body}");
+    let started = std::time::Instant::now();
+    let run = app.wait_status(&id, "cancelled", WAIT).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "cancel took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(stage(&run, "one")["status"], "cancelled");
+    assert_eq!(stage(&run, "two")["status"], "pending");
+    let (status, error) = app.post(&format!("/runs/{id}/cancel"), &json!({})).await;
+    assert_eq!(
+        (status, error["error"]["code"].as_str()),
+        (409, Some("conflict"))
+    );
+
+    // A queued run (no worker for its queue) is cancelled at once.
+    let queued_app = TestApp::new().with_api();
+    let queued = queued_app.submit_demo(json!({})).await;
+    let (status, body) = queued_app
+        .post(&format!("/runs/{queued}/cancel"), &json!({}))
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "cancelled");
+    // And a cancelled run can be resumed.
+    let (status, body) = app.post(&format!("/runs/{id}/resume"), &json!({})).await;
+    assert_eq!((status, body["status"].as_str()), (200, Some("queued")));
+    app.post(&format!("/runs/{id}/cancel"), &json!({})).await;
+}

@@ -1,0 +1,6 @@
+//! Stagecraft's integration tests: real processes, a real SQLite file, the real HTTP server.
+
+mod api;
+mod durability;
+mod engine;
+mod support;

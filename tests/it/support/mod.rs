@@ -1,0 +1,354 @@
+//! The test harness: real `stagecraft` processes on a temporary SQLite file and artifact
+//! directory, the API on a free loopback port, and helpers to drive them over HTTP.
+
+#![allow(dead_code)]
+
+use std::{
+    collections::BTreeMap,
+    io::{BufRead, BufReader},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use nix::{
+    sys::signal::{Signal, kill},
+    unistd::Pid,
+};
+use serde_json::{Value, json};
+use tempfile::TempDir;
+
+/// The environment every test process gets; short leases and sweeps so recovery takes seconds.
+fn base_env(dir: &Path) -> BTreeMap<String, String> {
+    [
+        ("DATA_DIR", dir.join("data").display().to_string()),
+        ("ARTIFACT_DIR", dir.join("artifacts").display().to_string()),
+        ("HOST", "127.0.0.1".to_owned()),
+        ("PORT", "0".to_owned()),
+        ("ENV", "development".to_owned()),
+        ("LOG_FORMAT", "json".to_owned()),
+        ("LOG_LEVEL", "info".to_owned()),
+        ("LEASE_TTL_SECS", "2".to_owned()),
+        ("SWEEP_INTERVAL_MS", "200".to_owned()),
+        ("POLL_INTERVAL_MS", "10".to_owned()),
+        ("RETRY_BASE_MS", "100".to_owned()),
+        ("RETRY_MAX_MS", "400".to_owned()),
+        ("STAGE_MAX_ATTEMPTS", "3".to_owned()),
+        ("SHUTDOWN_GRACE_SECS", "10".to_owned()),
+        ("SYNC_WAIT_SECS", "10".to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// One deployment under test: a directory, its environment, and the processes started in it.
+pub struct TestApp {
+    pub dir: TempDir,
+    pub env: BTreeMap<String, String>,
+    pub api: Option<Proc>,
+    pub workers: Vec<Proc>,
+    pub base_url: String,
+    pub http: reqwest::Client,
+    counter: usize,
+}
+
+/// A running process; SIGKILLed on drop if still alive.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.id() as i32)
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        let _ = kill(self.pid(), signal);
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits up to `timeout` for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(self.pid(), Signal::SIGKILL);
+            let _ = self.child.wait();
+        }
+    }
+}
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_stagecraft");
+
+impl TestApp {
+    /// A deployment with no process started yet.
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let env = base_env(dir.path());
+        Self {
+            dir,
+            env,
+            api: None,
+            workers: Vec::new(),
+            base_url: String::new(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("client"),
+            counter: 0,
+        }
+    }
+
+    pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.env.insert(key.to_owned(), value.to_owned());
+        self
+    }
+
+    /// The API alone (`serve`).
+    pub fn with_api(mut self) -> Self {
+        self.start_api();
+        self
+    }
+
+    /// The API and one worker process.
+    pub fn started() -> Self {
+        let mut app = Self::new().with_api();
+        app.start_worker();
+        app
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(BIN);
+        command.args(args).env_clear().current_dir(self.dir.path());
+        for key in ["PATH", "HOME"] {
+            if let Ok(value) = std::env::var(key) {
+                command.env(key, value);
+            }
+        }
+        command.envs(&self.env);
+        command
+    }
+
+    fn spawn(&mut self, name: &str, args: &[&str]) -> (Proc, std::sync::mpsc::Receiver<String>) {
+        self.counter += 1;
+        let log = self.dir.path().join(format!("{}-{name}.log", self.counter));
+        let stderr = std::fs::File::create(&log).expect("log file");
+        let mut child = self
+            .command(args)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn stagecraft");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut first = true;
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if first {
+                    let _ = tx.send(line);
+                    first = false;
+                }
+            }
+        });
+        let proc = Proc {
+            child,
+            log,
+            name: name.to_owned(),
+        };
+        (proc, rx)
+    }
+
+    /// Starts (or restarts) the API and waits until it answers.
+    pub fn start_api(&mut self) {
+        let (proc, first_line) = self.spawn("api", &["serve"]);
+        let line = first_line
+            .recv_timeout(Duration::from_secs(20))
+            .ok()
+            .unwrap_or_else(|| panic!("API printed no address; log:\n{}", proc.log_text()));
+        self.base_url = line
+            .split("listening on ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_owned();
+        self.api = Some(proc);
+    }
+
+    /// Starts one more worker process with extra arguments.
+    pub fn start_worker_with(&mut self, args: &[&str]) -> usize {
+        let mut all = vec!["worker"];
+        all.extend_from_slice(args);
+        let (proc, _) = self.spawn("worker", &all);
+        self.workers.push(proc);
+        // The worker is ready once it logged its start.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let index = self.workers.len() - 1;
+        while !self.workers[index].log_text().contains("worker started") {
+            assert!(
+                Instant::now() < deadline,
+                "worker did not start: {}",
+                self.workers[index].log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        index
+    }
+
+    pub fn start_worker(&mut self) -> usize {
+        self.start_worker_with(&[])
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.http.get(self.url(path)).send().await.expect("GET");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("POST");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut request = self
+            .http
+            .post(self.url(path))
+            .body(body)
+            .header("content-type", "application/json");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let response = request.send().await.expect("POST");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Submits a demo run and answers its id.
+    pub async fn submit_demo(&self, inputs: Value) -> String {
+        let (status, body) = self
+            .post(
+                "/runs",
+                &json!({"kind": "workflow", "name": "demo", "inputs": inputs}),
+            )
+            .await;
+        assert_eq!(status, 201, "submit failed: {body}");
+        body["run_id"].as_str().expect("run_id").to_owned()
+    }
+
+    pub async fn run(&self, id: &str) -> Value {
+        let (status, body) = self.get(&format!("/runs/{id}")).await;
+        assert_eq!(status, 200, "GET run {id}: {body}");
+        body
+    }
+
+    /// Polls the run until `done` holds, or panics after `timeout` with the last document.
+    pub async fn wait_run(
+        &self,
+        id: &str,
+        timeout: Duration,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let run = self.run(id).await;
+            if done(&run) {
+                return run;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for run {id}: {run:#}"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
+        self.wait_run(id, timeout, |r| r["status"] == status).await
+    }
+
+    /// The work ledger of a demo run: one line per stage execution and per executed step.
+    pub fn ledger(&self, id: &str) -> Vec<String> {
+        let path = self
+            .dir
+            .path()
+            .join("artifacts/runs")
+            .join(id)
+            .join("executions.log");
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    pub fn count(ledger: &[String], prefix: &str) -> usize {
+        ledger
+            .iter()
+            .filter(|line| line.starts_with(prefix))
+            .count()
+    }
+
+    pub async fn events(&self, id: &str) -> Vec<Value> {
+        let text = self
+            .http
+            .get(self.url(&format!("/runs/{id}/events")))
+            .send()
+            .await
+            .expect("events")
+            .text()
+            .await
+            .expect("events body");
+        text.lines()
+            .filter_map(|line| line.strip_prefix("data: "))
+            .filter_map(|data| serde_json::from_str(data).ok())
+            .collect()
+    }
+}
+
+/// The stage named `name` of a status document.
+pub fn stage<'a>(run: &'a Value, name: &str) -> &'a Value {
+    run["stages"]
+        .as_array()
+        .and_then(|stages| stages.iter().find(|s| s["name"] == name))
+        .unwrap_or_else(|| panic!("no stage {name} in {run:#}"))
+}
