@@ -5,6 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -14,14 +15,14 @@ use crate::{
     artifacts::ArtifactStore,
     client::Client,
     clock::SystemClock,
-    config::Config,
+    config::{BackendKind, Config, redact_url},
     engine::{Engine, EngineSettings},
     http::{self, AppState},
     ids::WorkerId,
     metrics::Metrics,
     queue::{self, ClaimSettings},
     shutdown,
-    store::{SharedStore, sqlite::SqliteStore},
+    store::{SharedStore, redis::RedisStore, sqlite::SqliteStore},
     telemetry,
     workflows::{Catalog, queues},
 };
@@ -173,10 +174,36 @@ enum Role {
 }
 
 async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
-    let store = SqliteStore::open(&config.database_url, Arc::new(SystemClock))
-        .await
-        .with_context(|| format!("opening the store at {}", config.database_url))?;
-    Ok(Arc::new(store))
+    match config.backend {
+        BackendKind::Sqlite => {
+            let store = SqliteStore::open(&config.database_url, Arc::new(SystemClock))
+                .await
+                .with_context(|| format!("opening the store at {}", config.database_url))?;
+            Ok(Arc::new(store))
+        }
+        BackendKind::Redis => {
+            let url = config.redis_url.expose_secret();
+            // Redis may still be starting (compose, a restart): keep trying for a while.
+            let mut delay = Duration::from_millis(200);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                match RedisStore::open(url, &config.redis_prefix, config.run_retention).await {
+                    Ok(store) => return Ok(Arc::new(store)),
+                    Err(error) if std::time::Instant::now() < deadline => {
+                        tracing::warn!(error = %error, redis = %redact_url(url), "Redis not reachable yet; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(5));
+                    }
+                    Err(error) => {
+                        return Err(anyhow::anyhow!(
+                            "connecting to Redis at {}: {error}",
+                            redact_url(url)
+                        ));
+                    }
+                }
+            }
+        }
+    }
 }
 
 async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {

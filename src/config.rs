@@ -13,7 +13,9 @@
 //! | `PROVIDER_MODE` | `mock` | default provider mode of new runs |
 //! | `ARTIFACT_DIR` | `./artifacts` | root of every file a stage writes |
 //! | `DATA_DIR` | `./data` | where the embedded store lives |
-//! | `QUEUE_BACKEND` | `sqlite` | the durable store and queue |
+//! | `QUEUE_BACKEND` | `sqlite` | the durable store and queue: `sqlite` or `redis` |
+//! | `REDIS_URL` | `redis://127.0.0.1:6379` | the Redis server, with `QUEUE_BACKEND=redis` |
+//! | `REDIS_KEY_PREFIX` | `stagecraft:` | prefix of every Redis key Stagecraft writes |
 //! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file |
 //! | `HOST`, `PORT` | `127.0.0.1`, `8000` | where `serve` and `dev` listen (`PORT=0`: any free port) |
 //! | `WORKER_CONCURRENCY` | `4` | runs one worker process executes at once |
@@ -59,6 +61,10 @@ pub struct Config {
     pub backend: BackendKind,
     /// The SQLite database URL.
     pub database_url: String,
+    /// The Redis URL (may carry a password: never log it unredacted).
+    pub redis_url: SecretString,
+    /// Prefix of every Redis key.
+    pub redis_prefix: String,
     /// Listen address of the HTTP API.
     pub host: IpAddr,
     /// Listen port of the HTTP API; 0 picks a free one.
@@ -123,12 +129,14 @@ impl ProviderMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
     Sqlite,
+    Redis,
 }
 
 impl BackendKind {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sqlite => "sqlite",
+            Self::Redis => "redis",
         }
     }
 }
@@ -187,8 +195,26 @@ impl Config {
             .unwrap_or_else(|| PathBuf::from("./data"));
         let backend = vars.parse_with("QUEUE_BACKEND", BackendKind::Sqlite, |v| match v {
             "sqlite" => Ok(BackendKind::Sqlite),
-            _ => Err("expected sqlite".to_owned()),
+            "redis" => Ok(BackendKind::Redis),
+            _ => Err("expected sqlite or redis".to_owned()),
         })?;
+        let redis_url = vars
+            .string("REDIS_URL")
+            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
+        if !(redis_url.starts_with("redis://")
+            || redis_url.starts_with("rediss://")
+            || redis_url.starts_with("unix://"))
+        {
+            return Err(ConfigError {
+                variable: "REDIS_URL",
+                value: redact_url(&redis_url),
+                reason: "expected a redis://, rediss:// or unix:// URL".to_owned(),
+            });
+        }
+        let redis_url = SecretString::from(redis_url);
+        let redis_prefix = vars
+            .string("REDIS_KEY_PREFIX")
+            .unwrap_or_else(|| "stagecraft:".to_owned());
         let database_url = vars
             .string("DATABASE_URL")
             .unwrap_or_else(|| sqlite_url_for(&data_dir.join("stagecraft.db")));
@@ -251,6 +277,8 @@ impl Config {
             artifact_dir,
             backend,
             database_url,
+            redis_url,
+            redis_prefix,
             host,
             port,
             worker_concurrency,
@@ -266,6 +294,16 @@ impl Config {
             sync_wait,
             api_url,
         })
+    }
+}
+
+/// A URL with any password or user info replaced by `***`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+        }
+        _ => url.to_owned(),
     }
 }
 
@@ -375,6 +413,18 @@ mod tests {
         assert_eq!(error.variable, "PROVIDER_MODE");
         let error = config_from(&[("WORKER_CONCURRENCY", "0")]).expect_err("must fail");
         assert_eq!(error.variable, "WORKER_CONCURRENCY");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted() {
+        assert_eq!(
+            redact_url("redis://:hunter2@cache:6379/0"),
+            "redis://***@cache:6379/0"
+        );
+        assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        let error =
+            config_from(&[("REDIS_URL", "http://user:hunter2@cache")]).expect_err("must fail");
+        assert!(!error.to_string().contains("hunter2"));
     }
 
     #[test]

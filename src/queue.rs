@@ -68,7 +68,7 @@ impl ClaimBackend {
                         Ok(None) => {
                             failures = 0;
                             tokio::select! {
-                                () = store.wait_for_work(settings.poll_interval) => {}
+                                () = store.wait_for_work(&settings.queues, settings.poll_interval) => {}
                                 () = stopping.cancelled() => return None,
                             }
                         }

@@ -129,6 +129,27 @@ impl Engine {
             );
         }
         let stages = workflow.stages();
+        let same_shape = stages.len() == run.stages.len()
+            && stages
+                .iter()
+                .zip(&run.stages)
+                .all(|(stage, record)| stage.name() == record.name);
+        if !same_shape {
+            let error = RunError {
+                code: "workflow_changed".to_owned(),
+                message: format!(
+                    "the stages of {} changed since this run was submitted (stored: {}; now: {})",
+                    run.name,
+                    run.stages
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    workflow.stage_names().join(", ")
+                ),
+            };
+            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
+        }
         let mut previous = BTreeMap::new();
         for (index, stage) in stages.iter().enumerate() {
             let record = &run.stages[index];
@@ -166,6 +187,7 @@ impl Engine {
                 memo,
                 step_total: 0,
                 written: Vec::new(),
+                new_step_cost_usd: 0.0,
             };
             if let Some(budget) = run.budget_usd {
                 let estimate = stage.estimated_cost_usd(&ctx);
@@ -231,7 +253,7 @@ impl Engine {
                     if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
                         return self.store_failure(error);
                     }
-                    run.cost_usd += done.cost_usd;
+                    run.cost_usd += done.cost_usd + ctx.new_step_cost_usd;
                     info!(
                         stage.name = stage.name(),
                         duration_ms = elapsed.as_millis() as u64,
@@ -283,7 +305,14 @@ impl Engine {
                 Err(StageError::LeaseLost(_)) => return Ending::LeaseLost,
             }
         }
-        Ending::Completed
+        // Every stage had a checkpoint yet the run was not completed: the last commit completes
+        // the run in the same transaction, so this is an inconsistency. Fail loudly rather than
+        // leave the run to be claimed again and again.
+        let error = RunError {
+            code: "inconsistent_state".to_owned(),
+            message: "every stage has a checkpoint but the run was not completed".to_owned(),
+        };
+        self.settle(self.store.fail_run(&lease, error).await, Ending::Failed)
     }
 
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {

@@ -110,6 +110,8 @@ pub struct StageContext {
     pub(super) memo: HashMap<String, StepRecord>,
     pub(super) step_total: u32,
     pub(super) written: Vec<String>,
+    /// Cost of the steps this attempt completed (already added to the run's ledger).
+    pub(super) new_step_cost_usd: f64,
 }
 
 impl StageContext {
@@ -155,6 +157,7 @@ impl StageContext {
         self.store
             .record_step(&self.lease, self.stage_index, &record, progress)
             .await?;
+        self.new_step_cost_usd += cost_usd;
         self.written.extend(record.artifacts.iter().cloned());
         self.memo.insert(key.to_owned(), record);
         Ok(())

@@ -8,6 +8,7 @@
 //!
 //! [`RunStore`] is the boundary; [`sqlite::SqliteStore`] is the embedded implementation.
 
+pub mod redis;
 pub mod sqlite;
 
 use std::{sync::Arc, time::Duration};
@@ -42,6 +43,9 @@ pub enum StoreError {
     /// The database itself failed or is unreachable.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// Redis failed or is unreachable.
+    #[error("redis error: {0}")]
+    Redis(String),
     /// The schema could not be migrated.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -422,12 +426,38 @@ pub trait RunStore: Send + Sync + 'static {
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>>;
 
-    /// Waits until work may be available: woken at once when this process queues or releases
-    /// a run, otherwise after `timeout` (other processes' submissions are seen on the next poll).
-    async fn wait_for_work(&self, timeout: Duration);
+    /// Waits until work may be available on these queues. The embedded store is woken at once
+    /// by runs this process queues and otherwise polls every `poll`; Redis blocks on the
+    /// queues' wake lists until a run is queued or the next retry is due.
+    async fn wait_for_work(&self, queues: &[String], poll: Duration);
 }
 
 pub type SharedStore = Arc<dyn RunStore>;
+
+/// Where a resume of `run` starts, or why it cannot.
+pub(crate) fn resume_start(run: &RunRecord, from: &FromStage) -> StoreResult<usize> {
+    let id = run.id;
+    if !run.status.is_finished() {
+        return Err(StoreError::Conflict(format!(
+            "run {id} is {}; only failed, cancelled or completed runs can be resumed",
+            run.status.as_str()
+        )));
+    }
+    match from {
+        FromStage::Auto => run
+            .stages
+            .iter()
+            .position(|s| s.status != StageStatus::Completed)
+            .ok_or_else(|| {
+                StoreError::Conflict(format!(
+                    "run {id} has completed every stage; name the stage to resume from"
+                ))
+            }),
+        FromStage::Named(name) => run
+            .stage_index(name)
+            .ok_or_else(|| StoreError::Conflict(format!("run {id} has no stage named {name:?}"))),
+    }
+}
 
 /// Converts stored milliseconds to a timestamp.
 pub(crate) fn to_datetime(ms: Millis) -> DateTime<Utc> {

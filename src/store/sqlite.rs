@@ -35,6 +35,10 @@ pub struct SqliteStore {
     clock: SharedClock,
     /// Wakes this process's idle workers when this process queues a run.
     work_available: Arc<Notify>,
+    /// Serialises this process's write transactions. SQLite admits one writer at a time; queueing
+    /// writers here, in a fair async mutex, avoids SQLite's busy-wait sleeps between the
+    /// connections of one process (other processes still contend through the busy timeout).
+    write_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SqliteStore {
@@ -63,6 +67,7 @@ impl SqliteStore {
             pool,
             clock,
             work_available: Arc::new(Notify::new()),
+            write_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         store.migrate().await?;
         Ok(store)
@@ -78,12 +83,15 @@ impl SqliteStore {
         self.clock.now_ms()
     }
 
-    async fn begin(&self) -> StoreResult<Transaction<'static, Sqlite>> {
-        Ok(self.pool.begin_with("BEGIN IMMEDIATE").await?)
+    /// Opens a write transaction; the returned guard must live as long as the transaction.
+    async fn begin(&self) -> StoreResult<WriteTx> {
+        let guard = self.write_lock.clone().lock_owned().await;
+        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        Ok(WriteTx { tx, _guard: guard })
     }
 
     /// Opens a write transaction that holds only if `lease` is still the run's current lease.
-    async fn begin_fenced(&self, lease: &Lease) -> StoreResult<Transaction<'static, Sqlite>> {
+    async fn begin_fenced(&self, lease: &Lease) -> StoreResult<WriteTx> {
         let mut tx = self.begin().await?;
         let updated = sqlx::query(
             "UPDATE runs SET updated_at = ? WHERE id = ? AND fence = ? AND lease_owner = ?",
@@ -114,8 +122,37 @@ impl SqliteStore {
     }
 }
 
+/// A write transaction holding this process's write lock.
+struct WriteTx {
+    tx: Transaction<'static, Sqlite>,
+    _guard: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl std::ops::Deref for WriteTx {
+    type Target = sqlx::SqliteConnection;
+    fn deref(&self) -> &Self::Target {
+        &self.tx
+    }
+}
+
+impl std::ops::DerefMut for WriteTx {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.tx
+    }
+}
+
+impl WriteTx {
+    async fn commit(self) -> Result<(), sqlx::Error> {
+        self.tx.commit().await
+    }
+
+    async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.tx.rollback().await
+    }
+}
+
 async fn insert_event(
-    tx: &mut Transaction<'static, Sqlite>,
+    tx: &mut WriteTx,
     run: RunId,
     at: Millis,
     kind: &str,
@@ -133,11 +170,7 @@ async fn insert_event(
     Ok(())
 }
 
-async fn stage_name(
-    tx: &mut Transaction<'static, Sqlite>,
-    run: RunId,
-    stage: usize,
-) -> StoreResult<String> {
+async fn stage_name(tx: &mut WriteTx, run: RunId, stage: usize) -> StoreResult<String> {
     let row = sqlx::query("SELECT name FROM stages WHERE run_id = ? AND idx = ?")
         .bind(run.to_string())
         .bind(stage as i64)
@@ -236,11 +269,7 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
 }
 
 /// Resets stages from `from` on to pending, as a resume or a fresh queueing leaves them.
-async fn reset_stages_from(
-    tx: &mut Transaction<'static, Sqlite>,
-    run: RunId,
-    from: usize,
-) -> StoreResult<()> {
+async fn reset_stages_from(tx: &mut WriteTx, run: RunId, from: usize) -> StoreResult<()> {
     sqlx::query(
         "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, cost_usd = 0, \
          artifacts = '[]', output = NULL, error = NULL, progress_done = NULL, progress_total = NULL, \
@@ -814,34 +843,8 @@ impl RunStore for SqliteStore {
     async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
         let now = self.now();
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
-        if !run.status.is_finished() {
-            return Err(StoreError::Conflict(format!(
-                "run {id} is {}; only failed, cancelled or completed runs can be resumed",
-                run.status.as_str()
-            )));
-        }
-        let (from_idx, forget_steps) = match &from {
-            FromStage::Auto => match run
-                .stages
-                .iter()
-                .position(|s| s.status != StageStatus::Completed)
-            {
-                Some(idx) => (idx, false),
-                None => {
-                    return Err(StoreError::Conflict(format!(
-                        "run {id} has completed every stage; name the stage to resume from"
-                    )));
-                }
-            },
-            FromStage::Named(name) => match run.stage_index(name) {
-                Some(idx) => (idx, true),
-                None => {
-                    return Err(StoreError::Conflict(format!(
-                        "run {id} has no stage named {name:?}"
-                    )));
-                }
-            },
-        };
+        let from_idx = super::resume_start(&run, &from)?;
+        let forget_steps = matches!(from, FromStage::Named(_));
         let mut tx = self.begin().await?;
         // The status check again, inside the write lock: a concurrent resume may have won.
         let updated = sqlx::query(
@@ -998,7 +1001,7 @@ impl RunStore for SqliteStore {
             .collect()
     }
 
-    async fn wait_for_work(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.work_available.notified()).await;
+    async fn wait_for_work(&self, _queues: &[String], poll: Duration) {
+        let _ = tokio::time::timeout(poll, self.work_available.notified()).await;
     }
 }

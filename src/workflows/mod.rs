@@ -4,6 +4,7 @@
 //! renaming a Rust type never changes them.
 
 pub mod demo;
+pub mod noop;
 
 use std::{collections::BTreeMap, sync::Arc};
 
@@ -80,6 +81,7 @@ impl Catalog {
     pub fn builtin() -> Self {
         let mut catalog = Self::default();
         catalog.add(Arc::new(demo::Demo::new()));
+        catalog.add(Arc::new(noop::Noop::new()));
         catalog
     }
 

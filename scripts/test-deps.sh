@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Makes sure the system packages the test suite needs are present. Installs the missing ones
+# with apt-get when running as root on Debian or Ubuntu; otherwise says exactly what to install.
+set -euo pipefail
+
+# command -> Debian package
+# (The process tests need only sh, cat and sleep, which every Debian system has.)
+declare -A needed=()
+
+missing=()
+for command in "${!needed[@]}"; do
+  command -v "$command" >/dev/null 2>&1 || missing+=("${needed[$command]}")
+done
+
+if [ "${#missing[@]}" -eq 0 ]; then
+  exit 0
+fi
+
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing test dependencies: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  exit 0
+fi
+
+echo "The tests need these packages: ${missing[*]}" >&2
+echo "Install them with: sudo apt-get install ${missing[*]}" >&2
+exit 1

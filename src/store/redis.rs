@@ -1,0 +1,676 @@
+//! The Redis run store: API and workers on any number of hosts against one Redis.
+//!
+//! Every state change is one call of `redis.lua` (atomic, fenced, bounded work). Idle workers
+//! block on a per-queue wake list (`BLPOP`) instead of polling, with the wait capped by the next
+//! due retry. Keys live under one prefix; the README's Redis section lists them.
+//!
+//! Connections: commands go through a `ConnectionManager`, which reconnects by itself after
+//! Redis restarts; blocking waits use a connection of their own so they never hold up commands.
+//! Cluster mode is not supported (the script addresses keys it computes).
+
+use std::{collections::HashMap, time::Duration};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::{AsyncCommands, Client, Script, Value as RedisValue, aio::ConnectionManager};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+
+use super::{
+    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter,
+    RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
+    StageStatus, StepRecord, StoreError, StoreResult, to_datetime,
+};
+use crate::{
+    config::ProviderMode,
+    ids::{FenceToken, RunId, WorkerId},
+};
+
+const SCRIPT: &str = include_str!("redis.lua");
+/// Runs re-queued per sweep call, and deleted per purge call, at most.
+const BATCH: usize = 500;
+/// The longest an idle worker blocks before checking again (retries due later are woken by
+/// their due time, new runs by the wake list).
+const MAX_BLOCK: Duration = Duration::from_secs(1);
+
+#[derive(Clone)]
+pub struct RedisStore {
+    client: Client,
+    conn: ConnectionManager,
+    prefix: String,
+    script: Script,
+    /// How long idempotency keys are kept: the retention period.
+    retention: Duration,
+    /// The connection blocking waits use, opened on first use and replaced after an error.
+    blocking: std::sync::Arc<Mutex<Option<redis::aio::MultiplexedConnection>>>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+impl From<redis::RedisError> for StoreError {
+    fn from(error: redis::RedisError) -> Self {
+        StoreError::Redis(error.to_string())
+    }
+}
+
+impl RedisStore {
+    /// Connects to Redis. Fails when Redis cannot be reached now; afterwards reconnects by itself.
+    pub async fn open(url: &str, prefix: &str, retention: Duration) -> StoreResult<Self> {
+        let client = Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        Ok(Self {
+            client,
+            conn,
+            prefix: prefix.to_owned(),
+            script: Script::new(SCRIPT),
+            retention,
+            blocking: Default::default(),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    async fn call<T: redis::FromRedisValue>(&self, op: &str, args: &[String]) -> StoreResult<T> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(&self.prefix).arg(op);
+        for arg in args {
+            invocation.arg(arg);
+        }
+        let mut conn = self.conn.clone();
+        Ok(invocation.invoke_async(&mut conn).await?)
+    }
+
+    async fn fenced(&self, op: &str, lease: &Lease, args: Vec<String>) -> StoreResult<i64> {
+        let mut all = vec![
+            lease.run_id.to_string(),
+            lease.fence.0.to_string(),
+            lease.worker.to_string(),
+        ];
+        all.extend(args);
+        let answer: i64 = self.call(op, &all).await?;
+        if answer < 0 {
+            return Err(StoreError::FenceRejected {
+                run_id: lease.run_id,
+                fence: lease.fence,
+            });
+        }
+        Ok(answer)
+    }
+
+    fn key(&self, suffix: &str) -> String {
+        format!("{}{suffix}", self.prefix)
+    }
+}
+
+fn json_text(value: &impl serde::Serialize) -> String {
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+/// A flat field/value list as returned by HGETALL.
+fn to_map(value: &RedisValue) -> HashMap<String, String> {
+    let mut map = HashMap::new();
+    if let RedisValue::Array(items) = value {
+        for pair in items.chunks(2) {
+            if let [field, value] = pair {
+                if let (Some(field), Some(value)) = (as_string(field), as_string(value)) {
+                    map.insert(field, value);
+                }
+            }
+        }
+    }
+    map
+}
+
+fn as_string(value: &RedisValue) -> Option<String> {
+    match value {
+        RedisValue::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        RedisValue::SimpleString(text) => Some(text.clone()),
+        RedisValue::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn millis(map: &HashMap<String, String>, field: &str) -> Option<DateTime<Utc>> {
+    map.get(field)
+        .and_then(|v| v.parse::<f64>().ok())
+        .map(|v| to_datetime(v as i64))
+}
+
+fn number(map: &HashMap<String, String>, field: &str) -> f64 {
+    map.get(field).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+}
+
+fn parse_json<T: serde::de::DeserializeOwned>(
+    map: &HashMap<String, String>,
+    field: &str,
+) -> StoreResult<Option<T>> {
+    match map.get(field) {
+        None => Ok(None),
+        Some(text) => serde_json::from_str(text)
+            .map(Some)
+            .map_err(|e| StoreError::Corrupt(format!("{field}: {e}"))),
+    }
+}
+
+fn run_from_maps(
+    run: &HashMap<String, String>,
+    stages: &[HashMap<String, String>],
+) -> StoreResult<RunRecord> {
+    let field = |name: &str| {
+        run.get(name)
+            .cloned()
+            .ok_or_else(|| StoreError::Corrupt(format!("run has no {name}")))
+    };
+    let id = field("id")?;
+    let kind = field("kind")?;
+    let status = field("status")?;
+    let stages = stages
+        .iter()
+        .map(|stage| {
+            let status = stage.get("status").cloned().unwrap_or_default();
+            Ok(StageRecord {
+                name: stage.get("name").cloned().unwrap_or_default(),
+                status: StageStatus::parse(&status)
+                    .ok_or_else(|| StoreError::Corrupt(format!("stage status {status}")))?,
+                attempts: number(stage, "attempts") as u32,
+                started_at: millis(stage, "started_at"),
+                finished_at: millis(stage, "finished_at"),
+                cost_usd: number(stage, "cost_usd"),
+                artifacts: parse_json(stage, "artifacts")?.unwrap_or_default(),
+                output: parse_json(stage, "output")?,
+                error: parse_json(stage, "error")?,
+                progress: match (stage.get("progress_done"), stage.get("progress_total")) {
+                    (Some(done), Some(total)) => Some(Progress {
+                        done: done.parse().unwrap_or(0),
+                        total: total.parse().unwrap_or(0),
+                    }),
+                    _ => None,
+                },
+                next_attempt_at: millis(stage, "next_attempt_at"),
+            })
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    Ok(RunRecord {
+        id: RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?,
+        kind: RunKind::parse(&kind)
+            .ok_or_else(|| StoreError::Corrupt(format!("run kind {kind}")))?,
+        name: field("name")?,
+        queue: field("queue")?,
+        inputs: parse_json(run, "inputs")?.unwrap_or(Value::Null),
+        status: RunStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
+        provider_mode: if run.get("provider_mode").map(String::as_str) == Some("live") {
+            ProviderMode::Live
+        } else {
+            ProviderMode::Mock
+        },
+        budget_usd: run.get("budget_usd").and_then(|v| v.parse().ok()),
+        cost_usd: number(run, "cost_usd"),
+        current_stage: run.get("current_stage").cloned(),
+        result: parse_json(run, "result")?,
+        error: parse_json(run, "error")?,
+        worker: run.get("worker").cloned(),
+        fence: FenceToken(number(run, "fence") as i64),
+        cancel_requested: run.get("cancel_requested").map(String::as_str) == Some("1"),
+        created_at: millis(run, "created_at").unwrap_or_default(),
+        updated_at: millis(run, "updated_at").unwrap_or_default(),
+        finished_at: millis(run, "finished_at"),
+        stages,
+    })
+}
+
+/// An event as the script stores it (`at` in milliseconds).
+#[derive(serde::Deserialize)]
+struct StoredEvent {
+    seq: i64,
+    at: i64,
+    kind: String,
+    stage: Option<String>,
+    data: Value,
+}
+
+#[async_trait]
+impl RunStore for RedisStore {
+    fn backend_name(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn insert_run(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+        let mut args = vec![
+            run.id.to_string(),
+            run.kind.as_str().to_owned(),
+            run.name.clone(),
+            run.queue.clone(),
+            run.inputs.to_string(),
+            run.provider_mode.as_str().to_owned(),
+            run.budget_usd.map(|b| b.to_string()).unwrap_or_default(),
+            run.idempotency_key.clone().unwrap_or_default(),
+            self.retention.as_millis().to_string(),
+            run.stage_names.len().to_string(),
+        ];
+        args.extend(run.stage_names.iter().cloned());
+        let (id, created): (String, i64) = self.call("insert", &args).await?;
+        let id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
+        let record = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+        Ok((record, created == 1))
+    }
+
+    async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
+        let parts: Vec<RedisValue> = self.call("get", &[id.to_string()]).await?;
+        let Some((run, stages)) = parts.split_first() else {
+            return Ok(None);
+        };
+        let stages: Vec<_> = stages.iter().map(to_map).collect();
+        run_from_maps(&to_map(run), &stages).map(Some)
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
+        let mut conn = self.conn.clone();
+        let set = match filter.status {
+            Some(status) => self.key(&format!("status:{}", status.as_str())),
+            None => self.key("runs"),
+        };
+        let start = match filter.before {
+            Some(id) => format!("({id}"),
+            None => "+".to_owned(),
+        };
+        let limit = filter.limit as usize;
+        let filtered = filter.kind.is_some() || filter.name.is_some();
+        if !filtered {
+            let total: u64 = conn.zcard(&set).await?;
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(&set)
+                .arg(&start)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut conn)
+                .await?;
+            let mut runs = Vec::with_capacity(ids.len());
+            for id in ids.iter().filter_map(|id| RunId::parse(id)) {
+                if let Some(run) = self.get_run(id).await? {
+                    runs.push(run);
+                }
+            }
+            return Ok((runs, total));
+        }
+        // Kind and name filters scan the set page by page (an ops query, not a hot path), so
+        // Redis is never blocked by one long call.
+        let mut total = 0u64;
+        let mut page_ids = Vec::new();
+        let mut cursor = "+".to_owned();
+        loop {
+            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
+                .arg(&set)
+                .arg(&cursor)
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(BATCH)
+                .query_async(&mut conn)
+                .await?;
+            let Some(last) = ids.last() else { break };
+            cursor = format!("({last}");
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(self.key(&format!("run:{id}")))
+                    .arg("kind")
+                    .arg("name");
+            }
+            let fields: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut conn).await?;
+            for (id, (kind, name)) in ids.iter().zip(fields) {
+                let kind_ok = filter
+                    .kind
+                    .is_none_or(|k| kind.as_deref() == Some(k.as_str()));
+                let name_ok = filter
+                    .name
+                    .as_ref()
+                    .is_none_or(|n| name.as_ref() == Some(n));
+                if kind_ok && name_ok {
+                    total += 1;
+                    let after_cursor = filter
+                        .before
+                        .is_none_or(|before| id.as_str() < before.to_string().as_str());
+                    if after_cursor && page_ids.len() < limit {
+                        page_ids.push(id.clone());
+                    }
+                }
+            }
+            if ids.len() < BATCH {
+                break;
+            }
+        }
+        let mut runs = Vec::with_capacity(page_ids.len());
+        for id in page_ids.iter().filter_map(|id| RunId::parse(id)) {
+            if let Some(run) = self.get_run(id).await? {
+                runs.push(run);
+            }
+        }
+        Ok((runs, total))
+    }
+
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerId,
+        ttl: Duration,
+    ) -> StoreResult<Option<Claimed>> {
+        let mut args = vec![worker.to_string(), ttl.as_millis().to_string()];
+        args.extend(queues.iter().cloned());
+        let answer: Vec<RedisValue> = self.call("claim", &args).await?;
+        let [id, fence] = answer.as_slice() else {
+            return Ok(None);
+        };
+        let id = as_string(id)
+            .and_then(|id| RunId::parse(&id))
+            .ok_or_else(|| StoreError::Corrupt("claimed id".into()))?;
+        let fence = as_string(fence)
+            .and_then(|f| f.parse().ok())
+            .map(FenceToken)
+            .ok_or_else(|| StoreError::Corrupt("fence".into()))?;
+        let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+        let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
+        Ok(Some(Claimed {
+            lease: Lease {
+                run_id: id,
+                worker: worker.clone(),
+                fence,
+            },
+            run,
+            recovered,
+        }))
+    }
+
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
+        Ok(self
+            .fenced("heartbeat", lease, vec![ttl.as_millis().to_string()])
+            .await?
+            == 1)
+    }
+
+    async fn start_stage(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
+        Ok(self
+            .fenced("start_stage", lease, vec![stage.to_string()])
+            .await? as u32)
+    }
+
+    async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, String> =
+            conn.hgetall(self.key(&format!("run:{run}:steps"))).await?;
+        let prefix = format!("{stage}:");
+        all.iter()
+            .filter(|(field, _)| field.starts_with(&prefix))
+            .map(|(_, value)| {
+                serde_json::from_str(value).map_err(|e| StoreError::Corrupt(format!("step: {e}")))
+            })
+            .collect()
+    }
+
+    async fn record_step(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        step: &StepRecord,
+        progress: Progress,
+    ) -> StoreResult<()> {
+        let data = json!({"step": step.key, "done": progress.done, "total": progress.total, "cost_usd": step.cost_usd});
+        self.fenced(
+            "record_step",
+            lease,
+            vec![
+                stage.to_string(),
+                step.key.clone(),
+                json_text(step),
+                step.cost_usd.to_string(),
+                progress.done.to_string(),
+                progress.total.to_string(),
+                data.to_string(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn commit_stage(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        checkpoint: StageCheckpoint,
+    ) -> StoreResult<()> {
+        let data = json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts});
+        self.fenced(
+            "commit",
+            lease,
+            vec![
+                stage.to_string(),
+                checkpoint.output.to_string(),
+                json_text(&checkpoint.artifacts),
+                checkpoint.cost_usd.to_string(),
+                checkpoint
+                    .run_result
+                    .map(|r| r.to_string())
+                    .unwrap_or_default(),
+                data.to_string(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn end_attempt(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        outcome: StageOutcome,
+    ) -> StoreResult<()> {
+        let (kind, error, delay, data) = match &outcome {
+            StageOutcome::Retry { error, delay } => (
+                "retry",
+                json_text(error),
+                delay.as_millis() as u64,
+                json!({"delay_ms": delay.as_millis() as u64, "error": error}),
+            ),
+            StageOutcome::Fail { error } => ("fail", json_text(error), 0, json!({"error": error})),
+            StageOutcome::Cancelled => ("cancel", String::new(), 0, json!({})),
+            StageOutcome::Abandoned => ("abandon", String::new(), 0, json!({})),
+        };
+        self.fenced(
+            "end_attempt",
+            lease,
+            vec![
+                stage.to_string(),
+                kind.to_owned(),
+                error,
+                delay.to_string(),
+                data.to_string(),
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
+        let data = json!({"error": error});
+        self.fenced("fail_run", lease, vec![json_text(&error), data.to_string()])
+            .await?;
+        Ok(())
+    }
+
+    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord> {
+        let answer: String = self.call("cancel", &[id.to_string()]).await?;
+        if answer == "missing" {
+            return Err(StoreError::NotFound(id));
+        }
+        if let Some(status) = answer.strip_prefix("finished:") {
+            return Err(StoreError::Conflict(format!(
+                "run {id} is already {status}; only queued, retrying or running runs can be cancelled"
+            )));
+        }
+        self.get_run(id).await?.ok_or(StoreError::NotFound(id))
+    }
+
+    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
+        let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+        let from_idx = super::resume_start(&run, &from)?;
+        let forget = matches!(from, FromStage::Named(_));
+        let answer: String = self
+            .call(
+                "resume",
+                &[
+                    id.to_string(),
+                    run.status.as_str().to_owned(),
+                    from_idx.to_string(),
+                    if forget { "1" } else { "0" }.to_owned(),
+                ],
+            )
+            .await?;
+        match answer.as_str() {
+            "ok" => self.get_run(id).await?.ok_or(StoreError::NotFound(id)),
+            "missing" => Err(StoreError::NotFound(id)),
+            _ => Err(StoreError::Conflict(format!(
+                "run {id} changed while resuming; try again"
+            ))),
+        }
+    }
+
+    async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
+        let ids: Vec<String> = self.call("sweep", &[BATCH.to_string()]).await?;
+        Ok(ids.iter().filter_map(|id| RunId::parse(id)).collect())
+    }
+
+    async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
+        let mut conn = self.conn.clone();
+        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = time.0.parse::<i64>().unwrap_or(0) * 1000;
+        let cutoff = now_ms - retention.as_millis() as i64;
+        let mut deleted = 0u64;
+        loop {
+            let n: u64 = self
+                .call("purge", &[cutoff.to_string(), BATCH.to_string()])
+                .await?;
+            deleted += n;
+            if n < BATCH as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    async fn events_after(
+        &self,
+        run: RunId,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<RunEvent>> {
+        let mut conn = self.conn.clone();
+        let start = after_seq.max(0) as isize;
+        let items: Vec<String> = conn
+            .lrange(
+                self.key(&format!("run:{run}:events")),
+                start,
+                start + limit as isize - 1,
+            )
+            .await?;
+        items
+            .iter()
+            .map(|text| {
+                let stored: StoredEvent = serde_json::from_str(text)
+                    .map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
+                Ok(RunEvent {
+                    seq: stored.seq,
+                    run_id: run,
+                    at: to_datetime(stored.at),
+                    kind: stored.kind,
+                    stage: stored.stage,
+                    data: stored.data,
+                })
+            })
+            .collect()
+    }
+
+    async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
+        let mut conn = self.conn.clone();
+        let counts: HashMap<String, i64> = conn.hgetall(self.key("counts")).await?;
+        let mut depths: Vec<QueueDepth> = counts
+            .into_iter()
+            .filter(|(_, n)| *n > 0)
+            .filter_map(|(field, n)| {
+                let (queue, status) = field.rsplit_once(':')?;
+                Some(QueueDepth {
+                    queue: queue.to_owned(),
+                    status: RunStatus::parse(status)?,
+                    count: n as u64,
+                })
+            })
+            .collect();
+        depths.sort_by(|a, b| (&a.queue, a.status.as_str()).cmp(&(&b.queue, b.status.as_str())));
+        Ok(depths)
+    }
+
+    async fn wait_for_work(&self, queues: &[String], timeout: Duration) {
+        // Something due already, or due before the longest block: wait only that long.
+        let next_due: StoreResult<i64> = self.call("next_due", queues).await;
+        let wait = match next_due {
+            Ok(0) => return,
+            Ok(ms) if ms > 0 => Duration::from_millis(ms as u64).min(MAX_BLOCK),
+            Ok(_) => MAX_BLOCK,
+            Err(_) => {
+                tokio::time::sleep(timeout).await;
+                return;
+            }
+        };
+        let mut guard = self.blocking.lock().await;
+        if guard.is_none() {
+            match self.client.get_multiplexed_async_connection().await {
+                Ok(conn) => *guard = Some(conn),
+                Err(_) => {
+                    drop(guard);
+                    tokio::time::sleep(timeout).await;
+                    return;
+                }
+            }
+        }
+        let Some(conn) = guard.as_mut() else { return };
+        let keys: Vec<String> = queues
+            .iter()
+            .map(|q| self.key(&format!("queue:{q}:wake")))
+            .collect();
+        let seconds = wait.as_secs_f64().max(0.01);
+        // The client-side limit is longer than the server-side block, so a live connection is
+        // never cut short; a dead one is replaced next time.
+        let answer = tokio::time::timeout(
+            wait + Duration::from_secs(2),
+            redis::cmd("BLPOP")
+                .arg(&keys)
+                .arg(seconds)
+                .query_async::<Option<(String, String)>>(conn),
+        )
+        .await;
+        if !matches!(answer, Ok(Ok(_))) {
+            *guard = None;
+            drop(guard);
+            tokio::time::sleep(timeout).await;
+        }
+    }
+}

@@ -1,0 +1,83 @@
+//! The `noop` workflow: one stage that does nothing and costs nothing. It measures what the
+//! engine itself costs per run (claim, lease, checkpoint, status) and smoke-tests a deployment.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{InputError, Workflow, parse_inputs, queues};
+use crate::{
+    engine::{Stage, StageContext, StageError, StageOutput},
+    store::RunKind,
+};
+
+pub const NAME: &str = "noop";
+
+/// No inputs are accepted.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoInputs {}
+
+pub struct Noop {
+    stages: Vec<Box<dyn Stage>>,
+}
+
+impl Noop {
+    pub fn new() -> Self {
+        Self {
+            stages: vec![Box::new(NoopStage)],
+        }
+    }
+}
+
+impl Default for Noop {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Workflow for Noop {
+    fn kind(&self) -> RunKind {
+        RunKind::Workflow
+    }
+
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn description(&self) -> &'static str {
+        "One stage that does nothing: measures the engine's own cost per run"
+    }
+
+    fn queue(&self) -> &'static str {
+        queues::WORKFLOWS
+    }
+
+    fn stages(&self) -> &[Box<dyn Stage>] {
+        &self.stages
+    }
+
+    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
+        parse_inputs::<NoInputs>(inputs).map(|_| ())
+    }
+
+    fn input_schema(&self) -> Value {
+        json!({"type": "object", "additionalProperties": false, "properties": {}})
+    }
+}
+
+struct NoopStage;
+
+#[async_trait]
+impl Stage for NoopStage {
+    fn name(&self) -> &'static str {
+        "noop"
+    }
+
+    async fn run(&self, _ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        Ok(StageOutput {
+            output: json!({}),
+            cost_usd: 0.0,
+        })
+    }
+}
