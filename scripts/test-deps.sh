@@ -4,8 +4,10 @@
 set -euo pipefail
 
 # command -> Debian package
-# (The process tests need only sh, cat and sleep, which every Debian system has.)
-declare -A needed=()
+declare -A needed=(
+  [redis-server]=redis-server
+  [redis-cli]=redis-tools
+)
 
 missing=()
 for command in "${!needed[@]}"; do

@@ -5,13 +5,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use serde_json::json;
 
-use crate::support::{TestApp, stage};
+use crate::support::{Backend, TestApp, stage};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_worker_run_resumes_elsewhere_from_its_last_checkpoint_and_step() {
-    let mut app = TestApp::started();
+async fn a_killed_worker_run_resumes_elsewhere_from_its_last_checkpoint_and_step(backend: Backend) {
+    let mut app = TestApp::started(backend);
     let id = app.submit_demo(json!({"steps": 5, "sleep_ms": 2500})).await;
     // Stage two has committed at least two of its five steps.
     let before = app
@@ -68,9 +67,8 @@ async fn a_killed_worker_run_resumes_elsewhere_from_its_last_checkpoint_and_step
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes() {
-    let mut app = TestApp::started();
+async fn a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes(backend: Backend) {
+    let mut app = TestApp::started(backend);
     let id = app.submit_demo(json!({"steps": 2, "sleep_ms": 3000})).await;
     app.wait_run(&id, WAIT, |r| stage(r, "two")["status"] == "running")
         .await;
@@ -113,9 +111,8 @@ async fn a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes() {
     assert!(metrics.contains("stagecraft_runs{queue=\"workflows\",status=\"completed\"} 1"));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero() {
-    let mut app = TestApp::started();
+async fn sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero(backend: Backend) {
+    let mut app = TestApp::started(backend);
     let id = app.submit_demo(json!({"sleep_ms": 1500})).await;
     app.wait_run(&id, WAIT, |r| stage(r, "one")["status"] == "running")
         .await;
@@ -137,9 +134,8 @@ async fn sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero() {
     assert_eq!(TestApp::count(&app.ledger(&id), "stage one "), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn past_the_grace_period_the_stage_is_abandoned_and_rerun_elsewhere() {
-    let mut app = TestApp::new()
+async fn past_the_grace_period_the_stage_is_abandoned_and_rerun_elsewhere(backend: Backend) {
+    let mut app = TestApp::new(backend)
         .with_env("SHUTDOWN_GRACE_SECS", "1")
         .with_api();
     app.start_worker();
@@ -169,9 +165,8 @@ async fn past_the_grace_period_the_stage_is_abandoned_and_rerun_elsewhere() {
     app.wait_status(&id, "cancelled", WAIT).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_accepted_run_survives_the_api_dying_right_after_answering() {
-    let mut app = TestApp::new().with_api();
+async fn an_accepted_run_survives_the_api_dying_right_after_answering(backend: Backend) {
+    let mut app = TestApp::new(backend).with_api();
     let id = app.submit_demo(json!({"steps": 1})).await;
     app.api.as_mut().expect("api").kill9();
     app.start_worker();
@@ -180,9 +175,8 @@ async fn an_accepted_run_survives_the_api_dying_right_after_answering() {
     assert_eq!(run["run_id"], id.as_str());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_workers_share_one_store_without_running_anything_twice() {
-    let mut app = TestApp::started();
+async fn two_workers_share_one_store_without_running_anything_twice(backend: Backend) {
+    let mut app = TestApp::started(backend);
     app.start_worker_with(&["--concurrency", "3"]);
     let mut ids = Vec::new();
     for _ in 0..40 {
@@ -204,3 +198,12 @@ async fn two_workers_share_one_store_without_running_anything_twice() {
     }
     assert_eq!(workers.len(), 2, "both workers took runs: {workers:?}");
 }
+
+crate::conformance!(
+    a_killed_worker_run_resumes_elsewhere_from_its_last_checkpoint_and_step,
+    a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes,
+    sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero,
+    past_the_grace_period_the_stage_is_abandoned_and_rerun_elsewhere,
+    an_accepted_run_survives_the_api_dying_right_after_answering,
+    two_workers_share_one_store_without_running_anything_twice,
+);

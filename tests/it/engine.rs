@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::support::{TestApp, stage};
+use crate::support::{Backend, TestApp, stage};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -17,9 +17,8 @@ fn time(value: &serde_json::Value) -> DateTime<Utc> {
         .expect("RFC 3339")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn transient_failures_are_retried_after_growing_backoff_then_succeed() {
-    let app = TestApp::started();
+async fn transient_failures_are_retried_after_growing_backoff_then_succeed(backend: Backend) {
+    let app = TestApp::started(backend);
     let id = app.submit_demo(json!({"fail": {"two": 2}})).await;
     let run = app.wait_status(&id, "completed", WAIT).await;
     assert_eq!(stage(&run, "one")["attempts"], 1);
@@ -54,9 +53,8 @@ async fn transient_failures_are_retried_after_growing_backoff_then_succeed() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_permanent_failure_fails_the_run_at_once_keeping_its_checkpoints() {
-    let app = TestApp::started();
+async fn a_permanent_failure_fails_the_run_at_once_keeping_its_checkpoints(backend: Backend) {
+    let app = TestApp::started(backend);
     let id = app.submit_demo(json!({"fatal": "two"})).await;
     let run = app.wait_status(&id, "failed", WAIT).await;
     assert_eq!(run["error"]["code"], "planned_failure");
@@ -69,9 +67,8 @@ async fn a_permanent_failure_fails_the_run_at_once_keeping_its_checkpoints() {
     assert_eq!(failed["total"], 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exhausted_attempts_fail_the_run_and_a_resume_completes_it() {
-    let app = TestApp::started();
+async fn exhausted_attempts_fail_the_run_and_a_resume_completes_it(backend: Backend) {
+    let app = TestApp::started(backend);
     let id = app
         .submit_demo(json!({"fail": {"two": 3}, "steps": 2}))
         .await;
@@ -87,7 +84,14 @@ async fn exhausted_attempts_fail_the_run_and_a_resume_completes_it() {
         )
         .await;
     assert_eq!(status, 200, "{resumed}");
-    assert_eq!(resumed["status"], "queued");
+    // Queued by the resume; a worker may have taken it before the answer was read back.
+    assert!(
+        matches!(
+            resumed["status"].as_str(),
+            Some("queued" | "running" | "completed")
+        ),
+        "{resumed}"
+    );
     let run = app.wait_status(&id, "completed", WAIT).await;
     assert_eq!(
         stage(&run, "two")["attempts"],
@@ -103,9 +107,8 @@ async fn exhausted_attempts_fail_the_run_and_a_resume_completes_it() {
     assert_eq!(TestApp::count(&ledger, "stage two "), 4);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resuming_from_a_named_stage_reruns_it_and_what_follows_only() {
-    let app = TestApp::started();
+async fn resuming_from_a_named_stage_reruns_it_and_what_follows_only(backend: Backend) {
+    let app = TestApp::started(backend);
     let id = app.submit_demo(json!({"steps": 2})).await;
     let first = app.wait_status(&id, "completed", WAIT).await;
     let (status, _) = app
@@ -129,9 +132,8 @@ async fn resuming_from_a_named_stage_reruns_it_and_what_follows_only() {
     assert_eq!(TestApp::count(&ledger, "stage three "), 2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_budget_stops_the_run_before_a_stage_that_would_exceed_it() {
-    let app = TestApp::started();
+async fn a_budget_stops_the_run_before_a_stage_that_would_exceed_it(backend: Backend) {
+    let app = TestApp::started(backend);
     let (status, body) = app
         .post("/runs", &json!({"kind": "workflow", "name": "demo", "inputs": {"cost_usd": 2.0}, "budget_usd": 5.0}))
         .await;
@@ -149,9 +151,8 @@ async fn a_budget_stops_the_run_before_a_stage_that_would_exceed_it() {
     assert_eq!(TestApp::count(&app.ledger(id), "stage three "), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cancel_interrupts_a_running_stage_and_stops_a_queued_run() {
-    let app = TestApp::started();
+async fn cancel_interrupts_a_running_stage_and_stops_a_queued_run(backend: Backend) {
+    let app = TestApp::started(backend);
     let id = app.submit_demo(json!({"sleep_ms": 20000})).await;
     app.wait_run(&id, WAIT, |r| stage(r, "one")["status"] == "running")
         .await;
@@ -173,7 +174,7 @@ async fn cancel_interrupts_a_running_stage_and_stops_a_queued_run() {
     );
 
     // A queued run (no worker for its queue) is cancelled at once.
-    let queued_app = TestApp::new().with_api();
+    let queued_app = TestApp::new(backend).with_api();
     let queued = queued_app.submit_demo(json!({})).await;
     let (status, body) = queued_app
         .post(&format!("/runs/{queued}/cancel"), &json!({}))
@@ -182,6 +183,19 @@ async fn cancel_interrupts_a_running_stage_and_stops_a_queued_run() {
     assert_eq!(body["status"], "cancelled");
     // And a cancelled run can be resumed.
     let (status, body) = app.post(&format!("/runs/{id}/resume"), &json!({})).await;
-    assert_eq!((status, body["status"].as_str()), (200, Some("queued")));
+    assert_eq!(status, 200);
+    assert!(
+        matches!(body["status"].as_str(), Some("queued" | "running")),
+        "{body}"
+    );
     app.post(&format!("/runs/{id}/cancel"), &json!({})).await;
 }
+
+crate::conformance!(
+    transient_failures_are_retried_after_growing_backoff_then_succeed,
+    a_permanent_failure_fails_the_run_at_once_keeping_its_checkpoints,
+    exhausted_attempts_fail_the_run_and_a_resume_completes_it,
+    resuming_from_a_named_stage_reruns_it_and_what_follows_only,
+    a_budget_stops_the_run_before_a_stage_that_would_exceed_it,
+    cancel_interrupts_a_running_stage_and_stops_a_queued_run,
+);

@@ -18,6 +18,119 @@ use nix::{
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+/// Which store a deployment under test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Redis,
+}
+
+/// One `redis-server` per test binary, on a free loopback port, in a temporary directory. A
+/// watchdog shell stops it when the test binary exits.
+pub struct SharedRedis {
+    pub url: String,
+    _dir: TempDir,
+}
+
+pub fn shared_redis() -> &'static SharedRedis {
+    static REDIS: std::sync::OnceLock<SharedRedis> = std::sync::OnceLock::new();
+    REDIS.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let server = RedisServer::start(dir.path(), false);
+        let url = server.url.clone();
+        std::mem::forget(server);
+        SharedRedis { url, _dir: dir }
+    })
+}
+
+/// A `redis-server` process of a test's own (for outage tests), on a free port.
+pub struct RedisServer {
+    pub port: u16,
+    pub url: String,
+    dir: PathBuf,
+    aof: bool,
+    child: Option<Child>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+impl RedisServer {
+    pub fn start(dir: &Path, aof: bool) -> Self {
+        let port = free_port();
+        let mut server = Self {
+            port,
+            url: format!("redis://127.0.0.1:{port}/0"),
+            dir: dir.to_owned(),
+            aof,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    /// Starts the server (again, on the same port and data directory) and waits until it answers.
+    pub fn restart(&mut self) {
+        let appendonly = if self.aof { "yes" } else { "no" };
+        let script = format!(
+            "redis-server --port {port} --bind 127.0.0.1 --dir {dir} --save '' --appendonly {appendonly} \
+             --appendfsync everysec --maxmemory-policy noeviction --protected-mode yes --daemonize no \
+             --logfile {dir}/redis.log & r=$!; \
+             while kill -0 {test_pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; kill $r 2>/dev/null; wait $r",
+            port = self.port,
+            dir = self.dir.display(),
+            test_pid = std::process::id(),
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server could not be started: install it (apt-get install redis-server)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the server the way an orchestrator does (SIGTERM: it writes its AOF and exits).
+    pub fn stop(&mut self) {
+        let _ = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "shutdown"])
+            .output();
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The environment every test process gets; short leases and sweeps so recovery takes seconds.
 fn base_env(dir: &Path) -> BTreeMap<String, String> {
     [
@@ -44,6 +157,7 @@ fn base_env(dir: &Path) -> BTreeMap<String, String> {
 
 /// One deployment under test: a directory, its environment, and the processes started in it.
 pub struct TestApp {
+    pub backend: Backend,
     pub dir: TempDir,
     pub env: BTreeMap<String, String>,
     pub api: Option<Proc>,
@@ -106,11 +220,21 @@ impl Drop for Proc {
 pub const BIN: &str = env!("CARGO_BIN_EXE_stagecraft");
 
 impl TestApp {
-    /// A deployment with no process started yet.
-    pub fn new() -> Self {
+    /// A deployment with no process started yet. On Redis it gets a key prefix of its own in
+    /// the binary's shared server.
+    pub fn new(backend: Backend) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let env = base_env(dir.path());
+        let mut env = base_env(dir.path());
+        if backend == Backend::Redis {
+            env.insert("QUEUE_BACKEND".into(), "redis".into());
+            env.insert("REDIS_URL".into(), shared_redis().url.clone());
+            env.insert(
+                "REDIS_KEY_PREFIX".into(),
+                format!("t{}:", uuid::Uuid::new_v4().simple()),
+            );
+        }
         Self {
+            backend,
             dir,
             env,
             api: None,
@@ -136,8 +260,8 @@ impl TestApp {
     }
 
     /// The API and one worker process.
-    pub fn started() -> Self {
-        let mut app = Self::new().with_api();
+    pub fn started(backend: Backend) -> Self {
+        let mut app = Self::new(backend).with_api();
         app.start_worker();
         app
     }
@@ -343,6 +467,30 @@ impl TestApp {
             .filter_map(|data| serde_json::from_str(data).ok())
             .collect()
     }
+}
+
+/// Generates one test per backend from `async fn name(backend: Backend)` functions: the
+/// conformance suite both stores must pass.
+#[macro_export]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Sqlite).await
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Redis).await
+                }
+            )*
+        }
+    };
 }
 
 /// The stage named `name` of a status document.
