@@ -100,12 +100,44 @@ pub enum Command {
     },
     /// Cancel a run.
     Cancel { run_id: String },
+    /// Look into the store directly (no API needed): queues, workers, runs, one run, dead runs.
+    Inspect {
+        #[command(subcommand)]
+        what: Inspect,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+    /// Re-queue a failed run from its first unfinished stage (directly in the store).
+    Retry { run_id: String },
     /// Re-queue a finished run from a stage.
     Resume {
         run_id: String,
         /// `auto` or a stage name.
         #[arg(long, default_value = "auto")]
         from_stage: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Inspect {
+    /// Runs by queue and status.
+    Queues,
+    /// Live worker processes.
+    Workers,
+    /// Runs, newest first.
+    Runs {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One run: its status document and events.
+    Run { run_id: String },
+    /// Failed runs (attempts exhausted or permanent errors), which `retry` re-queues.
+    Dead {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
     },
 }
 
@@ -151,6 +183,14 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             open_store(&config).await?;
             println!("schema is up to date");
             Ok(())
+        }
+        Command::Inspect { what, json } => {
+            let store = open_store(&config).await?;
+            crate::ops::inspect(store.as_ref(), what, json).await
+        }
+        Command::Retry { run_id } => {
+            let store = open_store(&config).await?;
+            crate::ops::retry(store.as_ref(), &run_id).await
         }
         client_command => {
             let client = Client::new(
@@ -244,7 +284,6 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             store: store.clone(),
             catalog: catalog.clone(),
             config: config.clone(),
-            metrics: metrics.clone(),
             started: std::time::Instant::now(),
         };
         let stop = shutdown.clone();
@@ -286,6 +325,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
+            running: Default::default(),
         });
         let settings = ClaimSettings {
             queues,
@@ -385,9 +425,7 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
                 )
                 .await?
         }
-        Command::Serve | Command::Worker { .. } | Command::Dev { .. } | Command::Migrate => {
-            unreachable!("handled by run")
-        }
+        other => anyhow::bail!("not a client command: {other:?}"),
     };
     println!("{}", serde_json::to_string_pretty(&printed)?);
     Ok(())

@@ -11,7 +11,8 @@
 //! - [`http`]: the axum API, its errors and its OpenAPI document.
 //! - [`artifacts`]: files stages write, atomically, under one root.
 //! - [`process`]: the one place subprocesses are spawned.
-//! - [`cli`], [`client`]: the `stagecraft` command and its HTTP client.
+//! - [`cli`], [`client`], [`ops`]: the `stagecraft` command, its HTTP client, and the operator
+//!   commands that read the store directly.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`]: process plumbing.
 
 pub mod artifacts;
@@ -23,6 +24,7 @@ pub mod engine;
 pub mod http;
 pub mod ids;
 pub mod metrics;
+pub mod ops;
 pub mod process;
 pub mod queue;
 pub mod shutdown;

@@ -1,161 +1,216 @@
-//! Process-local counters and histograms, rendered in the Prometheus text format by
-//! `GET /metrics` together with gauges read from the store.
+//! Metrics. Each process counts what it does in a [`Metrics`]; workers flush those counts into
+//! the store every few seconds, so `GET /metrics` on any API process shows the whole
+//! deployment: cluster-wide counters and histograms from the store, and gauges (runs by queue and
+//! status, live workers) read from it at scrape time.
 
-use std::{
-    collections::BTreeMap,
-    fmt::Write,
-    sync::{
-        Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
 
-#[derive(Debug, Default)]
-pub struct Counter(AtomicU64);
-
-impl Counter {
-    pub fn inc(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
-    }
-}
-
-/// A counter with one label.
-#[derive(Debug, Default)]
-pub struct LabeledCounter(Mutex<BTreeMap<String, u64>>);
-
-impl LabeledCounter {
-    pub fn with_label(&self, label: &str) -> LabeledIncrement<'_> {
-        LabeledIncrement {
-            counter: self,
-            label: label.to_owned(),
-        }
-    }
-
-    fn snapshot(&self) -> BTreeMap<String, u64> {
-        self.0.lock().map(|m| m.clone()).unwrap_or_default()
-    }
-}
-
-pub struct LabeledIncrement<'a> {
-    counter: &'a LabeledCounter,
-    label: String,
-}
-
-impl LabeledIncrement<'_> {
-    pub fn inc(self) {
-        if let Ok(mut map) = self.counter.0.lock() {
-            *map.entry(self.label).or_default() += 1;
-        }
-    }
-}
+use crate::store::{QueueDepth, WorkerInfo};
 
 /// Upper bounds of the stage duration histogram, in seconds.
 const STAGE_BUCKETS: [f64; 12] = [
     0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 60.0, 300.0, 1800.0, 7200.0,
 ];
 
-#[derive(Debug, Default, Clone)]
-struct Histogram {
-    buckets: [u64; STAGE_BUCKETS.len()],
-    count: u64,
-    sum: f64,
-}
+/// Metric families: name, type, help.
+const FAMILIES: [(&str, &str, &str); 6] = [
+    (
+        "stagecraft_runs_finished_total",
+        "counter",
+        "Runs finished, by outcome.",
+    ),
+    (
+        "stagecraft_stage_retries_total",
+        "counter",
+        "Stage retries scheduled after transient failures.",
+    ),
+    (
+        "stagecraft_lease_recoveries_total",
+        "counter",
+        "Runs taken over after their worker's lease expired.",
+    ),
+    (
+        "stagecraft_fencing_rejections_total",
+        "counter",
+        "Runs a worker stopped because its lease was no longer current.",
+    ),
+    (
+        "stagecraft_stage_executions_total",
+        "counter",
+        "Stage attempts executed, by stage.",
+    ),
+    (
+        "stagecraft_stage_duration_seconds",
+        "histogram",
+        "Duration of stage attempts.",
+    ),
+];
 
+/// Counts not yet flushed to the store, by sample name (`family{labels}`).
 #[derive(Debug, Default)]
 pub struct Metrics {
-    pub runs_finished: LabeledCounter,
-    pub retries: Counter,
-    pub lease_recoveries: Counter,
-    pub fence_rejections: Counter,
-    stage_seconds: Mutex<BTreeMap<String, Histogram>>,
+    pending: Mutex<BTreeMap<String, f64>>,
 }
 
 impl Metrics {
-    pub fn observe_stage(&self, stage: &str, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        if let Ok(mut map) = self.stage_seconds.lock() {
-            let histogram = map.entry(stage.to_owned()).or_default();
-            for (bucket, bound) in histogram.buckets.iter_mut().zip(STAGE_BUCKETS) {
-                if seconds <= bound {
-                    *bucket += 1;
-                }
-            }
-            histogram.count += 1;
-            histogram.sum += seconds;
+    fn add(&self, sample: String, amount: f64) {
+        if let Ok(mut pending) = self.pending.lock() {
+            *pending.entry(sample).or_default() += amount;
         }
     }
 
-    /// Appends this process's metrics to `out`.
-    pub fn render(&self, out: &mut String) {
-        let _ = writeln!(
-            out,
-            "# HELP stagecraft_runs_finished_total Runs this process finished, by outcome."
+    pub fn run_finished(&self, outcome: &str) {
+        self.add(
+            format!("stagecraft_runs_finished_total{{outcome=\"{outcome}\"}}"),
+            1.0,
         );
-        let _ = writeln!(out, "# TYPE stagecraft_runs_finished_total counter");
-        for (outcome, count) in self.runs_finished.snapshot() {
-            let _ = writeln!(
-                out,
-                "stagecraft_runs_finished_total{{outcome=\"{outcome}\"}} {count}"
-            );
-        }
-        for (name, help, counter) in [
-            (
-                "stagecraft_retries_total",
-                "Stage retries this process scheduled.",
-                &self.retries,
-            ),
-            (
-                "stagecraft_lease_recoveries_total",
-                "Runs this process took over after another worker's lease expired.",
-                &self.lease_recoveries,
-            ),
-            (
-                "stagecraft_fencing_rejections_total",
-                "Writes refused because this process no longer held the lease.",
-                &self.fence_rejections,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", counter.get());
-        }
-        let _ = writeln!(
-            out,
-            "# HELP stagecraft_stage_duration_seconds Duration of stage attempts in this process."
+    }
+
+    pub fn retry_scheduled(&self) {
+        self.add("stagecraft_stage_retries_total".to_owned(), 1.0);
+    }
+
+    pub fn lease_recovered(&self) {
+        self.add("stagecraft_lease_recoveries_total".to_owned(), 1.0);
+    }
+
+    pub fn fencing_rejected(&self) {
+        self.add("stagecraft_fencing_rejections_total".to_owned(), 1.0);
+    }
+
+    pub fn observe_stage(&self, stage: &str, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        self.add(
+            format!("stagecraft_stage_executions_total{{stage=\"{stage}\"}}"),
+            1.0,
         );
-        let _ = writeln!(out, "# TYPE stagecraft_stage_duration_seconds histogram");
-        let histograms = self
-            .stage_seconds
-            .lock()
-            .map(|m| m.clone())
-            .unwrap_or_default();
-        for (stage, histogram) in histograms {
-            for (count, bound) in histogram.buckets.iter().zip(STAGE_BUCKETS) {
-                let _ = writeln!(
-                    out,
-                    "stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"{bound}\"}} {count}"
-                );
+        for bound in STAGE_BUCKETS {
+            if seconds <= bound {
+                self.add(format!("stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"{bound}\"}}"), 1.0);
             }
-            let _ = writeln!(
-                out,
-                "stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}} {}",
-                histogram.count
-            );
-            let _ = writeln!(
-                out,
-                "stagecraft_stage_duration_seconds_sum{{stage=\"{stage}\"}} {}",
-                histogram.sum
-            );
-            let _ = writeln!(
-                out,
-                "stagecraft_stage_duration_seconds_count{{stage=\"{stage}\"}} {}",
-                histogram.count
-            );
         }
+        self.add(
+            format!("stagecraft_stage_duration_seconds_bucket{{stage=\"{stage}\",le=\"+Inf\"}}"),
+            1.0,
+        );
+        self.add(
+            format!("stagecraft_stage_duration_seconds_sum{{stage=\"{stage}\"}}"),
+            seconds,
+        );
+        self.add(
+            format!("stagecraft_stage_duration_seconds_count{{stage=\"{stage}\"}}"),
+            1.0,
+        );
+    }
+
+    /// Takes the counts accumulated since the last call.
+    pub fn take(&self) -> Vec<(String, f64)> {
+        self.pending
+            .lock()
+            .map(|mut p| std::mem::take(&mut *p).into_iter().collect())
+            .unwrap_or_default()
+    }
+
+    /// Puts counts back after a failed flush, so none is lost.
+    pub fn restore(&self, deltas: Vec<(String, f64)>) {
+        for (sample, amount) in deltas {
+            self.add(sample, amount);
+        }
+    }
+}
+
+/// The Prometheus text exposition of the deployment.
+pub fn render(counters: &[(String, f64)], depths: &[QueueDepth], workers: &[WorkerInfo]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "# HELP stagecraft_runs Runs in the store, by queue and status."
+    );
+    let _ = writeln!(out, "# TYPE stagecraft_runs gauge");
+    for depth in depths {
+        let _ = writeln!(
+            out,
+            "stagecraft_runs{{queue=\"{}\",status=\"{}\"}} {}",
+            depth.queue,
+            depth.status.as_str(),
+            depth.count
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP stagecraft_queue_depth Runs waiting to be claimed (queued or retrying), by queue."
+    );
+    let _ = writeln!(out, "# TYPE stagecraft_queue_depth gauge");
+    let mut waiting: BTreeMap<&str, u64> = BTreeMap::new();
+    for depth in depths {
+        if matches!(depth.status.as_str(), "queued" | "retrying") {
+            *waiting.entry(depth.queue.as_str()).or_default() += depth.count;
+        }
+    }
+    for (queue, count) in waiting {
+        let _ = writeln!(out, "stagecraft_queue_depth{{queue=\"{queue}\"}} {count}");
+    }
+    let _ = writeln!(
+        out,
+        "# HELP stagecraft_workers_live Worker processes with a recent heartbeat."
+    );
+    let _ = writeln!(out, "# TYPE stagecraft_workers_live gauge");
+    let _ = writeln!(out, "stagecraft_workers_live {}", workers.len());
+    for (family, kind, help) in FAMILIES {
+        let _ = writeln!(out, "# HELP {family} {help}");
+        let _ = writeln!(out, "# TYPE {family} {kind}");
+        let mut any = false;
+        for (sample, value) in counters {
+            let name = sample.split('{').next().unwrap_or(sample);
+            let belongs = name == family
+                || (kind == "histogram"
+                    && name.starts_with(family)
+                    && name[family.len()..].starts_with('_'));
+            if belongs {
+                any = true;
+                let _ = writeln!(out, "{sample} {value}");
+            }
+        }
+        let unlabelled = !matches!(
+            family,
+            "stagecraft_runs_finished_total" | "stagecraft_stage_executions_total"
+        );
+        if !any && kind == "counter" && unlabelled {
+            let _ = writeln!(out, "{family} 0");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_observations_fill_cumulative_buckets() {
+        let metrics = Metrics::default();
+        metrics.observe_stage("one", Duration::from_millis(30));
+        metrics.retry_scheduled();
+        let taken: BTreeMap<String, f64> = metrics.take().into_iter().collect();
+        assert!(
+            !taken.contains_key(
+                "stagecraft_stage_duration_seconds_bucket{stage=\"one\",le=\"0.01\"}"
+            )
+        );
+        assert_eq!(
+            taken["stagecraft_stage_duration_seconds_bucket{stage=\"one\",le=\"0.05\"}"],
+            1.0
+        );
+        assert_eq!(
+            taken["stagecraft_stage_duration_seconds_bucket{stage=\"one\",le=\"+Inf\"}"],
+            1.0
+        );
+        assert_eq!(taken["stagecraft_stage_retries_total"], 1.0);
+        assert!(metrics.take().is_empty(), "take drains");
+        let text = render(&taken.into_iter().collect::<Vec<_>>(), &[], &[]);
+        assert!(text.contains("# TYPE stagecraft_stage_duration_seconds histogram"));
+        assert!(text.contains("stagecraft_stage_retries_total 1"));
+        assert!(text.contains("stagecraft_lease_recoveries_total 0"));
+        assert!(text.contains("stagecraft_workers_live 0"));
     }
 }

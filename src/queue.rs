@@ -25,7 +25,7 @@ use tracing::{info, warn};
 use crate::{
     engine::Engine,
     ids::WorkerId,
-    store::{Claimed, SharedStore},
+    store::{Claimed, SharedStore, WorkerInfo},
 };
 
 /// How a worker pool claims runs.
@@ -165,6 +165,13 @@ pub async fn run_workers(
             }
         });
     info!(worker.id = %engine.worker, queues = ?settings.queues, concurrency, "worker started");
+    let presence_stop = CancellationToken::new();
+    let presence = tokio::spawn(keep_presence(
+        engine.clone(),
+        settings.queues.clone(),
+        concurrency,
+        presence_stop.clone(),
+    ));
     let stopping = engine.stopping.clone();
     let abandon = engine.abandon.clone();
     let signal = async move {
@@ -180,12 +187,64 @@ pub async fn run_workers(
         });
         Ok::<(), std::io::Error>(())
     };
-    worker
+    let outcome = worker
         .run_until(signal)
         .await
-        .map_err(|e| anyhow::anyhow!("worker failed: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("worker failed: {e}"));
+    presence_stop.cancel();
+    let _ = presence.await;
+    outcome?;
     info!(worker.id = %engine.worker, "worker stopped");
     Ok(())
+}
+
+/// How often a worker reports itself and flushes its metrics.
+const PRESENCE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Registers the worker, refreshes its heartbeat and current runs and flushes its metrics every
+/// [`PRESENCE_INTERVAL`] until `stop`, then flushes once more and unregisters.
+async fn keep_presence(
+    engine: Arc<Engine>,
+    queues: Vec<String>,
+    concurrency: usize,
+    stop: CancellationToken,
+) {
+    let started_at = chrono::Utc::now();
+    let mut ticker = tokio::time::interval(PRESENCE_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let stopping = tokio::select! {
+            _ = ticker.tick() => false,
+            () = stop.cancelled() => true,
+        };
+        let running = engine
+            .running
+            .lock()
+            .map(|r| r.iter().map(ToString::to_string).collect())
+            .unwrap_or_default();
+        let info = WorkerInfo {
+            id: engine.worker.to_string(),
+            queues: queues.clone(),
+            concurrency: concurrency as u32,
+            started_at,
+            last_heartbeat: chrono::Utc::now(),
+            running,
+        };
+        let deltas = engine.metrics.take();
+        if let Err(error) = engine.store.add_counters(&deltas).await {
+            warn!(error = %error, "flushing metrics failed; keeping them for the next try");
+            engine.metrics.restore(deltas);
+        }
+        if stopping {
+            if let Err(error) = engine.store.unregister_worker(&info.id).await {
+                warn!(error = %error, "unregistering the worker failed; it will age out");
+            }
+            return;
+        }
+        if let Err(error) = engine.store.worker_heartbeat(&info).await {
+            warn!(error = %error, "worker heartbeat failed");
+        }
+    }
 }
 
 /// Re-queues runs with expired leases and deletes runs past retention, every `interval`,

@@ -52,6 +52,8 @@ pub struct Engine {
     pub stopping: CancellationToken,
     /// Fired when the grace period is over: running stages are abandoned and released.
     pub abandon: CancellationToken,
+    /// Runs this process is executing now, reported with the worker's heartbeat.
+    pub running: std::sync::Mutex<std::collections::BTreeSet<crate::ids::RunId>>,
 }
 
 /// Why a run's execution ended in this process.
@@ -71,6 +73,10 @@ impl Engine {
     pub async fn execute(&self, claimed: Claimed) -> Ending {
         let span = info_span!("run", run.id = %claimed.run.id, run.name = %claimed.run.name, fence = claimed.lease.fence.0);
         async move {
+            let run_id = claimed.run.id;
+            if let Ok(mut running) = self.running.lock() {
+                running.insert(run_id);
+            }
             let lease = claimed.lease.clone();
             let cancel = CancellationToken::new();
             let lease_lost = CancellationToken::new();
@@ -82,13 +88,16 @@ impl Engine {
                 lease_lost.clone(),
             ));
             if claimed.recovered {
-                self.metrics.lease_recoveries.inc();
+                self.metrics.lease_recovered();
             }
             let ending = self.execute_stages(claimed, &cancel, &lease_lost).await;
             heartbeat.abort();
             if ending == Ending::LeaseLost {
-                self.metrics.fence_rejections.inc();
+                self.metrics.fencing_rejected();
                 warn!("lease lost; this worker stopped executing the run");
+            }
+            if let Ok(mut running) = self.running.lock() {
+                running.remove(&run_id);
             }
             info!(ending = ?ending, "run execution ended");
             ending
@@ -260,14 +269,14 @@ impl Engine {
                         "stage completed"
                     );
                     if is_last {
-                        self.metrics.runs_finished.with_label("completed").inc();
+                        self.metrics.run_finished("completed");
                         return Ending::Completed;
                     }
                 }
                 Err(StageError::Retryable(message)) if policy.allows_another_after(ctx.attempt) => {
                     let delay = policy.delay_after(ctx.attempt, &mut rand::rng());
                     warn!(stage.name = stage.name(), attempt = ctx.attempt, delay_ms = delay.as_millis() as u64, error = %message, "stage failed; retry scheduled");
-                    self.metrics.retries.inc();
+                    self.metrics.retry_scheduled();
                     let error = RunError {
                         code: "stage_error".to_owned(),
                         message,
@@ -294,7 +303,7 @@ impl Engine {
                     return self.fail(&lease, index, RunError { code, message }).await;
                 }
                 Err(StageError::Cancelled) => {
-                    self.metrics.runs_finished.with_label("cancelled").inc();
+                    self.metrics.run_finished("cancelled");
                     return self.settle(
                         self.store
                             .end_attempt(&lease, index, StageOutcome::Cancelled)
@@ -317,7 +326,7 @@ impl Engine {
 
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {
         warn!(stage.index = index, error.code = %error.code, error = %error.message, "run failed");
-        self.metrics.runs_finished.with_label("failed").inc();
+        self.metrics.run_finished("failed");
         self.settle(
             self.store
                 .end_attempt(lease, index, StageOutcome::Fail { error })

@@ -24,7 +24,7 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::{config::Config, metrics::Metrics, store::SharedStore, workflows::Catalog};
+use crate::{config::Config, store::SharedStore, workflows::Catalog};
 
 /// What every handler may use.
 #[derive(Clone)]
@@ -32,7 +32,6 @@ pub struct AppState {
     pub store: SharedStore,
     pub catalog: Arc<Catalog>,
     pub config: Arc<Config>,
-    pub metrics: Arc<Metrics>,
     pub started: Instant,
 }
 
@@ -68,6 +67,7 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(root))
         .routes(routes!(queues))
         .routes(routes!(metrics))
+        .routes(routes!(workers))
         .merge(runs::routes())
         .split_for_parts();
     let body_limit = state.config.max_body_bytes;
@@ -206,6 +206,7 @@ async fn root() -> Json<serde_json::Value> {
             "runs": "/runs",
             "workflows": "/workflows",
             "queues": "/queues",
+            "workers": "/workers",
             "metrics": "/metrics",
             "health": "/health"
         }
@@ -225,25 +226,26 @@ async fn queues(State(state): State<AppState>) -> Result<Json<Queues>, ApiError>
     }))
 }
 
-/// Prometheus metrics: runs by status and queue from the store, and this process's counters.
+/// Prometheus metrics of the whole deployment: runs by queue and status, live workers, and the
+/// counters and stage-duration histograms every worker flushes to the store.
 #[utoipa::path(get, path = "/metrics", tag = "ops", responses((status = 200, body = String, content_type = "text/plain")))]
 async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "# HELP stagecraft_runs Runs in the store by queue and status."
-    );
-    let _ = writeln!(out, "# TYPE stagecraft_runs gauge");
-    for depth in state.store.queue_depths().await? {
-        let _ = writeln!(
-            out,
-            "stagecraft_runs{{queue=\"{}\",status=\"{}\"}} {}",
-            depth.queue,
-            depth.status.as_str(),
-            depth.count
-        );
-    }
-    state.metrics.render(&mut out);
-    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+    let counters = state.store.counters().await?;
+    let depths = state.store.queue_depths().await?;
+    let workers = state.store.list_workers().await?;
+    let text = crate::metrics::render(&counters, &depths, &workers);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response())
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct Workers {
+    workers: Vec<crate::store::WorkerInfo>,
+}
+
+/// Live worker processes, their queues, last heartbeat and current runs.
+#[utoipa::path(get, path = "/workers", tag = "ops", responses((status = 200, body = Workers)))]
+async fn workers(State(state): State<AppState>) -> Result<Json<Workers>, ApiError> {
+    Ok(Json(Workers {
+        workers: state.store.list_workers().await?,
+    }))
 }

@@ -341,6 +341,21 @@ pub struct QueueDepth {
     pub count: u64,
 }
 
+/// A live worker process, as registered in the store.
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct WorkerInfo {
+    pub id: String,
+    pub queues: Vec<String>,
+    pub concurrency: u32,
+    pub started_at: DateTime<Utc>,
+    pub last_heartbeat: DateTime<Utc>,
+    /// Runs the worker is executing now.
+    pub running: Vec<String>,
+}
+
+/// How long a worker may miss heartbeats before it is no longer listed.
+pub const WORKER_STALE_AFTER: Duration = Duration::from_secs(30);
+
 /// The durable store behind every process. Implementations must make every method safe to
 /// call from several processes at once.
 #[async_trait]
@@ -425,6 +440,21 @@ pub trait RunStore: Send + Sync + 'static {
     ) -> StoreResult<Vec<RunEvent>>;
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>>;
+
+    /// Registers a worker process or refreshes its heartbeat and current runs.
+    async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()>;
+
+    /// Removes a worker that stopped cleanly.
+    async fn unregister_worker(&self, id: &str) -> StoreResult<()>;
+
+    /// Workers whose last heartbeat is within [`WORKER_STALE_AFTER`]; forgets older ones.
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>>;
+
+    /// Adds to cluster-wide counters (metric sample name → amount).
+    async fn add_counters(&self, deltas: &[(String, f64)]) -> StoreResult<()>;
+
+    /// Every cluster-wide counter.
+    async fn counters(&self) -> StoreResult<Vec<(String, f64)>>;
 
     /// Waits until work may be available on these queues. The embedded store is woken at once
     /// by runs this process queues and otherwise polls every `poll`; Redis blocks on the

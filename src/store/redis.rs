@@ -19,7 +19,7 @@ use tokio::sync::Mutex;
 use super::{
     Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter,
     RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
-    StageStatus, StepRecord, StoreError, StoreResult, to_datetime,
+    StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
     config::ProviderMode,
@@ -626,6 +626,88 @@ impl RunStore for RedisStore {
             .collect();
         depths.sort_by(|a, b| (&a.queue, a.status.as_str()).cmp(&(&b.queue, b.status.as_str())));
         Ok(depths)
+    }
+
+    async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms =
+            time.0.parse::<i64>().unwrap_or(0) * 1000 + time.1.parse::<i64>().unwrap_or(0) / 1000;
+        let mut info = worker.clone();
+        info.last_heartbeat = to_datetime(now_ms);
+        let key = self.key(&format!("worker:{}", worker.id));
+        redis::pipe()
+            .atomic()
+            .zadd(self.key("workers"), &worker.id, now_ms)
+            .set(&key, json_text(&info))
+            .pexpire(&key, (2 * WORKER_STALE_AFTER.as_millis()) as i64)
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn unregister_worker(&self, id: &str) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        redis::pipe()
+            .atomic()
+            .zrem(self.key("workers"), id)
+            .del(self.key(&format!("worker:{id}")))
+            .query_async::<()>(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
+        let mut conn = self.conn.clone();
+        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let now_ms = time.0.parse::<i64>().unwrap_or(0) * 1000;
+        let cutoff = now_ms - WORKER_STALE_AFTER.as_millis() as i64;
+        let stale: Vec<String> = conn
+            .zrangebyscore(self.key("workers"), "-inf", cutoff)
+            .await?;
+        for id in &stale {
+            let _: () = redis::pipe()
+                .zrem(self.key("workers"), id)
+                .del(self.key(&format!("worker:{id}")))
+                .query_async(&mut conn)
+                .await?;
+        }
+        let ids: Vec<String> = conn.zrange(self.key("workers"), 0, -1).await?;
+        let mut workers = Vec::with_capacity(ids.len());
+        for id in ids {
+            let text: Option<String> = conn.get(self.key(&format!("worker:{id}"))).await?;
+            if let Some(info) = text.and_then(|t| serde_json::from_str::<WorkerInfo>(&t).ok()) {
+                workers.push(info);
+            }
+        }
+        workers.sort_by_key(|w| w.started_at);
+        Ok(workers)
+    }
+
+    async fn add_counters(&self, deltas: &[(String, f64)]) -> StoreResult<()> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for (name, amount) in deltas {
+            pipe.cmd("HINCRBYFLOAT")
+                .arg(self.key("metrics"))
+                .arg(name)
+                .arg(*amount)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
+        let mut conn = self.conn.clone();
+        let all: HashMap<String, f64> = conn.hgetall(self.key("metrics")).await?;
+        let mut counters: Vec<_> = all.into_iter().collect();
+        counters.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(counters)
     }
 
     async fn wait_for_work(&self, queues: &[String], timeout: Duration) {

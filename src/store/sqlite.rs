@@ -20,7 +20,7 @@ use tokio::sync::Notify;
 use super::{
     Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter,
     RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
-    StageStatus, StepRecord, StoreError, StoreResult, to_datetime,
+    StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
     clock::{Millis, SharedClock},
@@ -998,6 +998,80 @@ impl RunStore for SqliteStore {
                     count: row.try_get::<i64, _>("n").ok()? as u64,
                 }))
             })
+            .collect()
+    }
+
+    async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO workers (id, queues, concurrency, started_at, heartbeat_at, running) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running",
+        )
+        .bind(&worker.id)
+        .bind(json_text(&worker.queues))
+        .bind(i64::from(worker.concurrency))
+        .bind(worker.started_at.timestamp_millis())
+        .bind(self.now())
+        .bind(json_text(&worker.running))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn unregister_worker(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM workers WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
+        let cutoff = self.now() - WORKER_STALE_AFTER.as_millis() as i64;
+        sqlx::query("DELETE FROM workers WHERE heartbeat_at < ?")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query("SELECT * FROM workers ORDER BY started_at")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(WorkerInfo {
+                    id: row.try_get("id")?,
+                    queues: parse_json(Some(row.try_get("queues")?), "worker queues")?
+                        .unwrap_or_default(),
+                    concurrency: row.try_get::<i64, _>("concurrency")? as u32,
+                    started_at: to_datetime(row.try_get("started_at")?),
+                    last_heartbeat: to_datetime(row.try_get("heartbeat_at")?),
+                    running: parse_json(Some(row.try_get("running")?), "worker runs")?
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn add_counters(&self, deltas: &[(String, f64)]) -> StoreResult<()> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for (name, amount) in deltas {
+            sqlx::query("INSERT INTO counters (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = value + excluded.value")
+                .bind(name)
+                .bind(amount)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
+        let rows = sqlx::query("SELECT name, value FROM counters ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
             .collect()
     }
 

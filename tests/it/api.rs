@@ -476,6 +476,106 @@ async fn the_cli_submits_waits_lists_and_resumes(backend: Backend) {
     assert!(String::from_utf8_lossy(&output.stderr).contains("not_found"));
 }
 
+async fn operators_see_queues_workers_dead_runs_and_metrics(backend: Backend) {
+    let app = TestApp::started(backend);
+    let id = app.submit_demo(json!({"fail": {"two": 3}})).await;
+    app.wait_status(&id, "failed", WAIT).await;
+    let run_cli = |args: &[&str]| {
+        let output = app.command(args).output().expect("cli runs");
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let dead: Value = serde_json::from_str(&run_cli(&["inspect", "dead", "--json"])).expect("json");
+    assert_eq!(dead["total"], 1);
+    assert_eq!(dead["runs"][0]["run_id"], id.as_str());
+    assert_eq!(dead["runs"][0]["error"]["code"], "attempts_exhausted");
+    let queues: Value =
+        serde_json::from_str(&run_cli(&["inspect", "queues", "--json"])).expect("json");
+    assert_eq!(
+        queues["queues"],
+        json!([{"queue": "workflows", "status": "failed", "count": 1}])
+    );
+    let table = run_cli(&["inspect", "run", &id]);
+    assert!(
+        table.contains("attempts_exhausted") && table.contains("retry_scheduled"),
+        "{table}"
+    );
+    assert!(run_cli(&["inspect", "runs", "--status", "failed"]).contains(&id));
+
+    // Workers report themselves every 2 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let workers: Value =
+            serde_json::from_str(&run_cli(&["inspect", "workers", "--json"])).expect("json");
+        if workers["workers"].as_array().is_some_and(|w| w.len() == 1) {
+            assert!(
+                workers["workers"][0]["id"]
+                    .as_str()
+                    .is_some_and(|id| id.contains(":worker-"))
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no worker listed: {workers}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (status, workers) = app.get("/workers").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        workers["workers"][0]["queues"],
+        json!(["agents", "workflows", "work_orders"])
+    );
+
+    let retried: Value = serde_json::from_str(&run_cli(&["retry", &id])).expect("json");
+    assert!(
+        matches!(
+            retried["status"].as_str(),
+            Some("queued" | "running" | "completed")
+        ),
+        "{retried}"
+    );
+    app.wait_status(&id, "completed", WAIT).await;
+
+    // Counters flushed by the worker reach /metrics on the API process.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = app
+            .http
+            .get(app.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let flushed = text.contains("stagecraft_stage_retries_total 2")
+            && text.contains("stagecraft_runs_finished_total{outcome=\"completed\"} 1");
+        if flushed {
+            assert!(
+                text.contains("stagecraft_runs{queue=\"workflows\",status=\"completed\"} 1"),
+                "{text}"
+            );
+            assert!(text.contains("stagecraft_workers_live 1"), "{text}");
+            assert!(
+                text.contains("stagecraft_stage_duration_seconds_count{stage=\"two\"} 4"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "metrics not flushed: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[test]
 fn a_bad_configuration_value_stops_start_up_naming_the_variable() {
     let app = TestApp::new(Backend::Sqlite).with_env("LEASE_TTL_SECS", "soon");
@@ -495,4 +595,5 @@ crate::conformance!(
     the_openapi_document_and_docs_are_served_offline,
     workflow_routes_run_sync_and_async,
     the_cli_submits_waits_lists_and_resumes,
+    operators_see_queues_workers_dead_runs_and_metrics,
 );
