@@ -164,6 +164,8 @@ pub async fn run_workers(
                 true
             }
         });
+    // Printed, not logged: scripts and tests read readiness from here, whatever the log level.
+    println!("stagecraft: worker {} started", engine.worker);
     info!(worker.id = %engine.worker, queues = ?settings.queues, concurrency, "worker started");
     let presence_stop = CancellationToken::new();
     let presence = tokio::spawn(keep_presence(

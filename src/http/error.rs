@@ -138,8 +138,9 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::NotFound(id) => Self::not_found(format!("run {id} not found")),
             StoreError::Conflict(message) => Self::Conflict(message),
-            StoreError::Database(sqlx::Error::PoolTimedOut) => {
-                Self::Unavailable("the store is unreachable".to_owned())
+            StoreError::Unavailable(_) | StoreError::Database(sqlx::Error::PoolTimedOut) => {
+                tracing::warn!(error = %error, "store unavailable");
+                Self::Unavailable("the store is unreachable; try again shortly".to_owned())
             }
             other => Self::Internal(other.into()),
         }

@@ -43,9 +43,12 @@ pub enum StoreError {
     /// The database itself failed or is unreachable.
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
-    /// Redis failed or is unreachable.
+    /// Redis answered with an error.
     #[error("redis error: {0}")]
     Redis(String),
+    /// The store cannot be reached now (connection refused, dropped or timed out).
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// The schema could not be migrated.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),

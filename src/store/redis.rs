@@ -55,7 +55,16 @@ impl std::fmt::Debug for RedisStore {
 
 impl From<redis::RedisError> for StoreError {
     fn from(error: redis::RedisError) -> Self {
-        StoreError::Redis(error.to_string())
+        let unreachable = error.is_io_error()
+            || error.is_connection_refusal()
+            || error.is_connection_dropped()
+            || error.is_timeout()
+            || error.is_unrecoverable_error();
+        if unreachable {
+            StoreError::Unavailable(error.to_string())
+        } else {
+            StoreError::Redis(error.to_string())
+        }
     }
 }
 

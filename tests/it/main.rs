@@ -3,4 +3,5 @@
 mod api;
 mod durability;
 mod engine;
+mod redis_scale;
 mod support;

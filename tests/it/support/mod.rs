@@ -326,19 +326,16 @@ impl TestApp {
     pub fn start_worker_with(&mut self, args: &[&str]) -> usize {
         let mut all = vec!["worker"];
         all.extend_from_slice(args);
-        let (proc, _) = self.spawn("worker", &all);
+        let (proc, first_line) = self.spawn("worker", &all);
+        let line = first_line.recv_timeout(Duration::from_secs(20)).ok();
+        assert!(
+            line.as_deref()
+                .is_some_and(|l| l.contains("worker") && l.contains("started")),
+            "worker did not start ({line:?}): {}",
+            proc.log_text()
+        );
         self.workers.push(proc);
-        // The worker is ready once it logged its start.
-        let deadline = Instant::now() + Duration::from_secs(20);
         let index = self.workers.len() - 1;
-        while !self.workers[index].log_text().contains("worker started") {
-            assert!(
-                Instant::now() < deadline,
-                "worker did not start: {}",
-                self.workers[index].log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
         index
     }
 
