@@ -177,9 +177,14 @@ impl Engine {
                     Ending::Released,
                 );
             }
-            let memo: HashMap<_, _> = match self.store.steps(run.id, index).await {
-                Ok(steps) => steps.into_iter().map(|s| (s.key.clone(), s)).collect(),
-                Err(error) => return self.store_failure(error),
+            // Steps exist only where progress was recorded: skip the read for fresh stages.
+            let memo: HashMap<_, _> = if record.progress.is_some() {
+                match self.store.steps(run.id, index).await {
+                    Ok(steps) => steps.into_iter().map(|s| (s.key.clone(), s)).collect(),
+                    Err(error) => return self.store_failure(error),
+                }
+            } else {
+                HashMap::new()
             };
             let mut ctx = StageContext {
                 run_id: run.id,

@@ -81,6 +81,16 @@ local function stage_name(id, idx)
   return redis.call('HGET', k_stage(id, idx), 'name')
 end
 
+-- The run hash and its stage hashes, as flat field/value lists ({} when there is no run).
+local function snapshot(id)
+  local run = redis.call('HGETALL', k_run(id))
+  if #run == 0 then return {} end
+  local out = { run }
+  local n = tonumber(redis.call('HGET', k_run(id), 'stages') or '0')
+  for i = 0, n - 1 do out[#out + 1] = redis.call('HGETALL', k_stage(id, i)) end
+  return out
+end
+
 -- insert id kind name queue inputs mode budget idem idem_ttl_ms n names...
 if op == 'insert' then
   local id, kind, name, q, inputs, mode, budget, idem, idem_ttl = ARGV[3], ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9], ARGV[10], ARGV[11]
@@ -127,18 +137,12 @@ if op == 'claim' then
   redis.call('ZADD', K_LEASES, now + ttl, id)
   set_status(id, 'running')
   event(id, 'run_started', nil, cjson.encode({ worker = worker, fence = fence }))
-  return { id, fence }
+  return { id, fence, snapshot(id) }
 end
 
--- get id: the run hash and its stage hashes, as flat field/value lists
+-- get id
 if op == 'get' then
-  local id = ARGV[3]
-  local run = redis.call('HGETALL', k_run(id))
-  if #run == 0 then return {} end
-  local out = { run }
-  local n = tonumber(redis.call('HGET', k_run(id), 'stages') or '0')
-  for i = 0, n - 1 do out[#out + 1] = redis.call('HGETALL', k_stage(id, i)) end
-  return out
+  return snapshot(ARGV[3])
 end
 
 -- next_due queues...: milliseconds until the earliest run of these queues is due (-1: none)
@@ -291,8 +295,14 @@ if op == 'resume' then
   local n = tonumber(redis.call('HGET', r, 'stages') or '0')
   for i = from, n - 1 do
     local s = k_stage(id, i)
-    redis.call('HSET', s, 'status', 'pending', 'attempts', 0, 'cost_usd', 0, 'artifacts', '[]')
-    redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'progress_done', 'progress_total', 'next_attempt_at')
+    if i == from and forget ~= '1' then
+      -- The stage keeps its memoised steps, and with them their cost and progress.
+      redis.call('HSET', s, 'status', 'pending', 'attempts', 0)
+      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'next_attempt_at')
+    else
+      redis.call('HSET', s, 'status', 'pending', 'attempts', 0, 'cost_usd', 0, 'artifacts', '[]')
+      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'progress_done', 'progress_total', 'next_attempt_at')
+    end
     if forget == '1' then
       local fields = redis.call('HKEYS', k_steps(id))
       for _, field in ipairs(fields) do

@@ -241,6 +241,18 @@ fn run_from_maps(
     })
 }
 
+/// A run from the script's snapshot: its hash, then one hash per stage.
+fn snapshot_to_run(snapshot: &RedisValue) -> StoreResult<Option<RunRecord>> {
+    let RedisValue::Array(parts) = snapshot else {
+        return Ok(None);
+    };
+    let Some((run, stages)) = parts.split_first() else {
+        return Ok(None);
+    };
+    let stages: Vec<_> = stages.iter().map(to_map).collect();
+    run_from_maps(&to_map(run), &stages).map(Some)
+}
+
 /// An event as the script stores it (`at` in milliseconds).
 #[derive(serde::Deserialize)]
 struct StoredEvent {
@@ -284,12 +296,8 @@ impl RunStore for RedisStore {
     }
 
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
-        let parts: Vec<RedisValue> = self.call("get", &[id.to_string()]).await?;
-        let Some((run, stages)) = parts.split_first() else {
-            return Ok(None);
-        };
-        let stages: Vec<_> = stages.iter().map(to_map).collect();
-        run_from_maps(&to_map(run), &stages).map(Some)
+        let snapshot: RedisValue = self.call("get", &[id.to_string()]).await?;
+        snapshot_to_run(&snapshot)
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
@@ -388,8 +396,11 @@ impl RunStore for RedisStore {
         let mut args = vec![worker.to_string(), ttl.as_millis().to_string()];
         args.extend(queues.iter().cloned());
         let answer: Vec<RedisValue> = self.call("claim", &args).await?;
-        let [id, fence] = answer.as_slice() else {
+        if answer.is_empty() {
             return Ok(None);
+        }
+        let [id, fence, snapshot] = answer.as_slice() else {
+            return Err(StoreError::Corrupt(format!("claim answered {answer:?}")));
         };
         let id = as_string(id)
             .and_then(|id| RunId::parse(&id))
@@ -398,7 +409,7 @@ impl RunStore for RedisStore {
             .and_then(|f| f.parse().ok())
             .map(FenceToken)
             .ok_or_else(|| StoreError::Corrupt("fence".into()))?;
-        let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+        let run = snapshot_to_run(snapshot)?.ok_or(StoreError::NotFound(id))?;
         let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
         Ok(Some(Claimed {
             lease: Lease {

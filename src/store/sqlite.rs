@@ -268,15 +268,34 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
     })
 }
 
-/// Resets stages from `from` on to pending, as a resume or a fresh queueing leaves them.
-async fn reset_stages_from(tx: &mut WriteTx, run: RunId, from: usize) -> StoreResult<()> {
+/// Resets stages from `from` on to pending for a resume. With `keep_steps`, stage `from` keeps
+/// its memoised steps and what they cost and reported (progress), so they are not redone.
+async fn reset_stages_from(
+    tx: &mut WriteTx,
+    run: RunId,
+    from: usize,
+    keep_steps: bool,
+) -> StoreResult<()> {
+    let first_full_reset = if keep_steps {
+        sqlx::query(
+            "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, \
+             output = NULL, error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ?",
+        )
+        .bind(run.to_string())
+        .bind(from as i64)
+        .execute(&mut **tx)
+        .await?;
+        from + 1
+    } else {
+        from
+    };
     sqlx::query(
         "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, cost_usd = 0, \
          artifacts = '[]', output = NULL, error = NULL, progress_done = NULL, progress_total = NULL, \
          next_attempt_at = NULL WHERE run_id = ? AND idx >= ?",
     )
     .bind(run.to_string())
-    .bind(from as i64)
+    .bind(first_full_reset as i64)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -865,7 +884,7 @@ impl RunStore for SqliteStore {
                 "run {id} changed while resuming; try again"
             )));
         }
-        reset_stages_from(&mut tx, id, from_idx).await?;
+        reset_stages_from(&mut tx, id, from_idx, !forget_steps).await?;
         if forget_steps {
             sqlx::query("DELETE FROM steps WHERE run_id = ? AND stage_idx >= ?")
                 .bind(id.to_string())

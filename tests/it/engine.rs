@@ -132,6 +132,47 @@ async fn resuming_from_a_named_stage_reruns_it_and_what_follows_only(backend: Ba
     assert_eq!(TestApp::count(&ledger, "stage three "), 2);
 }
 
+async fn a_resume_after_cancel_keeps_the_steps_that_finished(backend: Backend) {
+    let app = TestApp::started(backend);
+    let id = app.submit_demo(json!({"steps": 4, "sleep_ms": 2000})).await;
+    app.wait_run(&id, WAIT, |r| {
+        stage(r, "one")["progress"]["done"].as_u64().unwrap_or(0) >= 2
+    })
+    .await;
+    app.post(&format!("/runs/{id}/cancel"), &json!({})).await;
+    let cancelled = app.wait_status(&id, "cancelled", WAIT).await;
+    let done = stage(&cancelled, "one")["progress"]["done"]
+        .as_u64()
+        .expect("done");
+    let (status, _) = app
+        .post(
+            &format!("/runs/{id}/resume"),
+            &json!({"from_stage": "auto"}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let run = app.wait_status(&id, "completed", WAIT).await;
+    let ledger = app.ledger(&id);
+    for step in 0..done {
+        assert_eq!(
+            ledger
+                .iter()
+                .filter(|l| **l == format!("step one/step-{step}"))
+                .count(),
+            1,
+            "step {step} redone: {ledger:#?}"
+        );
+    }
+    assert_eq!(
+        stage(&run, "one")["progress"],
+        json!({"done": 4, "total": 4})
+    );
+    assert_eq!(
+        stage(&run, "one")["artifacts"].as_array().map(Vec::len),
+        Some(5)
+    );
+}
+
 async fn a_budget_stops_the_run_before_a_stage_that_would_exceed_it(backend: Backend) {
     let app = TestApp::started(backend);
     let (status, body) = app
@@ -198,4 +239,5 @@ crate::conformance!(
     resuming_from_a_named_stage_reruns_it_and_what_follows_only,
     a_budget_stops_the_run_before_a_stage_that_would_exceed_it,
     cancel_interrupts_a_running_stage_and_stops_a_queued_run,
+    a_resume_after_cancel_keeps_the_steps_that_finished,
 );
