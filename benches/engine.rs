@@ -1,40 +1,49 @@
-//! `make bench`: throughput, latency and recovery of the embedded (SQLite) backend, measured
-//! with real worker processes. Prints a Markdown table of medians and percentiles.
+//! `make bench`: throughput, latency, recovery and memory of both backends, measured with real
+//! `stagecraft` processes (release build) and, for Redis, a local `redis-server`. Prints one
+//! Markdown table per backend. Every run writes a stage checkpoint and status changes.
 //!
-//! Sections (sizes can be changed with BENCH_RUNS, BENCH_LATENCY_RUNS, BENCH_REPEATS):
-//! - drain: N one-stage `noop` runs already queued, then 1 and then 2 worker processes; runs/s
-//!   until all are completed (claim, lease, checkpoint and status writes included);
-//! - start latency: an idle worker, runs submitted through the HTTP API one at a time; time from
-//!   the run's creation to its stage's start, p50/p99;
-//! - checkpoint commit: p50/p99 of one stage checkpoint commit (fenced transaction) on the file;
-//! - recovery: SIGKILL of a worker mid-stage with the default lease (10 s) and sweep (5 s), to the
-//!   stage restarting in another worker process.
+//! Sizes: BENCH_RUNS (SQLite drain, default 5000), BENCH_REDIS_RUNS (Redis drain, 20000),
+//! BENCH_SUBMITS (HTTP submits, 10000), BENCH_LATENCY_RUNS (200), BENCH_REPEATS (3).
+//! BENCH_ONLY=sqlite|redis runs one backend.
+//!
+//! - drain: N one-stage `noop` runs already queued, then 1 and then 2 worker processes
+//!   (concurrency 16); runs/s until all are completed;
+//! - submit: `POST /runs` from a bounded load generator (64 connections) on loopback; rate and
+//!   client-side latency;
+//! - start latency: time from a run's creation (store clock) to its stage's start (store clock),
+//!   for an idle worker (SQLite) and at a steady 200 runs/s (Redis);
+//! - checkpoint commit: p50/p99 of one fenced stage commit;
+//! - recovery: SIGKILL of a worker mid-stage with the default lease (10 s) and sweep (5 s), to
+//!   the stage restarting in another worker process;
+//! - memory: resident set size of an idle worker, a busy worker (peak during the drain) and the
+//!   API (after the submit load).
 
 use std::{
     collections::BTreeMap,
+    io::BufRead,
+    net::TcpListener,
     path::Path,
     process::{Child, Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use futures::{StreamExt, stream};
 use serde_json::json;
 use stagecraft::{
     clock::SystemClock,
     config::{ProviderMode, sqlite_url_for},
     ids::{RunId, WorkerId},
     store::{
-        NewRun, RunKind, RunStatus, RunStore, StageCheckpoint, StageStatus, sqlite::SqliteStore,
+        NewRun, RunKind, RunStatus, RunStore, StageCheckpoint, StageStatus, redis::RedisStore,
+        sqlite::SqliteStore,
     },
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_stagecraft");
 
 fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -50,43 +59,111 @@ fn median(values: &mut [f64]) -> f64 {
     percentile(values, 50.0)
 }
 
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Backend {
+    Sqlite,
+    Redis,
+}
+
+/// A local redis-server for the Redis section.
+struct RedisServer {
+    child: Child,
+    url: String,
+}
+
+impl RedisServer {
+    fn start(dir: &Path) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--maxmemory-policy", "noeviction", "--dir"])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Self { child, url: format!("redis://127.0.0.1:{port}/0") }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 struct Deployment {
-    dir: tempfile::TempDir,
-    store: Arc<SqliteStore>,
+    _dir: tempfile::TempDir,
+    store: Arc<dyn RunStore>,
+    env: Vec<(String, String)>,
     children: Vec<Child>,
 }
 
 impl Deployment {
-    async fn new() -> Self {
+    async fn new(backend: Backend, redis: Option<&RedisServer>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = sqlite_url_for(&dir.path().join("data/stagecraft.db"));
-        let store = Arc::new(
-            SqliteStore::open(&url, Arc::new(SystemClock))
-                .await
-                .expect("store"),
-        );
-        Self {
-            dir,
-            store,
-            children: Vec::new(),
-        }
+        let mut env = vec![
+            ("DATA_DIR".to_owned(), dir.path().join("data").display().to_string()),
+            ("ARTIFACT_DIR".to_owned(), dir.path().join("artifacts").display().to_string()),
+            ("PORT".to_owned(), "0".to_owned()),
+            ("LOG_LEVEL".to_owned(), "warn".to_owned()),
+        ];
+        let store: Arc<dyn RunStore> = match backend {
+            Backend::Sqlite => {
+                let url = sqlite_url_for(&dir.path().join("data/stagecraft.db"));
+                Arc::new(SqliteStore::open(&url, Arc::new(SystemClock)).await.expect("store"))
+            }
+            Backend::Redis => {
+                let url = &redis.expect("redis").url;
+                let prefix = format!("bench{}:", uuid::Uuid::new_v4().simple());
+                env.push(("QUEUE_BACKEND".to_owned(), "redis".to_owned()));
+                env.push(("REDIS_URL".to_owned(), url.clone()));
+                env.push(("REDIS_KEY_PREFIX".to_owned(), prefix.clone()));
+                Arc::new(RedisStore::open(url, &prefix, Duration::from_secs(86_400)).await.expect("redis"))
+            }
+        };
+        Self { _dir: dir, store, env, children: Vec::new() }
     }
 
-    fn spawn(&mut self, args: &[&str], env: &[(&str, &str)]) -> usize {
-        let dir = self.dir.path();
-        let child = Command::new(BIN)
+    /// Starts a process and waits for its first line (address or readiness).
+    fn spawn(&mut self, args: &[&str]) -> (usize, String) {
+        let mut child = Command::new(BIN)
             .args(args)
-            .env("DATA_DIR", dir.join("data"))
-            .env("ARTIFACT_DIR", dir.join("artifacts"))
-            .env("PORT", "0")
-            .env("LOG_LEVEL", "warn")
-            .envs(env.iter().copied())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn stagecraft");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("process started");
         self.children.push(child);
-        self.children.len() - 1
+        (self.children.len() - 1, line)
+    }
+
+    fn pid(&self, index: usize) -> u32 {
+        self.children[index].id()
     }
 
     fn kill(&mut self, index: usize) {
@@ -107,6 +184,14 @@ impl Deployment {
             idempotency_key: None,
         };
         self.store.insert_run(run).await.expect("insert").0.id
+    }
+
+    async fn queue_noops(&self, runs: usize) {
+        stream::iter(0..runs)
+            .for_each_concurrent(32, |_| async {
+                self.queue("noop", json!({}), &["noop"]).await;
+            })
+            .await;
     }
 
     async fn count(&self, status: RunStatus) -> u64 {
@@ -130,44 +215,75 @@ impl Drop for Deployment {
     }
 }
 
-async fn drain(runs: usize, workers: usize) -> f64 {
-    let mut deployment = Deployment::new().await;
-    for _ in 0..runs {
-        deployment.queue("noop", json!({}), &["noop"]).await;
-    }
+/// Drain rate, and the peak RSS of the first worker while it works.
+async fn drain(backend: Backend, redis: Option<&RedisServer>, runs: usize, workers: usize) -> (f64, f64) {
+    let mut deployment = Deployment::new(backend, redis).await;
+    deployment.queue_noops(runs).await;
     let started = Instant::now();
+    let mut first = None;
     for _ in 0..workers {
-        deployment.spawn(
-            &["worker", "--queues", "workflows", "--concurrency", "16"],
-            &[],
-        );
+        let (index, _) = deployment.spawn(&["worker", "--queues", "workflows", "--concurrency", "16"]);
+        first.get_or_insert(index);
     }
+    let mut peak_rss: f64 = 0.0;
     while deployment.count(RunStatus::Completed).await < runs as u64 {
+        if let Some(index) = first {
+            peak_rss = peak_rss.max(rss_mb(deployment.pid(index)));
+        }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    runs as f64 / started.elapsed().as_secs_f64()
+    (runs as f64 / started.elapsed().as_secs_f64(), peak_rss)
 }
 
-async fn start_latency(runs: usize) -> (f64, f64) {
-    let mut deployment = Deployment::new().await;
-    let api = deployment.spawn(&["serve"], &[]);
-    deployment.spawn(&["worker"], &[]);
-    let stdout = deployment.children[api].stdout.take().expect("stdout");
-    let line = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead;
-        let mut line = String::new();
-        std::io::BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("address");
-        line
-    })
-    .await
-    .expect("join");
+/// Submits `total` noop runs with `connections` concurrent clients; answers the rate, p50 and
+/// p99 latency in ms, and the API's RSS afterwards, plus the idle worker's RSS.
+async fn submit_load(backend: Backend, redis: Option<&RedisServer>, total: usize, connections: usize) -> (f64, f64, f64, f64) {
+    let mut deployment = Deployment::new(backend, redis).await;
+    let (api, line) = deployment.spawn(&["serve"]);
     let base = line.trim().rsplit(' ').next().expect("url").to_owned();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = reqwest::Client::builder().pool_max_idle_per_host(connections).build().expect("client");
+    let started = Instant::now();
+    let latencies: Vec<f64> = stream::iter(0..total)
+        .map(|_| {
+            let client = client.clone();
+            let url = format!("{base}/runs");
+            async move {
+                let sent = Instant::now();
+                let response = client
+                    .post(url)
+                    .json(&json!({"kind": "workflow", "name": "noop"}))
+                    .send()
+                    .await
+                    .expect("submit");
+                assert_eq!(response.status().as_u16(), 201);
+                sent.elapsed().as_secs_f64() * 1000.0
+            }
+        })
+        .buffer_unordered(connections)
+        .collect()
+        .await;
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    let mut sorted = latencies;
+    sorted.sort_by(f64::total_cmp);
+    let api_rss = rss_mb(deployment.pid(api));
+    (rate, percentile(&sorted, 50.0), percentile(&sorted, 99.0), api_rss)
+}
+
+/// Start latency for runs submitted at `per_second` through the API (one at a time when idle).
+async fn start_latency(backend: Backend, redis: Option<&RedisServer>, runs: usize, per_second: f64) -> (f64, f64, f64) {
+    let mut deployment = Deployment::new(backend, redis).await;
+    let (_, line) = deployment.spawn(&["serve"]);
+    let base = line.trim().rsplit(' ').next().expect("url").to_owned();
+    let (worker, _) = deployment.spawn(&["worker", "--concurrency", "16"]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle_rss = rss_mb(deployment.pid(worker));
     let client = reqwest::Client::new();
+    let interval = Duration::from_secs_f64(1.0 / per_second);
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut ids = Vec::new();
     for _ in 0..runs {
+        ticker.tick().await;
         let response: serde_json::Value = client
             .post(format!("{base}/runs"))
             .json(&json!({"kind": "workflow", "name": "noop"}))
@@ -178,29 +294,22 @@ async fn start_latency(runs: usize) -> (f64, f64) {
             .await
             .expect("json");
         ids.push(RunId::parse(response["run_id"].as_str().expect("id")).expect("uuid"));
-        // An idle worker between submissions: what a lone submission sees.
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     while deployment.count(RunStatus::Completed).await < runs as u64 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let mut latencies = Vec::new();
     for id in ids {
-        let run = deployment
-            .store
-            .get_run(id)
-            .await
-            .expect("get")
-            .expect("run");
+        let run = deployment.store.get_run(id).await.expect("get").expect("run");
         let started = run.stages[0].started_at.expect("started");
         latencies.push((started - run.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
     }
     latencies.sort_by(f64::total_cmp);
-    (percentile(&latencies, 50.0), percentile(&latencies, 99.0))
+    (percentile(&latencies, 50.0), percentile(&latencies, 99.0), idle_rss)
 }
 
-async fn checkpoint_commit(samples: usize) -> (f64, f64) {
-    let deployment = Deployment::new().await;
+async fn checkpoint_commit(backend: Backend, redis: Option<&RedisServer>, samples: usize) -> (f64, f64) {
+    let deployment = Deployment::new(backend, redis).await;
     let worker = WorkerId::for_this_process("bench");
     let queues = vec!["workflows".to_owned()];
     let mut latencies = Vec::with_capacity(samples);
@@ -208,15 +317,12 @@ async fn checkpoint_commit(samples: usize) -> (f64, f64) {
         deployment.queue("noop", json!({}), &["noop"]).await;
         let claimed = deployment
             .store
-            .claim(&queues, &worker, Duration::from_secs(10))
+            .claim(&queues, &worker, Duration::from_secs(10), 1)
             .await
             .expect("claim")
+            .pop()
             .expect("a run");
-        deployment
-            .store
-            .start_stage(&claimed.lease, 0)
-            .await
-            .expect("start");
+        deployment.store.start_stage(&claimed.lease, 0).await.expect("start");
         let checkpoint = StageCheckpoint {
             output: json!({"ok": true}),
             artifacts: vec![],
@@ -224,34 +330,19 @@ async fn checkpoint_commit(samples: usize) -> (f64, f64) {
             run_result: Some(json!({})),
         };
         let started = Instant::now();
-        deployment
-            .store
-            .commit_stage(&claimed.lease, 0, checkpoint)
-            .await
-            .expect("commit");
+        deployment.store.commit_stage(&claimed.lease, 0, checkpoint).await.expect("commit");
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     latencies.sort_by(f64::total_cmp);
     (percentile(&latencies, 50.0), percentile(&latencies, 99.0))
 }
 
-async fn recovery() -> f64 {
-    let mut deployment = Deployment::new().await;
-    let id = deployment
-        .queue(
-            "demo",
-            json!({"sleep_ms": 120_000}),
-            &["one", "two", "three"],
-        )
-        .await;
-    let first = deployment.spawn(&["worker"], &[]);
+async fn recovery(backend: Backend, redis: Option<&RedisServer>) -> f64 {
+    let mut deployment = Deployment::new(backend, redis).await;
+    let id = deployment.queue("demo", json!({"sleep_ms": 120_000}), &["one", "two", "three"]).await;
+    let (first, _) = deployment.spawn(&["worker"]);
     loop {
-        let run = deployment
-            .store
-            .get_run(id)
-            .await
-            .expect("get")
-            .expect("run");
+        let run = deployment.store.get_run(id).await.expect("get").expect("run");
         if run.stages[0].status == StageStatus::Running {
             break;
         }
@@ -259,14 +350,9 @@ async fn recovery() -> f64 {
     }
     deployment.kill(first);
     let killed = Instant::now();
-    deployment.spawn(&["worker"], &[]);
+    deployment.spawn(&["worker"]);
     loop {
-        let run = deployment
-            .store
-            .get_run(id)
-            .await
-            .expect("get")
-            .expect("run");
+        let run = deployment.store.get_run(id).await.expect("get").expect("run");
         if run.stages[0].attempts >= 2 {
             return killed.elapsed().as_secs_f64();
         }
@@ -274,78 +360,95 @@ async fn recovery() -> f64 {
     }
 }
 
-fn git_describe(dir: &Path) -> String {
-    Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
-        .current_dir(dir)
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
+fn print_table(title: &str, rows: &BTreeMap<usize, (String, String)>) {
+    println!();
+    println!("| {title} | result |");
+    println!("|---|---|");
+    for (measure, result) in rows.values() {
+        println!("| {measure} | {result} |");
+    }
+}
+
+async fn sqlite_section(repeats: usize) {
+    let runs = env_number("BENCH_RUNS", 5000);
+    let latency_runs = env_number("BENCH_LATENCY_RUNS", 200);
+    let mut rows = BTreeMap::new();
+    for (row, workers) in [(0, 1), (1, 2)] {
+        let mut rates = Vec::new();
+        for _ in 0..repeats {
+            rates.push(drain(Backend::Sqlite, None, runs, workers).await.0);
+        }
+        eprintln!("sqlite drain with {workers} worker(s): {rates:.0?} runs/s");
+        rows.insert(row, (format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"), format!("{:.0} runs/s", median(&mut rates))));
+    }
+    let (p50, p99, _) = start_latency(Backend::Sqlite, None, latency_runs, 20.0).await;
+    rows.insert(2, (format!("submit → stage start, idle worker, {latency_runs} runs at 20/s"), format!("p50 {p50:.1} ms, p99 {p99:.1} ms")));
+    let (p50, p99) = checkpoint_commit(Backend::Sqlite, None, 2000).await;
+    rows.insert(3, ("checkpoint commit (fenced transaction), 2000 commits".to_owned(), format!("p50 {p50:.2} ms, p99 {p99:.2} ms")));
+    let mut recoveries = Vec::new();
+    for _ in 0..repeats {
+        recoveries.push(recovery(Backend::Sqlite, None).await);
+    }
+    eprintln!("sqlite recovery: {recoveries:.1?} s");
+    rows.insert(4, ("recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(), format!("{:.1} s", median(&mut recoveries))));
+    print_table(&format!("SQLite backend (medians of {repeats})"), &rows);
+}
+
+async fn redis_section(repeats: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(dir.path());
+    let runs = env_number("BENCH_REDIS_RUNS", 20_000);
+    let submits = env_number("BENCH_SUBMITS", 10_000);
+    let latency_runs = env_number("BENCH_LATENCY_RUNS", 200).max(1000);
+    let mut rows = BTreeMap::new();
+    let mut busy_rss = Vec::new();
+    for (row, workers) in [(0, 1), (1, 2)] {
+        let mut rates = Vec::new();
+        for _ in 0..repeats {
+            let (rate, rss) = drain(Backend::Redis, Some(&redis), runs, workers).await;
+            rates.push(rate);
+            busy_rss.push(rss);
+        }
+        eprintln!("redis drain with {workers} worker(s): {rates:.0?} runs/s");
+        rows.insert(row, (format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"), format!("{:.0} runs/s", median(&mut rates))));
+    }
+    let mut rates = Vec::new();
+    let mut p50s = Vec::new();
+    let mut p99s = Vec::new();
+    let mut api_rss = Vec::new();
+    for _ in 0..repeats {
+        let (rate, p50, p99, rss) = submit_load(Backend::Redis, Some(&redis), submits, 64).await;
+        rates.push(rate);
+        p50s.push(p50);
+        p99s.push(p99);
+        api_rss.push(rss);
+    }
+    eprintln!("redis submit: {rates:.0?} runs/s, p99 {p99s:.1?} ms");
+    rows.insert(2, (format!("submit through the API, {submits} POSTs, 64 connections"), format!("{:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms", median(&mut rates), median(&mut p50s), median(&mut p99s))));
+    let (p50, p99, idle_rss) = start_latency(Backend::Redis, Some(&redis), latency_runs, 200.0).await;
+    rows.insert(3, (format!("submit → stage start at a steady 200 runs/s, {latency_runs} runs"), format!("p50 {p50:.2} ms, p99 {p99:.2} ms")));
+    let (p50, p99) = checkpoint_commit(Backend::Redis, Some(&redis), 2000).await;
+    rows.insert(4, ("checkpoint commit (fenced script), 2000 commits".to_owned(), format!("p50 {p50:.2} ms, p99 {p99:.2} ms")));
+    let mut recoveries = Vec::new();
+    for _ in 0..repeats {
+        recoveries.push(recovery(Backend::Redis, Some(&redis)).await);
+    }
+    eprintln!("redis recovery: {recoveries:.1?} s");
+    rows.insert(5, ("recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(), format!("{:.1} s", median(&mut recoveries))));
+    rows.insert(6, ("resident memory: idle worker / busy worker (peak) / API after the submit load".to_owned(), format!("{idle_rss:.1} MB / {:.1} MB / {:.1} MB", median(&mut busy_rss), median(&mut api_rss))));
+    print_table(&format!("Redis backend (medians of {repeats})"), &rows);
 }
 
 #[tokio::main]
 async fn main() {
-    let runs = env_number("BENCH_RUNS", 5000);
-    let latency_runs = env_number("BENCH_LATENCY_RUNS", 200);
     let repeats = env_number("BENCH_REPEATS", 3).max(1);
-    let mut table: BTreeMap<usize, (String, String)> = BTreeMap::new();
-    let cpus = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    eprintln!(
-        "stagecraft bench, commit {}, {cpus} cpus, {repeats} repeats",
-        git_describe(Path::new(env!("CARGO_MANIFEST_DIR")))
-    );
-
-    for (row, workers) in [(0, 1), (1, 2)] {
-        let mut rates = Vec::new();
-        for _ in 0..repeats {
-            rates.push(drain(runs, workers).await);
-        }
-        let rate = median(&mut rates);
-        eprintln!("drain with {workers} worker(s): {rates:.0?} runs/s");
-        table.insert(
-            row,
-            (
-                format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"),
-                format!("{rate:.0} runs/s (median of {repeats})"),
-            ),
-        );
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    eprintln!("stagecraft bench: {cpus} cpus, {repeats} repeats per measure");
+    if only.is_empty() || only == "sqlite" {
+        sqlite_section(repeats).await;
     }
-    let (p50, p99) = start_latency(latency_runs).await;
-    table.insert(
-        2,
-        (
-            format!("submit → stage start, idle worker, {latency_runs} runs"),
-            format!("p50 {p50:.1} ms, p99 {p99:.1} ms"),
-        ),
-    );
-    let (p50, p99) = checkpoint_commit(2000).await;
-    table.insert(
-        3,
-        (
-            "checkpoint commit (fenced transaction), 2000 commits".to_owned(),
-            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
-        ),
-    );
-    let mut recoveries = Vec::new();
-    for _ in 0..repeats {
-        recoveries.push(recovery().await);
-    }
-    let recovered = median(&mut recoveries);
-    eprintln!("recovery: {recoveries:.1?} s");
-    table.insert(
-        4,
-        (
-            "recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(),
-            format!("{recovered:.1} s (median of {repeats})"),
-        ),
-    );
-
-    println!("| SQLite backend | result |");
-    println!("|---|---|");
-    for (measure, result) in table.values() {
-        println!("| {measure} | {result} |");
+    if only.is_empty() || only == "redis" {
+        redis_section(repeats).await;
     }
 }

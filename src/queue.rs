@@ -9,8 +9,12 @@
 //! recovery and polling would decide a run's fate instead of the engine.
 
 use std::{
+    collections::VecDeque,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -25,7 +29,7 @@ use tracing::{info, warn};
 use crate::{
     engine::Engine,
     ids::WorkerId,
-    store::{Claimed, SharedStore, WorkerInfo},
+    store::{Claimed, SharedStore, StageOutcome, StageStatus, WorkerInfo},
 };
 
 /// How a worker pool claims runs.
@@ -45,31 +49,48 @@ struct ClaimBackend {
 #[error("claim backend error")]
 pub struct ClaimBackendError;
 
+/// Most runs claimed in one store call.
+const MAX_CLAIM_BATCH: usize = 32;
+
 impl ClaimBackend {
+    /// `in_flight` counts runs handed to the executor and not finished yet; the stream claims as
+    /// many runs at once as there are free slots, so a busy store call serves many slots.
     fn new(
         store: SharedStore,
         worker: WorkerId,
         settings: ClaimSettings,
         stopping: CancellationToken,
+        concurrency: usize,
+        in_flight: Arc<AtomicUsize>,
     ) -> Self {
-        let claims = futures::stream::unfold((), move |()| {
+        let state = (VecDeque::<Claimed>::new(), 0u32);
+        let claims = futures::stream::unfold(state, move |(mut buffer, mut failures)| {
             let store = store.clone();
             let worker = worker.clone();
             let settings = settings.clone();
             let stopping = stopping.clone();
+            let in_flight = in_flight.clone();
             async move {
-                let mut failures = 0u32;
                 loop {
                     if stopping.is_cancelled() {
+                        release_unstarted(&store, buffer).await;
                         return None;
                     }
-                    match store.claim(&settings.queues, &worker, settings.lease_ttl).await {
-                        Ok(Some(claimed)) => return Some((Task::new(claimed), ())),
-                        Ok(None) => {
+                    if let Some(claimed) = buffer.pop_front() {
+                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        return Some((Task::new(claimed), (buffer, failures)));
+                    }
+                    let free = concurrency.saturating_sub(in_flight.load(Ordering::SeqCst)).clamp(1, MAX_CLAIM_BATCH);
+                    match store.claim(&settings.queues, &worker, settings.lease_ttl, free).await {
+                        Ok(claimed) if !claimed.is_empty() => {
+                            failures = 0;
+                            buffer.extend(claimed);
+                        }
+                        Ok(_) => {
                             failures = 0;
                             tokio::select! {
                                 () = store.wait_for_work(&settings.queues, settings.poll_interval) => {}
-                                () = stopping.cancelled() => return None,
+                                () = stopping.cancelled() => {}
                             }
                         }
                         Err(error) => {
@@ -79,7 +100,7 @@ impl ClaimBackend {
                             warn!(error = %error, pause_ms = pause.as_millis() as u64, "claim failed; retrying");
                             tokio::select! {
                                 () = tokio::time::sleep(pause) => {}
-                                () = stopping.cancelled() => return None,
+                                () = stopping.cancelled() => {}
                             }
                         }
                     }
@@ -88,6 +109,21 @@ impl ClaimBackend {
         })
         .boxed();
         Self { claims }
+    }
+}
+
+/// Gives back runs that were claimed but never started because the worker is stopping.
+async fn release_unstarted(store: &SharedStore, buffer: VecDeque<Claimed>) {
+    for claimed in buffer {
+        let first_open = claimed
+            .run
+            .stages
+            .iter()
+            .position(|s| s.status != StageStatus::Completed)
+            .unwrap_or(0);
+        if let Err(error) = store.end_attempt(&claimed.lease, first_open, StageOutcome::Abandoned).await {
+            warn!(run.id = %claimed.run.id, error = %error, "releasing an unstarted run failed; its lease will expire");
+        }
     }
 }
 
@@ -147,11 +183,14 @@ pub async fn run_workers(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
+    let in_flight = Arc::new(AtomicUsize::new(0));
     let backend = ClaimBackend::new(
         engine.store.clone(),
         engine.worker.clone(),
         settings.clone(),
         engine.stopping.clone(),
+        concurrency,
+        in_flight.clone(),
     );
     let executor = engine.clone();
     let worker = WorkerBuilder::new(engine.worker.to_string())
@@ -159,8 +198,10 @@ pub async fn run_workers(
         .concurrency(concurrency)
         .build(move |claimed: Claimed| {
             let engine = executor.clone();
+            let in_flight = in_flight.clone();
             async move {
                 engine.execute(claimed).await;
+                in_flight.fetch_sub(1, Ordering::SeqCst);
                 true
             }
         });

@@ -378,13 +378,15 @@ pub trait RunStore: Send + Sync + 'static {
     /// Runs matching the filter, newest first, without their stages, and how many match in all.
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)>;
 
-    /// Claims the oldest due run of these queues: a new lease with a larger fence.
+    /// Claims up to `max` of the oldest due runs of these queues, each with a new lease and a
+    /// larger fence, oldest first.
     async fn claim(
         &self,
         queues: &[String],
         worker: &WorkerId,
         ttl: Duration,
-    ) -> StoreResult<Option<Claimed>>;
+        max: usize,
+    ) -> StoreResult<Vec<Claimed>>;
 
     /// Extends the lease. Answers whether a cancel was requested.
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool>;

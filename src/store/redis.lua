@@ -117,27 +117,32 @@ if op == 'insert' then
   return { id, 1 }
 end
 
--- claim worker ttl_ms queues...
+-- claim worker ttl_ms max queues...: up to max due runs, oldest first, as {id, fence, snapshot}
 if op == 'claim' then
-  local worker, ttl = ARGV[3], tonumber(ARGV[4])
-  local best, best_score = nil, nil
-  for i = 5, #ARGV do
-    local head = redis.call('ZRANGE', k_due(ARGV[i]), 0, 0, 'WITHSCORES')
-    if head[1] and tonumber(head[2]) <= now and (not best_score or tonumber(head[2]) < best_score) then
-      best, best_score = { ARGV[i], head[1] }, tonumber(head[2])
+  local worker, ttl, max = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+  local claimed = {}
+  while #claimed < max do
+    local best, best_score = nil, nil
+    for i = 6, #ARGV do
+      local head = redis.call('ZRANGE', k_due(ARGV[i]), 0, 0, 'WITHSCORES')
+      if head[1] and tonumber(head[2]) <= now and (not best_score or tonumber(head[2]) < best_score) then
+        best, best_score = { ARGV[i], head[1] }, tonumber(head[2])
+      end
+    end
+    if not best then break end
+    local q, id = best[1], best[2]
+    redis.call('ZREM', k_due(q), id)
+    local r = k_run(id)
+    if redis.call('EXISTS', r) == 1 then
+      local fence = redis.call('HINCRBY', r, 'fence', 1)
+      redis.call('HSET', r, 'lease_owner', worker, 'worker', worker, 'lease_expires_at', now + ttl)
+      redis.call('ZADD', K_LEASES, now + ttl, id)
+      set_status(id, 'running')
+      event(id, 'run_started', nil, cjson.encode({ worker = worker, fence = fence }))
+      claimed[#claimed + 1] = { id, fence, snapshot(id) }
     end
   end
-  if not best then return {} end
-  local q, id = best[1], best[2]
-  redis.call('ZREM', k_due(q), id)
-  local r = k_run(id)
-  if redis.call('EXISTS', r) == 0 then return {} end
-  local fence = redis.call('HINCRBY', r, 'fence', 1)
-  redis.call('HSET', r, 'lease_owner', worker, 'worker', worker, 'lease_expires_at', now + ttl)
-  redis.call('ZADD', K_LEASES, now + ttl, id)
-  set_status(id, 'running')
-  event(id, 'run_started', nil, cjson.encode({ worker = worker, fence = fence }))
-  return { id, fence, snapshot(id) }
+  return claimed
 end
 
 -- get id

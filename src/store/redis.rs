@@ -392,34 +392,39 @@ impl RunStore for RedisStore {
         queues: &[String],
         worker: &WorkerId,
         ttl: Duration,
-    ) -> StoreResult<Option<Claimed>> {
-        let mut args = vec![worker.to_string(), ttl.as_millis().to_string()];
+        max: usize,
+    ) -> StoreResult<Vec<Claimed>> {
+        let mut args = vec![worker.to_string(), ttl.as_millis().to_string(), max.to_string()];
         args.extend(queues.iter().cloned());
         let answer: Vec<RedisValue> = self.call("claim", &args).await?;
-        if answer.is_empty() {
-            return Ok(None);
+        let mut claimed = Vec::with_capacity(answer.len());
+        for item in &answer {
+            let RedisValue::Array(parts) = item else {
+                return Err(StoreError::Corrupt(format!("claim answered {item:?}")));
+            };
+            let [id, fence, snapshot] = parts.as_slice() else {
+                return Err(StoreError::Corrupt(format!("claim answered {item:?}")));
+            };
+            let id = as_string(id)
+                .and_then(|id| RunId::parse(&id))
+                .ok_or_else(|| StoreError::Corrupt("claimed id".into()))?;
+            let fence = as_string(fence)
+                .and_then(|f| f.parse().ok())
+                .map(FenceToken)
+                .ok_or_else(|| StoreError::Corrupt("fence".into()))?;
+            let run = snapshot_to_run(snapshot)?.ok_or(StoreError::NotFound(id))?;
+            let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
+            claimed.push(Claimed {
+                lease: Lease {
+                    run_id: id,
+                    worker: worker.clone(),
+                    fence,
+                },
+                run,
+                recovered,
+            });
         }
-        let [id, fence, snapshot] = answer.as_slice() else {
-            return Err(StoreError::Corrupt(format!("claim answered {answer:?}")));
-        };
-        let id = as_string(id)
-            .and_then(|id| RunId::parse(&id))
-            .ok_or_else(|| StoreError::Corrupt("claimed id".into()))?;
-        let fence = as_string(fence)
-            .and_then(|f| f.parse().ok())
-            .map(FenceToken)
-            .ok_or_else(|| StoreError::Corrupt("fence".into()))?;
-        let run = snapshot_to_run(snapshot)?.ok_or(StoreError::NotFound(id))?;
-        let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
-        Ok(Some(Claimed {
-            lease: Lease {
-                run_id: id,
-                worker: worker.clone(),
-                fence,
-            },
-            run,
-            recovered,
-        }))
+        Ok(claimed)
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {

@@ -421,54 +421,57 @@ impl RunStore for SqliteStore {
         queues: &[String],
         worker: &WorkerId,
         ttl: Duration,
-    ) -> StoreResult<Option<Claimed>> {
+        max: usize,
+    ) -> StoreResult<Vec<Claimed>> {
         let now = self.now();
         let mut tx = self.begin().await?;
-        let row = sqlx::query(
+        let rows = sqlx::query(
             "UPDATE runs SET status = 'running', lease_owner = ?1, worker = ?1, lease_expires_at = ?2, \
              fence = fence + 1, updated_at = ?3 \
-             WHERE id = (SELECT id FROM runs WHERE status IN ('queued', 'retrying') AND available_at <= ?3 \
-                         AND queue IN (SELECT value FROM json_each(?4)) ORDER BY available_at, id LIMIT 1) \
-             RETURNING id, fence",
+             WHERE id IN (SELECT id FROM runs WHERE status IN ('queued', 'retrying') AND available_at <= ?3 \
+                          AND queue IN (SELECT value FROM json_each(?4)) ORDER BY available_at, id LIMIT ?5) \
+             RETURNING *",
         )
         .bind(worker.as_str())
         .bind(now + ttl.as_millis() as i64)
         .bind(now)
         .bind(json_text(&queues))
-        .fetch_optional(&mut *tx)
+        .bind(max as i64)
+        .fetch_all(&mut *tx)
         .await?;
-        let Some(row) = row else {
+        if rows.is_empty() {
             tx.rollback().await?;
-            return Ok(None);
-        };
-        let id: String = row.try_get("id")?;
-        let run_id =
-            RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
-        let fence = FenceToken(row.try_get("fence")?);
-        insert_event(
-            &mut tx,
-            run_id,
-            now,
-            "run_started",
-            None,
-            json!({"worker": worker.as_str(), "fence": fence.0}),
-        )
-        .await?;
+            return Ok(Vec::new());
+        }
+        let mut runs = rows.iter().map(run_from_row).collect::<StoreResult<Vec<_>>>()?;
+        for run in &runs {
+            insert_event(
+                &mut tx,
+                run.id,
+                now,
+                "run_started",
+                None,
+                json!({"worker": worker.as_str(), "fence": run.fence.0}),
+            )
+            .await?;
+        }
         tx.commit().await?;
-        let run = self
-            .get_run(run_id)
-            .await?
-            .ok_or(StoreError::NotFound(run_id))?;
-        let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
-        Ok(Some(Claimed {
-            lease: Lease {
-                run_id,
-                worker: worker.clone(),
-                fence,
-            },
-            run,
-            recovered,
-        }))
+        let mut claimed = Vec::with_capacity(runs.len());
+        runs.sort_by_key(|run| run.id);
+        for mut run in runs {
+            run.stages = self.load_stages(run.id).await?;
+            let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
+            claimed.push(Claimed {
+                lease: Lease {
+                    run_id: run.id,
+                    worker: worker.clone(),
+                    fence: run.fence,
+                },
+                run,
+                recovered,
+            });
+        }
+        Ok(claimed)
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
