@@ -43,7 +43,10 @@ use stagecraft::{
 const BIN: &str = env!("CARGO_BIN_EXE_stagecraft");
 
 fn env_number(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -86,9 +89,22 @@ struct RedisServer {
 
 impl RedisServer {
     fn start(dir: &Path) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
             .args(["--maxmemory-policy", "noeviction", "--dir"])
             .arg(dir)
             .stdout(Stdio::null())
@@ -97,7 +113,10 @@ impl RedisServer {
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             std::thread::sleep(Duration::from_millis(20));
         }
-        Self { child, url: format!("redis://127.0.0.1:{port}/0") }
+        Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}/0"),
+        }
     }
 }
 
@@ -119,15 +138,25 @@ impl Deployment {
     async fn new(backend: Backend, redis: Option<&RedisServer>) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut env = vec![
-            ("DATA_DIR".to_owned(), dir.path().join("data").display().to_string()),
-            ("ARTIFACT_DIR".to_owned(), dir.path().join("artifacts").display().to_string()),
+            (
+                "DATA_DIR".to_owned(),
+                dir.path().join("data").display().to_string(),
+            ),
+            (
+                "ARTIFACT_DIR".to_owned(),
+                dir.path().join("artifacts").display().to_string(),
+            ),
             ("PORT".to_owned(), "0".to_owned()),
             ("LOG_LEVEL".to_owned(), "warn".to_owned()),
         ];
         let store: Arc<dyn RunStore> = match backend {
             Backend::Sqlite => {
                 let url = sqlite_url_for(&dir.path().join("data/stagecraft.db"));
-                Arc::new(SqliteStore::open(&url, Arc::new(SystemClock)).await.expect("store"))
+                Arc::new(
+                    SqliteStore::open(&url, Arc::new(SystemClock))
+                        .await
+                        .expect("store"),
+                )
             }
             Backend::Redis => {
                 let url = &redis.expect("redis").url;
@@ -135,10 +164,19 @@ impl Deployment {
                 env.push(("QUEUE_BACKEND".to_owned(), "redis".to_owned()));
                 env.push(("REDIS_URL".to_owned(), url.clone()));
                 env.push(("REDIS_KEY_PREFIX".to_owned(), prefix.clone()));
-                Arc::new(RedisStore::open(url, &prefix, Duration::from_secs(86_400)).await.expect("redis"))
+                Arc::new(
+                    RedisStore::open(url, &prefix, Duration::from_secs(86_400))
+                        .await
+                        .expect("redis"),
+                )
             }
         };
-        Self { _dir: dir, store, env, children: Vec::new() }
+        Self {
+            _dir: dir,
+            store,
+            env,
+            children: Vec::new(),
+        }
     }
 
     /// Starts a process and waits for its first line (address or readiness).
@@ -153,11 +191,16 @@ impl Deployment {
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
                 let _ = tx.send(line);
             }
         });
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("process started");
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("process started");
         self.children.push(child);
         (self.children.len() - 1, line)
     }
@@ -216,13 +259,19 @@ impl Drop for Deployment {
 }
 
 /// Drain rate, and the peak RSS of the first worker while it works.
-async fn drain(backend: Backend, redis: Option<&RedisServer>, runs: usize, workers: usize) -> (f64, f64) {
+async fn drain(
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    runs: usize,
+    workers: usize,
+) -> (f64, f64) {
     let mut deployment = Deployment::new(backend, redis).await;
     deployment.queue_noops(runs).await;
     let started = Instant::now();
     let mut first = None;
     for _ in 0..workers {
-        let (index, _) = deployment.spawn(&["worker", "--queues", "workflows", "--concurrency", "16"]);
+        let (index, _) =
+            deployment.spawn(&["worker", "--queues", "workflows", "--concurrency", "16"]);
         first.get_or_insert(index);
     }
     let mut peak_rss: f64 = 0.0;
@@ -237,11 +286,19 @@ async fn drain(backend: Backend, redis: Option<&RedisServer>, runs: usize, worke
 
 /// Submits `total` noop runs with `connections` concurrent clients; answers the rate, p50 and
 /// p99 latency in ms, and the API's RSS afterwards, plus the idle worker's RSS.
-async fn submit_load(backend: Backend, redis: Option<&RedisServer>, total: usize, connections: usize) -> (f64, f64, f64, f64) {
+async fn submit_load(
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    total: usize,
+    connections: usize,
+) -> (f64, f64, f64, f64) {
     let mut deployment = Deployment::new(backend, redis).await;
     let (api, line) = deployment.spawn(&["serve"]);
     let base = line.trim().rsplit(' ').next().expect("url").to_owned();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(connections).build().expect("client");
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(connections)
+        .build()
+        .expect("client");
     let started = Instant::now();
     let latencies: Vec<f64> = stream::iter(0..total)
         .map(|_| {
@@ -266,11 +323,21 @@ async fn submit_load(backend: Backend, redis: Option<&RedisServer>, total: usize
     let mut sorted = latencies;
     sorted.sort_by(f64::total_cmp);
     let api_rss = rss_mb(deployment.pid(api));
-    (rate, percentile(&sorted, 50.0), percentile(&sorted, 99.0), api_rss)
+    (
+        rate,
+        percentile(&sorted, 50.0),
+        percentile(&sorted, 99.0),
+        api_rss,
+    )
 }
 
 /// Start latency for runs submitted at `per_second` through the API (one at a time when idle).
-async fn start_latency(backend: Backend, redis: Option<&RedisServer>, runs: usize, per_second: f64) -> (f64, f64, f64) {
+async fn start_latency(
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    runs: usize,
+    per_second: f64,
+) -> (f64, f64, f64) {
     let mut deployment = Deployment::new(backend, redis).await;
     let (_, line) = deployment.spawn(&["serve"]);
     let base = line.trim().rsplit(' ').next().expect("url").to_owned();
@@ -300,15 +367,28 @@ async fn start_latency(backend: Backend, redis: Option<&RedisServer>, runs: usiz
     }
     let mut latencies = Vec::new();
     for id in ids {
-        let run = deployment.store.get_run(id).await.expect("get").expect("run");
+        let run = deployment
+            .store
+            .get_run(id)
+            .await
+            .expect("get")
+            .expect("run");
         let started = run.stages[0].started_at.expect("started");
         latencies.push((started - run.created_at).num_microseconds().unwrap_or(0) as f64 / 1000.0);
     }
     latencies.sort_by(f64::total_cmp);
-    (percentile(&latencies, 50.0), percentile(&latencies, 99.0), idle_rss)
+    (
+        percentile(&latencies, 50.0),
+        percentile(&latencies, 99.0),
+        idle_rss,
+    )
 }
 
-async fn checkpoint_commit(backend: Backend, redis: Option<&RedisServer>, samples: usize) -> (f64, f64) {
+async fn checkpoint_commit(
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    samples: usize,
+) -> (f64, f64) {
     let deployment = Deployment::new(backend, redis).await;
     let worker = WorkerId::for_this_process("bench");
     let queues = vec!["workflows".to_owned()];
@@ -322,7 +402,11 @@ async fn checkpoint_commit(backend: Backend, redis: Option<&RedisServer>, sample
             .expect("claim")
             .pop()
             .expect("a run");
-        deployment.store.start_stage(&claimed.lease, 0).await.expect("start");
+        deployment
+            .store
+            .start_stage(&claimed.lease, 0)
+            .await
+            .expect("start");
         let checkpoint = StageCheckpoint {
             output: json!({"ok": true}),
             artifacts: vec![],
@@ -330,7 +414,11 @@ async fn checkpoint_commit(backend: Backend, redis: Option<&RedisServer>, sample
             run_result: Some(json!({})),
         };
         let started = Instant::now();
-        deployment.store.commit_stage(&claimed.lease, 0, checkpoint).await.expect("commit");
+        deployment
+            .store
+            .commit_stage(&claimed.lease, 0, checkpoint)
+            .await
+            .expect("commit");
         latencies.push(started.elapsed().as_secs_f64() * 1000.0);
     }
     latencies.sort_by(f64::total_cmp);
@@ -339,10 +427,21 @@ async fn checkpoint_commit(backend: Backend, redis: Option<&RedisServer>, sample
 
 async fn recovery(backend: Backend, redis: Option<&RedisServer>) -> f64 {
     let mut deployment = Deployment::new(backend, redis).await;
-    let id = deployment.queue("demo", json!({"sleep_ms": 120_000}), &["one", "two", "three"]).await;
+    let id = deployment
+        .queue(
+            "demo",
+            json!({"sleep_ms": 120_000}),
+            &["one", "two", "three"],
+        )
+        .await;
     let (first, _) = deployment.spawn(&["worker"]);
     loop {
-        let run = deployment.store.get_run(id).await.expect("get").expect("run");
+        let run = deployment
+            .store
+            .get_run(id)
+            .await
+            .expect("get")
+            .expect("run");
         if run.stages[0].status == StageStatus::Running {
             break;
         }
@@ -352,7 +451,12 @@ async fn recovery(backend: Backend, redis: Option<&RedisServer>) -> f64 {
     let killed = Instant::now();
     deployment.spawn(&["worker"]);
     loop {
-        let run = deployment.store.get_run(id).await.expect("get").expect("run");
+        let run = deployment
+            .store
+            .get_run(id)
+            .await
+            .expect("get")
+            .expect("run");
         if run.stages[0].attempts >= 2 {
             return killed.elapsed().as_secs_f64();
         }
@@ -379,18 +483,42 @@ async fn sqlite_section(repeats: usize) {
             rates.push(drain(Backend::Sqlite, None, runs, workers).await.0);
         }
         eprintln!("sqlite drain with {workers} worker(s): {rates:.0?} runs/s");
-        rows.insert(row, (format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"), format!("{:.0} runs/s", median(&mut rates))));
+        rows.insert(
+            row,
+            (
+                format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"),
+                format!("{:.0} runs/s", median(&mut rates)),
+            ),
+        );
     }
     let (p50, p99, _) = start_latency(Backend::Sqlite, None, latency_runs, 20.0).await;
-    rows.insert(2, (format!("submit → stage start, idle worker, {latency_runs} runs at 20/s"), format!("p50 {p50:.1} ms, p99 {p99:.1} ms")));
+    rows.insert(
+        2,
+        (
+            format!("submit → stage start, idle worker, {latency_runs} runs at 20/s"),
+            format!("p50 {p50:.1} ms, p99 {p99:.1} ms"),
+        ),
+    );
     let (p50, p99) = checkpoint_commit(Backend::Sqlite, None, 2000).await;
-    rows.insert(3, ("checkpoint commit (fenced transaction), 2000 commits".to_owned(), format!("p50 {p50:.2} ms, p99 {p99:.2} ms")));
+    rows.insert(
+        3,
+        (
+            "checkpoint commit (fenced transaction), 2000 commits".to_owned(),
+            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+        ),
+    );
     let mut recoveries = Vec::new();
     for _ in 0..repeats {
         recoveries.push(recovery(Backend::Sqlite, None).await);
     }
     eprintln!("sqlite recovery: {recoveries:.1?} s");
-    rows.insert(4, ("recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(), format!("{:.1} s", median(&mut recoveries))));
+    rows.insert(
+        4,
+        (
+            "recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(),
+            format!("{:.1} s", median(&mut recoveries)),
+        ),
+    );
     print_table(&format!("SQLite backend (medians of {repeats})"), &rows);
 }
 
@@ -410,7 +538,13 @@ async fn redis_section(repeats: usize) {
             busy_rss.push(rss);
         }
         eprintln!("redis drain with {workers} worker(s): {rates:.0?} runs/s");
-        rows.insert(row, (format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"), format!("{:.0} runs/s", median(&mut rates))));
+        rows.insert(
+            row,
+            (
+                format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"),
+                format!("{:.0} runs/s", median(&mut rates)),
+            ),
+        );
     }
     let mut rates = Vec::new();
     let mut p50s = Vec::new();
@@ -424,18 +558,59 @@ async fn redis_section(repeats: usize) {
         api_rss.push(rss);
     }
     eprintln!("redis submit: {rates:.0?} runs/s, p99 {p99s:.1?} ms");
-    rows.insert(2, (format!("submit through the API, {submits} POSTs, 64 connections"), format!("{:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms", median(&mut rates), median(&mut p50s), median(&mut p99s))));
-    let (p50, p99, idle_rss) = start_latency(Backend::Redis, Some(&redis), latency_runs, 200.0).await;
-    rows.insert(3, (format!("submit → stage start at a steady 200 runs/s, {latency_runs} runs"), format!("p50 {p50:.2} ms, p99 {p99:.2} ms")));
+    rows.insert(
+        2,
+        (
+            format!("submit through the API, {submits} POSTs, 64 connections"),
+            format!(
+                "{:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms",
+                median(&mut rates),
+                median(&mut p50s),
+                median(&mut p99s)
+            ),
+        ),
+    );
+    let (p50, p99, idle_rss) =
+        start_latency(Backend::Redis, Some(&redis), latency_runs, 200.0).await;
+    rows.insert(
+        3,
+        (
+            format!("submit → stage start at a steady 200 runs/s, {latency_runs} runs"),
+            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+        ),
+    );
     let (p50, p99) = checkpoint_commit(Backend::Redis, Some(&redis), 2000).await;
-    rows.insert(4, ("checkpoint commit (fenced script), 2000 commits".to_owned(), format!("p50 {p50:.2} ms, p99 {p99:.2} ms")));
+    rows.insert(
+        4,
+        (
+            "checkpoint commit (fenced script), 2000 commits".to_owned(),
+            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+        ),
+    );
     let mut recoveries = Vec::new();
     for _ in 0..repeats {
         recoveries.push(recovery(Backend::Redis, Some(&redis)).await);
     }
     eprintln!("redis recovery: {recoveries:.1?} s");
-    rows.insert(5, ("recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(), format!("{:.1} s", median(&mut recoveries))));
-    rows.insert(6, ("resident memory: idle worker / busy worker (peak) / API after the submit load".to_owned(), format!("{idle_rss:.1} MB / {:.1} MB / {:.1} MB", median(&mut busy_rss), median(&mut api_rss))));
+    rows.insert(
+        5,
+        (
+            "recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(),
+            format!("{:.1} s", median(&mut recoveries)),
+        ),
+    );
+    rows.insert(
+        6,
+        (
+            "resident memory: idle worker / busy worker (peak) / API after the submit load"
+                .to_owned(),
+            format!(
+                "{idle_rss:.1} MB / {:.1} MB / {:.1} MB",
+                median(&mut busy_rss),
+                median(&mut api_rss)
+            ),
+        ),
+    );
     print_table(&format!("Redis backend (medians of {repeats})"), &rows);
 }
 
@@ -443,7 +618,9 @@ async fn redis_section(repeats: usize) {
 async fn main() {
     let repeats = env_number("BENCH_REPEATS", 3).max(1);
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
     eprintln!("stagecraft bench: {cpus} cpus, {repeats} repeats per measure");
     if only.is_empty() || only == "sqlite" {
         sqlite_section(repeats).await;

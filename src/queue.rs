@@ -121,7 +121,10 @@ async fn release_unstarted(store: &SharedStore, buffer: VecDeque<Claimed>) {
             .iter()
             .position(|s| s.status != StageStatus::Completed)
             .unwrap_or(0);
-        if let Err(error) = store.end_attempt(&claimed.lease, first_open, StageOutcome::Abandoned).await {
+        if let Err(error) = store
+            .end_attempt(&claimed.lease, first_open, StageOutcome::Abandoned)
+            .await
+        {
             warn!(run.id = %claimed.run.id, error = %error, "releasing an unstarted run failed; its lease will expire");
         }
     }

@@ -394,7 +394,11 @@ impl RunStore for RedisStore {
         ttl: Duration,
         max: usize,
     ) -> StoreResult<Vec<Claimed>> {
-        let mut args = vec![worker.to_string(), ttl.as_millis().to_string(), max.to_string()];
+        let mut args = vec![
+            worker.to_string(),
+            ttl.as_millis().to_string(),
+            max.to_string(),
+        ];
         args.extend(queues.iter().cloned());
         let answer: Vec<RedisValue> = self.call("claim", &args).await?;
         let mut claimed = Vec::with_capacity(answer.len());

@@ -424,6 +424,20 @@ impl RunStore for SqliteStore {
         max: usize,
     ) -> StoreResult<Vec<Claimed>> {
         let now = self.now();
+        // Idle workers ask often: answer "nothing due" from a read, without the write lock, so
+        // polling never blocks (or waits for) writers.
+        let due: i64 = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE status IN ('queued', 'retrying') AND available_at <= ?1 \
+             AND queue IN (SELECT value FROM json_each(?2))) AS due",
+        )
+        .bind(now)
+        .bind(json_text(&queues))
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("due")?;
+        if due == 0 {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin().await?;
         let rows = sqlx::query(
             "UPDATE runs SET status = 'running', lease_owner = ?1, worker = ?1, lease_expires_at = ?2, \
@@ -443,7 +457,10 @@ impl RunStore for SqliteStore {
             tx.rollback().await?;
             return Ok(Vec::new());
         }
-        let mut runs = rows.iter().map(run_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let mut runs = rows
+            .iter()
+            .map(run_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
         for run in &runs {
             insert_event(
                 &mut tx,
@@ -912,6 +929,17 @@ impl RunStore for SqliteStore {
 
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
         let now = self.now();
+        // Most sweeps find nothing: check with a read before taking the write lock.
+        let expired: i64 = sqlx::query(
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND lease_expires_at < ?) AS expired",
+        )
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("expired")?;
+        if expired == 0 {
+            return Ok(Vec::new());
+        }
         let mut tx = self.begin().await?;
         let cancelled = sqlx::query(
             "UPDATE runs SET status = 'cancelled', finished_at = ?1, updated_at = ?1, lease_owner = NULL, \

@@ -145,7 +145,8 @@ async fn past_the_grace_period_the_stage_is_abandoned_and_rerun_elsewhere(backen
     let stopped = Instant::now();
     app.workers[0].signal(Signal::SIGTERM);
     let status = app.workers[0].wait_exit(Duration::from_secs(10));
-    let status = status.unwrap_or_else(|| panic!("worker did not exit: {}", app.workers[0].log_text()));
+    let status =
+        status.unwrap_or_else(|| panic!("worker did not exit: {}", app.workers[0].log_text()));
     assert!(status.success());
     assert!(
         stopped.elapsed() < Duration::from_secs(5),
