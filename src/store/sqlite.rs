@@ -4,7 +4,7 @@
 //! the fence check, so two processes can never both believe they own a run, and the checks of
 //! SQLite's single writer keep claims atomic without any row locks.
 
-use std::{str::FromStr, sync::Arc, time::Duration};
+use std::{collections::HashMap, str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use serde_json::{Value, json};
@@ -461,22 +461,41 @@ impl RunStore for SqliteStore {
             .iter()
             .map(run_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        for run in &runs {
-            insert_event(
-                &mut tx,
-                run.id,
-                now,
-                "run_started",
-                None,
-                json!({"worker": worker.as_str(), "fence": run.fence.0}),
-            )
-            .await?;
-        }
+        let started: Vec<Value> = runs
+            .iter()
+            .map(|run| json!({"run_id": run.id.to_string(), "data": {"worker": worker.as_str(), "fence": run.fence.0}}))
+            .collect();
+        sqlx::query(
+            "INSERT INTO events (run_id, at, kind, stage, data) \
+             SELECT json_extract(value, '$.run_id'), ?1, 'run_started', NULL, json_extract(value, '$.data') \
+             FROM json_each(?2)",
+        )
+        .bind(now)
+        .bind(Value::Array(started).to_string())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
-        let mut claimed = Vec::with_capacity(runs.len());
         runs.sort_by_key(|run| run.id);
+        let ids: Vec<String> = runs.iter().map(|run| run.id.to_string()).collect();
+        let stage_rows = sqlx::query(
+            "SELECT * FROM stages WHERE run_id IN (SELECT value FROM json_each(?)) ORDER BY run_id, idx",
+        )
+        .bind(json_text(&ids))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut stages_by_run: HashMap<String, Vec<StageRecord>> = HashMap::new();
+        for row in &stage_rows {
+            let run_id: String = row.try_get("run_id")?;
+            stages_by_run
+                .entry(run_id)
+                .or_default()
+                .push(stage_from_row(row)?);
+        }
+        let mut claimed = Vec::with_capacity(runs.len());
         for mut run in runs {
-            run.stages = self.load_stages(run.id).await?;
+            run.stages = stages_by_run
+                .remove(&run.id.to_string())
+                .unwrap_or_default();
             let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
             claimed.push(Claimed {
                 lease: Lease {
@@ -514,7 +533,28 @@ impl RunStore for SqliteStore {
 
     async fn start_stage(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
         let now = self.now();
-        let mut tx = self.begin_fenced(lease).await?;
+        let mut tx = self.begin().await?;
+        // The fence check and the run's own change in one statement.
+        let fenced = sqlx::query(
+            "UPDATE runs SET status = 'running', updated_at = ?1, \
+             current_stage = (SELECT name FROM stages WHERE run_id = ?2 AND idx = ?3) \
+             WHERE id = ?2 AND fence = ?4 AND lease_owner = ?5",
+        )
+        .bind(now)
+        .bind(lease.run_id.to_string())
+        .bind(stage as i64)
+        .bind(lease.fence.0)
+        .bind(lease.worker.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if fenced != 1 {
+            tx.rollback().await?;
+            return Err(StoreError::FenceRejected {
+                run_id: lease.run_id,
+                fence: lease.fence,
+            });
+        }
         let row = sqlx::query(
             "UPDATE stages SET status = 'running', attempts = attempts + 1, started_at = ?, finished_at = NULL, \
              error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ? RETURNING attempts, name",
@@ -527,11 +567,6 @@ impl RunStore for SqliteStore {
         .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?;
         let attempt = row.try_get::<i64, _>("attempts")? as u32;
         let name: String = row.try_get("name")?;
-        sqlx::query("UPDATE runs SET status = 'running', current_stage = ? WHERE id = ?")
-            .bind(&name)
-            .bind(lease.run_id.to_string())
-            .execute(&mut *tx)
-            .await?;
         insert_event(
             &mut tx,
             lease.run_id,
@@ -629,10 +664,38 @@ impl RunStore for SqliteStore {
         checkpoint: StageCheckpoint,
     ) -> StoreResult<()> {
         let now = self.now();
-        let mut tx = self.begin_fenced(lease).await?;
-        sqlx::query(
+        let mut tx = self.begin().await?;
+        // The fence check, the run's cost and (on the last stage) its completion: one statement.
+        let fenced = sqlx::query(
+            "UPDATE runs SET updated_at = ?1, cost_usd = cost_usd + ?2, \
+             status = CASE WHEN ?3 IS NULL THEN status ELSE 'completed' END, \
+             result = CASE WHEN ?3 IS NULL THEN result ELSE ?3 END, \
+             error = CASE WHEN ?3 IS NULL THEN error ELSE NULL END, \
+             finished_at = CASE WHEN ?3 IS NULL THEN finished_at ELSE ?1 END, \
+             current_stage = CASE WHEN ?3 IS NULL THEN current_stage ELSE NULL END, \
+             lease_owner = CASE WHEN ?3 IS NULL THEN lease_owner ELSE NULL END, \
+             lease_expires_at = CASE WHEN ?3 IS NULL THEN lease_expires_at ELSE NULL END \
+             WHERE id = ?4 AND fence = ?5 AND lease_owner = ?6",
+        )
+        .bind(now)
+        .bind(checkpoint.cost_usd)
+        .bind(checkpoint.run_result.as_ref().map(Value::to_string))
+        .bind(lease.run_id.to_string())
+        .bind(lease.fence.0)
+        .bind(lease.worker.as_str())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if fenced != 1 {
+            tx.rollback().await?;
+            return Err(StoreError::FenceRejected {
+                run_id: lease.run_id,
+                fence: lease.fence,
+            });
+        }
+        let name: String = sqlx::query(
             "UPDATE stages SET status = 'completed', finished_at = ?, output = ?, artifacts = ?, \
-             cost_usd = cost_usd + ?, error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ?",
+             cost_usd = cost_usd + ?, error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ? RETURNING name",
         )
         .bind(now)
         .bind(checkpoint.output.to_string())
@@ -640,35 +703,25 @@ impl RunStore for SqliteStore {
         .bind(checkpoint.cost_usd)
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?")
-            .bind(checkpoint.cost_usd)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
+        .try_get("name")?;
+        let stage_data =
+            json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts}).to_string();
+        let events = if checkpoint.run_result.is_some() {
+            "INSERT INTO events (run_id, at, kind, stage, data) VALUES \
+             (?1, ?2, 'stage_completed', ?3, ?4), (?1, ?2, 'run_completed', NULL, '{}')"
+        } else {
+            "INSERT INTO events (run_id, at, kind, stage, data) VALUES (?1, ?2, 'stage_completed', ?3, ?4)"
+        };
+        sqlx::query(events)
             .bind(lease.run_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        let name = stage_name(&mut tx, lease.run_id, stage).await?;
-        insert_event(
-            &mut tx,
-            lease.run_id,
-            now,
-            "stage_completed",
-            Some(&name),
-            json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts}),
-        )
-        .await?;
-        if let Some(result) = &checkpoint.run_result {
-            sqlx::query(
-                "UPDATE runs SET status = 'completed', result = ?, error = NULL, finished_at = ?, current_stage = NULL, \
-                 lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
-            )
-            .bind(result.to_string())
             .bind(now)
-            .bind(lease.run_id.to_string())
+            .bind(&name)
+            .bind(stage_data)
             .execute(&mut *tx)
             .await?;
-            insert_event(&mut tx, lease.run_id, now, "run_completed", None, json!({})).await?;
-        }
         tx.commit().await?;
         Ok(())
     }
