@@ -78,6 +78,16 @@ impl RedisStore {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        // Eviction would silently drop runs. Managed Redis may refuse CONFIG: then say nothing.
+        let policy: redis::RedisResult<Vec<String>> =
+            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(&mut conn.clone()).await;
+        if let Ok(policy) = policy {
+            if let Some(value) = policy.get(1) {
+                if value != "noeviction" {
+                    tracing::warn!(maxmemory_policy = %value, "Redis may evict keys; set maxmemory-policy noeviction or runs can be lost");
+                }
+            }
+        }
         Ok(Self {
             client,
             conn,
