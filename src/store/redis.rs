@@ -79,8 +79,11 @@ impl RedisStore {
             .set_max_delay(Duration::from_secs(2));
         let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
         // Eviction would silently drop runs. Managed Redis may refuse CONFIG: then say nothing.
-        let policy: redis::RedisResult<Vec<String>> =
-            redis::cmd("CONFIG").arg("GET").arg("maxmemory-policy").query_async(&mut conn.clone()).await;
+        let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+            .arg("GET")
+            .arg("maxmemory-policy")
+            .query_async(&mut conn.clone())
+            .await;
         if let Ok(policy) = policy {
             if let Some(value) = policy.get(1) {
                 if value != "noeviction" {

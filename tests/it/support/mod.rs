@@ -335,8 +335,7 @@ impl TestApp {
             proc.log_text()
         );
         self.workers.push(proc);
-        let index = self.workers.len() - 1;
-        index
+        self.workers.len() - 1
     }
 
     pub fn start_worker(&mut self) -> usize {
