@@ -9,12 +9,13 @@ use std::{collections::HashMap, str::FromStr, sync::Arc, time::Duration};
 use async_trait::async_trait;
 use serde_json::{Value, json};
 use sqlx::{
-    Row, Sqlite, Transaction,
+    Row, Sqlite,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
         SqliteSynchronous,
     },
 };
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use super::{
@@ -35,10 +36,8 @@ pub struct SqliteStore {
     clock: SharedClock,
     /// Wakes this process's idle workers when this process queues a run.
     work_available: Arc<Notify>,
-    /// Serialises this process's write transactions. SQLite admits one writer at a time; queueing
-    /// writers here, in a fair async mutex, avoids SQLite's busy-wait sleeps between the
-    /// connections of one process (other processes still contend through the busy timeout).
-    write_lock: Arc<tokio::sync::Mutex<()>>,
+    /// This process's writes, committed in groups (see [`GroupCommit`]).
+    writes: Arc<GroupCommit>,
 }
 
 impl SqliteStore {
@@ -64,10 +63,10 @@ impl SqliteStore {
             .connect_with(options)
             .await?;
         let store = Self {
+            writes: GroupCommit::start(pool.clone()).await?,
             pool,
             clock,
             work_available: Arc::new(Notify::new()),
-            write_lock: Arc::new(tokio::sync::Mutex::new(())),
         };
         store.migrate().await?;
         Ok(store)
@@ -83,11 +82,9 @@ impl SqliteStore {
         self.clock.now_ms()
     }
 
-    /// Opens a write transaction; the returned guard must live as long as the transaction.
+    /// Opens this process's shared write transaction; see [`GroupCommit`].
     async fn begin(&self) -> StoreResult<WriteTx> {
-        let guard = self.write_lock.clone().lock_owned().await;
-        let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        Ok(WriteTx { tx, _guard: guard })
+        self.writes.begin().await
     }
 
     /// Opens a write transaction that holds only if `lease` is still the run's current lease.
@@ -122,32 +119,236 @@ impl SqliteStore {
     }
 }
 
-/// A write transaction holding this process's write lock.
+/// Group commit: the write operations of this process share one SQLite transaction on one
+/// connection, taking turns through a fair async mutex, and the transaction commits when no
+/// further operation is waiting (or after [`MAX_GROUP`] operations). Each operation's
+/// `commit()` returns only once the transaction holding its changes is committed, so a caller
+/// that sees `Ok` has a durable write, as with a transaction of its own; the group pays for one
+/// `BEGIN`/`COMMIT` and one WAL commit instead of one each.
+///
+/// Invariant: an operation that gives up (`rollback()`) has changed nothing (every operation
+/// checks its fence or precondition with its first statement). An operation that fails after a
+/// change poisons the group: the whole transaction is rolled back and every operation in it gets
+/// the error, as if each had failed on its own.
+struct GroupCommit {
+    state: Arc<tokio::sync::Mutex<GroupState>>,
+    /// Operations waiting for their turn; the last one of a burst commits.
+    queued: Arc<AtomicUsize>,
+    /// Wakes the flusher, which commits a transaction left open by an operation whose successor
+    /// was cancelled while it waited.
+    flush: Arc<Notify>,
+}
+
+impl std::fmt::Debug for GroupCommit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GroupCommit")
+            .field("queued", &self.queued)
+            .finish()
+    }
+}
+
+/// Most operations in one transaction.
+const MAX_GROUP: usize = 64;
+
+struct GroupState {
+    conn: Option<sqlx::pool::PoolConnection<Sqlite>>,
+    pool: SqlitePool,
+    open: bool,
+    /// Operations in the open transaction, waiting for its outcome.
+    waiters: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
+    /// An operation failed after changing something: roll everything back.
+    poisoned: bool,
+}
+
+impl GroupState {
+    async fn connection(&mut self) -> StoreResult<&mut sqlx::SqliteConnection> {
+        if self.conn.is_none() {
+            self.conn = Some(self.pool.acquire().await?);
+        }
+        match self.conn.as_mut() {
+            Some(conn) => Ok(&mut **conn),
+            None => Err(StoreError::Unavailable("no connection".to_owned())),
+        }
+    }
+
+    /// Ends the open transaction (commit, or rollback when poisoned) and tells every waiter.
+    async fn finish(&mut self) {
+        if !self.open {
+            return;
+        }
+        let statement = if self.poisoned { "ROLLBACK" } else { "COMMIT" };
+        let outcome = match self.connection().await {
+            Ok(conn) => sqlx::raw_sql(statement)
+                .execute(conn)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        let outcome = match (self.poisoned, outcome) {
+            (true, _) => Err("a write in the same group failed; nothing was written".to_owned()),
+            (false, outcome) => outcome,
+        };
+        if outcome.is_err() {
+            // The connection's state is unknown: start over with a fresh one.
+            self.conn = None;
+        }
+        for waiter in self.waiters.drain(..) {
+            let _ = waiter.send(outcome.clone());
+        }
+        self.open = false;
+        self.poisoned = false;
+    }
+}
+
+impl GroupCommit {
+    async fn start(pool: SqlitePool) -> StoreResult<Arc<Self>> {
+        let writes = Arc::new(Self {
+            state: Arc::new(tokio::sync::Mutex::new(GroupState {
+                conn: None,
+                pool,
+                open: false,
+                waiters: Vec::new(),
+                poisoned: false,
+            })),
+            queued: Arc::new(AtomicUsize::new(0)),
+            flush: Arc::new(Notify::new()),
+        });
+        let state = Arc::downgrade(&writes.state);
+        let flush = writes.flush.clone();
+        tokio::spawn(async move {
+            loop {
+                flush.notified().await;
+                let Some(state) = state.upgrade() else { return };
+                // Behind every operation already queued (the mutex is fair).
+                let mut state = state.lock().await;
+                if state.open {
+                    state.finish().await;
+                }
+            }
+        });
+        Ok(writes)
+    }
+
+    async fn begin(&self) -> StoreResult<WriteTx> {
+        struct Queued<'a>(&'a AtomicUsize);
+        impl Drop for Queued<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        let guard = {
+            let _queued = Queued(&self.queued);
+            self.state.clone().lock_owned().await
+        };
+        let mut tx = WriteTx {
+            guard: Some(guard),
+            queued: self.queued.clone(),
+            flush: self.flush.clone(),
+            done: false,
+        };
+        let state = tx.state();
+        if state.poisoned {
+            state.finish().await;
+        }
+        if !state.open {
+            let conn = state.connection().await?;
+            if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
+                state.conn = None;
+                tx.done = true;
+                return Err(error.into());
+            }
+            state.open = true;
+        }
+        Ok(tx)
+    }
+}
+
+/// One operation's turn in the shared write transaction.
 struct WriteTx {
-    tx: Transaction<'static, Sqlite>,
-    _guard: tokio::sync::OwnedMutexGuard<()>,
+    guard: Option<tokio::sync::OwnedMutexGuard<GroupState>>,
+    /// Operations waiting for their turn after this one.
+    queued: Arc<AtomicUsize>,
+    flush: Arc<Notify>,
+    done: bool,
+}
+
+impl WriteTx {
+    fn state(&mut self) -> &mut GroupState {
+        self.guard
+            .as_mut()
+            .expect("a write transaction holds its turn until it ends")
+    }
+
+    fn others_waiting(&self) -> bool {
+        self.queued.load(Ordering::SeqCst) > 0
+    }
+
+    /// Commits this operation's changes: now if nobody else is waiting, otherwise together with
+    /// the operations that follow. Returns once they are durable.
+    async fn commit(mut self) -> Result<(), sqlx::Error> {
+        self.done = true;
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let waiting = self.others_waiting();
+        let state = self.state();
+        state.waiters.push(sender);
+        if !waiting || state.waiters.len() >= MAX_GROUP {
+            state.finish().await;
+        } else {
+            self.flush.notify_one();
+        }
+        drop(self.guard.take());
+        match receiver.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(message)) => Err(sqlx::Error::Protocol(message)),
+            Err(_) => Err(sqlx::Error::Protocol(
+                "the write transaction was abandoned".to_owned(),
+            )),
+        }
+    }
+
+    /// Gives up this operation, which has changed nothing.
+    async fn rollback(mut self) -> Result<(), sqlx::Error> {
+        self.done = true;
+        let state = self.state();
+        if state.waiters.is_empty() && state.open {
+            state.finish().await;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WriteTx {
+    fn drop(&mut self) {
+        if let Some(mut guard) = self.guard.take() {
+            if !self.done {
+                // Failed part-way: whatever it changed must not be committed.
+                guard.poisoned = true;
+            }
+            if guard.open {
+                self.flush.notify_one();
+            }
+        }
+    }
 }
 
 impl std::ops::Deref for WriteTx {
     type Target = sqlx::SqliteConnection;
     fn deref(&self) -> &Self::Target {
-        &self.tx
+        self.guard
+            .as_ref()
+            .and_then(|g| g.conn.as_deref())
+            .expect("an open write transaction has a connection")
     }
 }
 
 impl std::ops::DerefMut for WriteTx {
     fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.tx
-    }
-}
-
-impl WriteTx {
-    async fn commit(self) -> Result<(), sqlx::Error> {
-        self.tx.commit().await
-    }
-
-    async fn rollback(self) -> Result<(), sqlx::Error> {
-        self.tx.rollback().await
+        self.guard
+            .as_mut()
+            .and_then(|g| g.conn.as_deref_mut())
+            .expect("an open write transaction has a connection")
     }
 }
 
@@ -312,7 +513,292 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
+    async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
+        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut run = run_from_row(&row)?;
+        run.stages = self.load_stages(id).await?;
+        Ok(Some(run))
+    }
+
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
+        let kind = filter.kind.map(RunKind::as_str);
+        let status = filter.status.map(RunStatus::as_str);
+        let total: i64 = sqlx::query(
+            "SELECT COUNT(*) AS n FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
+             AND (?3 IS NULL OR name = ?3)",
+        )
+        .bind(kind)
+        .bind(status)
+        .bind(&filter.name)
+        .fetch_one(&self.pool)
+        .await?
+        .try_get("n")?;
+        let rows = sqlx::query(
+            "SELECT * FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
+             AND (?3 IS NULL OR name = ?3) AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5",
+        )
+        .bind(kind)
+        .bind(status)
+        .bind(&filter.name)
+        .bind(filter.before.map(|id| id.to_string()))
+        .bind(i64::from(filter.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let runs = rows
+            .iter()
+            .map(run_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok((runs, total as u64))
+    }
+
+    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
+        let now = self.now();
+        let row = sqlx::query(
+            "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND fence = ? AND lease_owner = ? \
+             RETURNING cancel_requested",
+        )
+        .bind(now + ttl.as_millis() as i64)
+        .bind(lease.run_id.to_string())
+        .bind(lease.fence.0)
+        .bind(lease.worker.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        match row {
+            Some(row) => Ok(row.try_get::<i64, _>("cancel_requested")? != 0),
+            None => Err(StoreError::FenceRejected {
+                run_id: lease.run_id,
+                fence: lease.fence,
+            }),
+        }
+    }
+
+    async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
+        let rows = sqlx::query(
+            "SELECT key, output, cost_usd, artifacts FROM steps WHERE run_id = ? AND stage_idx = ? ORDER BY created_at",
+        )
+        .bind(run.to_string())
+        .bind(stage as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(StepRecord {
+                    key: row.try_get("key")?,
+                    output: parse_json(Some(row.try_get("output")?), "step output")?
+                        .unwrap_or(Value::Null),
+                    cost_usd: row.try_get("cost_usd")?,
+                    artifacts: parse_json(Some(row.try_get("artifacts")?), "step artifacts")?
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
+        let cutoff = self.now() - retention.as_millis() as i64;
+        let deleted =
+            sqlx::query("DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?")
+                .bind(cutoff)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
+        Ok(deleted)
+    }
+
+    async fn events_after(
+        &self,
+        run: RunId,
+        after_seq: i64,
+        limit: u32,
+    ) -> StoreResult<Vec<RunEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, kind, stage, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(run.to_string())
+        .bind(after_seq)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(RunEvent {
+                    seq: row.try_get("seq")?,
+                    run_id: run,
+                    at: to_datetime(row.try_get("at")?),
+                    kind: row.try_get("kind")?,
+                    stage: row.try_get("stage")?,
+                    data: parse_json(Some(row.try_get("data")?), "event data")?
+                        .unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
+        let rows = sqlx::query("SELECT queue, status, COUNT(*) AS n FROM runs GROUP BY queue, status ORDER BY queue, status")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .filter_map(|row| {
+                let status: String = row.try_get("status").ok()?;
+                Some(Ok(QueueDepth {
+                    queue: row.try_get("queue").ok()?,
+                    status: RunStatus::parse(&status)?,
+                    count: row.try_get::<i64, _>("n").ok()? as u64,
+                }))
+            })
+            .collect()
+    }
+
+    async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO workers (id, queues, concurrency, started_at, heartbeat_at, running) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running",
+        )
+        .bind(&worker.id)
+        .bind(json_text(&worker.queues))
+        .bind(i64::from(worker.concurrency))
+        .bind(worker.started_at.timestamp_millis())
+        .bind(self.now())
+        .bind(json_text(&worker.running))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn unregister_worker(&self, id: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM workers WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
+        let cutoff = self.now() - WORKER_STALE_AFTER.as_millis() as i64;
+        sqlx::query("DELETE FROM workers WHERE heartbeat_at < ?")
+            .bind(cutoff)
+            .execute(&self.pool)
+            .await?;
+        let rows = sqlx::query("SELECT * FROM workers ORDER BY started_at")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(WorkerInfo {
+                    id: row.try_get("id")?,
+                    queues: parse_json(Some(row.try_get("queues")?), "worker queues")?
+                        .unwrap_or_default(),
+                    concurrency: row.try_get::<i64, _>("concurrency")? as u32,
+                    started_at: to_datetime(row.try_get("started_at")?),
+                    last_heartbeat: to_datetime(row.try_get("heartbeat_at")?),
+                    running: parse_json(Some(row.try_get("running")?), "worker runs")?
+                        .unwrap_or_default(),
+                })
+            })
+            .collect()
+    }
+
+    async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
+        let rows = sqlx::query("SELECT name, value FROM counters ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
+            .collect()
+    }
+
+    async fn wait_for_work(&self, _queues: &[String], poll: Duration) {
+        let _ = tokio::time::timeout(poll, self.work_available.notified()).await;
+    }
+
     async fn insert_run(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
+        let store = self.clone();
+        detached(async move { store.insert_run_now(run).await }).await
+    }
+
+    async fn claim(
+        &self,
+        queues: &[String],
+        worker: &WorkerId,
+        ttl: Duration,
+        max: usize,
+    ) -> StoreResult<Vec<Claimed>> {
+        let (store, queues, worker) = (self.clone(), queues.to_vec(), worker.clone());
+        detached(async move { store.claim_now(&queues, &worker, ttl, max).await }).await
+    }
+
+    async fn start_stage(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
+        let (store, lease) = (self.clone(), lease.clone());
+        detached(async move { store.start_stage_now(&lease, stage).await }).await
+    }
+
+    async fn record_step(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        step: &StepRecord,
+        progress: Progress,
+    ) -> StoreResult<()> {
+        let (store, lease, step) = (self.clone(), lease.clone(), step.clone());
+        detached(async move { store.record_step_now(&lease, stage, &step, progress).await }).await
+    }
+
+    async fn commit_stage(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        checkpoint: StageCheckpoint,
+    ) -> StoreResult<()> {
+        let (store, lease) = (self.clone(), lease.clone());
+        detached(async move { store.commit_stage_now(&lease, stage, checkpoint).await }).await
+    }
+
+    async fn end_attempt(
+        &self,
+        lease: &Lease,
+        stage: usize,
+        outcome: StageOutcome,
+    ) -> StoreResult<()> {
+        let (store, lease) = (self.clone(), lease.clone());
+        detached(async move { store.end_attempt_now(&lease, stage, outcome).await }).await
+    }
+
+    async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
+        let (store, lease) = (self.clone(), lease.clone());
+        detached(async move { store.fail_run_now(&lease, error).await }).await
+    }
+
+    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord> {
+        let store = self.clone();
+        detached(async move { store.request_cancel_now(id).await }).await
+    }
+
+    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
+        let store = self.clone();
+        detached(async move { store.resume_now(id, from).await }).await
+    }
+
+    async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
+        let store = self.clone();
+        detached(async move { store.sweep_expired_leases_now().await }).await
+    }
+
+    async fn add_counters(&self, deltas: &[(String, f64)]) -> StoreResult<()> {
+        let (store, deltas) = (self.clone(), deltas.to_vec());
+        detached(async move { store.add_counters_now(&deltas).await }).await
+    }
+}
+
+/// The write operations. The trait methods run each in a task of its own ([`detached`]): an
+/// operation shares its transaction with others (group commit), so it must never be stopped
+/// half-way because its caller was cancelled.
+impl SqliteStore {
+    async fn insert_run_now(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
         let now = self.now();
         let mut tx = self.begin().await?;
         if let Some(key) = &run.idempotency_key {
@@ -374,49 +860,7 @@ impl RunStore for SqliteStore {
         Ok((record, true))
     }
 
-    async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
-        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut run = run_from_row(&row)?;
-        run.stages = self.load_stages(id).await?;
-        Ok(Some(run))
-    }
-
-    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
-        let kind = filter.kind.map(RunKind::as_str);
-        let status = filter.status.map(RunStatus::as_str);
-        let total: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
-             AND (?3 IS NULL OR name = ?3)",
-        )
-        .bind(kind)
-        .bind(status)
-        .bind(&filter.name)
-        .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?;
-        let rows = sqlx::query(
-            "SELECT * FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
-             AND (?3 IS NULL OR name = ?3) AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5",
-        )
-        .bind(kind)
-        .bind(status)
-        .bind(&filter.name)
-        .bind(filter.before.map(|id| id.to_string()))
-        .bind(i64::from(filter.limit))
-        .fetch_all(&self.pool)
-        .await?;
-        let runs = rows
-            .iter()
-            .map(run_from_row)
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok((runs, total as u64))
-    }
-
-    async fn claim(
+    async fn claim_now(
         &self,
         queues: &[String],
         worker: &WorkerId,
@@ -510,28 +954,7 @@ impl RunStore for SqliteStore {
         Ok(claimed)
     }
 
-    async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
-        let now = self.now();
-        let row = sqlx::query(
-            "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND fence = ? AND lease_owner = ? \
-             RETURNING cancel_requested",
-        )
-        .bind(now + ttl.as_millis() as i64)
-        .bind(lease.run_id.to_string())
-        .bind(lease.fence.0)
-        .bind(lease.worker.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => Ok(row.try_get::<i64, _>("cancel_requested")? != 0),
-            None => Err(StoreError::FenceRejected {
-                run_id: lease.run_id,
-                fence: lease.fence,
-            }),
-        }
-    }
-
-    async fn start_stage(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
+    async fn start_stage_now(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
         let now = self.now();
         let mut tx = self.begin().await?;
         // The fence check and the run's own change in one statement.
@@ -580,29 +1003,7 @@ impl RunStore for SqliteStore {
         Ok(attempt)
     }
 
-    async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
-        let rows = sqlx::query(
-            "SELECT key, output, cost_usd, artifacts FROM steps WHERE run_id = ? AND stage_idx = ? ORDER BY created_at",
-        )
-        .bind(run.to_string())
-        .bind(stage as i64)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(StepRecord {
-                    key: row.try_get("key")?,
-                    output: parse_json(Some(row.try_get("output")?), "step output")?
-                        .unwrap_or(Value::Null),
-                    cost_usd: row.try_get("cost_usd")?,
-                    artifacts: parse_json(Some(row.try_get("artifacts")?), "step artifacts")?
-                        .unwrap_or_default(),
-                })
-            })
-            .collect()
-    }
-
-    async fn record_step(
+    async fn record_step_now(
         &self,
         lease: &Lease,
         stage: usize,
@@ -657,7 +1058,7 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    async fn commit_stage(
+    async fn commit_stage_now(
         &self,
         lease: &Lease,
         stage: usize,
@@ -726,7 +1127,7 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    async fn end_attempt(
+    async fn end_attempt_now(
         &self,
         lease: &Lease,
         stage: usize,
@@ -855,7 +1256,7 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
+    async fn fail_run_now(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
         let now = self.now();
         let mut tx = self.begin_fenced(lease).await?;
         sqlx::query(
@@ -880,7 +1281,7 @@ impl RunStore for SqliteStore {
         Ok(())
     }
 
-    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord> {
+    async fn request_cancel_now(&self, id: RunId) -> StoreResult<RunRecord> {
         let now = self.now();
         let mut tx = self.begin().await?;
         let row = sqlx::query("SELECT status FROM runs WHERE id = ?")
@@ -932,7 +1333,7 @@ impl RunStore for SqliteStore {
         self.get_run(id).await?.ok_or(StoreError::NotFound(id))
     }
 
-    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
+    async fn resume_now(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
         let now = self.now();
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
         let from_idx = super::resume_start(&run, &from)?;
@@ -980,7 +1381,7 @@ impl RunStore for SqliteStore {
         self.get_run(id).await?.ok_or(StoreError::NotFound(id))
     }
 
-    async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
+    async fn sweep_expired_leases_now(&self) -> StoreResult<Vec<RunId>> {
         let now = self.now();
         // Most sweeps find nothing: check with a read before taking the write lock.
         let expired: i64 = sqlx::query(
@@ -1048,112 +1449,7 @@ impl RunStore for SqliteStore {
         Ok(recovered)
     }
 
-    async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
-        let cutoff = self.now() - retention.as_millis() as i64;
-        let deleted =
-            sqlx::query("DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?")
-                .bind(cutoff)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
-        Ok(deleted)
-    }
-
-    async fn events_after(
-        &self,
-        run: RunId,
-        after_seq: i64,
-        limit: u32,
-    ) -> StoreResult<Vec<RunEvent>> {
-        let rows = sqlx::query(
-            "SELECT seq, at, kind, stage, data FROM events WHERE run_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(run.to_string())
-        .bind(after_seq)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(RunEvent {
-                    seq: row.try_get("seq")?,
-                    run_id: run,
-                    at: to_datetime(row.try_get("at")?),
-                    kind: row.try_get("kind")?,
-                    stage: row.try_get("stage")?,
-                    data: parse_json(Some(row.try_get("data")?), "event data")?
-                        .unwrap_or(Value::Null),
-                })
-            })
-            .collect()
-    }
-
-    async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
-        let rows = sqlx::query("SELECT queue, status, COUNT(*) AS n FROM runs GROUP BY queue, status ORDER BY queue, status")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .filter_map(|row| {
-                let status: String = row.try_get("status").ok()?;
-                Some(Ok(QueueDepth {
-                    queue: row.try_get("queue").ok()?,
-                    status: RunStatus::parse(&status)?,
-                    count: row.try_get::<i64, _>("n").ok()? as u64,
-                }))
-            })
-            .collect()
-    }
-
-    async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO workers (id, queues, concurrency, started_at, heartbeat_at, running) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running",
-        )
-        .bind(&worker.id)
-        .bind(json_text(&worker.queues))
-        .bind(i64::from(worker.concurrency))
-        .bind(worker.started_at.timestamp_millis())
-        .bind(self.now())
-        .bind(json_text(&worker.running))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn unregister_worker(&self, id: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM workers WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
-        let cutoff = self.now() - WORKER_STALE_AFTER.as_millis() as i64;
-        sqlx::query("DELETE FROM workers WHERE heartbeat_at < ?")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await?;
-        let rows = sqlx::query("SELECT * FROM workers ORDER BY started_at")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(WorkerInfo {
-                    id: row.try_get("id")?,
-                    queues: parse_json(Some(row.try_get("queues")?), "worker queues")?
-                        .unwrap_or_default(),
-                    concurrency: row.try_get::<i64, _>("concurrency")? as u32,
-                    started_at: to_datetime(row.try_get("started_at")?),
-                    last_heartbeat: to_datetime(row.try_get("heartbeat_at")?),
-                    running: parse_json(Some(row.try_get("running")?), "worker runs")?
-                        .unwrap_or_default(),
-                })
-            })
-            .collect()
-    }
-
-    async fn add_counters(&self, deltas: &[(String, f64)]) -> StoreResult<()> {
+    async fn add_counters_now(&self, deltas: &[(String, f64)]) -> StoreResult<()> {
         if deltas.is_empty() {
             return Ok(());
         }
@@ -1168,17 +1464,180 @@ impl RunStore for SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+}
 
-    async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
-        let rows = sqlx::query("SELECT name, value FROM counters ORDER BY name")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
-            .collect()
+/// Runs a write operation to completion whatever happens to the caller.
+async fn detached<T: Send + 'static>(
+    operation: impl std::future::Future<Output = StoreResult<T>> + Send + 'static,
+) -> StoreResult<T> {
+    tokio::spawn(operation)
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("write task failed: {e}")))?
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::future::join_all;
+    use serde_json::json;
+
+    use super::*;
+    use crate::clock::SystemClock;
+
+    async fn store(dir: &tempfile::TempDir) -> SqliteStore {
+        let url = crate::config::sqlite_url_for(&dir.path().join("s.db"));
+        SqliteStore::open(&url, Arc::new(SystemClock))
+            .await
+            .expect("open")
     }
 
-    async fn wait_for_work(&self, _queues: &[String], poll: Duration) {
-        let _ = tokio::time::timeout(poll, self.work_available.notified()).await;
+    fn new_run(id: RunId) -> NewRun {
+        NewRun {
+            id,
+            kind: RunKind::Workflow,
+            name: "noop".into(),
+            queue: "workflows".into(),
+            inputs: json!({}),
+            provider_mode: ProviderMode::Mock,
+            budget_usd: None,
+            stage_names: vec!["noop".into()],
+            idempotency_key: None,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_writes_are_grouped_and_every_ok_is_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        let ids: Vec<RunId> = (0..300).map(|_| RunId::generate()).collect();
+        let results = join_all(ids.iter().map(|id| store.insert_run(new_run(*id)))).await;
+        assert!(results.iter().all(Result::is_ok));
+        // A fresh store on the same file sees every acknowledged write.
+        let reopened = super::tests::store(&dir).await;
+        let (_, total) = reopened
+            .list_runs(&RunFilter {
+                limit: 1,
+                ..RunFilter::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(total, 300);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stale_fence_in_a_group_fails_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        for _ in 0..20 {
+            store
+                .insert_run(new_run(RunId::generate()))
+                .await
+                .expect("insert");
+        }
+        let worker = WorkerId::from("w".to_owned());
+        let claimed = store
+            .claim(
+                &["workflows".to_owned()],
+                &worker,
+                Duration::from_secs(30),
+                20,
+            )
+            .await
+            .expect("claim");
+        assert_eq!(claimed.len(), 20);
+        let stale = |c: &Claimed| Lease {
+            fence: FenceToken(c.lease.fence.0 - 1),
+            ..c.lease.clone()
+        };
+        let starts = join_all(claimed.iter().enumerate().map(|(i, c)| {
+            let lease = if i % 2 == 0 {
+                stale(c)
+            } else {
+                c.lease.clone()
+            };
+            let store = store.clone();
+            async move { store.start_stage(&lease, 0).await }
+        }))
+        .await;
+        for (i, result) in starts.iter().enumerate() {
+            if i % 2 == 0 {
+                assert!(
+                    matches!(result, Err(StoreError::FenceRejected { .. })),
+                    "{result:?}"
+                );
+            } else {
+                assert_eq!(result.as_ref().expect("started"), &1);
+            }
+        }
+        for (i, c) in claimed.iter().enumerate() {
+            let run = store.get_run(c.run.id).await.expect("get").expect("run");
+            let expected = if i % 2 == 0 {
+                StageStatus::Pending
+            } else {
+                StageStatus::Running
+            };
+            assert_eq!(run.stages[0].status, expected);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_poisons_only_its_group_and_ok_still_means_written() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        let taken = RunId::generate();
+        store.insert_run(new_run(taken)).await.expect("insert");
+        // A duplicate id fails after the transaction began; whatever shares its group fails with
+        // it, and everything else commits. Either way, Ok must mean written.
+        let mut attempts: Vec<RunId> = (0..50).map(|_| RunId::generate()).collect();
+        attempts.insert(25, taken);
+        let results = join_all(attempts.iter().map(|id| store.insert_run(new_run(*id)))).await;
+        assert!(results[25].is_err(), "the duplicate must fail");
+        for (id, result) in attempts.iter().zip(&results) {
+            let stored = store.get_run(*id).await.expect("get").is_some();
+            if result.is_ok() {
+                assert!(stored, "{id} acknowledged but not stored");
+            } else if *id != taken {
+                assert!(!stored, "{id} reported failed but stored");
+            }
+        }
+        // The store keeps working afterwards.
+        store
+            .insert_run(new_run(RunId::generate()))
+            .await
+            .expect("insert after a failure");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_caller_does_not_break_the_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = store(&dir).await;
+        let ids: Vec<RunId> = (0..100).map(|_| RunId::generate()).collect();
+        let futures = ids.iter().enumerate().map(|(i, id)| {
+            let store = store.clone();
+            let id = *id;
+            async move {
+                if i % 3 == 0 {
+                    // Give up at once: the write goes on without its caller.
+                    let _ = tokio::time::timeout(
+                        Duration::from_micros(1),
+                        store.insert_run(new_run(id)),
+                    )
+                    .await;
+                    None
+                } else {
+                    Some(store.insert_run(new_run(id)).await.is_ok())
+                }
+            }
+        });
+        let outcomes = join_all(futures).await;
+        assert!(
+            outcomes.iter().flatten().all(|ok| *ok),
+            "a write failed: {outcomes:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for (i, id) in ids.iter().enumerate() {
+            if i % 3 != 0 {
+                assert!(store.get_run(*id).await.expect("get").is_some());
+            }
+        }
     }
 }
