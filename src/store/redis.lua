@@ -27,13 +27,19 @@ local function k_idem(key) return P .. 'idempotency:' .. key end
 
 local FINISHED = { completed = true, failed = true, cancelled = true }
 
+-- An event's sequence number is its position in the run's list (1-based), so it needs no
+-- counter of its own.
 local function event(id, kind, stage, data)
-  local seq = redis.call('HINCRBY', k_run(id), 'event_seq', 1)
   local stage_json = 'null'
   if stage and stage ~= '' then stage_json = cjson.encode(stage) end
   if not data or data == '' then data = '{}' end
-  redis.call('RPUSH', k_events(id), '{"seq":' .. seq .. ',"at":' .. now .. ',"kind":"' .. kind ..
+  redis.call('RPUSH', k_events(id), '{"at":' .. now .. ',"kind":"' .. kind ..
     '","stage":' .. stage_json .. ',"data":' .. data .. '}')
+end
+
+-- Adds to a float field, skipping the command when there is nothing to add.
+local function add_cost(key, amount)
+  if tonumber(amount) ~= 0 then redis.call('HINCRBYFLOAT', key, 'cost_usd', amount) end
 end
 
 local function set_status(id, new)
@@ -102,7 +108,7 @@ if op == 'insert' then
   end
   local r = k_run(id)
   redis.call('HSET', r, 'id', id, 'kind', kind, 'name', name, 'queue', q, 'inputs', inputs,
-    'provider_mode', mode, 'cost_usd', 0, 'fence', 0, 'cancel_requested', 0, 'event_seq', 0,
+    'provider_mode', mode, 'cost_usd', 0, 'fence', 0, 'cancel_requested', 0,
     'created_at', now, 'updated_at', now, 'stages', n)
   if budget ~= '' then redis.call('HSET', r, 'budget_usd', budget) end
   if idem ~= '' then redis.call('HSET', r, 'idempotency_key', idem) end
@@ -180,8 +186,8 @@ if op == 'start_stage' then
   redis.call('HSET', s, 'status', 'running', 'started_at', now)
   redis.call('HDEL', s, 'finished_at', 'error', 'next_attempt_at')
   local name = redis.call('HGET', s, 'name')
+  -- The claim made the run 'running'; only the current stage changes.
   redis.call('HSET', k_run(id), 'current_stage', name, 'updated_at', now)
-  set_status(id, 'running')
   event(id, 'stage_started', name, '{"attempt":' .. attempts .. '}')
   return attempts
 end
@@ -192,9 +198,9 @@ if op == 'record_step' then
   local idx, key, step, cost = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
   if redis.call('HSETNX', k_steps(id), idx .. ':' .. key, step) == 0 then return 0 end
   local s = k_stage(id, idx)
-  redis.call('HINCRBYFLOAT', s, 'cost_usd', cost)
+  add_cost(s, cost)
   redis.call('HSET', s, 'progress_done', ARGV[10], 'progress_total', ARGV[11])
-  redis.call('HINCRBYFLOAT', k_run(id), 'cost_usd', cost)
+  add_cost(k_run(id), cost)
   redis.call('HSET', k_run(id), 'updated_at', now)
   event(id, 'step_completed', redis.call('HGET', s, 'name'), ARGV[12])
   return 1
@@ -207,8 +213,8 @@ if op == 'commit' then
   local s = k_stage(id, idx)
   redis.call('HSET', s, 'status', 'completed', 'finished_at', now, 'output', output, 'artifacts', artifacts)
   redis.call('HDEL', s, 'error', 'next_attempt_at')
-  redis.call('HINCRBYFLOAT', s, 'cost_usd', cost)
-  redis.call('HINCRBYFLOAT', k_run(id), 'cost_usd', cost)
+  add_cost(s, cost)
+  add_cost(k_run(id), cost)
   redis.call('HSET', k_run(id), 'updated_at', now)
   event(id, 'stage_completed', redis.call('HGET', s, 'name'), ARGV[11])
   if result ~= '' then

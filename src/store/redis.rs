@@ -266,10 +266,10 @@ fn snapshot_to_run(snapshot: &RedisValue) -> StoreResult<Option<RunRecord>> {
     run_from_maps(&to_map(run), &stages).map(Some)
 }
 
-/// An event as the script stores it (`at` in milliseconds).
+/// An event as the script stores it (`at` in milliseconds; its sequence number is its
+/// position in the list).
 #[derive(serde::Deserialize)]
 struct StoredEvent {
-    seq: i64,
     at: i64,
     kind: String,
     stage: Option<String>,
@@ -636,11 +636,12 @@ impl RunStore for RedisStore {
             .await?;
         items
             .iter()
-            .map(|text| {
+            .zip(start as i64 + 1..)
+            .map(|(text, seq)| {
                 let stored: StoredEvent = serde_json::from_str(text)
                     .map_err(|e| StoreError::Corrupt(format!("event: {e}")))?;
                 Ok(RunEvent {
-                    seq: stored.seq,
+                    seq,
                     run_id: run,
                     at: to_datetime(stored.at),
                     kind: stored.kind,
