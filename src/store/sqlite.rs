@@ -101,11 +101,7 @@ impl SqliteStore {
         .await?
         .rows_affected();
         if updated != 1 {
-            tx.rollback().await?;
-            return Err(StoreError::FenceRejected {
-                run_id: lease.run_id,
-                fence: lease.fence,
-            });
+            return Err(tx.refuse(lease).await);
         }
         Ok(tx)
     }
@@ -305,6 +301,16 @@ impl WriteTx {
             Err(_) => Err(sqlx::Error::Protocol(
                 "the write transaction was abandoned".to_owned(),
             )),
+        }
+    }
+
+    /// Ends a turn whose fenced first statement matched nothing: the lease is not current.
+    async fn refuse(self, lease: &Lease) -> StoreError {
+        // Nothing was changed, so giving up cannot fail in a way that matters here.
+        let _ = self.rollback().await;
+        StoreError::FenceRejected {
+            run_id: lease.run_id,
+            fence: lease.fence,
         }
     }
 
@@ -972,11 +978,7 @@ impl SqliteStore {
         .await?
         .rows_affected();
         if fenced != 1 {
-            tx.rollback().await?;
-            return Err(StoreError::FenceRejected {
-                run_id: lease.run_id,
-                fence: lease.fence,
-            });
+            return Err(tx.refuse(lease).await);
         }
         let row = sqlx::query(
             "UPDATE stages SET status = 'running', attempts = attempts + 1, started_at = ?, finished_at = NULL, \
@@ -1088,11 +1090,7 @@ impl SqliteStore {
         .await?
         .rows_affected();
         if fenced != 1 {
-            tx.rollback().await?;
-            return Err(StoreError::FenceRejected {
-                run_id: lease.run_id,
-                fence: lease.fence,
-            });
+            return Err(tx.refuse(lease).await);
         }
         let name: String = sqlx::query(
             "UPDATE stages SET status = 'completed', finished_at = ?, output = ?, artifacts = ?, \
