@@ -475,6 +475,63 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
     })
 }
 
+/// What ending an attempt writes, by outcome: the stage's and the run's new state, and the
+/// events (kind, whether it names the stage) with their data.
+struct AttemptEnding {
+    stage_status: &'static str,
+    run_status: &'static str,
+    /// Stored on the stage, and on the run when it fails.
+    error: Option<String>,
+    finished_at: Option<Millis>,
+    /// When the run may be claimed again (retry: after the backoff; release: now).
+    available_at: Option<Millis>,
+    events: Vec<(&'static str, bool)>,
+    data: Value,
+}
+
+impl AttemptEnding {
+    fn of(outcome: &StageOutcome, now: Millis) -> Self {
+        match outcome {
+            StageOutcome::Retry { error, delay } => Self {
+                stage_status: "retrying",
+                run_status: "retrying",
+                error: Some(json_text(error)),
+                finished_at: None,
+                available_at: Some(now + delay.as_millis() as i64),
+                events: vec![("retry_scheduled", true)],
+                data: json!({"delay_ms": delay.as_millis() as u64, "error": error}),
+            },
+            StageOutcome::Fail { error } => Self {
+                stage_status: "failed",
+                run_status: "failed",
+                error: Some(json_text(error)),
+                finished_at: Some(now),
+                available_at: None,
+                events: vec![("stage_failed", true), ("run_failed", false)],
+                data: json!({"error": error}),
+            },
+            StageOutcome::Cancelled => Self {
+                stage_status: "cancelled",
+                run_status: "cancelled",
+                error: None,
+                finished_at: Some(now),
+                available_at: None,
+                events: vec![("run_cancelled", true)],
+                data: json!({}),
+            },
+            StageOutcome::Abandoned => Self {
+                stage_status: "pending",
+                run_status: "queued",
+                error: None,
+                finished_at: None,
+                available_at: Some(now),
+                events: vec![("run_released", true)],
+                data: json!({}),
+            },
+        }
+    }
+}
+
 /// Resets stages from `from` on to pending for a resume. With `keep_steps`, stage `from` keeps
 /// its memoised steps and what they cost and reported (progress), so they are not redone.
 async fn reset_stages_from(
@@ -1132,122 +1189,48 @@ impl SqliteStore {
         outcome: StageOutcome,
     ) -> StoreResult<()> {
         let now = self.now();
-        let run = lease.run_id.to_string();
+        let ending = AttemptEnding::of(&outcome, now);
         let mut tx = self.begin_fenced(lease).await?;
-        let name = stage_name(&mut tx, lease.run_id, stage).await?;
-        match outcome {
-            StageOutcome::Retry { error, delay } => {
-                let at = now + delay.as_millis() as i64;
-                sqlx::query("UPDATE stages SET status = 'retrying', error = ?, next_attempt_at = ? WHERE run_id = ? AND idx = ?")
-                    .bind(json_text(&error))
-                    .bind(at)
-                    .bind(&run)
-                    .bind(stage as i64)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "UPDATE runs SET status = 'retrying', available_at = ?, lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = ?",
-                )
-                .bind(at)
-                .bind(&run)
-                .execute(&mut *tx)
-                .await?;
-                insert_event(
-                    &mut tx,
-                    lease.run_id,
-                    now,
-                    "retry_scheduled",
-                    Some(&name),
-                    json!({"delay_ms": delay.as_millis() as u64, "error": error}),
-                )
-                .await?;
-            }
-            StageOutcome::Fail { error } => {
-                sqlx::query("UPDATE stages SET status = 'failed', error = ?, finished_at = ? WHERE run_id = ? AND idx = ?")
-                    .bind(json_text(&error))
-                    .bind(now)
-                    .bind(&run)
-                    .bind(stage as i64)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "UPDATE runs SET status = 'failed', error = ?, finished_at = ?, lease_owner = NULL, \
-                     lease_expires_at = NULL WHERE id = ?",
-                )
-                .bind(json_text(&error))
-                .bind(now)
-                .bind(&run)
-                .execute(&mut *tx)
-                .await?;
-                insert_event(
-                    &mut tx,
-                    lease.run_id,
-                    now,
-                    "stage_failed",
-                    Some(&name),
-                    json!({"error": error}),
-                )
-                .await?;
-                insert_event(
-                    &mut tx,
-                    lease.run_id,
-                    now,
-                    "run_failed",
-                    None,
-                    json!({"error": error}),
-                )
-                .await?;
-            }
-            StageOutcome::Cancelled => {
-                sqlx::query("UPDATE stages SET status = 'cancelled', finished_at = ? WHERE run_id = ? AND idx = ?")
-                    .bind(now)
-                    .bind(&run)
-                    .bind(stage as i64)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "UPDATE runs SET status = 'cancelled', finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = ?",
-                )
-                .bind(now)
-                .bind(&run)
-                .execute(&mut *tx)
-                .await?;
-                insert_event(
-                    &mut tx,
-                    lease.run_id,
-                    now,
-                    "run_cancelled",
-                    Some(&name),
-                    json!({}),
-                )
-                .await?;
-            }
-            StageOutcome::Abandoned => {
-                sqlx::query("UPDATE stages SET status = 'pending' WHERE run_id = ? AND idx = ?")
-                    .bind(&run)
-                    .bind(stage as i64)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query(
-                    "UPDATE runs SET status = 'queued', available_at = ?, lease_owner = NULL, lease_expires_at = NULL \
-                     WHERE id = ?",
-                )
-                .bind(now)
-                .bind(&run)
-                .execute(&mut *tx)
-                .await?;
-                insert_event(
-                    &mut tx,
-                    lease.run_id,
-                    now,
-                    "run_released",
-                    Some(&name),
-                    json!({}),
-                )
-                .await?;
-            }
+        let name: String = sqlx::query(
+            "UPDATE stages SET status = ?, error = ?, finished_at = ?, next_attempt_at = ? \
+             WHERE run_id = ? AND idx = ? RETURNING name",
+        )
+        .bind(ending.stage_status)
+        .bind(&ending.error)
+        .bind(ending.finished_at)
+        .bind(
+            ending
+                .available_at
+                .filter(|_| ending.run_status == "retrying"),
+        )
+        .bind(lease.run_id.to_string())
+        .bind(stage as i64)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
+        .try_get("name")?;
+        sqlx::query(
+            "UPDATE runs SET status = ?, error = COALESCE(?, error), finished_at = ?, \
+             available_at = COALESCE(?, available_at), lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
+        )
+        .bind(ending.run_status)
+        .bind(&ending.error)
+        .bind(ending.finished_at)
+        .bind(ending.available_at)
+        .bind(lease.run_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        for (kind, on_stage) in ending.events {
+            let stage_name = on_stage.then_some(name.as_str());
+            insert_event(
+                &mut tx,
+                lease.run_id,
+                now,
+                kind,
+                stage_name,
+                ending.data.clone(),
+            )
+            .await?;
         }
         tx.commit().await?;
         self.work_available.notify_waiters();
