@@ -377,20 +377,6 @@ async fn insert_event(
     Ok(())
 }
 
-async fn stage_name(tx: &mut WriteTx, run: RunId, stage: usize) -> StoreResult<String> {
-    let row = sqlx::query("SELECT name FROM stages WHERE run_id = ? AND idx = ?")
-        .bind(run.to_string())
-        .bind(stage as i64)
-        .fetch_optional(&mut **tx)
-        .await?;
-    match row {
-        Some(row) => Ok(row.try_get("name")?),
-        None => Err(StoreError::Corrupt(format!(
-            "run {run} has no stage {stage}"
-        ))),
-    }
-}
-
 fn json_text(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
@@ -1086,23 +1072,26 @@ impl SqliteStore {
         .await?
         .rows_affected();
         if inserted == 1 {
-            sqlx::query(
+            let name: String = sqlx::query(
                 "UPDATE stages SET cost_usd = cost_usd + ?, progress_done = ?, progress_total = ? \
-                 WHERE run_id = ? AND idx = ?",
+                 WHERE run_id = ? AND idx = ? RETURNING name",
             )
             .bind(step.cost_usd)
             .bind(i64::from(progress.done))
             .bind(i64::from(progress.total))
             .bind(lease.run_id.to_string())
             .bind(stage as i64)
-            .execute(&mut *tx)
-            .await?;
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
+            })?
+            .try_get("name")?;
             sqlx::query("UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?")
                 .bind(step.cost_usd)
                 .bind(lease.run_id.to_string())
                 .execute(&mut *tx)
                 .await?;
-            let name = stage_name(&mut tx, lease.run_id, stage).await?;
             insert_event(
                 &mut tx,
                 lease.run_id,
@@ -1502,6 +1491,68 @@ mod tests {
             .await
             .expect("list");
         assert_eq!(total, 300);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_expired_lease_is_swept_and_its_holder_fenced_out() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::clock::ManualClock::starting_now();
+        let url = crate::config::sqlite_url_for(&dir.path().join("s.db"));
+        let store = SqliteStore::open(&url, Arc::new(clock.clone()))
+            .await
+            .expect("open");
+        store
+            .insert_run(new_run(RunId::generate()))
+            .await
+            .expect("insert");
+        let queues = ["workflows".to_owned()];
+        let ttl = Duration::from_secs(10);
+        let first = store
+            .claim(&queues, &WorkerId::from("a".to_owned()), ttl, 1)
+            .await
+            .expect("claim");
+        let lease = first[0].lease.clone();
+        store.start_stage(&lease, 0).await.expect("start");
+        // Within the lease nothing is swept, and a heartbeat extends it.
+        clock.advance(Duration::from_secs(9));
+        assert!(
+            store
+                .sweep_expired_leases()
+                .await
+                .expect("sweep")
+                .is_empty()
+        );
+        store.heartbeat(&lease, ttl).await.expect("heartbeat");
+        clock.advance(Duration::from_secs(9));
+        assert!(
+            store
+                .sweep_expired_leases()
+                .await
+                .expect("sweep")
+                .is_empty()
+        );
+        // Past it, the run is re-queued and taken by another worker with a larger fence.
+        clock.advance(Duration::from_secs(2));
+        assert_eq!(
+            store.sweep_expired_leases().await.expect("sweep"),
+            vec![lease.run_id]
+        );
+        let second = store
+            .claim(&queues, &WorkerId::from("b".to_owned()), ttl, 1)
+            .await
+            .expect("claim");
+        assert!(second[0].lease.fence > lease.fence);
+        assert!(second[0].recovered);
+        let refused = store.heartbeat(&lease, ttl).await;
+        assert!(
+            matches!(refused, Err(StoreError::FenceRejected { .. })),
+            "{refused:?}"
+        );
+        let refused = store.end_attempt(&lease, 0, StageOutcome::Abandoned).await;
+        assert!(
+            matches!(refused, Err(StoreError::FenceRejected { .. })),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
