@@ -4,7 +4,8 @@
 //!
 //! Sizes: BENCH_RUNS (SQLite drain, default 5000), BENCH_REDIS_RUNS (Redis drain, 20000),
 //! BENCH_SUBMITS (HTTP submits, 10000), BENCH_LATENCY_RUNS (200), BENCH_REPEATS (3).
-//! BENCH_ONLY=sqlite|redis runs one backend.
+//! BENCH_ONLY=sqlite|redis runs one backend, BENCH_ONLY=redis-drain only the Redis drain;
+//! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
 //!
 //! - drain: N one-stage `noop` runs already queued, then 1 and then 2 worker processes
 //!   (concurrency 16); runs/s until all are completed;
@@ -267,6 +268,10 @@ async fn drain(
 ) -> (f64, f64) {
     let mut deployment = Deployment::new(backend, redis).await;
     deployment.queue_noops(runs).await;
+    let stats = redis.filter(|_| std::env::var_os("BENCH_REDIS_STATS").is_some());
+    if let Some(server) = stats {
+        redis_command(server, &["CONFIG", "RESETSTAT"]).await;
+    }
     let started = Instant::now();
     let mut first = None;
     for _ in 0..workers {
@@ -283,7 +288,32 @@ async fn drain(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    (runs as f64 / started.elapsed().as_secs_f64(), peak_rss)
+    let rate = runs as f64 / started.elapsed().as_secs_f64();
+    if let Some(server) = stats {
+        // Where Redis spent its time: calls and microseconds per command during the drain.
+        eprintln!("{}", redis_command(server, &["INFO", "commandstats"]).await);
+        eprintln!("{}", redis_command(server, &["INFO", "cpu"]).await);
+    }
+    (rate, peak_rss)
+}
+
+/// One command on the bench's Redis, answered as text (BENCH_REDIS_STATS diagnostics).
+async fn redis_command(server: &RedisServer, args: &[&str]) -> String {
+    let client = redis::Client::open(server.url.as_str()).expect("redis url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    let answer: redis::Value = command.query_async(&mut connection).await.expect("command");
+    match answer {
+        redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        redis::Value::VerbatimString { text, .. } => text,
+        other => format!("{other:?}"),
+    }
 }
 
 /// Submits `total` noop runs with `connections` concurrent clients; answers the rate, p50 and
@@ -524,7 +554,7 @@ async fn sqlite_section(repeats: usize) {
     print_table(&format!("SQLite backend (medians of {repeats})"), &rows);
 }
 
-async fn redis_section(repeats: usize) {
+async fn redis_section(repeats: usize, drain_only: bool) {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = RedisServer::start(dir.path());
     let runs = env_number("BENCH_REDIS_RUNS", 20_000);
@@ -547,6 +577,10 @@ async fn redis_section(repeats: usize) {
                 format!("{:.0} runs/s", median(&mut rates)),
             ),
         );
+    }
+    if drain_only {
+        print_table(&format!("Redis drain (medians of {repeats})"), &rows);
+        return;
     }
     let mut rates = Vec::new();
     let mut p50s = Vec::new();
@@ -628,6 +662,9 @@ async fn main() {
         sqlite_section(repeats).await;
     }
     if only.is_empty() || only == "redis" {
-        redis_section(repeats).await;
+        redis_section(repeats, false).await;
+    }
+    if only == "redis-drain" {
+        redis_section(repeats, true).await;
     }
 }

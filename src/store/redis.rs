@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redis::{AsyncCommands, Client, Script, Value as RedisValue, aio::ConnectionManager};
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
     Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter,
@@ -38,7 +38,8 @@ pub struct RedisStore {
     client: Client,
     conn: ConnectionManager,
     prefix: String,
-    script: Script,
+    /// Script operations on their way to [`send_batches`].
+    batches: mpsc::UnboundedSender<Pending>,
     /// How long idempotency keys are kept: the retention period.
     retention: Duration,
     /// The connection blocking waits use, opened on first use and replaced after an error.
@@ -91,11 +92,18 @@ impl RedisStore {
                 }
             }
         }
+        let (batches, pending) = mpsc::unbounded_channel();
+        tokio::spawn(send_batches(
+            pending,
+            conn.clone(),
+            Script::new(SCRIPT),
+            prefix.to_owned(),
+        ));
         Ok(Self {
             client,
             conn,
             prefix: prefix.to_owned(),
-            script: Script::new(SCRIPT),
+            batches,
             retention,
             blocking: Default::default(),
         })
@@ -105,17 +113,29 @@ impl RedisStore {
         &self.prefix
     }
 
-    async fn call<T: redis::FromRedisValue>(&self, op: &str, args: &[String]) -> StoreResult<T> {
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg(&self.prefix).arg(op);
-        for arg in args {
-            invocation.arg(arg);
-        }
-        let mut conn = self.conn.clone();
-        Ok(invocation.invoke_async(&mut conn).await?)
+    /// One operation of the script. Operations issued while earlier calls are in flight are
+    /// sent together in the next call (see [`send_batches`]).
+    async fn call<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        args: &[String],
+    ) -> StoreResult<T> {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            op,
+            args: args.to_vec(),
+            reply,
+        };
+        self.batches
+            .send(pending)
+            .map_err(|_| StoreError::Unavailable("the Redis store is closed".into()))?;
+        let value = answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the Redis store is closed".into()))??;
+        T::from_redis_value(value).map_err(|e| StoreError::Corrupt(format!("answer of {op}: {e}")))
     }
 
-    async fn fenced(&self, op: &str, lease: &Lease, args: Vec<String>) -> StoreResult<i64> {
+    async fn fenced(&self, op: &'static str, lease: &Lease, args: Vec<String>) -> StoreResult<i64> {
         let mut all = vec![
             lease.run_id.to_string(),
             lease.fence.0.to_string(),
@@ -134,6 +154,80 @@ impl RedisStore {
 
     fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)
+    }
+}
+
+/// Script operations sent in one call at most.
+const MAX_BATCH_OPS: usize = 64;
+/// Script calls in flight at once; operations issued meanwhile wait and go together.
+const MAX_CALLS_IN_FLIGHT: usize = 4;
+
+/// A script operation waiting for its call.
+struct Pending {
+    op: &'static str,
+    args: Vec<String>,
+    reply: oneshot::Sender<StoreResult<RedisValue>>,
+}
+
+/// Sends script operations in batches until every store handle is gone: a call takes whatever
+/// operations wait, up to [`MAX_BATCH_OPS`], so an idle store answers one operation at once and
+/// a busy one shares each call (and each index write of the script) among many runs.
+async fn send_batches(
+    mut pending: mpsc::UnboundedReceiver<Pending>,
+    conn: ConnectionManager,
+    script: Script,
+    prefix: String,
+) {
+    let calls = std::sync::Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
+    while let Some(first) = pending.recv().await {
+        let Ok(permit) = calls.clone().acquire_owned().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH_OPS {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let mut conn = conn.clone();
+        let script = script.clone();
+        let prefix = prefix.clone();
+        tokio::spawn(async move {
+            let mut invocation = script.prepare_invoke();
+            invocation.arg(&prefix).arg("batch");
+            for op in &batch {
+                invocation.arg(op.op).arg(op.args.len()).arg(&op.args);
+            }
+            let answer: redis::RedisResult<Vec<RedisValue>> =
+                invocation.invoke_async(&mut conn).await;
+            drop(permit);
+            match answer {
+                Ok(values) if values.len() == batch.len() => {
+                    for (op, value) in batch.into_iter().zip(values) {
+                        let _ = op.reply.send(Ok(value));
+                    }
+                }
+                Ok(values) => {
+                    let text = format!("{} answers for {} operations", values.len(), batch.len());
+                    for op in batch {
+                        let _ = op.reply.send(Err(StoreError::Corrupt(text.clone())));
+                    }
+                }
+                Err(error) => {
+                    let unavailable =
+                        matches!(StoreError::from(error.clone()), StoreError::Unavailable(_));
+                    let text = error.to_string();
+                    for op in batch {
+                        let _ = op.reply.send(Err(if unavailable {
+                            StoreError::Unavailable(text.clone())
+                        } else {
+                            StoreError::Redis(text.clone())
+                        }));
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -413,29 +507,37 @@ impl RunStore for RedisStore {
             max.to_string(),
         ];
         args.extend(queues.iter().cloned());
-        let answer: Vec<RedisValue> = self.call("claim", &args).await?;
+        let answer: Vec<(String, i64, usize)> = self.call("claim", &args).await?;
+        if answer.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The script answers ids, fences and stage counts; the hashes are read here in one
+        // pipeline, which costs Redis far less than copying them through the script. Only the
+        // lease holder writes a running run, so nothing changes them in between.
+        let mut pipe = redis::pipe();
+        for (id, _, stages) in &answer {
+            pipe.cmd("HGETALL").arg(self.key(&format!("run:{id}")));
+            for index in 0..*stages {
+                pipe.cmd("HGETALL")
+                    .arg(self.key(&format!("run:{id}:stage:{index}")));
+            }
+        }
+        let mut conn = self.conn.clone();
+        let hashes: Vec<RedisValue> = pipe.query_async(&mut conn).await?;
+        let mut hashes = hashes.iter();
         let mut claimed = Vec::with_capacity(answer.len());
-        for item in &answer {
-            let RedisValue::Array(parts) = item else {
-                return Err(StoreError::Corrupt(format!("claim answered {item:?}")));
-            };
-            let [id, fence, snapshot] = parts.as_slice() else {
-                return Err(StoreError::Corrupt(format!("claim answered {item:?}")));
-            };
-            let id = as_string(id)
-                .and_then(|id| RunId::parse(&id))
-                .ok_or_else(|| StoreError::Corrupt("claimed id".into()))?;
-            let fence = as_string(fence)
-                .and_then(|f| f.parse().ok())
-                .map(FenceToken)
-                .ok_or_else(|| StoreError::Corrupt("fence".into()))?;
-            let run = snapshot_to_run(snapshot)?.ok_or(StoreError::NotFound(id))?;
+        for (id, fence, stages) in &answer {
+            let id =
+                RunId::parse(id).ok_or_else(|| StoreError::Corrupt(format!("claimed id {id}")))?;
+            let run = hashes.next().map(to_map).unwrap_or_default();
+            let stages: Vec<_> = hashes.by_ref().take(*stages).map(to_map).collect();
+            let run = run_from_maps(&run, &stages)?;
             let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
             claimed.push(Claimed {
                 lease: Lease {
                     run_id: id,
                     worker: worker.clone(),
-                    fence,
+                    fence: FenceToken(*fence),
                 },
                 run,
                 recovered,

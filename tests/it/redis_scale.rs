@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use stagecraft::{
     config::ProviderMode,
     ids::RunId,
-    store::{NewRun, RunKind, RunStatus, RunStore, redis::RedisStore},
+    store::{NewRun, RunFilter, RunKind, RunStatus, RunStore, redis::RedisStore},
 };
 
 use crate::support::{Backend, RedisServer, TestApp, stage};
@@ -89,6 +89,54 @@ async fn a_backlog_of_fifty_thousand_runs_drains_without_a_worker_exiting() {
             "a worker exited"
         );
     }
+    // Workers share script calls among concurrent runs and write the indexes once per call:
+    // every count, status set and lease entry must still be exact.
+    let depths: Vec<_> = store
+        .queue_depths()
+        .await
+        .expect("depths")
+        .into_iter()
+        .map(|d| (d.queue, d.status, d.count))
+        .collect();
+    assert_eq!(
+        depths,
+        vec![("workflows".to_owned(), RunStatus::Completed, RUNS as u64)]
+    );
+    for (status, expected) in [
+        (RunStatus::Completed, RUNS as u64),
+        (RunStatus::Queued, 0),
+        (RunStatus::Running, 0),
+    ] {
+        let filter = RunFilter {
+            kind: None,
+            status: Some(status),
+            name: None,
+            before: None,
+            limit: 1,
+        };
+        let (_, total) = store.list_runs(&filter).await.expect("list");
+        assert_eq!(total, expected, "runs listed as {status:?}");
+    }
+    let client = redis::Client::open(app.env["REDIS_URL"].as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let prefix = &app.env["REDIS_KEY_PREFIX"];
+    for key in ["leases", "queue:workflows:due"] {
+        let left: u64 = redis::cmd("ZCARD")
+            .arg(format!("{prefix}{key}"))
+            .query_async(&mut conn)
+            .await
+            .expect("zcard");
+        assert_eq!(left, 0, "entries left in {key}");
+    }
+    let finished: u64 = redis::cmd("ZCARD")
+        .arg(format!("{prefix}finished"))
+        .query_async(&mut conn)
+        .await
+        .expect("zcard");
+    assert_eq!(finished, RUNS as u64);
 }
 
 /// A deployment on a Redis server of its own, with AOF on as compose runs it.
