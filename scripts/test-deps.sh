@@ -7,12 +7,20 @@ set -euo pipefail
 declare -A needed=(
   [redis-server]=redis-server
   [redis-cli]=redis-tools
+  [ffmpeg]=ffmpeg
+  [ffprobe]=ffmpeg
 )
 
 missing=()
 for command in "${!needed[@]}"; do
   command -v "$command" >/dev/null 2>&1 || missing+=("${needed[$command]}")
 done
+# The mock video provider draws each scene's text: ffmpeg needs at least one font.
+if ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 \
+  && ! { command -v fc-list >/dev/null 2>&1 && [ -n "$(fc-list 2>/dev/null | head -1)" ]; }; then
+  missing+=(fonts-dejavu-core)
+fi
+mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 
 if [ "${#missing[@]}" -eq 0 ]; then
   exit 0

@@ -77,6 +77,58 @@ impl ArtifactStore {
         })?
     }
 
+    /// Whether `relative` is a regular file reached without following any symlink (a symlink
+    /// anywhere on the way answers false, so links can never lead out of the root).
+    pub fn regular_file(&self, relative: &str) -> Result<bool, ArtifactError> {
+        let target = self.resolve(relative)?;
+        let mut path = self.root.clone();
+        let components: Vec<_> = Path::new(relative).components().collect();
+        for (i, component) in components.iter().enumerate() {
+            path.push(component);
+            match std::fs::symlink_metadata(&path) {
+                Ok(meta) if meta.file_type().is_symlink() => return Ok(false),
+                Ok(meta) if i + 1 == components.len() => return Ok(meta.is_file()),
+                Ok(meta) if !meta.is_dir() => return Ok(false),
+                Ok(_) => {}
+                Err(_) => return Ok(false),
+            }
+        }
+        Ok(target.is_file())
+    }
+
+    /// Lists a run's file in a category at the root (`videos/`, `audio/`, `scripts/`) under the
+    /// name `{run_id}_{rest of its path}`, as a hard link: no bytes are copied, and the entry
+    /// stays valid as long as either name exists. Answers the category entry's relative path.
+    pub fn index(&self, category: &str, relative: &str) -> Result<String, ArtifactError> {
+        let rest = relative.strip_prefix("runs/").unwrap_or(relative);
+        let (run, rest) = rest.split_once('/').unwrap_or(("", rest));
+        let rest = rest
+            .strip_prefix(&format!("{category}/"))
+            .unwrap_or(rest)
+            .replace('/', "_");
+        let entry = if run.is_empty() {
+            format!("{category}/{rest}")
+        } else {
+            format!("{category}/{run}_{rest}")
+        };
+        let source = self.resolve(relative)?;
+        let target = self.resolve(&entry)?;
+        let io_error = |source| ArtifactError::Io {
+            path: entry.clone(),
+            source,
+        };
+        let dir = target.parent().unwrap_or(&self.root);
+        std::fs::create_dir_all(dir).map_err(io_error)?;
+        // Linked under a temporary name, then renamed over any older entry: atomic.
+        let temporary = dir.join(format!(".link-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::hard_link(&source, &temporary).map_err(io_error)?;
+        std::fs::rename(&temporary, &target).map_err(|error| {
+            let _ = std::fs::remove_file(&temporary);
+            io_error(error)
+        })?;
+        Ok(entry)
+    }
+
     /// Reads a whole text file; `None` when it does not exist.
     pub async fn read_to_string(&self, relative: &str) -> Result<Option<String>, ArtifactError> {
         let target = self.resolve(relative)?;

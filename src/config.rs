@@ -30,6 +30,9 @@
 //! | `MAX_BODY_BYTES` | `1048576` | largest request body accepted |
 //! | `SYNC_WAIT_SECS` | `30` | how long a synchronous submit waits before answering 202 |
 //! | `STAGECRAFT_URL` | `http://127.0.0.1:8000` | the API the client commands talk to |
+//! | `FFMPEG_PATH`, `FFPROBE_PATH` | `ffmpeg`, `ffprobe` | the media tools of the mock providers and the editor |
+//! | `MEDIA_TIMEOUT_SECS` | `300` | longest one ffmpeg or ffprobe call may take |
+//! | `MOCK_PROVIDER_LATENCY_MS` | `0` | how long each mock provider call waits, to rehearse live timing |
 
 use std::{
     net::IpAddr,
@@ -94,6 +97,30 @@ pub struct Config {
     pub sync_wait: Duration,
     /// Base URL of the API for the client commands.
     pub api_url: String,
+    /// Media tools and mock provider behaviour of the studio agents.
+    pub studio: StudioSettings,
+}
+
+/// What the studio agents need from the deployment.
+#[derive(Debug, Clone)]
+pub struct StudioSettings {
+    pub ffmpeg: PathBuf,
+    pub ffprobe: PathBuf,
+    /// Longest one ffmpeg or ffprobe call may take.
+    pub media_timeout: Duration,
+    /// Added to every mock provider call.
+    pub mock_latency: Duration,
+}
+
+impl Default for StudioSettings {
+    fn default() -> Self {
+        Self {
+            ffmpeg: PathBuf::from("ffmpeg"),
+            ffprobe: PathBuf::from("ffprobe"),
+            media_timeout: Duration::from_secs(300),
+            mock_latency: Duration::ZERO,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -268,6 +295,16 @@ impl Config {
             .unwrap_or_else(|| "http://127.0.0.1:8000".to_owned())
             .trim_end_matches('/')
             .to_owned();
+        let studio = StudioSettings {
+            ffmpeg: vars
+                .path("FFMPEG_PATH")
+                .unwrap_or_else(|| PathBuf::from("ffmpeg")),
+            ffprobe: vars
+                .path("FFPROBE_PATH")
+                .unwrap_or_else(|| PathBuf::from("ffprobe")),
+            media_timeout: Duration::from_secs(vars.parse_positive("MEDIA_TIMEOUT_SECS", 300)?),
+            mock_latency: Duration::from_millis(vars.parse("MOCK_PROVIDER_LATENCY_MS", 0u64)?),
+        };
         Ok(Self {
             env,
             debug,
@@ -293,6 +330,7 @@ impl Config {
             max_body_bytes,
             sync_wait,
             api_url,
+            studio,
         })
     }
 }

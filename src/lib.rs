@@ -28,6 +28,8 @@ pub mod ops;
 pub mod process;
 pub mod queue;
 pub mod shutdown;
+pub mod status;
 pub mod store;
+pub mod studio;
 pub mod telemetry;
 pub mod workflows;

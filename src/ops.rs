@@ -9,7 +9,7 @@ use serde_json::json;
 use crate::{
     cli::Inspect,
     ids::RunId,
-    store::{FromStage, RunFilter, RunRecord, RunStatus, RunStore},
+    store::{FromStage, ResumeChanges, RunFilter, RunRecord, RunStatus, RunStore},
 };
 
 fn parse_id(text: &str) -> anyhow::Result<RunId> {
@@ -237,7 +237,9 @@ pub async fn inspect(store: &dyn RunStore, what: Inspect, as_json: bool) -> anyh
 /// Re-queues a failed (or cancelled) run from its first stage without a checkpoint.
 pub async fn retry(store: &dyn RunStore, run_id: &str) -> anyhow::Result<()> {
     let id = parse_id(run_id)?;
-    let run = store.resume(id, FromStage::Auto).await?;
+    let run = store
+        .resume(id, FromStage::Auto, ResumeChanges::default())
+        .await?;
     println!("{}", serde_json::to_string_pretty(&summary(&run))?);
     Ok(())
 }

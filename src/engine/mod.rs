@@ -17,7 +17,7 @@ use std::{
 
 use futures::FutureExt;
 pub use retry::RetryPolicy;
-pub use stage::{Stage, StageContext, StageError, StageOutput};
+pub use stage::{Stage, StageContext, StageError, StageOutput, StepDone};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
@@ -90,8 +90,17 @@ impl Engine {
             if claimed.recovered {
                 self.metrics.lease_recovered();
             }
-            let ending = self.execute_stages(claimed, &cancel, &lease_lost).await;
+            let keeps_metadata = self
+                .catalog
+                .get(claimed.run.kind, &claimed.run.name)
+                .is_some_and(|w| w.keeps_metadata());
+            let ending = self
+                .execute_stages(claimed, &cancel, &lease_lost, keeps_metadata)
+                .await;
             heartbeat.abort();
+            if keeps_metadata && ending != Ending::LeaseLost {
+                self.refresh_metadata(run_id).await;
+            }
             if ending == Ending::LeaseLost {
                 self.metrics.fencing_rejected();
                 warn!("lease lost; this worker stopped executing the run");
@@ -111,6 +120,7 @@ impl Engine {
         claimed: Claimed,
         cancel: &CancellationToken,
         lease_lost: &CancellationToken,
+        keeps_metadata: bool,
     ) -> Ending {
         let Claimed { lease, mut run, .. } = claimed;
         let Some(workflow) = self.catalog.get(run.kind, &run.name) else {
@@ -202,6 +212,8 @@ impl Engine {
                 step_total: 0,
                 written: Vec::new(),
                 new_step_cost_usd: 0.0,
+                budget_usd: run.budget_usd,
+                spent_before_usd: run.cost_usd,
             };
             if let Some(budget) = run.budget_usd {
                 let estimate = stage.estimated_cost_usd(&ctx);
@@ -226,6 +238,9 @@ impl Engine {
                 Ok(attempt) => attempt,
                 Err(error) => return self.store_failure(error),
             };
+            if keeps_metadata {
+                self.refresh_metadata(run.id).await;
+            }
             let policy = stage.retry_policy().unwrap_or(self.settings.default_retry);
             let started = std::time::Instant::now();
             info!(
@@ -266,6 +281,9 @@ impl Engine {
                     };
                     if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
                         return self.store_failure(error);
+                    }
+                    if keeps_metadata && !is_last {
+                        self.refresh_metadata(run.id).await;
                     }
                     run.cost_usd += done.cost_usd + ctx.new_step_cost_usd;
                     info!(
@@ -327,6 +345,15 @@ impl Engine {
             message: "every stage has a checkpoint but the run was not completed".to_owned(),
         };
         self.settle(self.store.fail_run(&lease, error).await, Ending::Failed)
+    }
+
+    /// Rewrites the run's `metadata.json`; a failure is logged, never fatal to the run.
+    async fn refresh_metadata(&self, run_id: crate::ids::RunId) {
+        if let Err(error) =
+            crate::status::write_metadata(&self.store, &self.artifacts, run_id).await
+        {
+            warn!(error = %error, "could not update metadata.json");
+        }
     }
 
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {

@@ -112,6 +112,18 @@ pub struct StageContext {
     pub(super) written: Vec<String>,
     /// Cost of the steps this attempt completed (already added to the run's ledger).
     pub(super) new_step_cost_usd: f64,
+    /// The run's budget, if it has one.
+    pub budget_usd: Option<f64>,
+    /// What the run had spent when this attempt started, memoised steps included.
+    pub(super) spent_before_usd: f64,
+}
+
+/// What a step's work hands back: its output, what it cost and the files it wrote.
+#[derive(Debug, Clone)]
+pub struct StepDone<T> {
+    pub output: T,
+    pub cost_usd: f64,
+    pub artifacts: Vec<String>,
 }
 
 impl StageContext {
@@ -174,6 +186,57 @@ impl StageContext {
             self.written.push(path.clone());
         }
         Ok(path)
+    }
+
+    /// What the run has spent so far, this attempt's steps included.
+    pub fn spent_usd(&self) -> f64 {
+        self.spent_before_usd + self.new_step_cost_usd
+    }
+
+    /// Runs one memoised step: answers the stored output when the step completed before;
+    /// otherwise refuses with `budget_exceeded` when `estimate_usd` does not fit the remaining
+    /// budget, and else awaits `work` and commits its result. `work` is only polled when the step
+    /// runs, so a memoised or refused step costs nothing.
+    pub async fn step<T, F>(
+        &mut self,
+        key: &str,
+        estimate_usd: f64,
+        work: F,
+    ) -> Result<T, StageError>
+    where
+        T: Serialize + DeserializeOwned,
+        F: std::future::Future<Output = Result<StepDone<T>, StageError>>,
+    {
+        if let Some(done) = self.memoised::<T>(key) {
+            return Ok(done);
+        }
+        if let Some(budget) = self.budget_usd {
+            let remaining = budget - self.spent_usd();
+            if estimate_usd > remaining + 1e-9 {
+                return Err(StageError::fatal(
+                    "budget_exceeded",
+                    format!(
+                        "step {key} of stage {} is estimated at ${estimate_usd:.2} but only ${:.2} of the ${budget:.2} budget remains; raise budget_usd and resume",
+                        self.stage_name,
+                        remaining.max(0.0)
+                    ),
+                ));
+            }
+        }
+        let done = work.await?;
+        self.complete_step(key, &done.output, done.cost_usd, done.artifacts)
+            .await?;
+        Ok(done.output)
+    }
+
+    /// Reads another run (a workflow that builds on an earlier run's checkpoints).
+    pub async fn load_run(&self, id: RunId) -> Result<Option<crate::store::RunRecord>, StageError> {
+        Ok(self.store.get_run(id).await?)
+    }
+
+    /// The lease this attempt runs under (its run, worker and fencing token).
+    pub fn lease(&self) -> &Lease {
+        &self.lease
     }
 
     /// The artifact store itself, for reads and ledgers.

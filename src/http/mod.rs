@@ -2,6 +2,8 @@
 //!
 //! Invariant: http never runs stages. It validates, stores and reads runs; workers execute them.
 
+mod agents;
+mod artifacts;
 mod error;
 mod runs;
 
@@ -24,7 +26,10 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use utoipa_swagger_ui::SwaggerUi;
 
-use crate::{config::Config, store::SharedStore, workflows::Catalog};
+use crate::{
+    artifacts::ArtifactStore, config::Config, store::SharedStore, studio::media::Media,
+    workflows::Catalog,
+};
 
 /// What every handler may use.
 #[derive(Clone)]
@@ -33,6 +38,9 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub config: Arc<Config>,
     pub started: Instant,
+    pub artifacts: ArtifactStore,
+    /// The media tools, for `/health` to report on.
+    pub media: Media,
 }
 
 #[derive(OpenApi)]
@@ -41,6 +49,8 @@ pub struct AppState {
     tags(
         (name = "runs", description = "Submit, watch, cancel and resume runs of any kind"),
         (name = "workflows", description = "Multi-stage workflow runs"),
+        (name = "agents", description = "The studio agents: schemas and one-agent runs"),
+        (name = "artifacts", description = "Files runs produced"),
         (name = "ops", description = "Health, queues and metrics")
     ),
     modifiers(&BearerAuth)
@@ -69,6 +79,8 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(metrics))
         .routes(routes!(workers))
         .merge(runs::routes())
+        .merge(agents::routes())
+        .merge(artifacts::routes())
         .split_for_parts();
     let body_limit = state.config.max_body_bytes;
     let router = router
@@ -161,6 +173,15 @@ struct Health {
     uptime_secs: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
+    /// Whether ffmpeg (the mock media providers and the editor need it) can be run.
+    ffmpeg: ToolStatus,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct ToolStatus {
+    available: bool,
+    /// Its version line, or what is wrong and how to fix it.
+    detail: String,
 }
 
 /// Liveness and store reachability. Never requires a token.
@@ -190,6 +211,16 @@ async fn health(State(state): State<AppState>) -> Response {
         backend: state.store.backend_name(),
         uptime_secs: state.started.elapsed().as_secs(),
         reason,
+        ffmpeg: match state.media.check().await {
+            Ok(version) => ToolStatus {
+                available: true,
+                detail: version,
+            },
+            Err(problem) => ToolStatus {
+                available: false,
+                detail: problem,
+            },
+        },
     };
     (status, Json(body)).into_response()
 }
@@ -205,6 +236,8 @@ async fn root() -> Json<serde_json::Value> {
         "endpoints": {
             "runs": "/runs",
             "workflows": "/workflows",
+            "agents": "/agents",
+            "artifacts": "/artifacts",
             "queues": "/queues",
             "workers": "/workers",
             "metrics": "/metrics",

@@ -11,20 +11,17 @@ use axum::{
         sse::{Event, KeepAlive, Sse},
     },
 };
-use chrono::{DateTime, Utc};
 use futures::{Stream, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{ApiError, AppState, ErrorBody, JsonBody};
+pub use crate::status::RunDoc;
 use crate::{
     config::ProviderMode,
     ids::RunId,
-    store::{
-        FromStage, NewRun, Progress, RunError, RunFilter, RunKind, RunRecord, RunStatus,
-        StageStatus,
-    },
+    store::{FromStage, NewRun, ResumeChanges, RunError, RunFilter, RunKind, RunRecord, RunStatus},
 };
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -63,96 +60,6 @@ fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
-/// One stage in the status document.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct StageDoc {
-    pub name: String,
-    pub status: StageStatus,
-    pub attempts: u32,
-    pub started_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub cost_usd: f64,
-    pub artifacts: Vec<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub progress: Option<Progress>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<RunError>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub next_attempt_at: Option<DateTime<Utc>>,
-}
-
-/// The run status document.
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct RunDoc {
-    pub run_id: String,
-    pub kind: RunKind,
-    pub name: String,
-    pub status: RunStatus,
-    #[schema(value_type = Object)]
-    pub inputs: Value,
-    pub provider_mode: ProviderMode,
-    pub current_stage: Option<String>,
-    pub last_completed_stage: Option<String>,
-    /// Absent in listings.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub stages: Option<Vec<StageDoc>>,
-    pub cost_usd: f64,
-    pub budget_usd: Option<f64>,
-    #[schema(value_type = Object)]
-    pub result: Option<Value>,
-    pub error: Option<RunError>,
-    pub cancel_requested: bool,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub finished_at: Option<DateTime<Utc>>,
-    pub worker: Option<String>,
-    pub artifacts_url: String,
-}
-
-impl RunDoc {
-    fn new(run: RunRecord, with_stages: bool) -> Self {
-        let last_completed_stage = run.last_completed_stage().map(str::to_owned);
-        let stages = with_stages.then(|| {
-            run.stages
-                .into_iter()
-                .map(|s| StageDoc {
-                    name: s.name,
-                    status: s.status,
-                    attempts: s.attempts,
-                    started_at: s.started_at,
-                    finished_at: s.finished_at,
-                    cost_usd: s.cost_usd,
-                    artifacts: s.artifacts,
-                    progress: s.progress,
-                    error: s.error,
-                    next_attempt_at: s.next_attempt_at,
-                })
-                .collect()
-        });
-        Self {
-            run_id: run.id.to_string(),
-            kind: run.kind,
-            name: run.name,
-            status: run.status,
-            inputs: run.inputs,
-            provider_mode: run.provider_mode,
-            current_stage: run.current_stage,
-            last_completed_stage,
-            stages,
-            cost_usd: run.cost_usd,
-            budget_usd: run.budget_usd,
-            result: run.result,
-            error: run.error,
-            cancel_requested: run.cancel_requested,
-            created_at: run.created_at,
-            updated_at: run.updated_at,
-            finished_at: run.finished_at,
-            worker: run.worker,
-            artifacts_url: format!("/artifacts/runs/{}", run.id),
-        }
-    }
-}
-
 fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
     RunId::parse(text).ok_or_else(|| ApiError::not_found(format!("run {text} not found")))
 }
@@ -187,7 +94,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 /// Validates and stores a run. Answers the record and whether it was created now (false when
 /// the idempotency key was already used).
-async fn submit(
+pub(super) async fn submit(
     state: &AppState,
     request: SubmitRun,
     headers: &HeaderMap,
@@ -228,14 +135,29 @@ async fn submit(
             ));
         }
     }
+    let provider_mode = request.provider_mode.unwrap_or(state.config.provider_mode);
+    if provider_mode == ProviderMode::Live && !workflow.supports_live() {
+        return Err(ApiError::Invalid {
+            code: "live_providers_unavailable",
+            message: format!(
+                "{} {:?} has no live providers in this build; submit with provider_mode \"mock\"",
+                request.kind.as_str(),
+                workflow.name()
+            ),
+            details: Some(serde_json::json!({"field": "provider_mode"})),
+        });
+    }
+    let budget_usd = request
+        .budget_usd
+        .or_else(|| workflow.default_budget(&request.inputs));
     let run = NewRun {
         id: RunId::generate(),
         kind: request.kind,
         name: workflow.name().to_owned(),
         queue: workflow.queue().to_owned(),
         inputs: request.inputs,
-        provider_mode: request.provider_mode.unwrap_or(state.config.provider_mode),
-        budget_usd: request.budget_usd,
+        provider_mode,
+        budget_usd,
         stage_names: workflow.stage_names(),
         idempotency_key: key,
     };
@@ -434,6 +356,12 @@ pub struct ResumeRequest {
     /// `auto` (default: the first stage without a checkpoint) or a stage name.
     #[serde(default)]
     pub from_stage: Option<String>,
+    /// Inputs to change before resuming, merged into the run's inputs (a field set to null is
+    /// removed); checked like the inputs of a new run.
+    #[schema(value_type = Option<Object>)]
+    pub inputs: Option<Value>,
+    /// A new budget for the run (e.g. after it failed with `budget_exceeded`).
+    pub budget_usd: Option<f64>,
 }
 
 async fn resume(
@@ -462,7 +390,48 @@ async fn resume(
             });
         }
     };
-    Ok(state.store.resume(run.id, from).await?)
+    let inputs = match request.inputs {
+        None => None,
+        Some(Value::Object(patch)) => {
+            let mut inputs = match run.inputs.clone() {
+                Value::Object(map) => map,
+                _ => Default::default(),
+            };
+            for (key, value) in patch {
+                if value.is_null() {
+                    inputs.remove(&key);
+                } else {
+                    inputs.insert(key, value);
+                }
+            }
+            let inputs = Value::Object(inputs);
+            if let Some(workflow) = state.catalog.get(run.kind, &run.name) {
+                workflow
+                    .validate(&inputs)
+                    .map_err(|e| ApiError::invalid(e.to_string(), Some(&e.field)))?;
+            }
+            Some(inputs)
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "inputs must be a JSON object",
+                Some("inputs"),
+            ));
+        }
+    };
+    if let Some(budget) = request.budget_usd {
+        if !(budget.is_finite() && budget >= 0.0) {
+            return Err(ApiError::invalid(
+                "budget_usd must be a non-negative number",
+                Some("budget_usd"),
+            ));
+        }
+    }
+    let changes = ResumeChanges {
+        inputs,
+        budget_usd: request.budget_usd,
+    };
+    Ok(state.store.resume(run.id, from, changes).await?)
 }
 
 /// Re-queues a failed, cancelled or completed run from a stage, keeping the checkpoints before it.
@@ -556,11 +525,7 @@ async fn run_workflow(
     };
     let (mut run, _) = submit(&state, submit_request, &headers).await?;
     if !request.run_async {
-        let deadline = tokio::time::Instant::now() + state.config.sync_wait;
-        while !run.status.is_finished() && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-            run = load_run(&state, &run.id.to_string()).await?;
-        }
+        run = wait_until_finished(&state, run).await?;
     }
     let finished = run.status.is_finished();
     let message = (!finished).then(|| {
@@ -583,6 +548,19 @@ async fn run_workflow(
         StatusCode::ACCEPTED
     };
     Ok((status, Json(body)).into_response())
+}
+
+/// The run once it has finished, or as it is when `SYNC_WAIT_SECS` have passed.
+pub(super) async fn wait_until_finished(
+    state: &AppState,
+    mut run: RunRecord,
+) -> Result<RunRecord, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.config.sync_wait;
+    while !run.status.is_finished() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        run = load_run(state, &run.id.to_string()).await?;
+    }
+    Ok(run)
 }
 
 /// The status document of a workflow run.

@@ -311,6 +311,13 @@ pub enum FromStage {
     Named(String),
 }
 
+/// What a resume changes besides the stages: new inputs (the whole object) and a new budget.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ResumeChanges {
+    pub inputs: Option<Value>,
+    pub budget_usd: Option<f64>,
+}
+
 /// Filters of the run listing.
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
@@ -428,7 +435,13 @@ pub trait RunStore: Send + Sync + 'static {
     async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord>;
 
     /// Re-queues a finished run from a stage, keeping the checkpoints before it.
-    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord>;
+    /// `changes` replace the run's inputs or budget in the same write.
+    async fn resume(
+        &self,
+        id: RunId,
+        from: FromStage,
+        changes: ResumeChanges,
+    ) -> StoreResult<RunRecord>;
 
     /// Re-queues runs whose lease expired; answers their ids.
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>>;

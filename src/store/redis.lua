@@ -438,7 +438,8 @@ function OPS.cancel(a)
   return 'finished:' .. status
 end
 
--- resume id expected_status from_idx forget_steps(0|1): 'ok' | 'changed' | 'missing'
+-- resume id expected_status from_idx forget_steps(0|1) inputs budget: 'ok' | 'changed' | 'missing'
+-- (inputs and budget '' when unchanged)
 function OPS.resume(a)
   local id, expected, from, forget = a[1], a[2], tonumber(a[3]), a[4]
   local r = k_run(id)
@@ -464,7 +465,9 @@ function OPS.resume(a)
     end
   end
   redis.call('HDEL', r, 'result', 'error', 'current_stage', 'lease_owner', 'lease_expires_at')
-  redis.call('HSET', r, 'cancel_requested', 0)
+  redis.call('HSET', r, 'cancel_requested', '0')
+  if a[5] ~= '' then redis.call('HSET', r, 'inputs', a[5]) end
+  if a[6] ~= '' then redis.call('HSET', r, 'budget_usd', a[6]) end
   lease(id, false)
   set_status(id, 'queued')
   enqueue(id, now)

@@ -17,8 +17,8 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
-    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter,
-    RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
+    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, RunError, RunEvent,
+    RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
     StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
@@ -675,7 +675,12 @@ impl RunStore for RedisStore {
         self.get_run(id).await?.ok_or(StoreError::NotFound(id))
     }
 
-    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
+    async fn resume(
+        &self,
+        id: RunId,
+        from: FromStage,
+        changes: ResumeChanges,
+    ) -> StoreResult<RunRecord> {
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
         let from_idx = super::resume_start(&run, &from)?;
         let forget = matches!(from, FromStage::Named(_));
@@ -687,6 +692,15 @@ impl RunStore for RedisStore {
                     run.status.as_str().to_owned(),
                     from_idx.to_string(),
                     if forget { "1" } else { "0" }.to_owned(),
+                    changes
+                        .inputs
+                        .as_ref()
+                        .map(|inputs| inputs.to_string())
+                        .unwrap_or_default(),
+                    changes
+                        .budget_usd
+                        .map(|budget| budget.to_string())
+                        .unwrap_or_default(),
                 ],
             )
             .await?;

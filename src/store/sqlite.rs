@@ -19,8 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use super::{
-    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, RunError, RunEvent, RunFilter,
-    RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
+    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, RunError, RunEvent,
+    RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
     StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
@@ -827,9 +827,14 @@ impl RunStore for SqliteStore {
         detached(async move { store.request_cancel_now(id).await }).await
     }
 
-    async fn resume(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
+    async fn resume(
+        &self,
+        id: RunId,
+        from: FromStage,
+        changes: ResumeChanges,
+    ) -> StoreResult<RunRecord> {
         let store = self.clone();
-        detached(async move { store.resume_now(id, from).await }).await
+        detached(async move { store.resume_now(id, from, changes).await }).await
     }
 
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
@@ -1303,7 +1308,12 @@ impl SqliteStore {
         self.get_run(id).await?.ok_or(StoreError::NotFound(id))
     }
 
-    async fn resume_now(&self, id: RunId, from: FromStage) -> StoreResult<RunRecord> {
+    async fn resume_now(
+        &self,
+        id: RunId,
+        from: FromStage,
+        changes: ResumeChanges,
+    ) -> StoreResult<RunRecord> {
         let now = self.now();
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
         let from_idx = super::resume_start(&run, &from)?;
@@ -1312,11 +1322,14 @@ impl SqliteStore {
         // The status check again, inside the write lock: a concurrent resume may have won.
         let updated = sqlx::query(
             "UPDATE runs SET status = 'queued', available_at = ?, updated_at = ?, result = NULL, error = NULL, \
-             finished_at = NULL, cancel_requested = 0, current_stage = NULL, lease_owner = NULL, lease_expires_at = NULL \
+             finished_at = NULL, cancel_requested = 0, current_stage = NULL, lease_owner = NULL, lease_expires_at = NULL, \
+             inputs = COALESCE(?, inputs), budget_usd = COALESCE(?, budget_usd) \
              WHERE id = ? AND status = ?",
         )
         .bind(now)
         .bind(now)
+        .bind(changes.inputs.as_ref().map(|inputs| inputs.to_string()))
+        .bind(changes.budget_usd)
         .bind(id.to_string())
         .bind(run.status.as_str())
         .execute(&mut *tx)

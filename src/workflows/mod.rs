@@ -65,6 +65,22 @@ pub trait Workflow: Send + Sync {
             .unwrap_or(Value::Null)
     }
 
+    /// Whether runs keep `runs/{id}/metadata.json` current with their status document.
+    fn keeps_metadata(&self) -> bool {
+        false
+    }
+
+    /// Whether runs may use live providers (`provider_mode: live`); refused at submission
+    /// otherwise.
+    fn supports_live(&self) -> bool {
+        true
+    }
+
+    /// The budget a run gets when its submission names none.
+    fn default_budget(&self, _inputs: &Value) -> Option<f64> {
+        None
+    }
+
     fn stage_names(&self) -> Vec<String> {
         self.stages().iter().map(|s| s.name().to_owned()).collect()
     }
@@ -78,10 +94,11 @@ pub struct Catalog {
 
 impl Catalog {
     /// The catalogue of this build.
-    pub fn builtin() -> Self {
+    pub fn builtin(studio: &crate::config::StudioSettings) -> Self {
         let mut catalog = Self::default();
         catalog.add(Arc::new(demo::Demo::new()));
         catalog.add(Arc::new(noop::Noop::new()));
+        crate::studio::register(&mut catalog, studio);
         catalog
     }
 

@@ -1,0 +1,1109 @@
+//! The seven studio agents: typed inputs and outputs, and what each does with its providers.
+//!
+//! An agent is a function from its input to a [`StepDone`] (output, cost, files written). The
+//! workflows call agents inside memoised steps; `POST /agents/{name}/run` runs one as a run of
+//! its own. Mock providers (the default) are deterministic: the same input gives the same text
+//! and media, and the cost is what the live provider would have charged, marked simulated.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+
+use super::{
+    media::{Media, MediaInfo},
+    model::*,
+};
+use crate::{
+    artifacts::ArtifactStore,
+    config::ProviderMode,
+    engine::{StageError, StepDone},
+    ids::RunId,
+    workflows::{InputError, parse_inputs},
+};
+
+/// Simulated prices: what the live providers charge (per token, second or character).
+pub mod pricing {
+    /// Anthropic Messages API, Claude Sonnet: dollars per input and output token.
+    pub const TEXT_INPUT_PER_TOKEN: f64 = 3.0 / 1_000_000.0;
+    pub const TEXT_OUTPUT_PER_TOKEN: f64 = 15.0 / 1_000_000.0;
+    /// Runway gen4_turbo: dollars per second of video.
+    pub const VIDEO_PER_SECOND: f64 = 0.05;
+    /// ElevenLabs text to speech: dollars per character.
+    pub const SPEECH_PER_CHARACTER: f64 = 0.30 / 1000.0;
+    /// ElevenLabs music: dollars per second.
+    pub const MUSIC_PER_SECOND: f64 = 0.01;
+
+    pub const TEXT_MODEL: &str = "anthropic/claude-sonnet-4-5";
+    pub const VIDEO_MODEL: &str = "runway/gen4_turbo";
+    pub const SPEECH_MODEL: &str = "elevenlabs/eleven_multilingual_v2";
+    pub const MUSIC_MODEL: &str = "elevenlabs/music_v1";
+
+    /// The cost of a text call, from its prompt and answer sizes (about four characters a token).
+    pub fn text(prompt_chars: usize, answer_chars: usize) -> f64 {
+        let tokens = |chars: usize| chars.div_ceil(4) as f64;
+        round(
+            tokens(prompt_chars) * TEXT_INPUT_PER_TOKEN
+                + tokens(answer_chars) * TEXT_OUTPUT_PER_TOKEN,
+        )
+    }
+
+    /// Costs are kept to a hundredth of a cent.
+    pub fn round(usd: f64) -> f64 {
+        (usd * 10_000.0).round() / 10_000.0
+    }
+}
+
+/// What an agent may use: the run's artifact directory, its provider mode, the media tools and
+/// the run's cancel token. Cheap to clone; owns everything, so an agent's future borrows nothing.
+#[derive(Debug, Clone)]
+pub struct AgentEnv {
+    pub artifacts: ArtifactStore,
+    pub run_id: RunId,
+    pub mode: ProviderMode,
+    pub cancel: CancellationToken,
+    pub media: Media,
+    /// Added to every mock provider call.
+    pub latency: Duration,
+}
+
+impl AgentEnv {
+    /// A path inside the run's artifact directory, relative to the artifact root.
+    pub fn run_path(&self, relative: &str) -> String {
+        format!("runs/{}/{relative}", self.run_id)
+    }
+
+    fn absolute(&self, relative: &str) -> Result<PathBuf, StageError> {
+        Ok(self.artifacts.resolve(relative)?)
+    }
+
+    /// Records one provider call in the run's ledger (`runs/{id}/provider_calls.jsonl`), after
+    /// the mock provider's latency.
+    async fn provider_call(
+        &self,
+        agent: &str,
+        provider: &str,
+        what: &str,
+        cost_usd: f64,
+    ) -> Result<(), StageError> {
+        if self.mode == ProviderMode::Live {
+            return Err(StageError::fatal(
+                "live_providers_unavailable",
+                "this build has no live providers for the studio agents; submit with provider_mode \"mock\"",
+            ));
+        }
+        if !self.latency.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(self.latency) => {}
+                () = self.cancel.cancelled() => return Err(StageError::Cancelled),
+            }
+        }
+        let line = json!({
+            "at": chrono::Utc::now(),
+            "agent": agent,
+            "provider": provider,
+            "call": what,
+            "cost_usd": cost_usd,
+            "simulated": true,
+        });
+        self.artifacts
+            .append_line(&self.run_path("provider_calls.jsonl"), &line.to_string())
+            .await?;
+        Ok(())
+    }
+
+    async fn probe(&self, relative: &str) -> Result<MediaInfo, StageError> {
+        let path = self.absolute(relative)?;
+        self.media.probe(&path, &self.cancel).await
+    }
+}
+
+/// FNV-1a: a stable 64-bit hash, so mock outputs do not change between builds.
+pub fn seed_of(parts: &[&str]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for byte in part.bytes().chain(std::iter::once(0xff)) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    hash
+}
+
+fn pick<'a>(list: &[&'a str], seed: u64, offset: u64) -> &'a str {
+    list[((seed.wrapping_add(offset.wrapping_mul(0x9e37_79b9_7f4a_7c15))) >> 7) as usize
+        % list.len()]
+}
+
+const TONES: [&str; 4] = ["energetic", "documentary", "cinematic", "playful"];
+const STYLES: [&str; 4] = [
+    "bold colours and fast cuts",
+    "natural light and a handheld camera",
+    "wide shots and slow dolly moves",
+    "a hand-drawn animation look",
+];
+const BEATS: [&str; 6] = [
+    "Opening",
+    "Setting the scene",
+    "The challenge",
+    "A turning point",
+    "The payoff",
+    "Closing",
+];
+const COLOURS: [&str; 6] = [
+    "0x1f3b57", "0x3a1f57", "0x1f5740", "0x57401f", "0x571f2e", "0x2e3a3a",
+];
+
+fn invalid(field: &str, message: impl Into<String>) -> InputError {
+    InputError {
+        field: format!("inputs.{field}"),
+        message: message.into(),
+    }
+}
+
+fn check_text(field: &str, value: &str, max: usize) -> Result<(), InputError> {
+    if value.trim().is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.chars().count() > max {
+        return Err(invalid(field, format!("must be at most {max} characters")));
+    }
+    Ok(())
+}
+
+fn check_range(field: &str, value: f64, min: f64, max: f64) -> Result<(), InputError> {
+    if !(value.is_finite() && value >= min && value <= max) {
+        return Err(invalid(field, format!("must be between {min} and {max}")));
+    }
+    Ok(())
+}
+
+/// An agent's input: parsed strictly (unknown fields refused) and checked.
+pub trait AgentInput: DeserializeOwned + Serialize + ToSchema {
+    fn check(&self) -> Result<(), InputError> {
+        Ok(())
+    }
+}
+
+fn parse<I: AgentInput>(inputs: &Value) -> Result<I, InputError> {
+    let input: I = parse_inputs(inputs)?;
+    input.check()?;
+    Ok(input)
+}
+
+// ----------------------------------------------------------------------------------------------
+// producer
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerInput {
+    /// What the video is about.
+    pub user_request: String,
+    /// Dollars for the whole production.
+    pub total_budget: f64,
+    /// Pilots to try (1 to 4, default 2).
+    #[serde(default)]
+    pub num_pilots: Option<u32>,
+    /// Length of the finished video in seconds (2 to 600, default 60).
+    #[serde(default)]
+    pub target_duration_secs: Option<u32>,
+    /// Scenes in the finished video (2 to 20; default one per 10 s).
+    #[serde(default)]
+    pub num_scenes: Option<u32>,
+}
+
+impl AgentInput for ProducerInput {
+    fn check(&self) -> Result<(), InputError> {
+        check_text("user_request", &self.user_request, 2000)?;
+        check_range("total_budget", self.total_budget, 0.0, 1_000_000.0)?;
+        if let Some(n) = self.num_pilots {
+            check_range("num_pilots", n.into(), 1.0, 4.0)?;
+        }
+        if let Some(d) = self.target_duration_secs {
+            check_range("target_duration_secs", d.into(), 2.0, 600.0)?;
+        }
+        if let Some(n) = self.num_scenes {
+            check_range("num_scenes", n.into(), 2.0, 20.0)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerOutput {
+    pub pilots: Vec<PilotStrategy>,
+    pub total_budget: f64,
+}
+
+fn producer_cost(input: &ProducerInput) -> f64 {
+    let pilots = input.num_pilots.unwrap_or(2) as usize;
+    pricing::text(900 + input.user_request.len(), 650 * pilots)
+}
+
+pub async fn producer(
+    env: AgentEnv,
+    input: ProducerInput,
+) -> Result<StepDone<ProducerOutput>, StageError> {
+    let seed = seed_of(&[
+        "producer",
+        &serde_json::to_string(&input).unwrap_or_default(),
+    ]);
+    let pilots = input.num_pilots.unwrap_or(2);
+    let duration = input.target_duration_secs.unwrap_or(60);
+    let scenes = input.num_scenes.unwrap_or((duration / 10).clamp(2, 12));
+    let cost = producer_cost(&input);
+    env.provider_call("producer", pricing::TEXT_MODEL, "plan pilots", cost)
+        .await?;
+    let per_pilot = pricing::round(input.total_budget / f64::from(pilots));
+    let request = input.user_request.trim();
+    let strategies = (0..pilots)
+        .map(|i| {
+            let tone = pick(&TONES, seed, u64::from(i) * 2);
+            let style = pick(&STYLES, seed, u64::from(i) * 2 + 1);
+            let letter = char::from(b'a' + i as u8);
+            PilotStrategy {
+                pilot_id: format!("pilot_{letter}"),
+                version: i + 1,
+                concept: format!("A {tone} take on \"{request}\""),
+                tone: tone.to_owned(),
+                visual_style: style.to_owned(),
+                target_duration_secs: duration,
+                num_scenes: scenes,
+                test_scenes: scenes.min(2),
+                budget_usd: per_pilot,
+                rationale: format!(
+                    "Tests whether a {tone} treatment with {style} carries the idea within ${per_pilot:.2}."
+                ),
+            }
+        })
+        .collect();
+    Ok(StepDone {
+        output: ProducerOutput {
+            pilots: strategies,
+            total_budget: input.total_budget,
+        },
+        cost_usd: cost,
+        artifacts: Vec::new(),
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// script_writer
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptWriterInput {
+    pub video_concept: String,
+    /// Length of the whole video in seconds.
+    pub target_duration: u32,
+    /// Scenes in the whole video.
+    pub num_scenes: u32,
+    #[serde(default)]
+    pub tone: Option<String>,
+    #[serde(default)]
+    pub visual_style: Option<String>,
+    /// Only these scenes of the plan (1-based); all of them when absent.
+    #[serde(default)]
+    pub scene_numbers: Option<Vec<u32>>,
+}
+
+impl AgentInput for ScriptWriterInput {
+    fn check(&self) -> Result<(), InputError> {
+        check_text("video_concept", &self.video_concept, 2000)?;
+        check_range("target_duration", self.target_duration.into(), 1.0, 3600.0)?;
+        check_range("num_scenes", self.num_scenes.into(), 1.0, 50.0)?;
+        if let Some(numbers) = &self.scene_numbers {
+            if numbers.iter().any(|n| *n == 0 || *n > self.num_scenes) {
+                return Err(invalid(
+                    "scene_numbers",
+                    format!(
+                        "every scene number must be between 1 and {}",
+                        self.num_scenes
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ScriptWriterOutput {
+    pub scenes: Vec<Scene>,
+}
+
+fn script_numbers(input: &ScriptWriterInput) -> Vec<u32> {
+    input
+        .scene_numbers
+        .clone()
+        .unwrap_or_else(|| (1..=input.num_scenes).collect())
+}
+
+fn script_writer_cost(input: &ScriptWriterInput) -> f64 {
+    pricing::text(
+        700 + input.video_concept.len(),
+        420 * script_numbers(input).len(),
+    )
+}
+
+pub async fn script_writer(
+    env: AgentEnv,
+    input: ScriptWriterInput,
+) -> Result<StepDone<ScriptWriterOutput>, StageError> {
+    let seed = seed_of(&[
+        "script_writer",
+        &input.video_concept,
+        input.tone.as_deref().unwrap_or(""),
+    ]);
+    let cost = script_writer_cost(&input);
+    env.provider_call("script_writer", pricing::TEXT_MODEL, "write scenes", cost)
+        .await?;
+    let each = f64::from(input.target_duration) / f64::from(input.num_scenes);
+    let style = input
+        .visual_style
+        .as_deref()
+        .unwrap_or("clean, well-lit shots");
+    let scenes = script_numbers(&input)
+        .into_iter()
+        .map(|n| {
+            let beat = if n == 1 {
+                BEATS[0]
+            } else if n == input.num_scenes {
+                BEATS[5]
+            } else {
+                pick(&BEATS[1..5], seed, u64::from(n))
+            };
+            Scene {
+                scene_number: n,
+                title: beat.to_owned(),
+                description: format!("Scene {n}: {beat} of {}", input.video_concept),
+                narration: format!(
+                    "{beat}. {} — part {n} of {}.",
+                    input.video_concept, input.num_scenes
+                ),
+                duration_secs: (each * 1000.0).round() / 1000.0,
+                visual_prompt: format!("{beat}, {style}, about {}", input.video_concept),
+            }
+        })
+        .collect();
+    Ok(StepDone {
+        output: ScriptWriterOutput { scenes },
+        cost_usd: cost,
+        artifacts: Vec::new(),
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// video_generator
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VideoGeneratorInput {
+    pub scene: Scene,
+    /// The take: `videos/scene_{n}_v{version}.mp4` (default 1).
+    #[serde(default)]
+    pub version: Option<u32>,
+}
+
+impl AgentInput for VideoGeneratorInput {
+    fn check(&self) -> Result<(), InputError> {
+        check_range("scene.duration_secs", self.scene.duration_secs, 0.5, 60.0)?;
+        check_range(
+            "scene.scene_number",
+            self.scene.scene_number.into(),
+            1.0,
+            999.0,
+        )?;
+        if let Some(v) = self.version {
+            check_range("version", v.into(), 1.0, 99.0)?;
+        }
+        check_text("scene.description", &self.scene.description, 2000)
+    }
+}
+
+fn video_cost(input: &VideoGeneratorInput) -> f64 {
+    pricing::round(input.scene.duration_secs * pricing::VIDEO_PER_SECOND)
+}
+
+pub async fn video_generator(
+    env: AgentEnv,
+    input: VideoGeneratorInput,
+) -> Result<StepDone<VideoClip>, StageError> {
+    let scene = &input.scene;
+    let version = input.version.unwrap_or(1);
+    let cost = video_cost(&input);
+    let relative = env.run_path(&format!(
+        "videos/scene_{}_v{version}.mp4",
+        scene.scene_number
+    ));
+    env.provider_call(
+        "video_generator",
+        pricing::VIDEO_MODEL,
+        &format!("scene {} v{version}", scene.scene_number),
+        cost,
+    )
+    .await?;
+    let seed = seed_of(&[&scene.visual_prompt, &version.to_string()]);
+    let text = format!("{}\n{}", scene.title, scene.description);
+    env.media
+        .scene_video(
+            &env.absolute(&relative)?,
+            &text,
+            scene.duration_secs,
+            pick(&COLOURS, seed, 0),
+            &env.cancel,
+        )
+        .await?;
+    env.artifacts.index("videos", &relative)?;
+    let info = env.probe(&relative).await?;
+    Ok(StepDone {
+        output: VideoClip {
+            scene_number: scene.scene_number,
+            version,
+            path: relative.clone(),
+            duration_secs: info.duration_secs,
+            provider: pricing::VIDEO_MODEL.to_owned(),
+            cost_usd: cost,
+            simulated: true,
+        },
+        cost_usd: cost,
+        artifacts: vec![relative],
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// audio_generator
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AudioGeneratorInput {
+    /// The words of a voiceover, or the brief of the music.
+    pub script: String,
+    /// `voiceover` (default) or `music`.
+    #[serde(default)]
+    pub kind: Option<AudioKind>,
+    /// Length of the music in seconds (1 to 600, default 30); a voiceover lasts as long as its words.
+    #[serde(default)]
+    pub duration_secs: Option<f64>,
+}
+
+impl AgentInput for AudioGeneratorInput {
+    fn check(&self) -> Result<(), InputError> {
+        check_text("script", &self.script, 20_000)?;
+        if let Some(d) = self.duration_secs {
+            check_range("duration_secs", d, 1.0, 600.0)?;
+        }
+        Ok(())
+    }
+}
+
+fn audio_cost(input: &AudioGeneratorInput) -> f64 {
+    match input.kind.unwrap_or(AudioKind::Voiceover) {
+        AudioKind::Voiceover => {
+            pricing::round(input.script.chars().count() as f64 * pricing::SPEECH_PER_CHARACTER)
+        }
+        AudioKind::Music => {
+            pricing::round(input.duration_secs.unwrap_or(30.0) * pricing::MUSIC_PER_SECOND)
+        }
+    }
+}
+
+pub async fn audio_generator(
+    env: AgentEnv,
+    input: AudioGeneratorInput,
+) -> Result<StepDone<AudioTrack>, StageError> {
+    let kind = input.kind.unwrap_or(AudioKind::Voiceover);
+    let cost = audio_cost(&input);
+    let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
+    let target = env.absolute(&relative)?;
+    let provider = match kind {
+        AudioKind::Voiceover => pricing::SPEECH_MODEL,
+        AudioKind::Music => pricing::MUSIC_MODEL,
+    };
+    env.provider_call("audio_generator", provider, kind.as_str(), cost)
+        .await?;
+    match kind {
+        AudioKind::Voiceover => {
+            env.media
+                .speech(&target, &input.script, &env.cancel)
+                .await?
+        }
+        AudioKind::Music => {
+            let seed = seed_of(&[&input.script]);
+            env.media
+                .music(
+                    &target,
+                    input.duration_secs.unwrap_or(30.0),
+                    seed,
+                    &env.cancel,
+                )
+                .await?
+        }
+    }
+    env.artifacts.index("audio", &relative)?;
+    let info = env.probe(&relative).await?;
+    Ok(StepDone {
+        output: AudioTrack {
+            kind,
+            path: relative.clone(),
+            duration_secs: info.duration_secs,
+            provider: provider.to_owned(),
+            cost_usd: cost,
+            simulated: true,
+        },
+        cost_usd: cost,
+        artifacts: vec![relative],
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// qa_verifier
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QaVerifierInput {
+    /// The video's path, relative to the artifact root.
+    pub video: String,
+    /// What the plan says the video should last.
+    #[serde(default)]
+    pub expected_duration_secs: Option<f64>,
+}
+
+impl AgentInput for QaVerifierInput {
+    fn check(&self) -> Result<(), InputError> {
+        check_text("video", &self.video, 500)?;
+        if let Some(d) = self.expected_duration_secs {
+            check_range("expected_duration_secs", d, 0.1, 3600.0)?;
+        }
+        Ok(())
+    }
+}
+
+fn qa_cost(_input: &QaVerifierInput) -> f64 {
+    pricing::text(1200, 300)
+}
+
+pub async fn qa_verifier(
+    env: AgentEnv,
+    input: QaVerifierInput,
+) -> Result<StepDone<QaReport>, StageError> {
+    let path = existing_file(&env, "video", &input.video)?;
+    let cost = qa_cost(&input);
+    env.provider_call(
+        "qa_verifier",
+        pricing::TEXT_MODEL,
+        &format!("review {}", input.video),
+        cost,
+    )
+    .await?;
+    let info = env.media.probe(&path, &env.cancel).await?;
+    let mut issues = Vec::new();
+    let (width, height) = info.video.unwrap_or((0, 0));
+    if info.video.is_none() {
+        issues.push("no video stream".to_owned());
+    } else if width < 160 || height < 90 {
+        issues.push(format!("resolution {width}x{height} is below 160x90"));
+    }
+    if let Some(expected) = input.expected_duration_secs {
+        if (info.duration_secs - expected).abs() > (expected * 0.1).max(0.25) {
+            issues.push(format!(
+                "lasts {:.2} s instead of the planned {expected:.2} s",
+                info.duration_secs
+            ));
+        }
+    }
+    Ok(StepDone {
+        output: QaReport {
+            path: input.video.clone(),
+            passed: issues.is_empty(),
+            duration_secs: info.duration_secs,
+            width,
+            height,
+            has_video: info.video.is_some(),
+            has_audio: info.has_audio,
+            issues,
+        },
+        cost_usd: cost,
+        artifacts: Vec::new(),
+    })
+}
+
+/// A file named in an agent's input: a safe path under the artifact root that exists and is
+/// a regular file (not a symlink).
+fn existing_file(env: &AgentEnv, field: &str, relative: &str) -> Result<PathBuf, StageError> {
+    let path = env.artifacts.resolve(relative).map_err(|_| {
+        StageError::fatal(
+            "invalid_input",
+            format!("inputs.{field}: {relative:?} is not a safe path under the artifact root"),
+        )
+    })?;
+    match env.artifacts.regular_file(relative) {
+        Ok(true) => Ok(path),
+        _ => Err(StageError::fatal(
+            "invalid_input",
+            format!("inputs.{field}: no file {relative:?} in the artifact store"),
+        )),
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// critic
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CriticInput {
+    pub pilots: Vec<PilotResult>,
+    /// Score a pilot needs to be approved (0 to 1, default 0.6).
+    #[serde(default)]
+    pub approval_threshold: Option<f64>,
+    #[serde(default)]
+    pub user_request: Option<String>,
+}
+
+impl AgentInput for CriticInput {
+    fn check(&self) -> Result<(), InputError> {
+        if self.pilots.is_empty() {
+            return Err(invalid("pilots", "must name at least one pilot"));
+        }
+        if let Some(t) = self.approval_threshold {
+            check_range("approval_threshold", t, 0.0, 1.0)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CriticOutput {
+    pub evaluations: Vec<PilotEvaluation>,
+    /// The best approved pilot; none when no pilot reached the threshold.
+    pub approved_pilot: Option<String>,
+    pub threshold: f64,
+}
+
+fn critic_cost(input: &CriticInput) -> f64 {
+    pricing::text(1500 + 900 * input.pilots.len(), 500 * input.pilots.len())
+}
+
+pub async fn critic(
+    env: AgentEnv,
+    input: CriticInput,
+) -> Result<StepDone<CriticOutput>, StageError> {
+    let threshold = input.approval_threshold.unwrap_or(0.6);
+    let cost = critic_cost(&input);
+    env.provider_call("critic", pricing::TEXT_MODEL, "evaluate pilots", cost)
+        .await?;
+    let evaluations: Vec<PilotEvaluation> = input
+        .pilots
+        .iter()
+        .map(|pilot| {
+            let strategy = &pilot.strategy;
+            let seed = seed_of(&[
+                &strategy.pilot_id,
+                &strategy.concept,
+                &strategy.visual_style,
+            ]);
+            let qa_failures = pilot.qa.iter().filter(|q| !q.passed).count();
+            let mut score = 0.55 + (seed % 40) as f64 / 100.0;
+            if qa_failures > 0 {
+                score -= 0.3;
+            }
+            let score = (score.clamp(0.0, 1.0) * 100.0).round() / 100.0;
+            let approved = score >= threshold && qa_failures == 0 && !pilot.videos.is_empty();
+            PilotEvaluation {
+                pilot_id: strategy.pilot_id.clone(),
+                score,
+                approved,
+                strengths: vec![format!("the {} tone suits the request", strategy.tone)],
+                weaknesses: if qa_failures > 0 {
+                    vec![format!("{qa_failures} test scene(s) failed QA")]
+                } else {
+                    vec![format!("{} may need tighter pacing", strategy.visual_style)]
+                },
+                notes: format!(
+                    "{} scored {score:.2} against a threshold of {threshold:.2}.",
+                    strategy.pilot_id
+                ),
+            }
+        })
+        .collect();
+    let approved_pilot = evaluations
+        .iter()
+        .filter(|e| e.approved)
+        .max_by(|a, b| a.score.total_cmp(&b.score))
+        .map(|e| e.pilot_id.clone());
+    Ok(StepDone {
+        output: CriticOutput {
+            evaluations,
+            approved_pilot,
+            threshold,
+        },
+        cost_usd: cost,
+        artifacts: Vec::new(),
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// editor
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditorInput {
+    pub scenes: Vec<Scene>,
+    /// One video per scene, in the same order, relative to the artifact root.
+    pub videos: Vec<String>,
+    #[serde(default)]
+    pub voiceover: Option<String>,
+    #[serde(default)]
+    pub music: Option<String>,
+}
+
+impl AgentInput for EditorInput {
+    fn check(&self) -> Result<(), InputError> {
+        if self.scenes.is_empty() {
+            return Err(invalid("scenes", "must name at least one scene"));
+        }
+        if self.videos.len() != self.scenes.len() {
+            return Err(invalid(
+                "videos",
+                format!(
+                    "must name one video per scene ({} scenes)",
+                    self.scenes.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditorOutput {
+    pub candidates: Vec<EditCandidate>,
+    pub chosen: String,
+    pub final_cut: FinalCut,
+}
+
+fn editor_cost(input: &EditorInput) -> f64 {
+    pricing::text(1200 + 300 * input.scenes.len(), 900)
+}
+
+pub async fn editor(
+    env: AgentEnv,
+    input: EditorInput,
+) -> Result<StepDone<EditorOutput>, StageError> {
+    let mut videos = Vec::with_capacity(input.videos.len());
+    for video in &input.videos {
+        videos.push(existing_file(&env, "videos", video)?);
+    }
+    let voiceover = match &input.voiceover {
+        Some(path) => Some(existing_file(&env, "voiceover", path)?),
+        None => None,
+    };
+    let music = match &input.music {
+        Some(path) => Some(existing_file(&env, "music", path)?),
+        None => None,
+    };
+    let cost = editor_cost(&input);
+    env.provider_call("editor", pricing::TEXT_MODEL, "plan edit candidates", cost)
+        .await?;
+    let numbers: Vec<u32> = input.scenes.iter().map(|s| s.scene_number).collect();
+    let total: f64 = input.scenes.iter().map(|s| s.duration_secs).sum();
+    let seed = seed_of(&[
+        &serde_json::to_string(&numbers).unwrap_or_default(),
+        &input.scenes[0].description,
+    ]);
+    let hook = numbers[(seed as usize) % numbers.len()];
+    let mut hook_first = vec![hook];
+    hook_first.extend(numbers.iter().copied().filter(|n| *n != hook));
+    let mut candidates = vec![
+        EditCandidate {
+            name: "chronological".to_owned(),
+            description: "The scenes in script order: the story as written.".to_owned(),
+            scene_order: numbers.clone(),
+            duration_secs: total,
+            score: 0.7 + (seed % 20) as f64 / 100.0,
+        },
+        EditCandidate {
+            name: "hook_first".to_owned(),
+            description: format!(
+                "Opens on scene {hook} to catch attention, then plays the rest in order."
+            ),
+            scene_order: hook_first,
+            duration_secs: total,
+            score: 0.7 + ((seed >> 8) % 20) as f64 / 100.0,
+        },
+    ];
+    for candidate in &mut candidates {
+        candidate.score = (candidate.score * 100.0).round() / 100.0;
+    }
+    let chosen = candidates
+        .iter()
+        .max_by(|a, b| a.score.total_cmp(&b.score))
+        .cloned()
+        .unwrap_or_else(|| candidates[0].clone());
+    let candidates_path = env.run_path("final/edit_candidates.json");
+    let document = json!({"candidates": candidates, "chosen": chosen.name});
+    env.artifacts
+        .write(
+            &candidates_path,
+            serde_json::to_vec_pretty(&document).unwrap_or_default(),
+        )
+        .await?;
+    let ordered: Vec<PathBuf> = chosen
+        .scene_order
+        .iter()
+        .filter_map(|n| {
+            numbers
+                .iter()
+                .position(|m| m == n)
+                .map(|i| videos[i].clone())
+        })
+        .collect();
+    let final_path = env.run_path("final/final.mp4");
+    env.media
+        .final_cut(
+            &env.absolute(&final_path)?,
+            &ordered,
+            voiceover.as_deref(),
+            music.as_deref(),
+            &env.cancel,
+        )
+        .await?;
+    env.artifacts.index("videos", &final_path)?;
+    let info = env.probe(&final_path).await?;
+    Ok(StepDone {
+        output: EditorOutput {
+            final_cut: FinalCut {
+                path: final_path.clone(),
+                duration_secs: info.duration_secs,
+                scenes: ordered.len() as u32,
+                has_audio: info.has_audio,
+                candidate: chosen.name.clone(),
+            },
+            chosen: chosen.name,
+            candidates,
+        },
+        cost_usd: cost,
+        artifacts: vec![candidates_path, final_path],
+    })
+}
+
+// ----------------------------------------------------------------------------------------------
+// The registry: what the API lists, documents and runs by name.
+
+/// One agent as the API knows it.
+#[derive(Debug, Clone, Copy)]
+pub struct AgentSpec {
+    pub name: &'static str,
+    pub description: &'static str,
+    /// Bumped when the agent's behaviour changes: part of what makes a checkpoint reusable.
+    pub version: u32,
+}
+
+pub const AGENTS: [AgentSpec; 7] = [
+    AgentSpec {
+        name: "producer",
+        description: "Plans pilot strategies for a request within a total budget.",
+        version: 1,
+    },
+    AgentSpec {
+        name: "script_writer",
+        description: "Writes the scenes of a video concept.",
+        version: 1,
+    },
+    AgentSpec {
+        name: "video_generator",
+        description: "Generates the video of one scene.",
+        version: 1,
+    },
+    AgentSpec {
+        name: "audio_generator",
+        description: "Generates a voiceover from a script, or music from a brief.",
+        version: 1,
+    },
+    AgentSpec {
+        name: "critic",
+        description: "Scores pilot results and approves the best one above a threshold.",
+        version: 1,
+    },
+    AgentSpec {
+        name: "qa_verifier",
+        description: "Checks a video's streams, resolution and duration.",
+        version: 1,
+    },
+    AgentSpec {
+        name: "editor",
+        description: "Builds edit candidates and renders the final cut.",
+        version: 1,
+    },
+];
+
+pub fn spec(name: &str) -> Option<AgentSpec> {
+    AGENTS.iter().find(|a| a.name == name).copied()
+}
+
+/// The JSON Schema of a type, with the schemas it refers to under `components.schemas`.
+fn schema_of<T: ToSchema>() -> (Value, serde_json::Map<String, Value>) {
+    let mut referenced = Vec::new();
+    T::schemas(&mut referenced);
+    let components = referenced
+        .into_iter()
+        .map(|(name, schema)| (name, serde_json::to_value(schema).unwrap_or(Value::Null)))
+        .collect();
+    (
+        serde_json::to_value(T::schema()).unwrap_or(Value::Null),
+        components,
+    )
+}
+
+fn document<I: ToSchema, O: ToSchema>(spec: AgentSpec) -> Value {
+    let (inputs, mut components) = schema_of::<I>();
+    let (outputs, more) = schema_of::<O>();
+    components.extend(more);
+    json!({
+        "agent": spec.name,
+        "description": spec.description,
+        "version": spec.version,
+        "inputs": inputs,
+        "outputs": outputs,
+        "components": {"schemas": components},
+    })
+}
+
+/// The input and output schema of an agent (references point into `components.schemas`).
+pub fn schema(name: &str) -> Option<Value> {
+    let spec = spec(name)?;
+    Some(match name {
+        "producer" => document::<ProducerInput, ProducerOutput>(spec),
+        "script_writer" => document::<ScriptWriterInput, ScriptWriterOutput>(spec),
+        "video_generator" => document::<VideoGeneratorInput, VideoClip>(spec),
+        "audio_generator" => document::<AudioGeneratorInput, AudioTrack>(spec),
+        "critic" => document::<CriticInput, CriticOutput>(spec),
+        "qa_verifier" => document::<QaVerifierInput, QaReport>(spec),
+        "editor" => document::<EditorInput, EditorOutput>(spec),
+        _ => return None,
+    })
+}
+
+fn unknown(name: &str) -> InputError {
+    InputError {
+        field: "agent".to_owned(),
+        message: format!("no agent named {name:?}"),
+    }
+}
+
+/// Checks an agent's inputs (strict: unknown fields are refused), naming the offending field.
+pub fn validate(name: &str, inputs: &Value) -> Result<(), InputError> {
+    match name {
+        "producer" => parse::<ProducerInput>(inputs).map(drop),
+        "script_writer" => parse::<ScriptWriterInput>(inputs).map(drop),
+        "video_generator" => parse::<VideoGeneratorInput>(inputs).map(drop),
+        "audio_generator" => parse::<AudioGeneratorInput>(inputs).map(drop),
+        "critic" => parse::<CriticInput>(inputs).map(drop),
+        "qa_verifier" => parse::<QaVerifierInput>(inputs).map(drop),
+        "editor" => parse::<EditorInput>(inputs).map(drop),
+        _ => Err(unknown(name)),
+    }
+}
+
+fn bad_input(error: InputError) -> StageError {
+    StageError::fatal("invalid_input", error.to_string())
+}
+
+/// What running the agent on these inputs will cost (for the budget check).
+pub fn estimate(name: &str, inputs: &Value) -> f64 {
+    match name {
+        "producer" => parse(inputs).map(|i| producer_cost(&i)),
+        "script_writer" => parse(inputs).map(|i| script_writer_cost(&i)),
+        "video_generator" => parse(inputs).map(|i| video_cost(&i)),
+        "audio_generator" => parse(inputs).map(|i| audio_cost(&i)),
+        "critic" => parse(inputs).map(|i| critic_cost(&i)),
+        "qa_verifier" => parse(inputs).map(|i| qa_cost(&i)),
+        "editor" => parse(inputs).map(|i| editor_cost(&i)),
+        _ => Ok(0.0),
+    }
+    .unwrap_or(0.0)
+}
+
+fn erase<T: Serialize>(done: StepDone<T>) -> Result<StepDone<Value>, StageError> {
+    Ok(StepDone {
+        output: serde_json::to_value(&done.output)
+            .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?,
+        cost_usd: done.cost_usd,
+        artifacts: done.artifacts,
+    })
+}
+
+/// Runs an agent by name on JSON inputs.
+pub async fn run(name: &str, env: AgentEnv, inputs: &Value) -> Result<StepDone<Value>, StageError> {
+    match name {
+        "producer" => erase(producer(env, parse(inputs).map_err(bad_input)?).await?),
+        "script_writer" => erase(script_writer(env, parse(inputs).map_err(bad_input)?).await?),
+        "video_generator" => erase(video_generator(env, parse(inputs).map_err(bad_input)?).await?),
+        "audio_generator" => erase(audio_generator(env, parse(inputs).map_err(bad_input)?).await?),
+        "critic" => erase(critic(env, parse(inputs).map_err(bad_input)?).await?),
+        "qa_verifier" => erase(qa_verifier(env, parse(inputs).map_err(bad_input)?).await?),
+        "editor" => erase(editor(env, parse(inputs).map_err(bad_input)?).await?),
+        _ => Err(bad_input(unknown(name))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seeds_are_stable_and_sensitive_to_every_part() {
+        assert_eq!(seed_of(&["a", "b"]), seed_of(&["a", "b"]));
+        assert_ne!(seed_of(&["a", "b"]), seed_of(&["ab"]));
+        assert_ne!(seed_of(&["a", "b"]), seed_of(&["a", "c"]));
+    }
+
+    #[test]
+    fn every_agent_has_a_schema_naming_its_inputs() {
+        for agent in AGENTS {
+            let schema = schema(agent.name).expect("schema");
+            assert!(schema["inputs"]["properties"].is_object(), "{}", agent.name);
+            assert!(schema["outputs"].is_object(), "{}", agent.name);
+        }
+        let producer = schema("producer").expect("schema");
+        let required = producer["inputs"]["required"].as_array().expect("required");
+        assert!(required.contains(&json!("user_request")));
+        assert!(required.contains(&json!("total_budget")));
+    }
+
+    #[test]
+    fn wrong_inputs_name_the_field() {
+        let error = validate(
+            "producer",
+            &json!({"user_request": "x", "total_budget": "lots"}),
+        )
+        .expect_err("refused");
+        assert_eq!(error.field, "inputs.total_budget");
+        let error = validate(
+            "producer",
+            &json!({"user_request": "x", "total_budget": 5, "colour": 1}),
+        )
+        .expect_err("refused");
+        assert!(error.message.contains("colour"), "{error}");
+        let error = validate(
+            "producer",
+            &json!({"user_request": "x", "total_budget": 5, "num_pilots": 9}),
+        )
+        .expect_err("refused");
+        assert_eq!(error.field, "inputs.num_pilots");
+        let error = validate("editor", &json!({"scenes": [], "videos": []})).expect_err("refused");
+        assert_eq!(error.field, "inputs.scenes");
+    }
+
+    #[test]
+    fn text_costs_follow_the_token_prices() {
+        // 4,000 characters in (1,000 tokens) and 4,000 out: $0.003 + $0.015.
+        assert!((pricing::text(4000, 4000) - 0.018).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,788 @@
+//! The studio workflows (`full_production`, `pilot_only`, `audio_only`) and the one-stage
+//! agent runs behind `POST /agents/{name}/run`.
+//!
+//! Every agent call inside a stage is a memoised step keyed by what it produces (a pilot's
+//! script, one scene's video, the voiceover…), so a crash during the seventh scene resumes at the
+//! seventh scene, and every step checks its estimated cost against the run's remaining budget.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use super::{
+    Studio,
+    agents::{self, *},
+    model::*,
+};
+use crate::{
+    engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
+    ids::RunId,
+    store::{RunKind, StageStatus},
+    workflows::{InputError, Workflow, parse_inputs, queues},
+};
+
+/// Inputs of `full_production` and `pilot_only`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProductionInputs {
+    /// What the video is about.
+    pub user_request: String,
+    /// Dollars for the whole production; also the run's budget unless `budget_usd` is given.
+    pub total_budget: f64,
+    /// Pilots to try (1 to 4, default 2).
+    #[serde(default)]
+    pub num_pilots: Option<u32>,
+    /// Length of the finished video in seconds (2 to 600, default 60).
+    #[serde(default)]
+    pub target_duration_secs: Option<u32>,
+    /// Scenes in the finished video (2 to 20; default one per 10 s).
+    #[serde(default)]
+    pub num_scenes: Option<u32>,
+    /// Score the critic requires to approve a pilot (0 to 1, default 0.6).
+    #[serde(default)]
+    pub approval_threshold: Option<f64>,
+}
+
+impl ProductionInputs {
+    fn producer_input(&self) -> ProducerInput {
+        ProducerInput {
+            user_request: self.user_request.clone(),
+            total_budget: self.total_budget,
+            num_pilots: self.num_pilots,
+            target_duration_secs: self.target_duration_secs,
+            num_scenes: self.num_scenes,
+        }
+    }
+}
+
+fn production_inputs(inputs: &Value) -> Result<ProductionInputs, InputError> {
+    let parsed: ProductionInputs = parse_inputs(inputs)?;
+    parsed.producer_input().check()?;
+    if let Some(threshold) = parsed.approval_threshold {
+        if !(0.0..=1.0).contains(&threshold) {
+            return Err(InputError {
+                field: "inputs.approval_threshold".to_owned(),
+                message: "must be between 0 and 1".to_owned(),
+            });
+        }
+    }
+    Ok(parsed)
+}
+
+/// Inputs of `audio_only`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AudioInputs {
+    /// The run whose scenes get a voiceover and music.
+    pub source_run_id: String,
+}
+
+fn audio_inputs(inputs: &Value) -> Result<(AudioInputs, RunId), InputError> {
+    let parsed: AudioInputs = parse_inputs(inputs)?;
+    let id = RunId::parse(&parsed.source_run_id).ok_or_else(|| InputError {
+        field: "inputs.source_run_id".to_owned(),
+        message: "must be a run id".to_owned(),
+    })?;
+    Ok((parsed, id))
+}
+
+fn typed<T: DeserializeOwned>(value: Option<&Value>, what: &str) -> Result<T, StageError> {
+    let value = value.ok_or_else(|| {
+        StageError::fatal(
+            "missing_checkpoint",
+            format!("the {what} checkpoint is missing"),
+        )
+    })?;
+    serde_json::from_value(value.clone()).map_err(|e| {
+        StageError::fatal(
+            "invalid_checkpoint",
+            format!("the {what} checkpoint does not parse: {e}"),
+        )
+    })
+}
+
+fn output<T: Serialize>(value: &T) -> Result<StageOutput, StageError> {
+    Ok(StageOutput {
+        output: serde_json::to_value(value)
+            .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?,
+        cost_usd: 0.0,
+    })
+}
+
+/// Estimated cost of an agent call, from the same inputs it will get.
+fn estimate<T: Serialize>(agent: &str, input: &T) -> f64 {
+    agents::estimate(agent, &serde_json::to_value(input).unwrap_or(Value::Null))
+}
+
+/// Writes a JSON artifact of the run and answers its relative path.
+async fn write_json<T: Serialize>(
+    ctx: &mut StageContext,
+    relative: &str,
+    value: &T,
+) -> Result<String, StageError> {
+    let bytes = serde_json::to_vec_pretty(value)
+        .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?;
+    let path = format!("{}/{relative}", ctx.run_dir());
+    ctx.write_artifact(&path, bytes).await
+}
+
+/// Media stages retry a failed ffmpeg or provider call a few times, quickly.
+fn media_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        base_delay: std::time::Duration::from_millis(500),
+        max_delay: std::time::Duration::from_secs(10),
+        timeout: std::time::Duration::from_secs(3600),
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Stages
+
+struct Planning(Arc<Studio>);
+struct Pilots(Arc<Studio>);
+struct Evaluation(Arc<Studio>);
+struct Completion(Arc<Studio>);
+struct Editing(Arc<Studio>);
+struct AudioForRun(Arc<Studio>);
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PilotsOutput {
+    pilots: Vec<PilotResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EvaluationOutput {
+    evaluations: Vec<PilotEvaluation>,
+    approved_pilot: Option<String>,
+    threshold: f64,
+    qa: BTreeMap<String, Vec<QaReport>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CompletionOutput {
+    pilot_id: String,
+    scenes: Vec<Scene>,
+    videos: Vec<VideoClip>,
+    voiceover: AudioTrack,
+    music: AudioTrack,
+}
+
+#[async_trait]
+impl Stage for Planning {
+    fn name(&self) -> &'static str {
+        "planning"
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let inputs = production_inputs(&ctx.inputs)
+            .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
+        let env = self.0.env(ctx);
+        let input = inputs.producer_input();
+        ctx.set_step_total(1);
+        let planned: ProducerOutput = ctx
+            .step(
+                "producer",
+                estimate("producer", &input),
+                agents::producer(env, input),
+            )
+            .await?;
+        for pilot in &planned.pilots {
+            write_json(
+                ctx,
+                &format!("pilots/{}/strategy.json", pilot.pilot_id),
+                pilot,
+            )
+            .await?;
+        }
+        output(&planned)
+    }
+}
+
+#[async_trait]
+impl Stage for Pilots {
+    fn name(&self) -> &'static str {
+        "pilots"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(media_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let planned: ProducerOutput = typed(ctx.previous.get("planning"), "planning")?;
+        let env = self.0.env(ctx);
+        let total: u32 = planned.pilots.iter().map(|p| 1 + p.test_scenes).sum();
+        ctx.set_step_total(total);
+        let mut results = Vec::new();
+        for strategy in &planned.pilots {
+            let pid = &strategy.pilot_id;
+            let input = ScriptWriterInput {
+                video_concept: strategy.concept.clone(),
+                target_duration: strategy.target_duration_secs,
+                num_scenes: strategy.num_scenes,
+                tone: Some(strategy.tone.clone()),
+                visual_style: Some(strategy.visual_style.clone()),
+                scene_numbers: Some((1..=strategy.test_scenes).collect()),
+            };
+            let script: ScriptWriterOutput = ctx
+                .step(
+                    &format!("{pid}/script"),
+                    estimate("script_writer", &input),
+                    agents::script_writer(env.clone(), input),
+                )
+                .await?;
+            write_scenes(ctx, pid, &script.scenes).await?;
+            let mut videos = Vec::new();
+            for scene in &script.scenes {
+                let input = VideoGeneratorInput {
+                    scene: scene.clone(),
+                    version: Some(strategy.version),
+                };
+                let clip: VideoClip = ctx
+                    .step(
+                        &format!("{pid}/scene_{}/video", scene.scene_number),
+                        estimate("video_generator", &input),
+                        agents::video_generator(env.clone(), input),
+                    )
+                    .await?;
+                videos.push(clip);
+            }
+            results.push(PilotResult {
+                strategy: strategy.clone(),
+                scenes: script.scenes,
+                videos,
+                qa: Vec::new(),
+            });
+        }
+        output(&PilotsOutput { pilots: results })
+    }
+}
+
+/// Writes each scene's script under the pilot and lists it in the `scripts` category.
+async fn write_scenes(
+    ctx: &mut StageContext,
+    pilot: &str,
+    scenes: &[Scene],
+) -> Result<(), StageError> {
+    for scene in scenes {
+        let path = write_json(
+            ctx,
+            &format!("pilots/{pilot}/scenes/scene_{}.json", scene.scene_number),
+            scene,
+        )
+        .await?;
+        ctx.artifact_store().index("scripts", &path)?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl Stage for Evaluation {
+    fn name(&self) -> &'static str {
+        "evaluation"
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let inputs = production_inputs(&ctx.inputs)
+            .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
+        let mut pilots: PilotsOutput = typed(ctx.previous.get("pilots"), "pilots")?;
+        let env = self.0.env(ctx);
+        let videos: u32 = pilots.pilots.iter().map(|p| p.videos.len() as u32).sum();
+        ctx.set_step_total(videos + 1);
+        let mut qa = BTreeMap::new();
+        for pilot in &mut pilots.pilots {
+            let pid = pilot.strategy.pilot_id.clone();
+            let mut reports = Vec::new();
+            for (clip, scene) in pilot.videos.iter().zip(&pilot.scenes) {
+                let input = QaVerifierInput {
+                    video: clip.path.clone(),
+                    expected_duration_secs: Some(scene.duration_secs),
+                };
+                let report: QaReport = ctx
+                    .step(
+                        &format!("{pid}/scene_{}/qa", clip.scene_number),
+                        estimate("qa_verifier", &input),
+                        agents::qa_verifier(env.clone(), input),
+                    )
+                    .await?;
+                reports.push(report);
+            }
+            pilot.qa = reports.clone();
+            qa.insert(pid, reports);
+        }
+        let threshold = inputs.approval_threshold.unwrap_or(0.6);
+        let input = CriticInput {
+            pilots: pilots.pilots.clone(),
+            approval_threshold: Some(threshold),
+            user_request: Some(inputs.user_request.clone()),
+        };
+        // The threshold is part of the key: changing it and resuming asks the critic again.
+        let verdict: CriticOutput = ctx
+            .step(
+                &format!("critic@{threshold}"),
+                estimate("critic", &input),
+                agents::critic(env, input),
+            )
+            .await?;
+        for evaluation in &verdict.evaluations {
+            let document = json!({"evaluation": evaluation, "qa": qa.get(&evaluation.pilot_id)});
+            write_json(
+                ctx,
+                &format!("pilots/{}/evaluation.json", evaluation.pilot_id),
+                &document,
+            )
+            .await?;
+        }
+        if verdict.approved_pilot.is_none() {
+            let best = verdict
+                .evaluations
+                .iter()
+                .map(|e| e.score)
+                .fold(0.0, f64::max);
+            return Err(StageError::fatal(
+                "no_pilot_approved",
+                format!(
+                    "no pilot reached the approval threshold {threshold:.2} (best score {best:.2}); lower approval_threshold and resume"
+                ),
+            ));
+        }
+        output(&EvaluationOutput {
+            evaluations: verdict.evaluations,
+            approved_pilot: verdict.approved_pilot,
+            threshold,
+            qa,
+        })
+    }
+}
+
+#[async_trait]
+impl Stage for Completion {
+    fn name(&self) -> &'static str {
+        "completion"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(media_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let pilots: PilotsOutput = typed(ctx.previous.get("pilots"), "pilots")?;
+        let verdict: EvaluationOutput = typed(ctx.previous.get("evaluation"), "evaluation")?;
+        let approved = verdict.approved_pilot.clone().unwrap_or_default();
+        let pilot = pilots
+            .pilots
+            .iter()
+            .find(|p| p.strategy.pilot_id == approved)
+            .cloned()
+            .ok_or_else(|| {
+                StageError::fatal(
+                    "missing_checkpoint",
+                    format!("approved pilot {approved:?} has no results"),
+                )
+            })?;
+        let strategy = &pilot.strategy;
+        let env = self.0.env(ctx);
+        let remaining: Vec<u32> = (strategy.test_scenes + 1..=strategy.num_scenes).collect();
+        ctx.set_step_total(remaining.len() as u32 + 3);
+        let mut scenes = pilot.scenes.clone();
+        let mut videos = pilot.videos.clone();
+        if !remaining.is_empty() {
+            let input = ScriptWriterInput {
+                video_concept: strategy.concept.clone(),
+                target_duration: strategy.target_duration_secs,
+                num_scenes: strategy.num_scenes,
+                tone: Some(strategy.tone.clone()),
+                visual_style: Some(strategy.visual_style.clone()),
+                scene_numbers: Some(remaining.clone()),
+            };
+            let script: ScriptWriterOutput = ctx
+                .step(
+                    "script",
+                    estimate("script_writer", &input),
+                    agents::script_writer(env.clone(), input),
+                )
+                .await?;
+            write_scenes(ctx, &approved, &script.scenes).await?;
+            for scene in &script.scenes {
+                let input = VideoGeneratorInput {
+                    scene: scene.clone(),
+                    version: Some(strategy.version),
+                };
+                let clip: VideoClip = ctx
+                    .step(
+                        &format!("scene_{}/video", scene.scene_number),
+                        estimate("video_generator", &input),
+                        agents::video_generator(env.clone(), input),
+                    )
+                    .await?;
+                videos.push(clip);
+            }
+            scenes.extend(script.scenes);
+        }
+        let narration: Vec<&str> = scenes.iter().map(|s| s.narration.as_str()).collect();
+        let input = AudioGeneratorInput {
+            script: narration.join(" "),
+            kind: Some(AudioKind::Voiceover),
+            duration_secs: None,
+        };
+        let voiceover: AudioTrack = ctx
+            .step(
+                "voiceover",
+                estimate("audio_generator", &input),
+                agents::audio_generator(env.clone(), input),
+            )
+            .await?;
+        let total: f64 = scenes.iter().map(|s| s.duration_secs).sum();
+        let input = AudioGeneratorInput {
+            script: format!("{} music for {}", strategy.tone, strategy.concept),
+            kind: Some(AudioKind::Music),
+            duration_secs: Some(total.clamp(1.0, 600.0)),
+        };
+        let music: AudioTrack = ctx
+            .step(
+                "music",
+                estimate("audio_generator", &input),
+                agents::audio_generator(env, input),
+            )
+            .await?;
+        output(&CompletionOutput {
+            pilot_id: approved,
+            scenes,
+            videos,
+            voiceover,
+            music,
+        })
+    }
+}
+
+#[async_trait]
+impl Stage for Editing {
+    fn name(&self) -> &'static str {
+        "editing"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(media_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let done: CompletionOutput = typed(ctx.previous.get("completion"), "completion")?;
+        let env = self.0.env(ctx);
+        ctx.set_step_total(1);
+        let input = EditorInput {
+            videos: done.videos.iter().map(|v| v.path.clone()).collect(),
+            scenes: done.scenes.clone(),
+            voiceover: Some(done.voiceover.path.clone()),
+            music: Some(done.music.path.clone()),
+        };
+        let cut: EditorOutput = ctx
+            .step(
+                "editor",
+                estimate("editor", &input),
+                agents::editor(env, input),
+            )
+            .await?;
+        output(&cut)
+    }
+}
+
+/// The scenes of an earlier run: its completed scenes, or its approved pilot's test scenes.
+fn scenes_of(run: &crate::store::RunRecord) -> Option<(Vec<Scene>, String, String)> {
+    let stage = |name: &str| {
+        run.stages
+            .iter()
+            .find(|s| s.name == name && s.status == StageStatus::Completed)
+            .and_then(|s| s.output.clone())
+    };
+    let pilots: Option<PilotsOutput> = stage("pilots").and_then(|v| serde_json::from_value(v).ok());
+    if let Some(done) =
+        stage("completion").and_then(|v| serde_json::from_value::<CompletionOutput>(v).ok())
+    {
+        let strategy = pilots
+            .as_ref()
+            .and_then(|p| {
+                p.pilots
+                    .iter()
+                    .find(|p| p.strategy.pilot_id == done.pilot_id)
+            })
+            .map(|p| (p.strategy.tone.clone(), p.strategy.concept.clone()))
+            .unwrap_or_default();
+        return Some((done.scenes, strategy.0, strategy.1));
+    }
+    let verdict: EvaluationOutput =
+        stage("evaluation").and_then(|v| serde_json::from_value(v).ok())?;
+    let approved = verdict.approved_pilot?;
+    let pilot = pilots?
+        .pilots
+        .into_iter()
+        .find(|p| p.strategy.pilot_id == approved)?;
+    Some((pilot.scenes, pilot.strategy.tone, pilot.strategy.concept))
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct AudioOutput {
+    source_run_id: String,
+    voiceover: AudioTrack,
+    music: AudioTrack,
+}
+
+#[async_trait]
+impl Stage for AudioForRun {
+    fn name(&self) -> &'static str {
+        "audio"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(media_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let (_, source) = audio_inputs(&ctx.inputs)
+            .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
+        let run = ctx.load_run(source).await?.ok_or_else(|| {
+            StageError::fatal(
+                "unknown_source_run",
+                format!("run {source} does not exist (or was deleted after retention)"),
+            )
+        })?;
+        let (scenes, tone, concept) = scenes_of(&run).ok_or_else(|| {
+            StageError::fatal(
+                "no_scenes",
+                format!("run {source} has no approved scenes yet: it needs a completed evaluation or completion stage"),
+            )
+        })?;
+        let env = self.0.env(ctx);
+        ctx.set_step_total(2);
+        let narration: Vec<&str> = scenes.iter().map(|s| s.narration.as_str()).collect();
+        let input = AudioGeneratorInput {
+            script: narration.join(" "),
+            kind: Some(AudioKind::Voiceover),
+            duration_secs: None,
+        };
+        let voiceover: AudioTrack = ctx
+            .step(
+                "voiceover",
+                estimate("audio_generator", &input),
+                agents::audio_generator(env.clone(), input),
+            )
+            .await?;
+        let total: f64 = scenes.iter().map(|s| s.duration_secs).sum();
+        let input = AudioGeneratorInput {
+            script: format!("{tone} music for {concept}"),
+            kind: Some(AudioKind::Music),
+            duration_secs: Some(total.clamp(1.0, 600.0)),
+        };
+        let music: AudioTrack = ctx
+            .step(
+                "music",
+                estimate("audio_generator", &input),
+                agents::audio_generator(env, input),
+            )
+            .await?;
+        output(&AudioOutput {
+            source_run_id: source.to_string(),
+            voiceover,
+            music,
+        })
+    }
+}
+
+/// One agent as a one-stage run (`POST /agents/{name}/run`).
+struct AgentStage {
+    studio: Arc<Studio>,
+    agent: AgentSpec,
+}
+
+#[async_trait]
+impl Stage for AgentStage {
+    fn name(&self) -> &'static str {
+        self.agent.name
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(media_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let env = self.studio.env(ctx);
+        let inputs = ctx.inputs.clone();
+        let name = self.agent.name;
+        ctx.set_step_total(1);
+        let result: Value = ctx
+            .step(name, agents::estimate(name, &inputs), async move {
+                agents::run(name, env, &inputs).await
+            })
+            .await?;
+        Ok(StageOutput {
+            output: result,
+            cost_usd: 0.0,
+        })
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Workflows
+
+/// A studio workflow: named stages over shared inputs.
+pub struct StudioWorkflow {
+    kind: RunKind,
+    name: &'static str,
+    description: &'static str,
+    queue: &'static str,
+    stages: Vec<Box<dyn Stage>>,
+    inputs: InputsKind,
+}
+
+#[derive(Clone, Copy)]
+enum InputsKind {
+    Production,
+    Audio,
+    Agent(&'static str),
+}
+
+impl StudioWorkflow {
+    pub fn full_production(studio: &Arc<Studio>) -> Self {
+        Self {
+            kind: RunKind::Workflow,
+            name: "full_production",
+            description: "Plans pilots, produces and evaluates their test scenes, completes the approved pilot with voiceover and music, and renders the final cut.",
+            queue: queues::WORKFLOWS,
+            stages: vec![
+                Box::new(Planning(studio.clone())),
+                Box::new(Pilots(studio.clone())),
+                Box::new(Evaluation(studio.clone())),
+                Box::new(Completion(studio.clone())),
+                Box::new(Editing(studio.clone())),
+            ],
+            inputs: InputsKind::Production,
+        }
+    }
+
+    pub fn pilot_only(studio: &Arc<Studio>) -> Self {
+        Self {
+            kind: RunKind::Workflow,
+            name: "pilot_only",
+            description: "Plans pilots, produces their test scenes and has the critic evaluate them.",
+            queue: queues::WORKFLOWS,
+            stages: vec![
+                Box::new(Planning(studio.clone())),
+                Box::new(Pilots(studio.clone())),
+                Box::new(Evaluation(studio.clone())),
+            ],
+            inputs: InputsKind::Production,
+        }
+    }
+
+    pub fn audio_only(studio: &Arc<Studio>) -> Self {
+        Self {
+            kind: RunKind::Workflow,
+            name: "audio_only",
+            description: "Generates a voiceover and music for the scenes of an existing run (source_run_id).",
+            queue: queues::WORKFLOWS,
+            stages: vec![Box::new(AudioForRun(studio.clone()))],
+            inputs: InputsKind::Audio,
+        }
+    }
+
+    pub fn agent(studio: &Arc<Studio>, agent: AgentSpec) -> Self {
+        Self {
+            kind: RunKind::Agent,
+            name: agent.name,
+            description: agent.description,
+            queue: queues::AGENTS,
+            stages: vec![Box::new(AgentStage {
+                studio: studio.clone(),
+                agent,
+            })],
+            inputs: InputsKind::Agent(agent.name),
+        }
+    }
+}
+
+impl Workflow for StudioWorkflow {
+    fn kind(&self) -> RunKind {
+        self.kind
+    }
+
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn description(&self) -> &'static str {
+        self.description
+    }
+
+    fn queue(&self) -> &'static str {
+        self.queue
+    }
+
+    fn stages(&self) -> &[Box<dyn Stage>] {
+        &self.stages
+    }
+
+    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
+        match self.inputs {
+            InputsKind::Production => production_inputs(inputs).map(drop),
+            InputsKind::Audio => audio_inputs(inputs).map(drop),
+            InputsKind::Agent(name) => agents::validate(name, inputs),
+        }
+    }
+
+    fn input_schema(&self) -> Value {
+        match self.inputs {
+            InputsKind::Production => {
+                serde_json::to_value(<ProductionInputs as utoipa::PartialSchema>::schema())
+                    .unwrap_or(Value::Null)
+            }
+            InputsKind::Audio => {
+                serde_json::to_value(<AudioInputs as utoipa::PartialSchema>::schema())
+                    .unwrap_or(Value::Null)
+            }
+            InputsKind::Agent(name) => agents::schema(name)
+                .map(|s| s["inputs"].clone())
+                .unwrap_or(Value::Null),
+        }
+    }
+
+    fn keeps_metadata(&self) -> bool {
+        self.kind == RunKind::Workflow
+    }
+
+    fn supports_live(&self) -> bool {
+        false
+    }
+
+    fn default_budget(&self, inputs: &Value) -> Option<f64> {
+        match self.inputs {
+            InputsKind::Production => inputs.get("total_budget").and_then(Value::as_f64),
+            _ => None,
+        }
+    }
+
+    fn result(&self, outputs: &BTreeMap<String, Value>) -> Value {
+        match self.name {
+            "full_production" => {
+                let cut = outputs.get("editing").cloned().unwrap_or(Value::Null);
+                let approved = outputs
+                    .get("evaluation")
+                    .and_then(|e| e.get("approved_pilot").cloned())
+                    .unwrap_or(Value::Null);
+                json!({
+                    "final_video": cut.get("final_cut").and_then(|c| c.get("path")).cloned(),
+                    "final_cut": cut.get("final_cut").cloned(),
+                    "approved_pilot": approved,
+                    "edit_candidates": cut.get("candidates").cloned(),
+                })
+            }
+            _ => self
+                .stages
+                .last()
+                .and_then(|stage| outputs.get(stage.name()).cloned())
+                .unwrap_or(Value::Null),
+        }
+    }
+}
