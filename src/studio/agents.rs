@@ -360,7 +360,13 @@ pub async fn script_writer(
         input.tone.as_deref().unwrap_or(""),
     ]);
     let cost = script_writer_cost(&input);
-    env.provider_call("script_writer", pricing::TEXT_MODEL, "write scenes", cost)
+    let numbers = script_numbers(&input);
+    let what = match (numbers.first(), numbers.last()) {
+        (Some(first), Some(last)) if first != last => format!("write scenes {first}-{last}"),
+        (Some(only), _) => format!("write scene {only}"),
+        _ => "write scenes".to_owned(),
+    };
+    env.provider_call("script_writer", pricing::TEXT_MODEL, &what, cost)
         .await?;
     let each = f64::from(input.target_duration) / f64::from(input.num_scenes);
     let style = input

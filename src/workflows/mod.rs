@@ -32,15 +32,21 @@ pub struct InputError {
 /// Parses inputs into a typed struct, naming the field that does not fit.
 pub fn parse_inputs<T: DeserializeOwned>(inputs: &Value) -> Result<T, InputError> {
     serde_path_to_error::deserialize(inputs).map_err(|error| {
-        let field = error.path().to_string();
-        InputError {
-            field: if field == "." {
-                "inputs".to_owned()
-            } else {
-                format!("inputs.{field}")
-            },
-            message: error.inner().to_string(),
-        }
+        let path = error.path().to_string();
+        let message = error.inner().to_string();
+        // A missing or unknown field is reported one level up by serde: name the field itself.
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|prefix| message.strip_prefix(prefix))
+            .and_then(|rest| rest.split('`').next());
+        let field = match (path.as_str(), named) {
+            (".", Some(name)) => format!("inputs.{name}"),
+            (".", None) => "inputs".to_owned(),
+            (path, Some(name)) if path.rsplit('.').next() == Some(name) => format!("inputs.{path}"),
+            (path, Some(name)) => format!("inputs.{path}.{name}"),
+            (path, None) => format!("inputs.{path}"),
+        };
+        InputError { field, message }
     })
 }
 

@@ -4,4 +4,5 @@ mod api;
 mod durability;
 mod engine;
 mod redis_scale;
+mod studio;
 mod support;
