@@ -226,6 +226,7 @@ impl Deployment {
             budget_usd: None,
             stage_names: stages.iter().map(|s| s.to_string()).collect(),
             idempotency_key: None,
+            reuse: false,
         };
         self.store.insert_run(run).await.expect("insert").0.id
     }
@@ -444,6 +445,7 @@ async fn checkpoint_commit(
             artifacts: vec![],
             cost_usd: 0.0,
             run_result: Some(json!({})),
+            reused_from: None,
         };
         let started = Instant::now();
         deployment

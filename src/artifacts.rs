@@ -111,10 +111,17 @@ impl ArtifactStore {
         } else {
             format!("{category}/{run}_{rest}")
         };
-        let source = self.resolve(relative)?;
-        let target = self.resolve(&entry)?;
+        self.link(relative, &entry)?;
+        Ok(entry)
+    }
+
+    /// Makes `to` another name of the file `from` (a hard link: no bytes copied), replacing
+    /// whatever `to` was, atomically.
+    pub fn link(&self, from: &str, to: &str) -> Result<(), ArtifactError> {
+        let source = self.resolve(from)?;
+        let target = self.resolve(to)?;
         let io_error = |source| ArtifactError::Io {
-            path: entry.clone(),
+            path: to.to_owned(),
             source,
         };
         let dir = target.parent().unwrap_or(&self.root);
@@ -125,8 +132,7 @@ impl ArtifactStore {
         std::fs::rename(&temporary, &target).map_err(|error| {
             let _ = std::fs::remove_file(&temporary);
             io_error(error)
-        })?;
-        Ok(entry)
+        })
     }
 
     /// Reads a whole text file; `None` when it does not exist.

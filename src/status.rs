@@ -49,6 +49,9 @@ pub struct StageDoc {
     pub error: Option<RunError>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The run whose checkpoint this stage reused (at no cost).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<String>,
 }
 
 /// The run status document.
@@ -77,11 +80,20 @@ pub struct RunDoc {
     pub finished_at: Option<DateTime<Utc>>,
     pub worker: Option<String>,
     pub artifacts_url: String,
+    /// Whether stages may reuse earlier runs' checkpoints, and which did.
+    pub reuse: bool,
+    pub reused_stages: Vec<String>,
 }
 
 impl RunDoc {
     pub fn new(run: RunRecord, with_stages: bool) -> Self {
         let last_completed_stage = run.last_completed_stage().map(str::to_owned);
+        let reused_stages = run
+            .stages
+            .iter()
+            .filter(|s| s.reused_from.is_some())
+            .map(|s| s.name.clone())
+            .collect();
         let stages = with_stages.then(|| {
             run.stages
                 .into_iter()
@@ -96,6 +108,7 @@ impl RunDoc {
                     progress: s.progress,
                     error: s.error,
                     next_attempt_at: s.next_attempt_at,
+                    reused_from: s.reused_from,
                 })
                 .collect()
         });
@@ -119,6 +132,8 @@ impl RunDoc {
             finished_at: run.finished_at,
             worker: run.worker,
             artifacts_url: format!("/artifacts/runs/{}", run.id),
+            reuse: run.reuse,
+            reused_stages,
         }
     }
 }

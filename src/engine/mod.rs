@@ -26,8 +26,8 @@ use crate::{
     ids::WorkerId,
     metrics::Metrics,
     store::{
-        Claimed, Lease, RunError, SharedStore, StageCheckpoint, StageOutcome, StageStatus,
-        StoreError,
+        Claimed, Lease, ReusableCheckpoint, RunError, SharedStore, StageCheckpoint, StageOutcome,
+        StageStatus, StoreError,
     },
     workflows::Catalog,
 };
@@ -215,6 +215,37 @@ impl Engine {
                 budget_usd: run.budget_usd,
                 spent_before_usd: run.cost_usd,
             };
+            let reuse_key = stage.reuse_key(&ctx);
+            if let (true, Some(key)) = (run.reuse, &reuse_key) {
+                if let Some(found) = self.reusable(run.id, key).await {
+                    if let Err(error) = self.store.start_stage(&lease, index).await {
+                        return self.store_failure(error);
+                    }
+                    let is_last = index + 1 == stages.len();
+                    previous.insert(stage.name().to_owned(), found.output.clone());
+                    let checkpoint = StageCheckpoint {
+                        output: found.output.clone(),
+                        artifacts: found.artifacts.clone(),
+                        cost_usd: 0.0,
+                        run_result: is_last.then(|| workflow.result(&previous)),
+                        reused_from: Some(found.run_id),
+                    };
+                    if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
+                        return self.store_failure(error);
+                    }
+                    info!(stage.name = stage.name(), reused_from = %found.run_id, "stage reused an earlier run's checkpoint");
+                    self.offer_for_reuse(key, run.id, stage.name(), found.output, found.artifacts)
+                        .await;
+                    if is_last {
+                        self.metrics.run_finished("completed");
+                        return Ending::Completed;
+                    }
+                    if keeps_metadata {
+                        self.refresh_metadata(run.id).await;
+                    }
+                    continue;
+                }
+            }
             if let Some(budget) = run.budget_usd {
                 let estimate = stage.estimated_cost_usd(&ctx);
                 if run.cost_usd + estimate > budget + f64::EPSILON {
@@ -273,14 +304,23 @@ impl Engine {
                     let is_last = index + 1 == stages.len();
                     previous.insert(stage.name().to_owned(), done.output.clone());
                     let run_result = is_last.then(|| workflow.result(&previous));
+                    let artifacts = ctx.artifacts();
+                    let offered = reuse_key
+                        .as_ref()
+                        .map(|key| (key.clone(), done.output.clone(), artifacts.clone()));
                     let checkpoint = StageCheckpoint {
                         output: done.output,
-                        artifacts: ctx.artifacts(),
+                        artifacts,
                         cost_usd: done.cost_usd,
                         run_result,
+                        reused_from: None,
                     };
                     if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
                         return self.store_failure(error);
+                    }
+                    if let Some((key, output, artifacts)) = offered {
+                        self.offer_for_reuse(&key, run.id, stage.name(), output, artifacts)
+                            .await;
                     }
                     if keeps_metadata && !is_last {
                         self.refresh_metadata(run.id).await;
@@ -345,6 +385,66 @@ impl Engine {
             message: "every stage has a checkpoint but the run was not completed".to_owned(),
         };
         self.settle(self.store.fail_run(&lease, error).await, Ending::Failed)
+    }
+
+    /// An earlier run's checkpoint for `key`, made this run's own: its files linked into this
+    /// run's directory (no bytes copied) and its output pointing at them. `None` when there is
+    /// none, it is this run's, or any of its files is gone.
+    async fn reusable(&self, run_id: crate::ids::RunId, key: &str) -> Option<ReusableCheckpoint> {
+        let found = match self.store.find_reusable(key).await {
+            Ok(Some(found)) if found.run_id != run_id => found,
+            Ok(_) => return None,
+            Err(error) => {
+                warn!(error = %error, "looking up a reusable checkpoint failed; running the stage");
+                return None;
+            }
+        };
+        let (from, to) = (format!("runs/{}/", found.run_id), format!("runs/{run_id}/"));
+        let mut artifacts = Vec::with_capacity(found.artifacts.len());
+        for path in &found.artifacts {
+            if !matches!(self.artifacts.regular_file(path), Ok(true)) {
+                info!(source = %found.run_id, missing = %path, "a reusable checkpoint's file is gone; running the stage");
+                return None;
+            }
+            let Some(rest) = path.strip_prefix(&from) else {
+                artifacts.push(path.clone());
+                continue;
+            };
+            let own = format!("{to}{rest}");
+            if let Err(error) = self.artifacts.link(path, &own) {
+                warn!(error = %error, "linking a reused file failed; running the stage");
+                return None;
+            }
+            artifacts.push(own);
+        }
+        let output = serde_json::from_str(&found.output.to_string().replace(&from, &to))
+            .unwrap_or(found.output);
+        Some(ReusableCheckpoint {
+            run_id: found.run_id,
+            stage: found.stage,
+            output,
+            artifacts,
+        })
+    }
+
+    /// Offers a committed checkpoint to later runs; a failure only costs a future reuse.
+    async fn offer_for_reuse(
+        &self,
+        key: &str,
+        run_id: crate::ids::RunId,
+        stage: &str,
+        output: serde_json::Value,
+        artifacts: Vec<String>,
+    ) {
+        let checkpoint = ReusableCheckpoint {
+            run_id,
+            stage: stage.to_owned(),
+            output,
+            artifacts,
+        };
+        if let Err(error) = self.store.record_reusable(key, &checkpoint).await {
+            warn!(error = %error, "offering the checkpoint for reuse failed");
+        }
     }
 
     /// Rewrites the run's `metadata.json`; a failure is logged, never fatal to the run.

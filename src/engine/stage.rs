@@ -88,6 +88,12 @@ pub trait Stage: Send + Sync {
         0.0
     }
 
+    /// A key under which this stage's checkpoint may be reused by another run whose stage has
+    /// the same key (see [`StageContext::fingerprint`]); `None`: never reused.
+    fn reuse_key(&self, _ctx: &StageContext) -> Option<String> {
+        None
+    }
+
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError>;
 }
 
@@ -186,6 +192,40 @@ impl StageContext {
             self.written.push(path.clone());
         }
         Ok(path)
+    }
+
+    /// A fingerprint of what this stage would produce: its name and `version`, the provider
+    /// mode, the given inputs and every earlier stage's output (with this run's own directory
+    /// written as a placeholder, so runs that differ only in their ids agree).
+    pub fn fingerprint(&self, version: u32, inputs: &Value) -> String {
+        let own = format!("runs/{}/", self.run_id);
+        let previous = serde_json::to_string(&self.previous)
+            .unwrap_or_default()
+            .replace(&own, "runs/{run}/");
+        let parts = [
+            self.stage_name,
+            &version.to_string(),
+            self.provider_mode.as_str(),
+            &inputs.to_string(),
+            &previous,
+        ];
+        // Two FNV-1a hashes with different offsets: 128 bits, stable across builds.
+        let hash = |offset: u64| {
+            let mut hash = offset;
+            for part in parts {
+                for byte in part.bytes().chain(std::iter::once(0xff)) {
+                    hash ^= u64::from(byte);
+                    hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+                }
+            }
+            hash
+        };
+        format!(
+            "{}:{:016x}{:016x}",
+            self.stage_name,
+            hash(0xcbf2_9ce4_8422_2325),
+            hash(0x6c62_272e_07bb_0142)
+        )
     }
 
     /// What the run has spent so far, this attempt's steps included.

@@ -90,6 +90,9 @@ pub struct AgentRunRequest {
     pub run_async: bool,
     pub budget_usd: Option<f64>,
     pub provider_mode: Option<ProviderMode>,
+    /// Reuse the result of an earlier run of this agent with the same inputs, at no cost.
+    #[serde(default)]
+    pub reuse: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -126,6 +129,7 @@ async fn run_agent(
         inputs: request.inputs,
         budget_usd: request.budget_usd,
         provider_mode: request.provider_mode,
+        reuse: request.reuse,
     };
     let (mut run, _) = submit(&state, submit_request, &headers).await?;
     if !request.run_async {

@@ -54,6 +54,10 @@ pub struct SubmitRun {
     pub budget_usd: Option<f64>,
     /// Overrides the deployment's provider mode for this run.
     pub provider_mode: Option<ProviderMode>,
+    /// Let stages take the checkpoint of an earlier run whose stage had the same inputs and agent
+    /// versions, at no cost (the status document names the stages reused).
+    #[serde(default)]
+    pub reuse: bool,
 }
 
 fn empty_object() -> Value {
@@ -160,6 +164,7 @@ pub(super) async fn submit(
         budget_usd,
         stage_names: workflow.stage_names(),
         idempotency_key: key,
+        reuse: request.reuse,
     };
     Ok(state.store.insert_run(run).await?)
 }
@@ -491,6 +496,9 @@ pub struct WorkflowRunRequest {
     pub run_async: bool,
     pub budget_usd: Option<f64>,
     pub provider_mode: Option<ProviderMode>,
+    /// Reuse earlier runs' checkpoints where a stage's inputs match (see `POST /runs`).
+    #[serde(default)]
+    pub reuse: bool,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -522,6 +530,7 @@ async fn run_workflow(
         inputs: request.inputs,
         budget_usd: request.budget_usd,
         provider_mode: request.provider_mode,
+        reuse: request.reuse,
     };
     let (mut run, _) = submit(&state, submit_request, &headers).await?;
     if !request.run_async {

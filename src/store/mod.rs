@@ -193,6 +193,8 @@ pub struct NewRun {
     pub budget_usd: Option<f64>,
     pub stage_names: Vec<String>,
     pub idempotency_key: Option<String>,
+    /// Stages may take the checkpoint of an earlier run with the same inputs (at no cost).
+    pub reuse: bool,
 }
 
 /// One stage of a run as stored: its status and, once completed, its checkpoint.
@@ -212,6 +214,8 @@ pub struct StageRecord {
     pub progress: Option<Progress>,
     /// When a stage waits for its backoff: when the next attempt may start.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// The run whose checkpoint this stage reused, if it did.
+    pub reused_from: Option<String>,
 }
 
 /// A run as stored, with its stages.
@@ -235,6 +239,8 @@ pub struct RunRecord {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
+    /// Whether stages may reuse earlier runs' checkpoints.
+    pub reuse: bool,
     pub stages: Vec<StageRecord>,
 }
 
@@ -287,6 +293,18 @@ pub struct StageCheckpoint {
     pub cost_usd: f64,
     /// Set on the last stage: the run's result, which completes the run.
     pub run_result: Option<Value>,
+    /// Set when the checkpoint was taken from an earlier run.
+    pub reused_from: Option<RunId>,
+}
+
+/// A checkpoint later runs may reuse: where it came from and what it holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReusableCheckpoint {
+    pub run_id: RunId,
+    pub stage: String,
+    pub output: Value,
+    /// Paths relative to the artifact root, inside the source run's directory.
+    pub artifacts: Vec<String>,
 }
 
 /// How a stage that did not complete ends its attempt.
@@ -442,6 +460,12 @@ pub trait RunStore: Send + Sync + 'static {
         from: FromStage,
         changes: ResumeChanges,
     ) -> StoreResult<RunRecord>;
+
+    /// Offers a committed checkpoint for reuse under `key` (the newest offer wins).
+    async fn record_reusable(&self, key: &str, checkpoint: &ReusableCheckpoint) -> StoreResult<()>;
+
+    /// The checkpoint offered under `key`, if any (and its run still exists).
+    async fn find_reusable(&self, key: &str) -> StoreResult<Option<ReusableCheckpoint>>;
 
     /// Re-queues runs whose lease expired; answers their ids.
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>>;

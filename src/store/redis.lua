@@ -214,10 +214,10 @@ end
 
 local OPS = {}
 
--- insert id kind name queue inputs mode budget idem idem_ttl_ms n names...
+-- insert id kind name queue inputs mode budget idem idem_ttl_ms reuse(0|1) n names...
 function OPS.insert(a)
   local id, kind, name, q, inputs, mode, budget, idem, idem_ttl = a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]
-  local n = tonumber(a[10])
+  local n = tonumber(a[11])
   if idem ~= '' then
     local existing = redis.call('GET', k_idem(idem))
     if existing then return { existing, 0 } end
@@ -225,7 +225,8 @@ function OPS.insert(a)
   end
   local fields = { 'id', id, 'kind', kind, 'name', name, 'queue', q, 'inputs', inputs,
     'provider_mode', mode, 'cost_usd', '0', 'fence', '0', 'cancel_requested', '0',
-    'created_at', NOW, 'updated_at', NOW, 'stages', a[10], 'status', 'queued', 'available_at', NOW }
+    'created_at', NOW, 'updated_at', NOW, 'stages', a[11], 'status', 'queued', 'available_at', NOW,
+    'reuse', a[10] }
   if budget ~= '' then
     fields[#fields + 1] = 'budget_usd'
     fields[#fields + 1] = budget
@@ -236,7 +237,7 @@ function OPS.insert(a)
   end
   redis.call('HSET', k_run(id), unpack(fields))
   for i = 0, n - 1 do
-    redis.call('HSET', k_stage(id, i), 'name', a[11 + i], 'status', 'pending', 'attempts', '0',
+    redis.call('HSET', k_stage(id, i), 'name', a[12 + i], 'status', 'pending', 'attempts', '0',
       'cost_usd', '0', 'artifacts', '[]')
   end
   added[#added + 1] = id
@@ -342,8 +343,9 @@ function OPS.record_step(a)
   return 1
 end
 
--- commit id fence owner idx output artifacts cost result event_data
--- (result '' when not the last stage; the last stage's commit completes the run)
+-- commit id fence owner idx output artifacts cost result event_data reused_from
+-- (result '' when not the last stage; the last stage's commit completes the run; reused_from ''
+-- unless the checkpoint came from another run)
 function OPS.commit(a)
   local id, idx, output, artifacts, cost, result = a[1], a[4], a[5], a[6], a[7], a[8]
   local v = fenced(id, a[2], a[3], 'status', 'queue')
@@ -353,6 +355,7 @@ function OPS.commit(a)
   local name = sv[1]
   redis.call('HSET', s, 'status', 'completed', 'finished_at', NOW, 'output', output, 'artifacts', artifacts)
   if sv[2] or sv[3] then redis.call('HDEL', s, 'error', 'next_attempt_at') end
+  if a[10] ~= '' then redis.call('HSET', s, 'reused_from', a[10]) end
   add_cost(s, cost)
   add_cost(r, cost)
   if result == '' then
@@ -452,10 +455,10 @@ function OPS.resume(a)
     if i == from and forget ~= '1' then
       -- The stage keeps its memoised steps, and with them their cost and progress.
       redis.call('HSET', s, 'status', 'pending', 'attempts', 0)
-      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'next_attempt_at')
+      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'next_attempt_at', 'reused_from')
     else
       redis.call('HSET', s, 'status', 'pending', 'attempts', 0, 'cost_usd', 0, 'artifacts', '[]')
-      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'progress_done', 'progress_total', 'next_attempt_at')
+      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'progress_done', 'progress_total', 'next_attempt_at', 'reused_from')
     end
     if forget == '1' then
       local fields = redis.call('HKEYS', k_steps(id))

@@ -17,9 +17,10 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
-    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, RunError, RunEvent,
-    RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
-    StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
+    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, ReusableCheckpoint,
+    RunError, RunEvent, RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint,
+    StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
+    WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
     config::ProviderMode,
@@ -316,6 +317,7 @@ fn run_from_maps(
                     _ => None,
                 },
                 next_attempt_at: millis(stage, "next_attempt_at"),
+                reused_from: stage.get("reused_from").cloned(),
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
@@ -344,6 +346,7 @@ fn run_from_maps(
         created_at: millis(run, "created_at").unwrap_or_default(),
         updated_at: millis(run, "updated_at").unwrap_or_default(),
         finished_at: millis(run, "finished_at"),
+        reuse: run.get("reuse").map(String::as_str) == Some("1"),
         stages,
     })
 }
@@ -393,6 +396,7 @@ impl RunStore for RedisStore {
             run.budget_usd.map(|b| b.to_string()).unwrap_or_default(),
             run.idempotency_key.clone().unwrap_or_default(),
             self.retention.as_millis().to_string(),
+            if run.reuse { "1" } else { "0" }.to_owned(),
             run.stage_names.len().to_string(),
         ];
         args.extend(run.stage_names.iter().cloned());
@@ -603,7 +607,10 @@ impl RunStore for RedisStore {
         stage: usize,
         checkpoint: StageCheckpoint,
     ) -> StoreResult<()> {
-        let data = json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts});
+        let mut data = json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts});
+        if let Some(source) = checkpoint.reused_from {
+            data["reused_from"] = json!(source.to_string());
+        }
         self.fenced(
             "commit",
             lease,
@@ -617,6 +624,10 @@ impl RunStore for RedisStore {
                     .map(|r| r.to_string())
                     .unwrap_or_default(),
                 data.to_string(),
+                checkpoint
+                    .reused_from
+                    .map(|id| id.to_string())
+                    .unwrap_or_default(),
             ],
         )
         .await?;
@@ -711,6 +722,31 @@ impl RunStore for RedisStore {
                 "run {id} changed while resuming; try again"
             ))),
         }
+    }
+
+    async fn record_reusable(&self, key: &str, checkpoint: &ReusableCheckpoint) -> StoreResult<()> {
+        // Kept as long as a finished run is: by then its artifacts may be gone.
+        let mut conn = self.conn.clone();
+        let _: () = conn
+            .pset_ex(
+                self.key(&format!("reuse:{key}")),
+                json_text(checkpoint),
+                self.retention.as_millis() as u64,
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn find_reusable(&self, key: &str) -> StoreResult<Option<ReusableCheckpoint>> {
+        let mut conn = self.conn.clone();
+        let text: Option<String> = conn.get(self.key(&format!("reuse:{key}"))).await?;
+        let Some(text) = text else { return Ok(None) };
+        let checkpoint: ReusableCheckpoint = serde_json::from_str(&text)
+            .map_err(|e| StoreError::Corrupt(format!("reusable checkpoint: {e}")))?;
+        let exists: bool = conn
+            .exists(self.key(&format!("run:{}", checkpoint.run_id)))
+            .await?;
+        Ok(exists.then_some(checkpoint))
     }
 
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {

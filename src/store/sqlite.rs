@@ -19,9 +19,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use super::{
-    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, RunError, RunEvent,
-    RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
-    StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
+    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, ReusableCheckpoint,
+    RunError, RunEvent, RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint,
+    StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
+    WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
     clock::{Millis, SharedClock},
@@ -425,6 +426,7 @@ fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
         finished_at: row
             .try_get::<Option<i64>, _>("finished_at")?
             .map(to_datetime),
+        reuse: row.try_get::<i64, _>("reuse")? != 0,
         stages: Vec::new(),
     })
 }
@@ -458,6 +460,7 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
         next_attempt_at: row
             .try_get::<Option<i64>, _>("next_attempt_at")?
             .map(to_datetime),
+        reused_from: row.try_get("reused_from")?,
     })
 }
 
@@ -529,7 +532,7 @@ async fn reset_stages_from(
     let first_full_reset = if keep_steps {
         sqlx::query(
             "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, \
-             output = NULL, error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ?",
+             output = NULL, error = NULL, next_attempt_at = NULL, reused_from = NULL WHERE run_id = ? AND idx = ?",
         )
         .bind(run.to_string())
         .bind(from as i64)
@@ -542,7 +545,7 @@ async fn reset_stages_from(
     sqlx::query(
         "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, cost_usd = 0, \
          artifacts = '[]', output = NULL, error = NULL, progress_done = NULL, progress_total = NULL, \
-         next_attempt_at = NULL WHERE run_id = ? AND idx >= ?",
+         next_attempt_at = NULL, reused_from = NULL WHERE run_id = ? AND idx >= ?",
     )
     .bind(run.to_string())
     .bind(first_full_reset as i64)
@@ -645,6 +648,49 @@ impl RunStore for SqliteStore {
                 })
             })
             .collect()
+    }
+
+    async fn record_reusable(&self, key: &str, checkpoint: &ReusableCheckpoint) -> StoreResult<()> {
+        let (store, key, checkpoint) = (self.clone(), key.to_owned(), checkpoint.clone());
+        detached(async move {
+            let now = store.now();
+            let mut tx = store.begin().await?;
+            sqlx::query(
+                "INSERT INTO reusable (key, run_id, stage, output, artifacts, created_at) VALUES (?, ?, ?, ?, ?, ?) \
+                 ON CONFLICT (key) DO UPDATE SET run_id = excluded.run_id, stage = excluded.stage, \
+                 output = excluded.output, artifacts = excluded.artifacts, created_at = excluded.created_at",
+            )
+            .bind(&key)
+            .bind(checkpoint.run_id.to_string())
+            .bind(&checkpoint.stage)
+            .bind(checkpoint.output.to_string())
+            .bind(json_text(&checkpoint.artifacts))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn find_reusable(&self, key: &str) -> StoreResult<Option<ReusableCheckpoint>> {
+        let row =
+            sqlx::query("SELECT run_id, stage, output, artifacts FROM reusable WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(row) = row else { return Ok(None) };
+        let run_id: String = row.try_get("run_id")?;
+        Ok(Some(ReusableCheckpoint {
+            run_id: RunId::parse(&run_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("run id {run_id}")))?,
+            stage: row.try_get("stage")?,
+            output: parse_json(Some(row.try_get("output")?), "reusable output")?
+                .unwrap_or(Value::Null),
+            artifacts: parse_json(Some(row.try_get("artifacts")?), "reusable artifacts")?
+                .unwrap_or_default(),
+        }))
     }
 
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
@@ -871,7 +917,7 @@ impl SqliteStore {
         }
         sqlx::query(
             "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, budget_usd, available_at, \
-             idempotency_key, created_at, updated_at) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+             idempotency_key, created_at, updated_at, reuse) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(run.id.to_string())
         .bind(run.kind.as_str())
@@ -884,6 +930,7 @@ impl SqliteStore {
         .bind(&run.idempotency_key)
         .bind(now)
         .bind(now)
+        .bind(i64::from(run.reuse))
         .execute(&mut *tx)
         .await?;
         for (idx, name) in run.stage_names.iter().enumerate() {
@@ -1145,20 +1192,26 @@ impl SqliteStore {
         }
         let name: String = sqlx::query(
             "UPDATE stages SET status = 'completed', finished_at = ?, output = ?, artifacts = ?, \
-             cost_usd = cost_usd + ?, error = NULL, next_attempt_at = NULL WHERE run_id = ? AND idx = ? RETURNING name",
+             cost_usd = cost_usd + ?, error = NULL, next_attempt_at = NULL, reused_from = ? \
+             WHERE run_id = ? AND idx = ? RETURNING name",
         )
         .bind(now)
         .bind(checkpoint.output.to_string())
         .bind(json_text(&checkpoint.artifacts))
         .bind(checkpoint.cost_usd)
+        .bind(checkpoint.reused_from.map(|id| id.to_string()))
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
         .fetch_optional(&mut *tx)
         .await?
         .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
         .try_get("name")?;
-        let stage_data =
-            json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts}).to_string();
+        let mut stage_data =
+            json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts});
+        if let Some(source) = checkpoint.reused_from {
+            stage_data["reused_from"] = json!(source.to_string());
+        }
+        let stage_data = stage_data.to_string();
         let events = if checkpoint.run_result.is_some() {
             "INSERT INTO events (run_id, at, kind, stage, data) VALUES \
              (?1, ?2, 'stage_completed', ?3, ?4), (?1, ?2, 'run_completed', NULL, '{}')"
@@ -1484,6 +1537,7 @@ mod tests {
             budget_usd: None,
             stage_names: vec!["noop".into()],
             idempotency_key: None,
+            reuse: false,
         }
     }
 

@@ -129,6 +129,23 @@ async fn write_json<T: Serialize>(
     ctx.write_artifact(&path, bytes).await
 }
 
+/// The reuse key of a studio stage: the versions of the agents it calls, the inputs that matter
+/// to it and everything before it (see `StageContext::fingerprint`).
+fn reuse_key(ctx: &StageContext, agents_used: &[&str], ignores_threshold: bool) -> Option<String> {
+    let version = agents_used
+        .iter()
+        .filter_map(|name| agents::spec(name))
+        .map(|spec| spec.version)
+        .sum();
+    let mut inputs = ctx.inputs.clone();
+    if ignores_threshold {
+        if let Some(map) = inputs.as_object_mut() {
+            map.remove("approval_threshold");
+        }
+    }
+    Some(ctx.fingerprint(version, &inputs))
+}
+
 /// Media stages retry a failed ffmpeg or provider call a few times, quickly.
 fn media_retry() -> RetryPolicy {
     RetryPolicy {
@@ -177,6 +194,10 @@ impl Stage for Planning {
         "planning"
     }
 
+    fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
+        reuse_key(ctx, &["producer"], true)
+    }
+
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let inputs = production_inputs(&ctx.inputs)
             .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
@@ -206,6 +227,10 @@ impl Stage for Planning {
 impl Stage for Pilots {
     fn name(&self) -> &'static str {
         "pilots"
+    }
+
+    fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
+        reuse_key(ctx, &["script_writer", "video_generator"], true)
     }
 
     fn retry_policy(&self) -> Option<RetryPolicy> {
@@ -286,6 +311,10 @@ impl Stage for Evaluation {
         "evaluation"
     }
 
+    fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
+        reuse_key(ctx, &["qa_verifier", "critic"], false)
+    }
+
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let inputs = production_inputs(&ctx.inputs)
             .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
@@ -363,6 +392,14 @@ impl Stage for Evaluation {
 impl Stage for Completion {
     fn name(&self) -> &'static str {
         "completion"
+    }
+
+    fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
+        reuse_key(
+            ctx,
+            &["script_writer", "video_generator", "audio_generator"],
+            false,
+        )
     }
 
     fn retry_policy(&self) -> Option<RetryPolicy> {
@@ -465,6 +502,10 @@ impl Stage for Editing {
         "editing"
     }
 
+    fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
+        reuse_key(ctx, &["editor"], false)
+    }
+
     fn retry_policy(&self) -> Option<RetryPolicy> {
         Some(media_retry())
     }
@@ -536,6 +577,10 @@ impl Stage for AudioForRun {
         "audio"
     }
 
+    fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
+        reuse_key(ctx, &["audio_generator"], false)
+    }
+
     fn retry_policy(&self) -> Option<RetryPolicy> {
         Some(media_retry())
     }
@@ -601,6 +646,10 @@ struct AgentStage {
 impl Stage for AgentStage {
     fn name(&self) -> &'static str {
         self.agent.name
+    }
+
+    fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
+        reuse_key(ctx, &[self.agent.name], false)
     }
 
     fn retry_policy(&self) -> Option<RetryPolicy> {

@@ -389,11 +389,23 @@ async fn workflow_routes_run_sync_and_async(backend: Backend) {
     let app = TestApp::started(backend);
     let (status, listed) = app.get("/workflows").await;
     assert_eq!(status, 200);
-    assert_eq!(listed["workflows"][0]["name"], "demo");
+    let stages_of = |name: &str| {
+        listed["workflows"]
+            .as_array()
+            .and_then(|all| all.iter().find(|w| w["name"] == name))
+            .map(|w| w["stages"].clone())
+            .unwrap_or_else(|| panic!("{name} is not listed: {listed}"))
+    };
+    assert_eq!(stages_of("demo"), json!(["one", "two", "three"]));
     assert_eq!(
-        listed["workflows"][0]["stages"],
-        json!(["one", "two", "three"])
+        stages_of("full_production"),
+        json!(["planning", "pilots", "evaluation", "completion", "editing"])
     );
+    assert_eq!(
+        stages_of("pilot_only"),
+        json!(["planning", "pilots", "evaluation"])
+    );
+    assert_eq!(stages_of("audio_only"), json!(["audio"]));
 
     let (status, sync) = app
         .post("/workflows/demo/run", &json!({"inputs": {"sleep_ms": 10}}))

@@ -28,6 +28,7 @@ fn noop_run() -> NewRun {
         budget_usd: None,
         stage_names: vec!["noop".to_owned()],
         idempotency_key: None,
+        reuse: false,
     }
 }
 

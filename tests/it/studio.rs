@@ -287,8 +287,6 @@ async fn a_kill_during_completion_redoes_no_finished_scene(backend: Backend) {
     );
 }
 
-crate::conformance!(a_kill_during_completion_redoes_no_finished_scene);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn changing_the_critics_threshold_and_resuming_reuses_planning_and_pilots() {
     let app = TestApp::started(Backend::Sqlite);
@@ -590,3 +588,85 @@ async fn every_agent_accepts_what_its_schema_allows_and_names_the_field_it_refus
     assert_eq!(status, 422, "{live}");
     assert_eq!(live["error"]["code"], "live_providers_unavailable");
 }
+
+/// `"reuse": true`: a second run with the same inputs takes every checkpoint of the first at no
+/// cost and calls no provider; changing one input reruns only the stages that depend on it.
+async fn a_second_run_with_the_same_inputs_reuses_every_stage_at_no_cost(backend: Backend) {
+    let app = TestApp::started(backend);
+    let inputs = json!({"user_request": "Reuse me", "total_budget": 40.0, "target_duration_secs": 4,
+                        "num_scenes": 2, "approval_threshold": 0.5});
+    let first = start_workflow(
+        &app,
+        "full_production",
+        json!({"inputs": inputs, "async": true}),
+    )
+    .await;
+    let first_run = app.wait_status(&first, "completed", LONG).await;
+    let first_cost = first_run["cost_usd"].as_f64().expect("cost");
+    assert!(first_cost > 0.0);
+    assert_eq!(first_run["reused_stages"], json!([]));
+
+    let second = start_workflow(
+        &app,
+        "full_production",
+        json!({"inputs": inputs, "async": true, "reuse": true}),
+    )
+    .await;
+    let run = app.wait_status(&second, "completed", LONG).await;
+    assert_eq!(run["cost_usd"], 0.0, "{run:#}");
+    assert_eq!(run["reuse"], true);
+    assert_eq!(
+        run["reused_stages"],
+        json!(["planning", "pilots", "evaluation", "completion", "editing"])
+    );
+    assert_eq!(stage(&run, "editing")["reused_from"], first);
+    assert!(
+        provider_calls(&app, &second).is_empty(),
+        "a reused run calls no provider"
+    );
+    // The reused files are this run's own names for the same bytes.
+    let final_video = run["result"]["final_video"].as_str().expect("final_video");
+    assert_eq!(final_video, format!("runs/{second}/final/final.mp4"));
+    use std::os::unix::fs::MetadataExt;
+    let root = app.dir.path().join("artifacts");
+    let mine = std::fs::metadata(root.join(final_video)).expect("reused final cut");
+    let theirs =
+        std::fs::metadata(root.join(format!("runs/{first}/final/final.mp4"))).expect("final cut");
+    assert_eq!(mine.ino(), theirs.ino());
+    assert!(
+        stage(&run, "pilots")["artifacts"]
+            .as_array()
+            .expect("artifacts")
+            .iter()
+            .all(|a| a
+                .as_str()
+                .is_some_and(|a| a.starts_with(&format!("runs/{second}/"))))
+    );
+
+    // A new threshold: planning and pilots are reused, the critic judges again.
+    let mut changed = inputs.clone();
+    changed["approval_threshold"] = json!(0.4);
+    let third = start_workflow(
+        &app,
+        "full_production",
+        json!({"inputs": changed, "async": true, "reuse": true}),
+    )
+    .await;
+    let run = app.wait_status(&third, "completed", LONG).await;
+    assert_eq!(
+        run["reused_stages"],
+        json!(["planning", "pilots"]),
+        "{:#}",
+        run["stages"]
+    );
+    let calls = provider_calls(&app, &third);
+    assert_eq!(agent_calls(&calls, "producer"), 0);
+    assert_eq!(agent_calls(&calls, "critic"), 1);
+    let cost = run["cost_usd"].as_f64().expect("cost");
+    assert!(cost > 0.0 && cost < first_cost, "{cost} vs {first_cost}");
+}
+
+crate::conformance!(
+    a_kill_during_completion_redoes_no_finished_scene,
+    a_second_run_with_the_same_inputs_reuses_every_stage_at_no_cost,
+);
