@@ -670,3 +670,90 @@ crate::conformance!(
     a_kill_during_completion_redoes_no_finished_scene,
     a_second_run_with_the_same_inputs_reuses_every_stage_at_no_cost,
 );
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ffmpeg_health_says_so_and_media_stages_fail_saying_what_to_install() {
+    let mut app = TestApp::new(Backend::Sqlite)
+        .with_env("FFMPEG_PATH", "/nonexistent/ffmpeg")
+        .with_env("FFPROBE_PATH", "/nonexistent/ffprobe")
+        .with_api();
+    app.start_worker();
+    let (status, health) = app.get("/health").await;
+    assert_eq!(status, 200, "the store is fine: {health}");
+    assert_eq!(health["ffmpeg"]["available"], false);
+    assert!(
+        health["ffmpeg"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("install ffmpeg")),
+        "{health}"
+    );
+    let id = start_workflow(
+        &app,
+        "pilot_only",
+        json!({"inputs": {"user_request": "No tools", "total_budget": 10.0, "target_duration_secs": 4,
+                          "num_scenes": 2}, "async": true}),
+    )
+    .await;
+    let run = app.wait_status(&id, "failed", LONG).await;
+    assert_eq!(run["error"]["code"], "ffmpeg_missing", "{run:#}");
+    assert!(
+        run["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("install ffmpeg"))
+    );
+    assert_eq!(
+        stage(&run, "planning")["status"],
+        "completed",
+        "text stages need no ffmpeg"
+    );
+    assert_eq!(
+        stage(&run, "pilots")["attempts"],
+        1,
+        "a missing tool is not retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invoke_script_drives_agents_workflows_and_status() {
+    let app = TestApp::started(Backend::Sqlite);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/invoke.sh");
+    let invoke = |args: &[&str]| {
+        let output = Command::new("bash")
+            .arg(script)
+            .args(args)
+            .env("ENDPOINT", app.url(""))
+            .output()
+            .expect("invoke.sh");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice::<Value>(&output.stdout).expect("JSON out of invoke.sh")
+    };
+    let agent = invoke(&[
+        "agent",
+        "producer",
+        r#"{"inputs":{"user_request":"test","total_budget":100}}"#,
+    ]);
+    assert_eq!(agent["status"], "completed", "{agent}");
+    let started = invoke(&[
+        "workflow",
+        "pilot_only",
+        r#"{"inputs":{"user_request":"Scripted","total_budget":10,"target_duration_secs":4,"num_scenes":2},"async":true}"#,
+    ]);
+    let id = started["run_id"].as_str().expect("run_id").to_owned();
+    app.wait_status(&id, "completed", LONG).await;
+    let status = invoke(&["status", &id]);
+    assert_eq!(status["status"], "completed");
+    let files = invoke(&["artifacts", &id]);
+    assert!(files["artifacts"].as_array().is_some_and(|a| !a.is_empty()));
+    let resumed = invoke(&[
+        "resume",
+        "pilot_only",
+        &id,
+        r#"{"from_stage":"evaluation"}"#,
+    ]);
+    assert_eq!(resumed["status"], "queued", "{resumed}");
+    app.wait_status(&id, "completed", LONG).await;
+}
