@@ -70,6 +70,8 @@ pub struct RunDoc {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<StageDoc>>,
     pub cost_usd: f64,
+    /// True when mock providers did the work: `cost_usd` is what live providers would charge.
+    pub cost_simulated: bool,
     pub budget_usd: Option<f64>,
     #[schema(value_type = Object)]
     pub result: Option<Value>,
@@ -123,6 +125,7 @@ impl RunDoc {
             last_completed_stage,
             stages,
             cost_usd: run.cost_usd,
+            cost_simulated: run.provider_mode == ProviderMode::Mock,
             budget_usd: run.budget_usd,
             result: run.result,
             error: run.error,

@@ -348,10 +348,24 @@ async fn cancel_run(
     Path(id): Path<String>,
 ) -> Result<Json<RunDoc>, ApiError> {
     let id = parse_run_id(&id)?;
-    Ok(Json(RunDoc::new(
-        state.store.request_cancel(id).await?,
-        true,
-    )))
+    let run = state.store.request_cancel(id).await?;
+    refresh_metadata(&state, &run).await;
+    Ok(Json(RunDoc::new(run, true)))
+}
+
+/// Keeps a studio run's `metadata.json` in step with a change the API made (cancel, resume).
+async fn refresh_metadata(state: &AppState, run: &RunRecord) {
+    let keeps = state
+        .catalog
+        .get(run.kind, &run.name)
+        .is_some_and(|w| w.keeps_metadata());
+    if keeps {
+        if let Err(error) =
+            crate::status::write_metadata(&state.store, &state.artifacts, run.id).await
+        {
+            tracing::warn!(run.id = %run.id, error = %error, "could not update metadata.json");
+        }
+    }
 }
 
 /// `POST /runs/{id}/resume`.
@@ -436,7 +450,9 @@ async fn resume(
         inputs,
         budget_usd: request.budget_usd,
     };
-    Ok(state.store.resume(run.id, from, changes).await?)
+    let run = state.store.resume(run.id, from, changes).await?;
+    refresh_metadata(state, &run).await;
+    Ok(run)
 }
 
 /// Re-queues a failed, cancelled or completed run from a stage, keeping the checkpoints before it.

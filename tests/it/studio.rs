@@ -205,6 +205,7 @@ async fn full_production_renders_a_playable_final_cut_and_audio_only_builds_on_i
         "ledger {billed} vs run {cost}"
     );
     assert!(cost > 0.0 && run["budget_usd"] == 150.0);
+    assert_eq!(run["cost_simulated"], true);
 
     // audio_only: a voiceover and music for the same scenes, in a run of its own.
     let audio = start_workflow(
@@ -316,6 +317,18 @@ async fn changing_the_critics_threshold_and_resuming_reuses_planning_and_pilots(
     assert_eq!(status, 200, "{resumed}");
     assert_eq!(resumed["inputs"]["approval_threshold"], 0.5);
     assert_eq!(resumed["inputs"]["user_request"], "Cats in space");
+    // metadata.json follows the resume at once, not only when a worker picks the run up.
+    let metadata: Value = serde_json::from_slice(
+        &std::fs::read(
+            app.dir
+                .path()
+                .join(format!("artifacts/runs/{id}/metadata.json")),
+        )
+        .expect("metadata"),
+    )
+    .expect("metadata json");
+    assert_ne!(metadata["status"], "failed");
+    assert_eq!(metadata["inputs"]["approval_threshold"], 0.5);
     let run = app.wait_status(&id, "completed", LONG).await;
     assert_eq!(stage(&run, "planning")["finished_at"], planning_done);
     assert_eq!(stage(&run, "pilots")["finished_at"], pilots_done);
