@@ -251,7 +251,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     let store = open_store(&config).await?;
     let artifacts =
         ArtifactStore::open(&config.artifact_dir).context("opening the artifact directory")?;
-    let catalog = Arc::new(Catalog::builtin(&config.studio));
+    let catalog = Arc::new(Catalog::builtin(&config));
     let metrics = Arc::new(Metrics::default());
     let config = Arc::new(config);
     let mut tasks = tokio::task::JoinSet::new();

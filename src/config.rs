@@ -33,6 +33,17 @@
 //! | `FFMPEG_PATH`, `FFPROBE_PATH` | `ffmpeg`, `ffprobe` | the media tools of the mock providers and the editor |
 //! | `MEDIA_TIMEOUT_SECS` | `300` | longest one ffmpeg or ffprobe call may take |
 //! | `MOCK_PROVIDER_LATENCY_MS` | `0` | how long each mock provider call waits, to rehearse live timing |
+//! | `AWO_DATA_DIR` | `./data/agent-work-orders` | work orders' sandboxes (`repositories/`), agent output (`outputs/`) and logs (`logs/`) |
+//! | `AWO_ALLOWED_URL_SCHEMES` | `https` | comma-separated schemes a work order's repository URL may use (`https`, `ssh`, `git`, `file`) |
+//! | `CLAUDE_CLI_PATH`, `GH_CLI_PATH`, `GIT_PATH` | `claude`, `gh`, `git` | the coding-agent CLI, the GitHub CLI and git |
+//! | `GITHUB_TOKEN` | unset | reaches git (credential helper) and gh through the environment only |
+//! | `ANTHROPIC_API_KEY` | unset | passed to the coding-agent CLI through its environment |
+//! | `AGENT_WORK_ORDER_TIMEOUT` | `3600` | seconds one agent, git or gh call may take before its process group is killed |
+//! | `CLAUDE_CLI_MODEL`, `CLAUDE_CLI_MAX_TURNS` | `sonnet`, unset | model and turn limit of the coding agent |
+//! | `CLAUDE_CLI_SKIP_PERMISSIONS`, `CLAUDE_CLI_VERBOSE` | `true`, `true` | pass `--dangerously-skip-permissions` and `--verbose` |
+//! | `AGENT_WORK_ORDER_COMMANDS_DIR` | unset | directory of command templates (`plan.md`, `implement.md`) overriding the shipped ones |
+//! | `ENABLE_PROMPT_LOGGING`, `ENABLE_OUTPUT_ARTIFACTS` | `true`, `true` | keep each step's prompt, and its raw JSONL, under `outputs/{id}/` |
+//! | `ARCHON_AWO_PORT` | `8888` | the extra port compose exposes the API on for the work-order stack |
 
 use std::{
     net::IpAddr,
@@ -99,6 +110,52 @@ pub struct Config {
     pub api_url: String,
     /// Media tools and mock provider behaviour of the studio agents.
     pub studio: StudioSettings,
+    /// Agent work orders: data directory, tools, credentials, limits.
+    pub awo: AwoSettings,
+}
+
+/// What agent work orders need from the deployment.
+#[derive(Debug, Clone)]
+pub struct AwoSettings {
+    pub data_dir: PathBuf,
+    pub allowed_schemes: Vec<String>,
+    pub claude_cli: PathBuf,
+    pub gh_cli: PathBuf,
+    pub git: PathBuf,
+    pub github_token: Option<SecretString>,
+    pub anthropic_api_key: Option<SecretString>,
+    pub timeout: Duration,
+    pub model: String,
+    pub max_turns: Option<u32>,
+    pub skip_permissions: bool,
+    pub verbose: bool,
+    pub commands_dir: Option<PathBuf>,
+    pub prompt_logging: bool,
+    pub output_artifacts: bool,
+    pub port: u16,
+}
+
+impl Default for AwoSettings {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("./data/agent-work-orders"),
+            allowed_schemes: vec!["https".to_owned()],
+            claude_cli: PathBuf::from("claude"),
+            gh_cli: PathBuf::from("gh"),
+            git: PathBuf::from("git"),
+            github_token: None,
+            anthropic_api_key: None,
+            timeout: Duration::from_secs(3600),
+            model: "sonnet".to_owned(),
+            max_turns: None,
+            skip_permissions: true,
+            verbose: true,
+            commands_dir: None,
+            prompt_logging: true,
+            output_artifacts: true,
+            port: 8888,
+        }
+    }
 }
 
 /// What the studio agents need from the deployment.
@@ -305,6 +362,55 @@ impl Config {
             media_timeout: Duration::from_secs(vars.parse_positive("MEDIA_TIMEOUT_SECS", 300)?),
             mock_latency: Duration::from_millis(vars.parse("MOCK_PROVIDER_LATENCY_MS", 0u64)?),
         };
+        let allowed_schemes: Vec<String> = vars
+            .string("AWO_ALLOWED_URL_SCHEMES")
+            .unwrap_or_else(|| "https".to_owned())
+            .split(',')
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(bad) = allowed_schemes
+            .iter()
+            .find(|s| !matches!(s.as_str(), "https" | "http" | "ssh" | "git" | "file"))
+        {
+            return Err(ConfigError {
+                variable: "AWO_ALLOWED_URL_SCHEMES",
+                value: bad.clone(),
+                reason: "expected a comma-separated list of https, http, ssh, git, file".to_owned(),
+            });
+        }
+        let max_turns = match vars.string("CLAUDE_CLI_MAX_TURNS") {
+            None => None,
+            Some(_) => Some(vars.parse_positive("CLAUDE_CLI_MAX_TURNS", 1)? as u32),
+        };
+        let awo = AwoSettings {
+            data_dir: vars
+                .path("AWO_DATA_DIR")
+                .unwrap_or_else(|| data_dir.join("agent-work-orders")),
+            allowed_schemes,
+            claude_cli: vars
+                .path("CLAUDE_CLI_PATH")
+                .unwrap_or_else(|| PathBuf::from("claude")),
+            gh_cli: vars
+                .path("GH_CLI_PATH")
+                .unwrap_or_else(|| PathBuf::from("gh")),
+            git: vars
+                .path("GIT_PATH")
+                .unwrap_or_else(|| PathBuf::from("git")),
+            github_token: vars.string("GITHUB_TOKEN").map(SecretString::from),
+            anthropic_api_key: vars.string("ANTHROPIC_API_KEY").map(SecretString::from),
+            timeout: Duration::from_secs(vars.parse_positive("AGENT_WORK_ORDER_TIMEOUT", 3600)?),
+            model: vars
+                .string("CLAUDE_CLI_MODEL")
+                .unwrap_or_else(|| "sonnet".to_owned()),
+            max_turns,
+            skip_permissions: vars.parse_with("CLAUDE_CLI_SKIP_PERMISSIONS", true, parse_bool)?,
+            verbose: vars.parse_with("CLAUDE_CLI_VERBOSE", true, parse_bool)?,
+            commands_dir: vars.path("AGENT_WORK_ORDER_COMMANDS_DIR"),
+            prompt_logging: vars.parse_with("ENABLE_PROMPT_LOGGING", true, parse_bool)?,
+            output_artifacts: vars.parse_with("ENABLE_OUTPUT_ARTIFACTS", true, parse_bool)?,
+            port: vars.parse("ARCHON_AWO_PORT", 8888u16)?,
+        };
         Ok(Self {
             env,
             debug,
@@ -331,6 +437,7 @@ impl Config {
             sync_wait,
             api_url,
             studio,
+            awo,
         })
     }
 }

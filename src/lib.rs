@@ -16,6 +16,7 @@
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`]: process plumbing.
 
 pub mod artifacts;
+pub mod awo;
 pub mod cli;
 pub mod client;
 pub mod clock;

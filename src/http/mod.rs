@@ -6,6 +6,7 @@ mod agents;
 mod artifacts;
 mod error;
 mod runs;
+mod work_orders;
 
 use std::{sync::Arc, time::Instant};
 
@@ -51,6 +52,7 @@ pub struct AppState {
         (name = "workflows", description = "Multi-stage workflow runs"),
         (name = "agents", description = "The studio agents: schemas and one-agent runs"),
         (name = "artifacts", description = "Files runs produced"),
+        (name = "work orders", description = "Agent work orders: a coding agent on a git branch, up to a pull request"),
         (name = "ops", description = "Health, queues and metrics")
     ),
     modifiers(&BearerAuth)
@@ -81,6 +83,7 @@ pub fn app(state: AppState) -> Router {
         .merge(runs::routes())
         .merge(agents::routes())
         .merge(artifacts::routes())
+        .merge(work_orders::routes())
         .split_for_parts();
     let body_limit = state.config.max_body_bytes;
     let router = router
@@ -238,6 +241,7 @@ async fn root() -> Json<serde_json::Value> {
             "workflows": "/workflows",
             "agents": "/agents",
             "artifacts": "/artifacts",
+            "agent_work_orders": "/agent-work-orders",
             "queues": "/queues",
             "workers": "/workers",
             "metrics": "/metrics",

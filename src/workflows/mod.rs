@@ -100,11 +100,12 @@ pub struct Catalog {
 
 impl Catalog {
     /// The catalogue of this build.
-    pub fn builtin(studio: &crate::config::StudioSettings) -> Self {
+    pub fn builtin(config: &crate::config::Config) -> Self {
         let mut catalog = Self::default();
         catalog.add(Arc::new(demo::Demo::new()));
         catalog.add(Arc::new(noop::Noop::new()));
-        crate::studio::register(&mut catalog, studio);
+        crate::studio::register(&mut catalog, &config.studio);
+        crate::awo::register(&mut catalog, &config.awo);
         catalog
     }
 

@@ -1,0 +1,206 @@
+//! The coding agent's `--output-format stream-json` output, parsed line by line.
+//!
+//! Invariant: parsing never fails. A line that is not JSON, or JSON of an unknown shape, is kept
+//! as a raw entry and the lines after it are still read.
+
+use serde::Serialize;
+use serde_json::Value;
+
+/// One line of the stream, as the API shows it (`GET /agent-work-orders/{id}/logs`).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct Entry {
+    /// `system`, `assistant`, `tool_use`, `tool_result`, `result`, `user`, or `raw` for a line
+    /// that could not be parsed.
+    pub kind: String,
+    /// A readable summary: the text, the tool and its input, the result…
+    pub text: String,
+}
+
+/// What one agent execution amounted to.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct Outcome {
+    pub session_id: Option<String>,
+    pub model: Option<String>,
+    pub turns: Option<u32>,
+    pub cost_usd: f64,
+    pub duration_ms: Option<u64>,
+    /// The final result text.
+    pub result: Option<String>,
+    /// `success`, `error_max_turns`, `error_during_execution`, …
+    pub subtype: Option<String>,
+    pub is_error: bool,
+    /// Lines that could not be parsed.
+    pub malformed_lines: u32,
+}
+
+/// Parses a whole stream: its entries, and the outcome of the run.
+pub fn parse(stream: &str) -> (Vec<Entry>, Outcome) {
+    let mut entries = Vec::new();
+    let mut outcome = Outcome::default();
+    for line in stream.lines() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let Ok(value) = serde_json::from_str::<Value>(line) else {
+            outcome.malformed_lines += 1;
+            entries.push(Entry {
+                kind: "raw".to_owned(),
+                text: line.chars().take(2000).collect(),
+            });
+            continue;
+        };
+        if let Some(session) = value.get("session_id").and_then(Value::as_str) {
+            outcome.session_id.get_or_insert_with(|| session.to_owned());
+        }
+        match value.get("type").and_then(Value::as_str) {
+            Some("system") => {
+                if let Some(model) = value.get("model").and_then(Value::as_str) {
+                    outcome.model = Some(model.to_owned());
+                }
+                entries.push(Entry {
+                    kind: "system".to_owned(),
+                    text: format!(
+                        "{} (model {})",
+                        value
+                            .get("subtype")
+                            .and_then(Value::as_str)
+                            .unwrap_or("system"),
+                        outcome.model.as_deref().unwrap_or("?")
+                    ),
+                });
+            }
+            Some(kind @ ("assistant" | "user")) => {
+                let content = value
+                    .pointer("/message/content")
+                    .and_then(Value::as_array)
+                    .cloned()
+                    .unwrap_or_default();
+                for part in content {
+                    match part.get("type").and_then(Value::as_str) {
+                        Some("text") => entries.push(Entry {
+                            kind: kind.to_owned(),
+                            text: part
+                                .get("text")
+                                .and_then(Value::as_str)
+                                .unwrap_or_default()
+                                .to_owned(),
+                        }),
+                        Some("tool_use") => entries.push(Entry {
+                            kind: "tool_use".to_owned(),
+                            text: format!(
+                                "{} {}",
+                                part.get("name").and_then(Value::as_str).unwrap_or("tool"),
+                                part.get("input").map(Value::to_string).unwrap_or_default()
+                            ),
+                        }),
+                        Some("tool_result") => entries.push(Entry {
+                            kind: "tool_result".to_owned(),
+                            text: match part.get("content") {
+                                Some(Value::String(text)) => text.clone(),
+                                Some(other) => other.to_string(),
+                                None => String::new(),
+                            },
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            Some("result") => {
+                outcome.subtype = value
+                    .get("subtype")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                outcome.is_error = value
+                    .get("is_error")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(false)
+                    || outcome
+                        .subtype
+                        .as_deref()
+                        .is_some_and(|s| s.starts_with("error"));
+                outcome.turns = value
+                    .get("num_turns")
+                    .and_then(Value::as_u64)
+                    .map(|n| n as u32);
+                outcome.cost_usd = value
+                    .get("total_cost_usd")
+                    .or_else(|| value.get("cost_usd"))
+                    .and_then(Value::as_f64)
+                    .unwrap_or(0.0);
+                outcome.duration_ms = value.get("duration_ms").and_then(Value::as_u64);
+                outcome.result = value
+                    .get("result")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                entries.push(Entry {
+                    kind: "result".to_owned(),
+                    text: format!(
+                        "{}: {}",
+                        outcome.subtype.as_deref().unwrap_or("result"),
+                        outcome.result.as_deref().unwrap_or_default()
+                    ),
+                });
+            }
+            _ => entries.push(Entry {
+                kind: "raw".to_owned(),
+                text: line.chars().take(2000).collect(),
+            }),
+        }
+    }
+    (entries, outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = r#"{"type":"system","subtype":"init","session_id":"sess-1","model":"claude-sonnet","tools":["Read","Write"]}
+{"type":"assistant","message":{"content":[{"type":"text","text":"Reading the code."},{"type":"tool_use","id":"t1","name":"Read","input":{"file_path":"README.md"}}]},"session_id":"sess-1"}
+this is not json {
+{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","content":"hello"}]},"session_id":"sess-1"}
+{"type":"result","subtype":"success","is_error":false,"num_turns":3,"total_cost_usd":0.0421,"duration_ms":5300,"result":"Plan written to PLAN.md","session_id":"sess-1"}
+"#;
+
+    #[test]
+    fn a_realistic_stream_gives_session_turns_cost_and_result() {
+        let (entries, outcome) = parse(STREAM);
+        assert_eq!(outcome.session_id.as_deref(), Some("sess-1"));
+        assert_eq!(outcome.model.as_deref(), Some("claude-sonnet"));
+        assert_eq!(outcome.turns, Some(3));
+        assert!((outcome.cost_usd - 0.0421).abs() < 1e-9);
+        assert_eq!(outcome.result.as_deref(), Some("Plan written to PLAN.md"));
+        assert!(!outcome.is_error);
+        assert_eq!(outcome.malformed_lines, 1);
+        let kinds: Vec<&str> = entries.iter().map(|e| e.kind.as_str()).collect();
+        assert_eq!(
+            kinds,
+            [
+                "system",
+                "assistant",
+                "tool_use",
+                "raw",
+                "tool_result",
+                "result"
+            ]
+        );
+    }
+
+    #[test]
+    fn error_subtypes_mark_the_outcome_as_failed() {
+        let (_, outcome) = parse(
+            r#"{"type":"result","subtype":"error_max_turns","num_turns":30,"total_cost_usd":1.5}"#,
+        );
+        assert!(outcome.is_error);
+        assert_eq!(outcome.subtype.as_deref(), Some("error_max_turns"));
+        let (entries, outcome) = parse("garbage only\n\n");
+        assert_eq!(
+            outcome,
+            Outcome {
+                malformed_lines: 1,
+                ..Outcome::default()
+            }
+        );
+        assert_eq!(entries.len(), 1);
+    }
+}

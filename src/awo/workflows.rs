@@ -1,0 +1,641 @@
+//! The work-order workflows: `agent_workflow_plan` (sandbox → plan → implement → commit → push →
+//! pull_request) and `plan_only` (sandbox → plan), every stage checkpointed.
+//!
+//! Each stage is safe to run again after a crash: the sandbox is kept once cloned, an agent
+//! step's checkpoint means it never runs again, `commit` recognises its own commit, `push`
+//! pushes the same commit again, and `pull_request` finds the open pull request of the branch
+//! before opening one.
+
+use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use super::{
+    stream,
+    tools::{Tools, mock_stream},
+    url,
+};
+use crate::{
+    config::ProviderMode,
+    engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
+    store::RunKind,
+    workflows::{InputError, Workflow, parse_inputs, queues},
+};
+
+const PLAN_TEMPLATE: &str = include_str!("commands/plan.md");
+const IMPLEMENT_TEMPLATE: &str = include_str!("commands/implement.md");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxType {
+    GitBranch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkflowType {
+    AgentWorkflowPlan,
+    PlanOnly,
+}
+
+impl WorkflowType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AgentWorkflowPlan => "agent_workflow_plan",
+            Self::PlanOnly => "plan_only",
+        }
+    }
+}
+
+/// What a work order is asked to do (`POST /agent-work-orders`).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct WorkOrderInputs {
+    /// The repository to work on (schemes allowed by `AWO_ALLOWED_URL_SCHEMES`; no credentials).
+    pub repository_url: String,
+    pub sandbox_type: SandboxType,
+    pub workflow_type: WorkflowType,
+    /// What the coding agent should do.
+    pub user_request: String,
+}
+
+/// Parses and checks a work order's inputs.
+pub fn check_inputs(inputs: &Value, allowed: &[String]) -> Result<WorkOrderInputs, InputError> {
+    let parsed: WorkOrderInputs = parse_inputs(inputs)?;
+    url::validate(&parsed.repository_url, allowed).map_err(|e| InputError {
+        field: "inputs.repository_url".to_owned(),
+        message: e.0,
+    })?;
+    let request = parsed.user_request.trim();
+    if request.is_empty() || parsed.user_request.chars().count() > 20_000 {
+        return Err(InputError {
+            field: "inputs.user_request".to_owned(),
+            message: "must be 1 to 20000 characters".to_owned(),
+        });
+    }
+    if parsed.user_request.contains('\0') {
+        return Err(InputError {
+            field: "inputs.user_request".to_owned(),
+            message: "must not contain NUL characters".to_owned(),
+        });
+    }
+    Ok(parsed)
+}
+
+/// The branch a work order works on.
+pub fn branch_of(id: &str) -> String {
+    format!("wo-{id}")
+}
+
+fn plan_file(branch: &str) -> String {
+    format!("plans/{branch}.md")
+}
+
+/// What every work-order stage shares.
+#[derive(Debug)]
+pub struct WorkOrders {
+    pub tools: Tools,
+}
+
+impl WorkOrders {
+    fn inputs(&self, ctx: &StageContext) -> Result<WorkOrderInputs, StageError> {
+        check_inputs(&ctx.inputs, &self.tools.settings.allowed_schemes)
+            .map_err(|e| StageError::fatal("invalid_input", e.to_string()))
+    }
+
+    fn sandbox(&self, ctx: &StageContext) -> Result<PathBuf, StageError> {
+        let dir = self.tools.repository_dir(&ctx.run_id.to_string());
+        if dir.join(".git").is_dir() {
+            Ok(dir)
+        } else {
+            Err(StageError::fatal(
+                "sandbox_missing",
+                format!(
+                    "the sandbox {} is gone; resume from the sandbox stage",
+                    dir.display()
+                ),
+            ))
+        }
+    }
+
+    /// The command template of a step: `AGENT_WORK_ORDER_COMMANDS_DIR/{step}.md` when set,
+    /// else the one shipped with Stagecraft.
+    fn template(&self, step: &str, shipped: &str) -> Result<String, StageError> {
+        match &self.tools.settings.commands_dir {
+            Some(dir) => std::fs::read_to_string(dir.join(format!("{step}.md"))).map_err(|e| {
+                StageError::fatal(
+                    "template_missing",
+                    format!(
+                        "cannot read {}: {e} (AGENT_WORK_ORDER_COMMANDS_DIR)",
+                        dir.join(format!("{step}.md")).display()
+                    ),
+                )
+            }),
+            None => Ok(shipped.to_owned()),
+        }
+    }
+}
+
+fn render(template: &str, values: &[(&str, &str)]) -> String {
+    let mut out = template.to_owned();
+    for (name, value) in values {
+        out = out.replace(&format!("{{{{{name}}}}}"), value);
+    }
+    out
+}
+
+fn output<T: Serialize>(value: &T, cost_usd: f64) -> Result<StageOutput, StageError> {
+    Ok(StageOutput {
+        output: serde_json::to_value(value)
+            .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?,
+        cost_usd,
+    })
+}
+
+/// Git and gh calls are retried a few times, quickly; agent steps follow the default policy.
+fn tool_retry() -> RetryPolicy {
+    RetryPolicy {
+        max_attempts: 3,
+        base_delay: std::time::Duration::from_secs(1),
+        max_delay: std::time::Duration::from_secs(20),
+        timeout: std::time::Duration::from_secs(4 * 3600),
+    }
+}
+
+struct Sandbox(Arc<WorkOrders>);
+struct AgentStep {
+    orders: Arc<WorkOrders>,
+    step: &'static str,
+}
+struct Commit(Arc<WorkOrders>);
+struct Push(Arc<WorkOrders>);
+struct PullRequest(Arc<WorkOrders>);
+
+#[async_trait]
+impl Stage for Sandbox {
+    fn name(&self) -> &'static str {
+        "sandbox"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(tool_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let inputs = self.0.inputs(ctx)?;
+        let id = ctx.run_id.to_string();
+        let branch = branch_of(&id);
+        let tools = &self.0.tools;
+        let (dir, cloned) = tools
+            .clone_sandbox(&id, &inputs.repository_url, &branch, &ctx.cancel)
+            .await?;
+        let base = tools
+            .run_git(&dir, &["rev-parse", "HEAD"], &ctx.cancel)
+            .await?;
+        tools.log(
+            &id,
+            &format!(
+                "sandbox: {} at {base} on {branch} (cloned now: {cloned})",
+                dir.display()
+            ),
+        );
+        output(
+            &json!({"path": dir, "branch": branch, "base_commit": base, "sandbox_type": "git_branch"}),
+            0.0,
+        )
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct AgentStepOutput {
+    step: String,
+    session_id: Option<String>,
+    turns: Option<u32>,
+    cost_usd: f64,
+    result: Option<String>,
+    subtype: Option<String>,
+    malformed_lines: u32,
+    plan_file: String,
+    mock: bool,
+}
+
+#[async_trait]
+impl Stage for AgentStep {
+    fn name(&self) -> &'static str {
+        self.step
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let orders = &self.orders;
+        let tools = &orders.tools;
+        let inputs = orders.inputs(ctx)?;
+        let dir = orders.sandbox(ctx)?;
+        let id = ctx.run_id.to_string();
+        let branch = branch_of(&id);
+        let plan = plan_file(&branch);
+        let shipped = if self.step == "plan" {
+            PLAN_TEMPLATE
+        } else {
+            IMPLEMENT_TEMPLATE
+        };
+        let prompt = render(
+            &orders.template(self.step, shipped)?,
+            &[
+                ("user_request", &inputs.user_request),
+                ("branch", &branch),
+                ("plan_file", &plan),
+                ("work_order_id", &id),
+                ("repository_url", &inputs.repository_url),
+            ],
+        );
+        let outputs = tools.output_dir(&id);
+        tools.ensure_dir(&outputs)?;
+        if tools.settings.prompt_logging {
+            tools.write_file(
+                &outputs.join(format!("{}.prompt.md", self.step)),
+                prompt.as_bytes(),
+            )?;
+        }
+        tools.log(
+            &id,
+            &format!("{}: agent started (attempt {})", self.step, ctx.attempt),
+        );
+        let mock = ctx.provider_mode == ProviderMode::Mock;
+        let raw = if mock {
+            mock_agent(self.step, &dir, &plan, &inputs.user_request)?
+        } else {
+            tools.run_claude(&dir, &prompt, &ctx.cancel).await?.raw
+        };
+        // The raw stream is kept for the logs route whatever ENABLE_OUTPUT_ARTIFACTS says about
+        // keeping it afterwards: the route reads it.
+        tools.write_file(
+            &outputs.join(format!("{}.jsonl", self.step)),
+            raw.as_bytes(),
+        )?;
+        let (_, outcome) = stream::parse(&raw);
+        tools.log(
+            &id,
+            &format!(
+                "{}: agent finished: {} turns, ${:.4}, {}",
+                self.step,
+                outcome.turns.unwrap_or(0),
+                outcome.cost_usd,
+                outcome.subtype.as_deref().unwrap_or("no result")
+            ),
+        );
+        if outcome.is_error {
+            let subtype = outcome.subtype.clone().unwrap_or_default();
+            let message = format!(
+                "the coding agent ended with {subtype} after {} turns: {}",
+                outcome.turns.unwrap_or(0),
+                outcome.result.as_deref().unwrap_or_default()
+            );
+            return Err(if subtype == "error_max_turns" {
+                StageError::fatal(
+                    "agent_max_turns",
+                    format!("{message} (raise CLAUDE_CLI_MAX_TURNS)"),
+                )
+            } else {
+                StageError::retryable(message)
+            });
+        }
+        if self.step == "plan" && !dir.join(&plan).is_file() {
+            // The agent answered without writing the plan file: keep its answer as the plan.
+            tools.write_file(
+                &dir.join(&plan),
+                outcome.result.clone().unwrap_or_default().as_bytes(),
+            )?;
+        }
+        let cost = outcome.cost_usd;
+        output(
+            &AgentStepOutput {
+                step: self.step.to_owned(),
+                session_id: outcome.session_id,
+                turns: outcome.turns,
+                cost_usd: cost,
+                result: outcome.result,
+                subtype: outcome.subtype,
+                malformed_lines: outcome.malformed_lines,
+                plan_file: plan,
+                mock,
+            },
+            cost,
+        )
+    }
+}
+
+/// The built-in mock agent: writes the plan, or a small change, and a stream-json transcript.
+fn mock_agent(
+    step: &str,
+    dir: &std::path::Path,
+    plan: &str,
+    request: &str,
+) -> Result<String, StageError> {
+    let first_line: String = request
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .chars()
+        .take(120)
+        .collect();
+    let session = format!("mock-{}", uuid::Uuid::new_v4());
+    let write = |path: PathBuf, text: String| {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| StageError::retryable(e.to_string()))?;
+        }
+        std::fs::write(&path, text)
+            .map_err(|e| StageError::retryable(format!("{}: {e}", path.display())))
+    };
+    let summary = if step == "plan" {
+        write(
+            dir.join(plan),
+            format!(
+                "# Plan\n\n## Goal\n\n{first_line}\n\n## Steps\n\n1. Record the request in NOTES.md.\n2. Commit, push and open a pull request.\n"
+            ),
+        )?;
+        format!("Plan written to {plan}.")
+    } else {
+        let notes = dir.join("NOTES.md");
+        let mut text = std::fs::read_to_string(&notes).unwrap_or_default();
+        text.push_str(&format!("- {first_line}\n"));
+        write(notes, text)?;
+        "Recorded the request in NOTES.md.".to_owned()
+    };
+    Ok(mock_stream(&session, step, &summary))
+}
+
+#[async_trait]
+impl Stage for Commit {
+    fn name(&self) -> &'static str {
+        "commit"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(tool_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let tools = &self.0.tools;
+        let inputs = self.0.inputs(ctx)?;
+        let dir = self.0.sandbox(ctx)?;
+        let id = ctx.run_id.to_string();
+        let base = ctx
+            .previous
+            .get("sandbox")
+            .and_then(|s| s.get("base_commit"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        tools.run_git(&dir, &["add", "--all"], &ctx.cancel).await?;
+        let pending = tools
+            .run_git(&dir, &["status", "--porcelain"], &ctx.cancel)
+            .await?;
+        if pending.is_empty() {
+            let head = tools
+                .run_git(&dir, &["rev-parse", "HEAD"], &ctx.cancel)
+                .await?;
+            if head != base {
+                // Committed before a crash: the commit is ours.
+                return output(&json!({"commit": head, "already_committed": true}), 0.0);
+            }
+            return Err(StageError::fatal(
+                "nothing_to_commit",
+                "the coding agent changed nothing in the repository",
+            ));
+        }
+        let title: String = inputs
+            .user_request
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .chars()
+            .take(72)
+            .collect();
+        let message = format!("{title}\n\nWork order {id}.\n");
+        let message_file = tools.output_dir(&id).join("commit_message.txt");
+        tools.write_file(&message_file, message.as_bytes())?;
+        let file = message_file.to_string_lossy().into_owned();
+        tools
+            .run_git(
+                &dir,
+                &["commit", "--quiet", "--no-verify", "-F", &file],
+                &ctx.cancel,
+            )
+            .await?;
+        let head = tools
+            .run_git(&dir, &["rev-parse", "HEAD"], &ctx.cancel)
+            .await?;
+        tools.log(&id, &format!("commit: {head}"));
+        output(&json!({"commit": head, "already_committed": false}), 0.0)
+    }
+}
+
+#[async_trait]
+impl Stage for Push {
+    fn name(&self) -> &'static str {
+        "push"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(tool_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let tools = &self.0.tools;
+        let dir = self.0.sandbox(ctx)?;
+        let id = ctx.run_id.to_string();
+        let branch = branch_of(&id);
+        // Pushing the same commit again is a no-op: safe to repeat.
+        tools
+            .run_git(
+                &dir,
+                &["push", "--quiet", "--set-upstream", "origin", &branch],
+                &ctx.cancel,
+            )
+            .await?;
+        let head = tools
+            .run_git(&dir, &["rev-parse", "HEAD"], &ctx.cancel)
+            .await?;
+        tools.log(&id, &format!("push: {branch} at {head}"));
+        output(&json!({"branch": branch, "commit": head}), 0.0)
+    }
+}
+
+#[async_trait]
+impl Stage for PullRequest {
+    fn name(&self) -> &'static str {
+        "pull_request"
+    }
+
+    fn retry_policy(&self) -> Option<RetryPolicy> {
+        Some(tool_retry())
+    }
+
+    async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
+        let tools = &self.0.tools;
+        let inputs = self.0.inputs(ctx)?;
+        let dir = self.0.sandbox(ctx)?;
+        let id = ctx.run_id.to_string();
+        let branch = branch_of(&id);
+        let title: String = inputs
+            .user_request
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .chars()
+            .take(72)
+            .collect();
+        let summary = ctx
+            .previous
+            .get("implement")
+            .and_then(|s| s.get("result"))
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let body = format!(
+            "Work order {id}.\n\n## Request\n\n{}\n\n## Summary\n\n{summary}\n\nThe plan is in `{}`.\n",
+            inputs.user_request,
+            plan_file(&branch)
+        );
+        let outputs = tools.output_dir(&id);
+        if ctx.provider_mode == ProviderMode::Mock {
+            // Mock hosting: a record of the pull request that would have been opened, once.
+            let record = outputs.join("pull_request.json");
+            if let Ok(text) = std::fs::read_to_string(&record) {
+                let existing: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                return output(
+                    &json!({"number": existing["number"], "url": existing["url"], "existing": true, "mock": true}),
+                    0.0,
+                );
+            }
+            let pr = json!({"number": 1, "url": format!("mock://pull-requests/{branch}"), "title": title,
+                            "body": body, "head": branch});
+            tools.write_file(
+                &record,
+                serde_json::to_vec_pretty(&pr)
+                    .unwrap_or_default()
+                    .as_slice(),
+            )?;
+            tools.log(&id, "pull_request: recorded by mock hosting");
+            return output(
+                &json!({"number": 1, "url": pr["url"], "existing": false, "mock": true}),
+                0.0,
+            );
+        }
+        if let Some((number, url)) = tools.find_pull_request(&dir, &branch, &ctx.cancel).await? {
+            tools.log(&id, &format!("pull_request: found #{number} {url}"));
+            return output(
+                &json!({"number": number, "url": url, "existing": true, "mock": false}),
+                0.0,
+            );
+        }
+        let body_file = outputs.join("pull_request_body.md");
+        tools.write_file(&body_file, body.as_bytes())?;
+        let (number, url) = tools
+            .create_pull_request(&dir, &branch, &title, &body_file, &ctx.cancel)
+            .await?;
+        tools.log(&id, &format!("pull_request: opened #{number} {url}"));
+        output(
+            &json!({"number": number, "url": url, "existing": false, "mock": false}),
+            0.0,
+        )
+    }
+}
+
+/// A work-order workflow.
+pub struct WorkOrderWorkflow {
+    orders: Arc<WorkOrders>,
+    kind: WorkflowType,
+    stages: Vec<Box<dyn Stage>>,
+}
+
+impl WorkOrderWorkflow {
+    pub fn new(orders: &Arc<WorkOrders>, kind: WorkflowType) -> Self {
+        let mut stages: Vec<Box<dyn Stage>> = vec![
+            Box::new(Sandbox(orders.clone())),
+            Box::new(AgentStep {
+                orders: orders.clone(),
+                step: "plan",
+            }),
+        ];
+        if kind == WorkflowType::AgentWorkflowPlan {
+            stages.push(Box::new(AgentStep {
+                orders: orders.clone(),
+                step: "implement",
+            }));
+            stages.push(Box::new(Commit(orders.clone())));
+            stages.push(Box::new(Push(orders.clone())));
+            stages.push(Box::new(PullRequest(orders.clone())));
+        }
+        Self {
+            orders: orders.clone(),
+            kind,
+            stages,
+        }
+    }
+}
+
+impl Workflow for WorkOrderWorkflow {
+    fn kind(&self) -> RunKind {
+        RunKind::WorkOrder
+    }
+
+    fn name(&self) -> &'static str {
+        self.kind.as_str()
+    }
+
+    fn description(&self) -> &'static str {
+        match self.kind {
+            WorkflowType::AgentWorkflowPlan => {
+                "Clones the repository on a branch, has the coding agent plan and implement the request, commits, pushes and opens a pull request."
+            }
+            WorkflowType::PlanOnly => {
+                "Clones the repository on a branch and has the coding agent write a plan."
+            }
+        }
+    }
+
+    fn queue(&self) -> &'static str {
+        queues::WORK_ORDERS
+    }
+
+    fn stages(&self) -> &[Box<dyn Stage>] {
+        &self.stages
+    }
+
+    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
+        let parsed = check_inputs(inputs, &self.orders.tools.settings.allowed_schemes)?;
+        if parsed.workflow_type != self.kind {
+            return Err(InputError {
+                field: "inputs.workflow_type".to_owned(),
+                message: format!("this is the {} workflow", self.kind.as_str()),
+            });
+        }
+        Ok(())
+    }
+
+    fn input_schema(&self) -> Value {
+        serde_json::to_value(<WorkOrderInputs as utoipa::PartialSchema>::schema())
+            .unwrap_or(Value::Null)
+    }
+
+    fn result(&self, outputs: &BTreeMap<String, Value>) -> Value {
+        let get = |stage: &str, field: &str| {
+            outputs
+                .get(stage)
+                .and_then(|o| o.get(field).cloned())
+                .unwrap_or(Value::Null)
+        };
+        json!({
+            "branch": get("sandbox", "branch"),
+            "plan_file": get("plan", "plan_file"),
+            "commit": get("push", "commit"),
+            "pull_request": outputs.get("pull_request").cloned().unwrap_or(Value::Null),
+        })
+    }
+}

@@ -1,0 +1,297 @@
+//! The agent work-order routes (`/agent-work-orders`): create, list, status, step history and
+//! the coding agent's parsed output. Work orders are runs of kind `work_order` on the
+//! `work_orders` queue; workers started with `--queues work_orders` execute them.
+
+use axum::{
+    Json,
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa_axum::{router::OpenApiRouter, routes};
+
+use super::{
+    ApiError, AppState, ErrorBody, JsonBody,
+    runs::{SubmitRun, submit},
+};
+use crate::{
+    awo::{
+        stream::{self, Entry},
+        url::redact,
+        workflows::{SandboxType, WorkflowType, branch_of},
+    },
+    config::ProviderMode,
+    ids::RunId,
+    store::{RunError, RunFilter, RunKind, RunRecord, RunStatus, StageStatus},
+};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_work_order, list_work_orders))
+        .routes(routes!(get_work_order))
+        .routes(routes!(work_order_steps))
+        .routes(routes!(work_order_logs))
+}
+
+/// `POST /agent-work-orders`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkOrder {
+    pub repository_url: String,
+    pub sandbox_type: SandboxType,
+    pub workflow_type: WorkflowType,
+    pub user_request: String,
+    /// `mock` (the built-in agent and mock pull-request hosting) or `live` (the real CLIs).
+    pub provider_mode: Option<ProviderMode>,
+    pub budget_usd: Option<f64>,
+}
+
+/// A work order's status.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkOrderDoc {
+    agent_work_order_id: String,
+    status: RunStatus,
+    workflow_type: String,
+    repository_url: String,
+    sandbox_type: String,
+    user_request: String,
+    branch_name: String,
+    provider_mode: ProviderMode,
+    current_step: Option<String>,
+    last_completed_step: Option<String>,
+    #[schema(value_type = Object)]
+    pull_request: Option<Value>,
+    commit: Option<String>,
+    error: Option<RunError>,
+    cost_usd: f64,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+    steps_url: String,
+    logs_url: String,
+}
+
+impl WorkOrderDoc {
+    fn new(run: &RunRecord) -> Self {
+        let input = |field: &str| {
+            run.inputs
+                .get(field)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        let output = |stage: &str| {
+            run.stages
+                .iter()
+                .find(|s| s.name == stage && s.status == StageStatus::Completed)
+                .and_then(|s| s.output.clone())
+        };
+        let id = run.id.to_string();
+        Self {
+            agent_work_order_id: id.clone(),
+            status: run.status,
+            workflow_type: run.name.clone(),
+            repository_url: redact(&input("repository_url")),
+            sandbox_type: input("sandbox_type"),
+            user_request: input("user_request"),
+            branch_name: branch_of(&id),
+            provider_mode: run.provider_mode,
+            current_step: run.current_stage.clone(),
+            last_completed_step: run.last_completed_stage().map(str::to_owned),
+            pull_request: output("pull_request"),
+            commit: output("commit")
+                .and_then(|c| c.get("commit").and_then(Value::as_str).map(str::to_owned)),
+            error: run.error.clone(),
+            cost_usd: run.cost_usd,
+            created_at: run.created_at,
+            updated_at: run.updated_at,
+            finished_at: run.finished_at,
+            steps_url: format!("/agent-work-orders/{id}/steps"),
+            logs_url: format!("/agent-work-orders/{id}/logs"),
+        }
+    }
+}
+
+/// Creates a work order: validates the repository URL and request, stores the run and queues it.
+#[utoipa::path(post, path = "/agent-work-orders", tag = "work orders", request_body = CreateWorkOrder,
+    responses((status = 201, body = WorkOrderDoc), (status = 422, body = ErrorBody)))]
+async fn create_work_order(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    JsonBody(request): JsonBody<CreateWorkOrder>,
+) -> Result<Response, ApiError> {
+    let inputs = json!({
+        "repository_url": request.repository_url,
+        "sandbox_type": request.sandbox_type,
+        "workflow_type": request.workflow_type,
+        "user_request": request.user_request,
+    });
+    let submit_request = SubmitRun {
+        kind: RunKind::WorkOrder,
+        name: request.workflow_type.as_str().to_owned(),
+        inputs,
+        budget_usd: request.budget_usd,
+        provider_mode: request.provider_mode,
+        reuse: false,
+    };
+    let (run, created) = submit(&state, submit_request, &headers).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(WorkOrderDoc::new(&run))).into_response())
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkOrderList {
+    agent_work_orders: Vec<WorkOrderDoc>,
+    total: u64,
+}
+
+/// The newest work orders (up to 100).
+#[utoipa::path(get, path = "/agent-work-orders", tag = "work orders", responses((status = 200, body = WorkOrderList)))]
+async fn list_work_orders(State(state): State<AppState>) -> Result<Json<WorkOrderList>, ApiError> {
+    let filter = RunFilter {
+        kind: Some(RunKind::WorkOrder),
+        status: None,
+        name: None,
+        before: None,
+        limit: 100,
+    };
+    let (runs, total) = state.store.list_runs(&filter).await?;
+    Ok(Json(WorkOrderList {
+        agent_work_orders: runs.iter().map(WorkOrderDoc::new).collect(),
+        total,
+    }))
+}
+
+async fn load(state: &AppState, id: &str) -> Result<RunRecord, ApiError> {
+    let missing = || ApiError::not_found(format!("work order {id} not found"));
+    let id = RunId::parse(id).ok_or_else(missing)?;
+    match state.store.get_run(id).await? {
+        Some(run) if run.kind == RunKind::WorkOrder => Ok(run),
+        _ => Err(missing()),
+    }
+}
+
+/// A work order's status.
+#[utoipa::path(get, path = "/agent-work-orders/{id}", tag = "work orders", params(("id" = String, Path)),
+    responses((status = 200, body = WorkOrderDoc), (status = 404, body = ErrorBody)))]
+async fn get_work_order(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkOrderDoc>, ApiError> {
+    Ok(Json(WorkOrderDoc::new(&load(&state, &id).await?)))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StepDoc {
+    step: String,
+    status: StageStatus,
+    attempts: u32,
+    started_at: Option<DateTime<Utc>>,
+    finished_at: Option<DateTime<Utc>>,
+    /// The coding agent's session, turns and cost (agent steps only).
+    session_id: Option<String>,
+    turns: Option<u64>,
+    cost_usd: f64,
+    error: Option<RunError>,
+    #[schema(value_type = Object)]
+    output: Option<Value>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StepHistory {
+    agent_work_order_id: String,
+    steps: Vec<StepDoc>,
+}
+
+/// The step history: each stage with its status, timing, agent session, turns, cost and error.
+#[utoipa::path(get, path = "/agent-work-orders/{id}/steps", tag = "work orders", params(("id" = String, Path)),
+    responses((status = 200, body = StepHistory), (status = 404, body = ErrorBody)))]
+async fn work_order_steps(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<StepHistory>, ApiError> {
+    let run = load(&state, &id).await?;
+    let steps = run
+        .stages
+        .iter()
+        .map(|stage| {
+            let field = |name: &str| stage.output.as_ref().and_then(|o| o.get(name).cloned());
+            StepDoc {
+                step: stage.name.clone(),
+                status: stage.status,
+                attempts: stage.attempts,
+                started_at: stage.started_at,
+                finished_at: stage.finished_at,
+                session_id: field("session_id").and_then(|v| v.as_str().map(str::to_owned)),
+                turns: field("turns").and_then(|v| v.as_u64()),
+                cost_usd: stage.cost_usd,
+                error: stage.error.clone(),
+                output: stage.output.clone(),
+            }
+        })
+        .collect();
+    Ok(Json(StepHistory {
+        agent_work_order_id: run.id.to_string(),
+        steps,
+    }))
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct LogEntry {
+    step: String,
+    #[serde(flatten)]
+    entry: Entry,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct WorkOrderLogs {
+    agent_work_order_id: String,
+    /// The coding agent's output, parsed, step by step.
+    entries: Vec<LogEntry>,
+    /// The work order's own log lines (`logs/{id}.log`).
+    log: Vec<String>,
+}
+
+/// The coding agent's parsed output per step, and the work order's log.
+#[utoipa::path(get, path = "/agent-work-orders/{id}/logs", tag = "work orders", params(("id" = String, Path)),
+    responses((status = 200, body = WorkOrderLogs), (status = 404, body = ErrorBody)))]
+async fn work_order_logs(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<WorkOrderLogs>, ApiError> {
+    let run = load(&state, &id).await?;
+    let id = run.id.to_string();
+    let data = state.config.awo.data_dir.clone();
+    let steps: Vec<String> = run.stages.iter().map(|s| s.name.clone()).collect();
+    let (entries, log) = tokio::task::spawn_blocking(move || {
+        let mut entries = Vec::new();
+        for step in steps {
+            let path = data.join("outputs").join(&id).join(format!("{step}.jsonl"));
+            if let Ok(raw) = std::fs::read_to_string(path) {
+                let (parsed, _) = stream::parse(&raw);
+                entries.extend(parsed.into_iter().map(|entry| LogEntry {
+                    step: step.clone(),
+                    entry,
+                }));
+            }
+        }
+        let log = std::fs::read_to_string(data.join("logs").join(format!("{id}.log")))
+            .map(|text| text.lines().map(str::to_owned).collect())
+            .unwrap_or_default();
+        (entries, log)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(anyhow::anyhow!("reading logs: {e}")))?;
+    Ok(Json(WorkOrderLogs {
+        agent_work_order_id: run.id.to_string(),
+        entries,
+        log,
+    }))
+}
