@@ -6,3 +6,4 @@ mod engine;
 mod redis_scale;
 mod studio;
 mod support;
+mod work_orders;
