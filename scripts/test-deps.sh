@@ -9,6 +9,7 @@ declare -A needed=(
   [redis-cli]=redis-tools
   [ffmpeg]=ffmpeg
   [ffprobe]=ffmpeg
+  [git]=git
 )
 
 missing=()

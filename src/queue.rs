@@ -293,12 +293,13 @@ async fn keep_presence(
     }
 }
 
-/// Re-queues runs with expired leases and deletes runs past retention, every `interval`,
-/// until `shutdown` fires.
+/// Re-queues runs with expired leases, and deletes runs and work-order sandboxes past
+/// retention, every `interval`, until `shutdown` fires.
 pub async fn run_sweeper(
     store: SharedStore,
     interval: Duration,
     retention: Duration,
+    awo_data_dir: std::path::PathBuf,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -322,6 +323,13 @@ pub async fn run_sweeper(
                 Ok(0) => {}
                 Ok(deleted) => info!(runs = deleted, "deleted finished runs past retention"),
                 Err(error) => warn!(error = %error, "retention purge failed"),
+            }
+            let cleaned = crate::awo::clean_sandboxes(&store, &awo_data_dir, retention).await;
+            if cleaned > 0 {
+                info!(
+                    sandboxes = cleaned,
+                    "deleted work-order sandboxes past retention"
+                );
             }
         }
     }

@@ -512,3 +512,36 @@ async fn unsafe_urls_are_refused_and_requests_cannot_inject_anything() {
         "mock hosting opened no real pull request"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_tools_and_an_unwritable_data_dir_fail_saying_what_to_fix() {
+    let (app, url) = setup(TestApp::new(Backend::Sqlite));
+    let mut app = app
+        .with_env("CLAUDE_CLI_PATH", "/nonexistent/claude")
+        .with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let id = create(&app, live_order(&url, "No agent here")).await;
+    let order = wait_order(&app, &id, |o| o["status"] == "failed").await;
+    assert_eq!(order["error"]["code"], "claude_missing", "{order:#}");
+    assert!(
+        order["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("CLAUDE_CLI_PATH"))
+    );
+
+    let (app, url) = setup(TestApp::new(Backend::Sqlite));
+    let blocker = app.dir.path().join("not-a-directory");
+    std::fs::write(&blocker, b"a file where the data dir should be").expect("blocker");
+    let mut app = app
+        .with_env("AWO_DATA_DIR", blocker.to_str().expect("path"))
+        .with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let id = create(&app, live_order(&url, "Nowhere to clone")).await;
+    let order = wait_order(&app, &id, |o| o["status"] == "failed").await;
+    assert_eq!(order["error"]["code"], "data_dir_unwritable", "{order:#}");
+    assert!(
+        order["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("AWO_DATA_DIR"))
+    );
+}
