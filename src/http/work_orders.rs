@@ -6,7 +6,10 @@ use axum::{
     Json,
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
-    response::{IntoResponse, Response},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
 };
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -259,29 +262,85 @@ pub struct WorkOrderLogs {
     log: Vec<String>,
 }
 
-/// The coding agent's parsed output per step, and the work order's log.
+/// The agent entries of a work order's steps, in step order, read from its raw JSONL.
+fn agent_entries(data: &std::path::Path, id: &str, steps: &[String]) -> Vec<LogEntry> {
+    let mut entries = Vec::new();
+    for step in steps {
+        let path = data.join("outputs").join(id).join(format!("{step}.jsonl"));
+        if let Ok(raw) = std::fs::read_to_string(path) {
+            let (parsed, _) = stream::parse(&raw);
+            entries.extend(parsed.into_iter().map(|entry| LogEntry {
+                step: step.clone(),
+                entry,
+            }));
+        }
+    }
+    entries
+}
+
+/// The coding agent's parsed output per step, and the work order's log. With
+/// `Accept: text/event-stream` the entries are streamed as Server-Sent Events (event `entry`) as
+/// each agent step's output is written, until the work order finishes.
 #[utoipa::path(get, path = "/agent-work-orders/{id}/logs", tag = "work orders", params(("id" = String, Path)),
     responses((status = 200, body = WorkOrderLogs), (status = 404, body = ErrorBody)))]
 async fn work_order_logs(
     State(state): State<AppState>,
     Path(id): Path<String>,
-) -> Result<Json<WorkOrderLogs>, ApiError> {
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let run = load(&state, &id).await?;
     let id = run.id.to_string();
     let data = state.config.awo.data_dir.clone();
     let steps: Vec<String> = run.stages.iter().map(|s| s.name.clone()).collect();
-    let (entries, log) = tokio::task::spawn_blocking(move || {
-        let mut entries = Vec::new();
-        for step in steps {
-            let path = data.join("outputs").join(&id).join(format!("{step}.jsonl"));
-            if let Ok(raw) = std::fs::read_to_string(path) {
-                let (parsed, _) = stream::parse(&raw);
-                entries.extend(parsed.into_iter().map(|entry| LogEntry {
-                    step: step.clone(),
-                    entry,
-                }));
+    let wants_stream = headers
+        .get(axum::http::header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
+    if wants_stream {
+        let store = state.store.clone();
+        let run_id = run.id;
+        let events = futures::stream::unfold(Some(0usize), move |sent| {
+            let (store, data, id, steps) = (store.clone(), data.clone(), id.clone(), steps.clone());
+            async move {
+                let sent = sent?;
+                loop {
+                    let finished = match store.get_run(run_id).await {
+                        Ok(Some(run)) => run.status.is_finished(),
+                        Ok(None) => true,
+                        Err(_) => false,
+                    };
+                    let (all, steps2) = (data.clone(), steps.clone());
+                    let id2 = id.clone();
+                    let entries =
+                        tokio::task::spawn_blocking(move || agent_entries(&all, &id2, &steps2))
+                            .await
+                            .unwrap_or_default();
+                    if entries.len() > sent {
+                        let fresh: Vec<Result<Event, std::convert::Infallible>> = entries[sent..]
+                            .iter()
+                            .map(|e| {
+                                Ok(Event::default()
+                                    .event("entry")
+                                    .json_data(e)
+                                    .unwrap_or_else(|_| Event::default()))
+                            })
+                            .collect();
+                        return Some((futures::stream::iter(fresh), Some(entries.len())));
+                    }
+                    if finished {
+                        return None;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                }
             }
-        }
+        });
+        use futures::StreamExt;
+        return Ok(Sse::new(events.flatten())
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let (entries, log) = tokio::task::spawn_blocking(move || {
+        let entries = agent_entries(&data, &id, &steps);
         let log = std::fs::read_to_string(data.join("logs").join(format!("{id}.log")))
             .map(|text| text.lines().map(str::to_owned).collect())
             .unwrap_or_default();
@@ -293,5 +352,6 @@ async fn work_order_logs(
         agent_work_order_id: run.id.to_string(),
         entries,
         log,
-    }))
+    })
+    .into_response())
 }

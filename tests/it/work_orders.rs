@@ -291,6 +291,20 @@ async fn a_work_order_reaches_a_pushed_branch_and_one_pull_request_and_keeps_the
         kinds.contains(&"raw") && kinds.contains(&"tool_use") && kinds.contains(&"result"),
         "{kinds:?}"
     );
+    let streamed = reqwest::Client::new()
+        .get(app.url(&format!("/agent-work-orders/{id}/logs")))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .expect("stream")
+        .text()
+        .await
+        .expect("stream body");
+    assert_eq!(
+        streamed.matches("event: entry").count(),
+        kinds.len(),
+        "the stream carries every entry and ends with the work order: {streamed}"
+    );
     let (_, listed) = app.get("/agent-work-orders").await;
     assert_eq!(listed["total"], 1);
     // The token is nowhere: not in responses, files under the data dir, or the processes' logs.
@@ -543,5 +557,61 @@ async fn missing_tools_and_an_unwritable_data_dir_fail_saying_what_to_fix() {
         order["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("AWO_DATA_DIR"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn command_templates_can_be_replaced_and_mock_mode_needs_no_cli() {
+    let (app, url) = setup(TestApp::new(Backend::Sqlite));
+    let commands = app.dir.path().join("commands");
+    std::fs::create_dir_all(&commands).expect("commands");
+    std::fs::write(
+        commands.join("plan.md"),
+        "OUR HOUSE PLAN TEMPLATE for {{branch}}: {{user_request}}",
+    )
+    .expect("template");
+    let mut app = app
+        .with_env(
+            "AGENT_WORK_ORDER_COMMANDS_DIR",
+            commands.to_str().expect("path"),
+        )
+        .with_env("CLAUDE_CLI_PATH", "/nonexistent/claude")
+        .with_env("GH_CLI_PATH", "/nonexistent/gh")
+        .with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let body = json!({"repository_url": url, "sandbox_type": "git_branch", "workflow_type": "plan_only",
+                      "user_request": "Plan the greeting"});
+    let id = create(&app, body).await;
+    let order = wait_order(&app, &id, |o| {
+        o["status"] == "completed" || o["status"] == "failed"
+    })
+    .await;
+    assert_eq!(
+        order["status"], "completed",
+        "mock mode ran without any CLI: {order:#}"
+    );
+    let prompt = std::fs::read_to_string(app.dir.path().join(format!(
+        "data/agent-work-orders/outputs/{id}/plan.prompt.md"
+    )))
+    .expect("the prompt is kept");
+    assert_eq!(
+        prompt,
+        format!("OUR HOUSE PLAN TEMPLATE for wo-{id}: Plan the greeting")
+    );
+    let (_, steps) = app.get(&format!("/agent-work-orders/{id}/steps")).await;
+    let names: Vec<&str> = steps["steps"]
+        .as_array()
+        .expect("steps")
+        .iter()
+        .filter_map(|s| s["step"].as_str())
+        .collect();
+    assert_eq!(names, ["sandbox", "plan"]);
+    let sandbox = app
+        .dir
+        .path()
+        .join(format!("data/agent-work-orders/repositories/{id}"));
+    assert!(
+        sandbox.join(format!("plans/wo-{id}.md")).is_file(),
+        "the mock agent wrote the plan"
     );
 }
