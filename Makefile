@@ -4,6 +4,15 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 
+# Docker targets use the engine when one answers (STACK_MODE=native forces local processes).
+STACK_MODE ?= auto
+ENGINE := $(if $(filter native,$(STACK_MODE)),,$(shell docker info >/dev/null 2>&1 && echo yes))
+COMPOSE_CMD := $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+ENV_FILE := $(if $(wildcard .env),--env-file .env,)
+COMPOSE := $(COMPOSE_CMD) -p stagecraft -f docker/docker-compose.yml $(ENV_FILE)
+STACK := scripts/stack.sh
+STACK_REDIS_PORT ?= 6380
+
 .PHONY: help
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -11,6 +20,83 @@ help: ## List the targets
 .PHONY: dev
 dev: ## Run the API and workers in one process (embedded store, mock providers) on :8000
 	$(CARGO) run --release -- dev
+
+.PHONY: dev-docker
+dev-docker: ## Development stack in Docker: api, scalable workers, redis; rebuilds on change
+ifeq ($(ENGINE),yes)
+	@echo "dev-docker: using the Docker engine"
+	$(COMPOSE) up -d --build api worker redis
+else
+	@echo "dev-docker: no Docker engine answers here; run 'make dev' (one process) or 'make dev-awo' (the same topology as local processes)" >&2
+	@exit 1
+endif
+
+.PHONY: dev-awo
+dev-awo: ## The work-order stack: redis, API (also on ARCHON_AWO_PORT), workers, work-order worker
+ifeq ($(ENGINE),yes)
+	@echo "dev-awo: using the Docker engine"
+	$(COMPOSE) --profile awo up -d --build
+else
+	@echo "dev-awo: no Docker engine; running the stack as local processes (.run/stack)"
+	@STACK_REDIS_PORT=$(STACK_REDIS_PORT) $(STACK) up --awo
+endif
+
+.PHONY: stop
+stop: ## Stop the stack (Docker or local processes)
+ifeq ($(ENGINE),yes)
+	$(COMPOSE) --profile awo down
+else
+	@STACK_REDIS_PORT=$(STACK_REDIS_PORT) $(STACK) stop
+endif
+
+.PHONY: logs
+logs: ## Follow the stack's logs
+ifeq ($(ENGINE),yes)
+	$(COMPOSE) --profile awo logs -f
+else
+	@$(STACK) logs
+endif
+
+.PHONY: awo-logs
+awo-logs: ## Follow the work-order worker's logs
+ifeq ($(ENGINE),yes)
+	$(COMPOSE) --profile awo logs -f awo-worker
+else
+	@$(STACK) logs awo-worker
+endif
+
+.PHONY: awo-restart
+awo-restart: ## Restart the work-order worker
+ifeq ($(ENGINE),yes)
+	$(COMPOSE) --profile awo restart awo-worker
+else
+	@STACK_REDIS_PORT=$(STACK_REDIS_PORT) $(STACK) restart awo-worker
+endif
+
+.PHONY: awo-shell
+awo-shell: ## A shell in the work-order worker's environment
+ifeq ($(ENGINE),yes)
+	$(COMPOSE) --profile awo exec awo-worker sh
+else
+	@STACK_REDIS_PORT=$(STACK_REDIS_PORT) $(STACK) shell
+endif
+
+.PHONY: scale
+scale: ## Run N workers: make scale N=3
+	@test -n "$(N)" || { echo "usage: make scale N=3" >&2; exit 1; }
+ifeq ($(ENGINE),yes)
+	$(COMPOSE) up -d --no-recreate --scale worker=$(N) worker
+else
+	@STACK_REDIS_PORT=$(STACK_REDIS_PORT) $(STACK) scale $(N)
+endif
+
+.PHONY: redis-cli
+redis-cli: ## A redis-cli on the stack's Redis
+ifeq ($(ENGINE),yes)
+	$(COMPOSE) exec redis redis-cli
+else
+	redis-cli -p $(STACK_REDIS_PORT)
+endif
 
 .PHONY: build
 build: ## Build the release binary (target/release/stagecraft)

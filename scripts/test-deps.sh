@@ -10,6 +10,8 @@ declare -A needed=(
   [ffmpeg]=ffmpeg
   [ffprobe]=ffmpeg
   [git]=git
+  [docker-compose]=docker-compose
+  [shellcheck]=shellcheck
 )
 
 missing=()

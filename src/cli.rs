@@ -85,6 +85,8 @@ pub enum Command {
     },
     /// Print a run's status document.
     Status { run_id: String },
+    /// Ask the API's `/health`; exits non-zero unless it is healthy (for container health checks).
+    Health,
     /// List runs, newest first.
     Runs {
         #[arg(long)]
@@ -395,6 +397,7 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
             }
         }
         Command::Status { run_id } => client.get(&format!("/runs/{run_id}")).await?,
+        Command::Health => client.get("/health").await?,
         Command::Runs {
             kind,
             status,
