@@ -4,8 +4,11 @@
 //! - [`config`]: every environment variable, read once, typed.
 //! - [`ids`]: `RunId`, `WorkerId`, `FenceToken`.
 //! - [`store`]: the durable record of runs, stages, checkpoints, steps, leases and events, and
-//!   the queue workers claim from ([`store::sqlite`] is the embedded backend).
+//!   the queue workers claim from ([`store::sqlite`] embedded, [`store::redis`] to scale out).
 //! - [`workflows`]: the catalogue of workflows and their stages ([`workflows::demo`]).
+//! - [`studio`]: the video-production agents and workflows, mock providers, ffmpeg media.
+//! - [`awo`]: agent work orders: git sandboxes, the coding-agent CLI, pull requests.
+//! - [`status`]: the run status document (and `metadata.json`).
 //! - [`engine`]: executes one claimed run stage by stage: leases, retries, checkpoints, cancel.
 //! - [`queue`]: delivers runs to apalis workers and sweeps expired leases.
 //! - [`http`]: the axum API, its errors and its OpenAPI document.
