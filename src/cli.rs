@@ -112,6 +112,11 @@ pub enum Command {
     },
     /// Re-queue a failed run from its first unfinished stage (directly in the store).
     Retry { run_id: String },
+    /// Live providers: which are configured, and whether they answer.
+    Providers {
+        #[command(subcommand)]
+        what: Providers,
+    },
     /// Re-queue a finished run from a stage.
     Resume {
         run_id: String,
@@ -119,6 +124,12 @@ pub enum Command {
         #[arg(long, default_value = "auto")]
         from_stage: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Providers {
+    /// Report each live provider: key set or not, and whether its API answers with that key.
+    Check,
 }
 
 #[derive(Debug, Subcommand)]
@@ -193,6 +204,15 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Retry { run_id } => {
             let store = open_store(&config).await?;
             crate::ops::retry(store.as_ref(), &run_id).await
+        }
+        Command::Providers {
+            what: Providers::Check,
+        } => {
+            let report = crate::studio::live::check(&config.studio.live).await;
+            for line in &report {
+                println!("{line}");
+            }
+            Ok(())
         }
         client_command => {
             let client = Client::new(

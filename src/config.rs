@@ -33,6 +33,9 @@
 //! | `FFMPEG_PATH`, `FFPROBE_PATH` | `ffmpeg`, `ffprobe` | the media tools of the mock providers and the editor |
 //! | `MEDIA_TIMEOUT_SECS` | `300` | longest one ffmpeg or ffprobe call may take |
 //! | `MOCK_PROVIDER_LATENCY_MS` | `0` | how long each mock provider call waits, to rehearse live timing |
+//! | `ANTHROPIC_BASE_URL`, `ANTHROPIC_MODEL` | `https://api.anthropic.com`, `claude-sonnet-4-5` | the live text provider of the studio agents |
+//! | `PROVIDER_TIMEOUT_SECS`, `PROVIDER_MAX_RETRIES` | `120`, `4` | per live provider request; retries of 429 and 5xx answers |
+//! | `PRICE_TEXT_INPUT_PER_MTOK`, `PRICE_TEXT_OUTPUT_PER_MTOK` | `3.0`, `15.0` | dollars per million input and output tokens of the text model |
 //! | `AWO_DATA_DIR` | `./data/agent-work-orders` | work orders' sandboxes (`repositories/`), agent output (`outputs/`) and logs (`logs/`) |
 //! | `AWO_ALLOWED_URL_SCHEMES` | `https` | comma-separated schemes a work order's repository URL may use (`https`, `ssh`, `git`, `file`) |
 //! | `CLAUDE_CLI_PATH`, `GH_CLI_PATH`, `GIT_PATH` | `claude`, `gh`, `git` | the coding-agent CLI, the GitHub CLI and git |
@@ -167,6 +170,35 @@ pub struct StudioSettings {
     pub media_timeout: Duration,
     /// Added to every mock provider call.
     pub mock_latency: Duration,
+    /// The live providers.
+    pub live: LiveSettings,
+}
+
+/// Live provider endpoints, keys, limits and prices.
+#[derive(Debug, Clone)]
+pub struct LiveSettings {
+    pub anthropic_key: Option<SecretString>,
+    pub anthropic_base_url: String,
+    pub anthropic_model: String,
+    pub timeout: Duration,
+    pub max_retries: u32,
+    /// Dollars per million tokens.
+    pub text_input_price: f64,
+    pub text_output_price: f64,
+}
+
+impl Default for LiveSettings {
+    fn default() -> Self {
+        Self {
+            anthropic_key: None,
+            anthropic_base_url: "https://api.anthropic.com".to_owned(),
+            anthropic_model: "claude-sonnet-4-5".to_owned(),
+            timeout: Duration::from_secs(120),
+            max_retries: 4,
+            text_input_price: 3.0,
+            text_output_price: 15.0,
+        }
+    }
 }
 
 impl Default for StudioSettings {
@@ -176,6 +208,7 @@ impl Default for StudioSettings {
             ffprobe: PathBuf::from("ffprobe"),
             media_timeout: Duration::from_secs(300),
             mock_latency: Duration::ZERO,
+            live: LiveSettings::default(),
         }
     }
 }
@@ -361,6 +394,21 @@ impl Config {
                 .unwrap_or_else(|| PathBuf::from("ffprobe")),
             media_timeout: Duration::from_secs(vars.parse_positive("MEDIA_TIMEOUT_SECS", 300)?),
             mock_latency: Duration::from_millis(vars.parse("MOCK_PROVIDER_LATENCY_MS", 0u64)?),
+            live: LiveSettings {
+                anthropic_key: vars.string("ANTHROPIC_API_KEY").map(SecretString::from),
+                anthropic_base_url: vars
+                    .string("ANTHROPIC_BASE_URL")
+                    .unwrap_or_else(|| "https://api.anthropic.com".to_owned())
+                    .trim_end_matches('/')
+                    .to_owned(),
+                anthropic_model: vars
+                    .string("ANTHROPIC_MODEL")
+                    .unwrap_or_else(|| "claude-sonnet-4-5".to_owned()),
+                timeout: Duration::from_secs(vars.parse_positive("PROVIDER_TIMEOUT_SECS", 120)?),
+                max_retries: vars.parse("PROVIDER_MAX_RETRIES", 4u32)?,
+                text_input_price: vars.parse("PRICE_TEXT_INPUT_PER_MTOK", 3.0f64)?,
+                text_output_price: vars.parse("PRICE_TEXT_OUTPUT_PER_MTOK", 15.0f64)?,
+            },
         };
         let allowed_schemes: Vec<String> = vars
             .string("AWO_ALLOWED_URL_SCHEMES")

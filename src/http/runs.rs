@@ -140,16 +140,14 @@ pub(super) async fn submit(
         }
     }
     let provider_mode = request.provider_mode.unwrap_or(state.config.provider_mode);
-    if provider_mode == ProviderMode::Live && !workflow.supports_live() {
-        return Err(ApiError::Invalid {
-            code: "live_providers_unavailable",
-            message: format!(
-                "{} {:?} has no live providers in this build; submit with provider_mode \"mock\"",
-                request.kind.as_str(),
-                workflow.name()
-            ),
-            details: Some(serde_json::json!({"field": "provider_mode"})),
-        });
+    if provider_mode == ProviderMode::Live {
+        if let Err((code, message)) = workflow.check_live() {
+            return Err(ApiError::Invalid {
+                code,
+                message,
+                details: Some(serde_json::json!({"field": "provider_mode"})),
+            });
+        }
     }
     let budget_usd = request
         .budget_usd

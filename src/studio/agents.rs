@@ -67,6 +67,8 @@ pub struct AgentEnv {
     pub media: Media,
     /// Added to every mock provider call.
     pub latency: Duration,
+    /// The live providers (used when `mode` is live).
+    pub live: super::live::Http,
 }
 
 impl AgentEnv {
@@ -89,10 +91,8 @@ impl AgentEnv {
         cost_usd: f64,
     ) -> Result<(), StageError> {
         if self.mode == ProviderMode::Live {
-            return Err(StageError::fatal(
-                "live_providers_unavailable",
-                "this build has no live providers for the studio agents; submit with provider_mode \"mock\"",
-            ));
+            // Only local tools run in live mode without a live provider of their own.
+            return Ok(());
         }
         if !self.latency.is_zero() {
             tokio::select! {
@@ -100,17 +100,68 @@ impl AgentEnv {
                 () = self.cancel.cancelled() => return Err(StageError::Cancelled),
             }
         }
+        self.ledger(agent, provider, what, cost_usd, true).await
+    }
+
+    /// Appends one provider call to the run's ledger.
+    async fn ledger(
+        &self,
+        agent: &str,
+        provider: &str,
+        what: &str,
+        cost_usd: f64,
+        simulated: bool,
+    ) -> Result<(), StageError> {
         let line = json!({
             "at": chrono::Utc::now(),
             "agent": agent,
             "provider": provider,
             "call": what,
             "cost_usd": cost_usd,
-            "simulated": true,
+            "simulated": simulated,
         });
         self.artifacts
             .append_line(&self.run_path("provider_calls.jsonl"), &line.to_string())
             .await?;
+        Ok(())
+    }
+
+    /// In live mode: the text model's answer for `agent` (checked against its output schema,
+    /// repaired once), recorded in the ledger with its real cost.
+    async fn live_text<T: serde::de::DeserializeOwned>(
+        &self,
+        agent: &str,
+        what: &str,
+        input: &impl Serialize,
+        check: impl Fn(&T) -> Result<(), String>,
+    ) -> Result<(T, f64), StageError> {
+        let document = schema(agent).unwrap_or(Value::Null);
+        let schema = json!({"schema": document["outputs"], "definitions": document["components"]["schemas"]});
+        let input = serde_json::to_value(input).unwrap_or(Value::Null);
+        let (value, usage, calls) = self
+            .live
+            .json::<T>(agent, &schema, &input, check, &self.cancel)
+            .await?;
+        let cost = self.live.text_cost(usage);
+        let model = format!("anthropic/{}", self.live.settings().anthropic_model);
+        let what = if calls > 1 {
+            format!("{what} (repaired)")
+        } else {
+            what.to_owned()
+        };
+        self.ledger(agent, &model, &what, cost, false).await?;
+        Ok((value, cost))
+    }
+
+    fn media_unavailable(&self, what: &str) -> Result<(), StageError> {
+        if self.mode == ProviderMode::Live {
+            return Err(StageError::fatal(
+                "live_providers_unavailable",
+                format!(
+                    "this build has no live {what} provider; submit with provider_mode \"mock\""
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -247,6 +298,26 @@ pub async fn producer(
     env: AgentEnv,
     input: ProducerInput,
 ) -> Result<StepDone<ProducerOutput>, StageError> {
+    if env.mode == ProviderMode::Live {
+        let wanted = input.num_pilots.unwrap_or(2) as usize;
+        let (output, cost) = env
+            .live_text::<ProducerOutput>("producer", "plan pilots", &input, |out| {
+                if out.pilots.len() == wanted {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "expected {wanted} pilots, got {}",
+                        out.pilots.len()
+                    ))
+                }
+            })
+            .await?;
+        return Ok(StepDone {
+            output,
+            cost_usd: cost,
+            artifacts: Vec::new(),
+        });
+    }
     let seed = seed_of(&[
         "producer",
         &serde_json::to_string(&input).unwrap_or_default(),
@@ -354,6 +425,24 @@ pub async fn script_writer(
     env: AgentEnv,
     input: ScriptWriterInput,
 ) -> Result<StepDone<ScriptWriterOutput>, StageError> {
+    if env.mode == ProviderMode::Live {
+        let wanted = script_numbers(&input);
+        let (output, cost) = env
+            .live_text::<ScriptWriterOutput>("script_writer", "write scenes", &input, |out| {
+                let numbers: Vec<u32> = out.scenes.iter().map(|s| s.scene_number).collect();
+                if numbers == wanted {
+                    Ok(())
+                } else {
+                    Err(format!("expected scenes {wanted:?}, got {numbers:?}"))
+                }
+            })
+            .await?;
+        return Ok(StepDone {
+            output,
+            cost_usd: cost,
+            artifacts: Vec::new(),
+        });
+    }
     let seed = seed_of(&[
         "script_writer",
         &input.video_concept,
@@ -439,6 +528,7 @@ pub async fn video_generator(
     env: AgentEnv,
     input: VideoGeneratorInput,
 ) -> Result<StepDone<VideoClip>, StageError> {
+    env.media_unavailable("video")?;
     let scene = &input.scene;
     let version = input.version.unwrap_or(1);
     let cost = video_cost(&input);
@@ -522,6 +612,7 @@ pub async fn audio_generator(
     env: AgentEnv,
     input: AudioGeneratorInput,
 ) -> Result<StepDone<AudioTrack>, StageError> {
+    env.media_unavailable("speech or music")?;
     let kind = input.kind.unwrap_or(AudioKind::Voiceover);
     let cost = audio_cost(&input);
     let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
@@ -700,6 +791,34 @@ pub async fn critic(
     input: CriticInput,
 ) -> Result<StepDone<CriticOutput>, StageError> {
     let threshold = input.approval_threshold.unwrap_or(0.6);
+    if env.mode == ProviderMode::Live {
+        let pilots: Vec<String> = input
+            .pilots
+            .iter()
+            .map(|p| p.strategy.pilot_id.clone())
+            .collect();
+        let (output, cost) = env
+            .live_text::<CriticOutput>("critic", "evaluate pilots", &input, |out| {
+                let judged: Vec<&str> = out
+                    .evaluations
+                    .iter()
+                    .map(|e| e.pilot_id.as_str())
+                    .collect();
+                if judged.len() == pilots.len()
+                    && pilots.iter().all(|p| judged.contains(&p.as_str()))
+                {
+                    Ok(())
+                } else {
+                    Err(format!("expected an evaluation of each of {pilots:?}"))
+                }
+            })
+            .await?;
+        return Ok(StepDone {
+            output,
+            cost_usd: cost,
+            artifacts: Vec::new(),
+        });
+    }
     let cost = critic_cost(&input);
     env.provider_call("critic", pricing::TEXT_MODEL, "evaluate pilots", cost)
         .await?;

@@ -10,6 +10,7 @@
 //! against the run's remaining budget before it starts.
 
 pub mod agents;
+pub mod live;
 pub mod media;
 pub mod model;
 pub mod workflows;
@@ -23,6 +24,7 @@ use crate::{config::StudioSettings, engine::StageContext, workflows::Catalog};
 pub struct Studio {
     pub settings: StudioSettings,
     pub media: media::Media,
+    pub live: live::Http,
 }
 
 impl Studio {
@@ -30,6 +32,7 @@ impl Studio {
         Self {
             settings: settings.clone(),
             media: media::Media::new(settings),
+            live: live::Http::new(&settings.live),
         }
     }
 
@@ -42,6 +45,7 @@ impl Studio {
             cancel: ctx.cancel.clone(),
             media: self.media.clone(),
             latency: self.settings.mock_latency,
+            live: self.live.clone(),
         }
     }
 }

@@ -678,6 +678,7 @@ impl Stage for AgentStage {
 
 /// A studio workflow: named stages over shared inputs.
 pub struct StudioWorkflow {
+    studio: Arc<Studio>,
     kind: RunKind,
     name: &'static str,
     description: &'static str,
@@ -696,6 +697,7 @@ enum InputsKind {
 impl StudioWorkflow {
     pub fn full_production(studio: &Arc<Studio>) -> Self {
         Self {
+            studio: studio.clone(),
             kind: RunKind::Workflow,
             name: "full_production",
             description: "Plans pilots, produces and evaluates their test scenes, completes the approved pilot with voiceover and music, and renders the final cut.",
@@ -713,6 +715,7 @@ impl StudioWorkflow {
 
     pub fn pilot_only(studio: &Arc<Studio>) -> Self {
         Self {
+            studio: studio.clone(),
             kind: RunKind::Workflow,
             name: "pilot_only",
             description: "Plans pilots, produces their test scenes and has the critic evaluate them.",
@@ -728,6 +731,7 @@ impl StudioWorkflow {
 
     pub fn audio_only(studio: &Arc<Studio>) -> Self {
         Self {
+            studio: studio.clone(),
             kind: RunKind::Workflow,
             name: "audio_only",
             description: "Generates a voiceover and music for the scenes of an existing run (source_run_id).",
@@ -739,6 +743,7 @@ impl StudioWorkflow {
 
     pub fn agent(studio: &Arc<Studio>, agent: AgentSpec) -> Self {
         Self {
+            studio: studio.clone(),
             kind: RunKind::Agent,
             name: agent.name,
             description: agent.description,
@@ -801,8 +806,31 @@ impl Workflow for StudioWorkflow {
         self.kind == RunKind::Workflow
     }
 
-    fn supports_live(&self) -> bool {
-        false
+    fn check_live(&self) -> Result<(), (&'static str, String)> {
+        let (text, media) = match self.inputs {
+            InputsKind::Agent("producer" | "script_writer" | "critic") => (true, false),
+            InputsKind::Agent("qa_verifier" | "editor") => (false, false),
+            _ => (true, true),
+        };
+        if media {
+            return Err((
+                "live_providers_unavailable",
+                format!(
+                    "{} needs live video and speech providers, which this build does not have yet; submit with provider_mode \"mock\"",
+                    self.name
+                ),
+            ));
+        }
+        if text && self.studio.settings.live.anthropic_key.is_none() {
+            return Err((
+                "missing_key",
+                format!(
+                    "{} in live mode needs ANTHROPIC_API_KEY; set it and restart the workers and API",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn default_budget(&self, inputs: &Value) -> Option<f64> {

@@ -76,10 +76,11 @@ pub trait Workflow: Send + Sync {
         false
     }
 
-    /// Whether runs may use live providers (`provider_mode: live`); refused at submission
-    /// otherwise.
-    fn supports_live(&self) -> bool {
-        true
+    /// Whether runs may use live providers (`provider_mode: live`) in this deployment: a
+    /// missing key or provider is refused at submission, with an error code and a message
+    /// naming what to set.
+    fn check_live(&self) -> Result<(), (&'static str, String)> {
+        Ok(())
     }
 
     /// The budget a run gets when its submission names none.

@@ -1,0 +1,318 @@
+//! Live providers: real HTTP APIs behind the same agents, steps and budgets as the mock ones.
+//!
+//! Invariant: every live request goes through [`Http::send`]: a timeout per request, 429 and 5xx
+//! retried after `retry-after` (or a growing backoff) up to `PROVIDER_MAX_RETRIES`, other 4xx
+//! answers permanent (`StageError::Fatal`), and a key never appears in an error, log or ledger.
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::{config::LiveSettings, engine::StageError};
+
+/// What a text call used, for its cost.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// The HTTP side shared by live providers.
+#[derive(Debug, Clone)]
+pub struct Http {
+    client: reqwest::Client,
+    settings: LiveSettings,
+}
+
+/// How long to wait before retrying an answer: its `retry-after` (seconds or an HTTP date),
+/// else a doubling backoff; never more than a minute.
+fn retry_delay(response: &reqwest::Response, attempt: u32) -> Duration {
+    let header = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok());
+    let from_header = header.and_then(|v| {
+        v.trim()
+            .parse::<f64>()
+            .ok()
+            .map(Duration::from_secs_f64)
+            .or_else(|| {
+                chrono::DateTime::parse_from_rfc2822(v.trim())
+                    .ok()
+                    .map(|at| {
+                        (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                            .to_std()
+                            .unwrap_or_default()
+                    })
+            })
+    });
+    from_header
+        .unwrap_or_else(|| Duration::from_millis(250 * 2u64.pow(attempt.min(8))))
+        .min(Duration::from_secs(60))
+}
+
+impl Http {
+    pub fn new(settings: &LiveSettings) -> Self {
+        Self {
+            client: reqwest::Client::builder()
+                .timeout(settings.timeout)
+                .build()
+                .unwrap_or_default(),
+            settings: settings.clone(),
+        }
+    }
+
+    pub fn settings(&self) -> &LiveSettings {
+        &self.settings
+    }
+
+    /// Sends a request built by `build` (again for each retry) and answers a 2xx response.
+    pub async fn send(
+        &self,
+        provider: &str,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+        cancel: &CancellationToken,
+    ) -> Result<reqwest::Response, StageError> {
+        let mut last = String::new();
+        for attempt in 0..=self.settings.max_retries {
+            let sent = tokio::select! {
+                sent = build(&self.client).send() => sent,
+                () = cancel.cancelled() => return Err(StageError::Cancelled),
+            };
+            let delay = match sent {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response)
+                    if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS
+                        || response.status().is_server_error() =>
+                {
+                    let delay = retry_delay(&response, attempt);
+                    last = format!("{} answered {}", provider, response.status());
+                    delay
+                }
+                Ok(response) => {
+                    let status = response.status();
+                    let body: String = response
+                        .text()
+                        .await
+                        .unwrap_or_default()
+                        .chars()
+                        .take(500)
+                        .collect();
+                    return Err(StageError::fatal(
+                        "provider_rejected",
+                        format!(
+                            "{provider} refused the request ({status}): {}",
+                            self.scrub(&body)
+                        ),
+                    ));
+                }
+                Err(error) if error.is_timeout() || error.is_connect() || error.is_request() => {
+                    last = format!("{provider}: {}", self.scrub(&error.to_string()));
+                    Duration::from_millis(250 * 2u64.pow(attempt.min(8)))
+                }
+                Err(error) => {
+                    return Err(StageError::retryable(format!(
+                        "{provider}: {}",
+                        self.scrub(&error.to_string())
+                    )));
+                }
+            };
+            if attempt == self.settings.max_retries {
+                break;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = cancel.cancelled() => return Err(StageError::Cancelled),
+            }
+        }
+        Err(StageError::retryable(format!(
+            "{last} after {} attempts",
+            self.settings.max_retries + 1
+        )))
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        match &self.settings.anthropic_key {
+            Some(key) if !key.expose_secret().is_empty() => {
+                text.replace(key.expose_secret(), "***")
+            }
+            _ => text.to_owned(),
+        }
+    }
+
+    /// One Anthropic Messages API call: the answer's text and its usage.
+    async fn message(
+        &self,
+        system: &str,
+        messages: &[Value],
+        cancel: &CancellationToken,
+    ) -> Result<(String, Usage), StageError> {
+        let key = self.settings.anthropic_key.as_ref().ok_or_else(|| {
+            StageError::fatal(
+                "missing_key",
+                "ANTHROPIC_API_KEY is not set; the live text provider needs it",
+            )
+        })?;
+        let url = format!("{}/v1/messages", self.settings.anthropic_base_url);
+        let body = json!({
+            "model": self.settings.anthropic_model,
+            "max_tokens": 4096,
+            "system": system,
+            "messages": messages,
+        });
+        let response = self
+            .send(
+                "anthropic",
+                |client| {
+                    client
+                        .post(&url)
+                        .header("x-api-key", key.expose_secret())
+                        .header("anthropic-version", "2023-06-01")
+                        .json(&body)
+                },
+                cancel,
+            )
+            .await?;
+        let answer: Value = response
+            .json()
+            .await
+            .map_err(|e| StageError::retryable(format!("anthropic answered no JSON: {e}")))?;
+        let text = answer["content"]
+            .as_array()
+            .map(|parts| {
+                parts
+                    .iter()
+                    .filter(|p| p["type"] == "text")
+                    .filter_map(|p| p["text"].as_str())
+                    .collect::<Vec<_>>()
+                    .join("")
+            })
+            .unwrap_or_default();
+        let usage = Usage {
+            input_tokens: answer["usage"]["input_tokens"].as_u64().unwrap_or(0),
+            output_tokens: answer["usage"]["output_tokens"].as_u64().unwrap_or(0),
+        };
+        Ok((text, usage))
+    }
+
+    /// The dollars a text call cost, from its usage and the configured prices.
+    pub fn text_cost(&self, usage: Usage) -> f64 {
+        let cost = usage.input_tokens as f64 * self.settings.text_input_price / 1e6
+            + usage.output_tokens as f64 * self.settings.text_output_price / 1e6;
+        (cost * 1e6).round() / 1e6
+    }
+
+    /// Asks the text model for a JSON object of type `T` (described by `schema`), checks it, and
+    /// asks once more with the error when it does not fit. Answers the value, the usage of every
+    /// call made, and how many calls that was.
+    pub async fn json<T: DeserializeOwned>(
+        &self,
+        agent: &str,
+        schema: &Value,
+        input: &Value,
+        check: impl Fn(&T) -> Result<(), String>,
+        cancel: &CancellationToken,
+    ) -> Result<(T, Usage, u32), StageError> {
+        let system = format!(
+            "You are the {agent} agent of a video production studio. Answer with exactly one JSON object that matches this JSON Schema, and nothing else:\n{schema}"
+        );
+        let mut messages = vec![json!({"role": "user", "content": format!("Input:\n{input}")})];
+        let mut total = Usage {
+            input_tokens: 0,
+            output_tokens: 0,
+        };
+        for call in 1..=2u32 {
+            let (text, usage) = self.message(&system, &messages, cancel).await?;
+            total.input_tokens += usage.input_tokens;
+            total.output_tokens += usage.output_tokens;
+            let parsed = extract_json(&text)
+                .ok_or_else(|| "the answer holds no JSON object".to_owned())
+                .and_then(|json| serde_json::from_str::<T>(json).map_err(|e| e.to_string()))
+                .and_then(|value| check(&value).map(|()| value));
+            match parsed {
+                Ok(value) => return Ok((value, total, call)),
+                Err(problem) if call == 1 => {
+                    messages.push(json!({"role": "assistant", "content": text}));
+                    messages.push(json!({"role": "user", "content": format!(
+                        "That answer does not fit the schema: {problem}. Answer again with only the corrected JSON object."
+                    )}));
+                }
+                Err(problem) => {
+                    return Err(StageError::fatal(
+                        "invalid_model_output",
+                        format!(
+                            "the {agent} model's answer did not fit its schema after one repair: {problem}"
+                        ),
+                    ));
+                }
+            }
+        }
+        Err(StageError::fatal(
+            "invalid_model_output",
+            format!("{agent}: no answer"),
+        ))
+    }
+}
+
+/// One line per live provider: configured or not, reachable or not (with the key, without
+/// ever printing it). Video and speech providers are listed as not in this build.
+pub async fn check(settings: &LiveSettings) -> Vec<String> {
+    let mut lines = Vec::new();
+    match &settings.anthropic_key {
+        None => lines.push(format!(
+            "anthropic (text, {}): not configured (set ANTHROPIC_API_KEY)",
+            settings.anthropic_base_url
+        )),
+        Some(key) => {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default();
+            let answer = client
+                .get(format!("{}/v1/models", settings.anthropic_base_url))
+                .header("x-api-key", key.expose_secret())
+                .header("anthropic-version", "2023-06-01")
+                .send()
+                .await;
+            let state = match answer {
+                Ok(r) if r.status().is_success() => "configured, reachable".to_owned(),
+                Ok(r) if r.status().as_u16() == 401 || r.status().as_u16() == 403 => {
+                    format!("configured, but the key was refused ({})", r.status())
+                }
+                Ok(r) => format!("configured, answered {}", r.status()),
+                Err(e) => format!("configured, unreachable: {}", e.without_url()),
+            };
+            lines.push(format!(
+                "anthropic (text, {}): {state}",
+                settings.anthropic_base_url
+            ));
+        }
+    }
+    lines.push("runway (video): not in this build".to_owned());
+    lines.push("elevenlabs / openai (speech): not in this build".to_owned());
+    lines
+}
+
+/// The JSON object in a model's answer (which may wrap it in prose or a code fence).
+fn extract_json(text: &str) -> Option<&str> {
+    let start = text.find('{')?;
+    let end = text.rfind('}')?;
+    (end > start).then(|| &text[start..=end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_is_found_inside_prose_and_fences() {
+        assert_eq!(
+            extract_json("Sure!\n```json\n{\"a\": 1}\n```"),
+            Some("{\"a\": 1}")
+        );
+        assert_eq!(extract_json("no json"), None);
+    }
+}

@@ -1,0 +1,282 @@
+//! Live text providers against a local wiremock server that speaks the Anthropic Messages API:
+//! retries on 429 and 5xx, permanent 4xx, schema repair, real costs, keys kept secret.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use wiremock::{
+    Mock, MockServer, ResponseTemplate,
+    matchers::{header, method, path},
+};
+
+use crate::support::{Backend, TestApp};
+
+const KEY: &str = "sk-ant-STAGECRAFTTESTKEY42";
+
+fn pilot(id: &str, version: u32) -> Value {
+    json!({"pilot_id": id, "version": version, "concept": "A calm take", "tone": "calm",
+           "visual_style": "soft light", "target_duration_secs": 60, "num_scenes": 6, "test_scenes": 2,
+           "budget_usd": 75.0, "rationale": "Tests the calm version."})
+}
+
+/// An Anthropic Messages answer whose text is `text`, with the given token usage.
+fn message(text: &str, input_tokens: u64, output_tokens: u64) -> ResponseTemplate {
+    ResponseTemplate::new(200).set_body_json(json!({
+        "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+        "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    }))
+}
+
+fn valid_plan() -> String {
+    json!({"pilots": [pilot("pilot_a", 1), pilot("pilot_b", 2)], "total_budget": 150.0}).to_string()
+}
+
+fn anthropic() -> wiremock::MockBuilder {
+    Mock::given(method("POST"))
+        .and(path("/v1/messages"))
+        .and(header("x-api-key", KEY))
+        .and(header("anthropic-version", "2023-06-01"))
+}
+
+async fn app_against(server: &MockServer) -> TestApp {
+    let mut app = TestApp::new(Backend::Sqlite)
+        .with_env("ANTHROPIC_API_KEY", KEY)
+        .with_env("ANTHROPIC_BASE_URL", &server.uri())
+        .with_env("PROVIDER_MAX_RETRIES", "3")
+        .with_api();
+    app.start_worker();
+    app
+}
+
+async fn run_producer(app: &TestApp) -> Value {
+    let (status, body) = app
+        .post(
+            "/agents/producer/run",
+            &json!({"inputs": {"user_request": "A developer video", "total_budget": 150.0}, "provider_mode": "live"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn ledger(app: &TestApp, id: &str) -> Vec<Value> {
+    std::fs::read_to_string(
+        app.dir
+            .path()
+            .join(format!("artifacts/runs/{id}/provider_calls.jsonl")),
+    )
+    .unwrap_or_default()
+    .lines()
+    .map(|l| serde_json::from_str(l).expect("ledger line"))
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_with_retry_after_then_success_costs_what_the_usage_says() {
+    let server = MockServer::start().await;
+    anthropic()
+        .respond_with(ResponseTemplate::new(429).insert_header("retry-after", "1"))
+        .up_to_n_times(1)
+        .expect(1)
+        .mount(&server)
+        .await;
+    anthropic()
+        .respond_with(message(&valid_plan(), 1200, 800))
+        .expect(1)
+        .mount(&server)
+        .await;
+    let app = app_against(&server).await;
+    let started = std::time::Instant::now();
+    let body = run_producer(&app).await;
+    assert_eq!(body["status"], "completed", "{body}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "the retry-after was honoured"
+    );
+    assert_eq!(body["result"]["pilots"][1]["pilot_id"], "pilot_b");
+    // 1,200 input tokens at $3/M and 800 output tokens at $15/M.
+    let expected = 1200.0 * 3.0 / 1e6 + 800.0 * 15.0 / 1e6;
+    assert!(
+        (body["cost_usd"].as_f64().expect("cost") - expected).abs() < 1e-9,
+        "{body}"
+    );
+    let id = body["run_id"].as_str().expect("id");
+    let calls = ledger(&app, id);
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["simulated"], false);
+    let (_, run) = app.get(&format!("/runs/{id}")).await;
+    assert_eq!(run["cost_simulated"], false);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_500s_then_success_completes_and_a_400_fails_at_once() {
+    let server = MockServer::start().await;
+    anthropic()
+        .respond_with(ResponseTemplate::new(500))
+        .up_to_n_times(2)
+        .expect(2)
+        .mount(&server)
+        .await;
+    anthropic()
+        .respond_with(message(&valid_plan(), 100, 100))
+        .mount(&server)
+        .await;
+    let app = app_against(&server).await;
+    assert_eq!(run_producer(&app).await["status"], "completed");
+
+    let server = MockServer::start().await;
+    anthropic()
+        .respond_with(
+            ResponseTemplate::new(400).set_body_json(json!({"type": "error",
+            "error": {"type": "invalid_request_error", "message": "max_tokens: too large"}})),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let app = app_against(&server).await;
+    let body = run_producer(&app).await;
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["error"]["code"], "provider_rejected");
+    let (_, run) = app
+        .get(&format!("/runs/{}", body["run_id"].as_str().expect("id")))
+        .await;
+    assert_eq!(
+        run["stages"][0]["attempts"], 1,
+        "a permanent error is not retried"
+    );
+    assert!(!run.to_string().contains(KEY));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_model_json_is_repaired_once_then_fails_cleanly() {
+    let server = MockServer::start().await;
+    anthropic()
+        .respond_with(message("Here you go: {\"pilots\": \"oops\"}", 50, 50))
+        .up_to_n_times(1)
+        .mount(&server)
+        .await;
+    anthropic()
+        .respond_with(message(&valid_plan(), 50, 50))
+        .mount(&server)
+        .await;
+    let app = app_against(&server).await;
+    let body = run_producer(&app).await;
+    assert_eq!(body["status"], "completed", "{body}");
+    let calls = ledger(&app, body["run_id"].as_str().expect("id"));
+    assert!(
+        calls[0]["call"]
+            .as_str()
+            .is_some_and(|c| c.contains("repaired")),
+        "{calls:?}"
+    );
+    assert_eq!(server.received_requests().await.map(|r| r.len()), Some(2));
+
+    let server = MockServer::start().await;
+    anthropic()
+        .respond_with(message("not json at all", 50, 50))
+        .expect(2)
+        .mount(&server)
+        .await;
+    let app = app_against(&server).await;
+    let body = run_producer(&app).await;
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["error"]["code"], "invalid_model_output");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_runs_without_a_key_or_a_provider_are_refused_at_submission_and_keys_stay_secret() {
+    let app = TestApp::new(Backend::Sqlite).with_api();
+    let (status, refused) = app
+        .post(
+            "/agents/producer/run",
+            &json!({"inputs": {"user_request": "x", "total_budget": 1.0}, "provider_mode": "live"}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["code"], "missing_key");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ANTHROPIC_API_KEY"))
+    );
+    let (status, refused) = app
+        .post(
+            "/workflows/full_production/run",
+            &json!({"inputs": {"user_request": "x", "total_budget": 1.0}, "provider_mode": "live", "async": true}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["code"], "live_providers_unavailable");
+    let (_, runs) = app.get("/runs").await;
+    assert_eq!(runs["total"], 0, "nothing was stored");
+
+    let server = MockServer::start().await;
+    anthropic()
+        .respond_with(message(&valid_plan(), 10, 10))
+        .mount(&server)
+        .await;
+    let app = app_against(&server).await;
+    let body = run_producer(&app).await;
+    assert_eq!(body["status"], "completed");
+    let id = body["run_id"].as_str().expect("id");
+    let everything = [
+        std::fs::read_to_string(
+            app.dir
+                .path()
+                .join(format!("artifacts/runs/{id}/provider_calls.jsonl")),
+        )
+        .unwrap_or_default(),
+        app.events(id)
+            .await
+            .iter()
+            .map(Value::to_string)
+            .collect::<String>(),
+        app.api.as_ref().map(|p| p.log_text()).unwrap_or_default(),
+        app.workers[0].log_text(),
+        body.to_string(),
+    ]
+    .concat();
+    assert!(!everything.contains(KEY), "the key leaked");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_check_reports_what_is_configured_and_reachable() {
+    let server = MockServer::start().await;
+    Mock::given(method("GET"))
+        .and(path("/v1/models"))
+        .and(header("x-api-key", KEY))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"data": []})))
+        .mount(&server)
+        .await;
+    let check = |key: Option<&str>| {
+        let mut command = std::process::Command::new(crate::support::BIN);
+        command
+            .args(["providers", "check"])
+            .env("ANTHROPIC_BASE_URL", server.uri())
+            .env_remove("ANTHROPIC_API_KEY")
+            .current_dir(std::env::temp_dir());
+        if let Some(key) = key {
+            command.env("ANTHROPIC_API_KEY", key);
+        }
+        let output = command.output().expect("providers check");
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let report = check(Some(KEY));
+    assert!(
+        report.contains("anthropic (text") && report.contains("configured, reachable"),
+        "{report}"
+    );
+    assert!(!report.contains(KEY));
+    let report = check(Some("sk-ant-wrong"));
+    assert!(
+        report.contains("configured, answered 404") || report.contains("refused"),
+        "{report}"
+    );
+    let report = check(None);
+    assert!(
+        report.contains("not configured (set ANTHROPIC_API_KEY)"),
+        "{report}"
+    );
+}
