@@ -36,6 +36,8 @@
 //! | `ANTHROPIC_BASE_URL`, `ANTHROPIC_MODEL` | `https://api.anthropic.com`, `claude-sonnet-4-5` | the live text provider of the studio agents |
 //! | `PROVIDER_TIMEOUT_SECS`, `PROVIDER_MAX_RETRIES` | `120`, `4` | per live provider request; retries of 429 and 5xx answers |
 //! | `PRICE_TEXT_INPUT_PER_MTOK`, `PRICE_TEXT_OUTPUT_PER_MTOK` | `3.0`, `15.0` | dollars per million input and output tokens of the text model |
+//! | `RUNWAY_API_KEY`, `RUNWAY_BASE_URL`, `RUNWAY_MODEL` | unset, `https://api.dev.runwayml.com`, `gen4_turbo` | the live video provider |
+//! | `PRICE_VIDEO_PER_SECOND`, `VIDEO_POLL_INTERVAL_MS` | `0.05`, `5000` | dollars per second of generated video; how often a video task is polled |
 //! | `AWO_DATA_DIR` | `./data/agent-work-orders` | work orders' sandboxes (`repositories/`), agent output (`outputs/`) and logs (`logs/`) |
 //! | `AWO_ALLOWED_URL_SCHEMES` | `https` | comma-separated schemes a work order's repository URL may use (`https`, `ssh`, `git`, `file`) |
 //! | `CLAUDE_CLI_PATH`, `GH_CLI_PATH`, `GIT_PATH` | `claude`, `gh`, `git` | the coding-agent CLI, the GitHub CLI and git |
@@ -185,6 +187,12 @@ pub struct LiveSettings {
     /// Dollars per million tokens.
     pub text_input_price: f64,
     pub text_output_price: f64,
+    pub runway_key: Option<SecretString>,
+    pub runway_base_url: String,
+    pub runway_model: String,
+    /// Dollars per second of generated video.
+    pub video_price: f64,
+    pub video_poll_interval: Duration,
 }
 
 impl Default for LiveSettings {
@@ -197,6 +205,11 @@ impl Default for LiveSettings {
             max_retries: 4,
             text_input_price: 3.0,
             text_output_price: 15.0,
+            runway_key: None,
+            runway_base_url: "https://api.dev.runwayml.com".to_owned(),
+            runway_model: "gen4_turbo".to_owned(),
+            video_price: 0.05,
+            video_poll_interval: Duration::from_secs(5),
         }
     }
 }
@@ -408,6 +421,19 @@ impl Config {
                 max_retries: vars.parse("PROVIDER_MAX_RETRIES", 4u32)?,
                 text_input_price: vars.parse("PRICE_TEXT_INPUT_PER_MTOK", 3.0f64)?,
                 text_output_price: vars.parse("PRICE_TEXT_OUTPUT_PER_MTOK", 15.0f64)?,
+                runway_key: vars.string("RUNWAY_API_KEY").map(SecretString::from),
+                runway_base_url: vars
+                    .string("RUNWAY_BASE_URL")
+                    .unwrap_or_else(|| "https://api.dev.runwayml.com".to_owned())
+                    .trim_end_matches('/')
+                    .to_owned(),
+                runway_model: vars
+                    .string("RUNWAY_MODEL")
+                    .unwrap_or_else(|| "gen4_turbo".to_owned()),
+                video_price: vars.parse("PRICE_VIDEO_PER_SECOND", 0.05f64)?,
+                video_poll_interval: Duration::from_millis(
+                    vars.parse_positive("VIDEO_POLL_INTERVAL_MS", 5000)?,
+                ),
             },
         };
         let allowed_schemes: Vec<String> = vars

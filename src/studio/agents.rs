@@ -528,7 +528,6 @@ pub async fn video_generator(
     env: AgentEnv,
     input: VideoGeneratorInput,
 ) -> Result<StepDone<VideoClip>, StageError> {
-    env.media_unavailable("video")?;
     let scene = &input.scene;
     let version = input.version.unwrap_or(1);
     let cost = video_cost(&input);
@@ -536,6 +535,9 @@ pub async fn video_generator(
         "videos/scene_{}_v{version}.mp4",
         scene.scene_number
     ));
+    if env.mode == ProviderMode::Live {
+        return live_video(&env, &input, &relative).await;
+    }
     env.provider_call(
         "video_generator",
         pricing::VIDEO_MODEL,
@@ -568,6 +570,83 @@ pub async fn video_generator(
         },
         cost_usd: cost,
         artifacts: vec![relative],
+    })
+}
+
+/// A scene video from the live provider. The upstream task's id is written to
+/// `runs/{id}/provider_tasks/` before polling starts, so a retry or a crash while polling polls
+/// the same task again instead of paying for a new one.
+async fn live_video(
+    env: &AgentEnv,
+    input: &VideoGeneratorInput,
+    relative: &str,
+) -> Result<StepDone<VideoClip>, StageError> {
+    let scene = &input.scene;
+    let version = input.version.unwrap_or(1);
+    let cost = pricing::round(scene.duration_secs * env.live.settings().video_price);
+    let model = format!("runway/{}", env.live.settings().runway_model);
+    let task_file = env.run_path(&format!(
+        "provider_tasks/video_scene_{}_v{version}.json",
+        scene.scene_number
+    ));
+    let task_id = match env.artifacts.read_to_string(&task_file).await? {
+        Some(text) => serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|v| v["task_id"].as_str().map(str::to_owned))
+            .ok_or_else(|| {
+                StageError::fatal("corrupt_task_record", format!("{task_file} does not parse"))
+            })?,
+        None => {
+            let idempotency = format!("{}-scene-{}-v{version}", env.run_id, scene.scene_number);
+            let id = env
+                .live
+                .create_video_task(
+                    &scene.visual_prompt,
+                    scene.duration_secs,
+                    &idempotency,
+                    &env.cancel,
+                )
+                .await?;
+            let record =
+                json!({"task_id": id, "provider": model, "created_at": chrono::Utc::now()});
+            env.artifacts
+                .write(&task_file, record.to_string().into_bytes())
+                .await?;
+            env.ledger(
+                "video_generator",
+                &model,
+                &format!("scene {} v{version}", scene.scene_number),
+                cost,
+                false,
+            )
+            .await?;
+            id
+        }
+    };
+    let url = env.live.wait_video_task(&task_id, &env.cancel).await?;
+    env.live
+        .download(&url, &env.absolute(relative)?, &env.cancel)
+        .await?;
+    env.artifacts.index("videos", relative)?;
+    let info = env.probe(relative).await?;
+    if info.video.is_none() {
+        return Err(StageError::fatal(
+            "invalid_media",
+            format!("runway task {task_id} produced a file without a video stream"),
+        ));
+    }
+    Ok(StepDone {
+        output: VideoClip {
+            scene_number: scene.scene_number,
+            version,
+            path: relative.to_owned(),
+            duration_secs: info.duration_secs,
+            provider: model,
+            cost_usd: cost,
+            simulated: false,
+        },
+        cost_usd: cost,
+        artifacts: vec![relative.to_owned()],
     })
 }
 

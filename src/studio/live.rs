@@ -135,12 +135,151 @@ impl Http {
     }
 
     fn scrub(&self, text: &str) -> String {
-        match &self.settings.anthropic_key {
-            Some(key) if !key.expose_secret().is_empty() => {
-                text.replace(key.expose_secret(), "***")
+        let mut out = text.to_owned();
+        for key in [&self.settings.anthropic_key, &self.settings.runway_key]
+            .into_iter()
+            .flatten()
+        {
+            if !key.expose_secret().is_empty() {
+                out = out.replace(key.expose_secret(), "***");
             }
-            _ => text.to_owned(),
         }
+        out
+    }
+
+    fn runway_key(&self) -> Result<&secrecy::SecretString, StageError> {
+        self.settings.runway_key.as_ref().ok_or_else(|| {
+            StageError::fatal(
+                "missing_key",
+                "RUNWAY_API_KEY is not set; the live video provider needs it",
+            )
+        })
+    }
+
+    /// Creates a Runway text-to-video task and answers its id. The request carries an
+    /// idempotency key, so a repeated request after a lost answer does not pay twice.
+    pub async fn create_video_task(
+        &self,
+        prompt: &str,
+        duration_secs: f64,
+        idempotency_key: &str,
+        cancel: &CancellationToken,
+    ) -> Result<String, StageError> {
+        let key = self.runway_key()?;
+        let url = format!("{}/v1/text_to_video", self.settings.runway_base_url);
+        let body = json!({
+            "model": self.settings.runway_model,
+            "promptText": prompt.chars().take(1000).collect::<String>(),
+            "duration": duration_secs.ceil().clamp(1.0, 60.0) as u64,
+            "ratio": "1280:720",
+        });
+        let response = self
+            .send(
+                "runway",
+                |client| {
+                    client
+                        .post(&url)
+                        .bearer_auth(key.expose_secret())
+                        .header("X-Runway-Version", "2024-11-06")
+                        .header("Idempotency-Key", idempotency_key)
+                        .json(&body)
+                },
+                cancel,
+            )
+            .await?;
+        let task: Value = response
+            .json()
+            .await
+            .map_err(|e| StageError::retryable(format!("runway answered no JSON: {e}")))?;
+        task["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| StageError::retryable(format!("runway answered no task id: {task}")))
+    }
+
+    /// Polls a Runway task every `VIDEO_POLL_INTERVAL_MS` until it succeeds (answers its output
+    /// URL) or fails (a permanent error naming Runway's reason).
+    pub async fn wait_video_task(
+        &self,
+        id: &str,
+        cancel: &CancellationToken,
+    ) -> Result<String, StageError> {
+        let key = self.runway_key()?;
+        let url = format!("{}/v1/tasks/{id}", self.settings.runway_base_url);
+        loop {
+            let response = self
+                .send(
+                    "runway",
+                    |client| {
+                        client
+                            .get(&url)
+                            .bearer_auth(key.expose_secret())
+                            .header("X-Runway-Version", "2024-11-06")
+                    },
+                    cancel,
+                )
+                .await?;
+            let task: Value = response
+                .json()
+                .await
+                .map_err(|e| StageError::retryable(format!("runway answered no JSON: {e}")))?;
+            match task["status"].as_str().unwrap_or_default() {
+                "SUCCEEDED" => {
+                    return task["output"][0]
+                        .as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| {
+                            StageError::fatal(
+                                "provider_task_failed",
+                                format!("runway task {id} succeeded without an output"),
+                            )
+                        });
+                }
+                "FAILED" | "CANCELLED" => {
+                    return Err(StageError::fatal(
+                        "provider_task_failed",
+                        format!(
+                            "runway task {id} {}: {} {}",
+                            task["status"].as_str().unwrap_or_default().to_lowercase(),
+                            task["failureCode"].as_str().unwrap_or_default(),
+                            task["failure"].as_str().unwrap_or_default()
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(self.settings.video_poll_interval) => {}
+                () = cancel.cancelled() => return Err(StageError::Cancelled),
+            }
+        }
+    }
+
+    /// Downloads a provider's output into `target` (a temporary name, then a rename).
+    pub async fn download(
+        &self,
+        url: &str,
+        target: &std::path::Path,
+        cancel: &CancellationToken,
+    ) -> Result<(), StageError> {
+        let response = self
+            .send("download", |client| client.get(url), cancel)
+            .await?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| StageError::retryable(format!("downloading the output: {e}")))?;
+        let dir = target.parent().unwrap_or(std::path::Path::new("."));
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| StageError::retryable(format!("{}: {e}", dir.display())))?;
+        let temporary = dir.join(format!(".download-{}", uuid::Uuid::new_v4().simple()));
+        tokio::fs::write(&temporary, &bytes)
+            .await
+            .map_err(|e| StageError::retryable(format!("{}: {e}", temporary.display())))?;
+        tokio::fs::rename(&temporary, target)
+            .await
+            .map_err(|e| StageError::retryable(format!("{}: {e}", target.display())))
     }
 
     /// One Anthropic Messages API call: the answer's text and its usage.
@@ -291,7 +430,13 @@ pub async fn check(settings: &LiveSettings) -> Vec<String> {
             ));
         }
     }
-    lines.push("runway (video): not in this build".to_owned());
+    lines.push(match &settings.runway_key {
+        None => format!(
+            "runway (video, {}): not configured (set RUNWAY_API_KEY)",
+            settings.runway_base_url
+        ),
+        Some(_) => format!("runway (video, {}): configured", settings.runway_base_url),
+    });
     lines.push("elevenlabs / openai (speech): not in this build".to_owned());
     lines
 }

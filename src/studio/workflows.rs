@@ -810,13 +810,23 @@ impl Workflow for StudioWorkflow {
         let (text, media) = match self.inputs {
             InputsKind::Agent("producer" | "script_writer" | "critic") => (true, false),
             InputsKind::Agent("qa_verifier" | "editor") => (false, false),
+            InputsKind::Agent("video_generator") => {
+                return if self.studio.settings.live.runway_key.is_some() {
+                    Ok(())
+                } else {
+                    Err((
+                        "missing_key",
+                        "video_generator in live mode needs RUNWAY_API_KEY; set it and restart the workers and API".to_owned(),
+                    ))
+                };
+            }
             _ => (true, true),
         };
         if media {
             return Err((
                 "live_providers_unavailable",
                 format!(
-                    "{} needs live video and speech providers, which this build does not have yet; submit with provider_mode \"mock\"",
+                    "{} needs a live speech provider, which this build does not have yet; submit with provider_mode \"mock\"",
                     self.name
                 ),
             ));

@@ -280,3 +280,180 @@ async fn providers_check_reports_what_is_configured_and_reachable() {
         "{report}"
     );
 }
+
+const RUNWAY_KEY: &str = "key_RUNWAYTESTSECRET77";
+
+fn clip(dir: &std::path::Path) -> Vec<u8> {
+    let path = dir.join("clip.mp4");
+    let status = std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+            "color=c=red:s=320x180:d=2:r=10",
+            "-c:v",
+            "libx264",
+            "-pix_fmt",
+            "yuv420p",
+            "-f",
+            "mp4",
+        ])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg");
+    assert!(status.success());
+    std::fs::read(path).expect("clip")
+}
+
+fn task(status: &str, server: &MockServer) -> ResponseTemplate {
+    let mut body = json!({"id": "task-1", "status": status});
+    if status == "SUCCEEDED" {
+        body["output"] = json!([format!("{}/files/clip.mp4", server.uri())]);
+    }
+    if status == "FAILED" {
+        body["failure"] = json!("The prompt was flagged by content moderation");
+        body["failureCode"] = json!("SAFETY.INPUT.TEXT");
+    }
+    ResponseTemplate::new(200).set_body_json(body)
+}
+
+async fn runway(server: &MockServer, running: u64, last: &str, dir: &std::path::Path) {
+    Mock::given(method("POST"))
+        .and(path("/v1/text_to_video"))
+        .and(header(
+            "authorization",
+            format!("Bearer {RUNWAY_KEY}").as_str(),
+        ))
+        .and(header("x-runway-version", "2024-11-06"))
+        .and(wiremock::matchers::header_exists("idempotency-key"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(json!({"id": "task-1"})))
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/tasks/task-1"))
+        .respond_with(task("RUNNING", server))
+        .up_to_n_times(running)
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/v1/tasks/task-1"))
+        .respond_with(task(last, server))
+        .mount(server)
+        .await;
+    Mock::given(method("GET"))
+        .and(path("/files/clip.mp4"))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(clip(dir))
+                .insert_header("content-type", "video/mp4"),
+        )
+        .mount(server)
+        .await;
+}
+
+async fn video_app(server: &MockServer, poll_ms: &str) -> TestApp {
+    TestApp::new(Backend::Sqlite)
+        .with_env("RUNWAY_API_KEY", RUNWAY_KEY)
+        .with_env("RUNWAY_BASE_URL", &server.uri())
+        .with_env("VIDEO_POLL_INTERVAL_MS", poll_ms)
+        .with_api()
+}
+
+fn video_request(run_async: bool) -> Value {
+    json!({"inputs": {"scene": {"scene_number": 1, "title": "Opening", "description": "A red morning",
+                                "narration": "It begins.", "duration_secs": 2.0, "visual_prompt": "red sky"}},
+           "provider_mode": "live", "async": run_async})
+}
+
+async fn creations(server: &MockServer) -> usize {
+    server
+        .received_requests()
+        .await
+        .unwrap_or_default()
+        .iter()
+        .filter(|r| r.method == wiremock::http::Method::POST)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_video_task_is_polled_until_done_downloaded_and_billed_and_an_upstream_failure_fails_the_run()
+ {
+    let server = MockServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    runway(&server, 2, "SUCCEEDED", dir.path()).await;
+    let mut app = video_app(&server, "50").await;
+    app.start_worker();
+    let (status, body) = app
+        .post("/agents/video_generator/run", &video_request(false))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "completed", "{body}");
+    assert_eq!(body["result"]["simulated"], false);
+    assert_eq!(body["cost_usd"], 0.1, "2 s at $0.05/s");
+    let file = app
+        .dir
+        .path()
+        .join("artifacts")
+        .join(body["result"]["path"].as_str().expect("path"));
+    assert_eq!(std::fs::read(&file).expect("downloaded"), clip(dir.path()));
+    assert_eq!(creations(&server).await, 1);
+    assert!(!body.to_string().contains(RUNWAY_KEY));
+
+    let server = MockServer::start().await;
+    runway(&server, 1, "FAILED", dir.path()).await;
+    let mut app = video_app(&server, "50").await;
+    app.start_worker();
+    let (_, body) = app
+        .post("/agents/video_generator/run", &video_request(false))
+        .await;
+    assert_eq!(body["status"], "failed", "{body}");
+    assert_eq!(body["error"]["code"], "provider_task_failed");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("content moderation")),
+        "{body}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_while_polling_resumes_the_same_upstream_task() {
+    let server = MockServer::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    runway(&server, 30, "SUCCEEDED", dir.path()).await;
+    let mut app = video_app(&server, "200").await;
+    app.start_worker();
+    let (status, body) = app
+        .post("/agents/video_generator/run", &video_request(true))
+        .await;
+    assert_eq!(status, 202, "{body}");
+    let id = body["run_id"].as_str().expect("id").to_owned();
+    // Wait until the task exists upstream and is being polled, then kill the worker.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while server
+        .received_requests()
+        .await
+        .map(|r| r.len())
+        .unwrap_or(0)
+        < 3
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the task was never polled"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    app.workers[0].kill9();
+    app.start_worker();
+    let run = app
+        .wait_status(&id, "completed", Duration::from_secs(60))
+        .await;
+    assert_eq!(run["stages"][0]["attempts"], 2, "{run:#}");
+    assert_eq!(creations(&server).await, 1, "a second task was paid for");
+    let calls = ledger(&app, &id);
+    assert_eq!(calls.len(), 1, "the task was billed once: {calls:?}");
+}
