@@ -38,6 +38,10 @@
 //! | `PRICE_TEXT_INPUT_PER_MTOK`, `PRICE_TEXT_OUTPUT_PER_MTOK` | `3.0`, `15.0` | dollars per million input and output tokens of the text model |
 //! | `RUNWAY_API_KEY`, `RUNWAY_BASE_URL`, `RUNWAY_MODEL` | unset, `https://api.dev.runwayml.com`, `gen4_turbo` | the live video provider |
 //! | `PRICE_VIDEO_PER_SECOND`, `VIDEO_POLL_INTERVAL_MS` | `0.05`, `5000` | dollars per second of generated video; how often a video task is polled |
+//! | `SPEECH_PROVIDER` | `elevenlabs` | the live speech provider: `elevenlabs` or `openai` |
+//! | `ELEVENLABS_API_KEY`, `ELEVENLABS_BASE_URL`, `ELEVENLABS_VOICE_ID`, `ELEVENLABS_MODEL` | unset, `https://api.elevenlabs.io`, `21m00Tcm4TlvDq8ikWAM`, `eleven_multilingual_v2` | speech, and music (ElevenLabs is the music provider) |
+//! | `OPENAI_API_KEY`, `OPENAI_BASE_URL`, `OPENAI_TTS_MODEL`, `OPENAI_TTS_VOICE` | unset, `https://api.openai.com`, `gpt-4o-mini-tts`, `alloy` | speech with `SPEECH_PROVIDER=openai` |
+//! | `PRICE_SPEECH_PER_1K_CHARS`, `PRICE_MUSIC_PER_SECOND` | `0.30`, `0.01` | dollars per thousand characters spoken; per second of music |
 //! | `AWO_DATA_DIR` | `./data/agent-work-orders` | work orders' sandboxes (`repositories/`), agent output (`outputs/`) and logs (`logs/`) |
 //! | `AWO_ALLOWED_URL_SCHEMES` | `https` | comma-separated schemes a work order's repository URL may use (`https`, `ssh`, `git`, `file`) |
 //! | `CLAUDE_CLI_PATH`, `GH_CLI_PATH`, `GIT_PATH` | `claude`, `gh`, `git` | the coding-agent CLI, the GitHub CLI and git |
@@ -193,6 +197,19 @@ pub struct LiveSettings {
     /// Dollars per second of generated video.
     pub video_price: f64,
     pub video_poll_interval: Duration,
+    /// `elevenlabs` or `openai`.
+    pub speech_provider: String,
+    pub elevenlabs_key: Option<SecretString>,
+    pub elevenlabs_base_url: String,
+    pub elevenlabs_voice: String,
+    pub elevenlabs_model: String,
+    pub openai_key: Option<SecretString>,
+    pub openai_base_url: String,
+    pub openai_tts_model: String,
+    pub openai_tts_voice: String,
+    /// Dollars per thousand characters spoken, and per second of music.
+    pub speech_price: f64,
+    pub music_price: f64,
 }
 
 impl Default for LiveSettings {
@@ -210,6 +227,17 @@ impl Default for LiveSettings {
             runway_model: "gen4_turbo".to_owned(),
             video_price: 0.05,
             video_poll_interval: Duration::from_secs(5),
+            speech_provider: "elevenlabs".to_owned(),
+            elevenlabs_key: None,
+            elevenlabs_base_url: "https://api.elevenlabs.io".to_owned(),
+            elevenlabs_voice: "21m00Tcm4TlvDq8ikWAM".to_owned(),
+            elevenlabs_model: "eleven_multilingual_v2".to_owned(),
+            openai_key: None,
+            openai_base_url: "https://api.openai.com".to_owned(),
+            openai_tts_model: "gpt-4o-mini-tts".to_owned(),
+            openai_tts_voice: "alloy".to_owned(),
+            speech_price: 0.30,
+            music_price: 0.01,
         }
     }
 }
@@ -434,6 +462,40 @@ impl Config {
                 video_poll_interval: Duration::from_millis(
                     vars.parse_positive("VIDEO_POLL_INTERVAL_MS", 5000)?,
                 ),
+                speech_provider: vars.parse_with(
+                    "SPEECH_PROVIDER",
+                    "elevenlabs".to_owned(),
+                    |v| match v {
+                        "elevenlabs" | "openai" => Ok(v.to_owned()),
+                        _ => Err("expected elevenlabs or openai".to_owned()),
+                    },
+                )?,
+                elevenlabs_key: vars.string("ELEVENLABS_API_KEY").map(SecretString::from),
+                elevenlabs_base_url: vars
+                    .string("ELEVENLABS_BASE_URL")
+                    .unwrap_or_else(|| "https://api.elevenlabs.io".to_owned())
+                    .trim_end_matches('/')
+                    .to_owned(),
+                elevenlabs_voice: vars
+                    .string("ELEVENLABS_VOICE_ID")
+                    .unwrap_or_else(|| "21m00Tcm4TlvDq8ikWAM".to_owned()),
+                elevenlabs_model: vars
+                    .string("ELEVENLABS_MODEL")
+                    .unwrap_or_else(|| "eleven_multilingual_v2".to_owned()),
+                openai_key: vars.string("OPENAI_API_KEY").map(SecretString::from),
+                openai_base_url: vars
+                    .string("OPENAI_BASE_URL")
+                    .unwrap_or_else(|| "https://api.openai.com".to_owned())
+                    .trim_end_matches('/')
+                    .to_owned(),
+                openai_tts_model: vars
+                    .string("OPENAI_TTS_MODEL")
+                    .unwrap_or_else(|| "gpt-4o-mini-tts".to_owned()),
+                openai_tts_voice: vars
+                    .string("OPENAI_TTS_VOICE")
+                    .unwrap_or_else(|| "alloy".to_owned()),
+                speech_price: vars.parse("PRICE_SPEECH_PER_1K_CHARS", 0.30f64)?,
+                music_price: vars.parse("PRICE_MUSIC_PER_SECOND", 0.01f64)?,
             },
         };
         let allowed_schemes: Vec<String> = vars

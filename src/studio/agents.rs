@@ -153,18 +153,6 @@ impl AgentEnv {
         Ok((value, cost))
     }
 
-    fn media_unavailable(&self, what: &str) -> Result<(), StageError> {
-        if self.mode == ProviderMode::Live {
-            return Err(StageError::fatal(
-                "live_providers_unavailable",
-                format!(
-                    "this build has no live {what} provider; submit with provider_mode \"mock\""
-                ),
-            ));
-        }
-        Ok(())
-    }
-
     async fn probe(&self, relative: &str) -> Result<MediaInfo, StageError> {
         let path = self.absolute(relative)?;
         self.media.probe(&path, &self.cancel).await
@@ -691,8 +679,10 @@ pub async fn audio_generator(
     env: AgentEnv,
     input: AudioGeneratorInput,
 ) -> Result<StepDone<AudioTrack>, StageError> {
-    env.media_unavailable("speech or music")?;
     let kind = input.kind.unwrap_or(AudioKind::Voiceover);
+    if env.mode == ProviderMode::Live {
+        return live_audio(&env, &input, kind).await;
+    }
     let cost = audio_cost(&input);
     let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
     let target = env.absolute(&relative)?;
@@ -730,6 +720,54 @@ pub async fn audio_generator(
             provider: provider.to_owned(),
             cost_usd: cost,
             simulated: true,
+        },
+        cost_usd: cost,
+        artifacts: vec![relative],
+    })
+}
+
+/// A voiceover or music track from the live providers, billed from its length.
+async fn live_audio(
+    env: &AgentEnv,
+    input: &AudioGeneratorInput,
+    kind: AudioKind,
+) -> Result<StepDone<AudioTrack>, StageError> {
+    let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
+    let target = env.absolute(&relative)?;
+    let settings = env.live.settings();
+    let (provider, cost) = match kind {
+        AudioKind::Voiceover => {
+            let provider = env.live.speech(&input.script, &target, &env.cancel).await?;
+            let cost = input.script.chars().count() as f64 * settings.speech_price / 1000.0;
+            (provider, pricing::round(cost))
+        }
+        AudioKind::Music => {
+            let seconds = input.duration_secs.unwrap_or(30.0);
+            let provider = env
+                .live
+                .music(&input.script, seconds, &target, &env.cancel)
+                .await?;
+            (provider, pricing::round(seconds * settings.music_price))
+        }
+    };
+    env.ledger("audio_generator", &provider, kind.as_str(), cost, false)
+        .await?;
+    env.artifacts.index("audio", &relative)?;
+    let info = env.probe(&relative).await?;
+    if !info.has_audio {
+        return Err(StageError::fatal(
+            "invalid_media",
+            format!("{provider} answered a file without audio"),
+        ));
+    }
+    Ok(StepDone {
+        output: AudioTrack {
+            kind,
+            path: relative.clone(),
+            duration_secs: info.duration_secs,
+            provider,
+            cost_usd: cost,
+            simulated: false,
         },
         cost_usd: cost,
         artifacts: vec![relative],

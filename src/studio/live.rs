@@ -136,9 +136,14 @@ impl Http {
 
     fn scrub(&self, text: &str) -> String {
         let mut out = text.to_owned();
-        for key in [&self.settings.anthropic_key, &self.settings.runway_key]
-            .into_iter()
-            .flatten()
+        for key in [
+            &self.settings.anthropic_key,
+            &self.settings.runway_key,
+            &self.settings.elevenlabs_key,
+            &self.settings.openai_key,
+        ]
+        .into_iter()
+        .flatten()
         {
             if !key.expose_secret().is_empty() {
                 out = out.replace(key.expose_secret(), "***");
@@ -253,6 +258,96 @@ impl Http {
                 () = cancel.cancelled() => return Err(StageError::Cancelled),
             }
         }
+    }
+
+    /// Speaks `text` with the configured speech provider into `target` (MP3). Answers the
+    /// provider's name.
+    pub async fn speech(
+        &self,
+        text: &str,
+        target: &std::path::Path,
+        cancel: &CancellationToken,
+    ) -> Result<String, StageError> {
+        let settings = &self.settings;
+        let (provider, response) = if settings.speech_provider == "openai" {
+            let key = settings.openai_key.as_ref().ok_or_else(|| {
+                StageError::fatal(
+                    "missing_key",
+                    "OPENAI_API_KEY is not set; SPEECH_PROVIDER=openai needs it",
+                )
+            })?;
+            let url = format!("{}/v1/audio/speech", settings.openai_base_url);
+            let body = json!({"model": settings.openai_tts_model, "voice": settings.openai_tts_voice,
+                              "input": text, "response_format": "mp3"});
+            let response = self
+                .send(
+                    "openai",
+                    |c| c.post(&url).bearer_auth(key.expose_secret()).json(&body),
+                    cancel,
+                )
+                .await?;
+            (format!("openai/{}", settings.openai_tts_model), response)
+        } else {
+            let key = self.elevenlabs_key()?;
+            let url = format!(
+                "{}/v1/text-to-speech/{}?output_format=mp3_44100_128",
+                settings.elevenlabs_base_url, settings.elevenlabs_voice
+            );
+            let body = json!({"text": text, "model_id": settings.elevenlabs_model});
+            let response = self
+                .send(
+                    "elevenlabs",
+                    |c| {
+                        c.post(&url)
+                            .header("xi-api-key", key.expose_secret())
+                            .json(&body)
+                    },
+                    cancel,
+                )
+                .await?;
+            (
+                format!("elevenlabs/{}", settings.elevenlabs_model),
+                response,
+            )
+        };
+        write_body(response, target).await?;
+        Ok(provider)
+    }
+
+    /// Music from a brief, `duration_secs` long, into `target` (MP3), from ElevenLabs.
+    pub async fn music(
+        &self,
+        prompt: &str,
+        duration_secs: f64,
+        target: &std::path::Path,
+        cancel: &CancellationToken,
+    ) -> Result<String, StageError> {
+        let key = self.elevenlabs_key()?;
+        let url = format!("{}/v1/music", self.settings.elevenlabs_base_url);
+        let body =
+            json!({"prompt": prompt, "music_length_ms": (duration_secs * 1000.0).round() as u64});
+        let response = self
+            .send(
+                "elevenlabs",
+                |c| {
+                    c.post(&url)
+                        .header("xi-api-key", key.expose_secret())
+                        .json(&body)
+                },
+                cancel,
+            )
+            .await?;
+        write_body(response, target).await?;
+        Ok("elevenlabs/music".to_owned())
+    }
+
+    fn elevenlabs_key(&self) -> Result<&secrecy::SecretString, StageError> {
+        self.settings.elevenlabs_key.as_ref().ok_or_else(|| {
+            StageError::fatal(
+                "missing_key",
+                "ELEVENLABS_API_KEY is not set; live speech and music need it",
+            )
+        })
     }
 
     /// Downloads a provider's output into `target` (a temporary name, then a rename).
@@ -396,6 +491,31 @@ impl Http {
     }
 }
 
+/// Writes a response's body to `target` through a temporary file in the same directory.
+async fn write_body(
+    response: reqwest::Response,
+    target: &std::path::Path,
+) -> Result<(), StageError> {
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| StageError::retryable(format!("reading the provider's answer: {e}")))?;
+    if bytes.is_empty() {
+        return Err(StageError::retryable("the provider answered an empty file"));
+    }
+    let dir = target.parent().unwrap_or(std::path::Path::new("."));
+    tokio::fs::create_dir_all(dir)
+        .await
+        .map_err(|e| StageError::retryable(format!("{}: {e}", dir.display())))?;
+    let temporary = dir.join(format!(".download-{}", uuid::Uuid::new_v4().simple()));
+    tokio::fs::write(&temporary, &bytes)
+        .await
+        .map_err(|e| StageError::retryable(format!("{}: {e}", temporary.display())))?;
+    tokio::fs::rename(&temporary, target)
+        .await
+        .map_err(|e| StageError::retryable(format!("{}: {e}", target.display())))
+}
+
 /// One line per live provider: configured or not, reachable or not (with the key, without
 /// ever printing it). Video and speech providers are listed as not in this build.
 pub async fn check(settings: &LiveSettings) -> Vec<String> {
@@ -437,7 +557,27 @@ pub async fn check(settings: &LiveSettings) -> Vec<String> {
         ),
         Some(_) => format!("runway (video, {}): configured", settings.runway_base_url),
     });
-    lines.push("elevenlabs / openai (speech): not in this build".to_owned());
+    lines.push(match &settings.elevenlabs_key {
+        None => format!(
+            "elevenlabs (speech, music, {}): not configured (set ELEVENLABS_API_KEY)",
+            settings.elevenlabs_base_url
+        ),
+        Some(_) => format!(
+            "elevenlabs (speech, music, {}): configured",
+            settings.elevenlabs_base_url
+        ),
+    });
+    lines.push(match &settings.openai_key {
+        None => format!(
+            "openai (speech, {}): not configured (set OPENAI_API_KEY)",
+            settings.openai_base_url
+        ),
+        Some(_) => format!("openai (speech, {}): configured", settings.openai_base_url),
+    });
+    lines.push(format!(
+        "speech provider in use: {}",
+        settings.speech_provider
+    ));
     lines
 }
 

@@ -807,40 +807,34 @@ impl Workflow for StudioWorkflow {
     }
 
     fn check_live(&self) -> Result<(), (&'static str, String)> {
-        let (text, media) = match self.inputs {
-            InputsKind::Agent("producer" | "script_writer" | "critic") => (true, false),
-            InputsKind::Agent("qa_verifier" | "editor") => (false, false),
-            InputsKind::Agent("video_generator") => {
-                return if self.studio.settings.live.runway_key.is_some() {
-                    Ok(())
-                } else {
-                    Err((
-                        "missing_key",
-                        "video_generator in live mode needs RUNWAY_API_KEY; set it and restart the workers and API".to_owned(),
-                    ))
-                };
-            }
-            _ => (true, true),
+        let live = &self.studio.settings.live;
+        let speech_key = if live.speech_provider == "openai" {
+            ("OPENAI_API_KEY", live.openai_key.is_some())
+        } else {
+            ("ELEVENLABS_API_KEY", live.elevenlabs_key.is_some())
         };
-        if media {
-            return Err((
-                "live_providers_unavailable",
-                format!(
-                    "{} needs a live speech provider, which this build does not have yet; submit with provider_mode \"mock\"",
-                    self.name
-                ),
-            ));
-        }
-        if text && self.studio.settings.live.anthropic_key.is_none() {
-            return Err((
+        let text = ("ANTHROPIC_API_KEY", live.anthropic_key.is_some());
+        let video = ("RUNWAY_API_KEY", live.runway_key.is_some());
+        let music = ("ELEVENLABS_API_KEY", live.elevenlabs_key.is_some());
+        let needed: Vec<(&str, bool)> = match self.inputs {
+            InputsKind::Agent("producer" | "script_writer" | "critic") => vec![text],
+            InputsKind::Agent("video_generator") => vec![video],
+            InputsKind::Agent("audio_generator") => vec![speech_key],
+            InputsKind::Agent(_) => Vec::new(),
+            InputsKind::Production if self.name == "pilot_only" => vec![text, video],
+            InputsKind::Production => vec![text, video, speech_key, music],
+            InputsKind::Audio => vec![speech_key, music],
+        };
+        match needed.iter().find(|(_, set)| !set) {
+            Some((variable, _)) => Err((
                 "missing_key",
                 format!(
-                    "{} in live mode needs ANTHROPIC_API_KEY; set it and restart the workers and API",
+                    "{} in live mode needs {variable}; set it and restart the workers and API",
                     self.name
                 ),
-            ));
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn default_budget(&self, inputs: &Value) -> Option<f64> {

@@ -207,7 +207,12 @@ async fn live_runs_without_a_key_or_a_provider_are_refused_at_submission_and_key
         )
         .await;
     assert_eq!(status, 422, "{refused}");
-    assert_eq!(refused["error"]["code"], "live_providers_unavailable");
+    assert_eq!(refused["error"]["code"], "missing_key");
+    assert!(
+        refused["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("ANTHROPIC_API_KEY"))
+    );
     let (_, runs) = app.get("/runs").await;
     assert_eq!(runs["total"], 0, "nothing was stored");
 
@@ -456,4 +461,124 @@ async fn a_crash_while_polling_resumes_the_same_upstream_task() {
     assert_eq!(creations(&server).await, 1, "a second task was paid for");
     let calls = ledger(&app, &id);
     assert_eq!(calls.len(), 1, "the task was billed once: {calls:?}");
+}
+
+const ELEVEN_KEY: &str = "el_ELEVENTESTSECRET99";
+const OPENAI_KEY: &str = "sk-OPENAITESTSECRET11";
+
+fn mp3(dir: &std::path::Path, seconds: u32) -> Vec<u8> {
+    let path = dir.join(format!("tone-{seconds}.mp3"));
+    let status = std::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-y",
+            "-f",
+            "lavfi",
+            "-i",
+        ])
+        .arg(format!("sine=frequency=440:duration={seconds}"))
+        .args(["-c:a", "libmp3lame", "-f", "mp3"])
+        .arg(&path)
+        .status()
+        .expect("ffmpeg");
+    assert!(status.success());
+    std::fs::read(path).expect("mp3")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn speech_and_music_come_from_elevenlabs_or_openai_and_cost_what_they_say() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = MockServer::start().await;
+    Mock::given(method("POST"))
+        .and(path("/v1/text-to-speech/voice-1"))
+        .and(header("xi-api-key", ELEVEN_KEY))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(mp3(dir.path(), 2))
+                .insert_header("content-type", "audio/mpeg"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/music"))
+        .and(header("xi-api-key", ELEVEN_KEY))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(mp3(dir.path(), 3))
+                .insert_header("content-type", "audio/mpeg"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    Mock::given(method("POST"))
+        .and(path("/v1/audio/speech"))
+        .and(header(
+            "authorization",
+            format!("Bearer {OPENAI_KEY}").as_str(),
+        ))
+        .respond_with(
+            ResponseTemplate::new(200)
+                .set_body_bytes(mp3(dir.path(), 1))
+                .insert_header("content-type", "audio/mpeg"),
+        )
+        .expect(1)
+        .mount(&server)
+        .await;
+    let script = "Hello from the studio, this is the voiceover.";
+    let mut app = TestApp::new(Backend::Sqlite)
+        .with_env("ELEVENLABS_API_KEY", ELEVEN_KEY)
+        .with_env("ELEVENLABS_BASE_URL", &server.uri())
+        .with_env("ELEVENLABS_VOICE_ID", "voice-1")
+        .with_api();
+    app.start_worker();
+    let (_, voice) = app
+        .post(
+            "/agents/audio_generator/run",
+            &json!({"inputs": {"script": script}, "provider_mode": "live"}),
+        )
+        .await;
+    assert_eq!(voice["status"], "completed", "{voice}");
+    let expected = (script.chars().count() as f64 * 0.30 / 1000.0 * 10_000.0).round() / 10_000.0;
+    assert_eq!(voice["cost_usd"], expected, "{voice}");
+    assert!(
+        voice["result"]["provider"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("elevenlabs/"))
+    );
+    assert!((voice["result"]["duration_secs"].as_f64().expect("duration") - 2.0).abs() < 0.2);
+    let (_, music) = app
+        .post(
+            "/agents/audio_generator/run",
+            &json!({"inputs": {"script": "calm piano", "kind": "music", "duration_secs": 3.0}, "provider_mode": "live"}),
+        )
+        .await;
+    assert_eq!(music["status"], "completed", "{music}");
+    assert_eq!(music["cost_usd"], 0.03, "3 s at $0.01/s");
+    assert_eq!(music["result"]["simulated"], false);
+
+    let mut app = TestApp::new(Backend::Sqlite)
+        .with_env("SPEECH_PROVIDER", "openai")
+        .with_env("OPENAI_API_KEY", OPENAI_KEY)
+        .with_env("OPENAI_BASE_URL", &server.uri())
+        .with_api();
+    app.start_worker();
+    let (_, voice) = app
+        .post(
+            "/agents/audio_generator/run",
+            &json!({"inputs": {"script": "Short."}, "provider_mode": "live"}),
+        )
+        .await;
+    assert_eq!(voice["status"], "completed", "{voice}");
+    assert!(
+        voice["result"]["provider"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("openai/")),
+        "{voice}"
+    );
+    for body in [voice.to_string(), music.to_string()] {
+        assert!(!body.contains(ELEVEN_KEY) && !body.contains(OPENAI_KEY));
+    }
 }
