@@ -806,7 +806,12 @@ pub async fn qa_verifier(
     input: QaVerifierInput,
 ) -> Result<StepDone<QaReport>, StageError> {
     let path = existing_file(&env, "video", &input.video)?;
-    let cost = qa_cost(&input);
+    // Live, QA is local work (ffprobe) and costs nothing; mock mode bills a simulated review.
+    let cost = if env.mode == ProviderMode::Live {
+        0.0
+    } else {
+        qa_cost(&input)
+    };
     env.provider_call(
         "qa_verifier",
         pricing::TEXT_MODEL,
@@ -1050,7 +1055,12 @@ pub async fn editor(
         Some(path) => Some(existing_file(&env, "music", path)?),
         None => None,
     };
-    let cost = editor_cost(&input);
+    // Live, the edit is local work (ffmpeg) and costs nothing; mock mode bills a simulated plan.
+    let cost = if env.mode == ProviderMode::Live {
+        0.0
+    } else {
+        editor_cost(&input)
+    };
     env.provider_call("editor", pricing::TEXT_MODEL, "plan edit candidates", cost)
         .await?;
     let numbers: Vec<u32> = input.scenes.iter().map(|s| s.scene_number).collect();

@@ -202,7 +202,7 @@ impl Http {
             .ok_or_else(|| StageError::retryable(format!("runway answered no task id: {task}")))
     }
 
-    /// Polls a Runway task every `VIDEO_POLL_INTERVAL_MS` until it succeeds (answers its output
+    /// Polls a Runway task, from every `VIDEO_POLL_INTERVAL_MS` on, until it succeeds (answers its output
     /// URL) or fails (a permanent error naming Runway's reason).
     pub async fn wait_video_task(
         &self,
@@ -211,6 +211,7 @@ impl Http {
     ) -> Result<String, StageError> {
         let key = self.runway_key()?;
         let url = format!("{}/v1/tasks/{id}", self.settings.runway_base_url);
+        let mut interval = self.settings.video_poll_interval;
         loop {
             let response = self
                 .send(
@@ -253,8 +254,12 @@ impl Http {
                 }
                 _ => {}
             }
+            // Polls slow down while the task runs: the interval grows by half each time, up to
+            // six times `VIDEO_POLL_INTERVAL_MS`.
+            let pause = interval;
+            interval = (interval * 3 / 2).min(self.settings.video_poll_interval * 6);
             tokio::select! {
-                () = tokio::time::sleep(self.settings.video_poll_interval) => {}
+                () = tokio::time::sleep(pause) => {}
                 () = cancel.cancelled() => return Err(StageError::Cancelled),
             }
         }

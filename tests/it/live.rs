@@ -429,7 +429,7 @@ async fn a_video_task_is_polled_until_done_downloaded_and_billed_and_an_upstream
 async fn a_crash_while_polling_resumes_the_same_upstream_task() {
     let server = MockServer::start().await;
     let dir = tempfile::tempdir().expect("tempdir");
-    runway(&server, 30, "SUCCEEDED", dir.path()).await;
+    runway(&server, 12, "SUCCEEDED", dir.path()).await;
     let mut app = video_app(&server, "200").await;
     app.start_worker();
     let (status, body) = app
@@ -580,5 +580,139 @@ async fn speech_and_music_come_from_elevenlabs_or_openai_and_cost_what_they_say(
     );
     for body in [voice.to_string(), music.to_string()] {
         assert!(!body.contains(ELEVEN_KEY) && !body.contains(OPENAI_KEY));
+    }
+}
+
+/// A text model that answers each agent's request with a fitting JSON object, built from the
+/// request's own input: the pilots asked for, the scene numbers asked for, one evaluation per
+/// pilot.
+struct StudioModel;
+
+impl wiremock::Respond for StudioModel {
+    fn respond(&self, request: &wiremock::Request) -> ResponseTemplate {
+        let body: Value = serde_json::from_slice(&request.body).expect("request json");
+        let system = body["system"].as_str().unwrap_or_default();
+        let content = body["messages"][0]["content"].as_str().unwrap_or_default();
+        let input: Value =
+            serde_json::from_str(content.trim_start_matches("Input:\n")).expect("input json");
+        let answer = if system.contains("the producer agent") {
+            let n = input["num_pilots"].as_u64().unwrap_or(2) as u32;
+            json!({"pilots": (1..=n).map(|k| {
+                let mut p = pilot(&format!("pilot_{}", (b'a' + k as u8 - 1) as char), k);
+                p["target_duration_secs"] = input["target_duration_secs"].clone();
+                p["num_scenes"] = input["num_scenes"].clone();
+                p
+            }).collect::<Vec<_>>(), "total_budget": input["total_budget"]})
+        } else if system.contains("the script_writer agent") {
+            let each = input["target_duration"].as_f64().unwrap_or(8.0)
+                / input["num_scenes"].as_f64().unwrap_or(4.0);
+            let numbers: Vec<u64> = input["scene_numbers"]
+                .as_array()
+                .map(|a| a.iter().filter_map(Value::as_u64).collect())
+                .unwrap_or_default();
+            json!({"scenes": numbers.iter().map(|n| json!({"scene_number": n, "title": format!("Scene {n}"),
+                "description": "A developer at work", "narration": format!("Part {n}."), "duration_secs": each,
+                "visual_prompt": "a developer at a desk"})).collect::<Vec<_>>()})
+        } else {
+            let ids: Vec<String> = input["pilots"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|p| p["strategy"]["pilot_id"].as_str().map(str::to_owned))
+                        .collect()
+                })
+                .unwrap_or_default();
+            json!({"evaluations": ids.iter().enumerate().map(|(i, id)| json!({"pilot_id": id, "score": 0.9 - i as f64 * 0.1,
+                "approved": true, "strengths": ["clear"], "weaknesses": [], "notes": "good"})).collect::<Vec<_>>(),
+                "approved_pilot": ids.first(), "threshold": 0.6})
+        };
+        message(&answer.to_string(), 1000, 500)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_production_runs_live_against_every_provider_and_its_cost_is_the_sum_of_their_bills()
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = MockServer::start().await;
+    anthropic().respond_with(StudioModel).mount(&server).await;
+    runway(&server, 1, "SUCCEEDED", dir.path()).await;
+    for (route, seconds) in [("/v1/text-to-speech/voice-1", 4), ("/v1/music", 8)] {
+        Mock::given(method("POST"))
+            .and(path(route))
+            .and(header("xi-api-key", ELEVEN_KEY))
+            .respond_with(ResponseTemplate::new(200).set_body_bytes(mp3(dir.path(), seconds)))
+            .mount(&server)
+            .await;
+    }
+    let mut app = TestApp::new(Backend::Sqlite)
+        .with_env("ANTHROPIC_API_KEY", KEY)
+        .with_env("ANTHROPIC_BASE_URL", &server.uri())
+        .with_env("RUNWAY_API_KEY", RUNWAY_KEY)
+        .with_env("RUNWAY_BASE_URL", &server.uri())
+        .with_env("VIDEO_POLL_INTERVAL_MS", "50")
+        .with_env("ELEVENLABS_API_KEY", ELEVEN_KEY)
+        .with_env("ELEVENLABS_BASE_URL", &server.uri())
+        .with_env("ELEVENLABS_VOICE_ID", "voice-1")
+        .with_api();
+    app.start_worker();
+    let (status, started) = app
+        .post(
+            "/workflows/full_production/run",
+            &json!({"inputs": {"user_request": "A developer's day", "total_budget": 100.0, "num_pilots": 2,
+                               "target_duration_secs": 8, "num_scenes": 4},
+                    "provider_mode": "live", "async": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{started}");
+    let id = started["run_id"].as_str().expect("id").to_owned();
+    let run = app
+        .wait_status(&id, "completed", Duration::from_secs(90))
+        .await;
+    assert_eq!(run["cost_simulated"], false);
+    let calls = ledger(&app, &id);
+    assert!(calls.iter().all(|c| c["simulated"] == false), "{calls:?}");
+    let billed: f64 = calls.iter().filter_map(|c| c["cost_usd"].as_f64()).sum();
+    let cost = run["cost_usd"].as_f64().expect("cost");
+    assert!(
+        (billed - cost).abs() < 1e-6,
+        "ledger {billed} vs run {cost}"
+    );
+    // 2 pilots × 2 test scenes + 2 completion scenes = 6 videos of 2 s at $0.05/s.
+    let videos: f64 = calls
+        .iter()
+        .filter(|c| c["agent"] == "video_generator")
+        .filter_map(|c| c["cost_usd"].as_f64())
+        .sum();
+    assert!((videos - 0.6).abs() < 1e-9, "{videos}");
+    // Each text call used 1,000 input and 500 output tokens.
+    let text: Vec<&Value> = calls
+        .iter()
+        .filter(|c| {
+            c["provider"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("anthropic/"))
+        })
+        .collect();
+    for call in &text {
+        let cost = call["cost_usd"].as_f64().expect("cost");
+        assert!((cost - (1000.0 * 3.0 / 1e6 + 500.0 * 15.0 / 1e6)).abs() < 1e-9, "{call}");
+    }
+    let final_video = app
+        .dir
+        .path()
+        .join("artifacts")
+        .join(run["result"]["final_video"].as_str().expect("final"));
+    assert!(final_video.is_file());
+    let everything = std::fs::read_to_string(
+        app.dir
+            .path()
+            .join(format!("artifacts/runs/{id}/provider_calls.jsonl")),
+    )
+    .unwrap_or_default()
+        + &app.workers[0].log_text()
+        + &run.to_string();
+    for key in [KEY, RUNWAY_KEY, ELEVEN_KEY] {
+        assert!(!everything.contains(key));
     }
 }
