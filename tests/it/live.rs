@@ -696,7 +696,10 @@ async fn a_full_production_runs_live_against_every_provider_and_its_cost_is_the_
         .collect();
     for call in &text {
         let cost = call["cost_usd"].as_f64().expect("cost");
-        assert!((cost - (1000.0 * 3.0 / 1e6 + 500.0 * 15.0 / 1e6)).abs() < 1e-9, "{call}");
+        assert!(
+            (cost - (1000.0 * 3.0 / 1e6 + 500.0 * 15.0 / 1e6)).abs() < 1e-9,
+            "{call}"
+        );
     }
     let final_video = app
         .dir
