@@ -281,14 +281,15 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     let sweeper_stop = CancellationToken::new();
     tasks.spawn({
         let store = store.clone();
-        let (interval, retention, awo_data, stop) = (
+        let (interval, retention, awo_data, artifacts, stop) = (
             config.sweep_interval,
             config.run_retention,
             config.awo.data_dir.clone(),
+            Some(artifacts.clone()),
             sweeper_stop.clone(),
         );
         async move {
-            queue::run_sweeper(store, interval, retention, awo_data, stop).await;
+            queue::run_sweeper(store, interval, retention, awo_data, artifacts, stop).await;
             Ok(())
         }
     });

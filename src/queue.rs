@@ -293,13 +293,14 @@ async fn keep_presence(
     }
 }
 
-/// Re-queues runs with expired leases, and deletes runs and work-order sandboxes past
-/// retention, every `interval`, until `shutdown` fires.
+/// Re-queues runs with expired leases, and deletes runs, their artifacts and work-order
+/// sandboxes past retention, every `interval`, until `shutdown` fires.
 pub async fn run_sweeper(
     store: SharedStore,
     interval: Duration,
     retention: Duration,
     awo_data_dir: std::path::PathBuf,
+    artifacts: Option<crate::artifacts::ArtifactStore>,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -330,6 +331,15 @@ pub async fn run_sweeper(
                     sandboxes = cleaned,
                     "deleted work-order sandboxes past retention"
                 );
+            }
+            if let Some(artifacts) = &artifacts {
+                let cleaned = crate::studio::clean_artifacts(&store, artifacts).await;
+                if cleaned > 0 {
+                    info!(
+                        runs = cleaned,
+                        "deleted the artifacts of runs past retention"
+                    );
+                }
             }
         }
     }

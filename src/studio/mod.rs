@@ -62,3 +62,104 @@ pub fn register(catalog: &mut Catalog, settings: &StudioSettings) {
         catalog.add(Arc::new(workflows::StudioWorkflow::agent(&studio, agent)));
     }
 }
+
+/// Deletes the artifacts of runs that no longer exist (deleted after `RUN_RETENTION_DAYS`): their
+/// `runs/{id}/` directory and their entries in the `videos/`, `audio/` and `scripts/` categories.
+/// Answers how many runs' files were deleted. Runs are inserted before any of their files is
+/// written, so a directory without a run is always one whose run is gone.
+pub async fn clean_artifacts(
+    store: &crate::store::SharedStore,
+    artifacts: &crate::artifacts::ArtifactStore,
+) -> usize {
+    let root = artifacts.root().to_path_buf();
+    let Ok(entries) = std::fs::read_dir(root.join("runs")) else {
+        return 0;
+    };
+    let mut deleted = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = crate::ids::RunId::parse(&name) else {
+            continue;
+        };
+        if !matches!(store.get_run(id).await, Ok(None)) {
+            continue;
+        }
+        if std::fs::remove_dir_all(entry.path()).is_ok() {
+            deleted += 1;
+        }
+        for category in ["videos", "audio", "scripts"] {
+            let Ok(files) = std::fs::read_dir(root.join(category)) else {
+                continue;
+            };
+            for file in files.flatten() {
+                if file
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{name}_"))
+                {
+                    let _ = std::fs::remove_file(file.path());
+                }
+            }
+        }
+    }
+    deleted
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        artifacts::ArtifactStore,
+        clock::SystemClock,
+        config::ProviderMode,
+        ids::RunId,
+        store::{NewRun, RunKind, SharedStore, sqlite::SqliteStore},
+    };
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn artifacts_of_deleted_runs_are_removed_with_their_category_entries() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = crate::config::sqlite_url_for(&dir.path().join("s.db"));
+        let store: SharedStore = Arc::new(
+            SqliteStore::open(&url, Arc::new(SystemClock))
+                .await
+                .expect("store"),
+        );
+        let artifacts = ArtifactStore::open(dir.path().join("artifacts")).expect("artifacts");
+        let kept = RunId::generate();
+        store
+            .insert_run(NewRun {
+                id: kept,
+                kind: RunKind::Workflow,
+                name: "noop".into(),
+                queue: "workflows".into(),
+                inputs: json!({}),
+                provider_mode: ProviderMode::Mock,
+                budget_usd: None,
+                stage_names: vec!["noop".into()],
+                idempotency_key: None,
+                reuse: false,
+            })
+            .await
+            .expect("insert");
+        let gone = RunId::generate();
+        for id in [kept, gone] {
+            let path = format!("runs/{id}/videos/scene_1_v1.mp4");
+            artifacts
+                .write(&path, b"video".to_vec())
+                .await
+                .expect("write");
+            artifacts.index("videos", &path).expect("index");
+        }
+        assert_eq!(clean_artifacts(&store, &artifacts).await, 1);
+        let root = artifacts.root();
+        assert!(root.join(format!("runs/{kept}")).exists());
+        assert!(root.join(format!("videos/{kept}_scene_1_v1.mp4")).exists());
+        assert!(!root.join(format!("runs/{gone}")).exists());
+        assert!(!root.join(format!("videos/{gone}_scene_1_v1.mp4")).exists());
+    }
+}
