@@ -172,7 +172,9 @@ impl ArtifactStore {
     }
 }
 
-fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to `target` through a flushed temporary file in the same directory, then a
+/// rename (creating the directory): readers see the old file or the whole new one.
+pub(crate) fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = target.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir)?;
     let file_name = target

@@ -77,11 +77,7 @@ impl Tools {
         if let Some(dir) = path.parent() {
             self.ensure_dir(dir)?;
         }
-        let temporary = path.with_extension(format!("tmp-{}", uuid::Uuid::new_v4().simple()));
-        std::fs::write(&temporary, bytes)
-            .and_then(|()| std::fs::rename(&temporary, path))
-            .map_err(|e| {
-                let _ = std::fs::remove_file(&temporary);
+        crate::artifacts::write_atomically(path, bytes).map_err(|e| {
                 StageError::fatal(
                     "data_dir_unwritable",
                     format!(

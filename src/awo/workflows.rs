@@ -85,6 +85,18 @@ pub fn check_inputs(inputs: &Value, allowed: &[String]) -> Result<WorkOrderInput
     Ok(parsed)
 }
 
+/// The commit and pull-request title: the request's first line, at most 72 characters.
+fn title_of(request: &str) -> String {
+    request
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .chars()
+        .take(72)
+        .collect()
+}
+
 /// The branch a work order works on.
 pub fn branch_of(id: &str) -> String {
     format!("wo-{id}")
@@ -406,15 +418,7 @@ impl Stage for Commit {
                 "the coding agent changed nothing in the repository",
             ));
         }
-        let title: String = inputs
-            .user_request
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .chars()
-            .take(72)
-            .collect();
+        let title = title_of(&inputs.user_request);
         let message = format!("{title}\n\nWork order {id}.\n");
         let message_file = tools.output_dir(&id).join("commit_message.txt");
         tools.write_file(&message_file, message.as_bytes())?;
@@ -481,15 +485,7 @@ impl Stage for PullRequest {
         let dir = self.0.sandbox(ctx)?;
         let id = ctx.run_id.to_string();
         let branch = branch_of(&id);
-        let title: String = inputs
-            .user_request
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .chars()
-            .take(72)
-            .collect();
+        let title = title_of(&inputs.user_request);
         let summary = ctx
             .previous
             .get("implement")

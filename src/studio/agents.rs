@@ -612,9 +612,8 @@ async fn live_video(
         }
     };
     let url = env.live.wait_video_task(&task_id, &env.cancel).await?;
-    env.live
-        .download(&url, &env.absolute(relative)?, &env.cancel)
-        .await?;
+    let bytes = env.live.download(&url, &env.cancel).await?;
+    env.artifacts.write(relative, bytes).await?;
     env.artifacts.index("videos", relative)?;
     let info = env.probe(relative).await?;
     if info.video.is_none() {
@@ -733,23 +732,20 @@ async fn live_audio(
     kind: AudioKind,
 ) -> Result<StepDone<AudioTrack>, StageError> {
     let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
-    let target = env.absolute(&relative)?;
     let settings = env.live.settings();
-    let (provider, cost) = match kind {
+    let ((provider, bytes), cost) = match kind {
         AudioKind::Voiceover => {
-            let provider = env.live.speech(&input.script, &target, &env.cancel).await?;
+            let made = env.live.speech(&input.script, &env.cancel).await?;
             let cost = input.script.chars().count() as f64 * settings.speech_price / 1000.0;
-            (provider, pricing::round(cost))
+            (made, pricing::round(cost))
         }
         AudioKind::Music => {
             let seconds = input.duration_secs.unwrap_or(30.0);
-            let provider = env
-                .live
-                .music(&input.script, seconds, &target, &env.cancel)
-                .await?;
-            (provider, pricing::round(seconds * settings.music_price))
+            let made = env.live.music(&input.script, seconds, &env.cancel).await?;
+            (made, pricing::round(seconds * settings.music_price))
         }
     };
+    env.artifacts.write(&relative, bytes).await?;
     env.ledger("audio_generator", &provider, kind.as_str(), cost, false)
         .await?;
     env.artifacts.index("audio", &relative)?;

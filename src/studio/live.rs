@@ -265,14 +265,12 @@ impl Http {
         }
     }
 
-    /// Speaks `text` with the configured speech provider into `target` (MP3). Answers the
-    /// provider's name.
+    /// Speaks `text` with the configured speech provider: the provider's name and the MP3.
     pub async fn speech(
         &self,
         text: &str,
-        target: &std::path::Path,
         cancel: &CancellationToken,
-    ) -> Result<String, StageError> {
+    ) -> Result<(String, Vec<u8>), StageError> {
         let settings = &self.settings;
         let (provider, response) = if settings.speech_provider == "openai" {
             let key = settings.openai_key.as_ref().ok_or_else(|| {
@@ -315,18 +313,16 @@ impl Http {
                 response,
             )
         };
-        write_body(response, target).await?;
-        Ok(provider)
+        Ok((provider, response_bytes(response).await?))
     }
 
-    /// Music from a brief, `duration_secs` long, into `target` (MP3), from ElevenLabs.
+    /// Music from a brief, `duration_secs` long, from ElevenLabs: the provider's name and the MP3.
     pub async fn music(
         &self,
         prompt: &str,
         duration_secs: f64,
-        target: &std::path::Path,
         cancel: &CancellationToken,
-    ) -> Result<String, StageError> {
+    ) -> Result<(String, Vec<u8>), StageError> {
         let key = self.elevenlabs_key()?;
         let url = format!("{}/v1/music", self.settings.elevenlabs_base_url);
         let body =
@@ -342,8 +338,10 @@ impl Http {
                 cancel,
             )
             .await?;
-        write_body(response, target).await?;
-        Ok("elevenlabs/music".to_owned())
+        Ok((
+            "elevenlabs/music".to_owned(),
+            response_bytes(response).await?,
+        ))
     }
 
     fn elevenlabs_key(&self) -> Result<&secrecy::SecretString, StageError> {
@@ -355,31 +353,16 @@ impl Http {
         })
     }
 
-    /// Downloads a provider's output into `target` (a temporary name, then a rename).
+    /// Downloads a provider's output (the caller stores it through the artifact store).
     pub async fn download(
         &self,
         url: &str,
-        target: &std::path::Path,
         cancel: &CancellationToken,
-    ) -> Result<(), StageError> {
+    ) -> Result<Vec<u8>, StageError> {
         let response = self
             .send("download", |client| client.get(url), cancel)
             .await?;
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| StageError::retryable(format!("downloading the output: {e}")))?;
-        let dir = target.parent().unwrap_or(std::path::Path::new("."));
-        tokio::fs::create_dir_all(dir)
-            .await
-            .map_err(|e| StageError::retryable(format!("{}: {e}", dir.display())))?;
-        let temporary = dir.join(format!(".download-{}", uuid::Uuid::new_v4().simple()));
-        tokio::fs::write(&temporary, &bytes)
-            .await
-            .map_err(|e| StageError::retryable(format!("{}: {e}", temporary.display())))?;
-        tokio::fs::rename(&temporary, target)
-            .await
-            .map_err(|e| StageError::retryable(format!("{}: {e}", target.display())))
+        response_bytes(response).await
     }
 
     /// One Anthropic Messages API call: the answer's text and its usage.
@@ -496,11 +479,8 @@ impl Http {
     }
 }
 
-/// Writes a response's body to `target` through a temporary file in the same directory.
-async fn write_body(
-    response: reqwest::Response,
-    target: &std::path::Path,
-) -> Result<(), StageError> {
+/// A response's body, which must not be empty.
+async fn response_bytes(response: reqwest::Response) -> Result<Vec<u8>, StageError> {
     let bytes = response
         .bytes()
         .await
@@ -508,17 +488,7 @@ async fn write_body(
     if bytes.is_empty() {
         return Err(StageError::retryable("the provider answered an empty file"));
     }
-    let dir = target.parent().unwrap_or(std::path::Path::new("."));
-    tokio::fs::create_dir_all(dir)
-        .await
-        .map_err(|e| StageError::retryable(format!("{}: {e}", dir.display())))?;
-    let temporary = dir.join(format!(".download-{}", uuid::Uuid::new_v4().simple()));
-    tokio::fs::write(&temporary, &bytes)
-        .await
-        .map_err(|e| StageError::retryable(format!("{}: {e}", temporary.display())))?;
-    tokio::fs::rename(&temporary, target)
-        .await
-        .map_err(|e| StageError::retryable(format!("{}: {e}", target.display())))
+    Ok(bytes.to_vec())
 }
 
 /// One line per live provider: configured or not, reachable or not (with the key, without

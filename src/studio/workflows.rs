@@ -287,6 +287,43 @@ impl Stage for Pilots {
     }
 }
 
+/// The voiceover of the scenes' narration and music as long as the scenes, as the steps
+/// `voiceover` and `music`.
+async fn soundtrack(
+    ctx: &mut StageContext,
+    env: AgentEnv,
+    scenes: &[Scene],
+    brief: String,
+) -> Result<(AudioTrack, AudioTrack), StageError> {
+    let narration: Vec<&str> = scenes.iter().map(|s| s.narration.as_str()).collect();
+    let input = AudioGeneratorInput {
+        script: narration.join(" "),
+        kind: Some(AudioKind::Voiceover),
+        duration_secs: None,
+    };
+    let voiceover: AudioTrack = ctx
+        .step(
+            "voiceover",
+            estimate("audio_generator", &input),
+            agents::audio_generator(env.clone(), input),
+        )
+        .await?;
+    let total: f64 = scenes.iter().map(|s| s.duration_secs).sum();
+    let input = AudioGeneratorInput {
+        script: brief,
+        kind: Some(AudioKind::Music),
+        duration_secs: Some(total.clamp(1.0, 600.0)),
+    };
+    let music: AudioTrack = ctx
+        .step(
+            "music",
+            estimate("audio_generator", &input),
+            agents::audio_generator(env, input),
+        )
+        .await?;
+    Ok((voiceover, music))
+}
+
 /// Writes each scene's script under the pilot and lists it in the `scripts` category.
 async fn write_scenes(
     ctx: &mut StageContext,
@@ -460,32 +497,13 @@ impl Stage for Completion {
             }
             scenes.extend(script.scenes);
         }
-        let narration: Vec<&str> = scenes.iter().map(|s| s.narration.as_str()).collect();
-        let input = AudioGeneratorInput {
-            script: narration.join(" "),
-            kind: Some(AudioKind::Voiceover),
-            duration_secs: None,
-        };
-        let voiceover: AudioTrack = ctx
-            .step(
-                "voiceover",
-                estimate("audio_generator", &input),
-                agents::audio_generator(env.clone(), input),
-            )
-            .await?;
-        let total: f64 = scenes.iter().map(|s| s.duration_secs).sum();
-        let input = AudioGeneratorInput {
-            script: format!("{} music for {}", strategy.tone, strategy.concept),
-            kind: Some(AudioKind::Music),
-            duration_secs: Some(total.clamp(1.0, 600.0)),
-        };
-        let music: AudioTrack = ctx
-            .step(
-                "music",
-                estimate("audio_generator", &input),
-                agents::audio_generator(env, input),
-            )
-            .await?;
+        let (voiceover, music) = soundtrack(
+            ctx,
+            env,
+            &scenes,
+            format!("{} music for {}", strategy.tone, strategy.concept),
+        )
+        .await?;
         output(&CompletionOutput {
             pilot_id: approved,
             scenes,
@@ -602,32 +620,8 @@ impl Stage for AudioForRun {
         })?;
         let env = self.0.env(ctx);
         ctx.set_step_total(2);
-        let narration: Vec<&str> = scenes.iter().map(|s| s.narration.as_str()).collect();
-        let input = AudioGeneratorInput {
-            script: narration.join(" "),
-            kind: Some(AudioKind::Voiceover),
-            duration_secs: None,
-        };
-        let voiceover: AudioTrack = ctx
-            .step(
-                "voiceover",
-                estimate("audio_generator", &input),
-                agents::audio_generator(env.clone(), input),
-            )
-            .await?;
-        let total: f64 = scenes.iter().map(|s| s.duration_secs).sum();
-        let input = AudioGeneratorInput {
-            script: format!("{tone} music for {concept}"),
-            kind: Some(AudioKind::Music),
-            duration_secs: Some(total.clamp(1.0, 600.0)),
-        };
-        let music: AudioTrack = ctx
-            .step(
-                "music",
-                estimate("audio_generator", &input),
-                agents::audio_generator(env, input),
-            )
-            .await?;
+        let (voiceover, music) =
+            soundtrack(ctx, env, &scenes, format!("{tone} music for {concept}")).await?;
         output(&AudioOutput {
             source_run_id: source.to_string(),
             voiceover,
