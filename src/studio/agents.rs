@@ -134,7 +134,7 @@ impl AgentEnv {
         what: &str,
         input: &impl Serialize,
         check: impl Fn(&T) -> Result<(), String>,
-    ) -> Result<(T, f64), StageError> {
+    ) -> Result<StepDone<T>, StageError> {
         let document = schema(agent).unwrap_or(Value::Null);
         let schema = json!({"schema": document["outputs"], "definitions": document["components"]["schemas"]});
         let input = serde_json::to_value(input).unwrap_or(Value::Null);
@@ -150,7 +150,11 @@ impl AgentEnv {
             what.to_owned()
         };
         self.ledger(agent, &model, &what, cost, false).await?;
-        Ok((value, cost))
+        Ok(StepDone {
+            output: value,
+            cost_usd: cost,
+            artifacts: Vec::new(),
+        })
     }
 
     async fn probe(&self, relative: &str) -> Result<MediaInfo, StageError> {
@@ -288,7 +292,7 @@ pub async fn producer(
 ) -> Result<StepDone<ProducerOutput>, StageError> {
     if env.mode == ProviderMode::Live {
         let wanted = input.num_pilots.unwrap_or(2) as usize;
-        let (output, cost) = env
+        return env
             .live_text::<ProducerOutput>("producer", "plan pilots", &input, |out| {
                 if out.pilots.len() == wanted {
                     Ok(())
@@ -299,12 +303,7 @@ pub async fn producer(
                     ))
                 }
             })
-            .await?;
-        return Ok(StepDone {
-            output,
-            cost_usd: cost,
-            artifacts: Vec::new(),
-        });
+            .await;
     }
     let seed = seed_of(&[
         "producer",
@@ -415,7 +414,7 @@ pub async fn script_writer(
 ) -> Result<StepDone<ScriptWriterOutput>, StageError> {
     if env.mode == ProviderMode::Live {
         let wanted = script_numbers(&input);
-        let (output, cost) = env
+        return env
             .live_text::<ScriptWriterOutput>("script_writer", "write scenes", &input, |out| {
                 let numbers: Vec<u32> = out.scenes.iter().map(|s| s.scene_number).collect();
                 if numbers == wanted {
@@ -424,12 +423,7 @@ pub async fn script_writer(
                     Err(format!("expected scenes {wanted:?}, got {numbers:?}"))
                 }
             })
-            .await?;
-        return Ok(StepDone {
-            output,
-            cost_usd: cost,
-            artifacts: Vec::new(),
-        });
+            .await;
     }
     let seed = seed_of(&[
         "script_writer",
@@ -915,7 +909,7 @@ pub async fn critic(
             .iter()
             .map(|p| p.strategy.pilot_id.clone())
             .collect();
-        let (output, cost) = env
+        return env
             .live_text::<CriticOutput>("critic", "evaluate pilots", &input, |out| {
                 let judged: Vec<&str> = out
                     .evaluations
@@ -930,12 +924,7 @@ pub async fn critic(
                     Err(format!("expected an evaluation of each of {pilots:?}"))
                 }
             })
-            .await?;
-        return Ok(StepDone {
-            output,
-            cost_usd: cost,
-            artifacts: Vec::new(),
-        });
+            .await;
     }
     let cost = critic_cost(&input);
     env.provider_call("critic", pricing::TEXT_MODEL, "evaluate pilots", cost)
