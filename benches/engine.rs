@@ -76,6 +76,33 @@ fn rss_mb(pid: u32) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let ticks = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Fields after the command name, which is in parentheses and may hold spaces.
+            let rest = s.rsplit_once(')')?.1.to_owned();
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some(user + system)
+        })
+        .unwrap_or(f64::NAN);
+    // Linux reports in clock ticks of 1/100 s on every platform this runs on.
+    ticks / 100.0
+}
+
+/// Redis's CPU seconds (user + system) so far, from INFO cpu.
+async fn redis_cpu_seconds(server: &RedisServer) -> f64 {
+    let info = redis_command(server, &["INFO", "cpu"]).await;
+    info.lines()
+        .filter_map(|line| line.trim().split_once(':'))
+        .filter(|(name, _)| *name == "used_cpu_user" || *name == "used_cpu_sys")
+        .filter_map(|(_, value)| value.parse::<f64>().ok())
+        .sum()
+}
+
 #[derive(Clone, Copy, PartialEq)]
 enum Backend {
     Sqlite,
@@ -270,8 +297,10 @@ async fn drain(
     let mut deployment = Deployment::new(backend, redis).await;
     deployment.queue_noops(runs).await;
     let stats = redis.filter(|_| std::env::var_os("BENCH_REDIS_STATS").is_some());
+    let mut redis_cpu_before = 0.0;
     if let Some(server) = stats {
         redis_command(server, &["CONFIG", "RESETSTAT"]).await;
+        redis_cpu_before = redis_cpu_seconds(server).await;
     }
     let started = Instant::now();
     let mut first = None;
@@ -291,9 +320,19 @@ async fn drain(
     }
     let rate = runs as f64 / started.elapsed().as_secs_f64();
     if let Some(server) = stats {
-        // Where Redis spent its time: calls and microseconds per command during the drain.
+        // Where Redis spent its time: calls and microseconds per command during the drain,
+        // and the CPU time per run of Redis and of the workers (steadier than the rate on a
+        // shared machine).
         eprintln!("{}", redis_command(server, &["INFO", "commandstats"]).await);
-        eprintln!("{}", redis_command(server, &["INFO", "cpu"]).await);
+        let redis_cpu = redis_cpu_seconds(server).await - redis_cpu_before;
+        let workers_cpu: f64 = (0..deployment.children.len())
+            .map(|index| cpu_seconds(deployment.pid(index)))
+            .sum();
+        eprintln!(
+            "CPU per run: Redis {:.1} µs, workers {:.1} µs",
+            redis_cpu * 1e6 / runs as f64,
+            workers_cpu * 1e6 / runs as f64
+        );
     }
     (rate, peak_rss)
 }

@@ -121,10 +121,12 @@ async fn release_unstarted(store: &SharedStore, buffer: VecDeque<Claimed>) {
             .iter()
             .position(|s| s.status != StageStatus::Completed)
             .unwrap_or(0);
-        if let Err(error) = store
-            .end_attempt(&claimed.lease, first_open, StageOutcome::Abandoned)
-            .await
-        {
+        let outcome = if claimed.started.is_some() {
+            StageOutcome::Unstarted
+        } else {
+            StageOutcome::Abandoned
+        };
+        if let Err(error) = store.end_attempt(&claimed.lease, first_open, outcome).await {
             warn!(run.id = %claimed.run.id, error = %error, "releasing an unstarted run failed; its lease will expire");
         }
     }

@@ -122,7 +122,12 @@ impl Engine {
         lease_lost: &CancellationToken,
         keeps_metadata: bool,
     ) -> Ending {
-        let Claimed { lease, mut run, .. } = claimed;
+        let Claimed {
+            lease,
+            mut run,
+            mut started,
+            ..
+        } = claimed;
         let Some(workflow) = self.catalog.get(run.kind, &run.name) else {
             let error = RunError {
                 code: "unknown_workflow".to_owned(),
@@ -132,7 +137,7 @@ impl Engine {
                     run.name
                 ),
             };
-            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
+            return self.fail_unrunnable(&lease, started, error).await;
         };
         if run.cancel_requested {
             let first_open = run
@@ -167,7 +172,7 @@ impl Engine {
                     workflow.stage_names().join(", ")
                 ),
             };
-            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
+            return self.fail_unrunnable(&lease, started, error).await;
         }
         let mut previous = BTreeMap::new();
         for (index, stage) in stages.iter().enumerate() {
@@ -180,10 +185,13 @@ impl Engine {
                 continue;
             }
             if self.stopping.is_cancelled() {
+                let outcome = if started.is_some_and(|(i, _)| i == index) {
+                    StageOutcome::Unstarted
+                } else {
+                    StageOutcome::Abandoned
+                };
                 return self.settle(
-                    self.store
-                        .end_attempt(&lease, index, StageOutcome::Abandoned)
-                        .await,
+                    self.store.end_attempt(&lease, index, outcome).await,
                     Ending::Released,
                 );
             }
@@ -218,7 +226,7 @@ impl Engine {
             let reuse_key = stage.reuse_key(&ctx);
             if let (true, Some(key)) = (run.reuse, &reuse_key) {
                 if let Some(found) = self.reusable(run.id, key).await {
-                    if let Err(error) = self.store.start_stage(&lease, index).await {
+                    if let Err(error) = self.start_stage(&lease, index, &mut started).await {
                         return self.store_failure(error);
                     }
                     let is_last = index + 1 == stages.len();
@@ -265,7 +273,7 @@ impl Engine {
                     );
                 }
             }
-            ctx.attempt = match self.store.start_stage(&lease, index).await {
+            ctx.attempt = match self.start_stage(&lease, index, &mut started).await {
                 Ok(attempt) => attempt,
                 Err(error) => return self.store_failure(error),
             };
@@ -454,6 +462,37 @@ impl Engine {
         {
             warn!(error = %error, "could not update metadata.json");
         }
+    }
+
+    /// Starts a stage, unless the claim started it already: then answers that attempt.
+    async fn start_stage(
+        &self,
+        lease: &Lease,
+        index: usize,
+        started: &mut Option<(usize, u32)>,
+    ) -> Result<u32, StoreError> {
+        match started.take() {
+            Some((i, attempt)) if i == index => Ok(attempt),
+            _ => self.store.start_stage(lease, index).await,
+        }
+    }
+
+    /// Fails a run this worker cannot execute; a stage the claim started fails with it.
+    async fn fail_unrunnable(
+        &self,
+        lease: &Lease,
+        started: Option<(usize, u32)>,
+        error: RunError,
+    ) -> Ending {
+        let written = match started {
+            Some((index, _)) => {
+                self.store
+                    .end_attempt(lease, index, StageOutcome::Fail { error })
+                    .await
+            }
+            None => self.store.fail_run(lease, error).await,
+        };
+        self.settle(written, Ending::Failed)
     }
 
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {

@@ -274,6 +274,10 @@ pub struct Claimed {
     pub run: RunRecord,
     /// True when the run was taken over after a lease expired or a worker stopped.
     pub recovered: bool,
+    /// The stage the claim started already, with its attempt number: a store may start the
+    /// first open stage in the claim itself (one write less per run). The engine then does not
+    /// start it again, and gives it back with [`StageOutcome::Unstarted`] if it does not run it.
+    pub started: Option<(usize, u32)>,
 }
 
 /// A memoised step's stored result.
@@ -318,6 +322,9 @@ pub enum StageOutcome {
     Cancelled,
     /// The worker is stopping: the run goes back to the queue as it is.
     Abandoned,
+    /// A stage the claim started is given back before it ran: as `Abandoned`, and the attempt
+    /// the claim counted is taken back.
+    Unstarted,
 }
 
 /// Where a resume starts.

@@ -7,6 +7,11 @@
 -- (status sets, counts, leases, wake lists) are written once per call at its end instead of once
 -- per run: that is what lets one Redis core serve thousands of runs a second.
 --
+-- A run is one hash; its stages' fields are in it as `s{index}:{field}`. The fields the hot
+-- operations read and write come first and always exist (empty when unset: an empty field means
+-- an absent value), because Redis looks fields of a small hash up by scanning it from the start.
+-- The hot path (claim, commit) therefore reads and writes each run with one HMGET and one HSET.
+--
 -- Times come from the Redis server's clock (TIME), so processes on different hosts agree on
 -- lease expiry. The work of every operation is bounded: claims look at the head of each queue,
 -- sweeps and purges take a limit.
@@ -21,7 +26,6 @@ local function str(n) return string.format('%d', n) end
 local NOW = str(now)
 
 local function k_run(id) return P .. 'run:' .. id end
-local function k_stage(id, i) return P .. 'run:' .. id .. ':stage:' .. i end
 local function k_steps(id) return P .. 'run:' .. id .. ':steps' end
 local function k_events(id) return P .. 'run:' .. id .. ':events' end
 local function k_due(q) return P .. 'queue:' .. q .. ':due' end
@@ -37,6 +41,24 @@ local FINISHED = { completed = true, failed = true, cancelled = true }
 -- Wake-list entries kept at most per queue (the list only wakes blocked workers).
 local WAKE_CAP = 64
 
+-- The field names of stage `i`, built once per call and stage index.
+local STAGE_FIELDS = {}
+local function sf(i)
+  local f = STAGE_FIELDS[i]
+  if not f then
+    local p = 's' .. i .. ':'
+    f = {
+      name = p .. 'name', status = p .. 'status', attempts = p .. 'attempts',
+      started_at = p .. 'started_at', finished_at = p .. 'finished_at', output = p .. 'output',
+      artifacts = p .. 'artifacts', cost_usd = p .. 'cost_usd', error = p .. 'error',
+      next_attempt_at = p .. 'next_attempt_at', progress_done = p .. 'progress_done',
+      progress_total = p .. 'progress_total', reused_from = p .. 'reused_from',
+    }
+    STAGE_FIELDS[i] = f
+  end
+  return f
+end
+
 ---------------------------------------------------------------------------------------------
 -- Index changes of this call, written by flush().
 
@@ -51,11 +73,11 @@ local wakes = {}      -- queue -> runs that became due now
 local function move(id, q, old, new)
   local m = moved[id]
   if not m then
-    m = { q, old or false, new }
-    moved[id] = m
+    moved[id] = { q, old or false, new }
     moved_ids[#moved_ids + 1] = id
+  else
+    m[3] = new
   end
-  m[3] = new
 end
 
 local function lease(id, expires)
@@ -67,13 +89,14 @@ local function wake(q)
   wakes[q] = (wakes[q] or 0) + 1
 end
 
-local function push_to(map, key, ...)
+local function push_to(map, key, a, b)
   local list = map[key]
   if not list then
     list = {}
     map[key] = list
   end
-  for _, v in ipairs({ ... }) do list[#list + 1] = v end
+  list[#list + 1] = a
+  if b then list[#list + 1] = b end
 end
 
 -- Writes the index changes recorded so far, one command per index touched.
@@ -139,48 +162,52 @@ end
 -- Helpers.
 
 -- An event as stored: its sequence number is its position in the run's list (1-based), so it
--- needs no counter of its own.
+-- needs no counter of its own. `stage` is a name or nil.
 local function ev(kind, stage, data)
-  local stage_json = 'null'
-  if stage and stage ~= '' then stage_json = cjson.encode(stage) end
-  if not data or data == '' then data = '{}' end
-  return '{"at":' .. NOW .. ',"kind":"' .. kind .. '","stage":' .. stage_json .. ',"data":' .. data .. '}'
-end
-
-local function push_events(id, ...)
-  redis.call('RPUSH', k_events(id), ...)
+  if stage and stage ~= '' then
+    return '{"at":' .. NOW .. ',"kind":"' .. kind .. '","stage":' .. cjson.encode(stage) .. ',"data":' .. data .. '}'
+  end
+  return '{"at":' .. NOW .. ',"kind":"' .. kind .. '","stage":null,"data":' .. data .. '}'
 end
 
 local function event(id, kind, stage, data)
-  push_events(id, ev(kind, stage, data))
+  redis.call('RPUSH', k_events(id), ev(kind, stage, data))
 end
 
--- Adds to a float field, skipping the command when there is nothing to add.
-local function add_cost(key, amount)
-  if tonumber(amount) ~= 0 then redis.call('HINCRBYFLOAT', key, 'cost_usd', amount) end
+-- Adds a cost to a stage and its run, skipping the commands when there is nothing to add.
+local function add_cost(r, f, amount)
+  if tonumber(amount) ~= 0 then
+    redis.call('HINCRBYFLOAT', r, f.cost_usd, amount)
+    redis.call('HINCRBYFLOAT', r, 'cost_usd', amount)
+  end
 end
 
--- Sets a run's status where the caller has not read the old one (the cold paths).
-local function set_status(id, new)
+-- Sets a run's status. `old` and `q` are read when the caller does not know them.
+local function set_status(id, new, old, q)
   local r = k_run(id)
-  local v = redis.call('HMGET', r, 'status', 'queue')
-  local old, q = v[1], v[2]
-  redis.call('HSET', r, 'status', new, 'updated_at', NOW)
-  if FINISHED[new] and not (old and FINISHED[old]) then
-    redis.call('HSET', r, 'finished_at', NOW)
-  elseif old and FINISHED[old] and not FINISHED[new] then
-    redis.call('HDEL', r, 'finished_at')
+  if not q then
+    local v = redis.call('HMGET', r, 'status', 'queue')
+    old, q = v[1], v[2]
+  end
+  local was, is = old and FINISHED[old], FINISHED[new]
+  if is and not was then
+    redis.call('HSET', r, 'status', new, 'updated_at', NOW, 'finished_at', NOW)
+  elseif was and not is then
+    redis.call('HSET', r, 'status', new, 'updated_at', NOW, 'finished_at', '')
+  else
+    redis.call('HSET', r, 'status', new, 'updated_at', NOW)
   end
   move(id, q, old, new)
 end
 
+-- Gives up the run's lease (and a stage start its claim made).
 local function release(id)
-  redis.call('HDEL', k_run(id), 'lease_owner', 'lease_expires_at')
+  redis.call('HSET', k_run(id), 'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
   lease(id, false)
 end
 
-local function enqueue(id, at)
-  local q = redis.call('HGET', k_run(id), 'queue')
+local function enqueue(id, at, q)
+  q = q or redis.call('HGET', k_run(id), 'queue')
   redis.call('HSET', k_run(id), 'available_at', str(at))
   redis.call('ZADD', k_due(q), str(at), id)
   if at <= now then wake(q) end
@@ -194,52 +221,47 @@ local function fenced(id, fence, owner, ...)
   return nil
 end
 
--- The run hash and its stage hashes, as flat field/value lists ({} when there is no run).
--- `n` is the number of stages when the caller knows it.
-local function snapshot(id, n)
-  local run = redis.call('HGETALL', k_run(id))
-  if #run == 0 then return {} end
-  if not n then
-    for i = 1, #run, 2 do
-      if run[i] == 'stages' then n = tonumber(run[i + 1]) end
-    end
+-- Clears the fields a failed attempt of stage `f` left, when there are any.
+local function clear_attempt(r, f, v_finished, v_error, v_next)
+  if (v_finished and v_finished ~= '') or v_error or v_next then
+    redis.call('HDEL', r, f.error, f.next_attempt_at)
+    redis.call('HSET', r, f.finished_at, '')
   end
-  local out = { run }
-  for i = 0, (n or 0) - 1 do out[#out + 1] = redis.call('HGETALL', k_stage(id, i)) end
-  return out
 end
 
 ---------------------------------------------------------------------------------------------
--- Operations. Each takes its arguments as a list and answers one value (never nil).
+-- Operations. Each takes its arguments as Lua arguments and answers one value (never nil).
 
 local OPS = {}
 
 -- insert id kind name queue inputs mode budget idem idem_ttl_ms reuse(0|1) n names...
-function OPS.insert(a)
-  local id, kind, name, q, inputs, mode, budget, idem, idem_ttl = a[1], a[2], a[3], a[4], a[5], a[6], a[7], a[8], a[9]
-  local n = tonumber(a[11])
+function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reuse, n, ...)
   if idem ~= '' then
     local existing = redis.call('GET', k_idem(idem))
     if existing then return { existing, 0 } end
     redis.call('SET', k_idem(idem), id, 'PX', idem_ttl)
   end
-  local fields = { 'id', id, 'kind', kind, 'name', name, 'queue', q, 'inputs', inputs,
-    'provider_mode', mode, 'cost_usd', '0', 'fence', '0', 'cancel_requested', '0',
-    'created_at', NOW, 'updated_at', NOW, 'stages', a[11], 'status', 'queued', 'available_at', NOW,
-    'reuse', a[10] }
-  if budget ~= '' then
-    fields[#fields + 1] = 'budget_usd'
-    fields[#fields + 1] = budget
+  -- Hot fields first (see the top). `next` is the first stage without a checkpoint.
+  local fields = { 'status', 'queued', 'fence', '0', 'lease_owner', '', 'lease_expires_at', '',
+    'next', '0', 'stages', n, 'queue', q, 'updated_at', NOW, 'cancel_requested', '0',
+    'budget_usd', budget, 'reuse', reuse, 'prestarted', '', 'current_stage', '', 'worker', '' }
+  local names = { ... }
+  for i = 0, tonumber(n) - 1 do
+    local f = sf(i)
+    fields[#fields + 1] = f.name
+    fields[#fields + 1] = names[i + 1]
+    fields[#fields + 1] = f.status
+    fields[#fields + 1] = 'pending'
+    fields[#fields + 1] = f.attempts
+    fields[#fields + 1] = '0'
+    fields[#fields + 1] = f.started_at
+    fields[#fields + 1] = ''
   end
-  if idem ~= '' then
-    fields[#fields + 1] = 'idempotency_key'
-    fields[#fields + 1] = idem
-  end
+  local rest = { 'finished_at', '', 'id', id, 'kind', kind, 'name', name, 'inputs', inputs,
+    'provider_mode', mode, 'cost_usd', '0', 'created_at', NOW, 'available_at', NOW,
+    'idempotency_key', idem }
+  for _, v in ipairs(rest) do fields[#fields + 1] = v end
   redis.call('HSET', k_run(id), unpack(fields))
-  for i = 0, n - 1 do
-    redis.call('HSET', k_stage(id, i), 'name', a[12 + i], 'status', 'pending', 'attempts', '0',
-      'cost_usd', '0', 'artifacts', '[]')
-  end
   added[#added + 1] = id
   move(id, q, nil, 'queued')
   redis.call('ZADD', k_due(q), NOW, id)
@@ -248,53 +270,87 @@ function OPS.insert(a)
   return { id, 1 }
 end
 
--- claim worker ttl_ms max queues...: up to max due runs, oldest first, as {id, fence, stages}
-function OPS.claim(a)
-  local worker, max = a[1], tonumber(a[3])
-  local expires = str(now + tonumber(a[2]))
+-- claim worker ttl_ms max queues...: up to max due runs, oldest first, as
+-- {id, fence, started, attempt, recovered}. The claim also starts the run's first open stage
+-- (started = its index, attempt = its attempt number; -1 and 0 when it did not) unless a cancel
+-- was requested or the run has a budget or reuses checkpoints: then the worker checks first.
+-- recovered is 1 when that stage was running under an earlier lease.
+function OPS.claim(worker, ttl, max_text, ...)
+  local max = tonumber(max_text)
+  local expires = str(now + tonumber(ttl))
+  local run_started = '{"worker":' .. cjson.encode(worker) .. ',"fence":'
   local candidates = {}
-  for i = 4, #a do
-    local head = redis.call('ZRANGEBYSCORE', k_due(a[i]), '-inf', NOW, 'WITHSCORES', 'LIMIT', '0', a[3])
+  local queues = { ... }
+  for _, q in ipairs(queues) do
+    local head = redis.call('ZRANGEBYSCORE', k_due(q), '-inf', NOW, 'WITHSCORES', 'LIMIT', '0', max_text)
     for j = 1, #head, 2 do
-      candidates[#candidates + 1] = { a[i], head[j], tonumber(head[j + 1]) }
+      candidates[#candidates + 1] = { q, head[j], tonumber(head[j + 1]) }
     end
   end
-  table.sort(candidates, function(x, y)
-    if x[3] ~= y[3] then return x[3] < y[3] end
-    return x[2] < y[2]
-  end)
+  if #queues > 1 then
+    table.sort(candidates, function(x, y)
+      if x[3] ~= y[3] then return x[3] < y[3] end
+      return x[2] < y[2]
+    end)
+  end
   local taken = {}
   local claimed = {}
   for i = 1, math.min(max, #candidates) do
     local q, id = candidates[i][1], candidates[i][2]
     push_to(taken, q, id)
     local r = k_run(id)
-    local v = redis.call('HMGET', r, 'status', 'fence', 'stages')
+    -- Most runs start at stage 0: read its fields in the same command.
+    local v = redis.call('HMGET', r, 'status', 'fence', 'next', 'stages', 'cancel_requested',
+      'budget_usd', 'reuse', 's0:name', 's0:status', 's0:attempts')
     if v[1] then
       local fence = str(tonumber(v[2]) + 1)
-      redis.call('HSET', r, 'fence', fence, 'lease_owner', worker, 'worker', worker,
-        'lease_expires_at', expires, 'status', 'running', 'updated_at', NOW)
+      local idx, n = tonumber(v[3]), tonumber(v[4])
+      local name, status, attempts = v[8], v[9], v[10]
+      if idx ~= 0 and idx < n then
+        local f = sf(idx)
+        local s = redis.call('HMGET', r, f.name, f.status, f.attempts)
+        name, status, attempts = s[1], s[2], s[3]
+      end
+      local recovered = status == 'running' and 1 or 0
+      local data = run_started .. fence .. '}'
+      local attempt = 0
+      if idx < n and v[5] ~= '1' and (v[6] or '') == '' and v[7] ~= '1' then
+        local f = sf(idx)
+        attempt = tonumber(attempts or '0') + 1
+        redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
+          'lease_expires_at', expires, 'updated_at', NOW, 'prestarted', fence .. ':' .. idx,
+          'current_stage', name, 'worker', worker, f.status, 'running', f.attempts, str(attempt),
+          f.started_at, NOW)
+        -- A retry's error and due time stay on the stage until its next attempt starts.
+        if v[1] == 'retrying' then redis.call('HDEL', r, f.error, f.next_attempt_at) end
+        redis.call('RPUSH', k_events(id), ev('run_started', nil, data),
+          ev('stage_started', name, '{"attempt":' .. str(attempt) .. '}'))
+      else
+        idx = -1
+        redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
+          'lease_expires_at', expires, 'updated_at', NOW, 'worker', worker)
+        event(id, 'run_started', nil, data)
+      end
       lease(id, expires)
       move(id, q, v[1], 'running')
-      event(id, 'run_started', nil, '{"worker":' .. cjson.encode(worker) .. ',"fence":' .. fence .. '}')
-      -- The client reads the run's hashes itself, outside the script: much cheaper for Redis.
-      claimed[#claimed + 1] = { id, fence, v[3] }
+      -- The client reads the run's hash itself, outside the script: much cheaper for Redis.
+      claimed[#claimed + 1] = { id, fence, idx, attempt, recovered }
     end
   end
   for q, ids in pairs(taken) do redis.call('ZREM', k_due(q), unpack(ids)) end
   return claimed
 end
 
--- get id
-function OPS.get(a)
-  return snapshot(a[1])
+-- get id: the run's hash as a flat field/value list ({} when there is no run)
+function OPS.get(id)
+  return redis.call('HGETALL', k_run(id))
 end
 
 -- next_due queues...: milliseconds until the earliest run of these queues is due (-1: none)
-function OPS.next_due(a)
+function OPS.next_due(...)
   local best = nil
-  for i = 1, #a do
-    local head = redis.call('ZRANGE', k_due(a[i]), 0, 0, 'WITHSCORES')
+  for _, q in ipairs({ ... }) do
+    local head = redis.call('ZRANGE', k_due(q), 0, 0, 'WITHSCORES')
     if head[1] and (not best or tonumber(head[2]) < best) then best = tonumber(head[2]) end
   end
   if not best then return -1 end
@@ -304,133 +360,149 @@ end
 -- Operations of the lease holder: id fence owner ... ; answer -1 when the fence is stale.
 
 -- heartbeat id fence owner ttl_ms: 1 when a cancel was requested, else 0
-function OPS.heartbeat(a)
-  local id = a[1]
-  local v = fenced(id, a[2], a[3], 'cancel_requested')
+function OPS.heartbeat(id, fence, owner, ttl)
+  local v = fenced(id, fence, owner, 'cancel_requested')
   if not v then return -1 end
-  local expires = str(now + tonumber(a[4]))
+  local expires = str(now + tonumber(ttl))
   redis.call('HSET', k_run(id), 'lease_expires_at', expires)
   lease(id, expires)
   return tonumber(v[3])
 end
 
--- start_stage id fence owner idx: the attempt number
-function OPS.start_stage(a)
-  local id, idx = a[1], a[4]
-  if not fenced(id, a[2], a[3]) then return -1 end
-  local s = k_stage(id, idx)
-  local v = redis.call('HMGET', s, 'name', 'attempts', 'finished_at', 'error', 'next_attempt_at')
-  local name, attempts = v[1], tonumber(v[2] or '0') + 1
-  redis.call('HSET', s, 'attempts', str(attempts), 'status', 'running', 'started_at', NOW)
-  if v[3] or v[4] or v[5] then redis.call('HDEL', s, 'finished_at', 'error', 'next_attempt_at') end
+-- start_stage id fence owner idx: the attempt number. A stage the claim started already
+-- answers that attempt.
+function OPS.start_stage(id, fence, owner, idx)
+  local f = sf(idx)
+  local v = fenced(id, fence, owner, 'prestarted', f.name, f.attempts, f.finished_at, f.error,
+    f.next_attempt_at)
+  if not v then return -1 end
+  local r = k_run(id)
+  if v[3] == fence .. ':' .. idx then
+    redis.call('HSET', r, 'prestarted', '')
+    return tonumber(v[5])
+  end
+  local name, attempts = v[4], tonumber(v[5] or '0') + 1
   -- The claim made the run 'running'; only the current stage changes.
-  redis.call('HSET', k_run(id), 'current_stage', name, 'updated_at', NOW)
+  redis.call('HSET', r, f.attempts, str(attempts), f.status, 'running', f.started_at, NOW,
+    'current_stage', name, 'updated_at', NOW)
+  clear_attempt(r, f, v[6], v[7], v[8])
   event(id, 'stage_started', name, '{"attempt":' .. str(attempts) .. '}')
   return attempts
 end
 
 -- record_step id fence owner idx key step_json cost done total event_data: 0 when known already
-function OPS.record_step(a)
-  local id, idx, key, step, cost = a[1], a[4], a[5], a[6], a[7]
-  if not fenced(id, a[2], a[3]) then return -1 end
+function OPS.record_step(id, fence, owner, idx, key, step, cost, done, total, data)
+  local f = sf(idx)
+  local v = fenced(id, fence, owner, f.name)
+  if not v then return -1 end
   if redis.call('HSETNX', k_steps(id), idx .. ':' .. key, step) == 0 then return 0 end
-  local s = k_stage(id, idx)
-  add_cost(s, cost)
-  redis.call('HSET', s, 'progress_done', a[8], 'progress_total', a[9])
-  add_cost(k_run(id), cost)
-  redis.call('HSET', k_run(id), 'updated_at', NOW)
-  event(id, 'step_completed', redis.call('HGET', s, 'name'), a[10])
+  local r = k_run(id)
+  add_cost(r, f, cost)
+  redis.call('HSET', r, f.progress_done, done, f.progress_total, total, 'updated_at', NOW)
+  event(id, 'step_completed', v[3], data)
   return 1
 end
 
 -- commit id fence owner idx output artifacts cost result event_data reused_from
 -- (result '' when not the last stage; the last stage's commit completes the run; reused_from ''
--- unless the checkpoint came from another run)
-function OPS.commit(a)
-  local id, idx, output, artifacts, cost, result = a[1], a[4], a[5], a[6], a[7], a[8]
-  local v = fenced(id, a[2], a[3], 'status', 'queue')
+-- unless the checkpoint came from another run). A stage's error and retry time were cleared
+-- when its attempt started, and a run in progress has no error, so there is nothing to delete.
+function OPS.commit(id, fence, owner, idx, output, artifacts, cost, result, data, reused_from)
+  local f = sf(idx)
+  local v = fenced(id, fence, owner, 'status', 'queue', f.name)
   if not v then return -1 end
-  local r, s = k_run(id), k_stage(id, idx)
-  local sv = redis.call('HMGET', s, 'name', 'error', 'next_attempt_at')
-  local name = sv[1]
-  redis.call('HSET', s, 'status', 'completed', 'finished_at', NOW, 'output', output, 'artifacts', artifacts)
-  if sv[2] or sv[3] then redis.call('HDEL', s, 'error', 'next_attempt_at') end
-  if a[10] ~= '' then redis.call('HSET', s, 'reused_from', a[10]) end
-  add_cost(s, cost)
-  add_cost(r, cost)
+  local r = k_run(id)
+  local name = v[5]
+  local next_idx = str(tonumber(idx) + 1)
+  add_cost(r, f, cost)
+  if reused_from ~= '' then redis.call('HSET', r, f.reused_from, reused_from) end
   if result == '' then
-    redis.call('HSET', r, 'updated_at', NOW)
-    event(id, 'stage_completed', name, a[9])
+    redis.call('HSET', r, 'next', next_idx, 'updated_at', NOW, f.status, 'completed',
+      f.finished_at, NOW, f.output, output, f.artifacts, artifacts)
+    event(id, 'stage_completed', name, data)
     return 1
   end
-  redis.call('HSET', r, 'result', result, 'status', 'completed', 'updated_at', NOW, 'finished_at', NOW)
-  redis.call('HDEL', r, 'error', 'current_stage', 'lease_owner', 'lease_expires_at')
+  redis.call('HSET', r, 'status', 'completed', 'lease_owner', '', 'lease_expires_at', '',
+    'next', next_idx, 'updated_at', NOW, 'prestarted', '', 'current_stage', '', f.status,
+    'completed', f.finished_at, NOW, 'finished_at', NOW, f.output, output, f.artifacts,
+    artifacts, 'result', result)
   lease(id, false)
   move(id, v[4], v[3], 'completed')
-  push_events(id, ev('stage_completed', name, a[9]), ev('run_completed', nil, '{}'))
+  redis.call('RPUSH', k_events(id), ev('stage_completed', name, data), ev('run_completed', nil, '{}'))
   return 1
 end
 
 -- end_attempt id fence owner idx outcome error delay_ms event_data
-function OPS.end_attempt(a)
-  local id, idx, outcome, err, delay = a[1], a[4], a[5], a[6], tonumber(a[7])
-  if not fenced(id, a[2], a[3]) then return -1 end
-  local s = k_stage(id, idx)
-  local name = redis.call('HGET', s, 'name')
+-- outcome: retry | fail | cancel | abandon | unstart (a stage the claim started is given back
+-- before it ran: its attempt is not counted)
+function OPS.end_attempt(id, fence, owner, idx, outcome, err, delay_text, data)
+  local f = sf(idx)
+  local v = fenced(id, fence, owner, 'status', 'queue', f.name, f.attempts)
+  if not v then return -1 end
+  local r = k_run(id)
+  local old, q, name = v[3], v[4], v[5]
   release(id)
   if outcome == 'retry' then
-    redis.call('HSET', s, 'status', 'retrying', 'error', err, 'next_attempt_at', str(now + delay))
-    set_status(id, 'retrying')
-    enqueue(id, now + delay)
-    event(id, 'retry_scheduled', name, a[8])
+    local at = now + tonumber(delay_text)
+    redis.call('HSET', r, f.status, 'retrying', f.error, err, f.next_attempt_at, str(at))
+    set_status(id, 'retrying', old, q)
+    enqueue(id, at, q)
+    event(id, 'retry_scheduled', name, data)
   elseif outcome == 'fail' then
-    redis.call('HSET', s, 'status', 'failed', 'error', err, 'finished_at', NOW)
-    redis.call('HSET', k_run(id), 'error', err)
-    set_status(id, 'failed')
-    push_events(id, ev('stage_failed', name, a[8]), ev('run_failed', nil, a[8]))
+    redis.call('HSET', r, f.status, 'failed', f.error, err, f.finished_at, NOW, 'error', err)
+    set_status(id, 'failed', old, q)
+    redis.call('RPUSH', k_events(id), ev('stage_failed', name, data), ev('run_failed', nil, data))
   elseif outcome == 'cancel' then
-    redis.call('HSET', s, 'status', 'cancelled', 'finished_at', NOW)
-    set_status(id, 'cancelled')
+    redis.call('HSET', r, f.status, 'cancelled', f.finished_at, NOW)
+    set_status(id, 'cancelled', old, q)
     event(id, 'run_cancelled', name, '{}')
   else
-    redis.call('HSET', s, 'status', 'pending')
-    set_status(id, 'queued')
-    enqueue(id, now)
+    redis.call('HSET', r, f.status, 'pending')
+    if outcome == 'unstart' then
+      redis.call('HSET', r, f.attempts, str(math.max(tonumber(v[6] or '0') - 1, 0)), f.started_at, '')
+    end
+    set_status(id, 'queued', old, q)
+    enqueue(id, now, q)
     event(id, 'run_released', name, '{}')
   end
   return 1
 end
 
 -- fail_run id fence owner error event_data
-function OPS.fail_run(a)
-  local id = a[1]
-  if not fenced(id, a[2], a[3]) then return -1 end
+function OPS.fail_run(id, fence, owner, err, data)
+  if not fenced(id, fence, owner) then return -1 end
   release(id)
-  redis.call('HSET', k_run(id), 'error', a[4])
+  redis.call('HSET', k_run(id), 'error', err)
   set_status(id, 'failed')
-  event(id, 'run_failed', nil, a[5])
+  event(id, 'run_failed', nil, data)
   return 1
 end
 
+-- The statuses of a run's stages, from 0.
+local function stage_statuses(r, n)
+  if n == 0 then return {} end
+  local fields = {}
+  for i = 0, n - 1 do fields[i + 1] = sf(i).status end
+  return redis.call('HMGET', r, unpack(fields))
+end
+
 -- cancel id: 'cancelled' | 'requested' | 'finished:<status>' | 'missing'
-function OPS.cancel(a)
-  local id = a[1]
+function OPS.cancel(id)
   local r = k_run(id)
-  local status = redis.call('HGET', r, 'status')
+  local v = redis.call('HMGET', r, 'status', 'queue', 'stages')
+  local status, q = v[1], v[2]
   if not status then return 'missing' end
   if status == 'queued' or status == 'retrying' then
-    local q = redis.call('HGET', r, 'queue')
     redis.call('ZREM', k_due(q), id)
-    redis.call('HSET', r, 'cancel_requested', 1)
-    local n = tonumber(redis.call('HGET', r, 'stages') or '0')
-    for i = 0, n - 1 do
-      local s = k_stage(id, i)
-      if redis.call('HGET', s, 'status') == 'retrying' then
-        redis.call('HSET', s, 'status', 'cancelled', 'finished_at', NOW)
-        redis.call('HDEL', s, 'next_attempt_at')
+    redis.call('HSET', r, 'cancel_requested', '1')
+    for i, stage_status in ipairs(stage_statuses(r, tonumber(v[3] or '0'))) do
+      if stage_status == 'retrying' then
+        local f = sf(i - 1)
+        redis.call('HSET', r, f.status, 'cancelled', f.finished_at, NOW)
+        redis.call('HDEL', r, f.next_attempt_at)
       end
     end
-    set_status(id, 'cancelled')
+    set_status(id, 'cancelled', status, q)
     event(id, 'run_cancelled', nil, '{}')
     return 'cancelled'
   elseif status == 'running' then
@@ -443,59 +515,63 @@ end
 
 -- resume id expected_status from_idx forget_steps(0|1) inputs budget: 'ok' | 'changed' | 'missing'
 -- (inputs and budget '' when unchanged)
-function OPS.resume(a)
-  local id, expected, from, forget = a[1], a[2], tonumber(a[3]), a[4]
+function OPS.resume(id, expected, from_text, forget, inputs, budget)
+  local from = tonumber(from_text)
   local r = k_run(id)
-  local status = redis.call('HGET', r, 'status')
+  local v = redis.call('HMGET', r, 'status', 'queue', 'stages')
+  local status, q = v[1], v[2]
   if not status then return 'missing' end
   if status ~= expected then return 'changed' end
-  local n = tonumber(redis.call('HGET', r, 'stages') or '0')
+  local n = tonumber(v[3] or '0')
+  local steps = {}
+  if forget == '1' then steps = redis.call('HKEYS', k_steps(id)) end
   for i = from, n - 1 do
-    local s = k_stage(id, i)
+    local f = sf(i)
+    redis.call('HSET', r, f.status, 'pending', f.attempts, '0', f.started_at, '', f.finished_at, '')
     if i == from and forget ~= '1' then
       -- The stage keeps its memoised steps, and with them their cost and progress.
-      redis.call('HSET', s, 'status', 'pending', 'attempts', 0)
-      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'next_attempt_at', 'reused_from')
+      redis.call('HDEL', r, f.output, f.error, f.next_attempt_at, f.reused_from)
     else
-      redis.call('HSET', s, 'status', 'pending', 'attempts', 0, 'cost_usd', 0, 'artifacts', '[]')
-      redis.call('HDEL', s, 'started_at', 'finished_at', 'output', 'error', 'progress_done', 'progress_total', 'next_attempt_at', 'reused_from')
+      redis.call('HDEL', r, f.cost_usd, f.artifacts, f.output, f.error, f.progress_done,
+        f.progress_total, f.next_attempt_at, f.reused_from)
     end
     if forget == '1' then
-      local fields = redis.call('HKEYS', k_steps(id))
-      for _, field in ipairs(fields) do
-        if string.sub(field, 1, string.len(i .. ':')) == i .. ':' then redis.call('HDEL', k_steps(id), field) end
+      local mark = i .. ':'
+      for _, field in ipairs(steps) do
+        if string.sub(field, 1, #mark) == mark then redis.call('HDEL', k_steps(id), field) end
       end
     end
   end
-  redis.call('HDEL', r, 'result', 'error', 'current_stage', 'lease_owner', 'lease_expires_at')
-  redis.call('HSET', r, 'cancel_requested', '0')
-  if a[5] ~= '' then redis.call('HSET', r, 'inputs', a[5]) end
-  if a[6] ~= '' then redis.call('HSET', r, 'budget_usd', a[6]) end
+  redis.call('HDEL', r, 'result', 'error')
+  redis.call('HSET', r, 'cancel_requested', '0', 'next', str(from), 'current_stage', '',
+    'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
+  if inputs ~= '' then redis.call('HSET', r, 'inputs', inputs) end
+  if budget ~= '' then redis.call('HSET', r, 'budget_usd', budget) end
   lease(id, false)
-  set_status(id, 'queued')
-  enqueue(id, now)
-  local name = redis.call('HGET', k_stage(id, from), 'name')
+  set_status(id, 'queued', status, q)
+  enqueue(id, now, q)
+  local name = redis.call('HGET', r, sf(from).name)
   event(id, 'run_resumed', name, cjson.encode({ from_stage = name }))
   return 'ok'
 end
 
 -- sweep limit: re-queue (or cancel) runs whose lease expired; answers their ids
-function OPS.sweep(a)
+function OPS.sweep(limit)
   flush()
-  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', str(now - 1), 'LIMIT', '0', a[1])
+  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', str(now - 1), 'LIMIT', '0', limit)
   local recovered = {}
   for _, run_id in ipairs(expired) do
     local r = k_run(run_id)
-    local v = redis.call('HMGET', r, 'status', 'lease_expires_at', 'cancel_requested', 'worker')
+    local v = redis.call('HMGET', r, 'status', 'lease_expires_at', 'cancel_requested', 'worker', 'queue')
     lease(run_id, false)
-    if v[1] == 'running' and tonumber(v[2] or '0') < now then
-      redis.call('HDEL', r, 'lease_owner', 'lease_expires_at')
+    if v[1] == 'running' and (tonumber(v[2]) or 0) < now then
+      redis.call('HSET', r, 'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
       if v[3] == '1' then
-        set_status(run_id, 'cancelled')
+        set_status(run_id, 'cancelled', v[1], v[5])
         event(run_id, 'run_cancelled', nil, '{"reason":"lease expired"}')
       else
-        set_status(run_id, 'queued')
-        enqueue(run_id, now)
+        set_status(run_id, 'queued', v[1], v[5])
+        enqueue(run_id, now, v[5])
         event(run_id, 'lease_recovered', nil, cjson.encode({ previous_worker = v[4] }))
         recovered[#recovered + 1] = run_id
       end
@@ -505,18 +581,17 @@ function OPS.sweep(a)
 end
 
 -- purge cutoff_ms limit: delete runs finished before the cutoff; answers how many
-function OPS.purge(a)
+function OPS.purge(cutoff, limit)
   flush()
-  local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', a[1], 'LIMIT', 0, tonumber(a[2]))
+  local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', cutoff, 'LIMIT', '0', limit)
   for _, run_id in ipairs(ids) do
     local r = k_run(run_id)
-    local v = redis.call('HMGET', r, 'status', 'queue', 'stages', 'idempotency_key')
+    local v = redis.call('HMGET', r, 'status', 'queue', 'idempotency_key')
     if v[1] then
       redis.call('ZREM', k_status(v[1]), run_id)
       redis.call('HINCRBY', K_COUNTS, v[2] .. ':' .. v[1], -1)
     end
-    for i = 0, tonumber(v[3] or '0') - 1 do redis.call('DEL', k_stage(run_id, i)) end
-    if v[4] then redis.call('DEL', k_idem(v[4])) end
+    if v[3] and v[3] ~= '' then redis.call('DEL', k_idem(v[3])) end
     redis.call('DEL', r, k_steps(run_id), k_events(run_id))
     redis.call('ZREM', K_ALL, run_id)
     redis.call('ZREM', K_FINISHED, run_id)
@@ -530,16 +605,15 @@ end
 if ARGV[2] ~= 'batch' then return redis.error_reply('expected a batch of operations') end
 local results = {}
 local i = 3
-while i <= #ARGV do
+local last = #ARGV
+while i <= last do
   local name, argc = ARGV[i], tonumber(ARGV[i + 1])
   local handler = OPS[name]
   if not handler or not argc then
     flush()
     return redis.error_reply('unknown operation ' .. tostring(name))
   end
-  local args = {}
-  for j = 1, argc do args[j] = ARGV[i + 1 + j] end
-  results[#results + 1] = handler(args)
+  results[#results + 1] = handler(unpack(ARGV, i + 2, i + 1 + argc))
   i = i + 2 + argc
 end
 flush()

@@ -236,21 +236,6 @@ fn json_text(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
-/// A flat field/value list as returned by HGETALL.
-fn to_map(value: &RedisValue) -> HashMap<String, String> {
-    let mut map = HashMap::new();
-    if let RedisValue::Array(items) = value {
-        for pair in items.chunks(2) {
-            if let [field, value] = pair {
-                if let (Some(field), Some(value)) = (as_string(field), as_string(value)) {
-                    map.insert(field, value);
-                }
-            }
-        }
-    }
-    map
-}
-
 fn as_string(value: &RedisValue) -> Option<String> {
     match value {
         RedisValue::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
@@ -351,16 +336,53 @@ fn run_from_maps(
     })
 }
 
-/// A run from the script's snapshot: its hash, then one hash per stage.
-fn snapshot_to_run(snapshot: &RedisValue) -> StoreResult<Option<RunRecord>> {
-    let RedisValue::Array(parts) = snapshot else {
+/// A run from its hash: the run's fields, and each stage's as `s{index}:{field}`; an empty
+/// field is an unset one.
+fn run_from_hash(hash: &RedisValue) -> StoreResult<Option<RunRecord>> {
+    let RedisValue::Array(items) = hash else {
         return Ok(None);
     };
-    let Some((run, stages)) = parts.split_first() else {
+    if items.is_empty() {
         return Ok(None);
-    };
-    let stages: Vec<_> = stages.iter().map(to_map).collect();
-    run_from_maps(&to_map(run), &stages).map(Some)
+    }
+    let mut run = HashMap::with_capacity(items.len() / 2);
+    let mut stages: Vec<HashMap<String, String>> = Vec::new();
+    for pair in items.chunks(2) {
+        let [field, value] = pair else { continue };
+        let (Some(field), Some(value)) = (as_string(field), as_string(value)) else {
+            continue;
+        };
+        // The script keeps unset fields of the hot path as empty strings.
+        if value.is_empty() {
+            continue;
+        }
+        match stage_field(&field) {
+            Some((index, name)) => {
+                if stages.len() <= index {
+                    stages.resize_with(index + 1, HashMap::new);
+                }
+                stages[index].insert(name.to_owned(), value);
+            }
+            None => {
+                run.insert(field, value);
+            }
+        }
+    }
+    let declared = number(&run, "stages") as usize;
+    if stages.len() < declared {
+        stages.resize_with(declared, HashMap::new);
+    }
+    run_from_maps(&run, &stages).map(Some)
+}
+
+/// `s{index}:{name}` → (index, name); run fields never look like this.
+fn stage_field(field: &str) -> Option<(usize, &str)> {
+    let rest = field.strip_prefix('s')?;
+    let (index, name) = rest.split_once(':')?;
+    if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    Some((index.parse().ok()?, name))
 }
 
 /// An event as the script stores it (`at` in milliseconds; its sequence number is its
@@ -407,8 +429,8 @@ impl RunStore for RedisStore {
     }
 
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
-        let snapshot: RedisValue = self.call("get", &[id.to_string()]).await?;
-        snapshot_to_run(&snapshot)
+        let hash: RedisValue = self.call("get", &[id.to_string()]).await?;
+        run_from_hash(&hash)
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
@@ -511,32 +533,25 @@ impl RunStore for RedisStore {
             max.to_string(),
         ];
         args.extend(queues.iter().cloned());
-        let answer: Vec<(String, i64, usize)> = self.call("claim", &args).await?;
+        let answer: Vec<(String, i64, i64, u32, i64)> = self.call("claim", &args).await?;
         if answer.is_empty() {
             return Ok(Vec::new());
         }
-        // The script answers ids, fences and stage counts; the hashes are read here in one
-        // pipeline, which costs Redis far less than copying them through the script. Only the
-        // lease holder writes a running run, so nothing changes them in between.
+        // The script answers ids, fences and the stage it started; the hashes are read here in
+        // one pipeline, which costs Redis far less than copying them through the script. Only
+        // the lease holder writes a running run, so nothing changes them in between.
         let mut pipe = redis::pipe();
-        for (id, _, stages) in &answer {
+        for (id, ..) in &answer {
             pipe.cmd("HGETALL").arg(self.key(&format!("run:{id}")));
-            for index in 0..*stages {
-                pipe.cmd("HGETALL")
-                    .arg(self.key(&format!("run:{id}:stage:{index}")));
-            }
         }
         let mut conn = self.conn.clone();
         let hashes: Vec<RedisValue> = pipe.query_async(&mut conn).await?;
-        let mut hashes = hashes.iter();
         let mut claimed = Vec::with_capacity(answer.len());
-        for (id, fence, stages) in &answer {
+        for ((id, fence, started, attempt, recovered), hash) in answer.iter().zip(&hashes) {
             let id =
                 RunId::parse(id).ok_or_else(|| StoreError::Corrupt(format!("claimed id {id}")))?;
-            let run = hashes.next().map(to_map).unwrap_or_default();
-            let stages: Vec<_> = hashes.by_ref().take(*stages).map(to_map).collect();
-            let run = run_from_maps(&run, &stages)?;
-            let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
+            let run = run_from_hash(hash)?
+                .ok_or_else(|| StoreError::Corrupt(format!("claimed run {id} has no hash")))?;
             claimed.push(Claimed {
                 lease: Lease {
                     run_id: id,
@@ -544,7 +559,10 @@ impl RunStore for RedisStore {
                     fence: FenceToken(*fence),
                 },
                 run,
-                recovered,
+                recovered: *recovered == 1,
+                started: usize::try_from(*started)
+                    .ok()
+                    .map(|index| (index, *attempt)),
             });
         }
         Ok(claimed)
@@ -650,6 +668,7 @@ impl RunStore for RedisStore {
             StageOutcome::Fail { error } => ("fail", json_text(error), 0, json!({"error": error})),
             StageOutcome::Cancelled => ("cancel", String::new(), 0, json!({})),
             StageOutcome::Abandoned => ("abandon", String::new(), 0, json!({})),
+            StageOutcome::Unstarted => ("unstart", String::new(), 0, json!({})),
         };
         self.fenced(
             "end_attempt",

@@ -508,7 +508,8 @@ impl AttemptEnding {
                 events: vec![("run_cancelled", true)],
                 data: json!({}),
             },
-            StageOutcome::Abandoned => Self {
+            // This store's claims start no stage, so nothing was counted to take back.
+            StageOutcome::Abandoned | StageOutcome::Unstarted => Self {
                 stage_status: "pending",
                 run_status: "queued",
                 error: None,
@@ -1050,6 +1051,7 @@ impl SqliteStore {
                 },
                 run,
                 recovered,
+                started: None,
             });
         }
         Ok(claimed)
