@@ -137,7 +137,7 @@ impl Engine {
                     run.name
                 ),
             };
-            return self.fail_unrunnable(&lease, started, error).await;
+            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
         };
         if run.cancel_requested {
             let first_open = run
@@ -172,7 +172,7 @@ impl Engine {
                     workflow.stage_names().join(", ")
                 ),
             };
-            return self.fail_unrunnable(&lease, started, error).await;
+            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
         }
         let mut previous = BTreeMap::new();
         for (index, stage) in stages.iter().enumerate() {
@@ -475,24 +475,6 @@ impl Engine {
             Some((i, attempt)) if i == index => Ok(attempt),
             _ => self.store.start_stage(lease, index).await,
         }
-    }
-
-    /// Fails a run this worker cannot execute; a stage the claim started fails with it.
-    async fn fail_unrunnable(
-        &self,
-        lease: &Lease,
-        started: Option<(usize, u32)>,
-        error: RunError,
-    ) -> Ending {
-        let written = match started {
-            Some((index, _)) => {
-                self.store
-                    .end_attempt(lease, index, StageOutcome::Fail { error })
-                    .await
-            }
-            None => self.store.fail_run(lease, error).await,
-        };
-        self.settle(written, Ending::Failed)
     }
 
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {

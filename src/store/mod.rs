@@ -276,7 +276,8 @@ pub struct Claimed {
     pub recovered: bool,
     /// The stage the claim started already, with its attempt number: a store may start the
     /// first open stage in the claim itself (one write less per run). The engine then does not
-    /// start it again, and gives it back with [`StageOutcome::Unstarted`] if it does not run it.
+    /// start it again, and gives it back with [`StageOutcome::Unstarted`] if it does not run it
+    /// (`fail_run` gives it back by itself).
     pub started: Option<(usize, u32)>,
 }
 

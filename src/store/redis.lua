@@ -468,9 +468,17 @@ function OPS.end_attempt(id, fence, owner, idx, outcome, err, delay_text, data)
   return 1
 end
 
--- fail_run id fence owner error event_data
+-- fail_run id fence owner error event_data (a stage the claim started is given back unrun)
 function OPS.fail_run(id, fence, owner, err, data)
-  if not fenced(id, fence, owner) then return -1 end
+  local v = fenced(id, fence, owner, 'prestarted')
+  if not v then return -1 end
+  local idx = string.match(v[3] or '', '^' .. fence .. ':(%d+)$')
+  if idx then
+    local f = sf(idx)
+    local attempts = tonumber(redis.call('HGET', k_run(id), f.attempts) or '1')
+    redis.call('HSET', k_run(id), f.status, 'pending', f.attempts, str(math.max(attempts - 1, 0)),
+      f.started_at, '', 'current_stage', '')
+  end
   release(id)
   redis.call('HSET', k_run(id), 'error', err)
   set_status(id, 'failed')

@@ -232,6 +232,60 @@ async fn cancel_interrupts_a_running_stage_and_stops_a_queued_run(backend: Backe
     app.post(&format!("/runs/{id}/cancel"), &json!({})).await;
 }
 
+/// A run of a workflow this worker does not know (submitted to a newer version, say) fails at
+/// once, its stages untouched: no attempt counted, nothing started.
+async fn a_run_of_a_workflow_the_worker_does_not_know_fails_without_starting_a_stage(
+    backend: Backend,
+) {
+    use stagecraft::{
+        config::ProviderMode,
+        ids::RunId,
+        store::{NewRun, RunKind, RunStatus, StageStatus},
+    };
+    let mut app = TestApp::new(backend);
+    std::fs::create_dir_all(&app.env["DATA_DIR"]).expect("data dir");
+    let store = app.store().await;
+    let (run, _) = store
+        .insert_run(NewRun {
+            id: RunId::generate(),
+            kind: RunKind::Workflow,
+            name: "retired".to_owned(),
+            queue: "workflows".to_owned(),
+            inputs: json!({}),
+            provider_mode: ProviderMode::Mock,
+            budget_usd: None,
+            stage_names: vec!["draft".to_owned(), "polish".to_owned()],
+            idempotency_key: None,
+            reuse: false,
+        })
+        .await
+        .expect("insert");
+    app.start_worker();
+    let deadline = std::time::Instant::now() + WAIT;
+    let failed = loop {
+        let current = store.get_run(run.id).await.expect("get").expect("run");
+        if current.status == RunStatus::Failed {
+            break current;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {:?}",
+            current.status
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        failed.error.as_ref().map(|e| e.code.as_str()),
+        Some("unknown_workflow")
+    );
+    for stage in &failed.stages {
+        assert_eq!(stage.status, StageStatus::Pending, "{}", stage.name);
+        assert_eq!(stage.attempts, 0, "{}", stage.name);
+        assert_eq!(stage.started_at, None, "{}", stage.name);
+    }
+    assert_eq!(failed.current_stage, None);
+}
+
 crate::conformance!(
     transient_failures_are_retried_after_growing_backoff_then_succeed,
     a_permanent_failure_fails_the_run_at_once_keeping_its_checkpoints,
@@ -240,4 +294,5 @@ crate::conformance!(
     a_budget_stops_the_run_before_a_stage_that_would_exceed_it,
     cancel_interrupts_a_running_stage_and_stops_a_queued_run,
     a_resume_after_cancel_keeps_the_steps_that_finished,
+    a_run_of_a_workflow_the_worker_does_not_know_fails_without_starting_a_stage,
 );

@@ -342,6 +342,35 @@ impl TestApp {
         self.start_worker_with(&[])
     }
 
+    /// The deployment's run store, opened as its processes open it (SQLite needs `migrate` or
+    /// a started process first).
+    pub async fn store(&self) -> stagecraft::store::SharedStore {
+        use std::sync::Arc;
+        match self.backend {
+            Backend::Sqlite => {
+                let path = Path::new(&self.env["DATA_DIR"]).join("stagecraft.db");
+                let url = stagecraft::config::sqlite_url_for(&path);
+                Arc::new(
+                    stagecraft::store::sqlite::SqliteStore::open(
+                        &url,
+                        Arc::new(stagecraft::clock::SystemClock),
+                    )
+                    .await
+                    .expect("sqlite store"),
+                )
+            }
+            Backend::Redis => Arc::new(
+                stagecraft::store::redis::RedisStore::open(
+                    &self.env["REDIS_URL"],
+                    &self.env["REDIS_KEY_PREFIX"],
+                    Duration::from_secs(3600),
+                )
+                .await
+                .expect("redis store"),
+            ),
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.base_url)
     }
