@@ -29,7 +29,7 @@ use tracing::{info, warn};
 use crate::{
     engine::Engine,
     ids::WorkerId,
-    store::{Claimed, SharedStore, StageOutcome, StageStatus, WorkerInfo},
+    store::{Claimed, SharedStore, StageOutcome, WorkerInfo},
 };
 
 /// How a worker pool claims runs.
@@ -115,12 +115,7 @@ impl ClaimBackend {
 /// Gives back runs that were claimed but never started because the worker is stopping.
 async fn release_unstarted(store: &SharedStore, buffer: VecDeque<Claimed>) {
     for claimed in buffer {
-        let first_open = claimed
-            .run
-            .stages
-            .iter()
-            .position(|s| s.status != StageStatus::Completed)
-            .unwrap_or(0);
+        let first_open = claimed.run.first_open_stage().unwrap_or(0);
         let outcome = if claimed.started.is_some() {
             StageOutcome::Unstarted
         } else {

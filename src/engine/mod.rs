@@ -29,7 +29,7 @@ use crate::{
         Claimed, Lease, ReusableCheckpoint, RunError, SharedStore, StageCheckpoint, StageOutcome,
         StageStatus, StoreError,
     },
-    workflows::Catalog,
+    workflows::{Catalog, Workflow},
 };
 
 /// Settings of the engine, from the configuration.
@@ -90,12 +90,10 @@ impl Engine {
             if claimed.recovered {
                 self.metrics.lease_recovered();
             }
-            let keeps_metadata = self
-                .catalog
-                .get(claimed.run.kind, &claimed.run.name)
-                .is_some_and(|w| w.keeps_metadata());
+            let workflow = self.catalog.get(claimed.run.kind, &claimed.run.name);
+            let keeps_metadata = workflow.as_ref().is_some_and(|w| w.keeps_metadata());
             let ending = self
-                .execute_stages(claimed, &cancel, &lease_lost, keeps_metadata)
+                .execute_stages(claimed, workflow, &cancel, &lease_lost, keeps_metadata)
                 .await;
             heartbeat.abort();
             if keeps_metadata && ending != Ending::LeaseLost {
@@ -118,6 +116,7 @@ impl Engine {
     async fn execute_stages(
         &self,
         claimed: Claimed,
+        workflow: Option<Arc<dyn Workflow>>,
         cancel: &CancellationToken,
         lease_lost: &CancellationToken,
         keeps_metadata: bool,
@@ -128,7 +127,7 @@ impl Engine {
             mut started,
             ..
         } = claimed;
-        let Some(workflow) = self.catalog.get(run.kind, &run.name) else {
+        let Some(workflow) = workflow else {
             let error = RunError {
                 code: "unknown_workflow".to_owned(),
                 message: format!(
@@ -140,11 +139,7 @@ impl Engine {
             return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
         };
         if run.cancel_requested {
-            let first_open = run
-                .stages
-                .iter()
-                .position(|s| s.status != StageStatus::Completed)
-                .unwrap_or(0);
+            let first_open = run.first_open_stage().unwrap_or(0);
             return self.settle(
                 self.store
                     .end_attempt(&lease, first_open, StageOutcome::Cancelled)

@@ -254,6 +254,13 @@ impl RunRecord {
             .map(|s| s.name.as_str())
     }
 
+    /// The first stage without a committed checkpoint, if any.
+    pub fn first_open_stage(&self) -> Option<usize> {
+        self.stages
+            .iter()
+            .position(|s| s.status != StageStatus::Completed)
+    }
+
     pub fn stage_index(&self, name: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.name == name)
     }
@@ -524,15 +531,11 @@ pub(crate) fn resume_start(run: &RunRecord, from: &FromStage) -> StoreResult<usi
         )));
     }
     match from {
-        FromStage::Auto => run
-            .stages
-            .iter()
-            .position(|s| s.status != StageStatus::Completed)
-            .ok_or_else(|| {
-                StoreError::Conflict(format!(
-                    "run {id} has completed every stage; name the stage to resume from"
-                ))
-            }),
+        FromStage::Auto => run.first_open_stage().ok_or_else(|| {
+            StoreError::Conflict(format!(
+                "run {id} has completed every stage; name the stage to resume from"
+            ))
+        }),
         FromStage::Named(name) => run
             .stage_index(name)
             .ok_or_else(|| StoreError::Conflict(format!("run {id} has no stage named {name:?}"))),

@@ -152,15 +152,6 @@ impl Http {
         out
     }
 
-    fn runway_key(&self) -> Result<&secrecy::SecretString, StageError> {
-        self.settings.runway_key.as_ref().ok_or_else(|| {
-            StageError::fatal(
-                "missing_key",
-                "RUNWAY_API_KEY is not set; the live video provider needs it",
-            )
-        })
-    }
-
     /// Creates a Runway text-to-video task and answers its id. The request carries an
     /// idempotency key, so a repeated request after a lost answer does not pay twice.
     pub async fn create_video_task(
@@ -170,7 +161,10 @@ impl Http {
         idempotency_key: &str,
         cancel: &CancellationToken,
     ) -> Result<String, StageError> {
-        let key = self.runway_key()?;
+        let key = required_key(
+            &self.settings.runway_key,
+            "RUNWAY_API_KEY is not set; the live video provider needs it",
+        )?;
         let url = format!("{}/v1/text_to_video", self.settings.runway_base_url);
         let body = json!({
             "model": self.settings.runway_model,
@@ -209,7 +203,10 @@ impl Http {
         id: &str,
         cancel: &CancellationToken,
     ) -> Result<String, StageError> {
-        let key = self.runway_key()?;
+        let key = required_key(
+            &self.settings.runway_key,
+            "RUNWAY_API_KEY is not set; the live video provider needs it",
+        )?;
         let url = format!("{}/v1/tasks/{id}", self.settings.runway_base_url);
         let mut interval = self.settings.video_poll_interval;
         loop {
@@ -273,12 +270,10 @@ impl Http {
     ) -> Result<(String, Vec<u8>), StageError> {
         let settings = &self.settings;
         let (provider, response) = if settings.speech_provider == "openai" {
-            let key = settings.openai_key.as_ref().ok_or_else(|| {
-                StageError::fatal(
-                    "missing_key",
-                    "OPENAI_API_KEY is not set; SPEECH_PROVIDER=openai needs it",
-                )
-            })?;
+            let key = required_key(
+                &settings.openai_key,
+                "OPENAI_API_KEY is not set; SPEECH_PROVIDER=openai needs it",
+            )?;
             let url = format!("{}/v1/audio/speech", settings.openai_base_url);
             let body = json!({"model": settings.openai_tts_model, "voice": settings.openai_tts_voice,
                               "input": text, "response_format": "mp3"});
@@ -291,7 +286,10 @@ impl Http {
                 .await?;
             (format!("openai/{}", settings.openai_tts_model), response)
         } else {
-            let key = self.elevenlabs_key()?;
+            let key = required_key(
+                &self.settings.elevenlabs_key,
+                "ELEVENLABS_API_KEY is not set; live speech and music need it",
+            )?;
             let url = format!(
                 "{}/v1/text-to-speech/{}?output_format=mp3_44100_128",
                 settings.elevenlabs_base_url, settings.elevenlabs_voice
@@ -323,7 +321,10 @@ impl Http {
         duration_secs: f64,
         cancel: &CancellationToken,
     ) -> Result<(String, Vec<u8>), StageError> {
-        let key = self.elevenlabs_key()?;
+        let key = required_key(
+            &self.settings.elevenlabs_key,
+            "ELEVENLABS_API_KEY is not set; live speech and music need it",
+        )?;
         let url = format!("{}/v1/music", self.settings.elevenlabs_base_url);
         let body =
             json!({"prompt": prompt, "music_length_ms": (duration_secs * 1000.0).round() as u64});
@@ -342,15 +343,6 @@ impl Http {
             "elevenlabs/music".to_owned(),
             response_bytes(response).await?,
         ))
-    }
-
-    fn elevenlabs_key(&self) -> Result<&secrecy::SecretString, StageError> {
-        self.settings.elevenlabs_key.as_ref().ok_or_else(|| {
-            StageError::fatal(
-                "missing_key",
-                "ELEVENLABS_API_KEY is not set; live speech and music need it",
-            )
-        })
     }
 
     /// Downloads a provider's output (the caller stores it through the artifact store).
@@ -372,12 +364,10 @@ impl Http {
         messages: &[Value],
         cancel: &CancellationToken,
     ) -> Result<(String, Usage), StageError> {
-        let key = self.settings.anthropic_key.as_ref().ok_or_else(|| {
-            StageError::fatal(
-                "missing_key",
-                "ANTHROPIC_API_KEY is not set; the live text provider needs it",
-            )
-        })?;
+        let key = required_key(
+            &self.settings.anthropic_key,
+            "ANTHROPIC_API_KEY is not set; the live text provider needs it",
+        )?;
         let url = format!("{}/v1/messages", self.settings.anthropic_base_url);
         let body = json!({
             "model": self.settings.anthropic_model,
@@ -477,6 +467,15 @@ impl Http {
             format!("{agent}: no answer"),
         ))
     }
+}
+
+/// A provider's key, or the permanent `missing_key` failure saying which variable to set.
+fn required_key<'a>(
+    key: &'a Option<secrecy::SecretString>,
+    missing: &str,
+) -> Result<&'a secrecy::SecretString, StageError> {
+    key.as_ref()
+        .ok_or_else(|| StageError::fatal("missing_key", missing))
 }
 
 /// A response's body, which must not be empty.
