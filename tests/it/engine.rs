@@ -5,7 +5,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use serde_json::json;
 
-use crate::support::{Backend, TestApp, stage};
+use crate::support::{Backend, TestApp, noop_run, stage};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -237,26 +237,15 @@ async fn cancel_interrupts_a_running_stage_and_stops_a_queued_run(backend: Backe
 async fn a_run_of_a_workflow_the_worker_does_not_know_fails_without_starting_a_stage(
     backend: Backend,
 ) {
-    use stagecraft::{
-        config::ProviderMode,
-        ids::RunId,
-        store::{NewRun, RunKind, RunStatus, StageStatus},
-    };
+    use stagecraft::store::{NewRun, RunStatus, StageStatus};
     let mut app = TestApp::new(backend);
     std::fs::create_dir_all(&app.env["DATA_DIR"]).expect("data dir");
     let store = app.store().await;
     let (run, _) = store
         .insert_run(NewRun {
-            id: RunId::generate(),
-            kind: RunKind::Workflow,
             name: "retired".to_owned(),
-            queue: "workflows".to_owned(),
-            inputs: json!({}),
-            provider_mode: ProviderMode::Mock,
-            budget_usd: None,
             stage_names: vec!["draft".to_owned(), "polish".to_owned()],
-            idempotency_key: None,
-            reuse: false,
+            ..noop_run()
         })
         .await
         .expect("insert");

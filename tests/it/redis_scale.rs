@@ -9,28 +9,9 @@ use std::{
 
 use futures::{StreamExt, stream};
 use serde_json::{Value, json};
-use stagecraft::{
-    config::ProviderMode,
-    ids::RunId,
-    store::{NewRun, RunFilter, RunKind, RunStatus, RunStore, redis::RedisStore},
-};
+use stagecraft::store::{NewRun, RunFilter, RunStatus, RunStore, redis::RedisStore};
 
-use crate::support::{Backend, RedisServer, TestApp, stage};
-
-fn noop_run() -> NewRun {
-    NewRun {
-        id: RunId::generate(),
-        kind: RunKind::Workflow,
-        name: "noop".to_owned(),
-        queue: "workflows".to_owned(),
-        inputs: json!({}),
-        provider_mode: ProviderMode::Mock,
-        budget_usd: None,
-        stage_names: vec!["noop".to_owned()],
-        idempotency_key: None,
-        reuse: false,
-    }
-}
+use crate::support::{Backend, RedisServer, TestApp, noop_run, stage};
 
 async fn completed(store: &RedisStore) -> u64 {
     store

@@ -525,3 +525,24 @@ pub fn stage<'a>(run: &'a Value, name: &str) -> &'a Value {
         .and_then(|stages| stages.iter().find(|s| s["name"] == name))
         .unwrap_or_else(|| panic!("no stage {name} in {run:#}"))
 }
+
+/// A one-stage `noop` run on the `workflows` queue, to insert into a store directly.
+pub fn noop_run() -> stagecraft::store::NewRun {
+    use stagecraft::{
+        config::ProviderMode,
+        ids::RunId,
+        store::{NewRun, RunKind},
+    };
+    NewRun {
+        id: RunId::generate(),
+        kind: RunKind::Workflow,
+        name: "noop".to_owned(),
+        queue: "workflows".to_owned(),
+        inputs: json!({}),
+        provider_mode: ProviderMode::Mock,
+        budget_usd: None,
+        stage_names: vec!["noop".to_owned()],
+        idempotency_key: None,
+        reuse: false,
+    }
+}
