@@ -53,6 +53,9 @@ pub enum Command {
         /// Runs executed at once (default: WORKER_CONCURRENCY).
         #[arg(long)]
         concurrency: Option<usize>,
+        /// Threads of the process's async runtime (default: WORKER_THREADS).
+        #[arg(long)]
+        threads: Option<usize>,
     },
     /// The API and workers in one process: the local one-command mode.
     Dev {
@@ -158,10 +161,24 @@ pub enum Inspect {
 pub fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = Config::from_env()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
+    let runtime = match &cli.command {
+        // A worker's stages wait on I/O (providers, subprocesses, the store), so one thread
+        // serves its whole concurrency, and runs reach every core through more processes. On a
+        // multi-threaded runtime each run's futures hop between threads and wake each other up
+        // across them, which costs a short run more than its own work.
+        Command::Worker { threads, .. } => match threads.unwrap_or(config.worker_threads).max(1) {
+            1 => tokio::runtime::Builder::new_current_thread(),
+            threads => {
+                let mut builder = tokio::runtime::Builder::new_multi_thread();
+                builder.worker_threads(threads);
+                builder
+            }
+        },
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    }
+    .enable_all()
+    .build()
+    .context("starting the async runtime")?;
     runtime.block_on(run(cli, config))
 }
 
@@ -174,6 +191,7 @@ async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Worker {
             queues,
             concurrency,
+            threads: _,
         } => {
             telemetry::init(&config);
             let concurrency = concurrency.unwrap_or(config.worker_concurrency).max(1);

@@ -19,6 +19,7 @@
 //! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file |
 //! | `HOST`, `PORT` | `127.0.0.1`, `8000` | where `serve` and `dev` listen (`PORT=0`: any free port) |
 //! | `WORKER_CONCURRENCY` | `4` | runs one worker process executes at once |
+//! | `WORKER_THREADS` | `1` | threads of a worker process's async runtime (`1`: one thread runs every run's stages, which wait on I/O) |
 //! | `LEASE_TTL_SECS` | `10` | how long a lease lives without a heartbeat |
 //! | `SWEEP_INTERVAL_MS` | `5000` | how often expired leases are swept |
 //! | `POLL_INTERVAL_MS` | `20` | how long an idle worker waits before asking the store again |
@@ -94,6 +95,8 @@ pub struct Config {
     pub port: u16,
     /// How many runs one worker process executes at once.
     pub worker_concurrency: usize,
+    /// Threads of a worker process's async runtime.
+    pub worker_threads: usize,
     /// Lease lifetime without a heartbeat; recovery after a crash takes at most this plus one sweep.
     pub lease_ttl: Duration,
     /// Interval of the expired-lease sweeper.
@@ -393,6 +396,7 @@ impl Config {
                 reason: "must be at least 1".to_owned(),
             });
         }
+        let worker_threads = vars.parse_positive("WORKER_THREADS", 1)? as usize;
         let lease_ttl = Duration::from_secs(vars.parse_positive("LEASE_TTL_SECS", 10)?);
         let sweep_interval = Duration::from_millis(vars.parse_positive("SWEEP_INTERVAL_MS", 5000)?);
         let poll_interval = Duration::from_millis(vars.parse_positive("POLL_INTERVAL_MS", 20)?);
@@ -561,6 +565,7 @@ impl Config {
             host,
             port,
             worker_concurrency,
+            worker_threads,
             lease_ttl,
             sweep_interval,
             poll_interval,
@@ -683,6 +688,8 @@ mod tests {
         assert_eq!(config.backend, BackendKind::Sqlite);
         assert!(config.api_token.is_none());
         assert_eq!(config.database_url, "sqlite://./data/stagecraft.db");
+        assert_eq!(config.worker_concurrency, 4);
+        assert_eq!(config.worker_threads, 1);
     }
 
     #[test]
@@ -694,6 +701,8 @@ mod tests {
         assert_eq!(error.variable, "PROVIDER_MODE");
         let error = config_from(&[("WORKER_CONCURRENCY", "0")]).expect_err("must fail");
         assert_eq!(error.variable, "WORKER_CONCURRENCY");
+        let error = config_from(&[("WORKER_THREADS", "0")]).expect_err("must fail");
+        assert_eq!(error.variable, "WORKER_THREADS");
     }
 
     #[test]
