@@ -1,7 +1,14 @@
--- Stagecraft's run store on Redis: every state change of a run is one operation of this script,
--- so each is atomic, and every worker write checks the run's fencing token in the same call.
+-- Stagecraft's run store on Redis: every state change of a run is one operation of this
+-- library, so each is atomic, and every worker write checks the run's fencing token in the same
+-- call.
 --
--- One call carries a batch of operations: ARGV[1] is the key prefix, ARGV[2] 'batch', then for
+-- It is loaded as a Redis function library (FUNCTION LOAD; the store adds the `#!lua` line and
+-- registers `batch` under a name carrying a hash of this text, so versions side by side never
+-- replace each other). A library's body runs once, at load: its helpers and caches live across
+-- calls, and a call only runs `batch`. (As a script, every call re-created them all, which cost
+-- about as much as two runs' worth of work.) Per-call state is reset at the start of each call.
+--
+-- One call carries a batch of operations: args[1] is the key prefix, args[2] 'batch', then for
 -- each operation its name, its argument count and its arguments. The answer holds one result per
 -- operation, in order. Batching lets many concurrent runs share one call, and the indexes
 -- (status sets, counts, leases, wake lists) are written once per call at its end instead of once
@@ -16,14 +23,11 @@
 -- lease expiry. The work of every operation is bounded: claims look at the head of each queue,
 -- sweeps and purges take a limit.
 
-local P = ARGV[1]
-
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+-- Set at the start of each call: the key prefix and the server's time (ms, and as text).
+local P, now, NOW, EV_HEAD
 -- Arguments of redis.call are passed as strings: Redis formats a Lua number with printf on every
 -- use, which costs more than the command itself.
 local function str(n) return string.format('%d', n) end
-local NOW = str(now)
 
 local function k_run(id) return P .. 'run:' .. id end
 local function k_steps(id) return P .. 'run:' .. id .. ':steps' end
@@ -31,17 +35,14 @@ local function k_events(id) return P .. 'run:' .. id .. ':events' end
 local function k_due(q) return P .. 'queue:' .. q .. ':due' end
 local function k_wake(q) return P .. 'queue:' .. q .. ':wake' end
 local function k_status(s) return P .. 'status:' .. s end
-local K_ALL = P .. 'runs'
-local K_LEASES = P .. 'leases'
-local K_COUNTS = P .. 'counts'
-local K_FINISHED = P .. 'finished'
+local K_ALL, K_LEASES, K_COUNTS, K_FINISHED
 local function k_idem(key) return P .. 'idempotency:' .. key end
 
 local FINISHED = { completed = true, failed = true, cancelled = true }
 -- Wake-list entries kept at most per queue (the list only wakes blocked workers).
 local WAKE_CAP = 64
 
--- The field names of stage `i`, built once per call and stage index.
+-- The field names of stage `i`, built once per stage index (kept across calls).
 local STAGE_FIELDS = {}
 local function sf(i)
   local f = STAGE_FIELDS[i]
@@ -60,10 +61,11 @@ local function sf(i)
 end
 
 ---------------------------------------------------------------------------------------------
--- Index changes of this call, written by flush().
+-- Index changes of this call, written by flush() (and reset at the start of every call, so an
+-- operation that failed half-way leaves nothing behind for the next call).
 
-local moved = {}      -- run id -> { queue, status before this call (false: new run), status now }
-local moved_ids = {}
+local moved = {}      -- run id -> its index in the three arrays below
+local moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}
 local leases = {}     -- run id -> lease expiry, or false when the lease is gone
 local lease_ids = {}
 local added = {}      -- runs created by this call
@@ -73,11 +75,11 @@ local wakes = {}      -- queue -> runs that became due now
 local function move(id, q, old, new)
   local m = moved[id]
   if not m then
-    moved[id] = { q, old or false, new }
-    moved_ids[#moved_ids + 1] = id
-  else
-    m[3] = new
+    m = #moved_ids + 1
+    moved[id] = m
+    moved_ids[m], moved_q[m], moved_old[m] = id, q, old or false
   end
+  moved_new[m] = new
 end
 
 local function lease(id, expires)
@@ -103,16 +105,20 @@ end
 local function flush()
   local rem, add, counts = {}, {}, {}
   local fin_add, fin_rem = {}, {}
-  for _, id in ipairs(moved_ids) do
-    local m = moved[id]
-    local q, old, new = m[1], m[2], m[3]
+  for m, id in ipairs(moved_ids) do
+    local q, old, new = moved_q[m], moved_old[m], moved_new[m]
     if old ~= new then
+      local c = counts[q]
+      if not c then
+        c = {}
+        counts[q] = c
+      end
       if old then
         push_to(rem, old, id)
-        counts[q .. ':' .. old] = (counts[q .. ':' .. old] or 0) - 1
+        c[old] = (c[old] or 0) - 1
       end
       push_to(add, new, '0', id)
-      counts[q .. ':' .. new] = (counts[q .. ':' .. new] or 0) + 1
+      c[new] = (c[new] or 0) + 1
       local was, is = old and FINISHED[old], FINISHED[new]
       if is and not was then
         fin_add[#fin_add + 1] = NOW
@@ -124,8 +130,10 @@ local function flush()
   end
   for s, ids in pairs(rem) do redis.call('ZREM', k_status(s), unpack(ids)) end
   for s, pairs_ in pairs(add) do redis.call('ZADD', k_status(s), unpack(pairs_)) end
-  for key, delta in pairs(counts) do
-    if delta ~= 0 then redis.call('HINCRBY', K_COUNTS, key, str(delta)) end
+  for q, c in pairs(counts) do
+    for status, delta in pairs(c) do
+      if delta ~= 0 then redis.call('HINCRBY', K_COUNTS, q .. ':' .. status, str(delta)) end
+    end
   end
   if #fin_add > 0 then redis.call('ZADD', K_FINISHED, unpack(fin_add)) end
   if #fin_rem > 0 then redis.call('ZREM', K_FINISHED, unpack(fin_rem)) end
@@ -155,7 +163,8 @@ local function flush()
     redis.call('LPUSH', k_wake(q), unpack(tokens))
     redis.call('LTRIM', k_wake(q), 0, WAKE_CAP - 1)
   end
-  moved, moved_ids, leases, lease_ids, added, wakes = {}, {}, {}, {}, {}, {}
+  moved, moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}, {}
+  leases, lease_ids, added, wakes = {}, {}, {}, {}
 end
 
 ---------------------------------------------------------------------------------------------
@@ -163,11 +172,17 @@ end
 
 -- An event as stored: its sequence number is its position in the run's list (1-based), so it
 -- needs no counter of its own. `stage` is a name or nil.
+local STAGE_JSON = {} -- stage name -> its JSON string, encoded once per call
 local function ev(kind, stage, data)
   if stage and stage ~= '' then
-    return '{"at":' .. NOW .. ',"kind":"' .. kind .. '","stage":' .. cjson.encode(stage) .. ',"data":' .. data .. '}'
+    local json = STAGE_JSON[stage]
+    if not json then
+      json = cjson.encode(stage)
+      STAGE_JSON[stage] = json
+    end
+    return EV_HEAD .. kind .. '","stage":' .. json .. ',"data":' .. data .. '}'
   end
-  return '{"at":' .. NOW .. ',"kind":"' .. kind .. '","stage":null,"data":' .. data .. '}'
+  return EV_HEAD .. kind .. '","stage":null,"data":' .. data .. '}'
 end
 
 local function event(id, kind, stage, data)
@@ -244,7 +259,7 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reu
   -- Hot fields first (see the top). `next` is the first stage without a checkpoint.
   local fields = { 'status', 'queued', 'fence', '0', 'lease_owner', '', 'lease_expires_at', '',
     'next', '0', 'stages', n, 'queue', q, 'updated_at', NOW, 'cancel_requested', '0',
-    'budget_usd', budget, 'reuse', reuse, 'prestarted', '', 'current_stage', '', 'worker', '' }
+    'budget_usd', budget, 'reuse', reuse, 'prestarted', '', 'current_stage', '', 'worker', '', 'result', '' }
   local names = { ... }
   for i = 0, tonumber(n) - 1 do
     local f = sf(i)
@@ -255,6 +270,12 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reu
     fields[#fields + 1] = f.attempts
     fields[#fields + 1] = '0'
     fields[#fields + 1] = f.started_at
+    fields[#fields + 1] = ''
+    fields[#fields + 1] = f.finished_at
+    fields[#fields + 1] = ''
+    fields[#fields + 1] = f.output
+    fields[#fields + 1] = ''
+    fields[#fields + 1] = f.artifacts
     fields[#fields + 1] = ''
   end
   local rest = { 'finished_at', '', 'id', id, 'kind', kind, 'name', name, 'inputs', inputs,
@@ -279,24 +300,39 @@ function OPS.claim(worker, ttl, max_text, ...)
   local max = tonumber(max_text)
   local expires = str(now + tonumber(ttl))
   local run_started = '{"worker":' .. cjson.encode(worker) .. ',"fence":'
-  local candidates = {}
   local queues = { ... }
+  -- The due runs to take, oldest first: ids[i] of queue qs[i].
+  local ids, qs = {}, {}
+  local heads = {}
   for _, q in ipairs(queues) do
-    local head = redis.call('ZRANGEBYSCORE', k_due(q), '-inf', NOW, 'WITHSCORES', 'LIMIT', '0', max_text)
-    for j = 1, #head, 2 do
-      candidates[#candidates + 1] = { q, head[j], tonumber(head[j + 1]) }
-    end
+    local head = redis.call('ZRANGEBYSCORE', k_due(q), '-inf', NOW, 'LIMIT', '0', max_text)
+    if #head > 0 then heads[#heads + 1] = { q, head } end
   end
-  if #queues > 1 then
+  if #heads == 1 then
+    -- One queue has due runs (the usual case): its head is in order already.
+    ids = heads[1][2]
+    for j = 1, #ids do qs[j] = heads[1][1] end
+  elseif #heads > 1 then
+    -- Several: merge their heads by due time (scores only cross the bridge here).
+    local candidates = {}
+    for _, h in ipairs(heads) do
+      local scores = redis.call('ZMSCORE', k_due(h[1]), unpack(h[2]))
+      for j, id in ipairs(h[2]) do
+        candidates[#candidates + 1] = { h[1], id, tonumber(scores[j]) }
+      end
+    end
     table.sort(candidates, function(x, y)
       if x[3] ~= y[3] then return x[3] < y[3] end
       return x[2] < y[2]
     end)
+    for j = 1, math.min(max, #candidates) do
+      qs[j], ids[j] = candidates[j][1], candidates[j][2]
+    end
   end
   local taken = {}
   local claimed = {}
-  for i = 1, math.min(max, #candidates) do
-    local q, id = candidates[i][1], candidates[i][2]
+  for i = 1, math.min(max, #ids) do
+    local q, id = qs[i], ids[i]
     push_to(taken, q, id)
     local r = k_run(id)
     -- Most runs start at stage 0: read its fields in the same command.
@@ -334,7 +370,8 @@ function OPS.claim(worker, ttl, max_text, ...)
       lease(id, expires)
       move(id, q, v[1], 'running')
       -- The client reads the run's hash itself, outside the script: much cheaper for Redis.
-      claimed[#claimed + 1] = { id, fence, idx, attempt, recovered }
+      local c = #claimed
+      claimed[c + 1], claimed[c + 2], claimed[c + 3], claimed[c + 4], claimed[c + 5] = id, fence, idx, attempt, recovered
     end
   end
   for q, ids in pairs(taken) do redis.call('ZREM', k_due(q), unpack(ids)) end
@@ -610,19 +647,33 @@ end
 ---------------------------------------------------------------------------------------------
 -- The batch.
 
-if ARGV[2] ~= 'batch' then return redis.error_reply('expected a batch of operations') end
-local results = {}
-local i = 3
-local last = #ARGV
-while i <= last do
-  local name, argc = ARGV[i], tonumber(ARGV[i + 1])
-  local handler = OPS[name]
-  if not handler or not argc then
-    flush()
-    return redis.error_reply('unknown operation ' .. tostring(name))
+-- The library's one function: runs a batch of operations (see the top).
+local function batch(_, args)
+  P = args[1]
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  NOW = str(now)
+  EV_HEAD = '{"at":' .. NOW .. ',"kind":"'
+  K_ALL, K_LEASES, K_COUNTS, K_FINISHED = P .. 'runs', P .. 'leases', P .. 'counts', P .. 'finished'
+  moved, moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}, {}
+  leases, lease_ids, added, wakes = {}, {}, {}, {}
+  STAGE_JSON = {}
+  if args[2] ~= 'batch' then return redis.error_reply('expected a batch of operations') end
+  local results = {}
+  local i = 3
+  local last = #args
+  while i <= last do
+    local name, argc = args[i], tonumber(args[i + 1])
+    local handler = OPS[name]
+    if not handler or not argc then
+      flush()
+      return redis.error_reply('unknown operation ' .. tostring(name))
+    end
+    results[#results + 1] = handler(unpack(args, i + 2, i + 1 + argc))
+    i = i + 2 + argc
   end
-  results[#results + 1] = handler(unpack(ARGV, i + 2, i + 1 + argc))
-  i = i + 2 + argc
+  flush()
+  return results
 end
-flush()
-return results
+
+-- The store appends the registration of `batch` under its versioned name.

@@ -1,6 +1,7 @@
 //! The Redis run store: API and workers on any number of hosts against one Redis.
 //!
-//! Every state change is one call of `redis.lua` (atomic, fenced, bounded work). Idle workers
+//! Every state change is one call of the function library `redis.lua` (atomic, fenced, bounded
+//! work; loaded with `FUNCTION LOAD`, so Redis 7.0 or later is needed). Idle workers
 //! block on a per-queue wake list (`BLPOP`) instead of polling, with the wait capped by the next
 //! due retry. Keys live under one prefix; the README's Redis section lists them.
 //!
@@ -12,7 +13,7 @@ use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::{AsyncCommands, Client, Script, Value as RedisValue, aio::ConnectionManager};
+use redis::{AsyncCommands, Client, Value as RedisValue, aio::ConnectionManager};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
@@ -28,6 +29,37 @@ use crate::{
 };
 
 const SCRIPT: &str = include_str!("redis.lua");
+
+/// The store's function library as Redis loads it: `redis.lua` with its `#!lua` line and the
+/// registration of its one function, both named after a hash of the text, so processes of
+/// different versions (a rolling deploy) each call their own.
+#[derive(Clone)]
+struct Library {
+    function: String,
+    code: String,
+}
+
+impl Library {
+    fn new() -> Self {
+        let hash = redis::Script::new(SCRIPT).get_hash().to_owned();
+        let function = format!("stagecraft_{}", &hash[..16]);
+        let code = format!(
+            "#!lua name={function}\n{SCRIPT}\nredis.register_function('{function}', batch)\n"
+        );
+        Self { function, code }
+    }
+
+    /// Loads (or reloads) the library; Redis keeps it in its RDB and AOF files.
+    async fn load(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg("REPLACE")
+            .arg(&self.code)
+            .query_async::<String>(conn)
+            .await
+            .map(|_| ())
+    }
+}
 /// Runs re-queued per sweep call, and deleted per purge call, at most.
 const BATCH: usize = 500;
 /// The longest an idle worker blocks before checking again (retries due later are woken by
@@ -93,11 +125,20 @@ impl RedisStore {
                 }
             }
         }
+        let library = Library::new();
+        if let Err(error) = library.load(&mut conn.clone()).await {
+            if error.to_string().to_lowercase().contains("unknown command") {
+                return Err(StoreError::Redis(
+                    "Redis 7.0 or later is needed (Stagecraft loads a function library)".into(),
+                ));
+            }
+            return Err(error.into());
+        }
         let (batches, pending) = mpsc::unbounded_channel();
         tokio::spawn(send_batches(
             pending,
             conn.clone(),
-            Script::new(SCRIPT),
+            library,
             prefix.to_owned(),
         ));
         Ok(Self {
@@ -176,7 +217,7 @@ struct Pending {
 async fn send_batches(
     mut pending: mpsc::UnboundedReceiver<Pending>,
     conn: ConnectionManager,
-    script: Script,
+    library: Library,
     prefix: String,
 ) {
     let calls = std::sync::Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
@@ -192,16 +233,26 @@ async fn send_batches(
             }
         }
         let mut conn = conn.clone();
-        let script = script.clone();
+        let library = library.clone();
         let prefix = prefix.clone();
         tokio::spawn(async move {
-            let mut invocation = script.prepare_invoke();
-            invocation.arg(&prefix).arg("batch");
+            let mut call = redis::cmd("FCALL");
+            call.arg(&library.function).arg(0).arg(&prefix).arg("batch");
             for op in &batch {
-                invocation.arg(op.op).arg(op.args.len()).arg(&op.args);
+                call.arg(op.op).arg(op.args.len()).arg(&op.args);
             }
-            let answer: redis::RedisResult<Vec<RedisValue>> =
-                invocation.invoke_async(&mut conn).await;
+            let mut answer: redis::RedisResult<Vec<RedisValue>> = call.query_async(&mut conn).await;
+            // A Redis that restarted without its data (or whose functions were flushed) has
+            // lost the library: load it again and repeat the call, which did nothing.
+            if answer
+                .as_ref()
+                .is_err_and(|e| e.to_string().contains("Function not found"))
+            {
+                answer = match library.load(&mut conn).await {
+                    Ok(()) => call.query_async(&mut conn).await,
+                    Err(error) => Err(error),
+                };
+            }
             drop(permit);
             match answer {
                 Ok(values) if values.len() == batch.len() => {
@@ -533,10 +584,26 @@ impl RunStore for RedisStore {
             max.to_string(),
         ];
         args.extend(queues.iter().cloned());
-        let answer: Vec<(String, i64, i64, u32, i64)> = self.call("claim", &args).await?;
-        if answer.is_empty() {
+        // Five values per claimed run, in one flat list (nested lists cost Redis more).
+        let flat: Vec<RedisValue> = self.call("claim", &args).await?;
+        if flat.is_empty() {
             return Ok(Vec::new());
         }
+        if flat.len() % 5 != 0 {
+            return Err(StoreError::Corrupt(format!(
+                "answer of claim: {} values",
+                flat.len()
+            )));
+        }
+        let answer = flat
+            .chunks_exact(5)
+            .map(|c| {
+                redis::from_redis_value::<(String, i64, i64, u32, i64)>(RedisValue::Array(
+                    c.to_vec(),
+                ))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| StoreError::Corrupt(format!("answer of claim: {e}")))?;
         // The script answers ids, fences and the stage it started; the hashes are read here in
         // one pipeline, which costs Redis far less than copying them through the script. Only
         // the lease holder writes a running run, so nothing changes them in between.

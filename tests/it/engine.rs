@@ -275,7 +275,57 @@ async fn a_run_of_a_workflow_the_worker_does_not_know_fails_without_starting_a_s
     assert_eq!(failed.current_stage, None);
 }
 
+/// Runs due in several queues are claimed oldest first across the queues, whichever queue
+/// holds them, and a claim of one queue takes only that queue's runs.
+async fn a_claim_takes_the_oldest_due_runs_across_queues(backend: Backend) {
+    use stagecraft::{ids::WorkerId, store::NewRun};
+    let app = TestApp::new(backend);
+    std::fs::create_dir_all(&app.env["DATA_DIR"]).expect("data dir");
+    let store = app.store().await;
+    let mut inserted = Vec::new();
+    for queue in ["agents", "workflows", "workflows", "agents", "workflows"] {
+        let (run, _) = store
+            .insert_run(NewRun {
+                queue: queue.to_owned(),
+                ..noop_run()
+            })
+            .await
+            .expect("insert");
+        inserted.push(run.id);
+        // Distinct due times (the stores keep milliseconds).
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    let worker = WorkerId::from("w-1".to_owned());
+    let ttl = Duration::from_secs(30);
+    let all = ["workflows", "agents", "work_orders"].map(String::from);
+    let first: Vec<_> = store
+        .claim(&all, &worker, ttl, 3)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|c| c.lease.run_id)
+        .collect();
+    assert_eq!(first, inserted[..3]);
+    let agents: Vec<_> = store
+        .claim(&["agents".to_owned()], &worker, ttl, 5)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|c| c.lease.run_id)
+        .collect();
+    assert_eq!(agents, [inserted[3]]);
+    let rest: Vec<_> = store
+        .claim(&all, &worker, ttl, 5)
+        .await
+        .expect("claim")
+        .iter()
+        .map(|c| c.lease.run_id)
+        .collect();
+    assert_eq!(rest, [inserted[4]]);
+}
+
 crate::conformance!(
+    a_claim_takes_the_oldest_due_runs_across_queues,
     transient_failures_are_retried_after_growing_backoff_then_succeed,
     a_permanent_failure_fails_the_run_at_once_keeping_its_checkpoints,
     exhausted_attempts_fail_the_run_and_a_resume_completes_it,

@@ -421,3 +421,65 @@ async fn a_claim_starts_the_first_open_stage_exactly_once() {
         ["run_queued", "run_started", "stage_started"]
     );
 }
+
+/// A Redis that lost the store's function library (restarted without its data files, or
+/// `FUNCTION FLUSH`) gets it back on the next call, which then succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_lost_the_function_library_gets_it_back() {
+    let app = TestApp::new(Backend::Redis);
+    let store = RedisStore::open(
+        &app.env["REDIS_URL"],
+        &app.env["REDIS_KEY_PREFIX"],
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("redis");
+    let client = redis::Client::open(app.env["REDIS_URL"].as_str()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let libraries = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut conn = conn.clone();
+        async move {
+            let listed: redis::Value = redis::cmd("FUNCTION")
+                .arg("LIST")
+                .arg("LIBRARYNAME")
+                .arg("stagecraft_*")
+                .query_async(&mut conn)
+                .await
+                .expect("function list");
+            texts(&listed).join(" ")
+        }
+    };
+    assert!(libraries(&mut conn).await.contains("stagecraft_"));
+    let _: () = redis::cmd("FUNCTION")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("flush");
+    assert!(!libraries(&mut conn).await.contains("stagecraft_"));
+
+    let (run, _) = store.insert_run(noop_run()).await.expect("insert after flush");
+    assert_eq!(
+        store.get_run(run.id).await.expect("get").expect("run").id,
+        run.id
+    );
+    assert!(libraries(&mut conn).await.contains("stagecraft_"));
+}
+
+/// Every text inside a Redis answer, depth first.
+fn texts(value: &redis::Value) -> Vec<String> {
+    match value {
+        redis::Value::BulkString(bytes) => vec![String::from_utf8_lossy(bytes).into_owned()],
+        redis::Value::SimpleString(text) => vec![text.clone()],
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.iter().flat_map(texts).collect()
+        }
+        redis::Value::Map(pairs) => pairs
+            .iter()
+            .flat_map(|(k, v)| texts(k).into_iter().chain(texts(v)))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
