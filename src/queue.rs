@@ -2,10 +2,11 @@
 //!
 //! Invariant: this is the only module that names apalis types.
 //!
-//! apalis supplies the worker runtime (concurrency limit, panic catching, tracing, graceful
-//! stop); the backend is ours. Its stream asks the run store for the next due run only when
-//! the worker has a free slot, so claims never pile up in a process, and the claim itself takes
-//! the lease. apalis's own storages are not used: their retry bookkeeping, per-worker orphan
+//! apalis supplies the worker runtime (panic catching, tracing, graceful stop); the backend is
+//! ours. Its stream asks the run store for due runs only for the worker's free slots, so claims
+//! never pile up in a process, and the claim itself takes the lease. A slot frees as soon as
+//! its run's last stage has run, before that stage's checkpoint commit: the claim for the next
+//! run then travels to the store with the commit instead of waiting for its answer. apalis's own storages are not used: their retry bookkeeping, per-worker orphan
 //! recovery and polling would decide a run's fate instead of the engine.
 
 use std::{
@@ -13,7 +14,7 @@ use std::{
     pin::Pin,
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
     time::Duration,
@@ -23,6 +24,7 @@ use apalis::layers::WorkerBuilderExt;
 use apalis::prelude::{Task, WorkerBuilder, WorkerContext};
 use apalis_core::backend::{Backend, BackendConfig};
 use futures::{Stream, StreamExt, stream::BoxStream};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -52,16 +54,37 @@ pub struct ClaimBackendError;
 /// Most runs claimed in one store call.
 const MAX_CLAIM_BATCH: usize = 32;
 
+/// A worker's slots: `busy` counts runs handed to the executor whose stages are not done.
+#[derive(Default)]
+struct Slots {
+    busy: AtomicUsize,
+    freed: Notify,
+}
+
+impl Slots {
+    /// The release of one run's slot, callable many times, effective once.
+    fn release(self: &Arc<Self>) -> impl Fn() + Clone + Send + use<> {
+        let slots = self.clone();
+        let released = Arc::new(AtomicBool::new(false));
+        move || {
+            if !released.swap(true, Ordering::SeqCst) {
+                slots.busy.fetch_sub(1, Ordering::SeqCst);
+                slots.freed.notify_one();
+            }
+        }
+    }
+}
+
 impl ClaimBackend {
-    /// `in_flight` counts runs handed to the executor and not finished yet; the stream claims as
-    /// many runs at once as there are free slots, so a busy store call serves many slots.
+    /// The stream claims as many runs at once as there are free slots (so a busy store call
+    /// serves many slots), and waits while none is free.
     fn new(
         store: SharedStore,
         worker: WorkerId,
         settings: ClaimSettings,
         stopping: CancellationToken,
         concurrency: usize,
-        in_flight: Arc<AtomicUsize>,
+        slots: Arc<Slots>,
     ) -> Self {
         let state = (VecDeque::<Claimed>::new(), 0u32);
         let claims = futures::stream::unfold(state, move |(mut buffer, mut failures)| {
@@ -69,7 +92,7 @@ impl ClaimBackend {
             let worker = worker.clone();
             let settings = settings.clone();
             let stopping = stopping.clone();
-            let in_flight = in_flight.clone();
+            let slots = slots.clone();
             async move {
                 loop {
                     if stopping.is_cancelled() {
@@ -77,10 +100,18 @@ impl ClaimBackend {
                         return None;
                     }
                     if let Some(claimed) = buffer.pop_front() {
-                        in_flight.fetch_add(1, Ordering::SeqCst);
+                        slots.busy.fetch_add(1, Ordering::SeqCst);
                         return Some((Task::new(claimed), (buffer, failures)));
                     }
-                    let free = concurrency.saturating_sub(in_flight.load(Ordering::SeqCst)).clamp(1, MAX_CLAIM_BATCH);
+                    let free = concurrency.saturating_sub(slots.busy.load(Ordering::SeqCst)).min(MAX_CLAIM_BATCH);
+                    if free == 0 {
+                        // A release between the load and this wait leaves a permit: no wake-up is lost.
+                        tokio::select! {
+                            () = slots.freed.notified() => {}
+                            () = stopping.cancelled() => {}
+                        }
+                        continue;
+                    }
                     match store.claim(&settings.queues, &worker, settings.lease_ttl, free).await {
                         Ok(claimed) if !claimed.is_empty() => {
                             failures = 0;
@@ -183,25 +214,27 @@ pub async fn run_workers(
     shutdown: CancellationToken,
     grace: Duration,
 ) -> anyhow::Result<()> {
-    let in_flight = Arc::new(AtomicUsize::new(0));
+    let slots = Arc::new(Slots::default());
     let backend = ClaimBackend::new(
         engine.store.clone(),
         engine.worker.clone(),
         settings.clone(),
         engine.stopping.clone(),
         concurrency,
-        in_flight.clone(),
+        slots.clone(),
     );
     let executor = engine.clone();
     let worker = WorkerBuilder::new(engine.worker.to_string())
         .backend(backend)
-        .concurrency(concurrency)
+        // Our slots limit the runs whose stages execute; a run whose slot is free may still be
+        // committing, so apalis's own limit leaves room for one such run per slot.
+        .concurrency(concurrency * 2)
         .build(move |claimed: Claimed| {
             let engine = executor.clone();
-            let in_flight = in_flight.clone();
+            let release = slots.release();
             async move {
-                engine.execute(claimed).await;
-                in_flight.fetch_sub(1, Ordering::SeqCst);
+                engine.execute(claimed, release.clone()).await;
+                release();
                 true
             }
         });

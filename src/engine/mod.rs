@@ -69,8 +69,10 @@ pub enum Ending {
 
 impl Engine {
     /// Executes a claimed run until it completes, fails, waits for a retry, is cancelled or
-    /// released, or its lease is lost.
-    pub async fn execute(&self, claimed: Claimed) -> Ending {
+    /// released, or its lease is lost. `stages_done` is called once the run's last stage has
+    /// run, just before its checkpoint commit: the worker's slot is free from then on, so the
+    /// next run's claim can travel to the store together with that commit.
+    pub async fn execute(&self, claimed: Claimed, stages_done: impl FnOnce() + Send) -> Ending {
         let span = info_span!("run", run.id = %claimed.run.id, run.name = %claimed.run.name, fence = claimed.lease.fence.0);
         async move {
             let run_id = claimed.run.id;
@@ -92,8 +94,17 @@ impl Engine {
             }
             let workflow = self.catalog.get(claimed.run.kind, &claimed.run.name);
             let keeps_metadata = workflow.as_ref().is_some_and(|w| w.keeps_metadata());
+            let mut stages_done: Option<Box<dyn FnOnce() + Send + '_>> =
+                Some(Box::new(stages_done));
             let ending = self
-                .execute_stages(claimed, workflow, &cancel, &lease_lost, keeps_metadata)
+                .execute_stages(
+                    claimed,
+                    workflow,
+                    &cancel,
+                    &lease_lost,
+                    keeps_metadata,
+                    &mut stages_done,
+                )
                 .await;
             heartbeat.abort();
             if keeps_metadata && ending != Ending::LeaseLost {
@@ -120,6 +131,7 @@ impl Engine {
         cancel: &CancellationToken,
         lease_lost: &CancellationToken,
         keeps_metadata: bool,
+        stages_done: &mut Option<Box<dyn FnOnce() + Send + '_>>,
     ) -> Ending {
         let Claimed {
             lease,
@@ -233,6 +245,9 @@ impl Engine {
                         run_result: is_last.then(|| workflow.result(&previous)),
                         reused_from: Some(found.run_id),
                     };
+                    if is_last && let Some(done) = stages_done.take() {
+                        done();
+                    }
                     if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
                         return self.store_failure(error);
                     }
@@ -318,6 +333,9 @@ impl Engine {
                         run_result,
                         reused_from: None,
                     };
+                    if is_last && let Some(done) = stages_done.take() {
+                        done();
+                    }
                     if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
                         return self.store_failure(error);
                     }

@@ -175,6 +175,50 @@ async fn an_accepted_run_survives_the_api_dying_right_after_answering(backend: B
     assert_eq!(run["run_id"], id.as_str());
 }
 
+/// A worker never executes more stages at once than its concurrency, although a slot frees
+/// before its run's last checkpoint is committed (so the next claim travels with the commit),
+/// and it does use every slot.
+async fn a_worker_runs_no_more_stages_at_once_than_its_concurrency(backend: Backend) {
+    let mut app = TestApp::new(backend).with_api();
+    app.start_worker_with(&["--concurrency", "2"]);
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(app.submit_demo(json!({"sleep_ms": 300})).await);
+    }
+    // Each stage execution as [started, completed] in store milliseconds.
+    let mut spans = Vec::new();
+    for id in &ids {
+        app.wait_status(id, "completed", WAIT).await;
+        let events = app.events(id).await;
+        let at = |kind: &str, stage: &str| {
+            events
+                .iter()
+                .find(|e| e["kind"] == kind && e["stage"] == stage)
+                .and_then(|e| e["at"].as_str())
+                .and_then(|t| t.parse::<chrono::DateTime<chrono::Utc>>().ok())
+                .map(|t| t.timestamp_millis())
+                .unwrap_or_else(|| panic!("run {id}: no {kind} of {stage}"))
+        };
+        for stage in ["one", "two", "three"] {
+            spans.push((at("stage_started", stage), at("stage_completed", stage)));
+        }
+    }
+    // A stage's span ends with its commit, which may overlap the next run's start by the
+    // commit's round trip: count a stage as executing until 150 ms before its commit (each
+    // stage sleeps 300 ms, so a third stage at once would overlap by far more).
+    let most = spans
+        .iter()
+        .map(|&(start, _)| {
+            spans
+                .iter()
+                .filter(|&&(s, e)| s <= start && start < e - 150)
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    assert_eq!(most, 2, "stages executing at once: {spans:?}");
+}
+
 async fn two_workers_share_one_store_without_running_anything_twice(backend: Backend) {
     let mut app = TestApp::started(backend);
     app.start_worker_with(&["--concurrency", "3"]);
@@ -200,6 +244,7 @@ async fn two_workers_share_one_store_without_running_anything_twice(backend: Bac
 }
 
 crate::conformance!(
+    a_worker_runs_no_more_stages_at_once_than_its_concurrency,
     a_killed_worker_run_resumes_elsewhere_from_its_last_checkpoint_and_step,
     a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes,
     sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero,
