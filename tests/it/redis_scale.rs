@@ -426,7 +426,8 @@ async fn a_claim_starts_the_first_open_stage_exactly_once() {
 /// `FUNCTION FLUSH`) gets it back on the next call, which then succeeds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_lost_the_function_library_gets_it_back() {
-    let app = TestApp::new(Backend::Redis);
+    // A server of its own: other tests' stores would load the library again meanwhile.
+    let (app, _redis) = app_with_own_redis();
     let store = RedisStore::open(
         &app.env["REDIS_URL"],
         &app.env["REDIS_KEY_PREFIX"],
@@ -460,7 +461,10 @@ async fn a_redis_that_lost_the_function_library_gets_it_back() {
         .expect("flush");
     assert!(!libraries(&mut conn).await.contains("stagecraft_"));
 
-    let (run, _) = store.insert_run(noop_run()).await.expect("insert after flush");
+    let (run, _) = store
+        .insert_run(noop_run())
+        .await
+        .expect("insert after flush");
     assert_eq!(
         store.get_run(run.id).await.expect("get").expect("run").id,
         run.id
