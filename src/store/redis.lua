@@ -113,11 +113,12 @@ local function flush()
         c = {}
         counts[q] = c
       end
+      -- Running runs are the lease index; they have no status set of their own.
       if old then
-        push_to(rem, old, id)
+        if old ~= 'running' then push_to(rem, old, id) end
         c[old] = (c[old] or 0) - 1
       end
-      push_to(add, new, '0', id)
+      if new ~= 'running' then push_to(add, new, '0', id) end
       c[new] = (c[new] or 0) + 1
       local was, is = old and FINISHED[old], FINISHED[new]
       if is and not was then

@@ -199,6 +199,51 @@ impl RedisStore {
     }
 }
 
+/// Where a listing's run ids come from, newest first.
+enum RunIds {
+    /// A sorted set whose members all score 0, so it is ordered by id (ids sort by time).
+    Set(String),
+    /// Ids read whole, sorted newest first.
+    Listed(Vec<String>),
+}
+
+impl RunIds {
+    async fn count(&self, conn: &mut ConnectionManager) -> StoreResult<u64> {
+        Ok(match self {
+            RunIds::Set(key) => conn.zcard(key).await?,
+            RunIds::Listed(ids) => ids.len() as u64,
+        })
+    }
+
+    /// Up to `count` ids older than `before` (all when `None`), newest first.
+    async fn page(
+        &self,
+        conn: &mut ConnectionManager,
+        before: Option<&str>,
+        count: usize,
+    ) -> StoreResult<Vec<String>> {
+        Ok(match self {
+            RunIds::Set(key) => {
+                redis::cmd("ZREVRANGEBYLEX")
+                    .arg(key)
+                    .arg(before.map_or_else(|| "+".to_owned(), |id| format!("({id}")))
+                    .arg("-")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(count)
+                    .query_async(conn)
+                    .await?
+            }
+            RunIds::Listed(ids) => ids
+                .iter()
+                .filter(|id| before.is_none_or(|before| id.as_str() < before))
+                .take(count)
+                .cloned()
+                .collect(),
+        })
+    }
+}
+
 /// Script operations sent in one call at most.
 const MAX_BATCH_OPS: usize = 64;
 /// Script calls in flight at once; operations issued meanwhile wait and go together.
@@ -287,27 +332,41 @@ fn json_text(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
 }
 
-fn as_string(value: &RedisValue) -> Option<String> {
+/// A reply's text, borrowed.
+fn text(value: &RedisValue) -> Option<&str> {
     match value {
-        RedisValue::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-        RedisValue::SimpleString(text) => Some(text.clone()),
-        RedisValue::Int(n) => Some(n.to_string()),
+        RedisValue::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        RedisValue::SimpleString(text) => Some(text),
         _ => None,
     }
 }
 
-fn millis(map: &HashMap<String, String>, field: &str) -> Option<DateTime<Utc>> {
+/// Set fields of a hash (or of one stage in it), borrowed from the reply. Found by a scan: a
+/// run has a few dozen fields, and building a map of owned strings cost more than the scans.
+#[derive(Default)]
+struct Fields<'a>(Vec<(&'a str, &'a str)>);
+
+impl<'a> Fields<'a> {
+    fn get(&self, name: &str) -> Option<&'a str> {
+        self.0
+            .iter()
+            .find(|(field, _)| *field == name)
+            .map(|(_, value)| *value)
+    }
+}
+
+fn millis(map: &Fields<'_>, field: &str) -> Option<DateTime<Utc>> {
     map.get(field)
         .and_then(|v| v.parse::<f64>().ok())
         .map(|v| to_datetime(v as i64))
 }
 
-fn number(map: &HashMap<String, String>, field: &str) -> f64 {
+fn number(map: &Fields<'_>, field: &str) -> f64 {
     map.get(field).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(
-    map: &HashMap<String, String>,
+    map: &Fields<'_>,
     field: &str,
 ) -> StoreResult<Option<T>> {
     match map.get(field) {
@@ -318,13 +377,10 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn run_from_maps(
-    run: &HashMap<String, String>,
-    stages: &[HashMap<String, String>],
-) -> StoreResult<RunRecord> {
+fn run_from_maps(run: &Fields<'_>, stages: &[Fields<'_>]) -> StoreResult<RunRecord> {
     let field = |name: &str| {
         run.get(name)
-            .cloned()
+            .map(str::to_owned)
             .ok_or_else(|| StoreError::Corrupt(format!("run has no {name}")))
     };
     let id = field("id")?;
@@ -333,10 +389,10 @@ fn run_from_maps(
     let stages = stages
         .iter()
         .map(|stage| {
-            let status = stage.get("status").cloned().unwrap_or_default();
+            let status = stage.get("status").unwrap_or_default();
             Ok(StageRecord {
-                name: stage.get("name").cloned().unwrap_or_default(),
-                status: StageStatus::parse(&status)
+                name: stage.get("name").unwrap_or_default().to_owned(),
+                status: StageStatus::parse(status)
                     .ok_or_else(|| StoreError::Corrupt(format!("stage status {status}")))?,
                 attempts: number(stage, "attempts") as u32,
                 started_at: millis(stage, "started_at"),
@@ -353,7 +409,7 @@ fn run_from_maps(
                     _ => None,
                 },
                 next_attempt_at: millis(stage, "next_attempt_at"),
-                reused_from: stage.get("reused_from").cloned(),
+                reused_from: stage.get("reused_from").map(str::to_owned),
             })
         })
         .collect::<StoreResult<Vec<_>>>()?;
@@ -366,23 +422,23 @@ fn run_from_maps(
         inputs: parse_json(run, "inputs")?.unwrap_or(Value::Null),
         status: RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
-        provider_mode: if run.get("provider_mode").map(String::as_str) == Some("live") {
+        provider_mode: if run.get("provider_mode") == Some("live") {
             ProviderMode::Live
         } else {
             ProviderMode::Mock
         },
         budget_usd: run.get("budget_usd").and_then(|v| v.parse().ok()),
         cost_usd: number(run, "cost_usd"),
-        current_stage: run.get("current_stage").cloned(),
+        current_stage: run.get("current_stage").map(str::to_owned),
         result: parse_json(run, "result")?,
         error: parse_json(run, "error")?,
-        worker: run.get("worker").cloned(),
+        worker: run.get("worker").map(str::to_owned),
         fence: FenceToken(number(run, "fence") as i64),
-        cancel_requested: run.get("cancel_requested").map(String::as_str) == Some("1"),
+        cancel_requested: run.get("cancel_requested") == Some("1"),
         created_at: millis(run, "created_at").unwrap_or_default(),
         updated_at: millis(run, "updated_at").unwrap_or_default(),
         finished_at: millis(run, "finished_at"),
-        reuse: run.get("reuse").map(String::as_str) == Some("1"),
+        reuse: run.get("reuse") == Some("1"),
         stages,
     })
 }
@@ -396,32 +452,30 @@ fn run_from_hash(hash: &RedisValue) -> StoreResult<Option<RunRecord>> {
     if items.is_empty() {
         return Ok(None);
     }
-    let mut run = HashMap::with_capacity(items.len() / 2);
-    let mut stages: Vec<HashMap<String, String>> = Vec::new();
+    let mut run = Fields(Vec::with_capacity(items.len() / 2));
+    let mut stages: Vec<Fields<'_>> = Vec::new();
     for pair in items.chunks(2) {
         let [field, value] = pair else { continue };
-        let (Some(field), Some(value)) = (as_string(field), as_string(value)) else {
+        let (Some(field), Some(value)) = (text(field), text(value)) else {
             continue;
         };
-        // The script keeps unset fields of the hot path as empty strings.
+        // The library keeps unset fields of the hot path as empty strings.
         if value.is_empty() {
             continue;
         }
-        match stage_field(&field) {
+        match stage_field(field) {
             Some((index, name)) => {
                 if stages.len() <= index {
-                    stages.resize_with(index + 1, HashMap::new);
+                    stages.resize_with(index + 1, Fields::default);
                 }
-                stages[index].insert(name.to_owned(), value);
+                stages[index].0.push((name, value));
             }
-            None => {
-                run.insert(field, value);
-            }
+            None => run.0.push((field, value)),
         }
     }
     let declared = number(&run, "stages") as usize;
     if stages.len() < declared {
-        stages.resize_with(declared, HashMap::new);
+        stages.resize_with(declared, Fields::default);
     }
     run_from_maps(&run, &stages).map(Some)
 }
@@ -486,61 +540,49 @@ impl RunStore for RedisStore {
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
         let mut conn = self.conn.clone();
-        let set = match filter.status {
-            Some(status) => self.key(&format!("status:{}", status.as_str())),
-            None => self.key("runs"),
+        let ids = match filter.status {
+            // Running runs are the lease index; they have no status set of their own. There
+            // are at most as many as the workers' slots, so they are read whole and sorted.
+            Some(RunStatus::Running) => {
+                let mut ids: Vec<String> = conn.zrange(self.key("leases"), 0, -1).await?;
+                ids.sort_unstable_by(|a, b| b.cmp(a));
+                RunIds::Listed(ids)
+            }
+            Some(status) => RunIds::Set(self.key(&format!("status:{}", status.as_str()))),
+            None => RunIds::Set(self.key("runs")),
         };
-        let start = match filter.before {
-            Some(id) => format!("({id}"),
-            None => "+".to_owned(),
-        };
+        let before = filter.before.map(|id| id.to_string());
         let limit = filter.limit as usize;
         let filtered = filter.kind.is_some() || filter.name.is_some();
         if !filtered {
-            let total: u64 = conn.zcard(&set).await?;
-            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
-                .arg(&set)
-                .arg(&start)
-                .arg("-")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit)
-                .query_async(&mut conn)
-                .await?;
-            let mut runs = Vec::with_capacity(ids.len());
-            for id in ids.iter().filter_map(|id| RunId::parse(id)) {
+            let total = ids.count(&mut conn).await?;
+            let page = ids.page(&mut conn, before.as_deref(), limit).await?;
+            let mut runs = Vec::with_capacity(page.len());
+            for id in page.iter().filter_map(|id| RunId::parse(id)) {
                 if let Some(run) = self.get_run(id).await? {
                     runs.push(run);
                 }
             }
             return Ok((runs, total));
         }
-        // Kind and name filters scan the set page by page (an ops query, not a hot path), so
+        // Kind and name filters scan the ids page by page (an ops query, not a hot path), so
         // Redis is never blocked by one long call.
         let mut total = 0u64;
         let mut page_ids = Vec::new();
-        let mut cursor = "+".to_owned();
+        let mut cursor: Option<String> = None;
         loop {
-            let ids: Vec<String> = redis::cmd("ZREVRANGEBYLEX")
-                .arg(&set)
-                .arg(&cursor)
-                .arg("-")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(BATCH)
-                .query_async(&mut conn)
-                .await?;
-            let Some(last) = ids.last() else { break };
-            cursor = format!("({last}");
+            let page = ids.page(&mut conn, cursor.as_deref(), BATCH).await?;
+            let Some(last) = page.last() else { break };
+            cursor = Some(last.clone());
             let mut pipe = redis::pipe();
-            for id in &ids {
+            for id in &page {
                 pipe.cmd("HMGET")
                     .arg(self.key(&format!("run:{id}")))
                     .arg("kind")
                     .arg("name");
             }
             let fields: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut conn).await?;
-            for (id, (kind, name)) in ids.iter().zip(fields) {
+            for (id, (kind, name)) in page.iter().zip(fields) {
                 let kind_ok = filter
                     .kind
                     .is_none_or(|k| kind.as_deref() == Some(k.as_str()));
@@ -550,15 +592,13 @@ impl RunStore for RedisStore {
                     .is_none_or(|n| name.as_ref() == Some(n));
                 if kind_ok && name_ok {
                     total += 1;
-                    let after_cursor = filter
-                        .before
-                        .is_none_or(|before| id.as_str() < before.to_string().as_str());
+                    let after_cursor = before.as_deref().is_none_or(|before| id.as_str() < before);
                     if after_cursor && page_ids.len() < limit {
                         page_ids.push(id.clone());
                     }
                 }
             }
-            if ids.len() < BATCH {
+            if page.len() < BATCH {
                 break;
             }
         }
