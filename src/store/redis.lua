@@ -91,6 +91,11 @@ local function wake(q)
   wakes[q] = (wakes[q] or 0) + 1
 end
 
+-- Appends its other arguments (none of them nil) to `list`.
+local function append(list, ...)
+  for _, v in ipairs({ ... }) do list[#list + 1] = v end
+end
+
 local function push_to(map, key, a, b)
   local list = map[key]
   if not list then
@@ -264,25 +269,12 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reu
   local names = { ... }
   for i = 0, tonumber(n) - 1 do
     local f = sf(i)
-    fields[#fields + 1] = f.name
-    fields[#fields + 1] = names[i + 1]
-    fields[#fields + 1] = f.status
-    fields[#fields + 1] = 'pending'
-    fields[#fields + 1] = f.attempts
-    fields[#fields + 1] = '0'
-    fields[#fields + 1] = f.started_at
-    fields[#fields + 1] = ''
-    fields[#fields + 1] = f.finished_at
-    fields[#fields + 1] = ''
-    fields[#fields + 1] = f.output
-    fields[#fields + 1] = ''
-    fields[#fields + 1] = f.artifacts
-    fields[#fields + 1] = ''
+    append(fields, f.name, names[i + 1], f.status, 'pending', f.attempts, '0', f.started_at, '',
+      f.finished_at, '', f.output, '', f.artifacts, '')
   end
-  local rest = { 'finished_at', '', 'id', id, 'kind', kind, 'name', name, 'inputs', inputs,
+  append(fields, 'finished_at', '', 'id', id, 'kind', kind, 'name', name, 'inputs', inputs,
     'provider_mode', mode, 'cost_usd', '0', 'created_at', NOW, 'available_at', NOW,
-    'idempotency_key', idem }
-  for _, v in ipairs(rest) do fields[#fields + 1] = v end
+    'idempotency_key', idem)
   redis.call('HSET', k_run(id), unpack(fields))
   added[#added + 1] = id
   move(id, q, nil, 'queued')

@@ -298,30 +298,20 @@ async fn a_claim_takes_the_oldest_due_runs_across_queues(backend: Backend) {
     let worker = WorkerId::from("w-1".to_owned());
     let ttl = Duration::from_secs(30);
     let all = ["workflows", "agents", "work_orders"].map(String::from);
-    let first: Vec<_> = store
-        .claim(&all, &worker, ttl, 3)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|c| c.lease.run_id)
-        .collect();
-    assert_eq!(first, inserted[..3]);
-    let agents: Vec<_> = store
-        .claim(&["agents".to_owned()], &worker, ttl, 5)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|c| c.lease.run_id)
-        .collect();
-    assert_eq!(agents, [inserted[3]]);
-    let rest: Vec<_> = store
-        .claim(&all, &worker, ttl, 5)
-        .await
-        .expect("claim")
-        .iter()
-        .map(|c| c.lease.run_id)
-        .collect();
-    assert_eq!(rest, [inserted[4]]);
+    let claim = |queues: Vec<String>, max| {
+        let store = store.clone();
+        let worker = worker.clone();
+        async move {
+            let claimed = store
+                .claim(&queues, &worker, ttl, max)
+                .await
+                .expect("claim");
+            claimed.iter().map(|c| c.lease.run_id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(claim(all.to_vec(), 3).await, inserted[..3]);
+    assert_eq!(claim(vec!["agents".to_owned()], 5).await, [inserted[3]]);
+    assert_eq!(claim(all.to_vec(), 5).await, [inserted[4]]);
 }
 
 /// Listing by status pages newest first with the total, for running runs too (on Redis they

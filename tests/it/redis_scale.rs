@@ -28,15 +28,7 @@ async fn completed(store: &RedisStore) -> u64 {
 async fn a_backlog_of_fifty_thousand_runs_drains_without_a_worker_exiting() {
     const RUNS: usize = 50_000;
     let mut app = TestApp::new(Backend::Redis);
-    let store = Arc::new(
-        RedisStore::open(
-            &app.env["REDIS_URL"],
-            &app.env["REDIS_KEY_PREFIX"],
-            Duration::from_secs(3600),
-        )
-        .await
-        .expect("redis"),
-    );
+    let store = Arc::new(open_store(&app).await);
     // Queue the backlog while no worker runs, as after an outage of the workers.
     stream::iter(0..RUNS)
         .for_each_concurrent(64, |_| {
@@ -119,6 +111,17 @@ async fn a_backlog_of_fifty_thousand_runs_drains_without_a_worker_exiting() {
         .await
         .expect("zcard");
     assert_eq!(finished, RUNS as u64);
+}
+
+/// A store handle on the app's Redis, under the app's key prefix.
+async fn open_store(app: &TestApp) -> RedisStore {
+    RedisStore::open(
+        &app.env["REDIS_URL"],
+        &app.env["REDIS_KEY_PREFIX"],
+        Duration::from_secs(3600),
+    )
+    .await
+    .expect("redis")
 }
 
 /// A deployment on a Redis server of its own, with AOF on as compose runs it.
@@ -329,13 +332,7 @@ async fn a_claim_starts_the_first_open_stage_exactly_once() {
         store::{StageOutcome, StageStatus},
     };
     let app = TestApp::new(Backend::Redis);
-    let store = RedisStore::open(
-        &app.env["REDIS_URL"],
-        &app.env["REDIS_KEY_PREFIX"],
-        Duration::from_secs(3600),
-    )
-    .await
-    .expect("redis");
+    let store = open_store(&app).await;
     let queues = ["workflows".to_owned()];
     let worker = WorkerId::from("w-1".to_owned());
     let ttl = Duration::from_secs(30);
@@ -428,13 +425,7 @@ async fn a_claim_starts_the_first_open_stage_exactly_once() {
 async fn a_redis_that_lost_the_function_library_gets_it_back() {
     // A server of its own: other tests' stores would load the library again meanwhile.
     let (app, _redis) = app_with_own_redis();
-    let store = RedisStore::open(
-        &app.env["REDIS_URL"],
-        &app.env["REDIS_KEY_PREFIX"],
-        Duration::from_secs(3600),
-    )
-    .await
-    .expect("redis");
+    let store = open_store(&app).await;
     let client = redis::Client::open(app.env["REDIS_URL"].as_str()).expect("client");
     let mut conn = client
         .get_multiplexed_async_connection()
