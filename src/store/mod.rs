@@ -264,6 +264,49 @@ impl RunRecord {
     pub fn stage_index(&self, name: &str) -> Option<usize> {
         self.stages.iter().position(|s| s.name == name)
     }
+
+    /// A run as `insert_run` stores it: queued, nothing run yet, created at `at`.
+    pub fn queued(run: NewRun, at: DateTime<Utc>) -> Self {
+        Self {
+            id: run.id,
+            kind: run.kind,
+            name: run.name,
+            queue: run.queue,
+            inputs: run.inputs,
+            status: RunStatus::Queued,
+            provider_mode: run.provider_mode,
+            budget_usd: run.budget_usd,
+            cost_usd: 0.0,
+            current_stage: None,
+            result: None,
+            error: None,
+            worker: None,
+            fence: FenceToken(0),
+            cancel_requested: false,
+            created_at: at,
+            updated_at: at,
+            finished_at: None,
+            reuse: run.reuse,
+            stages: run
+                .stage_names
+                .into_iter()
+                .map(|name| StageRecord {
+                    name,
+                    status: StageStatus::Pending,
+                    attempts: 0,
+                    started_at: None,
+                    finished_at: None,
+                    cost_usd: 0.0,
+                    artifacts: Vec::new(),
+                    output: None,
+                    error: None,
+                    progress: None,
+                    next_attempt_at: None,
+                    reused_from: None,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// The right of one worker to execute one run, until `expires`.

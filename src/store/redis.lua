@@ -255,11 +255,12 @@ end
 
 local OPS = {}
 
--- insert id kind name queue inputs mode budget idem idem_ttl_ms reuse(0|1) n names...
+-- insert id kind name queue inputs mode budget idem idem_ttl_ms reuse(0|1) n names...:
+-- {id, 1, created_at} for a new run, {id of the run with this idempotency key, 0, 0} otherwise
 function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reuse, n, ...)
   if idem ~= '' then
     local existing = redis.call('GET', k_idem(idem))
-    if existing then return { existing, 0 } end
+    if existing then return { existing, 0, 0 } end
     redis.call('SET', k_idem(idem), id, 'PX', idem_ttl)
   end
   -- Hot fields first (see the top). `next` is the first stage without a checkpoint.
@@ -281,7 +282,7 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reu
   redis.call('ZADD', k_due(q), NOW, id)
   wake(q)
   event(id, 'run_queued', nil, cjson.encode({ queue = q }))
-  return { id, 1 }
+  return { id, 1, now }
 end
 
 -- claim worker ttl_ms max queues...: up to max due runs, oldest first, as

@@ -527,10 +527,15 @@ impl RunStore for RedisStore {
             run.stage_names.len().to_string(),
         ];
         args.extend(run.stage_names.iter().cloned());
-        let (id, created): (String, i64) = self.call("insert", &args).await?;
+        let (id, created, at): (String, i64, i64) = self.call("insert", &args).await?;
+        if created == 1 {
+            // The run is exactly what was sent, queued: no need to read it back.
+            return Ok((RunRecord::queued(run, to_datetime(at)), true));
+        }
+        // Another run holds the idempotency key: answer that one.
         let id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
         let record = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
-        Ok((record, created == 1))
+        Ok((record, false))
     }
 
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {

@@ -380,7 +380,42 @@ async fn runs_listed_by_status_page_newest_first(backend: Backend) {
     );
 }
 
+/// The record `insert_run` answers is the one the store reads back, and a second insert with
+/// the same idempotency key answers the first run.
+async fn an_inserted_run_reads_back_as_it_was_answered(backend: Backend) {
+    use stagecraft::store::NewRun;
+    let app = TestApp::new(backend);
+    std::fs::create_dir_all(&app.env["DATA_DIR"]).expect("data dir");
+    let store = app.store().await;
+    let new = || NewRun {
+        inputs: json!({"topic": "tides", "ratio": 0.25, "tags": ["a", "b"], "n": 3}),
+        budget_usd: Some(2.5),
+        stage_names: vec!["draft".to_owned(), "polish".to_owned()],
+        idempotency_key: Some(format!("key-{}", uuid::Uuid::new_v4())),
+        reuse: true,
+        ..noop_run()
+    };
+    let first = new();
+    let key = first.idempotency_key.clone();
+    let (answered, created) = store.insert_run(first).await.expect("insert");
+    assert!(created);
+    let read = store.get_run(answered.id).await.expect("get").expect("run");
+    // Every field, compared through its debug form (records are not comparable themselves).
+    let fields = |run: &stagecraft::store::RunRecord| format!("{run:#?}");
+    assert_eq!(fields(&answered), fields(&read));
+    let (again, created) = store
+        .insert_run(NewRun {
+            idempotency_key: key,
+            ..new()
+        })
+        .await
+        .expect("insert again");
+    assert!(!created);
+    assert_eq!(fields(&again), fields(&read));
+}
+
 crate::conformance!(
+    an_inserted_run_reads_back_as_it_was_answered,
     runs_listed_by_status_page_newest_first,
     a_claim_takes_the_oldest_due_runs_across_queues,
     transient_failures_are_retried_after_growing_backoff_then_succeed,
