@@ -45,6 +45,7 @@ pub struct ClaimSettings {
 /// The apalis backend: a stream of runs claimed from the store.
 struct ClaimBackend {
     claims: BoxStream<'static, Task<Claimed>>,
+    stopping: CancellationToken,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +88,7 @@ impl ClaimBackend {
         slots: Arc<Slots>,
     ) -> Self {
         let state = (VecDeque::<Claimed>::new(), 0u32);
+        let on_close = stopping.clone();
         let claims = futures::stream::unfold(state, move |(mut buffer, mut failures)| {
             let store = store.clone();
             let worker = worker.clone();
@@ -139,7 +141,10 @@ impl ClaimBackend {
             }
         })
         .boxed();
-        Self { claims }
+        Self {
+            claims,
+            stopping: on_close,
+        }
     }
 }
 
@@ -180,12 +185,25 @@ impl Backend for ClaimBackend {
             .map(|next| next.map(Ok))
     }
 
+    /// apalis closes the backend once its running tasks are done. A claim may still be on its
+    /// way then (the stop came while the store answered it): the stream is driven to its end,
+    /// which gives back whatever it claimed, so no run stays leased to a process that is gone.
     fn poll_close(
         &mut self,
-        _cx: &mut Context<'_>,
+        cx: &mut Context<'_>,
         _worker: &WorkerContext,
     ) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+        self.stopping.cancel();
+        loop {
+            match Pin::new(&mut self.claims).poll_next(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                // Once stopping, the stream yields no run (it gives them back itself).
+                Poll::Ready(Some(task)) => {
+                    warn!(run.id = %task.args.run.id, "a run claimed while stopping is left to its lease");
+                }
+            }
+        }
     }
 }
 

@@ -114,8 +114,7 @@ async fn a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes(backend
 async fn sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero(backend: Backend) {
     let mut app = TestApp::started(backend);
     let id = app.submit_demo(json!({"sleep_ms": 1500})).await;
-    app.wait_run(&id, WAIT, |r| stage(r, "one")["status"] == "running")
-        .await;
+    app.wait_executing(&id, "one", WAIT).await;
     app.workers[0].signal(Signal::SIGTERM);
     let status = app.workers[0]
         .wait_exit(Duration::from_secs(12))
@@ -134,14 +133,36 @@ async fn sigterm_lets_the_stage_finish_releases_the_run_and_exits_zero(backend: 
     assert_eq!(TestApp::count(&app.ledger(&id), "stage one "), 1);
 }
 
+/// A worker stopped at any moment around a claim (before it, while the store answers it, or
+/// once the stage runs) leaves no run leased to it: every run is queued or done when it exits.
+async fn a_worker_stopped_around_a_claim_leaves_no_run_behind(backend: Backend) {
+    let mut app = TestApp::new(backend).with_api();
+    for round in 0..8 {
+        let index = app.start_worker();
+        let id = app.submit_demo(json!({"sleep_ms": 50})).await;
+        // Stop after a growing delay, so that rounds fall on different moments of the claim.
+        tokio::time::sleep(Duration::from_millis(2 * round)).await;
+        app.workers[index].signal(Signal::SIGTERM);
+        let status = app.workers[index]
+            .wait_exit(Duration::from_secs(12))
+            .expect("worker exits");
+        assert!(status.success(), "exit status {status:?}");
+        let run = app.run(&id).await;
+        assert!(
+            matches!(run["status"].as_str(), Some("queued" | "completed")),
+            "round {round}: the run was left {}: {run:#}",
+            run["status"]
+        );
+    }
+}
+
 async fn past_the_grace_period_the_stage_is_abandoned_and_rerun_elsewhere(backend: Backend) {
     let mut app = TestApp::new(backend)
         .with_env("SHUTDOWN_GRACE_SECS", "1")
         .with_api();
     app.start_worker();
     let id = app.submit_demo(json!({"sleep_ms": 8000})).await;
-    app.wait_run(&id, WAIT, |r| stage(r, "one")["status"] == "running")
-        .await;
+    app.wait_executing(&id, "one", WAIT).await;
     let stopped = Instant::now();
     app.workers[0].signal(Signal::SIGTERM);
     let status = app.workers[0].wait_exit(Duration::from_secs(10));
@@ -244,6 +265,7 @@ async fn two_workers_share_one_store_without_running_anything_twice(backend: Bac
 }
 
 crate::conformance!(
+    a_worker_stopped_around_a_claim_leaves_no_run_behind,
     a_worker_runs_no_more_stages_at_once_than_its_concurrency,
     a_killed_worker_run_resumes_elsewhere_from_its_last_checkpoint_and_step,
     a_frozen_worker_that_lost_its_lease_cannot_commit_when_it_wakes,

@@ -451,6 +451,20 @@ impl TestApp {
         }
     }
 
+    /// Waits until a demo run's stage code has begun (its ledger line is written). A stage's
+    /// status says `running` from the claim on, a moment before the worker executes it.
+    pub async fn wait_executing(&self, id: &str, stage: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let marker = format!("stage {stage} ");
+        while Self::count(&self.ledger(id), &marker) == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for stage {stage} of run {id} to execute"
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     pub async fn wait_status(&self, id: &str, status: &str, timeout: Duration) -> Value {
         self.wait_run(id, timeout, |r| r["status"] == status).await
     }
