@@ -6,8 +6,9 @@
 //! ours. Its stream asks the run store for due runs only for the worker's free slots, so claims
 //! never pile up in a process, and the claim itself takes the lease. A slot frees as soon as
 //! its run's last stage has run, before that stage's checkpoint commit: the claim for the next
-//! run then travels to the store with the commit instead of waiting for its answer. apalis's own storages are not used: their retry bookkeeping, per-worker orphan
-//! recovery and polling would decide a run's fate instead of the engine.
+//! run then travels to the store with the commit instead of waiting for its answer. apalis's
+//! own storages are not used: their retry bookkeeping, per-worker orphan recovery and polling
+//! would decide a run's fate instead of the engine.
 
 use std::{
     collections::VecDeque,

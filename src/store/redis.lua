@@ -71,6 +71,12 @@ local lease_ids = {}
 local added = {}      -- runs created by this call
 local wakes = {}      -- queue -> runs that became due now
 
+-- Forgets the index changes recorded so far (written, or left by a call that failed).
+local function forget()
+  moved, moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}, {}
+  leases, lease_ids, added, wakes = {}, {}, {}, {}
+end
+
 -- Records a status change for the status sets, the counts and the finished index.
 local function move(id, q, old, new)
   local m = moved[id]
@@ -169,8 +175,7 @@ local function flush()
     redis.call('LPUSH', k_wake(q), unpack(tokens))
     redis.call('LTRIM', k_wake(q), 0, WAKE_CAP - 1)
   end
-  moved, moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}, {}
-  leases, lease_ids, added, wakes = {}, {}, {}, {}
+  forget()
 end
 
 ---------------------------------------------------------------------------------------------
@@ -649,8 +654,7 @@ local function batch(_, args)
   NOW = str(now)
   EV_HEAD = '{"at":' .. NOW .. ',"kind":"'
   K_ALL, K_LEASES, K_COUNTS, K_FINISHED = P .. 'runs', P .. 'leases', P .. 'counts', P .. 'finished'
-  moved, moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}, {}
-  leases, lease_ids, added, wakes = {}, {}, {}, {}
+  forget()
   STAGE_JSON = {}
   if args[2] ~= 'batch' then return redis.error_reply('expected a batch of operations') end
   local results = {}
