@@ -111,7 +111,12 @@ test: test-deps ## Run every test (unit and integration, real processes)
 	$(CARGO) test --lib --bins --tests
 
 .PHONY: bench
-bench: ## Measure throughput, latency and recovery (release build)
+bench: ## Measure throughput, latency and recovery (release build), BullMQ beside it when npm is there
+	@if command -v npm >/dev/null 2>&1; then \
+		npm install --prefix benches/peers/bullmq --no-audit --no-fund --no-save --loglevel=error; \
+	else \
+		echo "npm not found: the bench runs without its BullMQ comparison (apt-get install nodejs npm)"; \
+	fi
 	$(CARGO) bench --bench engine
 
 .PHONY: fmt

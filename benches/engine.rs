@@ -17,7 +17,10 @@
 //! - recovery: SIGKILL of a worker mid-stage with the default lease (10 s) and sweep (5 s), to
 //!   the stage restarting in another worker process;
 //! - memory: resident set size of an idle worker, a busy worker (peak during the drain) and the
-//!   API (after the submit load).
+//!   API (after the submit load);
+//! - peer: BullMQ (`benches/peers/bullmq`, run by Node.js) with the same protocol on the same
+//!   Redis, its drain alternated with Stagecraft's one-worker drain and reported with their
+//!   ratio (the machine's speed changes within minutes; the ratio is what carries over).
 
 use std::{
     collections::BTreeMap,
@@ -284,6 +287,72 @@ impl Drop for Deployment {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// BullMQ, measured with this bench's protocol on the same `redis-server` and alternated with
+/// Stagecraft's own measures, so the machine's changing speed weighs on both alike
+/// (`benches/peers/bullmq`; `make bench` installs its packages when npm is there).
+struct BullMq {
+    script: std::path::PathBuf,
+}
+
+impl BullMq {
+    /// The peer, or why it cannot be measured here.
+    fn find() -> Result<Self, String> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/peers/bullmq");
+        if !dir.join("node_modules/bullmq").is_dir() {
+            return Err(format!(
+                "its packages are not installed (npm install --prefix {} --no-save)",
+                dir.display()
+            ));
+        }
+        match Command::new("node").arg("--version").output() {
+            Ok(output) if output.status.success() => Ok(Self {
+                script: dir.join("bench.mjs"),
+            }),
+            _ => Err("node is not installed (apt-get install nodejs npm)".to_owned()),
+        }
+    }
+
+    /// One mode of the peer's script; its answer is one JSON line.
+    async fn run(&self, redis: &RedisServer, args: &[&str]) -> serde_json::Value {
+        let output = tokio::process::Command::new("node")
+            .arg(&self.script)
+            .arg(&redis.url)
+            .args(args)
+            .stderr(Stdio::inherit())
+            .output()
+            .await
+            .expect("node");
+        assert!(output.status.success(), "bullmq bench {args:?} failed");
+        serde_json::from_slice(&output.stdout).expect("bullmq bench answer")
+    }
+
+    /// Jobs per second of one worker process of concurrency 16 through `jobs` queued no-op
+    /// jobs, and its resident memory at the end.
+    async fn drain(&self, redis: &RedisServer, jobs: usize) -> (f64, f64) {
+        let jobs = jobs.to_string();
+        self.run(redis, &["fill", &jobs]).await;
+        let answer = self.run(redis, &["drain", &jobs, "16"]).await;
+        (
+            answer["rate"].as_f64().expect("rate"),
+            answer["rss_mb"].as_f64().expect("rss"),
+        )
+    }
+
+    /// p50 and p99 in ms from adding a job to its processor starting, at a steady rate.
+    async fn pickup(&self, redis: &RedisServer, jobs: usize, per_second: f64) -> (f64, f64) {
+        let answer = self
+            .run(
+                redis,
+                &["pickup", &jobs.to_string(), &per_second.to_string()],
+            )
+            .await;
+        (
+            answer["p50_ms"].as_f64().expect("p50"),
+            answer["p99_ms"].as_f64().expect("p99"),
+        )
     }
 }
 
@@ -603,12 +672,23 @@ async fn redis_section(repeats: usize, drain_only: bool) {
     let latency_runs = env_number("BENCH_LATENCY_RUNS", 200).max(1000);
     let mut rows = BTreeMap::new();
     let mut busy_rss = Vec::new();
+    let peer = BullMq::find();
+    let mut peer_rates = Vec::new();
+    let mut peer_ratios = Vec::new();
+    let mut peer_rss = Vec::new();
     for (row, workers) in [(0, 1), (1, 2)] {
         let mut rates = Vec::new();
         for _ in 0..repeats {
             let (rate, rss) = drain(Backend::Redis, Some(&redis), runs, workers).await;
             rates.push(rate);
             busy_rss.push(rss);
+            // The peer's protocol is one worker process: paired with Stagecraft's.
+            if let (Ok(peer), 1) = (&peer, workers) {
+                let (peer_rate, rss) = peer.drain(&redis, runs).await;
+                peer_rates.push(peer_rate);
+                peer_ratios.push(rate / peer_rate);
+                peer_rss.push(rss);
+            }
         }
         eprintln!("redis drain with {workers} worker(s): {rates:.0?} runs/s");
         rows.insert(
@@ -621,6 +701,14 @@ async fn redis_section(repeats: usize, drain_only: bool) {
     }
     if drain_only {
         print_table(&format!("Redis drain (medians of {repeats})"), &rows);
+        print_peer(
+            &peer,
+            runs,
+            &mut peer_rates,
+            &mut peer_ratios,
+            &mut peer_rss,
+            None,
+        );
         return;
     }
     let mut rates = Vec::new();
@@ -689,6 +777,70 @@ async fn redis_section(repeats: usize, drain_only: bool) {
         ),
     );
     print_table(&format!("Redis backend (medians of {repeats})"), &rows);
+    let peer_pickup = match &peer {
+        Ok(peer) => Some(peer.pickup(&redis, latency_runs, 200.0).await),
+        Err(_) => None,
+    };
+    print_peer(
+        &peer,
+        runs,
+        &mut peer_rates,
+        &mut peer_ratios,
+        &mut peer_rss,
+        peer_pickup.map(|pickup| (latency_runs, pickup)),
+    );
+}
+
+/// The peer's table: its drain paired with Stagecraft's one-worker drain, their ratio, its
+/// memory and (with the full bench) its pickup latency.
+fn print_peer(
+    peer: &Result<BullMq, String>,
+    jobs: usize,
+    rates: &mut [f64],
+    ratios: &mut [f64],
+    rss: &mut [f64],
+    pickup: Option<(usize, (f64, f64))>,
+) {
+    let peer = match peer {
+        Ok(_) => "BullMQ 6.7.0",
+        Err(why) => {
+            println!("\nBullMQ is not measured: {why}.");
+            return;
+        }
+    };
+    let mut rows = BTreeMap::new();
+    eprintln!("{peer} drain: {rates:.0?} jobs/s");
+    rows.insert(
+        0,
+        (
+            format!("drain, {jobs} queued no-op jobs (one INCR each), 1 worker process × 16"),
+            format!(
+                "{:.0} jobs/s; Stagecraft's 1 worker drains {:.2}× as fast",
+                median(rates),
+                median(ratios)
+            ),
+        ),
+    );
+    if let Some((jobs, (p50, p99))) = pickup {
+        rows.insert(
+            1,
+            (
+                format!("add → processor start at a steady 200 jobs/s, {jobs} jobs"),
+                format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+            ),
+        );
+    }
+    rows.insert(
+        2,
+        (
+            "resident memory: worker at the end of the drain".to_owned(),
+            format!("{:.1} MB", median(rss)),
+        ),
+    );
+    print_table(
+        &format!("{peer}, same protocol and Redis, alternated with Stagecraft's drain"),
+        &rows,
+    );
 }
 
 #[tokio::main]
