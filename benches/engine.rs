@@ -329,16 +329,22 @@ impl BullMq {
         serde_json::from_slice(&output.stdout).expect("bullmq bench answer")
     }
 
-    /// Jobs per second of one worker process of concurrency 16 through `jobs` queued no-op
-    /// jobs, and its resident memory at the end.
-    async fn drain(&self, redis: &RedisServer, jobs: usize) -> (f64, f64) {
-        let jobs = jobs.to_string();
-        self.run(redis, &["fill", &jobs]).await;
-        let answer = self.run(redis, &["drain", &jobs, "16"]).await;
-        (
-            answer["rate"].as_f64().expect("rate"),
-            answer["rss_mb"].as_f64().expect("rss"),
-        )
+    /// One worker process of concurrency 16 through `jobs` queued no-op jobs: its rate, its
+    /// resident memory at the end, and the CPU time per job of Redis and of the worker.
+    async fn drain(&self, redis: &RedisServer, jobs: usize) -> Drained {
+        let count = jobs.to_string();
+        self.run(redis, &["fill", &count]).await;
+        let redis_cpu_before = redis_cpu_seconds(redis).await;
+        let answer = self.run(redis, &["drain", &count, "16"]).await;
+        let redis_cpu = redis_cpu_seconds(redis).await - redis_cpu_before;
+        Drained {
+            rate: answer["rate"].as_f64().expect("rate"),
+            peak_rss: answer["rss_mb"].as_f64().expect("rss"),
+            cpu_per_run: Some((
+                redis_cpu * 1e6 / jobs as f64,
+                answer["cpu_us"].as_f64().expect("cpu") / jobs as f64,
+            )),
+        }
     }
 
     /// p50 and p99 in ms from adding a job to its processor starting, at a steady rate.
@@ -356,19 +362,31 @@ impl BullMq {
     }
 }
 
-/// Drain rate, and the peak RSS of the first worker while it works.
+/// What one drain measured.
+struct Drained {
+    /// Runs per second until all were completed.
+    rate: f64,
+    /// Peak resident memory of the first worker while it worked, MB.
+    peak_rss: f64,
+    /// On Redis: CPU time per run of Redis and of the workers, µs (steadier than the rate on a
+    /// shared machine).
+    cpu_per_run: Option<(f64, f64)>,
+}
+
 async fn drain(
     backend: Backend,
     redis: Option<&RedisServer>,
     runs: usize,
     workers: usize,
-) -> (f64, f64) {
+) -> Drained {
     let mut deployment = Deployment::new(backend, redis).await;
     deployment.queue_noops(runs).await;
-    let stats = redis.filter(|_| std::env::var_os("BENCH_REDIS_STATS").is_some());
+    let stats = std::env::var_os("BENCH_REDIS_STATS").is_some();
     let mut redis_cpu_before = 0.0;
-    if let Some(server) = stats {
-        redis_command(server, &["CONFIG", "RESETSTAT"]).await;
+    if let Some(server) = redis {
+        if stats {
+            redis_command(server, &["CONFIG", "RESETSTAT"]).await;
+        }
         redis_cpu_before = redis_cpu_seconds(server).await;
     }
     let started = Instant::now();
@@ -388,22 +406,26 @@ async fn drain(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rate = runs as f64 / started.elapsed().as_secs_f64();
-    if let Some(server) = stats {
-        // Where Redis spent its time: calls and microseconds per command during the drain,
-        // and the CPU time per run of Redis and of the workers (steadier than the rate on a
-        // shared machine).
-        eprintln!("{}", redis_command(server, &["INFO", "commandstats"]).await);
+    let mut cpu_per_run = None;
+    if let Some(server) = redis {
+        if stats {
+            // Where Redis spent its time: calls and microseconds per command during the drain.
+            eprintln!("{}", redis_command(server, &["INFO", "commandstats"]).await);
+        }
         let redis_cpu = redis_cpu_seconds(server).await - redis_cpu_before;
         let workers_cpu: f64 = (0..deployment.children.len())
             .map(|index| cpu_seconds(deployment.pid(index)))
             .sum();
-        eprintln!(
-            "CPU per run: Redis {:.1} µs, workers {:.1} µs",
+        cpu_per_run = Some((
             redis_cpu * 1e6 / runs as f64,
-            workers_cpu * 1e6 / runs as f64
-        );
+            workers_cpu * 1e6 / runs as f64,
+        ));
     }
-    (rate, peak_rss)
+    Drained {
+        rate,
+        peak_rss,
+        cpu_per_run,
+    }
 }
 
 /// One command on the bench's Redis, answered as text (BENCH_REDIS_STATS diagnostics).
@@ -622,7 +644,7 @@ async fn sqlite_section(repeats: usize) {
     for (row, workers) in [(0, 1), (1, 2)] {
         let mut rates = Vec::new();
         for _ in 0..repeats {
-            rates.push(drain(Backend::Sqlite, None, runs, workers).await.0);
+            rates.push(drain(Backend::Sqlite, None, runs, workers).await.rate);
         }
         eprintln!("sqlite drain with {workers} worker(s): {rates:.0?} runs/s");
         rows.insert(
@@ -673,24 +695,26 @@ async fn redis_section(repeats: usize, drain_only: bool) {
     let mut rows = BTreeMap::new();
     let mut busy_rss = Vec::new();
     let peer = BullMq::find();
-    let mut peer_rates = Vec::new();
-    let mut peer_ratios = Vec::new();
-    let mut peer_rss = Vec::new();
-    for (row, workers) in [(0, 1), (1, 2)] {
+    let mut paired = PeerMeasures::default();
+    for (row, workers) in [(0, 1), (2, 2)] {
         let mut rates = Vec::new();
+        let mut cpu = (Vec::new(), Vec::new());
         for _ in 0..repeats {
-            let (rate, rss) = drain(Backend::Redis, Some(&redis), runs, workers).await;
-            rates.push(rate);
-            busy_rss.push(rss);
+            let drained = drain(Backend::Redis, Some(&redis), runs, workers).await;
+            rates.push(drained.rate);
+            busy_rss.push(drained.peak_rss);
+            let (redis_cpu, workers_cpu) = drained.cpu_per_run.expect("redis cpu");
+            cpu.0.push(redis_cpu);
+            cpu.1.push(workers_cpu);
             // The peer's protocol is one worker process: paired with Stagecraft's.
             if let (Ok(peer), 1) = (&peer, workers) {
-                let (peer_rate, rss) = peer.drain(&redis, runs).await;
-                peer_rates.push(peer_rate);
-                peer_ratios.push(rate / peer_rate);
-                peer_rss.push(rss);
+                paired.add_drain(&drained, &peer.drain(&redis, runs).await);
             }
         }
-        eprintln!("redis drain with {workers} worker(s): {rates:.0?} runs/s");
+        eprintln!(
+            "redis drain with {workers} worker(s): {rates:.0?} runs/s, CPU per run: Redis {:.0?} µs, workers {:.0?} µs",
+            cpu.0, cpu.1
+        );
         rows.insert(
             row,
             (
@@ -698,17 +722,21 @@ async fn redis_section(repeats: usize, drain_only: bool) {
                 format!("{:.0} runs/s", median(&mut rates)),
             ),
         );
+        rows.insert(
+            row + 1,
+            (
+                "CPU time per run of that drain: Redis + worker(s)".to_owned(),
+                format!(
+                    "{:.0} µs + {:.0} µs",
+                    median(&mut cpu.0),
+                    median(&mut cpu.1)
+                ),
+            ),
+        );
     }
     if drain_only {
         print_table(&format!("Redis drain (medians of {repeats})"), &rows);
-        print_peer(
-            &peer,
-            runs,
-            &mut peer_rates,
-            &mut peer_ratios,
-            &mut peer_rss,
-            None,
-        );
+        paired.print(&peer, runs);
         return;
     }
     let mut rates = Vec::new();
@@ -724,7 +752,7 @@ async fn redis_section(repeats: usize, drain_only: bool) {
     }
     eprintln!("redis submit: {rates:.0?} runs/s, p99 {p99s:.1?} ms");
     rows.insert(
-        2,
+        4,
         (
             format!("submit through the API, {submits} POSTs, 64 connections"),
             format!(
@@ -735,18 +763,40 @@ async fn redis_section(repeats: usize, drain_only: bool) {
             ),
         ),
     );
-    let (p50, p99, idle_rss) =
-        start_latency(Backend::Redis, Some(&redis), latency_runs, 200.0).await;
+    // Alternated with the peer's pickup, as the drains are.
+    let (mut p50s, mut p99s, mut idle_rss) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (p50, p99, rss) =
+            start_latency(Backend::Redis, Some(&redis), latency_runs, 200.0).await;
+        p50s.push(p50);
+        p99s.push(p99);
+        idle_rss.push(rss);
+        if let Ok(peer) = &peer {
+            let (p50, p99) = peer.pickup(&redis, latency_runs, 200.0).await;
+            paired.pickup_jobs = latency_runs;
+            paired.pickup_p50.push(p50);
+            paired.pickup_p99.push(p99);
+        }
+    }
+    eprintln!(
+        "redis pickup p99: {p99s:.1?} ms; peer: {:.1?} ms",
+        paired.pickup_p99
+    );
+    let idle_rss = median(&mut idle_rss);
     rows.insert(
-        3,
+        5,
         (
             format!("submit → stage start at a steady 200 runs/s, {latency_runs} runs"),
-            format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+            format!(
+                "p50 {:.2} ms, p99 {:.2} ms",
+                median(&mut p50s),
+                median(&mut p99s)
+            ),
         ),
     );
     let (p50, p99) = checkpoint_commit(Backend::Redis, Some(&redis), 2000).await;
     rows.insert(
-        4,
+        6,
         (
             "checkpoint commit (fenced script), 2000 commits".to_owned(),
             format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
@@ -758,14 +808,14 @@ async fn redis_section(repeats: usize, drain_only: bool) {
     }
     eprintln!("redis recovery: {recoveries:.1?} s");
     rows.insert(
-        5,
+        7,
         (
             "recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(),
             format!("{:.1} s", median(&mut recoveries)),
         ),
     );
     rows.insert(
-        6,
+        8,
         (
             "resident memory: idle worker / busy worker (peak) / API after the submit load"
                 .to_owned(),
@@ -777,70 +827,98 @@ async fn redis_section(repeats: usize, drain_only: bool) {
         ),
     );
     print_table(&format!("Redis backend (medians of {repeats})"), &rows);
-    let peer_pickup = match &peer {
-        Ok(peer) => Some(peer.pickup(&redis, latency_runs, 200.0).await),
-        Err(_) => None,
-    };
-    print_peer(
-        &peer,
-        runs,
-        &mut peer_rates,
-        &mut peer_ratios,
-        &mut peer_rss,
-        peer_pickup.map(|pickup| (latency_runs, pickup)),
-    );
+    paired.print(&peer, runs);
 }
 
-/// The peer's table: its drain paired with Stagecraft's one-worker drain, their ratio, its
-/// memory and (with the full bench) its pickup latency.
-fn print_peer(
-    peer: &Result<BullMq, String>,
-    jobs: usize,
-    rates: &mut [f64],
-    ratios: &mut [f64],
-    rss: &mut [f64],
-    pickup: Option<(usize, (f64, f64))>,
-) {
-    let peer = match peer {
-        Ok(_) => "BullMQ 6.7.0",
-        Err(why) => {
-            println!("\nBullMQ is not measured: {why}.");
-            return;
-        }
-    };
-    let mut rows = BTreeMap::new();
-    eprintln!("{peer} drain: {rates:.0?} jobs/s");
-    rows.insert(
-        0,
-        (
-            format!("drain, {jobs} queued no-op jobs (one INCR each), 1 worker process × 16"),
-            format!(
-                "{:.0} jobs/s; Stagecraft's 1 worker drains {:.2}× as fast",
-                median(rates),
-                median(ratios)
+/// The peer's measures, each paired with Stagecraft's taken the minute before.
+#[derive(Default)]
+struct PeerMeasures {
+    rates: Vec<f64>,
+    /// Stagecraft's one-worker drain rate over the peer's, pair by pair.
+    ratios: Vec<f64>,
+    rss: Vec<f64>,
+    redis_cpu: Vec<f64>,
+    worker_cpu: Vec<f64>,
+    pickup_jobs: usize,
+    pickup_p50: Vec<f64>,
+    pickup_p99: Vec<f64>,
+}
+
+impl PeerMeasures {
+    fn add_drain(&mut self, ours: &Drained, theirs: &Drained) {
+        self.rates.push(theirs.rate);
+        self.ratios.push(ours.rate / theirs.rate);
+        self.rss.push(theirs.peak_rss);
+        let (redis_cpu, worker_cpu) = theirs.cpu_per_run.expect("peer cpu");
+        self.redis_cpu.push(redis_cpu);
+        self.worker_cpu.push(worker_cpu);
+    }
+
+    /// The peer's table: its drain and the ratio of the pairs, CPU per job, pickup latency
+    /// (with the full bench) and memory.
+    fn print(&mut self, peer: &Result<BullMq, String>, jobs: usize) {
+        let peer = match peer {
+            Ok(_) => "BullMQ 6.7.0",
+            Err(why) => {
+                println!("\nBullMQ is not measured: {why}.");
+                return;
+            }
+        };
+        eprintln!(
+            "{peer} drain: {:.0?} jobs/s, CPU per job: Redis {:.0?} µs, worker {:.0?} µs",
+            self.rates, self.redis_cpu, self.worker_cpu
+        );
+        let mut rows = BTreeMap::new();
+        rows.insert(
+            0,
+            (
+                format!("drain, {jobs} queued no-op jobs (one INCR each), 1 worker process × 16"),
+                format!(
+                    "{:.0} jobs/s; Stagecraft's 1 worker drains {:.2}× as fast",
+                    median(&mut self.rates),
+                    median(&mut self.ratios)
+                ),
             ),
-        ),
-    );
-    if let Some((jobs, (p50, p99))) = pickup {
+        );
         rows.insert(
             1,
             (
-                format!("add → processor start at a steady 200 jobs/s, {jobs} jobs"),
-                format!("p50 {p50:.2} ms, p99 {p99:.2} ms"),
+                "CPU time per job of that drain: Redis + worker".to_owned(),
+                format!(
+                    "{:.0} µs + {:.0} µs",
+                    median(&mut self.redis_cpu),
+                    median(&mut self.worker_cpu)
+                ),
             ),
         );
+        if !self.pickup_p99.is_empty() {
+            rows.insert(
+                2,
+                (
+                    format!(
+                        "add → processor start at a steady 200 jobs/s, {} jobs",
+                        self.pickup_jobs
+                    ),
+                    format!(
+                        "p50 {:.2} ms, p99 {:.2} ms",
+                        median(&mut self.pickup_p50),
+                        median(&mut self.pickup_p99)
+                    ),
+                ),
+            );
+        }
+        rows.insert(
+            3,
+            (
+                "resident memory: worker at the end of the drain".to_owned(),
+                format!("{:.1} MB", median(&mut self.rss)),
+            ),
+        );
+        print_table(
+            &format!("{peer}, same protocol and Redis, alternated with Stagecraft's"),
+            &rows,
+        );
     }
-    rows.insert(
-        2,
-        (
-            "resident memory: worker at the end of the drain".to_owned(),
-            format!("{:.1} MB", median(rss)),
-        ),
-    );
-    print_table(
-        &format!("{peer}, same protocol and Redis, alternated with Stagecraft's drain"),
-        &rows,
-    );
 }
 
 #[tokio::main]

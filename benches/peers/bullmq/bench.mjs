@@ -6,7 +6,7 @@
 //   node bench.mjs URL drain N C       one worker of concurrency C until N jobs completed
 //   node bench.mjs URL pickup N RATE   N jobs added at RATE/s to an idle worker
 //
-// Prints one JSON line: {"rate":…, "rss_mb":…} or {"p50_ms":…, "p99_ms":…}.
+// Prints one JSON line: {"rate":…, "rss_mb":…, "cpu_us":…} or {"p50_ms":…, "p99_ms":…}.
 import { Queue, Worker } from 'bullmq';
 import IORedis from 'ioredis';
 
@@ -38,6 +38,7 @@ async function drain(concurrency) {
   let finish;
   const finished = new Promise((resolve) => (finish = resolve));
   const started = process.hrtime.bigint();
+  const cpuBefore = process.cpuUsage();
   const worker = new Worker(queueName, async () => counter.incr('stagecraft-bench:incr'), {
     connection,
     concurrency,
@@ -52,10 +53,11 @@ async function drain(concurrency) {
   });
   await finished;
   const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+  const cpu = process.cpuUsage(cpuBefore);
   const rss_mb = process.memoryUsage().rss / 1048576;
   await worker.close();
   counter.disconnect();
-  return { rate: count / seconds, rss_mb };
+  return { rate: count / seconds, rss_mb, cpu_us: cpu.user + cpu.system };
 }
 
 async function pickup(rate) {
