@@ -8,7 +8,8 @@
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
 //!
 //! - drain: N one-stage `noop` runs already queued, then 1 and then 2 worker processes
-//!   (concurrency 16); runs/s until all are completed;
+//!   (concurrency 16); runs/s until all are completed, and on Redis the CPU time per run of
+//!   Redis and of the workers;
 //! - submit: `POST /runs` from a bounded load generator (64 connections) on loopback; rate and
 //!   client-side latency;
 //! - start latency: time from a run's creation (store clock) to its stage's start (store clock),
@@ -19,8 +20,9 @@
 //! - memory: resident set size of an idle worker, a busy worker (peak during the drain) and the
 //!   API (after the submit load);
 //! - peer: BullMQ (`benches/peers/bullmq`, run by Node.js) with the same protocol on the same
-//!   Redis, its drain alternated with Stagecraft's one-worker drain and reported with their
-//!   ratio (the machine's speed changes within minutes; the ratio is what carries over).
+//!   Redis, its drain and pickup each right after Stagecraft's, the drains reported with the
+//!   median of their ratios (the machine's speed changes within minutes; the ratio is what
+//!   carries over) and the CPU time per job.
 
 use std::{
     collections::BTreeMap,
