@@ -364,6 +364,30 @@ impl BullMq {
     }
 }
 
+/// CPU time per run over several drains: Redis's and the worker processes'.
+#[derive(Default)]
+struct CpuPerRun {
+    redis: Vec<f64>,
+    workers: Vec<f64>,
+}
+
+impl CpuPerRun {
+    fn add(&mut self, drained: &Drained) {
+        let (redis, workers) = drained.cpu_per_run.expect("CPU per run (a Redis drain)");
+        self.redis.push(redis);
+        self.workers.push(workers);
+    }
+
+    /// The medians, as a table cell.
+    fn cell(&mut self) -> String {
+        format!(
+            "{:.0} µs + {:.0} µs",
+            median(&mut self.redis),
+            median(&mut self.workers)
+        )
+    }
+}
+
 /// What one drain measured.
 struct Drained {
     /// Runs per second until all were completed.
@@ -700,14 +724,12 @@ async fn redis_section(repeats: usize, drain_only: bool) {
     let mut paired = PeerMeasures::default();
     for (row, workers) in [(0, 1), (2, 2)] {
         let mut rates = Vec::new();
-        let mut cpu = (Vec::new(), Vec::new());
+        let mut cpu = CpuPerRun::default();
         for _ in 0..repeats {
             let drained = drain(Backend::Redis, Some(&redis), runs, workers).await;
             rates.push(drained.rate);
             busy_rss.push(drained.peak_rss);
-            let (redis_cpu, workers_cpu) = drained.cpu_per_run.expect("redis cpu");
-            cpu.0.push(redis_cpu);
-            cpu.1.push(workers_cpu);
+            cpu.add(&drained);
             // The peer's protocol is one worker process: paired with Stagecraft's.
             if let (Ok(peer), 1) = (&peer, workers) {
                 paired.add_drain(&drained, &peer.drain(&redis, runs).await);
@@ -715,7 +737,7 @@ async fn redis_section(repeats: usize, drain_only: bool) {
         }
         eprintln!(
             "redis drain with {workers} worker(s): {rates:.0?} runs/s, CPU per run: Redis {:.0?} µs, workers {:.0?} µs",
-            cpu.0, cpu.1
+            cpu.redis, cpu.workers
         );
         rows.insert(
             row,
@@ -728,11 +750,7 @@ async fn redis_section(repeats: usize, drain_only: bool) {
             row + 1,
             (
                 "CPU time per run of that drain: Redis + worker(s)".to_owned(),
-                format!(
-                    "{:.0} µs + {:.0} µs",
-                    median(&mut cpu.0),
-                    median(&mut cpu.1)
-                ),
+                cpu.cell(),
             ),
         );
     }
@@ -839,8 +857,7 @@ struct PeerMeasures {
     /// Stagecraft's one-worker drain rate over the peer's, pair by pair.
     ratios: Vec<f64>,
     rss: Vec<f64>,
-    redis_cpu: Vec<f64>,
-    worker_cpu: Vec<f64>,
+    cpu: CpuPerRun,
     pickup_jobs: usize,
     pickup_p50: Vec<f64>,
     pickup_p99: Vec<f64>,
@@ -851,9 +868,7 @@ impl PeerMeasures {
         self.rates.push(theirs.rate);
         self.ratios.push(ours.rate / theirs.rate);
         self.rss.push(theirs.peak_rss);
-        let (redis_cpu, worker_cpu) = theirs.cpu_per_run.expect("peer cpu");
-        self.redis_cpu.push(redis_cpu);
-        self.worker_cpu.push(worker_cpu);
+        self.cpu.add(theirs);
     }
 
     /// The peer's table: its drain and the ratio of the pairs, CPU per job, pickup latency
@@ -868,7 +883,7 @@ impl PeerMeasures {
         };
         eprintln!(
             "{peer} drain: {:.0?} jobs/s, CPU per job: Redis {:.0?} µs, worker {:.0?} µs",
-            self.rates, self.redis_cpu, self.worker_cpu
+            self.rates, self.cpu.redis, self.cpu.workers
         );
         let mut rows = BTreeMap::new();
         rows.insert(
@@ -886,11 +901,7 @@ impl PeerMeasures {
             1,
             (
                 "CPU time per job of that drain: Redis + worker".to_owned(),
-                format!(
-                    "{:.0} µs + {:.0} µs",
-                    median(&mut self.redis_cpu),
-                    median(&mut self.worker_cpu)
-                ),
+                self.cpu.cell(),
             ),
         );
         if !self.pickup_p99.is_empty() {
