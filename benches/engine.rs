@@ -756,7 +756,7 @@ async fn redis_section(repeats: usize, drain_only: bool) {
     }
     if drain_only {
         print_table(&format!("Redis drain (medians of {repeats})"), &rows);
-        paired.print(&peer, runs);
+        paired.print(&peer, runs, latency_runs);
         return;
     }
     let mut rates = Vec::new();
@@ -793,7 +793,6 @@ async fn redis_section(repeats: usize, drain_only: bool) {
         idle_rss.push(rss);
         if let Ok(peer) = &peer {
             let (p50, p99) = peer.pickup(&redis, latency_runs, 200.0).await;
-            paired.pickup_jobs = latency_runs;
             paired.pickup_p50.push(p50);
             paired.pickup_p99.push(p99);
         }
@@ -847,7 +846,7 @@ async fn redis_section(repeats: usize, drain_only: bool) {
         ),
     );
     print_table(&format!("Redis backend (medians of {repeats})"), &rows);
-    paired.print(&peer, runs);
+    paired.print(&peer, runs, latency_runs);
 }
 
 /// The peer's measures, each paired with Stagecraft's taken the minute before.
@@ -858,7 +857,6 @@ struct PeerMeasures {
     ratios: Vec<f64>,
     rss: Vec<f64>,
     cpu: CpuPerRun,
-    pickup_jobs: usize,
     pickup_p50: Vec<f64>,
     pickup_p99: Vec<f64>,
 }
@@ -873,7 +871,7 @@ impl PeerMeasures {
 
     /// The peer's table: its drain and the ratio of the pairs, CPU per job, pickup latency
     /// (with the full bench) and memory.
-    fn print(&mut self, peer: &Result<BullMq, String>, jobs: usize) {
+    fn print(&mut self, peer: &Result<BullMq, String>, jobs: usize, pickup_jobs: usize) {
         let peer = match peer {
             Ok(_) => "BullMQ 6.7.0",
             Err(why) => {
@@ -908,10 +906,7 @@ impl PeerMeasures {
             rows.insert(
                 2,
                 (
-                    format!(
-                        "add → processor start at a steady 200 jobs/s, {} jobs",
-                        self.pickup_jobs
-                    ),
+                    format!("add → processor start at a steady 200 jobs/s, {pickup_jobs} jobs"),
                     format!(
                         "p50 {:.2} ms, p99 {:.2} ms",
                         median(&mut self.pickup_p50),
