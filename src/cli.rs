@@ -287,6 +287,26 @@ async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
 }
 
 async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
+    let serves_api = matches!(role, Role::Api | Role::Dev { .. });
+    if serves_api {
+        config.check_api_exposure()?;
+        if config.serves_unauthenticated_on_purpose() {
+            tracing::warn!(
+                host = %config.host,
+                env = config.env.as_str(),
+                "ALLOW_UNAUTHENTICATED=true: the API serves every request without a token; \
+                 anyone who can reach {} can submit, cancel and read runs",
+                config.host
+            );
+        }
+    }
+    if !matches!(role, Role::Api) {
+        // Stages run subprocesses (the coding agent among them) as this user: keep them from
+        // reading this process's memory and environment through /proc or a debugger.
+        if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+            tracing::warn!(error = %error, "could not make the process non-dumpable");
+        }
+    }
     let shutdown = shutdown::on_signal().context("installing signal handlers")?;
     let store = open_store(&config).await?;
     let artifacts =
@@ -312,7 +332,6 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
         }
     });
 
-    let serves_api = matches!(role, Role::Api | Role::Dev { .. });
     if serves_api {
         let address = std::net::SocketAddr::new(config.host, config.port);
         let listener = TcpListener::bind(address)
@@ -322,14 +341,19 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
         // Printed, not logged: scripts and tests read the address from here.
         println!("stagecraft: listening on http://{bound}");
         info!(address = %bound, backend = store.backend_name(), "API listening");
-        let state = AppState {
-            store: store.clone(),
-            catalog: catalog.clone(),
-            config: config.clone(),
-            started: std::time::Instant::now(),
-            artifacts: artifacts.clone(),
-            media: crate::studio::media::Media::new(&config.studio),
-        };
+        let media = crate::studio::media::Media::new(&config.studio);
+        let ffmpeg = http::ToolCheck::start(move || {
+            let media = media.clone();
+            async move { media.check().await }
+        })
+        .await;
+        let state = AppState::new(
+            store.clone(),
+            catalog.clone(),
+            config.clone(),
+            artifacts.clone(),
+            ffmpeg,
+        );
         let stop = shutdown.clone();
         tasks.spawn(async move {
             http::serve(listener, state, stop)
@@ -370,6 +394,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
             running: Default::default(),
+            scrubber: config.scrubber(),
         });
         let settings = ClaimSettings {
             queues,

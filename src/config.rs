@@ -1,8 +1,11 @@
 //! Configuration, read once at start-up from the environment (and a `.env` file when present).
 //!
 //! This is the only module that reads environment variables. Every variable is documented in
-//! `.env.example`; a value that does not parse stops the process with a message naming the
-//! variable.
+//! `.env.example`; a value that does not parse, or that is out of its documented range, stops
+//! the process with a message naming the variable. A `.env` file is read into the configuration
+//! only: its values never enter the process environment, so no subprocess inherits them.
+//! Subprocesses start from an empty environment plus [`Config::base_env`] (`PATH`, `HOME`,
+//! locale, time zone and TLS settings: nothing secret) and what their one tool needs.
 //!
 //! | Variable | Default | Meaning |
 //! |---|---|---|
@@ -25,8 +28,11 @@
 //! | `POLL_INTERVAL_MS` | `20` | how long an idle worker waits before asking the store again |
 //! | `SHUTDOWN_GRACE_SECS` | `30` | how long a stopping worker lets its current stage run |
 //! | `STAGE_MAX_ATTEMPTS`, `RETRY_BASE_MS`, `RETRY_MAX_MS`, `STAGE_TIMEOUT_SECS` | `3`, `1000`, `60000`, `3600` | default retry policy of a stage |
-//! | `API_TOKEN` | unset | bearer token every route but `/health` requires |
-//! | `CORS_ORIGINS` | unset | comma-separated origins allowed by CORS |
+//! | `API_TOKEN` | unset | bearer token every route but `/health` requires (an empty value counts as unset) |
+//! | `API_TOKEN_READONLY` | unset | a second bearer token that may use `GET` routes only |
+//! | `ALLOW_UNAUTHENTICATED` | `false` | lets `serve`/`dev` start without `API_TOKEN` in production or on a non-loopback address |
+//! | `CORS_ORIGINS` | unset | comma-separated origins allowed by CORS; `*` allows any origin (without credentials) |
+//! | `MAX_EVENT_STREAMS`, `MAX_SYNC_WAITS` | `1000`, `256` | open event streams and synchronous waits one API process serves at once |
 //! | `RUN_RETENTION_DAYS` | `7` | finished runs are deleted this long after they finish |
 //! | `MAX_BODY_BYTES` | `1048576` | largest request body accepted |
 //! | `SYNC_WAIT_SECS` | `30` | how long a synchronous submit waits before answering 202 |
@@ -44,10 +50,14 @@
 //! | `OPENAI_API_KEY`, `OPENAI_BASE_URL`, `OPENAI_TTS_MODEL`, `OPENAI_TTS_VOICE` | unset, `https://api.openai.com`, `gpt-4o-mini-tts`, `alloy` | speech with `SPEECH_PROVIDER=openai` |
 //! | `PRICE_SPEECH_PER_1K_CHARS`, `PRICE_MUSIC_PER_SECOND` | `0.30`, `0.01` | dollars per thousand characters spoken; per second of music |
 //! | `AWO_DATA_DIR` | `./data/agent-work-orders` | work orders' sandboxes (`repositories/`), agent output (`outputs/`) and logs (`logs/`) |
-//! | `AWO_ALLOWED_URL_SCHEMES` | `https` | comma-separated schemes a work order's repository URL may use (`https`, `ssh`, `git`, `file`) |
+//! | `AWO_ALLOWED_URL_SCHEMES` | `https` | comma-separated schemes a work order's repository URL may use (`https`, `http`, `ssh`, `git`, `file`) |
+//! | `AWO_ALLOWED_HOSTS` | `github.com` | comma-separated hosts a repository URL may name: `host`, `host:port`, `*.domain` or `*`; a host matched only by a wildcard must not resolve to a loopback, private, link-local or metadata address |
+//! | `AWO_GIT_HOSTS` | `github.com` | comma-separated forge hosts `GITHUB_TOKEN` is offered to (over https only) |
+//! | `AWO_AGENT_USER` | `nobody` when the worker runs as root, else unset | the user (name or `uid[:gid]`) the coding agent runs as |
+//! | `AWO_MAX_OUTPUT_BYTES` | `16777216` | bytes of one agent, git or gh call's output kept (first and last halves) |
 //! | `CLAUDE_CLI_PATH`, `GH_CLI_PATH`, `GIT_PATH` | `claude`, `gh`, `git` | the coding-agent CLI, the GitHub CLI and git |
 //! | `GITHUB_TOKEN` | unset | reaches git (credential helper) and gh through the environment only |
-//! | `ANTHROPIC_API_KEY` | unset | passed to the coding-agent CLI through its environment |
+//! | `ANTHROPIC_API_KEY` | unset | the live text provider's key; passed to the coding-agent CLI through its environment |
 //! | `AGENT_WORK_ORDER_TIMEOUT` | `3600` | seconds one agent, git or gh call may take before its process group is killed |
 //! | `CLAUDE_CLI_MODEL`, `CLAUDE_CLI_MAX_TURNS` | `sonnet`, unset | model and turn limit of the coding agent |
 //! | `CLAUDE_CLI_SKIP_PERMISSIONS`, `CLAUDE_CLI_VERBOSE` | `true`, `true` | pass `--dangerously-skip-permissions` and `--verbose` |
@@ -62,9 +72,32 @@ use std::{
     time::Duration,
 };
 
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
-use crate::engine::RetryPolicy;
+use crate::{engine::RetryPolicy, process::BaseEnv, secrets::Scrubber};
+
+/// Variables of this process's environment every subprocess may see.
+const BASE_ENV_VARIABLES: [&str; 9] = [
+    "PATH",
+    "HOME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
+];
+
+/// Proxy settings, for the subprocesses that reach the network.
+const NETWORK_ENV_VARIABLES: [&str; 6] = [
+    "HTTPS_PROXY",
+    "HTTP_PROXY",
+    "NO_PROXY",
+    "https_proxy",
+    "http_proxy",
+    "no_proxy",
+];
 
 /// Everything the processes need to know about their deployment.
 #[derive(Debug, Clone)]
@@ -110,8 +143,19 @@ pub struct Config {
     pub default_retry: RetryPolicy,
     /// Bearer token required on every route but `/health`, when set.
     pub api_token: Option<SecretString>,
-    /// Origins allowed by CORS; empty means no CORS headers at all.
-    pub cors_origins: Vec<String>,
+    /// A bearer token that may use `GET` routes only.
+    pub api_token_readonly: Option<SecretString>,
+    /// Lets the API start without `API_TOKEN` where it would otherwise refuse (production, or a
+    /// non-loopback address).
+    pub allow_unauthenticated: bool,
+    /// Origins allowed by CORS.
+    pub cors: Cors,
+    /// Open event streams one API process serves at once; more are refused with 503.
+    pub max_event_streams: usize,
+    /// Synchronous submits (waiting for a run to finish) one API process holds at once.
+    pub max_sync_waits: usize,
+    /// What every subprocess may see of this process's environment: nothing secret.
+    pub base_env: BaseEnv,
     /// How long finished runs are kept.
     pub run_retention: Duration,
     /// Largest accepted request body, in bytes.
@@ -126,11 +170,34 @@ pub struct Config {
     pub awo: AwoSettings,
 }
 
+/// Which origins CORS allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cors {
+    /// No CORS headers at all.
+    Off,
+    /// Any origin (`CORS_ORIGINS=*`), never with credentials.
+    Any,
+    /// These origins.
+    Origins(Vec<String>),
+}
+
 /// What agent work orders need from the deployment.
 #[derive(Debug, Clone)]
 pub struct AwoSettings {
     pub data_dir: PathBuf,
     pub allowed_schemes: Vec<String>,
+    /// Hosts a repository URL may name (`host`, `host:port`, `*.domain`, `*`).
+    pub allowed_hosts: Vec<String>,
+    /// Forge hosts `GITHUB_TOKEN` is offered to, over https only.
+    pub git_hosts: Vec<String>,
+    /// The user and group the coding agent runs as, when not the worker's own.
+    pub agent_user: Option<AgentUser>,
+    /// Bytes of one tool call's output kept.
+    pub max_output: usize,
+    /// The base environment of every subprocess.
+    pub base_env: BaseEnv,
+    /// Proxy settings, for the tools that reach the network (git, gh, the coding agent).
+    pub network_env: BaseEnv,
     pub claude_cli: PathBuf,
     pub gh_cli: PathBuf,
     pub git: PathBuf,
@@ -147,11 +214,26 @@ pub struct AwoSettings {
     pub port: u16,
 }
 
+/// A user a subprocess runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentUser {
+    /// As configured, for messages.
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 impl Default for AwoSettings {
     fn default() -> Self {
         Self {
             data_dir: PathBuf::from("./data/agent-work-orders"),
             allowed_schemes: vec!["https".to_owned()],
+            allowed_hosts: vec!["github.com".to_owned()],
+            git_hosts: vec!["github.com".to_owned()],
+            agent_user: None,
+            max_output: 16 * 1024 * 1024,
+            base_env: BaseEnv::default(),
+            network_env: BaseEnv::default(),
             claude_cli: PathBuf::from("claude"),
             gh_cli: PathBuf::from("gh"),
             git: PathBuf::from("git"),
@@ -173,6 +255,8 @@ impl Default for AwoSettings {
 /// What the studio agents need from the deployment.
 #[derive(Debug, Clone)]
 pub struct StudioSettings {
+    /// The base environment of ffmpeg and ffprobe.
+    pub base_env: BaseEnv,
     pub ffmpeg: PathBuf,
     pub ffprobe: PathBuf,
     /// Longest one ffmpeg or ffprobe call may take.
@@ -248,6 +332,7 @@ impl Default for LiveSettings {
 impl Default for StudioSettings {
     fn default() -> Self {
         Self {
+            base_env: BaseEnv::default(),
             ffmpeg: PathBuf::from("ffmpeg"),
             ffprobe: PathBuf::from("ffprobe"),
             media_timeout: Duration::from_secs(300),
@@ -276,6 +361,15 @@ pub enum LogFormat {
 pub enum ProviderMode {
     Mock,
     Live,
+}
+
+impl Environment {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Development => "development",
+            Self::Production => "production",
+        }
+    }
 }
 
 impl ProviderMode {
@@ -312,12 +406,60 @@ pub struct ConfigError {
 }
 
 impl Config {
-    /// Reads `.env` (if present, without overriding variables already set) and then the process
-    /// environment.
+    /// Reads the process environment, and `.env` (if present) for variables the environment
+    /// does not set. `.env` is read into the configuration only, never into the environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        // A missing .env file is normal; a malformed one is reported by the values it leaves unset.
-        let _ = dotenvy::dotenv();
-        Self::from_lookup(|name| std::env::var(name).ok())
+        // A missing .env file is normal; a malformed line is reported by the value it leaves unset.
+        let file: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
+            .map(|lines| lines.filter_map(Result::ok).collect())
+            .unwrap_or_default();
+        Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
+    }
+
+    /// Refuses to serve the API open to anyone: in production or on a non-loopback address, an
+    /// `API_TOKEN` is required unless `ALLOW_UNAUTHENTICATED=true` says otherwise.
+    pub fn check_api_exposure(&self) -> Result<(), ConfigError> {
+        let exposed = self.env == Environment::Production || !self.host.is_loopback();
+        if !exposed || self.api_token.is_some() || self.allow_unauthenticated {
+            return Ok(());
+        }
+        Err(ConfigError {
+            variable: "API_TOKEN",
+            value: String::new(),
+            reason: format!(
+                "the API would serve {} without authentication (ENV={}); set API_TOKEN, or set \
+                 ALLOW_UNAUTHENTICATED=true to serve it open on purpose",
+                self.host,
+                self.env.as_str()
+            ),
+        })
+    }
+
+    /// Whether the API runs open where a token is expected (`ALLOW_UNAUTHENTICATED` used).
+    pub fn serves_unauthenticated_on_purpose(&self) -> bool {
+        let exposed = self.env == Environment::Production || !self.host.is_loopback();
+        exposed && self.api_token.is_none() && self.allow_unauthenticated
+    }
+
+    /// A scrubber that knows every secret of this deployment.
+    pub fn scrubber(&self) -> Scrubber {
+        let live = &self.studio.live;
+        let mut values: Vec<String> = [
+            &self.api_token,
+            &self.api_token_readonly,
+            &live.anthropic_key,
+            &live.runway_key,
+            &live.elevenlabs_key,
+            &live.openai_key,
+            &self.awo.github_token,
+            &self.awo.anthropic_api_key,
+        ]
+        .into_iter()
+        .flatten()
+        .map(|secret| secret.expose_secret().to_owned())
+        .collect();
+        values.extend(url_password(self.redis_url.expose_secret()));
+        Scrubber::new(values)
     }
 
     /// Builds the configuration from any lookup function, so tests can pass a map.
@@ -388,59 +530,87 @@ impl Config {
         }
         let host = vars.parse("HOST", IpAddr::from([127, 0, 0, 1]))?;
         let port = vars.parse("PORT", 8000u16)?;
-        let worker_concurrency = vars.parse("WORKER_CONCURRENCY", 4usize)?;
-        if worker_concurrency == 0 {
+        let worker_concurrency = vars.parse_in("WORKER_CONCURRENCY", 4, 1, 1024)? as usize;
+        let worker_threads = vars.parse_in("WORKER_THREADS", 1, 1, 256)? as usize;
+        let lease_ttl = Duration::from_secs(vars.parse_in("LEASE_TTL_SECS", 10, 1, 86_400)?);
+        let sweep_interval =
+            Duration::from_millis(vars.parse_in("SWEEP_INTERVAL_MS", 5000, 1, 86_400_000)?);
+        let poll_interval =
+            Duration::from_millis(vars.parse_in("POLL_INTERVAL_MS", 20, 1, 60_000)?);
+        let shutdown_grace =
+            Duration::from_secs(vars.parse_in("SHUTDOWN_GRACE_SECS", 30, 0, 86_400)?);
+        let default_retry = RetryPolicy {
+            max_attempts: vars.parse_in("STAGE_MAX_ATTEMPTS", 3, 1, 100)? as u32,
+            base_delay: Duration::from_millis(vars.parse_in(
+                "RETRY_BASE_MS",
+                1000,
+                0,
+                86_400_000,
+            )?),
+            max_delay: Duration::from_millis(vars.parse_in(
+                "RETRY_MAX_MS",
+                60_000,
+                0,
+                86_400_000,
+            )?),
+            timeout: Duration::from_secs(vars.parse_in("STAGE_TIMEOUT_SECS", 3600, 1, 604_800)?),
+        };
+        let api_token = vars.secret("API_TOKEN");
+        let api_token_readonly = vars.secret("API_TOKEN_READONLY");
+        if let (Some(full), Some(read_only)) = (&api_token, &api_token_readonly) {
+            if full.expose_secret() == read_only.expose_secret() {
+                return Err(ConfigError {
+                    variable: "API_TOKEN_READONLY",
+                    value: "***".to_owned(),
+                    reason: "must differ from API_TOKEN".to_owned(),
+                });
+            }
+        }
+        if api_token_readonly.is_some() && api_token.is_none() {
             return Err(ConfigError {
-                variable: "WORKER_CONCURRENCY",
-                value: "0".to_owned(),
-                reason: "must be at least 1".to_owned(),
+                variable: "API_TOKEN_READONLY",
+                value: "***".to_owned(),
+                reason: "needs API_TOKEN too (the read-only token is a second, weaker token)"
+                    .to_owned(),
             });
         }
-        let worker_threads = vars.parse_positive("WORKER_THREADS", 1)? as usize;
-        let lease_ttl = Duration::from_secs(vars.parse_positive("LEASE_TTL_SECS", 10)?);
-        let sweep_interval = Duration::from_millis(vars.parse_positive("SWEEP_INTERVAL_MS", 5000)?);
-        let poll_interval = Duration::from_millis(vars.parse_positive("POLL_INTERVAL_MS", 20)?);
-        let shutdown_grace = Duration::from_secs(vars.parse("SHUTDOWN_GRACE_SECS", 30u64)?);
-        let default_retry = RetryPolicy {
-            max_attempts: vars.parse_positive("STAGE_MAX_ATTEMPTS", 3)? as u32,
-            base_delay: Duration::from_millis(vars.parse("RETRY_BASE_MS", 1000u64)?),
-            max_delay: Duration::from_millis(vars.parse("RETRY_MAX_MS", 60_000u64)?),
-            timeout: Duration::from_secs(vars.parse_positive("STAGE_TIMEOUT_SECS", 3600)?),
-        };
-        let api_token = vars
-            .string("API_TOKEN")
-            .filter(|t| !t.is_empty())
-            .map(SecretString::from);
-        let cors_origins = vars
-            .string("CORS_ORIGINS")
-            .map(|v| {
-                v.split(',')
-                    .map(str::trim)
-                    .filter(|s| !s.is_empty())
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
+        let allow_unauthenticated = vars.parse_with("ALLOW_UNAUTHENTICATED", false, parse_bool)?;
+        let cors = parse_cors(vars.string("CORS_ORIGINS"))?;
+        let max_event_streams = vars.parse_in("MAX_EVENT_STREAMS", 1000, 1, 100_000)? as usize;
+        let max_sync_waits = vars.parse_in("MAX_SYNC_WAITS", 256, 1, 100_000)? as usize;
         let run_retention =
-            Duration::from_secs(vars.parse_positive("RUN_RETENTION_DAYS", 7)? * 86_400);
-        let max_body_bytes = vars.parse_positive("MAX_BODY_BYTES", 1_048_576)? as usize;
-        let sync_wait = Duration::from_secs(vars.parse("SYNC_WAIT_SECS", 30u64)?);
+            Duration::from_secs(vars.parse_in("RUN_RETENTION_DAYS", 7, 1, 36_500)? * 86_400);
+        let max_body_bytes =
+            vars.parse_in("MAX_BODY_BYTES", 1_048_576, 1024, 64 * 1024 * 1024)? as usize;
+        let sync_wait = Duration::from_secs(vars.parse_in("SYNC_WAIT_SECS", 30, 0, 3600)?);
+        let base_env = vars.environment(&BASE_ENV_VARIABLES);
         let api_url = vars
             .string("STAGECRAFT_URL")
             .unwrap_or_else(|| "http://127.0.0.1:8000".to_owned())
             .trim_end_matches('/')
             .to_owned();
         let studio = StudioSettings {
+            base_env: base_env.clone(),
             ffmpeg: vars
                 .path("FFMPEG_PATH")
                 .unwrap_or_else(|| PathBuf::from("ffmpeg")),
             ffprobe: vars
                 .path("FFPROBE_PATH")
                 .unwrap_or_else(|| PathBuf::from("ffprobe")),
-            media_timeout: Duration::from_secs(vars.parse_positive("MEDIA_TIMEOUT_SECS", 300)?),
-            mock_latency: Duration::from_millis(vars.parse("MOCK_PROVIDER_LATENCY_MS", 0u64)?),
+            media_timeout: Duration::from_secs(vars.parse_in(
+                "MEDIA_TIMEOUT_SECS",
+                300,
+                1,
+                86_400,
+            )?),
+            mock_latency: Duration::from_millis(vars.parse_in(
+                "MOCK_PROVIDER_LATENCY_MS",
+                0,
+                0,
+                3_600_000,
+            )?),
             live: LiveSettings {
-                anthropic_key: vars.string("ANTHROPIC_API_KEY").map(SecretString::from),
+                anthropic_key: vars.secret("ANTHROPIC_API_KEY"),
                 anthropic_base_url: vars
                     .string("ANTHROPIC_BASE_URL")
                     .unwrap_or_else(|| "https://api.anthropic.com".to_owned())
@@ -449,11 +619,16 @@ impl Config {
                 anthropic_model: vars
                     .string("ANTHROPIC_MODEL")
                     .unwrap_or_else(|| "claude-sonnet-4-5".to_owned()),
-                timeout: Duration::from_secs(vars.parse_positive("PROVIDER_TIMEOUT_SECS", 120)?),
-                max_retries: vars.parse("PROVIDER_MAX_RETRIES", 4u32)?,
-                text_input_price: vars.parse("PRICE_TEXT_INPUT_PER_MTOK", 3.0f64)?,
-                text_output_price: vars.parse("PRICE_TEXT_OUTPUT_PER_MTOK", 15.0f64)?,
-                runway_key: vars.string("RUNWAY_API_KEY").map(SecretString::from),
+                timeout: Duration::from_secs(vars.parse_in(
+                    "PROVIDER_TIMEOUT_SECS",
+                    120,
+                    1,
+                    86_400,
+                )?),
+                max_retries: vars.parse_in("PROVIDER_MAX_RETRIES", 4, 0, 20)? as u32,
+                text_input_price: vars.price("PRICE_TEXT_INPUT_PER_MTOK", 3.0)?,
+                text_output_price: vars.price("PRICE_TEXT_OUTPUT_PER_MTOK", 15.0)?,
+                runway_key: vars.secret("RUNWAY_API_KEY"),
                 runway_base_url: vars
                     .string("RUNWAY_BASE_URL")
                     .unwrap_or_else(|| "https://api.dev.runwayml.com".to_owned())
@@ -462,10 +637,13 @@ impl Config {
                 runway_model: vars
                     .string("RUNWAY_MODEL")
                     .unwrap_or_else(|| "gen4_turbo".to_owned()),
-                video_price: vars.parse("PRICE_VIDEO_PER_SECOND", 0.05f64)?,
-                video_poll_interval: Duration::from_millis(
-                    vars.parse_positive("VIDEO_POLL_INTERVAL_MS", 5000)?,
-                ),
+                video_price: vars.price("PRICE_VIDEO_PER_SECOND", 0.05)?,
+                video_poll_interval: Duration::from_millis(vars.parse_in(
+                    "VIDEO_POLL_INTERVAL_MS",
+                    5000,
+                    1,
+                    3_600_000,
+                )?),
                 speech_provider: vars.parse_with(
                     "SPEECH_PROVIDER",
                     "elevenlabs".to_owned(),
@@ -474,7 +652,7 @@ impl Config {
                         _ => Err("expected elevenlabs or openai".to_owned()),
                     },
                 )?,
-                elevenlabs_key: vars.string("ELEVENLABS_API_KEY").map(SecretString::from),
+                elevenlabs_key: vars.secret("ELEVENLABS_API_KEY"),
                 elevenlabs_base_url: vars
                     .string("ELEVENLABS_BASE_URL")
                     .unwrap_or_else(|| "https://api.elevenlabs.io".to_owned())
@@ -486,7 +664,7 @@ impl Config {
                 elevenlabs_model: vars
                     .string("ELEVENLABS_MODEL")
                     .unwrap_or_else(|| "eleven_multilingual_v2".to_owned()),
-                openai_key: vars.string("OPENAI_API_KEY").map(SecretString::from),
+                openai_key: vars.secret("OPENAI_API_KEY"),
                 openai_base_url: vars
                     .string("OPENAI_BASE_URL")
                     .unwrap_or_else(|| "https://api.openai.com".to_owned())
@@ -498,8 +676,8 @@ impl Config {
                 openai_tts_voice: vars
                     .string("OPENAI_TTS_VOICE")
                     .unwrap_or_else(|| "alloy".to_owned()),
-                speech_price: vars.parse("PRICE_SPEECH_PER_1K_CHARS", 0.30f64)?,
-                music_price: vars.parse("PRICE_MUSIC_PER_SECOND", 0.01f64)?,
+                speech_price: vars.price("PRICE_SPEECH_PER_1K_CHARS", 0.30)?,
+                music_price: vars.price("PRICE_MUSIC_PER_SECOND", 0.01)?,
             },
         };
         let allowed_schemes: Vec<String> = vars
@@ -521,13 +699,20 @@ impl Config {
         }
         let max_turns = match vars.string("CLAUDE_CLI_MAX_TURNS") {
             None => None,
-            Some(_) => Some(vars.parse_positive("CLAUDE_CLI_MAX_TURNS", 1)? as u32),
+            Some(_) => Some(vars.parse_in("CLAUDE_CLI_MAX_TURNS", 1, 1, 10_000)? as u32),
         };
         let awo = AwoSettings {
             data_dir: vars
                 .path("AWO_DATA_DIR")
                 .unwrap_or_else(|| data_dir.join("agent-work-orders")),
             allowed_schemes,
+            allowed_hosts: vars.hosts("AWO_ALLOWED_HOSTS", true)?,
+            git_hosts: vars.hosts("AWO_GIT_HOSTS", false)?,
+            agent_user: agent_user(vars.string("AWO_AGENT_USER"))?,
+            max_output: vars.parse_in("AWO_MAX_OUTPUT_BYTES", 16 * 1024 * 1024, 4096, 1 << 30)?
+                as usize,
+            base_env: base_env.clone(),
+            network_env: vars.environment(&NETWORK_ENV_VARIABLES),
             claude_cli: vars
                 .path("CLAUDE_CLI_PATH")
                 .unwrap_or_else(|| PathBuf::from("claude")),
@@ -537,9 +722,14 @@ impl Config {
             git: vars
                 .path("GIT_PATH")
                 .unwrap_or_else(|| PathBuf::from("git")),
-            github_token: vars.string("GITHUB_TOKEN").map(SecretString::from),
-            anthropic_api_key: vars.string("ANTHROPIC_API_KEY").map(SecretString::from),
-            timeout: Duration::from_secs(vars.parse_positive("AGENT_WORK_ORDER_TIMEOUT", 3600)?),
+            github_token: vars.secret("GITHUB_TOKEN"),
+            anthropic_api_key: vars.secret("ANTHROPIC_API_KEY"),
+            timeout: Duration::from_secs(vars.parse_in(
+                "AGENT_WORK_ORDER_TIMEOUT",
+                3600,
+                1,
+                604_800,
+            )?),
             model: vars
                 .string("CLAUDE_CLI_MODEL")
                 .unwrap_or_else(|| "sonnet".to_owned()),
@@ -572,7 +762,12 @@ impl Config {
             shutdown_grace,
             default_retry,
             api_token,
-            cors_origins,
+            api_token_readonly,
+            allow_unauthenticated,
+            cors,
+            max_event_streams,
+            max_sync_waits,
+            base_env,
             run_retention,
             max_body_bytes,
             sync_wait,
@@ -580,6 +775,105 @@ impl Config {
             studio,
             awo,
         })
+    }
+}
+
+/// The user info of a URL (`user:password` in `scheme://user:password@host`), the part to hide.
+fn url_password(url: &str) -> Option<String> {
+    let (_, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let (user_info, _) = authority.rsplit_once('@')?;
+    let password = user_info.split_once(':').map_or(user_info, |(_, p)| p);
+    (!password.is_empty()).then(|| password.to_owned())
+}
+
+/// `CORS_ORIGINS`: unset means none, `*` any origin, else a list of origins that must parse.
+fn parse_cors(value: Option<String>) -> Result<Cors, ConfigError> {
+    let Some(value) = value else {
+        return Ok(Cors::Off);
+    };
+    let origins: Vec<String> = value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if origins.iter().any(|o| o == "*") {
+        return if origins.len() == 1 {
+            Ok(Cors::Any)
+        } else {
+            Err(ConfigError {
+                variable: "CORS_ORIGINS",
+                value,
+                reason: "`*` allows any origin and cannot be combined with others".to_owned(),
+            })
+        };
+    }
+    if let Some(bad) = origins.iter().find(|o| {
+        !(o.starts_with("http://") || o.starts_with("https://"))
+            || axum::http::HeaderValue::from_str(o).is_err()
+    }) {
+        return Err(ConfigError {
+            variable: "CORS_ORIGINS",
+            value: bad.clone(),
+            reason: "expected `*` or comma-separated origins such as https://app.example.com"
+                .to_owned(),
+        });
+    }
+    Ok(if origins.is_empty() {
+        Cors::Off
+    } else {
+        Cors::Origins(origins)
+    })
+}
+
+/// `AWO_AGENT_USER`: a user name or `uid[:gid]`. Unset, a worker running as root runs the agent
+/// as `nobody` (the coding agent refuses to bypass its permission prompts as root); any other
+/// worker runs it as itself.
+fn agent_user(value: Option<String>) -> Result<Option<AgentUser>, ConfigError> {
+    let invalid = |value: &str, reason: String| ConfigError {
+        variable: "AWO_AGENT_USER",
+        value: value.to_owned(),
+        reason,
+    };
+    let Some(value) = value else {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        return Ok(nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .map(|user| AgentUser {
+                name: "nobody".to_owned(),
+                uid: user.uid.as_raw(),
+                gid: user.gid.as_raw(),
+            }));
+    };
+    if let Some((uid, gid)) = value
+        .split_once(':')
+        .map_or(Some((value.as_str(), value.as_str())), Some)
+        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
+    {
+        if uid == 0 {
+            return Err(invalid(&value, "must not be root".to_owned()));
+        }
+        return Ok(Some(AgentUser {
+            name: value.clone(),
+            uid,
+            gid,
+        }));
+    }
+    match nix::unistd::User::from_name(&value) {
+        Ok(Some(user)) if !user.uid.is_root() => Ok(Some(AgentUser {
+            name: value.clone(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+        })),
+        Ok(Some(_)) => Err(invalid(&value, "must not be root".to_owned())),
+        _ => Err(invalid(
+            &value,
+            "no such user (create it, or give a numeric uid:gid)".to_owned(),
+        )),
     }
 }
 
@@ -643,16 +937,88 @@ impl Vars<'_> {
         }
     }
 
-    fn parse_positive(&self, name: &'static str, default: u64) -> Result<u64, ConfigError> {
+    /// A whole number within `min..=max` (the documented range of the variable).
+    fn parse_in(
+        &self,
+        name: &'static str,
+        default: u64,
+        min: u64,
+        max: u64,
+    ) -> Result<u64, ConfigError> {
         let value = self.parse(name, default)?;
-        if value == 0 {
+        if !(min..=max).contains(&value) {
             return Err(ConfigError {
                 variable: name,
-                value: "0".to_owned(),
-                reason: "must be greater than zero".to_owned(),
+                value: value.to_string(),
+                reason: format!("must be between {min} and {max}"),
             });
         }
         Ok(value)
+    }
+
+    /// A price in dollars: finite, at least zero, at most a million.
+    fn price(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
+        let value: f64 = self.parse(name, default)?;
+        if !(value.is_finite() && (0.0..=1_000_000.0).contains(&value)) {
+            return Err(ConfigError {
+                variable: name,
+                value: value.to_string(),
+                reason: "must be a number of dollars between 0 and 1000000".to_owned(),
+            });
+        }
+        Ok(value)
+    }
+
+    /// A secret; an empty value counts as unset.
+    fn secret(&self, name: &str) -> Option<SecretString> {
+        self.string(name).map(SecretString::from)
+    }
+
+    /// These variables, where set, as a subprocess environment.
+    fn environment(&self, names: &[&str]) -> BaseEnv {
+        BaseEnv::new(
+            names
+                .iter()
+                .filter_map(|name| Some(((*name).to_owned(), (self.lookup)(name)?)))
+                .filter(|(_, value)| !value.is_empty())
+                .collect(),
+        )
+    }
+
+    /// A comma-separated list of host names (lower-cased; `host:port`; with `wildcards`, also
+    /// `*.domain` and `*`). Defaults to `github.com`.
+    fn hosts(&self, name: &'static str, wildcards: bool) -> Result<Vec<String>, ConfigError> {
+        let value = self.string(name).unwrap_or_else(|| "github.com".to_owned());
+        let hosts: Vec<String> = value
+            .split(',')
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect();
+        let valid = |host: &str| {
+            let host = host
+                .strip_prefix("*.")
+                .filter(|_| wildcards)
+                .unwrap_or(host);
+            (wildcards && host == "*")
+                || (!host.is_empty()
+                    && host.len() <= 253
+                    && host.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')
+                    })
+                    && !host.starts_with(['-', '.', ':']))
+        };
+        match hosts.iter().find(|h| !valid(h)) {
+            Some(bad) => Err(ConfigError {
+                variable: name,
+                value: bad.clone(),
+                reason: if wildcards {
+                    "expected comma-separated hosts: host, host:port, *.domain or *".to_owned()
+                } else {
+                    "expected comma-separated hosts: host or host:port".to_owned()
+                },
+            }),
+            None => Ok(hosts),
+        }
     }
 }
 

@@ -1,15 +1,21 @@
 //! The one place subprocesses are started.
 //!
 //! Invariant: only this module spawns processes. Every child gets its own process group, a
-//! working directory, explicit extra environment (secrets go here, never on the command line),
-//! and a timeout; on timeout, cancel, or when the waiting future is dropped (an abandoned or
-//! cancelled stage), the whole group is killed, grandchildren included. Nothing goes through a
-//! shell string.
+//! working directory, a timeout and an environment that starts empty: it sees only what its
+//! [`CommandSpec`] lists (the deployment's base variables such as `PATH` and `HOME`, plus what
+//! that one tool needs; secrets go here, never on the command line). On timeout, cancel, or when
+//! the waiting future is dropped (an abandoned or cancelled stage), the whole group is killed,
+//! grandchildren included. Nothing goes through a shell string.
+//! Invariant: what is kept of a child's output is bounded (the first and last halves of
+//! [`CommandSpec::max_output`] bytes per stream) and scrubbed of the secrets it was given and
+//! of well-known token shapes before anyone reads it.
 
 use std::{
+    collections::VecDeque,
     ffi::OsString,
     path::PathBuf,
     process::{ExitStatus, Stdio},
+    sync::Arc,
     time::Duration,
 };
 
@@ -17,8 +23,18 @@ use nix::{
     sys::signal::{Signal, killpg},
     unistd::Pid,
 };
-use tokio::io::AsyncWriteExt;
+use secrecy::{ExposeSecret, SecretString};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
+
+use crate::secrets::Scrubber;
+
+/// Variables every child may get, read once at start-up (`config`): `PATH`, `HOME`, locale and
+/// time zone. Nothing secret belongs here.
+pub type BaseEnv = Arc<Vec<(String, String)>>;
+
+/// Bytes of each output stream kept by default.
+pub const DEFAULT_MAX_OUTPUT: usize = 4 * 1024 * 1024;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -26,10 +42,16 @@ pub struct CommandSpec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub cwd: Option<PathBuf>,
-    /// Added to the inherited environment.
+    /// The child's whole environment (it inherits nothing).
     pub env: Vec<(OsString, OsString)>,
     pub stdin: Option<Vec<u8>>,
     pub timeout: Duration,
+    /// Bytes of stdout and of stderr kept (first and last halves); the middle is dropped.
+    pub max_output: usize,
+    /// Run the child as this user and group (`uid`, `gid`), from a root parent.
+    pub run_as: Option<(u32, u32)>,
+    /// Hides the secrets given to the child in what is kept of its output.
+    scrubber: Scrubber,
 }
 
 impl CommandSpec {
@@ -41,6 +63,9 @@ impl CommandSpec {
             env: Vec::new(),
             stdin: None,
             timeout,
+            max_output: DEFAULT_MAX_OUTPUT,
+            run_as: None,
+            scrubber: Scrubber::default(),
         }
     }
 
@@ -59,8 +84,38 @@ impl CommandSpec {
         self
     }
 
+    /// Adds the deployment's base variables (`PATH`, `HOME`, locale, time zone).
+    pub fn base_env(mut self, base: &BaseEnv) -> Self {
+        self.env
+            .extend(base.iter().map(|(k, v)| (k.into(), v.into())));
+        self
+    }
+
+    /// Adds a secret variable: the child gets it, and its value is hidden in the output kept.
+    pub fn secret_env(mut self, key: impl Into<OsString>, value: &SecretString) -> Self {
+        self.scrubber = self.scrubber.with([value.expose_secret()]);
+        self.env.push((key.into(), value.expose_secret().into()));
+        self
+    }
+
+    /// Hides these secrets too in the output kept (besides those given with `secret_env`).
+    pub fn scrubbed_with(mut self, scrubber: &Scrubber) -> Self {
+        self.scrubber = scrubber.clone();
+        self
+    }
+
     pub fn stdin(mut self, bytes: Vec<u8>) -> Self {
         self.stdin = Some(bytes);
+        self
+    }
+
+    pub fn max_output(mut self, bytes: usize) -> Self {
+        self.max_output = bytes.max(2);
+        self
+    }
+
+    pub fn run_as(mut self, user: Option<(u32, u32)>) -> Self {
+        self.run_as = user;
         self
     }
 
@@ -69,12 +124,12 @@ impl CommandSpec {
     }
 }
 
-/// A finished process.
+/// A finished process. Its output is bounded and scrubbed (see the module invariants).
 #[derive(Debug)]
 pub struct Output {
     pub status: ExitStatus,
-    pub stdout: Vec<u8>,
-    pub stderr: Vec<u8>,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +177,64 @@ impl Drop for GroupGuard {
     }
 }
 
+/// The first half and the last half of a stream's bytes, whatever its length.
+struct Capture {
+    head: Vec<u8>,
+    tail: VecDeque<u8>,
+    half: usize,
+    dropped: u64,
+}
+
+impl Capture {
+    fn new(limit: usize) -> Self {
+        Self {
+            head: Vec::new(),
+            tail: VecDeque::new(),
+            half: limit / 2,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, mut chunk: &[u8]) {
+        let room = self.half.saturating_sub(self.head.len());
+        let (first, rest) = chunk.split_at(room.min(chunk.len()));
+        self.head.extend_from_slice(first);
+        chunk = rest;
+        self.tail.extend(chunk.iter().copied());
+        let excess = self.tail.len().saturating_sub(self.half);
+        if excess > 0 {
+            self.tail.drain(..excess);
+            self.dropped += excess as u64;
+        }
+    }
+
+    fn into_bytes(self) -> Vec<u8> {
+        let mut bytes = self.head;
+        if self.dropped > 0 {
+            bytes.extend_from_slice(
+                format!("\n[... {} bytes of output dropped ...]\n", self.dropped).as_bytes(),
+            );
+        }
+        bytes.extend(self.tail);
+        bytes
+    }
+}
+
+async fn capture(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> std::io::Result<Vec<u8>> {
+    let Some(mut reader) = reader else {
+        return Ok(Vec::new());
+    };
+    let mut kept = Capture::new(limit);
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let read = reader.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(kept.into_bytes());
+        }
+        kept.push(&buffer[..read]);
+    }
+}
+
 /// Runs a command to completion. A non-zero exit is [`ProcessError::Failed`] with stderr.
 pub async fn run(spec: &CommandSpec, cancel: &CancellationToken) -> Result<Output, ProcessError> {
     let output = run_unchecked(spec, cancel).await?;
@@ -131,11 +244,7 @@ pub async fn run(spec: &CommandSpec, cancel: &CancellationToken) -> Result<Outpu
         Err(ProcessError::Failed {
             program: spec.display(),
             status: output.status,
-            stderr: String::from_utf8_lossy(&output.stderr)
-                .trim()
-                .chars()
-                .take(4000)
-                .collect(),
+            stderr: output.stderr.trim().chars().take(4000).collect(),
         })
     }
 }
@@ -149,6 +258,7 @@ pub async fn run_unchecked(
     let mut command = tokio::process::Command::new(&spec.program);
     command
         .args(&spec.args)
+        .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(if spec.stdin.is_some() {
             Stdio::piped()
@@ -162,6 +272,9 @@ pub async fn run_unchecked(
     if let Some(dir) = &spec.cwd {
         command.current_dir(dir);
     }
+    if let Some((uid, gid)) = spec.run_as {
+        command.uid(uid).gid(gid);
+    }
     let mut child = command.spawn().map_err(|source| ProcessError::Spawn {
         program: program.clone(),
         source,
@@ -174,8 +287,17 @@ pub async fn run_unchecked(
             let _ = stdin.write_all(&bytes).await;
         });
     }
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let finished = async {
+        let (stdout, stderr, status) = tokio::join!(
+            capture(stdout, spec.max_output),
+            capture(stderr, spec.max_output),
+            child.wait()
+        );
+        Ok::<_, std::io::Error>((status?, stdout?, stderr?))
+    };
     let waited = tokio::select! {
-        output = child.wait_with_output() => output,
+        waited = finished => waited,
         () = tokio::time::sleep(spec.timeout) => {
             guard.kill();
             return Err(ProcessError::TimedOut { program, timeout: spec.timeout });
@@ -187,11 +309,11 @@ pub async fn run_unchecked(
     };
     // The leader exited; kill whatever it left running in its group.
     guard.kill();
-    let output = waited.map_err(|source| ProcessError::Io { program, source })?;
+    let (status, stdout, stderr) = waited.map_err(|source| ProcessError::Io { program, source })?;
     Ok(Output {
-        status: output.status,
-        stdout: output.stdout,
-        stderr: output.stderr,
+        status,
+        stdout: spec.scrubber.scrub_bytes(&stdout),
+        stderr: spec.scrubber.scrub_bytes(&stderr),
     })
 }
 
@@ -209,20 +331,65 @@ mod tests {
                 .unwrap_or(true)
     }
 
+    fn sh(script: &str, timeout: Duration) -> CommandSpec {
+        CommandSpec::new("sh", timeout)
+            .env("PATH", "/usr/bin:/bin")
+            .arg("-c")
+            .arg(script)
+    }
+
     #[tokio::test]
     async fn output_and_stdin_pass_through() {
         let spec = CommandSpec::new("cat", Duration::from_secs(5)).stdin(b"hello".to_vec());
         let output = run(&spec, &CancellationToken::new())
             .await
             .expect("cat runs");
-        assert_eq!(output.stdout, b"hello");
+        assert_eq!(output.stdout, "hello");
+    }
+
+    #[tokio::test]
+    async fn a_child_sees_only_the_variables_it_is_given() {
+        // This test process has PATH, HOME and more; the child must see none of them.
+        let token = SecretString::from("tok-0123456789-secret".to_owned());
+        let spec = CommandSpec::new("/usr/bin/env", Duration::from_secs(5))
+            .env("LANG", "C.UTF-8")
+            .secret_env("GITHUB_TOKEN", &token);
+        let output = run(&spec, &CancellationToken::new())
+            .await
+            .expect("env runs");
+        let mut lines: Vec<&str> = output.stdout.lines().collect();
+        lines.sort_unstable();
+        // The secret reached the child, and is hidden in what was kept of its output.
+        assert_eq!(lines, ["GITHUB_TOKEN=***", "LANG=C.UTF-8"]);
+    }
+
+    #[tokio::test]
+    async fn output_is_bounded_to_its_first_and_last_bytes() {
+        let spec = sh(
+            "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; echo ghp_abcdefgh12345678",
+            Duration::from_secs(20),
+        )
+        .max_output(400);
+        let output = run(&spec, &CancellationToken::new())
+            .await
+            .expect("sh runs");
+        assert!(
+            output.stdout.starts_with("line-0\nline-1\n"),
+            "{}",
+            output.stdout
+        );
+        assert!(output.stdout.contains("bytes of output dropped"));
+        assert!(
+            output.stdout.ends_with("line-1999\n***\n"),
+            "{}",
+            output.stdout
+        );
+        assert!(output.stdout.len() < 500);
     }
 
     #[tokio::test]
     async fn failure_carries_stderr() {
-        let spec = CommandSpec::new("sh", Duration::from_secs(5))
-            .arg("-c")
-            .arg("echo broken >&2; exit 3");
+        let spec = sh("echo broken >&2; exit 3", Duration::from_secs(5));
         match run(&spec, &CancellationToken::new()).await {
             Err(ProcessError::Failed { stderr, .. }) => assert_eq!(stderr, "broken"),
             other => panic!("unexpected {other:?}"),
@@ -234,9 +401,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let pidfile = dir.path().join("grandchild.pid");
         let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
-        let spec = CommandSpec::new("sh", Duration::from_millis(500))
-            .arg("-c")
-            .arg(script);
+        let spec = sh(&script, Duration::from_millis(500));
         let started = Instant::now();
         let result = run(&spec, &CancellationToken::new()).await;
         assert!(
@@ -262,9 +427,7 @@ mod tests {
         for by_drop in [false, true] {
             let pidfile = dir.path().join(format!("gc-{by_drop}.pid"));
             let script = format!("sleep 300 & echo $! > {}; wait", pidfile.display());
-            let spec = CommandSpec::new("sh", Duration::from_secs(60))
-                .arg("-c")
-                .arg(script);
+            let spec = sh(&script, Duration::from_secs(60));
             let cancel = CancellationToken::new();
             let mut running = Box::pin(run(&spec, &cancel));
             let deadline = Instant::now() + Duration::from_secs(5);

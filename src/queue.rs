@@ -344,6 +344,33 @@ async fn keep_presence(
 
 /// Re-queues runs with expired leases, and deletes runs, their artifacts and work-order
 /// sandboxes past retention, every `interval`, until `shutdown` fires.
+/// Deletes the finished runs past retention, one bounded batch per store call, pausing between
+/// batches so a long backlog never holds the store's write lock for long.
+async fn purge(store: &SharedStore, retention: Duration, shutdown: &CancellationToken) {
+    let mut total = 0;
+    loop {
+        match store.purge_finished(retention).await {
+            Ok(deleted) => {
+                total += deleted;
+                if deleted < crate::store::PURGE_BATCH {
+                    break;
+                }
+            }
+            Err(error) => {
+                warn!(error = %error, "retention purge failed");
+                break;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    if total > 0 {
+        info!(runs = total, "deleted finished runs past retention");
+    }
+}
+
 pub async fn run_sweeper(
     store: SharedStore,
     interval: Duration,
@@ -354,7 +381,7 @@ pub async fn run_sweeper(
 ) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_purge = std::time::Instant::now() - Duration::from_secs(3600);
+    let mut last_purge: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -367,13 +394,9 @@ pub async fn run_sweeper(
             Ok(_) => {}
             Err(error) => warn!(error = %error, "lease sweep failed"),
         }
-        if last_purge.elapsed() >= Duration::from_secs(600) {
-            last_purge = std::time::Instant::now();
-            match store.purge_finished(retention).await {
-                Ok(0) => {}
-                Ok(deleted) => info!(runs = deleted, "deleted finished runs past retention"),
-                Err(error) => warn!(error = %error, "retention purge failed"),
-            }
+        if last_purge.is_none_or(|at| at.elapsed() >= Duration::from_secs(600)) {
+            last_purge = Some(tokio::time::Instant::now());
+            purge(&store, retention, &shutdown).await;
             let cleaned = crate::awo::clean_sandboxes(&store, &awo_data_dir, retention).await;
             if cleaned > 0 {
                 info!(

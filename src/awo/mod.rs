@@ -18,12 +18,13 @@ pub mod workflows;
 
 use std::sync::Arc;
 
-use crate::{config::AwoSettings, workflows::Catalog};
+use crate::{config::AwoSettings, secrets::Scrubber, workflows::Catalog};
 
 /// Adds the work-order workflows to a catalogue.
-pub fn register(catalog: &mut Catalog, settings: &AwoSettings) {
+pub fn register(catalog: &mut Catalog, settings: &AwoSettings, scrubber: &Scrubber) {
     let orders = Arc::new(workflows::WorkOrders {
-        tools: tools::Tools::new(settings),
+        tools: tools::Tools::new(settings, scrubber.clone()),
+        policy: url::UrlPolicy::new(&settings.allowed_schemes, &settings.allowed_hosts),
     });
     for kind in [
         workflows::WorkflowType::AgentWorkflowPlan,
@@ -33,53 +34,91 @@ pub fn register(catalog: &mut Catalog, settings: &AwoSettings) {
     }
 }
 
-/// Deletes the sandboxes (`repositories/{id}/`) of work orders that finished more than
-/// `retention` ago or no longer exist (their agent output under `outputs/{id}/` goes too when
-/// the run is gone), and clones left half-done by a crash. Answers how many were deleted.
+/// Deletes the sandboxes (`repositories/{id}/`) and agent homes (`homes/{id}/`) of work orders
+/// that finished more than `retention` ago or no longer exist (their agent output under
+/// `outputs/{id}/` goes too when the run is gone), and clones or pushes left half-done by a
+/// crash. Answers how many sandboxes were deleted. File work runs on the blocking pool.
 pub async fn clean_sandboxes(
     store: &crate::store::SharedStore,
     data_dir: &std::path::Path,
     retention: std::time::Duration,
 ) -> usize {
     let repositories = data_dir.join("repositories");
-    let Ok(entries) = std::fs::read_dir(&repositories) else {
+    let listed = {
+        let repositories = repositories.clone();
+        tokio::task::spawn_blocking(move || list_dir(&repositories)).await
+    };
+    let Ok(entries) = listed else {
         return 0;
     };
-    let cutoff =
-        chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-    let mut deleted = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let path = entry.path();
+    let cutoff = chrono::Duration::from_std(retention)
+        .ok()
+        .and_then(|keep| chrono::Utc::now().checked_sub_signed(keep));
+    let mut doomed = Vec::new();
+    for (name, age) in entries {
         if name.starts_with('.') {
             // A clone interrupted by a crash: stale after an hour.
-            let stale = entry
-                .metadata()
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > std::time::Duration::from_secs(3600));
-            if stale && std::fs::remove_dir_all(&path).is_ok() {
-                deleted += 1;
+            if age > std::time::Duration::from_secs(3600) {
+                doomed.push((name, false));
             }
             continue;
         }
         let Some(id) = crate::ids::RunId::parse(&name) else {
             continue;
         };
-        let (expired, gone) = match store.get_run(id).await {
-            Ok(None) => (true, true),
-            Ok(Some(run)) => (run.finished_at.is_some_and(|at| at < cutoff), false),
-            Err(_) => continue,
-        };
-        if expired && std::fs::remove_dir_all(&path).is_ok() {
-            deleted += 1;
+        match store.get_run(id).await {
+            Ok(None) => doomed.push((name, true)),
+            Ok(Some(run)) => {
+                let expired =
+                    matches!((run.finished_at, cutoff), (Some(at), Some(cutoff)) if at < cutoff);
+                if expired {
+                    doomed.push((name, false));
+                }
+            }
+            Err(_) => {}
+        }
+    }
+    let data_dir = data_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut deleted = 0;
+        for (name, gone) in doomed {
+            if std::fs::remove_dir_all(repositories.join(&name)).is_ok() {
+                deleted += 1;
+            }
+            let _ = std::fs::remove_dir_all(data_dir.join("homes").join(&name));
             if gone {
                 let _ = std::fs::remove_dir_all(data_dir.join("outputs").join(&name));
             }
         }
-    }
-    deleted
+        // Pushes interrupted by a crash leave their scratch repository behind.
+        for (name, age) in list_dir(&data_dir.join("push")) {
+            if age > std::time::Duration::from_secs(3600) {
+                let _ = std::fs::remove_dir_all(data_dir.join("push").join(name));
+            }
+        }
+        deleted
+    })
+    .await
+    .unwrap_or(0)
+}
+
+/// The entries of a directory with their age (by modification time); empty when unreadable.
+fn list_dir(dir: &std::path::Path) -> Vec<(String, std::time::Duration)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .map(|entry| {
+            let age = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .unwrap_or_default();
+            (entry.file_name().to_string_lossy().into_owned(), age)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -1,45 +1,70 @@
 //! git, the coding-agent CLI and gh, as work orders run them.
 //!
 //! Invariant: every call goes through `process.rs` (its own process group, a timeout, killed with
-//! its children on timeout or cancel) with arguments, never a shell string; repository URLs are
-//! passed after `--`.
-//! Invariant: credentials reach the tools only through their environment: `GITHUB_TOKEN` through
-//! a credential helper that reads it from the environment, never a command line, a stored URL or
-//! a log line.
+//! its children on timeout or cancel, an environment that starts empty) with arguments, never a
+//! shell string; repository URLs are passed after `--`.
+//! Invariant: `GITHUB_TOKEN` reaches only the git and gh calls that talk to a forge host
+//! (`AWO_GIT_HOSTS`) over https: git gets it through a credential helper configured for exactly
+//! those `https://host` URLs, gh through its environment, and no other call sees it. The
+//! Anthropic key reaches the coding agent only. Nothing of either is ever on a command line.
+//! Invariant: nothing that carries a token reads the sandbox's own git configuration, which the
+//! coding agent may have written: the branch is fetched from the sandbox into a clean bare
+//! repository of the worker's, and pushed from there; gh names the repository with `--repo`.
+//! Invariant: when the worker runs as root, the coding agent and every git call inside the
+//! sandbox run as `AWO_AGENT_USER` (never root), so neither the agent nor a configuration it
+//! wrote can act with more rights than the agent has.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
 
-use secrecy::ExposeSecret;
+use secrecy::SecretString;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use super::stream::{self, Outcome};
+use super::{
+    stream::{self, Outcome},
+    url::RepoUrl,
+};
 use crate::{
     config::AwoSettings,
     engine::StageError,
     process::{self, CommandSpec, ProcessError},
+    secrets::Scrubber,
 };
 
-/// The credential helper git runs: it answers with the token from its environment.
+/// The credential helper git runs for forge hosts: it answers with the token from its
+/// environment. Git runs it through a shell of its own; no value of ours is in its text.
 const CREDENTIAL_HELPER: &str = "!f() { test \"$1\" = get && echo username=x-access-token && echo \"password=$GITHUB_TOKEN\"; }; f";
 
 /// The tools of a deployment and where work orders keep their files.
 #[derive(Debug, Clone)]
 pub struct Tools {
     pub settings: AwoSettings,
+    /// Hides every secret of the deployment in what is kept of the tools' output.
+    pub scrubber: Scrubber,
 }
 
-/// What an agent step produced: its outcome and the raw stream.
+/// What an agent step produced: its outcome and the raw (bounded, scrubbed) stream.
 #[derive(Debug, Clone)]
 pub struct AgentRun {
     pub outcome: Outcome,
     pub raw: String,
 }
 
+/// Who runs a command: the worker itself, or the agent's user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runner {
+    Worker,
+    Agent,
+}
+
 impl Tools {
-    pub fn new(settings: &AwoSettings) -> Self {
+    pub fn new(settings: &AwoSettings, scrubber: Scrubber) -> Self {
         Self {
             settings: settings.clone(),
+            scrubber,
         }
     }
 
@@ -51,11 +76,24 @@ impl Tools {
         self.settings.data_dir.join("outputs").join(id)
     }
 
+    /// The coding agent's home directory for one work order (its settings and caches).
+    fn home_dir(&self, id: &str) -> PathBuf {
+        self.settings.data_dir.join("homes").join(id)
+    }
+
     pub fn log_file(&self, id: &str) -> PathBuf {
         self.settings
             .data_dir
             .join("logs")
             .join(format!("{id}.log"))
+    }
+
+    /// The user and group sandbox work runs as: `AWO_AGENT_USER` when the worker is root.
+    fn agent_ids(&self) -> Option<(u32, u32)> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        self.settings.agent_user.as_ref().map(|u| (u.uid, u.gid))
     }
 
     /// Creates a directory under the data dir, saying what to fix when it cannot.
@@ -72,23 +110,24 @@ impl Tools {
         })
     }
 
-    /// Writes a file under the data dir (temporary name, then rename).
-    pub fn write_file(&self, path: &Path, bytes: &[u8]) -> Result<(), StageError> {
+    /// Writes a file under the data dir (temporary name, then rename), scrubbed of secrets.
+    pub fn write_file(&self, path: &Path, text: &str) -> Result<(), StageError> {
         if let Some(dir) = path.parent() {
             self.ensure_dir(dir)?;
         }
-        crate::artifacts::write_atomically(path, bytes).map_err(|e| {
-                StageError::fatal(
-                    "data_dir_unwritable",
-                    format!(
-                        "cannot write {}: {e}; check that AWO_DATA_DIR is writable and the disk has space",
-                        path.display()
-                    ),
-                )
-            })
+        let text = self.scrubber.scrub(text);
+        crate::artifacts::write_atomically(path, text.as_bytes()).map_err(|e| {
+            StageError::fatal(
+                "data_dir_unwritable",
+                format!(
+                    "cannot write {}: {e}; check that AWO_DATA_DIR is writable and the disk has space",
+                    path.display()
+                ),
+            )
+        })
     }
 
-    /// Appends a line to the work order's log (`logs/{id}.log`); best effort.
+    /// Appends a line to the work order's log (`logs/{id}.log`), scrubbed; best effort.
     pub fn log(&self, id: &str, line: &str) {
         use std::io::Write;
         let path = self.log_file(id);
@@ -100,62 +139,189 @@ impl Tools {
             .append(true)
             .open(&path)
         {
+            let line = self.scrubber.scrub(line);
             let _ = writeln!(file, "{} {line}", chrono::Utc::now().to_rfc3339());
         }
     }
 
-    fn spec(&self, program: &Path) -> CommandSpec {
+    /// Hands a directory tree to the agent's user (when the worker is root); symlinks are not
+    /// followed.
+    pub fn give_to_agent(&self, dir: &Path) -> Result<(), StageError> {
+        let Some((uid, gid)) = self.agent_ids() else {
+            return Ok(());
+        };
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(path) = pending.pop() {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| {
+                StageError::fatal(
+                    "data_dir_unwritable",
+                    format!("cannot hand {} to AWO_AGENT_USER: {e}", path.display()),
+                )
+            })?;
+            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+            if is_dir {
+                if let Ok(entries) = std::fs::read_dir(&path) {
+                    pending.extend(entries.flatten().map(|e| e.path()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A command with the base environment, bounded output and the deployment's scrubber.
+    fn command(&self, program: &Path, runner: Runner) -> CommandSpec {
         let mut spec = CommandSpec::new(program, self.settings.timeout)
-            .env("GIT_TERMINAL_PROMPT", "0")
-            .env("GCM_INTERACTIVE", "never");
-        if let Some(token) = &self.settings.github_token {
-            spec = spec
-                .env("GITHUB_TOKEN", token.expose_secret())
-                .env("GH_TOKEN", token.expose_secret());
+            .base_env(&self.settings.base_env)
+            .base_env(&self.settings.network_env)
+            .max_output(self.settings.max_output)
+            .scrubbed_with(&self.scrubber);
+        if runner == Runner::Agent {
+            spec = spec.run_as(self.agent_ids());
         }
         spec
     }
 
-    fn git(&self, cwd: &Path) -> CommandSpec {
-        self.spec(&self.settings.git)
+    /// git, hardened: no system or global configuration, no hooks, no fsmonitor, no redirects,
+    /// only the allowed transports, and credentials only for `remote` when it is an https URL
+    /// of a forge host (pinned to `pinned` addresses when its host came through a wildcard).
+    fn git(
+        &self,
+        cwd: &Path,
+        runner: Runner,
+        remote: Option<(&RepoUrl, &[IpAddr])>,
+        local_fetch: bool,
+    ) -> CommandSpec {
+        let mut config: Vec<(String, String)> = vec![
+            ("core.hooksPath".into(), "/dev/null".into()),
+            ("core.fsmonitor".into(), "false".into()),
+            ("core.askPass".into(), String::new()),
+            ("credential.helper".into(), String::new()),
+            ("http.followRedirects".into(), "false".into()),
+            ("safe.directory".into(), "*".into()),
+            ("protocol.allow".into(), "never".into()),
+            ("commit.gpgSign".into(), "false".into()),
+        ];
+        for scheme in &self.settings.allowed_schemes {
+            config.push((format!("protocol.{scheme}.allow"), "always".into()));
+        }
+        if local_fetch {
+            config.push(("protocol.file.allow".into(), "always".into()));
+        }
+        let mut spec = self
+            .command(&self.settings.git, runner)
             .cwd(cwd)
-            .env("GIT_CONFIG_COUNT", "1")
-            .env("GIT_CONFIG_KEY_0", "credential.helper")
-            .env("GIT_CONFIG_VALUE_0", CREDENTIAL_HELPER)
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_CONFIG_GLOBAL", self.global_git_config())
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("GCM_INTERACTIVE", "never")
             .env("GIT_AUTHOR_NAME", "Stagecraft")
             .env("GIT_AUTHOR_EMAIL", "stagecraft@localhost")
             .env("GIT_COMMITTER_NAME", "Stagecraft")
-            .env("GIT_COMMITTER_EMAIL", "stagecraft@localhost")
+            .env("GIT_COMMITTER_EMAIL", "stagecraft@localhost");
+        if let Some((url, pinned)) = remote {
+            let host = url.host.clone().unwrap_or_default();
+            let port = url.effective_port();
+            for ip in pinned {
+                config.push(("http.curloptResolve".into(), format!("{host}:{port}:{ip}")));
+            }
+            if let Some(token) = self.token_for(url) {
+                for forge in &self.settings.git_hosts {
+                    config.push((
+                        format!("credential.https://{forge}.helper"),
+                        CREDENTIAL_HELPER.into(),
+                    ));
+                }
+                spec = spec.secret_env("GITHUB_TOKEN", token);
+            }
+        }
+        spec = spec.env("GIT_CONFIG_COUNT", config.len().to_string());
+        for (i, (key, value)) in config.into_iter().enumerate() {
+            spec = spec
+                .env(format!("GIT_CONFIG_KEY_{i}"), key)
+                .env(format!("GIT_CONFIG_VALUE_{i}"), value);
+        }
+        spec
     }
 
-    /// Runs git and answers its standard output.
+    /// git's global configuration for work orders: only `safe.directory = *`, so the worker's
+    /// git may read sandboxes the agent's user owns (even in the processes git starts itself,
+    /// which do not inherit configuration given through the environment). Written once; falls
+    /// back to none at all when it cannot be.
+    fn global_git_config(&self) -> PathBuf {
+        let path = self.settings.data_dir.join("git").join("config");
+        if !path.is_file() {
+            let written = self
+                .ensure_dir(path.parent().unwrap_or(&self.settings.data_dir))
+                .is_ok()
+                && crate::artifacts::write_atomically(&path, b"[safe]\n\tdirectory = *\n").is_ok();
+            if !written {
+                return PathBuf::from("/dev/null");
+            }
+        }
+        path
+    }
+
+    /// The token, when `url` is an https URL of a forge host (`AWO_GIT_HOSTS`).
+    fn token_for(&self, url: &RepoUrl) -> Option<&SecretString> {
+        let token = self.settings.github_token.as_ref()?;
+        let host = url.host.as_deref()?;
+        let with_port = format!("{host}:{}", url.effective_port());
+        let forge = self
+            .settings
+            .git_hosts
+            .iter()
+            .any(|h| *h == host || *h == with_port);
+        (url.scheme == "https" && forge).then_some(token)
+    }
+
+    async fn run(
+        &self,
+        tool: &str,
+        spec: &CommandSpec,
+        cancel: &CancellationToken,
+    ) -> Result<String, StageError> {
+        match process::run(spec, cancel).await {
+            Ok(output) => Ok(output.stdout.trim().to_owned()),
+            Err(error) => Err(self.tool_error(tool, error)),
+        }
+    }
+
+    /// Runs git inside the sandbox, as the agent's user and without any credential.
     pub async fn run_git(
         &self,
         cwd: &Path,
         args: &[&str],
         cancel: &CancellationToken,
     ) -> Result<String, StageError> {
-        let mut spec = self.git(cwd);
+        let mut spec = self.git(cwd, Runner::Agent, None, false);
         for arg in args {
             spec = spec.arg(*arg);
         }
-        match process::run(&spec, cancel).await {
-            Ok(output) => Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned()),
-            Err(error) => Err(self.tool_error(
-                "git",
-                error,
-                "install git (Debian: apt-get install git) or set GIT_PATH",
-            )),
+        self.run("git", &spec, cancel).await
+    }
+
+    /// Runs git inside the sandbox as `run_git` does, with `stdin`.
+    pub async fn run_git_with_stdin(
+        &self,
+        cwd: &Path,
+        args: &[&str],
+        stdin: Vec<u8>,
+        cancel: &CancellationToken,
+    ) -> Result<String, StageError> {
+        let mut spec = self.git(cwd, Runner::Agent, None, false).stdin(stdin);
+        for arg in args {
+            spec = spec.arg(*arg);
         }
+        self.run("git", &spec, cancel).await
     }
 
     /// Clones `url` into the work order's sandbox (through a temporary directory, so a crash
-    /// never leaves a half clone under the final name) and creates its branch. A sandbox that
-    /// exists already is kept.
+    /// never leaves a half clone under the final name), creates its branch, and hands it to the
+    /// agent's user. A sandbox that exists already is kept.
     pub async fn clone_sandbox(
         &self,
         id: &str,
-        url: &str,
+        url: &RepoUrl,
         branch: &str,
         cancel: &CancellationToken,
     ) -> Result<(PathBuf, bool), StageError> {
@@ -165,19 +331,23 @@ impl Tools {
         if target.join(".git").is_dir() {
             return Ok((target, false));
         }
+        let pinned = super::url::resolve_public(url)
+            .await
+            .map_err(|e| StageError::fatal("repository_host_refused", e.0))?;
         let partial = parent.join(format!(".{id}.partial-{}", uuid::Uuid::new_v4().simple()));
         let partial_name = partial.to_string_lossy().into_owned();
-        let cloned = self
-            .run_git(
-                &parent,
-                &["clone", "--quiet", "--", url, &partial_name],
-                cancel,
-            )
-            .await;
-        if let Err(error) = cloned {
+        let spec = self
+            .git(&parent, Runner::Worker, Some((url, &pinned)), false)
+            .arg("clone")
+            .arg("--quiet")
+            .arg("--")
+            .arg(&url.url)
+            .arg(&partial_name);
+        if let Err(error) = self.run("git", &spec, cancel).await {
             let _ = std::fs::remove_dir_all(&partial);
             return Err(error);
         }
+        self.give_to_agent(&partial)?;
         self.run_git(&partial, &["checkout", "--quiet", "-B", branch], cancel)
             .await?;
         std::fs::rename(&partial, &target).map_err(|e| {
@@ -189,15 +359,86 @@ impl Tools {
         Ok((target, true))
     }
 
-    /// Runs the coding agent headless in `cwd` with `prompt` on stdin.
+    /// Pushes `branch` of the sandbox to `url`: fetched into a clean bare repository of the
+    /// worker's (the sandbox's configuration, which the agent could write, is never read by a
+    /// process that carries the token), and pushed from there. Answers the pushed commit.
+    pub async fn push(
+        &self,
+        sandbox: &Path,
+        url: &RepoUrl,
+        branch: &str,
+        cancel: &CancellationToken,
+    ) -> Result<String, StageError> {
+        let clean = ScratchDir::create(
+            &self.settings.data_dir.join("push"),
+            &format!("push-{}", uuid::Uuid::new_v4().simple()),
+        )?;
+        let bare = clean.0.as_path();
+        let refspec = format!("+refs/heads/{branch}:refs/heads/{branch}");
+        let init = self
+            .git(bare, Runner::Worker, None, false)
+            .arg("init")
+            .arg("--quiet")
+            .arg("--bare");
+        self.run("git", &init, cancel).await?;
+        let sandbox_path = sandbox.to_string_lossy().into_owned();
+        let fetch = self
+            .git(bare, Runner::Worker, None, true)
+            .arg("fetch")
+            .arg("--quiet")
+            .arg("--no-tags")
+            .arg("--")
+            .arg(&sandbox_path)
+            .arg(&refspec);
+        self.run("git", &fetch, cancel).await?;
+        let pinned = super::url::resolve_public(url)
+            .await
+            .map_err(|e| StageError::fatal("repository_host_refused", e.0))?;
+        let target = format!("refs/heads/{branch}:refs/heads/{branch}");
+        let push = self
+            .git(bare, Runner::Worker, Some((url, &pinned)), false)
+            .arg("push")
+            .arg("--quiet")
+            .arg("--")
+            .arg(&url.url)
+            .arg(&target);
+        self.run("git", &push, cancel).await?;
+        let head = self
+            .git(bare, Runner::Worker, None, false)
+            .arg("rev-parse")
+            .arg(format!("refs/heads/{branch}"));
+        self.run("git", &head, cancel).await
+    }
+
+    /// Runs the coding agent headless in `cwd` with `prompt` on stdin, as the agent's user, with
+    /// a home of its own and the Anthropic key as its only secret.
     pub async fn run_claude(
         &self,
+        id: &str,
         cwd: &Path,
         prompt: &str,
         cancel: &CancellationToken,
     ) -> Result<AgentRun, StageError> {
+        let as_root = match self.agent_ids() {
+            Some(_) => false,
+            None => nix::unistd::geteuid().is_root(),
+        };
+        if as_root && self.settings.skip_permissions {
+            return Err(StageError::fatal(
+                "agent_runs_as_root",
+                "the coding agent would run as root with its permission prompts bypassed, which it refuses: \
+                 set AWO_AGENT_USER to an unprivileged user (or create the user nobody), or run the worker \
+                 as a non-root user",
+            ));
+        }
+        let home = self.home_dir(id);
+        self.ensure_dir(&home)?;
+        self.give_to_agent(&home)?;
         let mut spec = self
-            .spec(&self.settings.claude_cli)
+            .command(&self.settings.claude_cli, Runner::Agent)
+            .env("HOME", &home)
+            .env("DISABLE_AUTOUPDATER", "1")
+            .env("CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC", "1")
             .cwd(cwd)
             .arg("--print")
             .arg("--output-format")
@@ -214,48 +455,147 @@ impl Tools {
             spec = spec.arg("--dangerously-skip-permissions");
         }
         if let Some(key) = &self.settings.anthropic_api_key {
-            spec = spec.env("ANTHROPIC_API_KEY", key.expose_secret());
+            spec = spec.secret_env("ANTHROPIC_API_KEY", key);
         }
         spec = spec.stdin(prompt.as_bytes().to_vec());
-        let output = process::run_unchecked(&spec, cancel).await.map_err(|e| {
-            self.tool_error(
-                "claude",
-                e,
-                "install the coding-agent CLI (npm install -g @anthropic-ai/claude-code) or set CLAUDE_CLI_PATH",
-            )
-        })?;
-        let raw = String::from_utf8_lossy(&output.stdout).into_owned();
-        let (_, outcome) = stream::parse(&raw);
+        let output = process::run_unchecked(&spec, cancel)
+            .await
+            .map_err(|e| self.tool_error("claude", e))?;
+        let (_, outcome) = stream::parse(&output.stdout);
         if outcome.subtype.is_none() && !output.status.success() {
-            let stderr: String = String::from_utf8_lossy(&output.stderr)
-                .chars()
-                .take(500)
-                .collect();
-            let hint = if self.settings.anthropic_api_key.is_none() {
-                " (ANTHROPIC_API_KEY is not set: set it, or log the CLI in)"
-            } else {
-                ""
-            };
-            return Err(StageError::retryable(format!(
-                "the coding agent exited with {} and no result{hint}: {stderr}",
-                output.status
-            )));
+            let stderr: String = output.stderr.trim().chars().take(800).collect();
+            return Err(self.classify_agent_failure(
+                &format!(
+                    "the coding agent exited with {} and no result",
+                    output.status
+                ),
+                &stderr,
+            ));
         }
-        Ok(AgentRun { outcome, raw })
+        if outcome.is_error {
+            let subtype = outcome.subtype.clone().unwrap_or_default();
+            let result = outcome.result.clone().unwrap_or_default();
+            let message = format!(
+                "the coding agent failed ({subtype}) after {} turns: {result}",
+                outcome.turns.unwrap_or(0)
+            );
+            if subtype == "error_max_turns" {
+                return Err(StageError::fatal(
+                    "agent_max_turns",
+                    format!("{message} (raise CLAUDE_CLI_MAX_TURNS)"),
+                ));
+            }
+            return Err(self.classify_agent_failure(&message, &result));
+        }
+        Ok(AgentRun {
+            outcome,
+            raw: output.stdout,
+        })
+    }
+
+    /// What a failed agent call means: rate limits, overload and network trouble are worth
+    /// another attempt; a missing login or key, a refused flag or anything else is permanent.
+    fn classify_agent_failure(&self, message: &str, detail: &str) -> StageError {
+        let text = detail.to_ascii_lowercase();
+        let has = |needles: &[&str]| needles.iter().any(|n| text.contains(n));
+        let full = if detail.is_empty() || message.contains(detail) {
+            message.to_owned()
+        } else {
+            format!("{message}: {detail}")
+        };
+        if has(&[
+            "not logged in",
+            "/login",
+            "invalid api key",
+            "authentication",
+            "unauthorized",
+            "401",
+            "oauth token",
+        ]) {
+            let hint = if self.settings.anthropic_api_key.is_none() {
+                " (ANTHROPIC_API_KEY is not set: set it, or log the CLI in as AWO_AGENT_USER)"
+            } else {
+                " (check ANTHROPIC_API_KEY)"
+            };
+            return StageError::fatal("agent_not_authenticated", format!("{full}{hint}"));
+        }
+        if has(&["root/sudo", "as root"]) {
+            return StageError::fatal(
+                "agent_runs_as_root",
+                format!("{full} (set AWO_AGENT_USER to an unprivileged user)"),
+            );
+        }
+        if has(&[
+            "unknown option",
+            "unknown argument",
+            "error: option",
+            "invalid value",
+            "usage:",
+        ]) {
+            return StageError::fatal(
+                "agent_usage",
+                format!(
+                    "{full} (the CLI refused its flags: check CLAUDE_CLI_* settings and the CLI version)"
+                ),
+            );
+        }
+        if has(&[
+            "rate limit",
+            "rate_limit",
+            "429",
+            "overloaded",
+            "529",
+            "too many requests",
+            "econnreset",
+            "etimedout",
+            "connection error",
+            "network error",
+            "socket hang up",
+        ]) {
+            return StageError::retryable(full);
+        }
+        StageError::fatal("agent_failed", full)
+    }
+
+    /// gh with the base environment and, for a forge repository over https, the token and
+    /// host; run in a directory of the worker's, never in the sandbox.
+    fn gh(&self, url: &RepoUrl) -> CommandSpec {
+        let config = self.settings.data_dir.join("gh");
+        let mut spec = self
+            .command(&self.settings.gh_cli, Runner::Worker)
+            .cwd(&self.settings.data_dir)
+            .env("GH_CONFIG_DIR", &config)
+            .env("GH_PROMPT_DISABLED", "1")
+            .env("GH_NO_UPDATE_NOTIFIER", "1")
+            .env("NO_COLOR", "1");
+        if let Some(host) = &url.host {
+            spec = spec.env("GH_HOST", host);
+        }
+        if let Some(token) = self.token_for(url) {
+            spec = spec.secret_env("GH_TOKEN", token);
+        }
+        spec
+    }
+
+    /// `--repo HOST/OWNER/REPO` of a forge URL, when it has that shape.
+    fn gh_repo(url: &RepoUrl) -> Option<String> {
+        let host = url.host.as_deref()?;
+        let (owner, repo) = url.owner_and_repo()?;
+        Some(format!("{host}/{owner}/{repo}"))
     }
 
     /// The open pull request of `branch`, if any: (number, url).
     pub async fn find_pull_request(
         &self,
-        cwd: &Path,
+        url: &RepoUrl,
         branch: &str,
         cancel: &CancellationToken,
     ) -> Result<Option<(u64, String)>, StageError> {
-        let spec = self
-            .spec(&self.settings.gh_cli)
-            .cwd(cwd)
-            .arg("pr")
-            .arg("list")
+        let mut spec = self.gh(url).arg("pr").arg("list");
+        if let Some(repo) = Self::gh_repo(url) {
+            spec = spec.arg("--repo").arg(repo);
+        }
+        let spec = spec
             .arg("--head")
             .arg(branch)
             .arg("--state")
@@ -264,10 +604,8 @@ impl Tools {
             .arg("number,url")
             .arg("--limit")
             .arg("1");
-        let output = process::run(&spec, cancel)
-            .await
-            .map_err(|e| self.gh_error(e))?;
-        let found: Value = serde_json::from_slice(&output.stdout).unwrap_or(Value::Null);
+        let output = self.run("gh", &spec, cancel).await?;
+        let found: Value = serde_json::from_str(&output).unwrap_or(Value::Null);
         Ok(found.get(0).and_then(|pr| {
             Some((
                 pr.get("number")?.as_u64()?,
@@ -279,27 +617,24 @@ impl Tools {
     /// Opens a pull request of `branch`: (number, url).
     pub async fn create_pull_request(
         &self,
-        cwd: &Path,
+        url: &RepoUrl,
         branch: &str,
         title: &str,
         body_file: &Path,
         cancel: &CancellationToken,
     ) -> Result<(u64, String), StageError> {
-        let spec = self
-            .spec(&self.settings.gh_cli)
-            .cwd(cwd)
-            .arg("pr")
-            .arg("create")
+        let mut spec = self.gh(url).arg("pr").arg("create");
+        if let Some(repo) = Self::gh_repo(url) {
+            spec = spec.arg("--repo").arg(repo);
+        }
+        let spec = spec
             .arg("--head")
             .arg(branch)
             .arg("--title")
             .arg(title)
             .arg("--body-file")
             .arg(body_file);
-        let output = process::run(&spec, cancel)
-            .await
-            .map_err(|e| self.gh_error(e))?;
-        let text = String::from_utf8_lossy(&output.stdout);
+        let text = self.run("gh", &spec, cancel).await?;
         let url = text
             .lines()
             .rev()
@@ -315,25 +650,33 @@ impl Tools {
         Ok((number, url))
     }
 
-    fn gh_error(&self, error: ProcessError) -> StageError {
-        let hint = if self.settings.github_token.is_none() {
-            "install the GitHub CLI or set GH_CLI_PATH; set GITHUB_TOKEN so it can authenticate"
-        } else {
-            "install the GitHub CLI (https://cli.github.com) or set GH_CLI_PATH"
-        };
-        self.tool_error("gh", error, hint)
+    fn install_hint(&self, tool: &str) -> &'static str {
+        match tool {
+            "git" => "install git (Debian: apt-get install git) or set GIT_PATH",
+            "claude" => {
+                "install the coding-agent CLI (npm install -g @anthropic-ai/claude-code) or set CLAUDE_CLI_PATH"
+            }
+            _ if self.settings.github_token.is_none() => {
+                "install the GitHub CLI or set GH_CLI_PATH; set GITHUB_TOKEN so it can authenticate"
+            }
+            _ => "install the GitHub CLI (https://cli.github.com) or set GH_CLI_PATH",
+        }
     }
 
-    fn tool_error(&self, tool: &str, error: ProcessError, install: &str) -> StageError {
+    fn tool_error(&self, tool: &str, error: ProcessError) -> StageError {
         match error {
             ProcessError::Spawn { program, source }
                 if source.kind() == std::io::ErrorKind::NotFound =>
             {
                 StageError::fatal(
                     format!("{tool}_missing"),
-                    format!("{program} was not found: {install}"),
+                    format!("{program} was not found: {}", self.install_hint(tool)),
                 )
             }
+            ProcessError::Spawn { program, source } => StageError::fatal(
+                format!("{tool}_unusable"),
+                format!("{program} could not be started: {source}"),
+            ),
             ProcessError::Cancelled { .. } => StageError::Cancelled,
             ProcessError::TimedOut { program, timeout } => StageError::retryable(format!(
                 "{program} ran longer than AGENT_WORK_ORDER_TIMEOUT ({} s) and was killed with its children",
@@ -344,10 +687,7 @@ impl Tools {
                 stderr,
                 status,
             } => {
-                let mut message: String = stderr.chars().take(800).collect();
-                if let Some(token) = &self.settings.github_token {
-                    message = message.replace(token.expose_secret(), "***");
-                }
+                let message: String = stderr.chars().take(800).collect();
                 let hint = if self.settings.github_token.is_none()
                     && (message.contains("Authentication")
                         || message.contains("could not read Username"))
@@ -358,8 +698,37 @@ impl Tools {
                 };
                 StageError::retryable(format!("{program} failed ({status}){hint}: {message}"))
             }
-            other => StageError::retryable(other.to_string()),
+            ProcessError::Io { program, source } => {
+                StageError::retryable(format!("{program}: {source}"))
+            }
         }
+    }
+}
+
+/// A directory of the worker's alone (mode 0700), deleted when dropped.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn create(parent: &Path, name: &str) -> Result<Self, StageError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let path = parent.join(name);
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| {
+                StageError::fatal(
+                    "data_dir_unwritable",
+                    format!("cannot create {}: {e}; check AWO_DATA_DIR", path.display()),
+                )
+            })?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

@@ -16,11 +16,12 @@ use utoipa::ToSchema;
 use super::{
     stream,
     tools::{Tools, mock_stream},
-    url,
+    url::{RepoUrl, UrlPolicy},
 };
 use crate::{
     config::ProviderMode,
     engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
+    schema::InputSchema,
     store::RunKind,
     workflows::{InputError, Workflow, parse_inputs, queues},
 };
@@ -50,51 +51,61 @@ impl WorkflowType {
     }
 }
 
+/// Longest `user_request` accepted, in characters.
+pub const MAX_REQUEST_CHARS: usize = 20_000;
+
 /// What a work order is asked to do (`POST /agent-work-orders`).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct WorkOrderInputs {
-    /// The repository to work on (schemes allowed by `AWO_ALLOWED_URL_SCHEMES`; no credentials).
+    /// The repository to work on: a scheme of `AWO_ALLOWED_URL_SCHEMES`, a host of
+    /// `AWO_ALLOWED_HOSTS`, no credentials (the schema's `pattern` is the exact rule).
+    #[schema(min_length = 1, max_length = 2048)]
     pub repository_url: String,
     pub sandbox_type: SandboxType,
     pub workflow_type: WorkflowType,
     /// What the coding agent should do.
+    #[schema(min_length = 1, max_length = 20000)]
     pub user_request: String,
 }
 
-/// Parses and checks a work order's inputs.
-pub fn check_inputs(inputs: &Value, allowed: &[String]) -> Result<WorkOrderInputs, InputError> {
+/// Parses and checks a work order's inputs; answers them with the repository URL checked.
+pub fn check_inputs(
+    inputs: &Value,
+    policy: &UrlPolicy,
+) -> Result<(WorkOrderInputs, RepoUrl), InputError> {
     let parsed: WorkOrderInputs = parse_inputs(inputs)?;
-    url::validate(&parsed.repository_url, allowed).map_err(|e| InputError {
-        field: "inputs.repository_url".to_owned(),
-        message: e.0,
-    })?;
-    let request = parsed.user_request.trim();
-    if request.is_empty() || parsed.user_request.chars().count() > 20_000 {
+    let url = policy
+        .check(&parsed.repository_url)
+        .map_err(|e| InputError {
+            field: "inputs.repository_url".to_owned(),
+            message: e.0,
+        })?;
+    let length = parsed.user_request.chars().count();
+    if !(1..=MAX_REQUEST_CHARS).contains(&length) {
         return Err(InputError {
             field: "inputs.user_request".to_owned(),
-            message: "must be 1 to 20000 characters".to_owned(),
+            message: format!("must be 1 to {MAX_REQUEST_CHARS} characters"),
         });
     }
-    if parsed.user_request.contains('\0') {
-        return Err(InputError {
-            field: "inputs.user_request".to_owned(),
-            message: "must not contain NUL characters".to_owned(),
-        });
-    }
-    Ok(parsed)
+    Ok((parsed, url))
 }
 
-/// The commit and pull-request title: the request's first line, at most 72 characters.
+/// The commit and pull-request title: the request's first line without control characters,
+/// at most 72 characters (it is a command-line argument of gh).
 fn title_of(request: &str) -> String {
-    request
+    let title: String = request
         .lines()
         .next()
         .unwrap_or_default()
-        .trim()
         .chars()
+        .filter(|c| !c.is_control())
         .take(72)
-        .collect()
+        .collect();
+    match title.trim() {
+        "" => "Work order".to_owned(),
+        title => title.to_owned(),
+    }
 }
 
 /// The branch a work order works on.
@@ -110,11 +121,12 @@ fn plan_file(branch: &str) -> String {
 #[derive(Debug)]
 pub struct WorkOrders {
     pub tools: Tools,
+    pub policy: UrlPolicy,
 }
 
 impl WorkOrders {
-    fn inputs(&self, ctx: &StageContext) -> Result<WorkOrderInputs, StageError> {
-        check_inputs(&ctx.inputs, &self.tools.settings.allowed_schemes)
+    fn inputs(&self, ctx: &StageContext) -> Result<(WorkOrderInputs, RepoUrl), StageError> {
+        check_inputs(&ctx.inputs, &self.policy)
             .map_err(|e| StageError::fatal("invalid_input", e.to_string()))
     }
 
@@ -197,13 +209,11 @@ impl Stage for Sandbox {
     }
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
-        let inputs = self.0.inputs(ctx)?;
+        let (_, url) = self.0.inputs(ctx)?;
         let id = ctx.run_id.to_string();
         let branch = branch_of(&id);
         let tools = &self.0.tools;
-        let (dir, cloned) = tools
-            .clone_sandbox(&id, &inputs.repository_url, &branch, &ctx.cancel)
-            .await?;
+        let (dir, cloned) = tools.clone_sandbox(&id, &url, &branch, &ctx.cancel).await?;
         let base = tools
             .run_git(&dir, &["rev-parse", "HEAD"], &ctx.cancel)
             .await?;
@@ -243,7 +253,7 @@ impl Stage for AgentStep {
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let orders = &self.orders;
         let tools = &orders.tools;
-        let inputs = orders.inputs(ctx)?;
+        let (inputs, _) = orders.inputs(ctx)?;
         let dir = orders.sandbox(ctx)?;
         let id = ctx.run_id.to_string();
         let branch = branch_of(&id);
@@ -266,27 +276,30 @@ impl Stage for AgentStep {
         let outputs = tools.output_dir(&id);
         tools.ensure_dir(&outputs)?;
         if tools.settings.prompt_logging {
-            tools.write_file(
-                &outputs.join(format!("{}.prompt.md", self.step)),
-                prompt.as_bytes(),
-            )?;
+            tools.write_file(&outputs.join(format!("{}.prompt.md", self.step)), &prompt)?;
         }
         tools.log(
             &id,
             &format!("{}: agent started (attempt {})", self.step, ctx.attempt),
         );
         let mock = ctx.provider_mode == ProviderMode::Mock;
+        let jsonl = outputs.join(format!("{}.jsonl", self.step));
         let raw = if mock {
-            mock_agent(self.step, &dir, &plan, &inputs.user_request)?
+            let raw = mock_agent(self.step, &dir, &plan, &inputs.user_request)?;
+            tools.give_to_agent(&dir)?;
+            raw
         } else {
-            tools.run_claude(&dir, &prompt, &ctx.cancel).await?.raw
+            match tools.run_claude(&id, &dir, &prompt, &ctx.cancel).await {
+                Ok(run) => run.raw,
+                Err(error) => {
+                    tools.log(&id, &format!("{}: agent failed: {error}", self.step));
+                    return Err(error);
+                }
+            }
         };
         // The raw stream is kept for the logs route whatever ENABLE_OUTPUT_ARTIFACTS says about
-        // keeping it afterwards: the route reads it.
-        tools.write_file(
-            &outputs.join(format!("{}.jsonl", self.step)),
-            raw.as_bytes(),
-        )?;
+        // keeping it afterwards: the route reads it. It is bounded and scrubbed of secrets.
+        tools.write_file(&jsonl, &raw)?;
         let (_, outcome) = stream::parse(&raw);
         tools.log(
             &id,
@@ -298,28 +311,13 @@ impl Stage for AgentStep {
                 outcome.subtype.as_deref().unwrap_or("no result")
             ),
         );
-        if outcome.is_error {
-            let subtype = outcome.subtype.clone().unwrap_or_default();
-            let message = format!(
-                "the coding agent ended with {subtype} after {} turns: {}",
-                outcome.turns.unwrap_or(0),
-                outcome.result.as_deref().unwrap_or_default()
-            );
-            return Err(if subtype == "error_max_turns" {
-                StageError::fatal(
-                    "agent_max_turns",
-                    format!("{message} (raise CLAUDE_CLI_MAX_TURNS)"),
-                )
-            } else {
-                StageError::retryable(message)
-            });
-        }
         if self.step == "plan" && !dir.join(&plan).is_file() {
             // The agent answered without writing the plan file: keep its answer as the plan.
             tools.write_file(
                 &dir.join(&plan),
-                outcome.result.clone().unwrap_or_default().as_bytes(),
+                outcome.result.as_deref().unwrap_or_default(),
             )?;
+            tools.give_to_agent(&dir.join(&plan))?;
         }
         let cost = outcome.cost_usd;
         output(
@@ -391,7 +389,7 @@ impl Stage for Commit {
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let tools = &self.0.tools;
-        let inputs = self.0.inputs(ctx)?;
+        let (inputs, _) = self.0.inputs(ctx)?;
         let dir = self.0.sandbox(ctx)?;
         let id = ctx.run_id.to_string();
         let base = ctx
@@ -420,13 +418,14 @@ impl Stage for Commit {
         }
         let title = title_of(&inputs.user_request);
         let message = format!("{title}\n\nWork order {id}.\n");
-        let message_file = tools.output_dir(&id).join("commit_message.txt");
-        tools.write_file(&message_file, message.as_bytes())?;
-        let file = message_file.to_string_lossy().into_owned();
+        // The message goes through stdin: git runs as the agent's user, which may not read the
+        // worker's files.
+        tools.write_file(&tools.output_dir(&id).join("commit_message.txt"), &message)?;
         tools
-            .run_git(
+            .run_git_with_stdin(
                 &dir,
-                &["commit", "--quiet", "--no-verify", "-F", &file],
+                &["commit", "--quiet", "--no-verify", "-F", "-"],
+                message.into_bytes(),
                 &ctx.cancel,
             )
             .await?;
@@ -450,20 +449,12 @@ impl Stage for Push {
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let tools = &self.0.tools;
+        let (_, url) = self.0.inputs(ctx)?;
         let dir = self.0.sandbox(ctx)?;
         let id = ctx.run_id.to_string();
         let branch = branch_of(&id);
         // Pushing the same commit again is a no-op: safe to repeat.
-        tools
-            .run_git(
-                &dir,
-                &["push", "--quiet", "--set-upstream", "origin", &branch],
-                &ctx.cancel,
-            )
-            .await?;
-        let head = tools
-            .run_git(&dir, &["rev-parse", "HEAD"], &ctx.cancel)
-            .await?;
+        let head = tools.push(&dir, &url, &branch, &ctx.cancel).await?;
         tools.log(&id, &format!("push: {branch} at {head}"));
         output(&json!({"branch": branch, "commit": head}), 0.0)
     }
@@ -481,8 +472,7 @@ impl Stage for PullRequest {
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let tools = &self.0.tools;
-        let inputs = self.0.inputs(ctx)?;
-        let dir = self.0.sandbox(ctx)?;
+        let (inputs, url) = self.0.inputs(ctx)?;
         let id = ctx.run_id.to_string();
         let branch = branch_of(&id);
         let title = title_of(&inputs.user_request);
@@ -513,9 +503,7 @@ impl Stage for PullRequest {
                             "body": body, "head": branch});
             tools.write_file(
                 &record,
-                serde_json::to_vec_pretty(&pr)
-                    .unwrap_or_default()
-                    .as_slice(),
+                &serde_json::to_string_pretty(&pr).unwrap_or_default(),
             )?;
             tools.log(&id, "pull_request: recorded by mock hosting");
             return output(
@@ -523,21 +511,21 @@ impl Stage for PullRequest {
                 0.0,
             );
         }
-        if let Some((number, url)) = tools.find_pull_request(&dir, &branch, &ctx.cancel).await? {
-            tools.log(&id, &format!("pull_request: found #{number} {url}"));
+        if let Some((number, pr_url)) = tools.find_pull_request(&url, &branch, &ctx.cancel).await? {
+            tools.log(&id, &format!("pull_request: found #{number} {pr_url}"));
             return output(
-                &json!({"number": number, "url": url, "existing": true, "mock": false}),
+                &json!({"number": number, "url": pr_url, "existing": true, "mock": false}),
                 0.0,
             );
         }
         let body_file = outputs.join("pull_request_body.md");
-        tools.write_file(&body_file, body.as_bytes())?;
-        let (number, url) = tools
-            .create_pull_request(&dir, &branch, &title, &body_file, &ctx.cancel)
+        tools.write_file(&body_file, &body)?;
+        let (number, pr_url) = tools
+            .create_pull_request(&url, &branch, &title, &body_file, &ctx.cancel)
             .await?;
-        tools.log(&id, &format!("pull_request: opened #{number} {url}"));
+        tools.log(&id, &format!("pull_request: opened #{number} {pr_url}"));
         output(
-            &json!({"number": number, "url": url, "existing": false, "mock": false}),
+            &json!({"number": number, "url": pr_url, "existing": false, "mock": false}),
             0.0,
         )
     }
@@ -604,20 +592,19 @@ impl Workflow for WorkOrderWorkflow {
         &self.stages
     }
 
-    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
-        let parsed = check_inputs(inputs, &self.orders.tools.settings.allowed_schemes)?;
-        if parsed.workflow_type != self.kind {
-            return Err(InputError {
-                field: "inputs.workflow_type".to_owned(),
-                message: format!("this is the {} workflow", self.kind.as_str()),
-            });
-        }
-        Ok(())
+    fn validate(&self, inputs: &mut Value) -> Result<(), InputError> {
+        self.input_schema().check(inputs)?;
+        // The schema's pattern is the URL policy; the policy reads the URL's parts.
+        check_inputs(inputs, &self.orders.policy).map(drop)
     }
 
-    fn input_schema(&self) -> Value {
-        serde_json::to_value(<WorkOrderInputs as utoipa::PartialSchema>::schema())
-            .unwrap_or(Value::Null)
+    fn input_schema(&self) -> InputSchema {
+        let mut schema = InputSchema::of::<WorkOrderInputs>();
+        // This deployment's exact rule for repository URLs, and this workflow's type.
+        let properties = &mut schema.schema["properties"];
+        properties["repository_url"]["pattern"] = json!(self.orders.policy.pattern());
+        properties["workflow_type"] = json!({"type": "string", "enum": [self.kind.as_str()]});
+        schema
     }
 
     fn result(&self, outputs: &BTreeMap<String, Value>) -> Value {

@@ -25,6 +25,7 @@ use crate::{
     artifacts::ArtifactStore,
     ids::WorkerId,
     metrics::Metrics,
+    secrets::Scrubber,
     store::{
         Claimed, Lease, ReusableCheckpoint, RunError, SharedStore, StageCheckpoint, StageOutcome,
         StageStatus, StoreError,
@@ -54,6 +55,8 @@ pub struct Engine {
     pub abandon: CancellationToken,
     /// Runs this process is executing now, reported with the worker's heartbeat.
     pub running: std::sync::Mutex<std::collections::BTreeSet<crate::ids::RunId>>,
+    /// Hides the deployment's secrets in every error and output the engine stores or logs.
+    pub scrubber: Scrubber,
 }
 
 /// Why a run's execution ended in this process.
@@ -229,6 +232,7 @@ impl Engine {
                 new_step_cost_usd: 0.0,
                 budget_usd: run.budget_usd,
                 spent_before_usd: run.cost_usd,
+                scrubber: self.scrubber.clone(),
             };
             let reuse_key = stage.reuse_key(&ctx);
             if let (true, Some(key)) = (run.reuse, &reuse_key) {
@@ -317,6 +321,31 @@ impl Engine {
             };
             let elapsed = started.elapsed();
             self.metrics.observe_stage(stage.name(), elapsed);
+            // Nothing a stage hands back is stored or logged before its secrets are hidden.
+            let result = result.and_then(|mut done| {
+                if !(done.cost_usd.is_finite() && done.cost_usd >= 0.0) {
+                    return Err(StageError::fatal(
+                        "invalid_cost",
+                        format!(
+                            "stage {} reported a cost of {}",
+                            stage.name(),
+                            done.cost_usd
+                        ),
+                    ));
+                }
+                self.scrubber.scrub_json(&mut done.output);
+                Ok(done)
+            });
+            let result = result.map_err(|error| match error {
+                StageError::Retryable(message) => {
+                    StageError::Retryable(self.scrubber.scrub(&message).into_owned())
+                }
+                StageError::Fatal { code, message } => StageError::Fatal {
+                    code,
+                    message: self.scrubber.scrub(&message).into_owned(),
+                },
+                other => other,
+            });
             match result {
                 Ok(done) => {
                     let is_last = index + 1 == stages.len();
@@ -523,7 +552,10 @@ impl Engine {
 }
 
 /// Renews the lease until aborted; fires `cancel` when a cancel is requested and `lost` when
-/// the lease is gone.
+/// the lease is gone. A worker that cannot prove its lease stops before the lease can expire:
+/// when no renewal has succeeded for the lease's time to live less a margin (each attempt
+/// bounded by the renewal interval), `lost` fires, which abandons the stage (its subprocesses
+/// are killed) and makes the engine write nothing more for the run.
 async fn keep_lease(
     store: SharedStore,
     lease: Lease,
@@ -531,20 +563,71 @@ async fn keep_lease(
     cancel: CancellationToken,
     lost: CancellationToken,
 ) {
-    let every = (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let every = renewal_interval(ttl);
+    let give_up_after = ttl.saturating_sub(lease_margin(ttl));
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
+    // The claim granted the lease just before execution began.
+    let mut renewed = tokio::time::Instant::now();
     loop {
         ticker.tick().await;
-        match store.heartbeat(&lease, ttl).await {
-            Ok(true) => cancel.cancel(),
-            Ok(false) => {}
-            Err(StoreError::FenceRejected { .. }) => {
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout(every, store.heartbeat(&lease, ttl)).await {
+            Ok(Ok(cancel_requested)) => {
+                // The store set the new expiry after this request left.
+                renewed = sent;
+                if cancel_requested {
+                    cancel.cancel();
+                }
+            }
+            Ok(Err(StoreError::FenceRejected { .. })) => {
                 lost.cancel();
                 return;
             }
-            Err(error) => warn!(error = %error, "heartbeat failed; retrying"),
+            Ok(Err(error)) => warn!(error = %error, "heartbeat failed; retrying"),
+            Err(_) => warn!(
+                timeout_ms = every.as_millis() as u64,
+                "heartbeat did not answer; retrying"
+            ),
+        }
+        if renewed.elapsed() >= give_up_after {
+            warn!(
+                unrenewed_ms = renewed.elapsed().as_millis() as u64,
+                lease_ttl_ms = ttl.as_millis() as u64,
+                "the lease could not be renewed; stopping the run before it expires"
+            );
+            lost.cancel();
+            return;
+        }
+    }
+}
+
+/// How often a lease is renewed: four times per time to live, at most once a second.
+fn renewal_interval(ttl: Duration) -> Duration {
+    (ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// How long before its lease expires an unrenewed worker stops: a fifth of the time to live,
+/// at least a renewal interval, so the stage's processes are dead before anyone else may start.
+fn lease_margin(ttl: Duration) -> Duration {
+    (ttl / 5).max(renewal_interval(ttl))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unrenewed_worker_stops_well_before_its_lease_expires() {
+        for secs in [1, 2, 10, 60] {
+            let ttl = Duration::from_secs(secs);
+            let stop = ttl - lease_margin(ttl);
+            assert!(
+                stop > renewal_interval(ttl),
+                "{secs}: stops before a renewal"
+            );
+            assert!(ttl - stop >= renewal_interval(ttl), "{secs}: margin");
         }
     }
 }

@@ -122,6 +122,8 @@ pub struct StageContext {
     pub budget_usd: Option<f64>,
     /// What the run had spent when this attempt started, memoised steps included.
     pub(super) spent_before_usd: f64,
+    /// Hides secrets in step outputs before they are stored.
+    pub(super) scrubber: crate::secrets::Scrubber,
 }
 
 /// What a step's work hands back: its output, what it cost and the files it wrote.
@@ -159,8 +161,15 @@ impl StageContext {
         cost_usd: f64,
         artifacts: Vec<String>,
     ) -> Result<(), StageError> {
-        let output = serde_json::to_value(output)
+        if !(cost_usd.is_finite() && cost_usd >= 0.0) {
+            return Err(StageError::fatal(
+                "invalid_cost",
+                format!("step {key} reported a cost of {cost_usd}"),
+            ));
+        }
+        let mut output = serde_json::to_value(output)
             .map_err(|e| StageError::fatal("invalid_step_output", e.to_string()))?;
+        self.scrubber.scrub_json(&mut output);
         let record = StepRecord {
             key: key.to_owned(),
             output,

@@ -131,8 +131,12 @@ async fn run_agent(
         provider_mode: request.provider_mode,
         reuse: request.reuse,
     };
+    // The wait's slot is taken before anything is stored: a refusal leaves no run behind.
+    let waiting = (!request.run_async)
+        .then(|| state.limits.sync_wait())
+        .transpose()?;
     let (mut run, _) = submit(&state, submit_request, &headers).await?;
-    if !request.run_async {
+    if waiting.is_some() {
         run = wait_until_finished(&state, run).await?;
     }
     let finished = run.status.is_finished();

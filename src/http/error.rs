@@ -11,15 +11,18 @@
 //!   client's and are not logged as errors; 5xx are logged once here and their cause is hidden
 //!   from the client.
 //!
+//! `details` is always an object (`{}` when there is nothing more to say).
+//!
 //! | code | status |
 //! |---|---|
 //! | `malformed_json` | 400 |
 //! | `unauthorized` | 401 |
-//! | `not_found`, `unknown_workflow` | 404 |
-//! | `conflict` | 409 |
+//! | `forbidden` | 403 |
+//! | `not_found`, `unknown_workflow`, `unknown_agent` | 404 |
+//! | `conflict`, `idempotency_conflict` | 409 |
 //! | `payload_too_large` | 413 |
-//! | `invalid_input`, `invalid_from_stage`, `invalid_query` | 422 |
-//! | `unavailable` | 503 |
+//! | `invalid_input`, `invalid_from_stage`, `invalid_query`, `missing_key` | 422 |
+//! | `overloaded` (with `Retry-After`), `unavailable` | 503 |
 //! | `internal` | 500 |
 
 use axum::{
@@ -40,6 +43,8 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("missing or invalid bearer token")]
     Unauthorized,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{message}")]
     NotFound {
         code: &'static str,
@@ -48,6 +53,8 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    IdempotencyConflict(String),
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{message}")]
@@ -58,6 +65,13 @@ pub enum ApiError {
     },
     #[error("{0}")]
     Unavailable(String),
+    /// A per-process limit is full (event streams, synchronous waits, the store's queue):
+    /// try again after `retry_after_secs`.
+    #[error("{message}")]
+    Overloaded {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
 }
@@ -83,11 +97,14 @@ impl ApiError {
         match self {
             Self::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
             Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Self::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            Self::Overloaded { .. } => (StatusCode::SERVICE_UNAVAILABLE, "overloaded"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -104,8 +121,9 @@ pub struct ErrorDetail {
     /// Stable machine-readable code.
     pub code: String,
     pub message: String,
+    /// More about the error, such as the offending `field`; `{}` when there is nothing more.
     #[schema(value_type = Object)]
-    pub details: Option<Value>,
+    pub details: Value,
 }
 
 impl IntoResponse for ApiError {
@@ -118,10 +136,19 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
+        let retry_after = match &self {
+            Self::Overloaded {
+                retry_after_secs, ..
+            } => Some(*retry_after_secs),
+            Self::Unavailable(_) => Some(1),
+            _ => None,
+        };
         let details = match self {
             Self::NotFound { details, .. } | Self::Invalid { details, .. } => details,
             _ => None,
-        };
+        }
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}));
         let body = ErrorBody {
             error: ErrorDetail {
                 code: code.to_owned(),
@@ -129,7 +156,14 @@ impl IntoResponse for ApiError {
                 details,
             },
         };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if let Some(seconds) = retry_after {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(seconds),
+            );
+        }
+        response
     }
 }
 
@@ -138,6 +172,13 @@ impl From<StoreError> for ApiError {
         match error {
             StoreError::NotFound(id) => Self::not_found(format!("run {id} not found")),
             StoreError::Conflict(message) => Self::Conflict(message),
+            StoreError::Busy(message) => {
+                tracing::warn!(reason = %message, "store queue full; refusing new work");
+                Self::Overloaded {
+                    message: "the store has more work waiting than this process may queue; try again shortly".to_owned(),
+                    retry_after_secs: 1,
+                }
+            }
             StoreError::Unavailable(_) | StoreError::Database(sqlx::Error::PoolTimedOut) => {
                 tracing::warn!(error = %error, "store unavailable");
                 Self::Unavailable("the store is unreachable; try again shortly".to_owned())

@@ -4,7 +4,10 @@
 
 mod agents;
 mod artifacts;
+pub mod auth;
 mod error;
+mod health;
+pub mod limits;
 mod runs;
 mod work_orders;
 
@@ -18,7 +21,6 @@ use axum::{
     response::{IntoResponse, Response},
 };
 pub use error::{ApiError, ErrorBody, JsonBody};
-use secrecy::ExposeSecret;
 use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -27,8 +29,12 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use utoipa_swagger_ui::SwaggerUi;
 
+pub use health::ToolCheck;
+
 use crate::{
-    artifacts::ArtifactStore, config::Config, store::SharedStore, studio::media::Media,
+    artifacts::ArtifactStore,
+    config::{Config, Cors},
+    store::SharedStore,
     workflows::Catalog,
 };
 
@@ -40,8 +46,37 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub started: Instant,
     pub artifacts: ArtifactStore,
-    /// The media tools, for `/health` to report on.
-    pub media: Media,
+    /// ffmpeg's availability for `/health`, probed at start and refreshed at most once a minute.
+    pub ffmpeg: ToolCheck,
+    /// The deployment's bearer tokens.
+    pub tokens: auth::Tokens,
+    /// Per-process caps on long-lived requests, and the shared watchers of runs.
+    pub limits: limits::Limits,
+}
+
+impl AppState {
+    /// The state of an API process for this configuration.
+    pub fn new(
+        store: SharedStore,
+        catalog: Arc<Catalog>,
+        config: Arc<Config>,
+        artifacts: ArtifactStore,
+        ffmpeg: ToolCheck,
+    ) -> Self {
+        Self {
+            tokens: auth::Tokens::new(
+                config.api_token.as_ref(),
+                config.api_token_readonly.as_ref(),
+            ),
+            limits: limits::Limits::new(&config, store.clone()),
+            store,
+            catalog,
+            config,
+            started: Instant::now(),
+            artifacts,
+            ffmpeg,
+        }
+    }
 }
 
 #[derive(OpenApi)]
@@ -54,23 +89,9 @@ pub struct AppState {
         (name = "artifacts", description = "Files runs produced"),
         (name = "work orders", description = "Agent work orders: a coding agent on a git branch, up to a pull request"),
         (name = "ops", description = "Health, queues and metrics")
-    ),
-    modifiers(&BearerAuth)
+    )
 )]
 struct ApiDoc;
-
-struct BearerAuth;
-
-impl utoipa::Modify for BearerAuth {
-    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = openapi.components.get_or_insert_with(Default::default);
-        components.add_security_scheme(
-            "bearer",
-            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-        );
-    }
-}
 
 /// The whole API as a router, apart from any socket, so tests and `dev` can serve it.
 pub fn app(state: AppState) -> Router {
@@ -89,7 +110,10 @@ pub fn app(state: AppState) -> Router {
     let router = router
         .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
         .layer(middleware::from_fn(
             move |mut req: Request, next: Next| async move {
                 req.extensions_mut().insert(error::BodyLimit(body_limit));
@@ -105,52 +129,27 @@ pub fn app(state: AppState) -> Router {
 }
 
 fn cors(config: &Config) -> Option<CorsLayer> {
-    if config.cors_origins.is_empty() {
-        return None;
-    }
-    let origins: Vec<HeaderValue> = config
-        .cors_origins
-        .iter()
-        .filter_map(|o| o.parse().ok())
-        .collect();
+    let origins = match &config.cors {
+        Cors::Off => return None,
+        Cors::Any => AllowOrigin::any(),
+        Cors::Origins(origins) => AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| o.parse::<HeaderValue>().ok())
+                .collect::<Vec<_>>(),
+        ),
+    };
     Some(
         CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
+            .allow_origin(origins)
             .allow_methods([Method::GET, Method::POST])
             .allow_headers([
                 header::CONTENT_TYPE,
                 header::AUTHORIZATION,
                 header::HeaderName::from_static("idempotency-key"),
+                header::HeaderName::from_static("last-event-id"),
             ]),
     )
-}
-
-/// With `API_TOKEN` set, every route but `/health` needs `Authorization: Bearer <token>`.
-async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let Some(expected) = &state.config.api_token else {
-        return next.run(req).await;
-    };
-    if req.uri().path() == "/health" || req.method() == Method::OPTIONS {
-        return next.run(req).await;
-    }
-    let presented = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if constant_time_eq(presented.as_bytes(), expected.expose_secret().as_bytes()) {
-        next.run(req).await
-    } else {
-        ApiError::Unauthorized.into_response()
-    }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves the API on `listener` until `shutdown` fires, then finishes open requests.
@@ -174,21 +173,16 @@ struct Health {
     version: &'static str,
     backend: &'static str,
     uptime_secs: u64,
+    /// Why the process is unhealthy (absent when healthy).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
-    /// Whether ffmpeg (the mock media providers and the editor need it) can be run.
-    ffmpeg: ToolStatus,
+    /// Whether ffmpeg (the mock media providers and the editor need it) can be run, as last
+    /// probed (at start-up, then at most once a minute).
+    ffmpeg: health::ToolStatus,
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-struct ToolStatus {
-    available: bool,
-    /// Its version line, or what is wrong and how to fix it.
-    detail: String,
-}
-
-/// Liveness and store reachability. Never requires a token.
-#[utoipa::path(get, path = "/health", tag = "ops",
+/// Liveness and store reachability. Never requires a token, and never starts a process.
+#[utoipa::path(get, path = "/health", tag = "ops", security(()),
     responses((status = 200, body = Health), (status = 503, body = Health)))]
 async fn health(State(state): State<AppState>) -> Response {
     let ping = tokio::time::timeout(std::time::Duration::from_secs(2), state.store.ping()).await;
@@ -214,16 +208,7 @@ async fn health(State(state): State<AppState>) -> Response {
         backend: state.store.backend_name(),
         uptime_secs: state.started.elapsed().as_secs(),
         reason,
-        ffmpeg: match state.media.check().await {
-            Ok(version) => ToolStatus {
-                available: true,
-                detail: version,
-            },
-            Err(problem) => ToolStatus {
-                available: false,
-                detail: problem,
-            },
-        },
+        ffmpeg: state.ffmpeg.status(),
     };
     (status, Json(body)).into_response()
 }

@@ -1,6 +1,6 @@
 //! Runs of every kind (`/runs`) and the workflow routes of the studio API (`/workflows`).
 
-use std::{convert::Infallible, time::Duration};
+use std::convert::Infallible;
 
 use axum::{
     Json,
@@ -122,14 +122,9 @@ pub(super) async fn submit(
                 details: Some(serde_json::json!({"known": known})),
             }
         })?;
-    if !request.inputs.is_object() {
-        return Err(ApiError::invalid(
-            "inputs must be a JSON object",
-            Some("inputs"),
-        ));
-    }
+    let mut inputs = request.inputs;
     workflow
-        .validate(&request.inputs)
+        .validate(&mut inputs)
         .map_err(|e| ApiError::invalid(e.to_string(), Some(&e.field)))?;
     if let Some(budget) = request.budget_usd {
         if !(budget.is_finite() && budget >= 0.0) {
@@ -151,13 +146,13 @@ pub(super) async fn submit(
     }
     let budget_usd = request
         .budget_usd
-        .or_else(|| workflow.default_budget(&request.inputs));
+        .or_else(|| workflow.default_budget(&inputs));
     let run = NewRun {
         id: RunId::generate(),
         kind: request.kind,
         name: workflow.name().to_owned(),
         queue: workflow.queue().to_owned(),
-        inputs: request.inputs,
+        inputs,
         provider_mode,
         budget_usd,
         stage_names: workflow.stage_names(),
@@ -284,57 +279,81 @@ async fn get_run(
 }
 
 /// Server-Sent Events of a run's progress, from the start (or after `Last-Event-ID`); the stream
-/// ends once the run is finished and every event has been sent.
+/// ends once the run is finished and every event has been sent. Each API process serves at most
+/// `MAX_EVENT_STREAMS` streams at once (503 `overloaded` beyond).
 #[utoipa::path(get, path = "/runs/{id}/events", tag = "runs", params(("id" = String, Path)),
-    responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody)))]
+    responses((status = 200, content_type = "text/event-stream", body = String), (status = 404, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "too many open streams (`overloaded`, with `Retry-After`)")))]
 async fn run_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let run = load_run(&state, &id).await?;
+    let permit = state.limits.event_stream()?;
+    // A position past any real log (or not a number) replays from the start.
     let after: i64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|seq| (0..=i64::from(u32::MAX)).contains(seq))
         .unwrap_or(0);
-    let store = state.store.clone();
-    let run_id = run.id;
-    let batches = stream::unfold(Some(after), move |position| {
-        let store = store.clone();
-        async move {
-            let mut after = position?;
-            loop {
-                // Read the status first: the events of a finished run are all committed with it.
-                let finished = match store.get_run(run_id).await {
-                    Ok(Some(run)) => run.status.is_finished(),
-                    Ok(None) => true,
-                    Err(_) => false,
-                };
-                match store.events_after(run_id, after, 500).await {
-                    Ok(events) if !events.is_empty() => {
-                        after = events.last().map(|e| e.seq).unwrap_or(after);
-                        let items: Vec<Result<Event, Infallible>> = events
-                            .iter()
-                            .map(|e| {
-                                Ok(Event::default()
-                                    .id(e.seq.to_string())
-                                    .event(e.kind.clone())
-                                    .json_data(e)
-                                    .unwrap_or_else(|_| {
-                                        Event::default().comment("unserializable event")
-                                    }))
-                            })
-                            .collect();
-                        return Some((stream::iter(items), Some(after)));
-                    }
-                    Ok(_) if finished => return None,
-                    _ => tokio::time::sleep(Duration::from_millis(200)).await,
-                }
-            }
-        }
+    let follow = Follow {
+        run_id: run.id,
+        after,
+        watch: state.limits.watch(run.id),
+        store: state.store.clone(),
+        _permit: permit,
+    };
+    let batches = stream::unfold(Some(follow), |follow| async move {
+        let mut follow = follow?;
+        let events = follow.next_events().await?;
+        let items: Vec<Result<Event, Infallible>> = events
+            .iter()
+            .map(|e| {
+                Ok(Event::default()
+                    .id(e.seq.to_string())
+                    .event(e.kind.clone())
+                    .json_data(e)
+                    .unwrap_or_else(|_| Event::default().comment("unserializable event")))
+            })
+            .collect();
+        Some((stream::iter(items), Some(follow)))
     });
     Ok(Sse::new(batches.flatten()).keep_alive(KeepAlive::default()))
+}
+
+/// One client following a run's events, woken by the process's run watcher.
+struct Follow {
+    run_id: RunId,
+    after: i64,
+    watch: tokio::sync::watch::Receiver<super::limits::Watched>,
+    store: crate::store::SharedStore,
+    /// The stream's slot among `MAX_EVENT_STREAMS`, freed when the stream ends.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Follow {
+    /// The next events after the ones sent, waiting for them; `None` once the run is finished
+    /// and everything was sent.
+    async fn next_events(&mut self) -> Option<Vec<crate::store::RunEvent>> {
+        loop {
+            let seen = *self.watch.borrow_and_update();
+            if let Ok(events) = self.store.events_after(self.run_id, self.after, 500).await {
+                if let Some(last) = events.last() {
+                    self.after = last.seq;
+                    return Some(events);
+                }
+                if seen.finished && seen.last_event.is_some_and(|last| last <= self.after) {
+                    return None;
+                }
+            }
+            // Wait for the watcher to see the run move (or the store to answer again).
+            if self.watch.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
 }
 
 /// Cancels a run: a queued one at once; a running one at its worker's next heartbeat, which
@@ -421,10 +440,10 @@ async fn resume(
                     inputs.insert(key, value);
                 }
             }
-            let inputs = Value::Object(inputs);
+            let mut inputs = Value::Object(inputs);
             if let Some(workflow) = state.catalog.get(run.kind, &run.name) {
                 workflow
-                    .validate(&inputs)
+                    .validate(&mut inputs)
                     .map_err(|e| ApiError::invalid(e.to_string(), Some(&e.field)))?;
             }
             Some(inputs)
@@ -492,7 +511,7 @@ async fn list_workflows(State(state): State<AppState>) -> Json<WorkflowList> {
             name: w.name().to_owned(),
             description: w.description().to_owned(),
             stages: w.stage_names(),
-            input_schema: w.input_schema(),
+            input_schema: w.input_schema().to_document(),
         })
         .collect();
     Json(WorkflowList { workflows })
@@ -546,8 +565,12 @@ async fn run_workflow(
         provider_mode: request.provider_mode,
         reuse: request.reuse,
     };
+    // The wait's slot is taken before anything is stored: a refusal leaves no run behind.
+    let waiting = (!request.run_async)
+        .then(|| state.limits.sync_wait())
+        .transpose()?;
     let (mut run, _) = submit(&state, submit_request, &headers).await?;
-    if !request.run_async {
+    if waiting.is_some() {
         run = wait_until_finished(&state, run).await?;
     }
     let finished = run.status.is_finished();
@@ -573,17 +596,25 @@ async fn run_workflow(
     Ok((status, Json(body)).into_response())
 }
 
-/// The run once it has finished, or as it is when `SYNC_WAIT_SECS` have passed.
+/// The run once it has finished, or as it is when `SYNC_WAIT_SECS` have passed. The caller
+/// holds one of the process's `MAX_SYNC_WAITS` slots (taken before the run was submitted).
 pub(super) async fn wait_until_finished(
     state: &AppState,
-    mut run: RunRecord,
+    run: RunRecord,
 ) -> Result<RunRecord, ApiError> {
-    let deadline = tokio::time::Instant::now() + state.config.sync_wait;
-    while !run.status.is_finished() && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(25)).await;
-        run = load_run(state, &run.id.to_string()).await?;
+    if run.status.is_finished() {
+        return Ok(run);
     }
-    Ok(run)
+    let mut watch = state.limits.watch(run.id);
+    let finished = async {
+        while !watch.borrow_and_update().finished {
+            if watch.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(state.config.sync_wait, finished).await;
+    load_run(state, &run.id.to_string()).await
 }
 
 /// The status document of a workflow run.

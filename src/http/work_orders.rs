@@ -246,7 +246,7 @@ async fn work_order_steps(
     }))
 }
 
-#[derive(Debug, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct LogEntry {
     step: String,
     #[serde(flatten)]
@@ -262,7 +262,12 @@ pub struct WorkOrderLogs {
     log: Vec<String>,
 }
 
-/// The agent entries of a work order's steps, in step order, read from its raw JSONL.
+/// Most agent entries one answer carries (the latest ones), and most log lines.
+const MAX_ENTRIES: usize = 2000;
+const MAX_LOG_LINES: usize = 2000;
+
+/// The agent entries of a work order's steps, in step order, read from its raw JSONL (each
+/// file is bounded when it is written; the answer keeps the last [`MAX_ENTRIES`]).
 fn agent_entries(data: &std::path::Path, id: &str, steps: &[String]) -> Vec<LogEntry> {
     let mut entries = Vec::new();
     for step in steps {
@@ -275,7 +280,40 @@ fn agent_entries(data: &std::path::Path, id: &str, steps: &[String]) -> Vec<LogE
             }));
         }
     }
+    let excess = entries.len().saturating_sub(MAX_ENTRIES);
+    entries.drain(..excess);
     entries
+}
+
+/// One client following a work order's agent output, woken by the process's run watcher
+/// (agent output is written when a step ends, which the run's events announce).
+struct LogFollow {
+    sent: usize,
+    watch: tokio::sync::watch::Receiver<crate::http::limits::Watched>,
+    data: std::path::PathBuf,
+    id: String,
+    steps: Vec<String>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl LogFollow {
+    async fn next_entries(&mut self) -> Option<Vec<LogEntry>> {
+        loop {
+            let finished = self.watch.borrow_and_update().finished;
+            let (data, id, steps) = (self.data.clone(), self.id.clone(), self.steps.clone());
+            let entries = tokio::task::spawn_blocking(move || agent_entries(&data, &id, &steps))
+                .await
+                .unwrap_or_default();
+            if entries.len() > self.sent {
+                let fresh = entries[self.sent..].to_vec();
+                self.sent = entries.len();
+                return Some(fresh);
+            }
+            if finished || self.watch.changed().await.is_err() {
+                return None;
+            }
+        }
+    }
 }
 
 /// The coding agent's parsed output per step, and the work order's log. With
@@ -297,42 +335,28 @@ async fn work_order_logs(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
     if wants_stream {
-        let store = state.store.clone();
-        let run_id = run.id;
-        let events = futures::stream::unfold(Some(0usize), move |sent| {
-            let (store, data, id, steps) = (store.clone(), data.clone(), id.clone(), steps.clone());
-            async move {
-                let sent = sent?;
-                loop {
-                    let finished = match store.get_run(run_id).await {
-                        Ok(Some(run)) => run.status.is_finished(),
-                        Ok(None) => true,
-                        Err(_) => false,
-                    };
-                    let (all, steps2) = (data.clone(), steps.clone());
-                    let id2 = id.clone();
-                    let entries =
-                        tokio::task::spawn_blocking(move || agent_entries(&all, &id2, &steps2))
-                            .await
-                            .unwrap_or_default();
-                    if entries.len() > sent {
-                        let fresh: Vec<Result<Event, std::convert::Infallible>> = entries[sent..]
-                            .iter()
-                            .map(|e| {
-                                Ok(Event::default()
-                                    .event("entry")
-                                    .json_data(e)
-                                    .unwrap_or_else(|_| Event::default()))
-                            })
-                            .collect();
-                        return Some((futures::stream::iter(fresh), Some(entries.len())));
-                    }
-                    if finished {
-                        return None;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
-                }
-            }
+        let permit = state.limits.event_stream()?;
+        let follow = LogFollow {
+            sent: 0,
+            watch: state.limits.watch(run.id),
+            data,
+            id,
+            steps,
+            _permit: permit,
+        };
+        let events = futures::stream::unfold(Some(follow), |follow| async move {
+            let mut follow = follow?;
+            let fresh = follow.next_entries().await?;
+            let events: Vec<Result<Event, std::convert::Infallible>> = fresh
+                .iter()
+                .map(|e| {
+                    Ok(Event::default()
+                        .event("entry")
+                        .json_data(e)
+                        .unwrap_or_else(|_| Event::default().comment("unserializable entry")))
+                })
+                .collect();
+            Some((futures::stream::iter(events), Some(follow)))
         });
         use futures::StreamExt;
         return Ok(Sse::new(events.flatten())
@@ -341,8 +365,12 @@ async fn work_order_logs(
     }
     let (entries, log) = tokio::task::spawn_blocking(move || {
         let entries = agent_entries(&data, &id, &steps);
-        let log = std::fs::read_to_string(data.join("logs").join(format!("{id}.log")))
-            .map(|text| text.lines().map(str::to_owned).collect())
+        let log: Vec<String> = std::fs::read_to_string(data.join("logs").join(format!("{id}.log")))
+            .map(|text| {
+                let lines: Vec<&str> = text.lines().collect();
+                let skip = lines.len().saturating_sub(MAX_LOG_LINES);
+                lines[skip..].iter().map(|l| (*l).to_owned()).collect()
+            })
             .unwrap_or_default();
         (entries, log)
     })

@@ -49,6 +49,9 @@ pub enum StoreError {
     /// The store cannot be reached now (connection refused, dropped or timed out).
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// This process has as much store work waiting as it may queue; try again shortly.
+    #[error("store busy: {0}")]
+    Busy(String),
     /// The schema could not be migrated.
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
@@ -419,6 +422,15 @@ pub struct RunEvent {
     pub data: Value,
 }
 
+/// Where a run's event log ends and whether it has finished: what watchers of the run need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RunPosition {
+    pub run_id: RunId,
+    /// The sequence number of its last event (0 when it has none).
+    pub last_event_seq: i64,
+    pub finished: bool,
+}
+
 /// Counts by queue and status, for ops.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct QueueDepth {
@@ -438,6 +450,9 @@ pub struct WorkerInfo {
     /// Runs the worker is executing now.
     pub running: Vec<String>,
 }
+
+/// Most runs one `purge_finished` call deletes.
+pub const PURGE_BATCH: u64 = 500;
 
 /// How long a worker may miss heartbeats before it is no longer listed.
 pub const WORKER_STALE_AFTER: Duration = Duration::from_secs(30);
@@ -528,7 +543,8 @@ pub trait RunStore: Send + Sync + 'static {
     /// Re-queues runs whose lease expired; answers their ids.
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>>;
 
-    /// Deletes runs finished more than `retention` ago; answers how many.
+    /// Deletes runs finished more than `retention` ago, at most [`PURGE_BATCH`] per call;
+    /// answers how many.
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64>;
 
     /// Events of a run after `after_seq`, oldest first.
@@ -538,6 +554,10 @@ pub trait RunStore: Send + Sync + 'static {
         after_seq: i64,
         limit: u32,
     ) -> StoreResult<Vec<RunEvent>>;
+
+    /// Where the event logs of these runs end and whether they finished, in one call (at most
+    /// 500 ids). Runs that do not exist are left out.
+    async fn run_positions(&self, runs: &[RunId]) -> StoreResult<Vec<RunPosition>>;
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>>;
 

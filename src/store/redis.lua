@@ -39,6 +39,8 @@ local K_ALL, K_LEASES, K_COUNTS, K_FINISHED
 local function k_idem(key) return P .. 'idempotency:' .. key end
 
 local FINISHED = { completed = true, failed = true, cancelled = true }
+-- The first element of the answer of an operation that failed (the store reads it).
+local OP_ERROR = '!error'
 -- Wake-list entries kept at most per queue (the list only wakes blocked workers).
 local WAKE_CAP = 64
 
@@ -290,6 +292,51 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reu
   return { id, 1, now }
 end
 
+-- Claims one due run for `worker`: {id, fence, started, attempt, recovered}, or nil when the
+-- run is gone. Its lease and status are recorded right after its hash is written, so a later
+-- failure (its event list of the wrong type) still leaves it leased, to be recovered.
+local function claim_one(worker, expires, run_started, q, id)
+  local r = k_run(id)
+  -- Most runs start at stage 0: read its fields in the same command.
+  local v = redis.call('HMGET', r, 'status', 'fence', 'next', 'stages', 'cancel_requested',
+    'budget_usd', 'reuse', 's0:name', 's0:status', 's0:attempts')
+  if not v[1] then return nil end
+  local fence = str(tonumber(v[2]) + 1)
+  local idx, n = tonumber(v[3]), tonumber(v[4])
+  local name, status, attempts = v[8], v[9], v[10]
+  if idx ~= 0 and idx < n then
+    local f = sf(idx)
+    local s = redis.call('HMGET', r, f.name, f.status, f.attempts)
+    name, status, attempts = s[1], s[2], s[3]
+  end
+  local recovered = status == 'running' and 1 or 0
+  local data = run_started .. fence .. '}'
+  local attempt = 0
+  if idx < n and v[5] ~= '1' and (v[6] or '') == '' and v[7] ~= '1' then
+    local f = sf(idx)
+    attempt = tonumber(attempts or '0') + 1
+    redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
+      'lease_expires_at', expires, 'updated_at', NOW, 'prestarted', fence .. ':' .. idx,
+      'current_stage', name, 'worker', worker, f.status, 'running', f.attempts, str(attempt),
+      f.started_at, NOW)
+    lease(id, expires)
+    move(id, q, v[1], 'running')
+    -- A retry's error and due time stay on the stage until its next attempt starts.
+    if v[1] == 'retrying' then redis.call('HDEL', r, f.error, f.next_attempt_at) end
+    redis.call('RPUSH', k_events(id), ev('run_started', nil, data),
+      ev('stage_started', name, '{"attempt":' .. str(attempt) .. '}'))
+  else
+    idx = -1
+    redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
+      'lease_expires_at', expires, 'updated_at', NOW, 'worker', worker)
+    lease(id, expires)
+    move(id, q, v[1], 'running')
+    event(id, 'run_started', nil, data)
+  end
+  -- The client reads the run's hash itself, outside the script: much cheaper for Redis.
+  return { id, fence, idx, attempt, recovered }
+end
+
 -- claim worker ttl_ms max queues...: up to max due runs, oldest first, as
 -- {id, fence, started, attempt, recovered}. The claim also starts the run's first open stage
 -- (started = its index, attempt = its attempt number; -1 and 0 when it did not) unless a cancel
@@ -333,44 +380,17 @@ function OPS.claim(worker, ttl, max_text, ...)
   for i = 1, math.min(max, #ids) do
     local q, id = qs[i], ids[i]
     push_to(taken, q, id)
-    local r = k_run(id)
-    -- Most runs start at stage 0: read its fields in the same command.
-    local v = redis.call('HMGET', r, 'status', 'fence', 'next', 'stages', 'cancel_requested',
-      'budget_usd', 'reuse', 's0:name', 's0:status', 's0:attempts')
-    if v[1] then
-      local fence = str(tonumber(v[2]) + 1)
-      local idx, n = tonumber(v[3]), tonumber(v[4])
-      local name, status, attempts = v[8], v[9], v[10]
-      if idx ~= 0 and idx < n then
-        local f = sf(idx)
-        local s = redis.call('HMGET', r, f.name, f.status, f.attempts)
-        name, status, attempts = s[1], s[2], s[3]
-      end
-      local recovered = status == 'running' and 1 or 0
-      local data = run_started .. fence .. '}'
-      local attempt = 0
-      if idx < n and v[5] ~= '1' and (v[6] or '') == '' and v[7] ~= '1' then
-        local f = sf(idx)
-        attempt = tonumber(attempts or '0') + 1
-        redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
-          'lease_expires_at', expires, 'updated_at', NOW, 'prestarted', fence .. ':' .. idx,
-          'current_stage', name, 'worker', worker, f.status, 'running', f.attempts, str(attempt),
-          f.started_at, NOW)
-        -- A retry's error and due time stay on the stage until its next attempt starts.
-        if v[1] == 'retrying' then redis.call('HDEL', r, f.error, f.next_attempt_at) end
-        redis.call('RPUSH', k_events(id), ev('run_started', nil, data),
-          ev('stage_started', name, '{"attempt":' .. str(attempt) .. '}'))
-      else
-        idx = -1
-        redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
-          'lease_expires_at', expires, 'updated_at', NOW, 'worker', worker)
-        event(id, 'run_started', nil, data)
-      end
-      lease(id, expires)
-      move(id, q, v[1], 'running')
-      -- The client reads the run's hash itself, outside the script: much cheaper for Redis.
+    -- A run whose data cannot be read or written (a key of the wrong type) is set aside in the
+    -- quarantine set instead of failing the claim of the others or blocking its queue.
+    local ok, one = pcall(claim_one, worker, expires, run_started, q, id)
+    if not ok then
+      local message = type(one) == 'table' and one.err or tostring(one)
+      redis.log(redis.LOG_WARNING, 'stagecraft: run ' .. id .. ' quarantined: ' .. tostring(message))
+      redis.pcall('ZADD', P .. 'quarantine', NOW, id)
+    elseif one then
       local c = #claimed
-      claimed[c + 1], claimed[c + 2], claimed[c + 3], claimed[c + 4], claimed[c + 5] = id, fence, idx, attempt, recovered
+      claimed[c + 1], claimed[c + 2], claimed[c + 3], claimed[c + 4], claimed[c + 5] =
+        one[1], one[2], one[3], one[4], one[5]
     end
   end
   for q, ids in pairs(taken) do redis.call('ZREM', k_due(q), unpack(ids)) end
@@ -657,17 +677,32 @@ local function batch(_, args)
   forget()
   STAGE_JSON = {}
   if args[2] ~= 'batch' then return redis.error_reply('expected a batch of operations') end
-  local results = {}
-  local i = 3
   local last = #args
+  -- The whole batch is checked before anything is written: a malformed one changes nothing.
+  local i = 3
   while i <= last do
     local name, argc = args[i], tonumber(args[i + 1])
-    local handler = OPS[name]
-    if not handler or not argc then
-      flush()
-      return redis.error_reply('unknown operation ' .. tostring(name))
+    if not OPS[name] or not argc or i + 1 + argc > last then
+      return redis.error_reply('malformed batch: operation ' .. tostring(name))
     end
-    results[#results + 1] = handler(unpack(args, i + 2, i + 1 + argc))
+    i = i + 2 + argc
+  end
+  -- Each operation runs on its own: one that raises (a key of the wrong type, bad data) answers
+  -- its error, and the others' writes and index changes stand. The index changes recorded
+  -- before an error describe writes that happened, so they are written too.
+  local results = {}
+  i = 3
+  while i <= last do
+    local name, argc = args[i], tonumber(args[i + 1])
+    local ok, answer = pcall(OPS[name], unpack(args, i + 2, i + 1 + argc))
+    if not ok then
+      local message = type(answer) == 'table' and answer.err or tostring(answer)
+      redis.log(redis.LOG_WARNING, 'stagecraft: operation ' .. name .. ' failed: ' .. tostring(message))
+      answer = { OP_ERROR, name .. ' failed: ' .. tostring(message) }
+    elseif answer == nil then
+      answer = { OP_ERROR, name .. ' answered nothing' }
+    end
+    results[#results + 1] = answer
     i = i + 2 + argc
   end
   flush()

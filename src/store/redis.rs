@@ -19,8 +19,8 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
     Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, ReusableCheckpoint,
-    RunError, RunEvent, RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint,
-    StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
+    RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord, RunStatus, RunStore,
+    StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
     WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
@@ -71,8 +71,8 @@ pub struct RedisStore {
     client: Client,
     conn: ConnectionManager,
     prefix: String,
-    /// Script operations on their way to [`send_batches`].
-    batches: mpsc::UnboundedSender<Pending>,
+    /// Script operations on their way to [`send_batches`] (bounded: see [`MAX_QUEUED_OPS`]).
+    batches: mpsc::Sender<Pending>,
     /// How long idempotency keys are kept: the retention period.
     retention: Duration,
     /// The connection blocking waits use, opened on first use and replaced after an error.
@@ -134,7 +134,7 @@ impl RedisStore {
             }
             return Err(error.into());
         }
-        let (batches, pending) = mpsc::unbounded_channel();
+        let (batches, pending) = mpsc::channel(MAX_QUEUED_OPS);
         tokio::spawn(send_batches(
             pending,
             conn.clone(),
@@ -168,9 +168,21 @@ impl RedisStore {
             args: args.to_vec(),
             reply,
         };
-        self.batches
-            .send(pending)
-            .map_err(|_| StoreError::Unavailable("the Redis store is closed".into()))?;
+        let closed = || StoreError::Unavailable("the Redis store is closed".into());
+        match self.batches.try_send(pending) {
+            Ok(()) => {}
+            // New work is refused while the queue is full; the work of runs already leased
+            // (and claims, which only come from free slots) waits for room instead.
+            Err(mpsc::error::TrySendError::Full(pending)) if waits_when_full(op) => {
+                self.batches.send(pending).await.map_err(|_| closed())?;
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                return Err(StoreError::Busy(format!(
+                    "{MAX_QUEUED_OPS} Redis operations are waiting in this process"
+                )));
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(closed()),
+        }
         let value = answer
             .await
             .map_err(|_| StoreError::Unavailable("the Redis store is closed".into()))??;
@@ -246,6 +258,43 @@ impl RunIds {
 
 /// Script operations sent in one call at most.
 const MAX_BATCH_OPS: usize = 64;
+/// Script operations waiting in one process at most; beyond, new work (inserts, cancels,
+/// resumes, reads) is refused with [`StoreError::Busy`] while the work of leased runs waits.
+pub const MAX_QUEUED_OPS: usize = 4096;
+
+/// Whether an operation waits for room in a full queue rather than being refused: the writes
+/// of runs a worker holds, which must not be lost to a burst of submissions.
+fn waits_when_full(op: &str) -> bool {
+    matches!(
+        op,
+        "heartbeat"
+            | "start_stage"
+            | "record_step"
+            | "commit"
+            | "end_attempt"
+            | "fail_run"
+            | "claim"
+            | "sweep"
+            | "purge"
+    )
+}
+
+/// The marker the library puts first in the answer of an operation that failed.
+const OP_ERROR: &[u8] = b"!error";
+
+/// One operation's answer: its value, or the error the library caught while running it.
+fn op_answer(value: RedisValue) -> StoreResult<RedisValue> {
+    if let RedisValue::Array(items) = &value {
+        if let [RedisValue::BulkString(marker), message] = items.as_slice() {
+            if marker.as_slice() == OP_ERROR {
+                return Err(StoreError::Redis(
+                    text(message).unwrap_or("operation failed").to_owned(),
+                ));
+            }
+        }
+    }
+    Ok(value)
+}
 /// Script calls in flight at once; operations issued meanwhile wait and go together.
 const MAX_CALLS_IN_FLIGHT: usize = 4;
 
@@ -260,7 +309,7 @@ struct Pending {
 /// operations wait, up to [`MAX_BATCH_OPS`], so an idle store answers one operation at once and
 /// a busy one shares each call (and each index write of the script) among many runs.
 async fn send_batches(
-    mut pending: mpsc::UnboundedReceiver<Pending>,
+    mut pending: mpsc::Receiver<Pending>,
     conn: ConnectionManager,
     library: Library,
     prefix: String,
@@ -301,8 +350,9 @@ async fn send_batches(
             drop(permit);
             match answer {
                 Ok(values) if values.len() == batch.len() => {
+                    // Each operation ran on its own: one that failed fails alone.
                     for (op, value) in batch.into_iter().zip(values) {
-                        let _ = op.reply.send(Ok(value));
+                        let _ = op.reply.send(op_answer(value));
                     }
                 }
                 Ok(values) => {
@@ -888,18 +938,15 @@ impl RunStore for RedisStore {
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
         let mut conn = self.conn.clone();
         let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
-        let now_ms = time.0.parse::<i64>().unwrap_or(0) * 1000;
-        let cutoff = now_ms - retention.as_millis() as i64;
-        let mut deleted = 0u64;
-        loop {
-            let n: u64 = self
-                .call("purge", &[cutoff.to_string(), BATCH.to_string()])
-                .await?;
-            deleted += n;
-            if n < BATCH as u64 {
-                return Ok(deleted);
-            }
-        }
+        let now_ms = time.0.parse::<i64>().unwrap_or(0).saturating_mul(1000);
+        let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = now_ms.saturating_sub(retention);
+        // Bounded: one batch per call; the sweeper calls again while batches come back full.
+        self.call(
+            "purge",
+            &[cutoff.to_string(), super::PURGE_BATCH.to_string()],
+        )
+        .await
     }
 
     async fn events_after(
@@ -909,12 +956,12 @@ impl RunStore for RedisStore {
         limit: u32,
     ) -> StoreResult<Vec<RunEvent>> {
         let mut conn = self.conn.clone();
-        let start = after_seq.max(0) as isize;
+        let start = after_seq.clamp(0, i64::from(u32::MAX)) as isize;
         let items: Vec<String> = conn
             .lrange(
                 self.key(&format!("run:{run}:events")),
                 start,
-                start + limit as isize - 1,
+                start.saturating_add(limit as isize).saturating_sub(1),
             )
             .await?;
         items
@@ -933,6 +980,34 @@ impl RunStore for RedisStore {
                 })
             })
             .collect()
+    }
+
+    async fn run_positions(&self, runs: &[RunId]) -> StoreResult<Vec<RunPosition>> {
+        if runs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for id in runs {
+            pipe.cmd("LLEN")
+                .arg(self.key(&format!("run:{id}:events")))
+                .cmd("HGET")
+                .arg(self.key(&format!("run:{id}")))
+                .arg("status");
+        }
+        let answers: Vec<(i64, Option<String>)> = pipe.query_async(&mut conn).await?;
+        Ok(runs
+            .iter()
+            .zip(answers)
+            .filter_map(|(id, (events, status))| {
+                let status = status.filter(|s| !s.is_empty())?;
+                Some(RunPosition {
+                    run_id: *id,
+                    last_event_seq: events,
+                    finished: RunStatus::parse(&status).is_none_or(RunStatus::is_finished),
+                })
+            })
+            .collect())
     }
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
@@ -957,8 +1032,12 @@ impl RunStore for RedisStore {
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
         let mut conn = self.conn.clone();
         let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
-        let now_ms =
-            time.0.parse::<i64>().unwrap_or(0) * 1000 + time.1.parse::<i64>().unwrap_or(0) / 1000;
+        let now_ms = time
+            .0
+            .parse::<i64>()
+            .unwrap_or(0)
+            .saturating_mul(1000)
+            .saturating_add(time.1.parse::<i64>().unwrap_or(0) / 1000);
         let mut info = worker.clone();
         info.last_heartbeat = to_datetime(now_ms);
         let key = self.key(&format!("worker:{}", worker.id));
@@ -986,7 +1065,7 @@ impl RunStore for RedisStore {
     async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
         let mut conn = self.conn.clone();
         let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
-        let now_ms = time.0.parse::<i64>().unwrap_or(0) * 1000;
+        let now_ms = time.0.parse::<i64>().unwrap_or(0).saturating_mul(1000);
         let cutoff = now_ms - WORKER_STALE_AFTER.as_millis() as i64;
         let stale: Vec<String> = conn
             .zrangebyscore(self.key("workers"), "-inf", cutoff)

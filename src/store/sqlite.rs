@@ -20,8 +20,8 @@ use tokio::sync::Notify;
 
 use super::{
     Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, ReusableCheckpoint,
-    RunError, RunEvent, RunFilter, RunKind, RunRecord, RunStatus, RunStore, StageCheckpoint,
-    StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
+    RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord, RunStatus, RunStore,
+    StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
     WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
@@ -123,16 +123,18 @@ impl SqliteStore {
 /// that sees `Ok` has a durable write, as with a transaction of its own; the group pays for one
 /// `BEGIN`/`COMMIT` and one WAL commit instead of one each.
 ///
-/// Invariant: an operation that gives up (`rollback()`) has changed nothing (every operation
-/// checks its fence or precondition with its first statement). An operation that fails after a
-/// change poisons the group: the whole transaction is rolled back and every operation in it gets
-/// the error, as if each had failed on its own.
+/// Invariant: one operation's failure never fails another's. Each operation runs inside a
+/// savepoint of the shared transaction: an operation that gives up (`rollback()`: not found, a
+/// conflict, a stale fence) or fails part-way (dropped on an error after some of its writes) has
+/// its own savepoint rolled back, and the rest of the group commits as if it had never run. Only
+/// when SQLite itself cannot undo a savepoint or commit is the whole group rolled back, and every
+/// operation in it gets the error.
 struct GroupCommit {
     state: Arc<tokio::sync::Mutex<GroupState>>,
     /// Operations waiting for their turn; the last one of a burst commits.
     queued: Arc<AtomicUsize>,
     /// Wakes the flusher, which commits a transaction left open by an operation whose successor
-    /// was cancelled while it waited.
+    /// was cancelled while it waited, or undoes an operation dropped part-way.
     flush: Arc<Notify>,
 }
 
@@ -153,7 +155,10 @@ struct GroupState {
     open: bool,
     /// Operations in the open transaction, waiting for its outcome.
     waiters: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
-    /// An operation failed after changing something: roll everything back.
+    /// The last operation ended part-way: its savepoint is still open and must be rolled back
+    /// before anything else runs.
+    undo: bool,
+    /// The transaction cannot be trusted any more: roll everything back.
     poisoned: bool,
 }
 
@@ -168,9 +173,33 @@ impl GroupState {
         }
     }
 
+    /// Runs a statement of the group's own bookkeeping; a failure poisons the transaction.
+    async fn control(&mut self, statement: &'static str) -> bool {
+        let done = match self.connection().await {
+            Ok(conn) => sqlx::raw_sql(statement).execute(conn).await.is_ok(),
+            Err(_) => false,
+        };
+        if !done {
+            self.poisoned = true;
+        }
+        done
+    }
+
+    /// Rolls back the savepoint of an operation that ended part-way, if there is one.
+    async fn undo_pending(&mut self) {
+        if self.undo {
+            self.undo = false;
+            if self.open {
+                self.control("ROLLBACK TO op; RELEASE op").await;
+            }
+        }
+    }
+
     /// Ends the open transaction (commit, or rollback when poisoned) and tells every waiter.
     async fn finish(&mut self) {
+        self.undo_pending().await;
         if !self.open {
+            self.poisoned = false;
             return;
         }
         let statement = if self.poisoned { "ROLLBACK" } else { "COMMIT" };
@@ -183,7 +212,7 @@ impl GroupState {
             Err(error) => Err(error.to_string()),
         };
         let outcome = match (self.poisoned, outcome) {
-            (true, _) => Err("a write in the same group failed; nothing was written".to_owned()),
+            (true, _) => Err("the store could not keep this write apart from a failed one; nothing of the group was written".to_owned()),
             (false, outcome) => outcome,
         };
         if outcome.is_err() {
@@ -206,6 +235,7 @@ impl GroupCommit {
                 pool,
                 open: false,
                 waiters: Vec::new(),
+                undo: false,
                 poisoned: false,
             })),
             queued: Arc::new(AtomicUsize::new(0)),
@@ -243,9 +273,10 @@ impl GroupCommit {
             guard: Some(guard),
             queued: self.queued.clone(),
             flush: self.flush.clone(),
-            done: false,
+            savepoint: false,
         };
         let state = tx.state();
+        state.undo_pending().await;
         if state.poisoned {
             state.finish().await;
         }
@@ -253,22 +284,28 @@ impl GroupCommit {
             let conn = state.connection().await?;
             if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
                 state.conn = None;
-                tx.done = true;
                 return Err(error.into());
             }
             state.open = true;
         }
+        if !state.control("SAVEPOINT op").await {
+            return Err(StoreError::Unavailable(
+                "the store could not open a savepoint".to_owned(),
+            ));
+        }
+        tx.savepoint = true;
         Ok(tx)
     }
 }
 
-/// One operation's turn in the shared write transaction.
+/// One operation's turn in the shared write transaction, inside its own savepoint.
 struct WriteTx {
     guard: Option<tokio::sync::OwnedMutexGuard<GroupState>>,
     /// Operations waiting for their turn after this one.
     queued: Arc<AtomicUsize>,
     flush: Arc<Notify>,
-    done: bool,
+    /// This operation's savepoint is open (dropping the turn then undoes its changes).
+    savepoint: bool,
 }
 
 impl WriteTx {
@@ -285,10 +322,11 @@ impl WriteTx {
     /// Commits this operation's changes: now if nobody else is waiting, otherwise together with
     /// the operations that follow. Returns once they are durable.
     async fn commit(mut self) -> Result<(), sqlx::Error> {
-        self.done = true;
+        self.savepoint = false;
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let waiting = self.others_waiting();
         let state = self.state();
+        state.control("RELEASE op").await;
         state.waiters.push(sender);
         if !waiting || state.waiters.len() >= MAX_GROUP {
             state.finish().await;
@@ -307,7 +345,7 @@ impl WriteTx {
 
     /// Ends a turn whose fenced first statement matched nothing: the lease is not current.
     async fn refuse(self, lease: &Lease) -> StoreError {
-        // Nothing was changed, so giving up cannot fail in a way that matters here.
+        // Only this operation's savepoint is undone; the group goes on.
         let _ = self.rollback().await;
         StoreError::FenceRejected {
             run_id: lease.run_id,
@@ -315,10 +353,11 @@ impl WriteTx {
         }
     }
 
-    /// Gives up this operation, which has changed nothing.
+    /// Gives up this operation: its own changes (if any) are undone, the group's are kept.
     async fn rollback(mut self) -> Result<(), sqlx::Error> {
-        self.done = true;
+        self.savepoint = false;
         let state = self.state();
+        state.control("ROLLBACK TO op; RELEASE op").await;
         if state.waiters.is_empty() && state.open {
             state.finish().await;
         }
@@ -329,9 +368,9 @@ impl WriteTx {
 impl Drop for WriteTx {
     fn drop(&mut self) {
         if let Some(mut guard) = self.guard.take() {
-            if !self.done {
-                // Failed part-way: whatever it changed must not be committed.
-                guard.poisoned = true;
+            if self.savepoint {
+                // Ended part-way: whatever it changed is undone before the next operation.
+                guard.undo = true;
             }
             if guard.open {
                 self.flush.notify_one();
@@ -695,13 +734,18 @@ impl RunStore for SqliteStore {
     }
 
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
-        let cutoff = self.now() - retention.as_millis() as i64;
-        let deleted =
-            sqlx::query("DELETE FROM runs WHERE finished_at IS NOT NULL AND finished_at < ?")
-                .bind(cutoff)
-                .execute(&self.pool)
-                .await?
-                .rows_affected();
+        let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+        let cutoff = self.now().saturating_sub(retention);
+        // Bounded: at most PURGE_BATCH runs (with their stages, steps and events) per call.
+        let deleted = sqlx::query(
+            "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL \
+             AND finished_at < ? ORDER BY finished_at LIMIT ?)",
+        )
+        .bind(cutoff)
+        .bind(super::PURGE_BATCH as i64)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
         Ok(deleted)
     }
 
@@ -729,6 +773,29 @@ impl RunStore for SqliteStore {
                     stage: row.try_get("stage")?,
                     data: parse_json(Some(row.try_get("data")?), "event data")?
                         .unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+
+    async fn run_positions(&self, runs: &[RunId]) -> StoreResult<Vec<RunPosition>> {
+        let ids: Vec<String> = runs.iter().map(RunId::to_string).collect();
+        let rows = sqlx::query(
+            "SELECT r.id, r.status, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = r.id) AS last \
+             FROM runs r WHERE r.id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json_text(&ids))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let status: String = row.try_get("status")?;
+                Ok(RunPosition {
+                    run_id: RunId::parse(&id)
+                        .ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?,
+                    last_event_seq: row.try_get("last")?,
+                    finished: RunStatus::parse(&status).is_none_or(RunStatus::is_finished),
                 })
             })
             .collect()

@@ -21,6 +21,7 @@ use crate::{
     config::ProviderMode,
     engine::{StageError, StepDone},
     ids::RunId,
+    schema::InputSchema,
     workflows::{InputError, parse_inputs},
 };
 
@@ -135,12 +136,11 @@ impl AgentEnv {
         input: &impl Serialize,
         check: impl Fn(&T) -> Result<(), String>,
     ) -> Result<StepDone<T>, StageError> {
-        let document = schema(agent).unwrap_or(Value::Null);
-        let schema = json!({"schema": document["outputs"], "definitions": document["components"]["schemas"]});
+        let output = output_schema(agent).unwrap_or_default();
         let input = serde_json::to_value(input).unwrap_or(Value::Null);
         let (value, usage, calls) = self
             .live
-            .json::<T>(agent, &schema, &input, check, &self.cancel)
+            .json::<T>(agent, &output, &input, check, &self.cancel)
             .await?;
         let cost = self.live.text_cost(usage);
         let model = format!("anthropic/{}", self.live.settings().anthropic_model);
@@ -199,41 +199,19 @@ const COLOURS: [&str; 6] = [
     "0x1f3b57", "0x3a1f57", "0x1f5740", "0x57401f", "0x571f2e", "0x2e3a3a",
 ];
 
-fn invalid(field: &str, message: impl Into<String>) -> InputError {
-    InputError {
-        field: format!("inputs.{field}"),
-        message: message.into(),
-    }
-}
-
-fn check_text(field: &str, value: &str, max: usize) -> Result<(), InputError> {
-    if value.trim().is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    if value.chars().count() > max {
-        return Err(invalid(field, format!("must be at most {max} characters")));
-    }
-    Ok(())
-}
-
-fn check_range(field: &str, value: f64, min: f64, max: f64) -> Result<(), InputError> {
-    if !(value.is_finite() && value >= min && value <= max) {
-        return Err(invalid(field, format!("must be between {min} and {max}")));
-    }
-    Ok(())
-}
-
-/// An agent's input: parsed strictly (unknown fields refused) and checked.
+/// An agent's input: a type whose JSON Schema (with its limits) is published and enforced,
+/// and whose cost is known before the agent runs.
 pub trait AgentInput: DeserializeOwned + Serialize + ToSchema {
-    fn check(&self) -> Result<(), InputError> {
-        Ok(())
-    }
+    /// What running the agent on this input costs (simulated in mock mode, the price list's
+    /// estimate live): checked against the run's remaining budget before the agent runs.
+    fn estimate(&self) -> f64;
 }
 
+/// Checks inputs against the input type's published schema, then reads them.
 fn parse<I: AgentInput>(inputs: &Value) -> Result<I, InputError> {
-    let input: I = parse_inputs(inputs)?;
-    input.check()?;
-    Ok(input)
+    let mut inputs = inputs.clone();
+    InputSchema::of::<I>().check(&mut inputs)?;
+    parse_inputs(&inputs)
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -243,34 +221,28 @@ fn parse<I: AgentInput>(inputs: &Value) -> Result<I, InputError> {
 #[serde(deny_unknown_fields)]
 pub struct ProducerInput {
     /// What the video is about.
+    #[schema(min_length = 1, max_length = 2000)]
     pub user_request: String,
     /// Dollars for the whole production.
+    #[schema(minimum = 0, maximum = 1000000)]
     pub total_budget: f64,
-    /// Pilots to try (1 to 4, default 2).
+    /// Pilots to try (default 2).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 4)]
     pub num_pilots: Option<u32>,
-    /// Length of the finished video in seconds (2 to 600, default 60).
+    /// Length of the finished video in seconds (default 60).
     #[serde(default)]
+    #[schema(minimum = 2, maximum = 600)]
     pub target_duration_secs: Option<u32>,
-    /// Scenes in the finished video (2 to 20; default one per 10 s).
+    /// Scenes in the finished video (default one per 10 s).
     #[serde(default)]
+    #[schema(minimum = 2, maximum = 20)]
     pub num_scenes: Option<u32>,
 }
 
 impl AgentInput for ProducerInput {
-    fn check(&self) -> Result<(), InputError> {
-        check_text("user_request", &self.user_request, 2000)?;
-        check_range("total_budget", self.total_budget, 0.0, 1_000_000.0)?;
-        if let Some(n) = self.num_pilots {
-            check_range("num_pilots", n.into(), 1.0, 4.0)?;
-        }
-        if let Some(d) = self.target_duration_secs {
-            check_range("target_duration_secs", d.into(), 2.0, 600.0)?;
-        }
-        if let Some(n) = self.num_scenes {
-            check_range("num_scenes", n.into(), 2.0, 20.0)?;
-        }
-        Ok(())
+    fn estimate(&self) -> f64 {
+        producer_cost(self)
     }
 }
 
@@ -354,37 +326,58 @@ pub async fn producer(
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ScriptWriterInput {
+    #[schema(min_length = 1, max_length = 2000)]
     pub video_concept: String,
     /// Length of the whole video in seconds.
+    #[schema(minimum = 1, maximum = 3600)]
     pub target_duration: u32,
-    /// Scenes in the whole video.
+    /// Scenes in the whole video (the agent writes all of them).
+    #[schema(minimum = 1, maximum = 50)]
     pub num_scenes: u32,
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub tone: Option<String>,
     #[serde(default)]
+    #[schema(max_length = 200)]
     pub visual_style: Option<String>,
-    /// Only these scenes of the plan (1-based); all of them when absent.
-    #[serde(default)]
-    pub scene_numbers: Option<Vec<u32>>,
 }
 
 impl AgentInput for ScriptWriterInput {
-    fn check(&self) -> Result<(), InputError> {
-        check_text("video_concept", &self.video_concept, 2000)?;
-        check_range("target_duration", self.target_duration.into(), 1.0, 3600.0)?;
-        check_range("num_scenes", self.num_scenes.into(), 1.0, 50.0)?;
-        if let Some(numbers) = &self.scene_numbers {
-            if numbers.iter().any(|n| *n == 0 || *n > self.num_scenes) {
-                return Err(invalid(
-                    "scene_numbers",
-                    format!(
-                        "every scene number must be between 1 and {}",
-                        self.num_scenes
-                    ),
-                ));
-            }
+    fn estimate(&self) -> f64 {
+        script_writer_cost(&ScriptRequest::all(self.clone()))
+    }
+}
+
+/// What the script writer is asked for inside a workflow: the plan, and which of its scenes
+/// to write now (1-based, increasing, within the plan).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScriptRequest {
+    #[serde(flatten)]
+    pub plan: ScriptWriterInput,
+    pub scene_numbers: Vec<u32>,
+}
+
+impl ScriptRequest {
+    /// Every scene of the plan.
+    pub fn all(plan: ScriptWriterInput) -> Self {
+        let scene_numbers = (1..=plan.num_scenes.min(50)).collect();
+        Self {
+            plan,
+            scene_numbers,
         }
-        Ok(())
+    }
+
+    /// These scenes of the plan, kept within it.
+    pub fn scenes(plan: ScriptWriterInput, numbers: impl IntoIterator<Item = u32>) -> Self {
+        let last = plan.num_scenes.min(50);
+        let scene_numbers = numbers
+            .into_iter()
+            .filter(|n| (1..=last).contains(n))
+            .collect();
+        Self {
+            plan,
+            scene_numbers,
+        }
     }
 }
 
@@ -394,28 +387,26 @@ pub struct ScriptWriterOutput {
     pub scenes: Vec<Scene>,
 }
 
-fn script_numbers(input: &ScriptWriterInput) -> Vec<u32> {
-    input
-        .scene_numbers
-        .clone()
-        .unwrap_or_else(|| (1..=input.num_scenes).collect())
-}
-
-fn script_writer_cost(input: &ScriptWriterInput) -> f64 {
+/// What writing these scenes costs.
+pub fn script_writer_cost(request: &ScriptRequest) -> f64 {
     pricing::text(
-        700 + input.video_concept.len(),
-        420 * script_numbers(input).len(),
+        700 + request.plan.video_concept.len(),
+        420 * request.scene_numbers.len(),
     )
 }
 
 pub async fn script_writer(
     env: AgentEnv,
-    input: ScriptWriterInput,
+    request: ScriptRequest,
 ) -> Result<StepDone<ScriptWriterOutput>, StageError> {
+    let ScriptRequest {
+        plan: input,
+        scene_numbers,
+    } = &request;
     if env.mode == ProviderMode::Live {
-        let wanted = script_numbers(&input);
+        let wanted = scene_numbers.clone();
         return env
-            .live_text::<ScriptWriterOutput>("script_writer", "write scenes", &input, |out| {
+            .live_text::<ScriptWriterOutput>("script_writer", "write scenes", &request, |out| {
                 let numbers: Vec<u32> = out.scenes.iter().map(|s| s.scene_number).collect();
                 if numbers == wanted {
                     Ok(())
@@ -430,8 +421,8 @@ pub async fn script_writer(
         &input.video_concept,
         input.tone.as_deref().unwrap_or(""),
     ]);
-    let cost = script_writer_cost(&input);
-    let numbers = script_numbers(&input);
+    let cost = script_writer_cost(&request);
+    let numbers = scene_numbers.clone();
     let what = match (numbers.first(), numbers.last()) {
         (Some(first), Some(last)) if first != last => format!("write scenes {first}-{last}"),
         (Some(only), _) => format!("write scene {only}"),
@@ -444,7 +435,7 @@ pub async fn script_writer(
         .visual_style
         .as_deref()
         .unwrap_or("clean, well-lit shots");
-    let scenes = script_numbers(&input)
+    let scenes = numbers
         .into_iter()
         .map(|n| {
             let beat = if n == 1 {
@@ -483,22 +474,13 @@ pub struct VideoGeneratorInput {
     pub scene: Scene,
     /// The take: `videos/scene_{n}_v{version}.mp4` (default 1).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 99)]
     pub version: Option<u32>,
 }
 
 impl AgentInput for VideoGeneratorInput {
-    fn check(&self) -> Result<(), InputError> {
-        check_range("scene.duration_secs", self.scene.duration_secs, 0.5, 60.0)?;
-        check_range(
-            "scene.scene_number",
-            self.scene.scene_number.into(),
-            1.0,
-            999.0,
-        )?;
-        if let Some(v) = self.version {
-            check_range("version", v.into(), 1.0, 99.0)?;
-        }
-        check_text("scene.description", &self.scene.description, 2000)
+    fn estimate(&self) -> f64 {
+        video_cost(self)
     }
 }
 
@@ -638,22 +620,20 @@ async fn live_video(
 #[serde(deny_unknown_fields)]
 pub struct AudioGeneratorInput {
     /// The words of a voiceover, or the brief of the music.
+    #[schema(min_length = 1, max_length = 20000)]
     pub script: String,
     /// `voiceover` (default) or `music`.
     #[serde(default)]
     pub kind: Option<AudioKind>,
-    /// Length of the music in seconds (1 to 600, default 30); a voiceover lasts as long as its words.
+    /// Length of the music in seconds (default 30); a voiceover lasts as long as its words.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 600)]
     pub duration_secs: Option<f64>,
 }
 
 impl AgentInput for AudioGeneratorInput {
-    fn check(&self) -> Result<(), InputError> {
-        check_text("script", &self.script, 20_000)?;
-        if let Some(d) = self.duration_secs {
-            check_range("duration_secs", d, 1.0, 600.0)?;
-        }
-        Ok(())
+    fn estimate(&self) -> f64 {
+        audio_cost(self)
     }
 }
 
@@ -771,19 +751,17 @@ async fn live_audio(
 #[serde(deny_unknown_fields)]
 pub struct QaVerifierInput {
     /// The video's path, relative to the artifact root.
+    #[schema(min_length = 1, max_length = 500)]
     pub video: String,
     /// What the plan says the video should last.
     #[serde(default)]
+    #[schema(minimum = 0.1, maximum = 3600)]
     pub expected_duration_secs: Option<f64>,
 }
 
 impl AgentInput for QaVerifierInput {
-    fn check(&self) -> Result<(), InputError> {
-        check_text("video", &self.video, 500)?;
-        if let Some(d) = self.expected_duration_secs {
-            check_range("expected_duration_secs", d, 0.1, 3600.0)?;
-        }
-        Ok(())
+    fn estimate(&self) -> f64 {
+        qa_cost(self)
     }
 }
 
@@ -834,7 +812,7 @@ pub async fn qa_verifier(
             height,
             has_video: info.video.is_some(),
             has_audio: info.has_audio,
-            issues,
+            issues: issues.into_iter().map(Note::from).collect(),
         },
         cost_usd: cost,
         artifacts: Vec::new(),
@@ -865,23 +843,20 @@ fn existing_file(env: &AgentEnv, field: &str, relative: &str) -> Result<PathBuf,
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CriticInput {
+    #[schema(min_items = 1, max_items = 4)]
     pub pilots: Vec<PilotResult>,
-    /// Score a pilot needs to be approved (0 to 1, default 0.6).
+    /// Score a pilot needs to be approved (default 0.6).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub approval_threshold: Option<f64>,
     #[serde(default)]
+    #[schema(max_length = 2000)]
     pub user_request: Option<String>,
 }
 
 impl AgentInput for CriticInput {
-    fn check(&self) -> Result<(), InputError> {
-        if self.pilots.is_empty() {
-            return Err(invalid("pilots", "must name at least one pilot"));
-        }
-        if let Some(t) = self.approval_threshold {
-            check_range("approval_threshold", t, 0.0, 1.0)?;
-        }
-        Ok(())
+    fn estimate(&self) -> f64 {
+        critic_cost(self)
     }
 }
 
@@ -950,11 +925,11 @@ pub async fn critic(
                 pilot_id: strategy.pilot_id.clone(),
                 score,
                 approved,
-                strengths: vec![format!("the {} tone suits the request", strategy.tone)],
+                strengths: vec![format!("the {} tone suits the request", strategy.tone).into()],
                 weaknesses: if qa_failures > 0 {
-                    vec![format!("{qa_failures} test scene(s) failed QA")]
+                    vec![format!("{qa_failures} test scene(s) failed QA").into()]
                 } else {
-                    vec![format!("{} may need tighter pacing", strategy.visual_style)]
+                    vec![format!("{} may need tighter pacing", strategy.visual_style).into()]
                 },
                 notes: format!(
                     "{} scored {score:.2} against a threshold of {threshold:.2}.",
@@ -985,30 +960,32 @@ pub async fn critic(
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditorInput {
-    pub scenes: Vec<Scene>,
-    /// One video per scene, in the same order, relative to the artifact root.
-    pub videos: Vec<String>,
+    /// The clips to cut together, in script order: each scene with its video.
+    #[schema(min_items = 1, max_items = 50)]
+    pub clips: Vec<EditorClip>,
+    /// The voiceover's path, relative to the artifact root.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 500)]
     pub voiceover: Option<String>,
+    /// The music's path, relative to the artifact root.
     #[serde(default)]
+    #[schema(min_length = 1, max_length = 500)]
     pub music: Option<String>,
 }
 
+/// One scene and its video.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditorClip {
+    pub scene: Scene,
+    /// The scene's video, relative to the artifact root.
+    #[schema(min_length = 1, max_length = 500)]
+    pub video: String,
+}
+
 impl AgentInput for EditorInput {
-    fn check(&self) -> Result<(), InputError> {
-        if self.scenes.is_empty() {
-            return Err(invalid("scenes", "must name at least one scene"));
-        }
-        if self.videos.len() != self.scenes.len() {
-            return Err(invalid(
-                "videos",
-                format!(
-                    "must name one video per scene ({} scenes)",
-                    self.scenes.len()
-                ),
-            ));
-        }
-        Ok(())
+    fn estimate(&self) -> f64 {
+        editor_cost(self)
     }
 }
 
@@ -1021,16 +998,23 @@ pub struct EditorOutput {
 }
 
 fn editor_cost(input: &EditorInput) -> f64 {
-    pricing::text(1200 + 300 * input.scenes.len(), 900)
+    pricing::text(1200 + 300 * input.clips.len(), 900)
 }
 
 pub async fn editor(
     env: AgentEnv,
     input: EditorInput,
 ) -> Result<StepDone<EditorOutput>, StageError> {
-    let mut videos = Vec::with_capacity(input.videos.len());
-    for video in &input.videos {
-        videos.push(existing_file(&env, "videos", video)?);
+    let clips = &input.clips;
+    let Some(first) = clips.first() else {
+        return Err(StageError::fatal(
+            "invalid_input",
+            "inputs.clips: must name at least one clip",
+        ));
+    };
+    let mut videos = Vec::with_capacity(clips.len());
+    for clip in clips {
+        videos.push(existing_file(&env, "clips.video", &clip.video)?);
     }
     let voiceover = match &input.voiceover {
         Some(path) => Some(existing_file(&env, "voiceover", path)?),
@@ -1048,41 +1032,53 @@ pub async fn editor(
     };
     env.provider_call("editor", pricing::TEXT_MODEL, "plan edit candidates", cost)
         .await?;
-    let numbers: Vec<u32> = input.scenes.iter().map(|s| s.scene_number).collect();
-    let total: f64 = input.scenes.iter().map(|s| s.duration_secs).sum();
+    let numbers: Vec<u32> = clips.iter().map(|c| c.scene.scene_number).collect();
+    let total: f64 = clips.iter().map(|c| c.scene.duration_secs).sum();
     let seed = seed_of(&[
         &serde_json::to_string(&numbers).unwrap_or_default(),
-        &input.scenes[0].description,
+        &first.scene.description,
     ]);
-    let hook = numbers[(seed as usize) % numbers.len()];
+    // Orders are positions in `clips`; candidates show them as scene numbers.
+    let hook = (seed as usize) % clips.len();
+    let chronological: Vec<usize> = (0..clips.len()).collect();
     let mut hook_first = vec![hook];
-    hook_first.extend(numbers.iter().copied().filter(|n| *n != hook));
-    let mut candidates = vec![
-        EditCandidate {
-            name: "chronological".to_owned(),
-            description: "The scenes in script order: the story as written.".to_owned(),
-            scene_order: numbers.clone(),
-            duration_secs: total,
-            score: 0.7 + (seed % 20) as f64 / 100.0,
-        },
-        EditCandidate {
-            name: "hook_first".to_owned(),
-            description: format!(
-                "Opens on scene {hook} to catch attention, then plays the rest in order."
+    hook_first.extend((0..clips.len()).filter(|i| *i != hook));
+    let candidate = |name: &str, description: String, order: &[usize], score: f64| EditCandidate {
+        name: name.to_owned(),
+        description,
+        scene_order: order.iter().map(|i| numbers[*i]).collect(),
+        duration_secs: total,
+        score: (score * 100.0).round() / 100.0,
+    };
+    let candidates = [
+        (
+            candidate(
+                "chronological",
+                "The scenes in script order: the story as written.".to_owned(),
+                &chronological,
+                0.7 + (seed % 20) as f64 / 100.0,
             ),
-            scene_order: hook_first,
-            duration_secs: total,
-            score: 0.7 + ((seed >> 8) % 20) as f64 / 100.0,
-        },
+            chronological.clone(),
+        ),
+        (
+            candidate(
+                "hook_first",
+                format!(
+                    "Opens on scene {} to catch attention, then plays the rest in order.",
+                    numbers[hook]
+                ),
+                &hook_first,
+                0.7 + ((seed >> 8) % 20) as f64 / 100.0,
+            ),
+            hook_first.clone(),
+        ),
     ];
-    for candidate in &mut candidates {
-        candidate.score = (candidate.score * 100.0).round() / 100.0;
-    }
-    let chosen = candidates
+    let (chosen, order) = candidates
         .iter()
-        .max_by(|a, b| a.score.total_cmp(&b.score))
+        .max_by(|a, b| a.0.score.total_cmp(&b.0.score))
         .cloned()
-        .unwrap_or_else(|| candidates[0].clone());
+        .unwrap_or_else(|| (candidates[0].0.clone(), chronological.clone()));
+    let candidates: Vec<EditCandidate> = candidates.into_iter().map(|(c, _)| c).collect();
     let candidates_path = env.run_path("final/edit_candidates.json");
     let document = json!({"candidates": candidates, "chosen": chosen.name});
     env.artifacts
@@ -1091,16 +1087,7 @@ pub async fn editor(
             serde_json::to_vec_pretty(&document).unwrap_or_default(),
         )
         .await?;
-    let ordered: Vec<PathBuf> = chosen
-        .scene_order
-        .iter()
-        .filter_map(|n| {
-            numbers
-                .iter()
-                .position(|m| m == n)
-                .map(|i| videos[i].clone())
-        })
-        .collect();
+    let ordered: Vec<PathBuf> = order.iter().map(|i| videos[*i].clone()).collect();
     let final_path = env.run_path("final/final.mp4");
     env.media
         .final_cut(
@@ -1212,6 +1199,34 @@ fn document<I: ToSchema, O: ToSchema>(spec: AgentSpec) -> Value {
     })
 }
 
+/// The schema an agent's inputs are checked against (the one `schema` publishes).
+pub fn input_schema(name: &str) -> Option<InputSchema> {
+    Some(match name {
+        "producer" => InputSchema::of::<ProducerInput>(),
+        "script_writer" => InputSchema::of::<ScriptWriterInput>(),
+        "video_generator" => InputSchema::of::<VideoGeneratorInput>(),
+        "audio_generator" => InputSchema::of::<AudioGeneratorInput>(),
+        "critic" => InputSchema::of::<CriticInput>(),
+        "qa_verifier" => InputSchema::of::<QaVerifierInput>(),
+        "editor" => InputSchema::of::<EditorInput>(),
+        _ => return None,
+    })
+}
+
+/// The schema of an agent's output (what a live model must answer).
+pub fn output_schema(name: &str) -> Option<InputSchema> {
+    Some(match name {
+        "producer" => InputSchema::of::<ProducerOutput>(),
+        "script_writer" => InputSchema::of::<ScriptWriterOutput>(),
+        "video_generator" => InputSchema::of::<VideoClip>(),
+        "audio_generator" => InputSchema::of::<AudioTrack>(),
+        "critic" => InputSchema::of::<CriticOutput>(),
+        "qa_verifier" => InputSchema::of::<QaReport>(),
+        "editor" => InputSchema::of::<EditorOutput>(),
+        _ => return None,
+    })
+}
+
 /// The input and output schema of an agent (references point into `components.schemas`).
 pub fn schema(name: &str) -> Option<Value> {
     let spec = spec(name)?;
@@ -1252,19 +1267,19 @@ fn bad_input(error: InputError) -> StageError {
     StageError::fatal("invalid_input", error.to_string())
 }
 
-/// What running the agent on these inputs will cost (for the budget check).
-pub fn estimate(name: &str, inputs: &Value) -> f64 {
+/// What running the agent on these inputs will cost (for the budget check); refused inputs
+/// are an error, never a free estimate.
+pub fn estimate(name: &str, inputs: &Value) -> Result<f64, InputError> {
     match name {
-        "producer" => parse(inputs).map(|i| producer_cost(&i)),
-        "script_writer" => parse(inputs).map(|i| script_writer_cost(&i)),
-        "video_generator" => parse(inputs).map(|i| video_cost(&i)),
-        "audio_generator" => parse(inputs).map(|i| audio_cost(&i)),
-        "critic" => parse(inputs).map(|i| critic_cost(&i)),
-        "qa_verifier" => parse(inputs).map(|i| qa_cost(&i)),
-        "editor" => parse(inputs).map(|i| editor_cost(&i)),
-        _ => Ok(0.0),
+        "producer" => parse::<ProducerInput>(inputs).map(|i| i.estimate()),
+        "script_writer" => parse::<ScriptWriterInput>(inputs).map(|i| i.estimate()),
+        "video_generator" => parse::<VideoGeneratorInput>(inputs).map(|i| i.estimate()),
+        "audio_generator" => parse::<AudioGeneratorInput>(inputs).map(|i| i.estimate()),
+        "critic" => parse::<CriticInput>(inputs).map(|i| i.estimate()),
+        "qa_verifier" => parse::<QaVerifierInput>(inputs).map(|i| i.estimate()),
+        "editor" => parse::<EditorInput>(inputs).map(|i| i.estimate()),
+        _ => Err(unknown(name)),
     }
-    .unwrap_or(0.0)
 }
 
 fn erase<T: Serialize>(done: StepDone<T>) -> Result<StepDone<Value>, StageError> {
@@ -1280,7 +1295,9 @@ fn erase<T: Serialize>(done: StepDone<T>) -> Result<StepDone<Value>, StageError>
 pub async fn run(name: &str, env: AgentEnv, inputs: &Value) -> Result<StepDone<Value>, StageError> {
     match name {
         "producer" => erase(producer(env, parse(inputs).map_err(bad_input)?).await?),
-        "script_writer" => erase(script_writer(env, parse(inputs).map_err(bad_input)?).await?),
+        "script_writer" => {
+            erase(script_writer(env, ScriptRequest::all(parse(inputs).map_err(bad_input)?)).await?)
+        }
         "video_generator" => erase(video_generator(env, parse(inputs).map_err(bad_input)?).await?),
         "audio_generator" => erase(audio_generator(env, parse(inputs).map_err(bad_input)?).await?),
         "critic" => erase(critic(env, parse(inputs).map_err(bad_input)?).await?),
@@ -1327,15 +1344,15 @@ mod tests {
             &json!({"user_request": "x", "total_budget": 5, "colour": 1}),
         )
         .expect_err("refused");
-        assert!(error.message.contains("colour"), "{error}");
+        assert_eq!(error.field, "inputs.colour", "{error}");
         let error = validate(
             "producer",
             &json!({"user_request": "x", "total_budget": 5, "num_pilots": 9}),
         )
         .expect_err("refused");
         assert_eq!(error.field, "inputs.num_pilots");
-        let error = validate("editor", &json!({"scenes": [], "videos": []})).expect_err("refused");
-        assert_eq!(error.field, "inputs.scenes");
+        let error = validate("editor", &json!({"clips": []})).expect_err("refused");
+        assert_eq!(error.field, "inputs.clips");
     }
 
     #[test]

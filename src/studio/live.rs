@@ -34,11 +34,12 @@ fn retry_delay(response: &reqwest::Response, attempt: u32) -> Duration {
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok());
+    // A negative, NaN or huge number of seconds is no instruction: the backoff applies.
     let from_header = header.and_then(|v| {
         v.trim()
             .parse::<f64>()
             .ok()
-            .map(Duration::from_secs_f64)
+            .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
             .or_else(|| {
                 chrono::DateTime::parse_from_rfc2822(v.trim())
                     .ok()
@@ -130,7 +131,7 @@ impl Http {
         }
         Err(StageError::retryable(format!(
             "{last} after {} attempts",
-            self.settings.max_retries + 1
+            self.settings.max_retries.saturating_add(1)
         )))
     }
 
@@ -423,11 +424,12 @@ impl Http {
     pub async fn json<T: DeserializeOwned>(
         &self,
         agent: &str,
-        schema: &Value,
+        output: &crate::schema::InputSchema,
         input: &Value,
         check: impl Fn(&T) -> Result<(), String>,
         cancel: &CancellationToken,
     ) -> Result<(T, Usage, u32), StageError> {
+        let schema = json!({"schema": output.schema, "components": {"schemas": output.components}});
         let system = format!(
             "You are the {agent} agent of a video production studio. Answer with exactly one JSON object that matches this JSON Schema, and nothing else:\n{schema}"
         );
@@ -438,11 +440,18 @@ impl Http {
         };
         for call in 1..=2u32 {
             let (text, usage) = self.message(&system, &messages, cancel).await?;
-            total.input_tokens += usage.input_tokens;
-            total.output_tokens += usage.output_tokens;
+            total.input_tokens = total.input_tokens.saturating_add(usage.input_tokens);
+            total.output_tokens = total.output_tokens.saturating_add(usage.output_tokens);
+            // The answer is held to the output schema, limits included, before it is read.
             let parsed = extract_json(&text)
                 .ok_or_else(|| "the answer holds no JSON object".to_owned())
-                .and_then(|json| serde_json::from_str::<T>(json).map_err(|e| e.to_string()))
+                .and_then(|json| serde_json::from_str::<Value>(json).map_err(|e| e.to_string()))
+                .and_then(|mut value| {
+                    output
+                        .check(&mut value)
+                        .map_err(|e| e.to_string().replacen("inputs", "answer", 1))?;
+                    serde_json::from_value::<T>(value).map_err(|e| e.to_string())
+                })
                 .and_then(|value| check(&value).map(|()| value));
             match parsed {
                 Ok(value) => return Ok((value, total, call)),

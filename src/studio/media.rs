@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     config::StudioSettings,
     engine::StageError,
-    process::{self, CommandSpec, ProcessError},
+    process::{self, BaseEnv, CommandSpec, ProcessError},
 };
 
 /// Width, height and frame rate of mock scene videos: small, so offline runs stay fast.
@@ -32,6 +32,8 @@ const LINE: usize = 36;
 /// The media tools of a deployment.
 #[derive(Debug, Clone)]
 pub struct Media {
+    /// ffmpeg's whole environment: the deployment's base variables, nothing secret.
+    base_env: BaseEnv,
     ffmpeg: PathBuf,
     ffprobe: PathBuf,
     timeout: Duration,
@@ -69,6 +71,7 @@ struct ProbeFormat {
 impl Media {
     pub fn new(settings: &StudioSettings) -> Self {
         Self {
+            base_env: settings.base_env.clone(),
             ffmpeg: settings.ffmpeg.clone(),
             ffprobe: settings.ffprobe.clone(),
             timeout: settings.media_timeout,
@@ -76,15 +79,18 @@ impl Media {
         }
     }
 
+    /// A command for one of the media tools, with the base environment only.
+    fn command(&self, program: &Path, timeout: Duration) -> CommandSpec {
+        CommandSpec::new(program, timeout).base_env(&self.base_env)
+    }
+
     /// The first line of `ffmpeg -version`, or why ffmpeg cannot be used.
     pub async fn check(&self) -> Result<String, String> {
-        let spec = CommandSpec::new(&self.ffmpeg, Duration::from_secs(10)).arg("-version");
+        let spec = self
+            .command(&self.ffmpeg, Duration::from_secs(10))
+            .arg("-version");
         match process::run(&spec, &CancellationToken::new()).await {
-            Ok(output) => Ok(String::from_utf8_lossy(&output.stdout)
-                .lines()
-                .next()
-                .unwrap_or("ffmpeg")
-                .to_owned()),
+            Ok(output) => Ok(output.stdout.lines().next().unwrap_or("ffmpeg").to_owned()),
             Err(error) => Err(self.describe(error).to_string()),
         }
     }
@@ -261,7 +267,8 @@ impl Media {
         path: &Path,
         cancel: &CancellationToken,
     ) -> Result<MediaInfo, StageError> {
-        let spec = CommandSpec::new(&self.ffprobe, self.timeout)
+        let spec = self
+            .command(&self.ffprobe, self.timeout)
             .arg("-v")
             .arg("error")
             .arg("-show_entries")
@@ -272,7 +279,7 @@ impl Media {
         let output = process::run(&spec, cancel)
             .await
             .map_err(|e| self.describe(e))?;
-        let probe: Probe = serde_json::from_slice(&output.stdout).map_err(|e| {
+        let probe: Probe = serde_json::from_str(&output.stdout).map_err(|e| {
             StageError::fatal("invalid_media", format!("ffprobe answered no JSON: {e}"))
         })?;
         let video = probe
@@ -295,11 +302,13 @@ impl Media {
         *self
             .flite
             .get_or_init(|| async {
-                let spec = CommandSpec::new(&self.ffmpeg, Duration::from_secs(10))
+                let spec = self
+                    .command(&self.ffmpeg, Duration::from_secs(10))
                     .arg("-hide_banner")
                     .arg("-filters");
                 match process::run(&spec, &CancellationToken::new()).await {
-                    Ok(output) => String::from_utf8_lossy(&output.stdout)
+                    Ok(output) => output
+                        .stdout
                         .lines()
                         .any(|line| line.split_whitespace().nth(1) == Some("flite")),
                     Err(_) => false,
@@ -330,7 +339,7 @@ impl Media {
             uuid::Uuid::new_v4().simple()
         ));
         let spec = build(
-            CommandSpec::new(&self.ffmpeg, self.timeout)
+            self.command(&self.ffmpeg, self.timeout)
                 .arg("-hide_banner")
                 .arg("-nostdin")
                 .arg("-loglevel")

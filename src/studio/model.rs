@@ -9,18 +9,28 @@ use utoipa::ToSchema;
 #[serde(deny_unknown_fields)]
 pub struct PilotStrategy {
     /// `pilot_a`, `pilot_b`, …
+    #[schema(min_length = 1, max_length = 64)]
     pub pilot_id: String,
     /// 1 for pilot_a, 2 for pilot_b, …: the version number of its scene videos.
+    #[schema(minimum = 1, maximum = 99)]
     pub version: u32,
+    #[schema(max_length = 4000)]
     pub concept: String,
+    #[schema(max_length = 200)]
     pub tone: String,
+    #[schema(max_length = 200)]
     pub visual_style: String,
+    #[schema(minimum = 1, maximum = 3600)]
     pub target_duration_secs: u32,
+    #[schema(minimum = 1, maximum = 50)]
     pub num_scenes: u32,
     /// Scenes produced during the pilot phase, before the critic decides.
+    #[schema(minimum = 0, maximum = 50)]
     pub test_scenes: u32,
     /// What the producer allocates to this pilot, test scenes and completion together.
+    #[schema(minimum = 0, maximum = 1000000)]
     pub budget_usd: f64,
+    #[schema(max_length = 4000)]
     pub rationale: String,
 }
 
@@ -29,13 +39,19 @@ pub struct PilotStrategy {
 #[serde(deny_unknown_fields)]
 pub struct Scene {
     /// 1-based position in the video.
+    #[schema(minimum = 1, maximum = 999)]
     pub scene_number: u32,
+    #[schema(max_length = 200)]
     pub title: String,
+    #[schema(min_length = 1, max_length = 4000)]
     pub description: String,
     /// What the voiceover says during the scene.
+    #[schema(max_length = 4000)]
     pub narration: String,
+    #[schema(minimum = 0.5, maximum = 60)]
     pub duration_secs: f64,
     /// The prompt a video provider receives.
+    #[schema(max_length = 4000)]
     pub visual_prompt: String,
 }
 
@@ -43,12 +59,18 @@ pub struct Scene {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VideoClip {
+    #[schema(minimum = 1, maximum = 999)]
     pub scene_number: u32,
+    #[schema(minimum = 1, maximum = 99)]
     pub version: u32,
     /// Relative to the artifact root.
+    #[schema(min_length = 1, max_length = 500)]
     pub path: String,
+    #[schema(minimum = 0, maximum = 86400)]
     pub duration_secs: f64,
+    #[schema(max_length = 200)]
     pub provider: String,
+    #[schema(minimum = 0, maximum = 1000000)]
     pub cost_usd: f64,
     /// True when a mock provider made it: the cost is what the live provider would charge.
     pub simulated: bool,
@@ -76,9 +98,13 @@ impl AudioKind {
 pub struct AudioTrack {
     pub kind: AudioKind,
     /// Relative to the artifact root.
+    #[schema(min_length = 1, max_length = 500)]
     pub path: String,
+    #[schema(minimum = 0, maximum = 86400)]
     pub duration_secs: f64,
+    #[schema(max_length = 200)]
     pub provider: String,
+    #[schema(minimum = 0, maximum = 1000000)]
     pub cost_usd: f64,
     pub simulated: bool,
 }
@@ -87,14 +113,42 @@ pub struct AudioTrack {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QaReport {
+    #[schema(min_length = 1, max_length = 500)]
     pub path: String,
     pub passed: bool,
+    #[schema(minimum = 0, maximum = 86400)]
     pub duration_secs: f64,
+    #[schema(minimum = 0, maximum = 100000)]
     pub width: u32,
+    #[schema(minimum = 0, maximum = 100000)]
     pub height: u32,
     pub has_video: bool,
     pub has_audio: bool,
-    pub issues: Vec<String>,
+    #[schema(max_items = 20)]
+    pub issues: Vec<Note>,
+}
+
+/// A short remark (an issue QA found, a strength or weakness of a pilot): at most 500
+/// characters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Note(pub String);
+
+impl utoipa::PartialSchema for Note {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::Type::String)
+            .max_length(Some(500))
+            .into()
+    }
+}
+
+impl ToSchema for Note {}
+
+impl From<String> for Note {
+    fn from(text: String) -> Self {
+        Self(text)
+    }
 }
 
 /// A pilot's results, as the critic reviews them.
@@ -102,9 +156,12 @@ pub struct QaReport {
 #[serde(deny_unknown_fields)]
 pub struct PilotResult {
     pub strategy: PilotStrategy,
+    #[schema(max_items = 50)]
     pub scenes: Vec<Scene>,
+    #[schema(max_items = 50)]
     pub videos: Vec<VideoClip>,
     #[serde(default)]
+    #[schema(max_items = 50)]
     pub qa: Vec<QaReport>,
 }
 
@@ -112,12 +169,17 @@ pub struct PilotResult {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PilotEvaluation {
+    #[schema(min_length = 1, max_length = 64)]
     pub pilot_id: String,
     /// 0 to 1.
+    #[schema(minimum = 0, maximum = 1)]
     pub score: f64,
     pub approved: bool,
-    pub strengths: Vec<String>,
-    pub weaknesses: Vec<String>,
+    #[schema(max_items = 20)]
+    pub strengths: Vec<Note>,
+    #[schema(max_items = 20)]
+    pub weaknesses: Vec<Note>,
+    #[schema(max_length = 4000)]
     pub notes: String,
 }
 
@@ -125,11 +187,16 @@ pub struct PilotEvaluation {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditCandidate {
+    #[schema(max_length = 64)]
     pub name: String,
+    #[schema(max_length = 4000)]
     pub description: String,
-    /// Scene numbers in playing order.
+    /// Clips in playing order, by scene number.
+    #[schema(max_items = 50)]
     pub scene_order: Vec<u32>,
+    #[schema(minimum = 0, maximum = 86400)]
     pub duration_secs: f64,
+    #[schema(minimum = 0, maximum = 1)]
     pub score: f64,
 }
 

@@ -20,6 +20,7 @@ use super::{
 use crate::{
     engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
     ids::RunId,
+    schema::InputSchema,
     store::{RunKind, StageStatus},
     workflows::{InputError, Workflow, parse_inputs, queues},
 };
@@ -29,20 +30,26 @@ use crate::{
 #[serde(deny_unknown_fields)]
 pub struct ProductionInputs {
     /// What the video is about.
+    #[schema(min_length = 1, max_length = 2000)]
     pub user_request: String,
     /// Dollars for the whole production; also the run's budget unless `budget_usd` is given.
+    #[schema(minimum = 0, maximum = 1000000)]
     pub total_budget: f64,
-    /// Pilots to try (1 to 4, default 2).
+    /// Pilots to try (default 2).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 4)]
     pub num_pilots: Option<u32>,
-    /// Length of the finished video in seconds (2 to 600, default 60).
+    /// Length of the finished video in seconds (default 60).
     #[serde(default)]
+    #[schema(minimum = 2, maximum = 600)]
     pub target_duration_secs: Option<u32>,
-    /// Scenes in the finished video (2 to 20; default one per 10 s).
+    /// Scenes in the finished video (default one per 10 s).
     #[serde(default)]
+    #[schema(minimum = 2, maximum = 20)]
     pub num_scenes: Option<u32>,
-    /// Score the critic requires to approve a pilot (0 to 1, default 0.6).
+    /// Score the critic requires to approve a pilot (default 0.6).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 1)]
     pub approval_threshold: Option<f64>,
 }
 
@@ -58,18 +65,15 @@ impl ProductionInputs {
     }
 }
 
+/// Checks a studio workflow's inputs against their published schema, then reads them.
+fn checked<T: DeserializeOwned + ToSchema>(inputs: &Value) -> Result<T, InputError> {
+    let mut inputs = inputs.clone();
+    InputSchema::of::<T>().check(&mut inputs)?;
+    parse_inputs(&inputs)
+}
+
 fn production_inputs(inputs: &Value) -> Result<ProductionInputs, InputError> {
-    let parsed: ProductionInputs = parse_inputs(inputs)?;
-    parsed.producer_input().check()?;
-    if let Some(threshold) = parsed.approval_threshold {
-        if !(0.0..=1.0).contains(&threshold) {
-            return Err(InputError {
-                field: "inputs.approval_threshold".to_owned(),
-                message: "must be between 0 and 1".to_owned(),
-            });
-        }
-    }
-    Ok(parsed)
+    checked(inputs)
 }
 
 /// Inputs of `audio_only`.
@@ -77,11 +81,14 @@ fn production_inputs(inputs: &Value) -> Result<ProductionInputs, InputError> {
 #[serde(deny_unknown_fields)]
 pub struct AudioInputs {
     /// The run whose scenes get a voiceover and music.
+    #[schema(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     pub source_run_id: String,
 }
 
 fn audio_inputs(inputs: &Value) -> Result<(AudioInputs, RunId), InputError> {
-    let parsed: AudioInputs = parse_inputs(inputs)?;
+    let parsed: AudioInputs = checked(inputs)?;
     let id = RunId::parse(&parsed.source_run_id).ok_or_else(|| InputError {
         field: "inputs.source_run_id".to_owned(),
         message: "must be a run id".to_owned(),
@@ -112,11 +119,6 @@ fn output<T: Serialize>(value: &T) -> Result<StageOutput, StageError> {
     })
 }
 
-/// Estimated cost of an agent call, from the same inputs it will get.
-fn estimate<T: Serialize>(agent: &str, input: &T) -> f64 {
-    agents::estimate(agent, &serde_json::to_value(input).unwrap_or(Value::Null))
-}
-
 /// Writes a JSON artifact of the run and answers its relative path.
 async fn write_json<T: Serialize>(
     ctx: &mut StageContext,
@@ -144,6 +146,17 @@ fn reuse_key(ctx: &StageContext, agents_used: &[&str], ignores_threshold: bool) 
         }
     }
     Some(ctx.fingerprint(version, &inputs))
+}
+
+/// The script writer's plan for a pilot's strategy.
+fn plan_of(strategy: &PilotStrategy) -> ScriptWriterInput {
+    ScriptWriterInput {
+        video_concept: strategy.concept.clone(),
+        target_duration: strategy.target_duration_secs,
+        num_scenes: strategy.num_scenes,
+        tone: Some(strategy.tone.clone()),
+        visual_style: Some(strategy.visual_style.clone()),
+    }
 }
 
 /// Media stages retry a failed ffmpeg or provider call a few times, quickly.
@@ -205,11 +218,7 @@ impl Stage for Planning {
         let input = inputs.producer_input();
         ctx.set_step_total(1);
         let planned: ProducerOutput = ctx
-            .step(
-                "producer",
-                estimate("producer", &input),
-                agents::producer(env, input),
-            )
+            .step("producer", input.estimate(), agents::producer(env, input))
             .await?;
         for pilot in &planned.pilots {
             write_json(
@@ -245,19 +254,12 @@ impl Stage for Pilots {
         let mut results = Vec::new();
         for strategy in &planned.pilots {
             let pid = &strategy.pilot_id;
-            let input = ScriptWriterInput {
-                video_concept: strategy.concept.clone(),
-                target_duration: strategy.target_duration_secs,
-                num_scenes: strategy.num_scenes,
-                tone: Some(strategy.tone.clone()),
-                visual_style: Some(strategy.visual_style.clone()),
-                scene_numbers: Some((1..=strategy.test_scenes).collect()),
-            };
+            let request = ScriptRequest::scenes(plan_of(strategy), 1..=strategy.test_scenes);
             let script: ScriptWriterOutput = ctx
                 .step(
                     &format!("{pid}/script"),
-                    estimate("script_writer", &input),
-                    agents::script_writer(env.clone(), input),
+                    agents::script_writer_cost(&request),
+                    agents::script_writer(env.clone(), request),
                 )
                 .await?;
             write_scenes(ctx, pid, &script.scenes).await?;
@@ -270,7 +272,7 @@ impl Stage for Pilots {
                 let clip: VideoClip = ctx
                     .step(
                         &format!("{pid}/scene_{}/video", scene.scene_number),
-                        estimate("video_generator", &input),
+                        input.estimate(),
                         agents::video_generator(env.clone(), input),
                     )
                     .await?;
@@ -287,6 +289,21 @@ impl Stage for Pilots {
     }
 }
 
+/// Most characters of narration a voiceover reads (the audio agent's own input limit).
+const MAX_VOICEOVER_CHARS: usize = 20_000;
+
+/// `text` cut to at most `max` characters, at a word boundary when there is one.
+fn within(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let cut: String = text.chars().take(max).collect();
+    match cut.rfind(char::is_whitespace) {
+        Some(space) if space > 0 => cut[..space].to_owned(),
+        _ => cut,
+    }
+}
+
 /// The voiceover of the scenes' narration and music as long as the scenes, as the steps
 /// `voiceover` and `music`.
 async fn soundtrack(
@@ -297,14 +314,14 @@ async fn soundtrack(
 ) -> Result<(AudioTrack, AudioTrack), StageError> {
     let narration: Vec<&str> = scenes.iter().map(|s| s.narration.as_str()).collect();
     let input = AudioGeneratorInput {
-        script: narration.join(" "),
+        script: within(&narration.join(" "), MAX_VOICEOVER_CHARS),
         kind: Some(AudioKind::Voiceover),
         duration_secs: None,
     };
     let voiceover: AudioTrack = ctx
         .step(
             "voiceover",
-            estimate("audio_generator", &input),
+            input.estimate(),
             agents::audio_generator(env.clone(), input),
         )
         .await?;
@@ -317,7 +334,7 @@ async fn soundtrack(
     let music: AudioTrack = ctx
         .step(
             "music",
-            estimate("audio_generator", &input),
+            input.estimate(),
             agents::audio_generator(env, input),
         )
         .await?;
@@ -371,7 +388,7 @@ impl Stage for Evaluation {
                 let report: QaReport = ctx
                     .step(
                         &format!("{pid}/scene_{}/qa", clip.scene_number),
-                        estimate("qa_verifier", &input),
+                        input.estimate(),
                         agents::qa_verifier(env.clone(), input),
                     )
                     .await?;
@@ -390,7 +407,7 @@ impl Stage for Evaluation {
         let verdict: CriticOutput = ctx
             .step(
                 &format!("critic@{threshold}"),
-                estimate("critic", &input),
+                input.estimate(),
                 agents::critic(env, input),
             )
             .await?;
@@ -465,19 +482,12 @@ impl Stage for Completion {
         let mut scenes = pilot.scenes.clone();
         let mut videos = pilot.videos.clone();
         if !remaining.is_empty() {
-            let input = ScriptWriterInput {
-                video_concept: strategy.concept.clone(),
-                target_duration: strategy.target_duration_secs,
-                num_scenes: strategy.num_scenes,
-                tone: Some(strategy.tone.clone()),
-                visual_style: Some(strategy.visual_style.clone()),
-                scene_numbers: Some(remaining.clone()),
-            };
+            let request = ScriptRequest::scenes(plan_of(strategy), remaining.clone());
             let script: ScriptWriterOutput = ctx
                 .step(
                     "script",
-                    estimate("script_writer", &input),
-                    agents::script_writer(env.clone(), input),
+                    agents::script_writer_cost(&request),
+                    agents::script_writer(env.clone(), request),
                 )
                 .await?;
             write_scenes(ctx, &approved, &script.scenes).await?;
@@ -489,7 +499,7 @@ impl Stage for Completion {
                 let clip: VideoClip = ctx
                     .step(
                         &format!("scene_{}/video", scene.scene_number),
-                        estimate("video_generator", &input),
+                        input.estimate(),
                         agents::video_generator(env.clone(), input),
                     )
                     .await?;
@@ -533,17 +543,20 @@ impl Stage for Editing {
         let env = self.0.env(ctx);
         ctx.set_step_total(1);
         let input = EditorInput {
-            videos: done.videos.iter().map(|v| v.path.clone()).collect(),
-            scenes: done.scenes.clone(),
+            clips: done
+                .scenes
+                .iter()
+                .zip(&done.videos)
+                .map(|(scene, video)| EditorClip {
+                    scene: scene.clone(),
+                    video: video.path.clone(),
+                })
+                .collect(),
             voiceover: Some(done.voiceover.path.clone()),
             music: Some(done.music.path.clone()),
         };
         let cut: EditorOutput = ctx
-            .step(
-                "editor",
-                estimate("editor", &input),
-                agents::editor(env, input),
-            )
+            .step("editor", input.estimate(), agents::editor(env, input))
             .await?;
         output(&cut)
     }
@@ -655,8 +668,10 @@ impl Stage for AgentStage {
         let inputs = ctx.inputs.clone();
         let name = self.agent.name;
         ctx.set_step_total(1);
+        let estimate = agents::estimate(name, &inputs)
+            .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
         let result: Value = ctx
-            .step(name, agents::estimate(name, &inputs), async move {
+            .step(name, estimate, async move {
                 agents::run(name, env, &inputs).await
             })
             .await?;
@@ -772,27 +787,11 @@ impl Workflow for StudioWorkflow {
         &self.stages
     }
 
-    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
+    fn input_schema(&self) -> InputSchema {
         match self.inputs {
-            InputsKind::Production => production_inputs(inputs).map(drop),
-            InputsKind::Audio => audio_inputs(inputs).map(drop),
-            InputsKind::Agent(name) => agents::validate(name, inputs),
-        }
-    }
-
-    fn input_schema(&self) -> Value {
-        match self.inputs {
-            InputsKind::Production => {
-                serde_json::to_value(<ProductionInputs as utoipa::PartialSchema>::schema())
-                    .unwrap_or(Value::Null)
-            }
-            InputsKind::Audio => {
-                serde_json::to_value(<AudioInputs as utoipa::PartialSchema>::schema())
-                    .unwrap_or(Value::Null)
-            }
-            InputsKind::Agent(name) => agents::schema(name)
-                .map(|s| s["inputs"].clone())
-                .unwrap_or(Value::Null),
+            InputsKind::Production => InputSchema::of::<ProductionInputs>(),
+            InputsKind::Audio => InputSchema::of::<AudioInputs>(),
+            InputsKind::Agent(name) => agents::input_schema(name).unwrap_or_default(),
         }
     }
 

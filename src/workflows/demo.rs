@@ -14,6 +14,8 @@
 //! Every stage attempt and every executed step appends a line to the run's work ledger,
 //! `runs/{run_id}/executions.log`: the record of work actually done (what a paid provider
 //! would have billed), which shows that finished stages and steps are never executed again.
+//! A stage without steps also appends `tick {stage} {execution}` every 100 ms while it works,
+//! which shows when an execution was really running.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -24,6 +26,7 @@ use serde_json::{Value, json};
 use super::{InputError, Workflow, parse_inputs, queues};
 use crate::{
     engine::{Stage, StageContext, StageError, StageOutput},
+    schema::InputSchema,
     store::RunKind,
 };
 
@@ -31,6 +34,10 @@ pub const NAME: &str = "demo";
 const STAGES: [&str; 3] = ["one", "two", "three"];
 const MAX_SLEEP_MS: u64 = 24 * 3600 * 1000;
 const MAX_STEPS: u32 = 10_000;
+const MAX_FAILURES: u32 = 1000;
+const MAX_COST_USD: f64 = 1_000_000.0;
+/// How often a working stage without steps writes a tick to the ledger.
+const TICK: Duration = Duration::from_millis(100);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -62,10 +69,16 @@ impl DemoInputs {
         if self.steps > MAX_STEPS {
             return Err(invalid("steps", format!("must be at most {MAX_STEPS}")));
         }
-        if !(self.cost_usd >= 0.0 && self.cost_usd.is_finite()) {
+        if !(self.cost_usd >= 0.0 && self.cost_usd <= MAX_COST_USD) {
             return Err(invalid(
                 "cost_usd",
-                "must be a non-negative number".to_owned(),
+                format!("must be between 0 and {MAX_COST_USD}"),
+            ));
+        }
+        if let Some((stage, _)) = self.fail.iter().find(|(_, n)| **n > MAX_FAILURES) {
+            return Err(invalid(
+                &format!("fail.{stage}"),
+                format!("must be at most {MAX_FAILURES}"),
             ));
         }
         for stage in self.fail.keys().chain(self.fatal.iter()) {
@@ -127,23 +140,27 @@ impl Workflow for Demo {
         &self.stages
     }
 
-    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
+    fn validate(&self, inputs: &mut Value) -> Result<(), InputError> {
+        self.input_schema().check(inputs)?;
         parse_inputs::<DemoInputs>(inputs)?.check()
     }
 
-    fn input_schema(&self) -> Value {
-        json!({
+    fn input_schema(&self) -> InputSchema {
+        let failures = json!({"type": "integer", "minimum": 0, "maximum": MAX_FAILURES});
+        let schema = json!({
             "type": "object",
             "additionalProperties": false,
             "properties": {
                 "sleep_ms": {"type": "integer", "minimum": 0, "maximum": MAX_SLEEP_MS, "description": "how long each stage works"},
                 "steps": {"type": "integer", "minimum": 0, "maximum": MAX_STEPS, "description": "memoised steps per stage"},
-                "fail": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0},
+                "fail": {"type": "object", "additionalProperties": false,
+                         "properties": {"one": failures, "two": failures, "three": failures},
                          "description": "stage name -> transient failures before success"},
                 "fatal": {"type": "string", "enum": STAGES, "description": "a stage that fails permanently"},
-                "cost_usd": {"type": "number", "minimum": 0, "description": "cost of each stage"}
+                "cost_usd": {"type": "number", "minimum": 0, "maximum": MAX_COST_USD, "description": "cost of each stage"}
             }
-        })
+        });
+        InputSchema::new(schema, Default::default())
     }
 
     fn result(&self, outputs: &BTreeMap<String, Value>) -> Value {
@@ -221,7 +238,12 @@ impl Stage for DemoStage {
                 ctx.complete_step(&key, &body, 0.0, vec![path]).await?;
             }
         } else {
-            tokio::time::sleep(Duration::from_millis(inputs.sleep_ms)).await;
+            let until = tokio::time::Instant::now() + Duration::from_millis(inputs.sleep_ms);
+            let tick = format!("tick {} {execution}", self.name);
+            while tokio::time::Instant::now() < until {
+                tokio::time::sleep_until(until.min(tokio::time::Instant::now() + TICK)).await;
+                ctx.artifact_store().append_line(&ledger, &tick).await?;
+            }
         }
         let output = json!({
             "stage": self.name,

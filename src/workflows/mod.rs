@@ -11,7 +11,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{engine::Stage, store::RunKind};
+use crate::{engine::Stage, schema::InputSchema, store::RunKind};
 
 /// Queue names. Workers subscribe to these with `--queues`.
 pub mod queues {
@@ -59,10 +59,14 @@ pub trait Workflow: Send + Sync {
     /// The queue its runs are delivered on.
     fn queue(&self) -> &'static str;
     fn stages(&self) -> &[Box<dyn Stage>];
-    /// Checks the inputs at submission, so bad input is refused before anything is stored.
-    fn validate(&self, inputs: &Value) -> Result<(), InputError>;
-    /// A JSON Schema of the inputs, for documentation.
-    fn input_schema(&self) -> Value;
+    /// The JSON Schema of the inputs: published (`/openapi.json`, `/workflows`) and enforced
+    /// as published, limits included.
+    fn input_schema(&self) -> InputSchema;
+    /// Checks the inputs at submission against [`Workflow::input_schema`], so bad input is
+    /// refused before anything is stored (integers written as `2.0` become `2`).
+    fn validate(&self, inputs: &mut Value) -> Result<(), InputError> {
+        self.input_schema().check(inputs)
+    }
     /// The run's result, from every stage's output; by default the last stage's output.
     fn result(&self, outputs: &BTreeMap<String, Value>) -> Value {
         self.stages()
@@ -106,7 +110,7 @@ impl Catalog {
         catalog.add(Arc::new(demo::Demo::new()));
         catalog.add(Arc::new(noop::Noop::new()));
         crate::studio::register(&mut catalog, &config.studio);
-        crate::awo::register(&mut catalog, &config.awo);
+        crate::awo::register(&mut catalog, &config.awo, &config.scrubber());
         catalog
     }
 

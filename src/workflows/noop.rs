@@ -2,21 +2,16 @@
 //! engine itself costs per run (claim, lease, checkpoint, status) and smoke-tests a deployment.
 
 use async_trait::async_trait;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
-use super::{InputError, Workflow, parse_inputs, queues};
+use super::{Workflow, queues};
 use crate::{
     engine::{Stage, StageContext, StageError, StageOutput},
+    schema::InputSchema,
     store::RunKind,
 };
 
 pub const NAME: &str = "noop";
-
-/// No inputs are accepted.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoInputs {}
 
 pub struct Noop {
     stages: Vec<Box<dyn Stage>>,
@@ -57,12 +52,11 @@ impl Workflow for Noop {
         &self.stages
     }
 
-    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
-        parse_inputs::<NoInputs>(inputs).map(|_| ())
-    }
-
-    fn input_schema(&self) -> Value {
-        json!({"type": "object", "additionalProperties": false, "properties": {}})
+    fn input_schema(&self) -> InputSchema {
+        InputSchema::new(
+            json!({"type": "object", "additionalProperties": false, "properties": {}}),
+            Default::default(),
+        )
     }
 }
 

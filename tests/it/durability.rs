@@ -253,7 +253,7 @@ async fn two_workers_share_one_store_without_running_anything_twice(backend: Bac
     let mut workers = std::collections::BTreeSet::new();
     for id in &ids {
         let ledger = app.ledger(id);
-        assert_eq!(ledger.len(), 3, "run {id}: {ledger:?}");
+        assert_eq!(TestApp::count(&ledger, "stage "), 3, "run {id}: {ledger:?}");
         workers.insert(
             app.run(id).await["worker"]
                 .as_str()
@@ -262,6 +262,59 @@ async fn two_workers_share_one_store_without_running_anything_twice(backend: Bac
         );
     }
     assert_eq!(workers.len(), 2, "both workers took runs: {workers:?}");
+}
+
+/// A worker whose link to Redis is cut in the middle of a long stage stops that stage before
+/// its lease expires: when another worker takes the run over, the two executions of the stage
+/// never overlap (the first one's ticks all come before the second one starts).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_cut_off_from_its_store_stops_before_its_lease_expires() {
+    let mut app = TestApp::new(Backend::Redis).with_api();
+    let direct = app.env["REDIS_URL"].clone();
+    let address: std::net::SocketAddr = direct
+        .trim_start_matches("redis://")
+        .trim_end_matches("/0")
+        .parse()
+        .expect("redis address");
+    let proxy = crate::support::TcpProxy::start(address).await;
+    app.env.insert(
+        "REDIS_URL".into(),
+        format!("redis://127.0.0.1:{}/0", proxy.port),
+    );
+    app.start_worker();
+    app.env.insert("REDIS_URL".into(), direct);
+    let id = app.submit_demo(json!({"sleep_ms": 6000})).await;
+    app.wait_executing(&id, "one", WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.cut();
+    app.start_worker();
+    app.wait_status(&id, "completed", WAIT).await;
+    let ledger = app.ledger(&id);
+    let second_start = ledger
+        .iter()
+        .position(|line| line.starts_with("stage one attempt 2"))
+        .unwrap_or_else(|| panic!("stage one ran once only: {ledger:#?}"));
+    let late_ticks = ledger[second_start..]
+        .iter()
+        .filter(|line| *line == "tick one 1")
+        .count();
+    assert_eq!(
+        late_ticks, 0,
+        "the cut-off worker kept running stage one after it was taken over: {ledger:#?}"
+    );
+    assert!(
+        ledger[..second_start]
+            .iter()
+            .any(|line| line == "tick one 1"),
+        "the first execution never ran: {ledger:#?}"
+    );
+    assert!(
+        app.workers[0]
+            .log_text()
+            .contains("stopping the run before it expires"),
+        "{}",
+        app.workers[0].log_text()
+    );
 }
 
 crate::conformance!(

@@ -3,6 +3,7 @@
 mod api;
 mod durability;
 mod engine;
+mod faults;
 mod live;
 mod packaging;
 mod redis_scale;

@@ -515,7 +515,10 @@ async fn every_agent_accepts_what_its_schema_allows_and_names_the_field_it_refus
         "qa_verifier",
         json!({"video": video, "expected_duration_secs": 1.5}),
     );
-    valid.insert("editor", json!({"scenes": [scene], "videos": [video]}));
+    valid.insert(
+        "editor",
+        json!({"clips": [{"scene": scene, "video": video}]}),
+    );
     valid.insert(
         "critic",
         json!({"pilots": [{"strategy": {"pilot_id": "pilot_a", "version": 1, "concept": "c", "tone": "calm",

@@ -11,17 +11,22 @@ use crate::support::{Backend, TestApp};
 const LONG: Duration = Duration::from_secs(60);
 const TOKEN: &str = "ghp_STAGECRAFTTESTSECRET0123456789";
 
-/// A stand-in for the coding-agent CLI: records its arguments, cwd and whether credentials came
-/// through its environment; writes the plan file (plan) or a change (implement); prints
-/// realistic stream-json with one malformed line. `STANDIN_SLEEP_{STEP}` makes a step slow, and
+/// A stand-in for the coding-agent CLI: records its arguments, cwd, user and whether credentials
+/// came through its environment (which it also dumps); writes the plan file (plan) or a change
+/// (implement); prints realistic stream-json with one malformed line. Subprocesses get a
+/// cleared environment, so a stand-in reads its directory from its own text (`@STANDIN_DIR@`)
+/// and its settings from `settings` there: `STANDIN_SLEEP_{STEP}` makes a step slow, and
 /// `STANDIN_CHILD=1` leaves a grandchild running (its pid recorded) to test group kills.
 const CLAUDE: &str = r#"#!/usr/bin/env bash
 set -u
+STANDIN_DIR='@STANDIN_DIR@'
+. "$STANDIN_DIR/settings"
+env > "$STANDIN_DIR/claude.env.$$"
 prompt=$(cat)
 step=implement
 if printf '%s' "$prompt" | grep -q 'Write an implementation plan'; then step=plan; fi
 token=no; [ -n "${GITHUB_TOKEN:-}" ] && token=yes
-printf '%s step=%s cwd=%s args=%s token=%s\n' "$(date +%s%N)" "$step" "$PWD" "$*" "$token" >> "$STANDIN_DIR/claude.calls"
+printf '%s step=%s cwd=%s args=%s token=%s uid=%s\n' "$(date +%s%N)" "$step" "$PWD" "$*" "$token" "$(id -u)" >> "$STANDIN_DIR/claude.calls"
 if [ "${STANDIN_CHILD:-0}" = 1 ]; then
   sleep 300 &
   echo $! >> "$STANDIN_DIR/children.pids"
@@ -49,6 +54,8 @@ echo '{"type":"result","subtype":"success","is_error":false,"num_turns":4,"total
 /// records one and prints its URL.
 const GH: &str = r#"#!/usr/bin/env bash
 set -u
+STANDIN_DIR='@STANDIN_DIR@'
+env > "$STANDIN_DIR/gh.env.$$"
 token=no; [ -n "${GH_TOKEN:-}" ] && token=yes
 printf '%s args=%s token=%s\n' "$(date +%s%N)" "$*" "$token" >> "$STANDIN_DIR/gh.calls"
 head=""
@@ -120,10 +127,16 @@ fn setup(app: TestApp) -> (TestApp, String) {
     git(&seed, &["push", "--quiet", "origin", "HEAD:main"]);
     let standins = root.join("standins");
     std::fs::create_dir_all(&standins).expect("standins");
+    use std::os::unix::fs::PermissionsExt;
+    // The coding agent runs as an unprivileged user when the tests run as root: it must reach
+    // the deployment's directory, and the stand-ins must be able to record their calls.
+    std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::set_permissions(&standins, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    std::fs::write(standins.join("settings"), "").expect("settings");
     for (name, text) in [("claude", CLAUDE), ("gh", GH)] {
         let path = standins.join(name);
+        let text = text.replace("@STANDIN_DIR@", standins.to_str().expect("path"));
         std::fs::write(&path, text).expect("stand-in");
-        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     }
     let app = app
@@ -133,9 +146,39 @@ fn setup(app: TestApp) -> (TestApp, String) {
             standins.join("claude").to_str().expect("path"),
         )
         .with_env("GH_CLI_PATH", standins.join("gh").to_str().expect("path"))
-        .with_env("STANDIN_DIR", standins.to_str().expect("path"))
-        .with_env("GITHUB_TOKEN", TOKEN);
+        .with_env("GITHUB_TOKEN", TOKEN)
+        .with_env("ANTHROPIC_API_KEY", ANTHROPIC_KEY)
+        .with_env("OPENAI_API_KEY", OPENAI_KEY);
     (app, format!("file://{}", remote.display()))
+}
+
+const ANTHROPIC_KEY: &str = "sk-ant-api03-STAGECRAFTTESTKEY0123456789";
+const OPENAI_KEY: &str = "sk-proj-STAGECRAFTTESTKEY0123456789";
+
+/// Sets a stand-in's setting (the stand-ins do not inherit the worker's environment).
+fn standin_setting(app: &TestApp, key: &str, value: &str) {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(app.dir.path().join("standins/settings"))
+        .expect("settings");
+    writeln!(file, "{key}={value}").expect("setting");
+}
+
+/// Every environment a stand-in recorded, one text per call.
+fn environments(app: &TestApp, tool: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let dir = app.dir.path().join("standins");
+    for entry in std::fs::read_dir(dir).expect("standins").flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with(&format!("{tool}.env."))
+        {
+            found.push(std::fs::read_to_string(entry.path()).unwrap_or_default());
+        }
+    }
+    found
 }
 
 fn calls(app: &TestApp, tool: &str) -> Vec<String> {
@@ -233,9 +276,22 @@ async fn a_work_order_reaches_a_pushed_branch_and_one_pull_request_and_keeps_the
         assert!(call.contains("--print --output-format stream-json --model sonnet --verbose --dangerously-skip-permissions"), "{call}");
         assert!(call.contains(&format!("repositories/{id}")), "{call}");
         assert!(
-            call.contains("token=yes"),
-            "the agent's environment carries GITHUB_TOKEN: {call}"
+            call.contains("token=no"),
+            "the agent's environment must not carry GITHUB_TOKEN: {call}"
         );
+        if nix::unistd::geteuid().is_root() {
+            assert!(!call.ends_with("uid=0"), "the agent ran as root: {call}");
+        }
+    }
+    // The agent sees its own key and the base variables, nothing else of the deployment's.
+    for env in environments(&app, "claude") {
+        assert!(
+            env.contains(ANTHROPIC_KEY),
+            "the agent needs its key: {env}"
+        );
+        for secret in [TOKEN, OPENAI_KEY, "REDIS_URL", "API_TOKEN", "DATA_DIR"] {
+            assert!(!env.contains(secret), "the agent saw {secret}: {env}");
+        }
     }
     let gh = calls(&app, "gh");
     assert_eq!(
@@ -243,10 +299,16 @@ async fn a_work_order_reaches_a_pushed_branch_and_one_pull_request_and_keeps_the
         1,
         "{gh:?}"
     );
+    // A file:// repository is on no forge host: gh gets no token for it.
     assert!(
-        gh.iter().all(|c| c.contains("token=yes")),
-        "gh gets GH_TOKEN: {gh:?}"
+        gh.iter().all(|c| c.contains("token=no")),
+        "gh got GH_TOKEN for a repository off the forge hosts: {gh:?}"
     );
+    for env in environments(&app, "gh") {
+        for secret in [TOKEN, OPENAI_KEY, ANTHROPIC_KEY] {
+            assert!(!env.contains(secret), "gh saw {secret}: {env}");
+        }
+    }
     // Steps: agent sessions, turns and cost; the malformed line was survived.
     let (_, steps) = app.get(&format!("/agent-work-orders/{id}/steps")).await;
     let names: Vec<&str> = steps["steps"]
@@ -363,7 +425,8 @@ async fn a_work_order_reaches_a_pushed_branch_and_one_pull_request_and_keeps_the
 /// made again; only the interrupted agent step runs again.
 async fn a_kill_during_implement_resumes_without_recloning_or_replanning(backend: Backend) {
     let (app, url) = setup(TestApp::new(backend));
-    let mut app = app.with_env("STANDIN_SLEEP_IMPLEMENT", "4").with_api();
+    standin_setting(&app, "STANDIN_SLEEP_IMPLEMENT", "4");
+    let mut app = app.with_api();
     app.start_worker_with(&["--queues", "work_orders"]);
     let id = create(&app, live_order(&url, "Add a greeting")).await;
     wait_order(&app, &id, |o| o["current_step"] == "implement").await;
@@ -422,9 +485,9 @@ crate::conformance!(a_kill_during_implement_resumes_without_recloning_or_replann
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_kills_the_agent_and_its_children() {
     let (app, url) = setup(TestApp::new(Backend::Sqlite));
+    standin_setting(&app, "STANDIN_CHILD", "1");
+    standin_setting(&app, "STANDIN_SLEEP_PLAN", "300");
     let mut app = app
-        .with_env("STANDIN_CHILD", "1")
-        .with_env("STANDIN_SLEEP_PLAN", "300")
         .with_env("AGENT_WORK_ORDER_TIMEOUT", "2")
         .with_env("STAGE_MAX_ATTEMPTS", "2")
         .with_api();
