@@ -258,6 +258,7 @@ impl Deployment {
             budget_usd: None,
             stage_names: stages.iter().map(|s| s.to_string()).collect(),
             idempotency_key: None,
+            request_hash: None,
             reuse: false,
         };
         self.store.insert_run(run).await.expect("insert").0.id

@@ -29,8 +29,20 @@ impl RunId {
         Self(Uuid::now_v7())
     }
 
+    /// A run id in its one written form, the hyphenated UUID (`0193…-…`, 36 characters).
     pub fn parse(text: &str) -> Option<Self> {
-        Uuid::parse_str(text).ok().map(Self)
+        let hyphens = [8, 13, 18, 23];
+        let well_formed = text.len() == 36
+            && text.char_indices().all(|(i, c)| {
+                if hyphens.contains(&i) {
+                    c == '-'
+                } else {
+                    c.is_ascii_hexdigit()
+                }
+            });
+        well_formed
+            .then(|| Uuid::parse_str(text).ok().map(Self))
+            .flatten()
     }
 }
 

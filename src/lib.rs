@@ -18,6 +18,7 @@
 //! - [`secrets`]: hides secret values and token shapes in everything kept or shown.
 //! - [`cli`], [`client`], [`ops`]: the `stagecraft` command, its HTTP client, and the operator
 //!   commands that read the store directly.
+//! - [`money`]: budgets read exactly, to the micro-dollar.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`]: process plumbing.
 
 pub mod artifacts;
@@ -30,6 +31,7 @@ pub mod engine;
 pub mod http;
 pub mod ids;
 pub mod metrics;
+pub mod money;
 pub mod ops;
 pub mod process;
 pub mod queue;

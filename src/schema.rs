@@ -7,9 +7,11 @@
 //! in the schema alone. The keywords understood are the ones the schemas use; a schema using
 //! another fails the test that walks every published schema.
 //!
-//! Two details keep the check identical to a JSON Schema validator's: `integer` means a number
-//! without a fractional part (`2.0` is an integer, and is stored as `2`), and `pattern` is
-//! searched as JSON Schema does, with `$` also matching before a final line break.
+//! Details keep the check identical to a JSON Schema validator's: numbers are compared as the
+//! decimals they are written as, never through a float (`1000000.0000000001` is more than
+//! `1000000`); `integer` means a number without a fractional part (`2.0` is an integer, and is
+//! stored as `2`); `multipleOf` is a power of ten (`0.000001`: at most six decimals); and
+//! `pattern` is searched as JSON Schema does, with `$` also matching before a final line break.
 
 use serde_json::{Map, Value};
 
@@ -17,7 +19,7 @@ use crate::workflows::InputError;
 
 /// The keywords [`InputSchema::check`] understands; anything else in a published input schema
 /// is a mistake (see the module invariant).
-pub const KNOWN_KEYWORDS: [&str; 27] = [
+pub const KNOWN_KEYWORDS: [&str; 28] = [
     "type",
     "enum",
     "const",
@@ -37,6 +39,7 @@ pub const KNOWN_KEYWORDS: [&str; 27] = [
     "maximum",
     "exclusiveMinimum",
     "exclusiveMaximum",
+    "multipleOf",
     "oneOf",
     "anyOf",
     "allOf",
@@ -47,6 +50,13 @@ pub const KNOWN_KEYWORDS: [&str; 27] = [
     "title",
     "default",
 ];
+
+/// The part of a text a `pattern` ending in `$` constrains: JSON Schema validators let `$`
+/// match before a final line break, so a value that ends with one reads as the value without
+/// it wherever such a pattern is the rule.
+pub fn without_final_line_break(text: &str) -> &str {
+    text.strip_suffix('\n').unwrap_or(text)
+}
 
 /// A schema and the named schemas its `$ref`s point at (`#/components/schemas/{name}`).
 #[derive(Debug, Clone, Default)]
@@ -365,24 +375,159 @@ fn check_type(types: &Value, value: &mut Value) -> Result<(), String> {
     Err(format!("must be {}", names.join(" or ")))
 }
 
-/// The integer a number stands for, if it is integral.
+/// The integer a number stands for, if it is integral (by its written decimal).
 fn as_integer(value: &Value) -> Option<Value> {
     let Value::Number(number) = value else {
         return None;
     };
-    if number.is_i64() || number.is_u64() {
-        return Some(value.clone());
+    let text = number.to_string();
+    if let Ok(n) = text.parse::<u64>() {
+        return Some(Value::from(n));
     }
-    let float = number.as_f64()?;
-    if float.fract() != 0.0 || !float.is_finite() {
+    if let Ok(n) = text.parse::<i64>() {
+        return Some(Value::from(n));
+    }
+    let decimal = Decimal::parse(&text)?;
+    if decimal.exponent < 0 {
         return None;
     }
-    if (0.0..18_446_744_073_709_551_616.0).contains(&float) {
-        Some(Value::from(float as u64))
-    } else if (-9_223_372_036_854_775_808.0..0.0).contains(&float) {
-        Some(Value::from(float as i64))
+    // Integral but written with a fraction or an exponent: as plain digits.
+    let mut digits: String = decimal
+        .digits
+        .iter()
+        .map(|d| char::from(b'0' + d))
+        .collect();
+    if digits.is_empty() {
+        digits.push('0');
+    }
+    let zeros = usize::try_from(decimal.exponent)
+        .ok()
+        .filter(|z| *z <= 40)?;
+    digits.extend(std::iter::repeat_n('0', zeros));
+    let signed = if decimal.negative {
+        format!("-{digits}")
     } else {
-        None
+        digits
+    };
+    signed
+        .parse::<u64>()
+        .map(Value::from)
+        .or_else(|_| signed.parse::<i64>().map(Value::from))
+        .ok()
+}
+
+/// A JSON number as written, exactly: its digits without leading or trailing zeros and the
+/// power of ten of its last digit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Decimal {
+    negative: bool,
+    digits: Vec<u8>,
+    exponent: i64,
+}
+
+impl Decimal {
+    fn parse(text: &str) -> Option<Self> {
+        let (negative, rest) = match text.strip_prefix('-') {
+            Some(rest) => (true, rest),
+            None => (false, text),
+        };
+        let (mantissa, exponent) = match rest.find(['e', 'E']) {
+            Some(at) => (&rest[..at], rest[at + 1..].parse::<i64>().ok()?),
+            None => (rest, 0),
+        };
+        let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+        if whole.is_empty()
+            || !whole
+                .bytes()
+                .chain(fraction.bytes())
+                .all(|b| b.is_ascii_digit())
+        {
+            return None;
+        }
+        let mut digits: Vec<u8> = whole
+            .bytes()
+            .chain(fraction.bytes())
+            .map(|b| b - b'0')
+            .skip_while(|d| *d == 0)
+            .collect();
+        let mut exponent = exponent.saturating_sub(fraction.len() as i64);
+        while digits.last() == Some(&0) {
+            digits.pop();
+            exponent = exponent.saturating_add(1);
+        }
+        if digits.is_empty() {
+            return Some(Self {
+                negative: false,
+                digits,
+                exponent: 0,
+            });
+        }
+        Some(Self {
+            negative,
+            digits,
+            exponent,
+        })
+    }
+
+    fn of(value: &Value) -> Option<Self> {
+        match value {
+            Value::Number(number) => Self::parse(&number.to_string()),
+            _ => None,
+        }
+    }
+
+    /// Decimal places written (after dropping trailing zeros).
+    fn decimals(&self) -> u64 {
+        if self.exponent < 0 {
+            self.exponent.unsigned_abs()
+        } else {
+            0
+        }
+    }
+
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        use std::cmp::Ordering;
+        let zero = |d: &Self| d.digits.is_empty();
+        match (zero(self), zero(other)) {
+            (true, true) => return Ordering::Equal,
+            (true, false) => {
+                return if other.negative {
+                    Ordering::Greater
+                } else {
+                    Ordering::Less
+                };
+            }
+            (false, true) => {
+                return if self.negative {
+                    Ordering::Less
+                } else {
+                    Ordering::Greater
+                };
+            }
+            _ => {}
+        }
+        if self.negative != other.negative {
+            return if self.negative {
+                Ordering::Less
+            } else {
+                Ordering::Greater
+            };
+        }
+        // Magnitudes: first by the place of the leading digit, then digit by digit.
+        let top = |d: &Self| (d.digits.len() as i64).saturating_add(d.exponent);
+        let magnitude = top(self).cmp(&top(other)).then_with(|| {
+            let length = self.digits.len().max(other.digits.len());
+            let digit = |d: &Self, i: usize| d.digits.get(i).copied().unwrap_or(0);
+            (0..length)
+                .map(|i| digit(self, i).cmp(&digit(other, i)))
+                .find(|o| *o != Ordering::Equal)
+                .unwrap_or(Ordering::Equal)
+        });
+        if self.negative {
+            magnitude.reverse()
+        } else {
+            magnitude
+        }
     }
 }
 
@@ -419,28 +564,33 @@ fn check_string(rules: &Map<String, Value>, text: &str) -> Result<(), String> {
 }
 
 fn check_number(rules: &Map<String, Value>, value: &Value) -> Result<(), String> {
-    let Some(number) = value.as_f64() else {
+    let Some(number) = Decimal::of(value) else {
         return Ok(());
     };
-    let bound = |name: &str| rules.get(name).and_then(Value::as_f64);
-    if let Some(max) = bound("maximum") {
-        if number > max {
-            return Err(format!("must be at most {max}"));
-        }
+    let bound = |name: &str| rules.get(name).and_then(Decimal::of);
+    let text = |name: &str| rules.get(name).map(Value::to_string).unwrap_or_default();
+    use std::cmp::Ordering::{Greater, Less};
+    if bound("maximum").is_some_and(|max| number.cmp(&max) == Greater) {
+        return Err(format!("must be at most {}", text("maximum")));
     }
-    if let Some(min) = bound("minimum") {
-        if number < min {
-            return Err(format!("must be at least {min}"));
-        }
+    if bound("minimum").is_some_and(|min| number.cmp(&min) == Less) {
+        return Err(format!("must be at least {}", text("minimum")));
     }
-    if let Some(max) = bound("exclusiveMaximum") {
-        if number >= max {
-            return Err(format!("must be less than {max}"));
-        }
+    if bound("exclusiveMaximum").is_some_and(|max| number.cmp(&max) != Less) {
+        return Err(format!("must be less than {}", text("exclusiveMaximum")));
     }
-    if let Some(min) = bound("exclusiveMinimum") {
-        if number <= min {
-            return Err(format!("must be more than {min}"));
+    if bound("exclusiveMinimum").is_some_and(|min| number.cmp(&min) != Greater) {
+        return Err(format!("must be more than {}", text("exclusiveMinimum")));
+    }
+    if let Some(step) = bound("multipleOf") {
+        // A power of ten: 1 (integers), 0.1, 0.01, …
+        let places = step.decimals();
+        let power_of_ten = step.digits == [1] && !step.negative;
+        if !power_of_ten || number.exponent < step.exponent {
+            return Err(format!(
+                "must have at most {places} decimals (a multiple of {})",
+                text("multipleOf")
+            ));
         }
     }
     Ok(())
@@ -524,6 +674,46 @@ mod tests {
             .check(&mut json!({"name": "a", "maybe": {"n": 0}}))
             .expect_err("refused");
         assert_eq!(error.field, "inputs.maybe.n", "{error}");
+    }
+
+    #[test]
+    fn numbers_are_compared_as_the_decimals_they_are_written_as() {
+        let schema = InputSchema::new(
+            json!({"type": "object", "properties": {
+                "money": {"type": "number", "minimum": 0, "maximum": 1000000, "multipleOf": 0.000001},
+                "n": {"type": "integer", "maximum": 3},
+                "ratio": {"type": "number", "exclusiveMaximum": 1}
+            }}),
+            Map::new(),
+        );
+        let parse = |text: &str| -> Value { serde_json::from_str(text).expect("json") };
+        for ok in [
+            r#"{"money": 1000000}"#,
+            r#"{"money": 1000000.000000}"#,
+            r#"{"money": 0.000001}"#,
+            r#"{"money": 1e-6}"#,
+            r#"{"money": 12.5e2}"#,
+            r#"{"n": 3.0}"#,
+            r#"{"n": 30e-1}"#,
+            r#"{"ratio": 0.99999999999999999999}"#,
+        ] {
+            schema.check(&mut parse(ok)).expect(ok);
+        }
+        for refused in [
+            r#"{"money": 1000000.0000000001}"#,
+            r#"{"money": 0.0000001}"#,
+            r#"{"money": -0.000001}"#,
+            r#"{"money": 1e7}"#,
+            r#"{"n": 3.0000000000000001}"#,
+            r#"{"n": 4}"#,
+            r#"{"ratio": 1.0}"#,
+            r#"{"ratio": 1e0}"#,
+        ] {
+            assert!(schema.check(&mut parse(refused)).is_err(), "{refused}");
+        }
+        let mut integral = parse(r#"{"n": 3.0}"#);
+        schema.check(&mut integral).expect("integral");
+        assert!(integral["n"].is_u64());
     }
 
     #[test]

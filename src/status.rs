@@ -73,7 +73,7 @@ pub struct RunDoc {
     /// True when mock providers did the work: `cost_usd` is what live providers would charge.
     pub cost_simulated: bool,
     pub budget_usd: Option<f64>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     pub error: Option<RunError>,
     pub cancel_requested: bool,

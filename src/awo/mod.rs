@@ -148,6 +148,7 @@ mod tests {
                 budget_usd: None,
                 stage_names: vec!["sandbox".into()],
                 idempotency_key: None,
+                request_hash: None,
                 reuse: false,
             })
             .await

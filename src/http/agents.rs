@@ -3,7 +3,7 @@
 
 use axum::{
     Json,
-    extract::{Path, State},
+    extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
     response::{IntoResponse, Response},
 };
@@ -13,7 +13,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     ApiError, AppState, ErrorBody, JsonBody,
-    runs::{SubmitRun, submit, wait_until_finished},
+    runs::{Family, SubmitRun, submit, wait_until_finished},
 };
 use crate::{
     config::ProviderMode,
@@ -37,15 +37,40 @@ pub struct AgentInfo {
     run_url: String,
 }
 
+/// The agents, by name (as the studio's clients read them), or described.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct AgentList {
-    agents: Vec<AgentInfo>,
+#[serde(untagged)]
+pub enum AgentList {
+    Names { agents: Vec<&'static str> },
+    Details { agents: Vec<AgentInfo> },
 }
 
-/// The studio agents.
-#[utoipa::path(get, path = "/agents", tag = "agents", responses((status = 200, body = AgentList)))]
-async fn list_agents() -> Json<AgentList> {
-    Json(AgentList {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct AgentListQuery {
+    /// Describe each agent (description, version, schema and run URLs) instead of naming it.
+    #[serde(default)]
+    details: bool,
+}
+
+/// The studio agents: `{"agents": ["producer", …]}`, or with `?details=true` a description of
+/// each.
+#[utoipa::path(get, path = "/agents", tag = "agents", params(AgentListQuery),
+    responses((status = 200, body = AgentList), (status = 422, body = ErrorBody)))]
+async fn list_agents(
+    query: Result<Query<AgentListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<AgentList>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid {
+        code: "invalid_query",
+        message: e.body_text(),
+        details: Some(serde_json::json!({"field": "details"})),
+    })?;
+    if !query.details {
+        return Ok(Json(AgentList::Names {
+            agents: agents::AGENTS.iter().map(|a| a.name).collect(),
+        }));
+    }
+    Ok(Json(AgentList::Details {
         agents: agents::AGENTS
             .iter()
             .map(|a| AgentInfo {
@@ -56,7 +81,7 @@ async fn list_agents() -> Json<AgentList> {
                 run_url: format!("/agents/{}/run", a.name),
             })
             .collect(),
-    })
+    }))
 }
 
 fn unknown_agent(name: &str) -> ApiError {
@@ -83,12 +108,14 @@ async fn agent_schema(Path(name): Path<String>) -> Result<Json<Value>, ApiError>
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentRunRequest {
+    #[serde(default = "super::runs::empty_object")]
     #[schema(value_type = Object)]
     pub inputs: Value,
     /// Answer at once with the run id instead of waiting (`run_async` is accepted too).
     #[serde(default, rename = "async", alias = "run_async")]
     pub run_async: bool,
-    pub budget_usd: Option<f64>,
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    pub budget_usd: Option<crate::money::Dollars>,
     pub provider_mode: Option<ProviderMode>,
     /// Reuse the result of an earlier run of this agent with the same inputs, at no cost.
     #[serde(default)]
@@ -100,7 +127,7 @@ pub struct AgentRunResponse {
     run_id: String,
     agent: String,
     status: RunStatus,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     result: Option<Value>,
     error: Option<RunError>,
     cost_usd: f64,
@@ -110,7 +137,8 @@ pub struct AgentRunResponse {
 /// Runs one agent through the queue: a worker serving the `agents` queue executes it. Waits up
 /// to `SYNC_WAIT_SECS` and answers 200 with the result once finished, or 202 with the run id to
 /// poll (`GET /runs/{id}`).
-#[utoipa::path(post, path = "/agents/{name}/run", tag = "agents", params(("name" = String, Path)),
+#[utoipa::path(post, path = "/agents/{name}/run", tag = "agents",
+    params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "the same key answers the same run")),
     request_body = AgentRunRequest,
     responses((status = 200, body = AgentRunResponse), (status = 202, body = AgentRunResponse),
               (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -135,7 +163,7 @@ async fn run_agent(
     let waiting = (!request.run_async)
         .then(|| state.limits.sync_wait())
         .transpose()?;
-    let (mut run, _) = submit(&state, submit_request, &headers).await?;
+    let (mut run, _) = submit(&state, submit_request, &headers, Family::Agents).await?;
     if waiting.is_some() {
         run = wait_until_finished(&state, run).await?;
     }

@@ -76,11 +76,13 @@ pub struct RunFiles {
 
 /// A single path segment a request may name: no separators, no dot segments, nothing hidden.
 fn segment<'a>(value: &'a str, what: &str) -> Result<&'a str, ApiError> {
-    let safe = !value.is_empty()
-        && value.len() <= 255
-        && !value.starts_with('.')
-        && !value.contains(['/', '\\', '\0'])
-        && !value.chars().any(char::is_control);
+    // As the documented pattern reads it; such a name then names no file (404).
+    let checked = crate::schema::without_final_line_break(value);
+    let safe = !checked.is_empty()
+        && checked.chars().count() <= 255
+        && !checked.starts_with('.')
+        && !checked.contains(['/', '\\', '\0'])
+        && !checked.chars().any(char::is_control);
     if safe {
         Ok(value)
     } else {
@@ -150,7 +152,7 @@ async fn list_categories(State(state): State<AppState>) -> Result<Json<CategoryL
 
 /// The files (or, for `runs`, the run directories) of a category.
 #[utoipa::path(get, path = "/artifacts/{category}", tag = "artifacts", params(("category" = String, Path)),
-    responses((status = 200, body = EntryList), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = EntryList), (status = 422, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn list_category(
     State(state): State<AppState>,
     Path(category): Path<String>,
@@ -187,7 +189,7 @@ async fn list_category(
 #[utoipa::path(get, path = "/artifacts/{category}/{id}", tag = "artifacts",
     params(("category" = String, Path), ("id" = String, Path)),
     responses((status = 200, description = "the file"), (status = 206, description = "part of the file"),
-              (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+              (status = 422, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_artifact(
     State(state): State<AppState>,
     Path((category, id)): Path<(String, String)>,
@@ -203,7 +205,7 @@ async fn get_artifact(
 
 /// Every file a run wrote, with its size and download URL.
 #[utoipa::path(get, path = "/artifacts/runs/{run_id}", tag = "artifacts", params(("run_id" = String, Path)),
-    responses((status = 200, body = RunFiles), (status = 400, body = ErrorBody), (status = 404, body = ErrorBody)))]
+    responses((status = 200, body = RunFiles), (status = 422, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn run_artifacts(
     State(state): State<AppState>,
     Path(run_id): Path<String>,

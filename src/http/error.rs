@@ -19,9 +19,9 @@
 //! | `unauthorized` | 401 |
 //! | `forbidden` | 403 |
 //! | `not_found`, `unknown_workflow`, `unknown_agent` | 404 |
-//! | `conflict`, `idempotency_conflict` | 409 |
+//! | `conflict`, `idempotency_conflict`, `invalid_from_stage` | 409 |
 //! | `payload_too_large` | 413 |
-//! | `invalid_input`, `invalid_from_stage`, `invalid_query`, `missing_key` | 422 |
+//! | `invalid_input`, `invalid_query`, `invalid_path`, `missing_key` | 422 |
 //! | `overloaded` (with `Retry-After`), `unavailable` | 503 |
 //! | `internal` | 500 |
 
@@ -51,10 +51,13 @@ pub enum ApiError {
         message: String,
         details: Option<Value>,
     },
-    #[error("{0}")]
-    Conflict(String),
-    #[error("{0}")]
-    IdempotencyConflict(String),
+    /// The run's state (or an earlier request) forbids this one.
+    #[error("{message}")]
+    Conflict {
+        code: &'static str,
+        message: String,
+        details: Option<Value>,
+    },
     #[error("request body is larger than {0} bytes")]
     PayloadTooLarge(usize),
     #[error("{message}")]
@@ -99,8 +102,7 @@ impl ApiError {
             Self::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::NotFound { code, .. } => (StatusCode::NOT_FOUND, code),
-            Self::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            Self::IdempotencyConflict(_) => (StatusCode::CONFLICT, "idempotency_conflict"),
+            Self::Conflict { code, .. } => (StatusCode::CONFLICT, code),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             Self::Invalid { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             Self::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
@@ -144,7 +146,9 @@ impl IntoResponse for ApiError {
             _ => None,
         };
         let details = match self {
-            Self::NotFound { details, .. } | Self::Invalid { details, .. } => details,
+            Self::NotFound { details, .. }
+            | Self::Invalid { details, .. }
+            | Self::Conflict { details, .. } => details,
             _ => None,
         }
         .filter(Value::is_object)
@@ -171,7 +175,18 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::NotFound(id) => Self::not_found(format!("run {id} not found")),
-            StoreError::Conflict(message) => Self::Conflict(message),
+            StoreError::IdempotencyConflict(id) => Self::Conflict {
+                code: "idempotency_conflict",
+                message: format!(
+                    "this Idempotency-Key was used for run {id} with a different request; use a new key"
+                ),
+                details: Some(json!({"run_id": id.to_string()})),
+            },
+            StoreError::Conflict(message) => Self::Conflict {
+                code: "conflict",
+                message,
+                details: None,
+            },
             StoreError::Busy(message) => {
                 tracing::warn!(reason = %message, "store queue full; refusing new work");
                 Self::Overloaded {

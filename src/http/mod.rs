@@ -8,6 +8,7 @@ pub mod auth;
 mod error;
 mod health;
 pub mod limits;
+pub mod openapi;
 mod runs;
 mod work_orders;
 
@@ -89,7 +90,9 @@ impl AppState {
         (name = "artifacts", description = "Files runs produced"),
         (name = "work orders", description = "Agent work orders: a coding agent on a git branch, up to a pull request"),
         (name = "ops", description = "Health, queues and metrics")
-    )
+    ),
+    // Event streams carry these (documented per event by `openapi::document`).
+    components(schemas(crate::store::RunEvent, work_orders::LogEntry))
 )]
 struct ApiDoc;
 
@@ -108,7 +111,10 @@ pub fn app(state: AppState) -> Router {
         .split_for_parts();
     let body_limit = state.config.max_body_bytes;
     let router = router
-        .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+        .merge(SwaggerUi::new("/docs").external_url_unchecked(
+            "/openapi.json",
+            openapi::document(&openapi, &state.catalog, &state.tokens),
+        ))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),

@@ -39,6 +39,7 @@ pub fn routes() -> OpenApiRouter<AppState> {
 
 const MAX_IDEMPOTENCY_KEY: usize = 200;
 const MAX_NAME: usize = 200;
+const MAX_STAGE_NAME: usize = 64;
 
 /// `POST /runs`.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -51,7 +52,8 @@ pub struct SubmitRun {
     #[schema(value_type = Object)]
     pub inputs: Value,
     /// The run fails with `budget_exceeded` rather than start a stage that would exceed this.
-    pub budget_usd: Option<f64>,
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    pub budget_usd: Option<crate::money::Dollars>,
     /// Overrides the deployment's provider mode for this run.
     pub provider_mode: Option<ProviderMode>,
     /// Let stages take the checkpoint of an earlier run whose stage had the same inputs and agent
@@ -60,7 +62,7 @@ pub struct SubmitRun {
     pub reuse: bool,
 }
 
-fn empty_object() -> Value {
+pub(super) fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
@@ -77,33 +79,74 @@ async fn load_run(state: &AppState, id: &str) -> Result<RunRecord, ApiError> {
         .ok_or_else(|| ApiError::not_found(format!("run {id} not found")))
 }
 
+/// The route families idempotency keys are scoped by: the same key sent to two of them names
+/// two different runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Family {
+    Runs,
+    Agents,
+    Workflows,
+    WorkOrders,
+}
+
+impl Family {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Runs => "runs",
+            Self::Agents => "agents",
+            Self::Workflows => "workflows",
+            Self::WorkOrders => "work_orders",
+        }
+    }
+}
+
+/// The `Idempotency-Key` header: 1 to 200 printable ASCII characters, neither first nor last a
+/// space (exactly the documented pattern).
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(value) = headers.get("idempotency-key") else {
         return Ok(None);
     };
-    let key = value.to_str().map_err(|_| {
-        ApiError::invalid(
-            "Idempotency-Key must be visible ASCII",
-            Some("Idempotency-Key"),
-        )
-    })?;
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+    let bytes = value.as_bytes();
+    let printable = bytes.iter().all(|b| (b' '..=b'~').contains(b));
+    let trimmed = bytes.first() != Some(&b' ') && bytes.last() != Some(&b' ');
+    if bytes.is_empty() || bytes.len() > MAX_IDEMPOTENCY_KEY || !printable || !trimmed {
         return Err(ApiError::invalid(
-            format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters"),
+            format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters, \
+                 not starting or ending with a space"
+            ),
             Some("Idempotency-Key"),
         ));
     }
-    Ok(Some(key.to_owned()))
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// A fingerprint of what a submission asks for (not how it waits for the answer).
+fn request_hash(name: &str, inputs: &Value, request: &SubmitRun) -> String {
+    use sha2::{Digest, Sha256};
+    let asked = serde_json::json!({
+        "kind": request.kind.as_str(),
+        "name": name,
+        "inputs": inputs,
+        "budget_usd": request.budget_usd.map(crate::money::Dollars::micros),
+        "provider_mode": request.provider_mode.map(ProviderMode::as_str),
+        "reuse": request.reuse,
+    });
+    Sha256::digest(asked.to_string().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Validates and stores a run. Answers the record and whether it was created now (false when
 /// the idempotency key was already used).
 pub(super) async fn submit(
     state: &AppState,
-    request: SubmitRun,
+    mut request: SubmitRun,
     headers: &HeaderMap,
+    family: Family,
 ) -> Result<(RunRecord, bool), ApiError> {
-    let key = idempotency_key(headers)?;
+    let key = idempotency_key(headers)?.map(|key| format!("{}:{key}", family.as_str()));
     if request.name.len() > MAX_NAME {
         return Err(ApiError::invalid("name is too long", Some("name")));
     }
@@ -122,18 +165,10 @@ pub(super) async fn submit(
                 details: Some(serde_json::json!({"known": known})),
             }
         })?;
-    let mut inputs = request.inputs;
+    let mut inputs = std::mem::take(&mut request.inputs);
     workflow
         .validate(&mut inputs)
         .map_err(|e| ApiError::invalid(e.to_string(), Some(&e.field)))?;
-    if let Some(budget) = request.budget_usd {
-        if !(budget.is_finite() && budget >= 0.0) {
-            return Err(ApiError::invalid(
-                "budget_usd must be a non-negative number",
-                Some("budget_usd"),
-            ));
-        }
-    }
     let provider_mode = request.provider_mode.unwrap_or(state.config.provider_mode);
     if provider_mode == ProviderMode::Live {
         if let Err((code, message)) = workflow.check_live() {
@@ -146,7 +181,11 @@ pub(super) async fn submit(
     }
     let budget_usd = request
         .budget_usd
+        .map(crate::money::Dollars::as_f64)
         .or_else(|| workflow.default_budget(&inputs));
+    let request_hash = key
+        .as_ref()
+        .map(|_| request_hash(workflow.name(), &inputs, &request));
     let run = NewRun {
         id: RunId::generate(),
         kind: request.kind,
@@ -157,6 +196,7 @@ pub(super) async fn submit(
         budget_usd,
         stage_names: workflow.stage_names(),
         idempotency_key: key,
+        request_hash,
         reuse: request.reuse,
     };
     Ok(state.store.insert_run(run).await?)
@@ -174,7 +214,7 @@ async fn submit_run(
     headers: HeaderMap,
     JsonBody(request): JsonBody<SubmitRun>,
 ) -> Result<Response, ApiError> {
-    let (run, created) = submit(&state, request, &headers).await?;
+    let (run, created) = submit(&state, request, &headers, Family::Runs).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -184,13 +224,24 @@ async fn submit_run(
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Only runs of this kind.
+    #[param(value_type = Option<RunKind>)]
     kind: Option<String>,
+    /// Only runs with this status.
+    #[param(value_type = Option<RunStatus>)]
     status: Option<String>,
+    /// Only runs of this workflow or agent.
+    #[param(min_length = 1, max_length = 200)]
     name: Option<String>,
-    /// Page size, 1 to 500 (default 50).
+    /// Page size (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
     /// `next_cursor` of the previous page.
+    #[param(
+        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+    )]
     cursor: Option<String>,
 }
 
@@ -239,10 +290,18 @@ async fn list_runs(
     let before = match query.cursor.as_deref() {
         None => None,
         Some(c) => Some(
-            RunId::parse(c)
+            RunId::parse(crate::schema::without_final_line_break(c))
                 .ok_or_else(|| invalid("cursor", "cursor is not a run id".to_owned()))?,
         ),
     };
+    if let Some(name) = &query.name {
+        if name.is_empty() || name.chars().count() > MAX_NAME {
+            return Err(invalid(
+                "name",
+                format!("name must be 1 to {MAX_NAME} characters"),
+            ));
+        }
+    }
     let limit = query.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
         return Err(invalid(
@@ -397,7 +456,8 @@ pub struct ResumeRequest {
     #[schema(value_type = Option<Object>)]
     pub inputs: Option<Value>,
     /// A new budget for the run (e.g. after it failed with `budget_exceeded`).
-    pub budget_usd: Option<f64>,
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    pub budget_usd: Option<crate::money::Dollars>,
 }
 
 async fn resume(
@@ -416,10 +476,17 @@ async fn resume(
     }
     let from = match request.from_stage.as_deref() {
         None | Some("auto") => FromStage::Auto,
+        Some(stage) if stage.is_empty() || stage.chars().count() > MAX_STAGE_NAME => {
+            return Err(ApiError::invalid(
+                format!("from_stage must be 1 to {MAX_STAGE_NAME} characters"),
+                Some("from_stage"),
+            ));
+        }
         Some(stage) if run.stage_index(stage).is_some() => FromStage::Named(stage.to_owned()),
+        // The stages are the run's own: naming another's is a conflict with this run's state.
         Some(stage) => {
             let names: Vec<&str> = run.stages.iter().map(|s| s.name.as_str()).collect();
-            return Err(ApiError::Invalid {
+            return Err(ApiError::Conflict {
                 code: "invalid_from_stage",
                 message: format!("run {} has no stage {stage:?}", run.id),
                 details: Some(serde_json::json!({"field": "from_stage", "stages": names})),
@@ -455,17 +522,9 @@ async fn resume(
             ));
         }
     };
-    if let Some(budget) = request.budget_usd {
-        if !(budget.is_finite() && budget >= 0.0) {
-            return Err(ApiError::invalid(
-                "budget_usd must be a non-negative number",
-                Some("budget_usd"),
-            ));
-        }
-    }
     let changes = ResumeChanges {
         inputs,
-        budget_usd: request.budget_usd,
+        budget_usd: request.budget_usd.map(crate::money::Dollars::as_f64),
     };
     let run = state.store.resume(run.id, from, changes).await?;
     refresh_metadata(state, &run).await;
@@ -527,7 +586,8 @@ pub struct WorkflowRunRequest {
     /// Answer at once instead of waiting for completion (`run_async` is accepted too).
     #[serde(default, rename = "async", alias = "run_async")]
     pub run_async: bool,
-    pub budget_usd: Option<f64>,
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    pub budget_usd: Option<crate::money::Dollars>,
     pub provider_mode: Option<ProviderMode>,
     /// Reuse earlier runs' checkpoints where a stage's inputs match (see `POST /runs`).
     #[serde(default)]
@@ -539,7 +599,7 @@ pub struct WorkflowRunResponse {
     run_id: String,
     workflow: String,
     status: RunStatus,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     result: Option<Value>,
     error: Option<RunError>,
     message: Option<String>,
@@ -547,7 +607,8 @@ pub struct WorkflowRunResponse {
 
 /// Starts a workflow run. Async answers at once (202); sync waits up to `SYNC_WAIT_SECS` for the
 /// result and answers 200 when finished, 202 with the run id to poll otherwise.
-#[utoipa::path(post, path = "/workflows/{name}/run", tag = "workflows", params(("name" = String, Path)),
+#[utoipa::path(post, path = "/workflows/{name}/run", tag = "workflows",
+    params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "the same key answers the same run")),
     request_body = WorkflowRunRequest,
     responses((status = 200, body = WorkflowRunResponse), (status = 202, body = WorkflowRunResponse),
               (status = 404, body = ErrorBody), (status = 422, body = ErrorBody)))]
@@ -569,7 +630,7 @@ async fn run_workflow(
     let waiting = (!request.run_async)
         .then(|| state.limits.sync_wait())
         .transpose()?;
-    let (mut run, _) = submit(&state, submit_request, &headers).await?;
+    let (mut run, _) = submit(&state, submit_request, &headers, Family::Workflows).await?;
     if waiting.is_some() {
         run = wait_until_finished(&state, run).await?;
     }

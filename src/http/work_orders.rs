@@ -18,7 +18,7 @@ use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{
     ApiError, AppState, ErrorBody, JsonBody,
-    runs::{SubmitRun, submit},
+    runs::{Family, SubmitRun, submit},
 };
 use crate::{
     awo::{
@@ -49,7 +49,8 @@ pub struct CreateWorkOrder {
     pub user_request: String,
     /// `mock` (the built-in agent and mock pull-request hosting) or `live` (the real CLIs).
     pub provider_mode: Option<ProviderMode>,
-    pub budget_usd: Option<f64>,
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    pub budget_usd: Option<crate::money::Dollars>,
 }
 
 /// A work order's status.
@@ -65,7 +66,7 @@ pub struct WorkOrderDoc {
     provider_mode: ProviderMode,
     current_step: Option<String>,
     last_completed_step: Option<String>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     pull_request: Option<Value>,
     commit: Option<String>,
     error: Option<RunError>,
@@ -120,7 +121,9 @@ impl WorkOrderDoc {
 
 /// Creates a work order: validates the repository URL and request, stores the run and queues it.
 #[utoipa::path(post, path = "/agent-work-orders", tag = "work orders", request_body = CreateWorkOrder,
-    responses((status = 201, body = WorkOrderDoc), (status = 422, body = ErrorBody)))]
+    params(("Idempotency-Key" = Option<String>, Header, description = "the same key answers the same work order")),
+    responses((status = 201, body = WorkOrderDoc), (status = 200, body = WorkOrderDoc, description = "idempotent replay"),
+              (status = 422, body = ErrorBody)))]
 async fn create_work_order(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -140,7 +143,7 @@ async fn create_work_order(
         provider_mode: request.provider_mode,
         reuse: false,
     };
-    let (run, created) = submit(&state, submit_request, &headers).await?;
+    let (run, created) = submit(&state, submit_request, &headers, Family::WorkOrders).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -203,7 +206,7 @@ pub struct StepDoc {
     turns: Option<u64>,
     cost_usd: f64,
     error: Option<RunError>,
-    #[schema(value_type = Object)]
+    #[schema(value_type = Option<Object>)]
     output: Option<Value>,
 }
 

@@ -37,6 +37,9 @@ pub enum StoreError {
     /// The request conflicts with the run's current state (e.g. resuming a running run).
     #[error("{0}")]
     Conflict(String),
+    /// The idempotency key names a run that was submitted with a different request.
+    #[error("the Idempotency-Key was used for run {0} with a different request")]
+    IdempotencyConflict(RunId),
     /// The stored data could not be read back (corruption or an incompatible schema).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
@@ -195,7 +198,11 @@ pub struct NewRun {
     pub provider_mode: ProviderMode,
     pub budget_usd: Option<f64>,
     pub stage_names: Vec<String>,
+    /// The submission's `Idempotency-Key`, scoped by the route family it came through.
     pub idempotency_key: Option<String>,
+    /// A fingerprint of what was asked for: the same key with another fingerprint is refused
+    /// ([`StoreError::IdempotencyConflict`]).
+    pub request_hash: Option<String>,
     /// Stages may take the checkpoint of an earlier run with the same inputs (at no cost).
     pub reuse: bool,
 }
@@ -468,7 +475,8 @@ pub trait RunStore: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
 
     /// Persists a new queued run. With an idempotency key already used, returns the existing
-    /// run and `false`.
+    /// run and `false` (or [`StoreError::IdempotencyConflict`] when that run was asked for
+    /// differently). A key is kept as long as the run it names.
     async fn insert_run(&self, run: NewRun) -> StoreResult<(RunRecord, bool)>;
 
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>>;

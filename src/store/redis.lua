@@ -262,13 +262,17 @@ end
 
 local OPS = {}
 
--- insert id kind name queue inputs mode budget idem idem_ttl_ms reuse(0|1) n names...:
--- {id, 1, created_at} for a new run, {id of the run with this idempotency key, 0, 0} otherwise
-function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reuse, n, ...)
+-- insert id kind name queue inputs mode budget idem request_hash reuse(0|1) n names...:
+-- {id, 1, created_at, ''} for a new run, {id of the run with this idempotency key, 0, 0, the
+-- request hash it was created with} otherwise. A key lives as long as its run (purge deletes
+-- it with the run).
+function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, request_hash, reuse, n, ...)
   if idem ~= '' then
     local existing = redis.call('GET', k_idem(idem))
-    if existing then return { existing, 0, 0 } end
-    redis.call('SET', k_idem(idem), id, 'PX', idem_ttl)
+    if existing then
+      return { existing, 0, 0, redis.call('HGET', k_run(existing), 'request_hash') or '' }
+    end
+    redis.call('SET', k_idem(idem), id)
   end
   -- Hot fields first (see the top). `next` is the first stage without a checkpoint.
   local fields = { 'status', 'queued', 'fence', '0', 'lease_owner', '', 'lease_expires_at', '',
@@ -282,14 +286,14 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, idem_ttl, reu
   end
   append(fields, 'finished_at', '', 'id', id, 'kind', kind, 'name', name, 'inputs', inputs,
     'provider_mode', mode, 'cost_usd', '0', 'created_at', NOW, 'available_at', NOW,
-    'idempotency_key', idem)
+    'idempotency_key', idem, 'request_hash', request_hash)
   redis.call('HSET', k_run(id), unpack(fields))
   added[#added + 1] = id
   move(id, q, nil, 'queued')
   redis.call('ZADD', k_due(q), NOW, id)
   wake(q)
   event(id, 'run_queued', nil, cjson.encode({ queue = q }))
-  return { id, 1, now }
+  return { id, 1, now, '' }
 end
 
 -- Claims one due run for `worker`: {id, fence, started, attempt, recovered}, or nil when the

@@ -73,7 +73,7 @@ pub struct RedisStore {
     prefix: String,
     /// Script operations on their way to [`send_batches`] (bounded: see [`MAX_QUEUED_OPS`]).
     batches: mpsc::Sender<Pending>,
-    /// How long idempotency keys are kept: the retention period.
+    /// How long finished runs are kept (the store's retention period).
     retention: Duration,
     /// The connection blocking waits use, opened on first use and replaced after an error.
     blocking: std::sync::Arc<Mutex<Option<redis::aio::MultiplexedConnection>>>,
@@ -572,18 +572,22 @@ impl RunStore for RedisStore {
             run.provider_mode.as_str().to_owned(),
             run.budget_usd.map(|b| b.to_string()).unwrap_or_default(),
             run.idempotency_key.clone().unwrap_or_default(),
-            self.retention.as_millis().to_string(),
+            run.request_hash.clone().unwrap_or_default(),
             if run.reuse { "1" } else { "0" }.to_owned(),
             run.stage_names.len().to_string(),
         ];
         args.extend(run.stage_names.iter().cloned());
-        let (id, created, at): (String, i64, i64) = self.call("insert", &args).await?;
+        let (id, created, at, hash): (String, i64, i64, String) =
+            self.call("insert", &args).await?;
         if created == 1 {
             // The run is exactly what was sent, queued: no need to read it back.
             return Ok((RunRecord::queued(run, to_datetime(at)), true));
         }
-        // Another run holds the idempotency key: answer that one.
+        // Another run holds the idempotency key: answer that one, if it was asked for alike.
         let id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
+        if !hash.is_empty() && Some(&hash) != run.request_hash.as_ref() {
+            return Err(StoreError::IdempotencyConflict(id));
+        }
         let record = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
         Ok((record, false))
     }

@@ -970,22 +970,28 @@ impl SqliteStore {
         let now = self.now();
         let mut tx = self.begin().await?;
         if let Some(key) = &run.idempotency_key {
-            let existing = sqlx::query("SELECT id FROM runs WHERE idempotency_key = ?")
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
+            let existing =
+                sqlx::query("SELECT id, idempotency_hash FROM runs WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
             if let Some(row) = existing {
                 tx.rollback().await?;
                 let id: String = row.try_get("id")?;
                 let id =
                     RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
+                let hash: Option<String> = row.try_get("idempotency_hash")?;
+                if hash.is_some() && hash != run.request_hash {
+                    return Err(StoreError::IdempotencyConflict(id));
+                }
                 let record = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
                 return Ok((record, false));
             }
         }
         sqlx::query(
             "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, budget_usd, available_at, \
-             idempotency_key, created_at, updated_at, reuse) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+             idempotency_key, idempotency_hash, created_at, updated_at, reuse) \
+             VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(run.id.to_string())
         .bind(run.kind.as_str())
@@ -996,6 +1002,7 @@ impl SqliteStore {
         .bind(run.budget_usd)
         .bind(now)
         .bind(&run.idempotency_key)
+        .bind(&run.request_hash)
         .bind(now)
         .bind(now)
         .bind(i64::from(run.reuse))
@@ -1606,6 +1613,7 @@ mod tests {
             budget_usd: None,
             stage_names: vec!["noop".into()],
             idempotency_key: None,
+            request_hash: None,
             reuse: false,
         }
     }

@@ -223,8 +223,8 @@ pub struct ProducerInput {
     /// What the video is about.
     #[schema(min_length = 1, max_length = 2000)]
     pub user_request: String,
-    /// Dollars for the whole production.
-    #[schema(minimum = 0, maximum = 1000000)]
+    /// Dollars for the whole production (at most six decimals).
+    #[schema(minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
     pub total_budget: f64,
     /// Pilots to try (default 2).
     #[serde(default)]

@@ -142,6 +142,7 @@ mod tests {
                 budget_usd: None,
                 stage_names: vec!["noop".into()],
                 idempotency_key: None,
+                request_hash: None,
                 reuse: false,
             })
             .await

@@ -32,8 +32,9 @@ pub struct ProductionInputs {
     /// What the video is about.
     #[schema(min_length = 1, max_length = 2000)]
     pub user_request: String,
-    /// Dollars for the whole production; also the run's budget unless `budget_usd` is given.
-    #[schema(minimum = 0, maximum = 1000000)]
+    /// Dollars for the whole production (at most six decimals); also the run's budget unless
+    /// `budget_usd` is given.
+    #[schema(minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
     pub total_budget: f64,
     /// Pilots to try (default 2).
     #[serde(default)]
@@ -89,7 +90,8 @@ pub struct AudioInputs {
 
 fn audio_inputs(inputs: &Value) -> Result<(AudioInputs, RunId), InputError> {
     let parsed: AudioInputs = checked(inputs)?;
-    let id = RunId::parse(&parsed.source_run_id).ok_or_else(|| InputError {
+    let written = crate::schema::without_final_line_break(&parsed.source_run_id);
+    let id = RunId::parse(written).ok_or_else(|| InputError {
         field: "inputs.source_run_id".to_owned(),
         message: "must be a run id".to_owned(),
     })?;

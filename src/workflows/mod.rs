@@ -126,6 +126,11 @@ impl Catalog {
             .map(|(_, w)| w.clone())
     }
 
+    /// Every workflow, by kind and name.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Workflow>> {
+        self.workflows.values()
+    }
+
     pub fn of_kind(&self, kind: RunKind) -> impl Iterator<Item = &Arc<dyn Workflow>> {
         self.workflows
             .iter()

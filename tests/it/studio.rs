@@ -460,13 +460,26 @@ async fn artifact_paths_that_leave_the_root_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_agent_accepts_what_its_schema_allows_and_names_the_field_it_refuses() {
     let app = TestApp::started(Backend::Sqlite);
+    // As the studio seed answers: the agents' names.
     let (_, list) = app.get("/agents").await;
     let names: Vec<String> = list["agents"]
         .as_array()
         .expect("agents")
         .iter()
-        .map(|a| a["name"].as_str().expect("name").to_owned())
+        .map(|a| a.as_str().expect("a name").to_owned())
         .collect();
+    let (_, detailed) = app.get("/agents?details=true").await;
+    let described: Vec<&str> = detailed["agents"]
+        .as_array()
+        .expect("agents")
+        .iter()
+        .map(|a| a["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(described, names);
+    assert_eq!(
+        detailed["agents"][0]["schema_url"],
+        "/agents/producer/schema"
+    );
     assert_eq!(
         names,
         [

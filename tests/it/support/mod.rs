@@ -557,6 +557,7 @@ pub fn noop_run() -> stagecraft::store::NewRun {
         budget_usd: None,
         stage_names: vec!["noop".to_owned()],
         idempotency_key: None,
+        request_hash: None,
         reuse: false,
     }
 }
