@@ -107,8 +107,13 @@ test-deps: ## Install (as root) or name the system packages the tests need
 	@scripts/test-deps.sh
 
 .PHONY: test
-test: test-deps ## Run every test (unit and integration, real processes)
+test: test-deps ## Run every test (unit and integration, real processes) and a short fuzz pass of the API
 	$(CARGO) test --lib --bins --tests
+	@scripts/fuzz.sh --short
+
+.PHONY: fuzz
+fuzz: ## Fuzz the API against its OpenAPI document (schemathesis, all checks, default settings)
+	@scripts/fuzz.sh
 
 .PHONY: bench
 bench: ## Measure throughput, latency and recovery (release build), BullMQ beside it when npm is there

@@ -12,6 +12,7 @@ declare -A needed=(
   [git]=git
   [docker-compose]=docker-compose
   [shellcheck]=shellcheck
+  [python3]=python3
 )
 
 missing=()
@@ -22,6 +23,10 @@ done
 if ! ls /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf >/dev/null 2>&1 \
   && ! { command -v fc-list >/dev/null 2>&1 && [ -n "$(fc-list 2>/dev/null | head -1)" ]; }; then
   missing+=(fonts-dejavu-core)
+fi
+# The fuzz pass runs schemathesis in a virtual environment.
+if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  missing+=(python3-venv)
 fi
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 
