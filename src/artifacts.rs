@@ -4,7 +4,9 @@
 //! under the root; anything else is refused before touching the disk.
 //! Invariant: a file appears under its final name only once it is complete (written to a
 //! temporary name in the same directory, flushed, then renamed), so a checkpoint that names an
-//! artifact always names a complete file.
+//! artifact always names a complete file. The rename is made durable too: the directory is
+//! fsynced after it (and every directory created on the way), so after a power loss a
+//! committed checkpoint never names a file the disk forgot.
 
 use std::{
     io::Write,
@@ -77,6 +79,55 @@ impl ArtifactStore {
         })?
     }
 
+    /// Writes a document that has versions (as [`write`](Self::write) does) unless the file
+    /// already holds the same or a later version: writers of the same file, in any process of
+    /// the host, take turns under a lock, and an older version never replaces a newer one.
+    /// Answers whether it wrote.
+    pub async fn write_newer(
+        &self,
+        relative: &str,
+        bytes: Vec<u8>,
+        version: i64,
+        version_of: impl Fn(&[u8]) -> Option<i64> + Send + 'static,
+    ) -> Result<bool, ArtifactError> {
+        let target = self.resolve(relative)?;
+        let path = relative.to_owned();
+        let io = |path: &str, source: std::io::Error| ArtifactError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        tokio::task::spawn_blocking(move || {
+            let dir = target.parent().unwrap_or(Path::new("."));
+            create_dir_durably(dir).map_err(|e| io(&path, e))?;
+            let lock_name = format!(
+                ".{}.lock",
+                target
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("file")
+            );
+            let lock_file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(lock_name))
+                .map_err(|e| io(&path, e))?;
+            let _turn = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, errno)| io(&path, std::io::Error::from(errno)))?;
+            let current = std::fs::read(&target).ok().and_then(|b| version_of(&b));
+            if current.is_some_and(|current| current >= version) {
+                return Ok(false);
+            }
+            write_atomically(&target, &bytes).map_err(|e| io(&path, e))?;
+            Ok(true)
+        })
+        .await
+        .map_err(|e| ArtifactError::Io {
+            path: relative.to_owned(),
+            source: std::io::Error::other(e),
+        })?
+    }
+
     /// Whether `relative` is a regular file reached without following any symlink (a symlink
     /// anywhere on the way answers false, so links can never lead out of the root).
     pub fn regular_file(&self, relative: &str) -> Result<bool, ArtifactError> {
@@ -125,14 +176,15 @@ impl ArtifactStore {
             source,
         };
         let dir = target.parent().unwrap_or(&self.root);
-        std::fs::create_dir_all(dir).map_err(io_error)?;
+        create_dir_durably(dir).map_err(io_error)?;
         // Linked under a temporary name, then renamed over any older entry: atomic.
         let temporary = dir.join(format!(".link-{}", uuid::Uuid::new_v4().simple()));
         std::fs::hard_link(&source, &temporary).map_err(io_error)?;
         std::fs::rename(&temporary, &target).map_err(|error| {
             let _ = std::fs::remove_file(&temporary);
             io_error(error)
-        })
+        })?;
+        sync_dir(dir).map_err(io_error)
     }
 
     /// Reads a whole text file; `None` when it does not exist.
@@ -172,11 +224,43 @@ impl ArtifactStore {
     }
 }
 
+/// Creates `dir` and its missing parents durably: each directory created is fsynced into its
+/// parent.
+pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cursor = Some(dir);
+    while let Some(path) = cursor.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        missing.push(path.to_path_buf());
+        cursor = path.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes the entries of a directory (renames, links, new files) durable.
+pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// Moves a complete file (written by another program) to its final name durably: its bytes,
+/// then the rename.
+pub(crate) fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::File::open(from)?.sync_all()?;
+    std::fs::rename(from, to)?;
+    sync_dir(to.parent().unwrap_or(Path::new(".")))
+}
+
 /// Writes `bytes` to `target` through a flushed temporary file in the same directory, then a
-/// rename (creating the directory): readers see the old file or the whole new one.
+/// rename (creating the directory): readers see the old file or the whole new one, and once it
+/// returns both the bytes and the name are on disk.
 pub(crate) fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = target.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    create_dir_durably(dir)?;
     let file_name = target
         .file_name()
         .and_then(|n| n.to_str())
@@ -189,7 +273,8 @@ pub(crate) fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<(
         let mut file = std::fs::File::create(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&temp, target)
+        std::fs::rename(&temp, target)?;
+        sync_dir(dir)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&temp);
@@ -219,6 +304,42 @@ mod tests {
         assert_eq!(
             store.resolve("runs/x/a.json").expect("safe"),
             PathBuf::from("/srv/artifacts/runs/x/a.json")
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_versioned_document_never_goes_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ArtifactStore::open(dir.path()).expect("open");
+        let version_of = |bytes: &[u8]| std::str::from_utf8(bytes).ok()?.trim().parse().ok();
+        // Writers race with versions in every order: the newest one stays.
+        let writes = (1..=40).rev().chain(1..=40).map(|version: i64| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write_newer(
+                        "runs/r/metadata.json",
+                        version.to_string().into_bytes(),
+                        version,
+                        version_of,
+                    )
+                    .await
+                    .expect("write")
+            })
+        });
+        let wrote: Vec<bool> = futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .map(|joined| joined.expect("joined"))
+            .collect();
+        assert!(wrote.iter().filter(|w| **w).count() >= 1);
+        let kept = std::fs::read_to_string(dir.path().join("runs/r/metadata.json")).expect("read");
+        assert_eq!(kept, "40");
+        assert!(
+            !store
+                .write_newer("runs/r/metadata.json", b"39".to_vec(), 39, version_of)
+                .await
+                .expect("write")
         );
     }
 

@@ -14,6 +14,11 @@ use crate::{
 
 /// Writes the run's status document to `runs/{id}/metadata.json` (studio runs keep it current:
 /// the worker after every stage start, checkpoint and ending, the API after cancel and resume).
+///
+/// Invariant: `metadata.json` moves forward only. The document carries `event_seq`, the run's
+/// event-log position it was read at (one snapshot with the run), and is written only over an
+/// older one, under a lock shared by every writer of the host, so two writers racing (a
+/// worker's checkpoint, an API's cancel) can never leave the older state on disk.
 pub async fn write_metadata(
     store: &SharedStore,
     artifacts: &ArtifactStore,
@@ -24,13 +29,35 @@ pub async fn write_metadata(
         .await
         .map_err(|e| e.to_string())?
         .ok_or_else(|| format!("run {run_id} not found"))?;
-    let document = RunDoc::new(run, true);
+    let event_seq = run.event_seq;
+    let document = Metadata {
+        document: RunDoc::new(run, true),
+        event_seq,
+    };
     let bytes = serde_json::to_vec_pretty(&document).map_err(|e| e.to_string())?;
     artifacts
-        .write(&format!("runs/{run_id}/metadata.json"), bytes)
+        .write_newer(
+            &format!("runs/{run_id}/metadata.json"),
+            bytes,
+            event_seq,
+            |written| {
+                serde_json::from_slice::<Value>(written)
+                    .ok()
+                    .and_then(|v| v.get("event_seq").and_then(Value::as_i64))
+            },
+        )
         .await
         .map(drop)
         .map_err(|e| e.to_string())
+}
+
+/// `metadata.json`: the status document and the event-log position it shows.
+#[derive(Serialize)]
+struct Metadata {
+    #[serde(flatten)]
+    document: RunDoc,
+    /// The sequence number of the run's last event when the document was read.
+    event_seq: i64,
 }
 
 /// One stage in the status document.

@@ -252,7 +252,15 @@ pub struct RunRecord {
     /// Whether stages may reuse earlier runs' checkpoints.
     pub reuse: bool,
     pub stages: Vec<StageRecord>,
+    /// The sequence number of the run's last event when it was read: every change to the run
+    /// appends an event in the same write, so a record with a larger number is a later state
+    /// (0 when unknown, as in the record an insert answers). `get_run` reads the run, its stages
+    /// and this number as one snapshot.
+    pub event_seq: i64,
 }
+
+/// Most stages a stored run may have; more means the stored data is corrupt.
+pub const MAX_STAGES: usize = 256;
 
 impl RunRecord {
     /// The last stage, in order, whose checkpoint is committed with all stages before it.
@@ -297,6 +305,7 @@ impl RunRecord {
             updated_at: at,
             finished_at: None,
             reuse: run.reuse,
+            event_seq: 0,
             stages: run
                 .stage_names
                 .into_iter()

@@ -401,9 +401,15 @@ function OPS.claim(worker, ttl, max_text, ...)
   return claimed
 end
 
--- get id: the run's hash as a flat field/value list ({} when there is no run)
+-- get id: the run's hash as a flat field/value list, with `event_seq` (the length of its event
+-- list) after it: one snapshot ({} when there is no run)
 function OPS.get(id)
-  return redis.call('HGETALL', k_run(id))
+  local fields = redis.call('HGETALL', k_run(id))
+  if #fields > 0 then
+    fields[#fields + 1] = 'event_seq'
+    fields[#fields + 1] = str(redis.call('LLEN', k_events(id)))
+  end
+  return fields
 end
 
 -- next_due queues...: milliseconds until the earliest run of these queues is due (-1: none)

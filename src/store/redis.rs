@@ -18,10 +18,10 @@ use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use super::{
-    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, ReusableCheckpoint,
-    RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord, RunStatus, RunStore,
-    StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
-    WORKER_STALE_AFTER, WorkerInfo, to_datetime,
+    Claimed, FromStage, Lease, MAX_STAGES, NewRun, Progress, QueueDepth, ResumeChanges,
+    ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord, RunStatus,
+    RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError,
+    StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
 };
 use crate::{
     config::ProviderMode,
@@ -490,6 +490,10 @@ fn run_from_maps(run: &Fields<'_>, stages: &[Fields<'_>]) -> StoreResult<RunReco
         finished_at: millis(run, "finished_at"),
         reuse: run.get("reuse") == Some("1"),
         stages,
+        event_seq: run
+            .get("event_seq")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0),
     })
 }
 
@@ -514,6 +518,11 @@ fn run_from_hash(hash: &RedisValue) -> StoreResult<Option<RunRecord>> {
             continue;
         }
         match stage_field(field) {
+            Some((index, _)) if index >= MAX_STAGES => {
+                return Err(StoreError::Corrupt(format!(
+                    "a run stores a field of stage {index}; at most {MAX_STAGES} exist"
+                )));
+            }
             Some((index, name)) => {
                 if stages.len() <= index {
                     stages.resize_with(index + 1, Fields::default);
@@ -523,7 +532,16 @@ fn run_from_hash(hash: &RedisValue) -> StoreResult<Option<RunRecord>> {
             None => run.0.push((field, value)),
         }
     }
-    let declared = number(&run, "stages") as usize;
+    let declared = run
+        .get("stages")
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(0);
+    if declared > MAX_STAGES || stages.len() > MAX_STAGES {
+        return Err(StoreError::Corrupt(format!(
+            "a run declares {declared} stages or stores {}; at most {MAX_STAGES} exist",
+            stages.len()
+        )));
+    }
     if stages.len() < declared {
         stages.resize_with(declared, Fields::default);
     }

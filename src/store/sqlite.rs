@@ -106,14 +106,6 @@ impl SqliteStore {
         }
         Ok(tx)
     }
-
-    async fn load_stages(&self, run: RunId) -> StoreResult<Vec<StageRecord>> {
-        let rows = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx")
-            .bind(run.to_string())
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(stage_from_row).collect()
-    }
 }
 
 /// Group commit: the write operations of this process share one SQLite transaction on one
@@ -467,6 +459,7 @@ fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
             .map(to_datetime),
         reuse: row.try_get::<i64, _>("reuse")? != 0,
         stages: Vec::new(),
+        event_seq: 0,
     })
 }
 
@@ -606,13 +599,27 @@ impl RunStore for SqliteStore {
     }
 
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
-        let row = sqlx::query("SELECT * FROM runs WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&self.pool)
-            .await?;
+        // One read transaction: the run, its last event and its stages are one snapshot.
+        let mut read = self.pool.begin().await?;
+        let row = sqlx::query(
+            "SELECT *, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = runs.id) AS event_seq \
+             FROM runs WHERE id = ?",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&mut *read)
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let mut run = run_from_row(&row)?;
-        run.stages = self.load_stages(id).await?;
+        run.event_seq = row.try_get("event_seq")?;
+        let stages = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx")
+            .bind(id.to_string())
+            .fetch_all(&mut *read)
+            .await?;
+        read.commit().await?;
+        run.stages = stages
+            .iter()
+            .map(stage_from_row)
+            .collect::<StoreResult<_>>()?;
         Ok(Some(run))
     }
 

@@ -326,10 +326,12 @@ impl Media {
         cancel: &CancellationToken,
         build: impl FnOnce(CommandSpec) -> CommandSpec,
     ) -> Result<(), StageError> {
-        let dir = target.parent().unwrap_or(Path::new("."));
-        tokio::fs::create_dir_all(dir)
+        let dir = target.parent().unwrap_or(Path::new(".")).to_path_buf();
+        let created = dir.clone();
+        tokio::task::spawn_blocking(move || crate::artifacts::create_dir_durably(&created))
             .await
-            .map_err(|e| io_error(dir, e))?;
+            .map_err(|e| io_error(&dir, std::io::Error::other(e)))?
+            .map_err(|e| io_error(&dir, e))?;
         let file_name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -354,9 +356,17 @@ impl Media {
             let _ = tokio::fs::remove_file(&temporary).await;
             return Err(self.describe(error));
         }
-        tokio::fs::rename(&temporary, target)
-            .await
-            .map_err(|e| io_error(target, e))
+        // Complete and durable before any checkpoint can name it.
+        let (from, to) = (temporary.clone(), target.to_path_buf());
+        let renamed =
+            tokio::task::spawn_blocking(move || crate::artifacts::rename_durably(&from, &to))
+                .await
+                .map_err(|e| io_error(target, std::io::Error::other(e)))?;
+        if let Err(error) = renamed {
+            let _ = tokio::fs::remove_file(&temporary).await;
+            return Err(io_error(target, error));
+        }
+        Ok(())
     }
 
     fn describe(&self, error: ProcessError) -> StageError {
