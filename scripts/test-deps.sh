@@ -2,6 +2,7 @@
 # Makes sure the system packages the test suite needs are present. Installs the missing ones
 # with apt-get when running as root on Debian or Ubuntu; otherwise says exactly what to install.
 set -euo pipefail
+cd "$(dirname "$0")/.."
 
 # command -> Debian package
 declare -A needed=(
@@ -30,7 +31,25 @@ if command -v python3 >/dev/null 2>&1 && ! python3 -c 'import venv, ensurepip' >
 fi
 mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u | sed '/^$/d')
 
+install_coding_agent() {
+  # The real coding-agent CLI, pinned, for the test that checks the flags Stagecraft gives it
+  # and how a run without credentials fails. Without npm that test says it was skipped.
+  local version=2.1.332 dir=target/claude-cli
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "npm not found: the test of the real coding-agent CLI will be skipped (apt-get install nodejs npm)"
+    return 0
+  fi
+  if grep -qs "\"version\": \"$version\"" "$dir/node_modules/@anthropic-ai/claude-code/package.json"; then
+    return 0
+  fi
+  echo "installing the coding-agent CLI $version into $dir"
+  npm install --prefix "$dir" --no-audit --no-fund --no-save --loglevel=error \
+    "@anthropic-ai/claude-code@$version" ||
+    echo "could not install the coding-agent CLI; the test that runs it will say so"
+}
+
 if [ "${#missing[@]}" -eq 0 ]; then
+  install_coding_agent
   exit 0
 fi
 
@@ -39,6 +58,7 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  install_coding_agent
   exit 0
 fi
 

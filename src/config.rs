@@ -60,7 +60,7 @@
 //! | `ANTHROPIC_API_KEY` | unset | the live text provider's key; passed to the coding-agent CLI through its environment |
 //! | `AGENT_WORK_ORDER_TIMEOUT` | `3600` | seconds one agent, git or gh call may take before its process group is killed |
 //! | `CLAUDE_CLI_MODEL`, `CLAUDE_CLI_MAX_TURNS` | `sonnet`, unset | model and turn limit of the coding agent |
-//! | `CLAUDE_CLI_SKIP_PERMISSIONS`, `CLAUDE_CLI_VERBOSE` | `true`, `true` | pass `--dangerously-skip-permissions` and `--verbose` |
+//! | `CLAUDE_CLI_SKIP_PERMISSIONS`, `CLAUDE_CLI_VERBOSE` | `true`, `true` | pass `--dangerously-skip-permissions` (never as root: see `AWO_AGENT_USER`); `--verbose` is always passed (stream-json needs it), so `false` is refused |
 //! | `AGENT_WORK_ORDER_COMMANDS_DIR` | unset | directory of command templates (`plan.md`, `implement.md`) overriding the shipped ones |
 //! | `ENABLE_PROMPT_LOGGING`, `ENABLE_OUTPUT_ARTIFACTS` | `true`, `true` | keep each step's prompt, and its raw JSONL, under `outputs/{id}/` |
 //! | `ARCHON_AWO_PORT` | `8888` | the extra port compose exposes the API on for the work-order stack |
@@ -735,7 +735,14 @@ impl Config {
                 .unwrap_or_else(|| "sonnet".to_owned()),
             max_turns,
             skip_permissions: vars.parse_with("CLAUDE_CLI_SKIP_PERMISSIONS", true, parse_bool)?,
-            verbose: vars.parse_with("CLAUDE_CLI_VERBOSE", true, parse_bool)?,
+            verbose: vars.parse_with("CLAUDE_CLI_VERBOSE", true, |v| match parse_bool(v) {
+                Ok(true) => Ok(true),
+                Ok(false) => Err(
+                    "the coding agent's stream-json output needs --verbose; leave it true"
+                        .to_owned(),
+                ),
+                Err(e) => Err(e),
+            })?,
             commands_dir: vars.path("AGENT_WORK_ORDER_COMMANDS_DIR"),
             prompt_logging: vars.parse_with("ENABLE_PROMPT_LOGGING", true, parse_bool)?,
             output_artifacts: vars.parse_with("ENABLE_OUTPUT_ARTIFACTS", true, parse_bool)?,

@@ -444,10 +444,9 @@ impl Tools {
             .arg("--output-format")
             .arg("stream-json")
             .arg("--model")
-            .arg(&self.settings.model);
-        if self.settings.verbose {
-            spec = spec.arg("--verbose");
-        }
+            .arg(&self.settings.model)
+            // The CLI answers stream-json in print mode only with --verbose.
+            .arg("--verbose");
         if let Some(turns) = self.settings.max_turns {
             spec = spec.arg("--max-turns").arg(turns.to_string());
         }
@@ -746,4 +745,93 @@ pub fn mock_stream(session: &str, step: &str, summary: &str) -> String {
     .collect::<Vec<_>>()
     .join("\n")
         + "\n"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::awo::url::UrlPolicy;
+
+    fn tools(data: &Path) -> Tools {
+        let path = std::env::var("PATH").unwrap_or_default();
+        let settings = AwoSettings {
+            data_dir: data.to_path_buf(),
+            allowed_schemes: vec!["https".into(), "http".into()],
+            allowed_hosts: vec!["github.com".into(), "evil.example".into()],
+            git_hosts: vec!["github.com".into()],
+            github_token: Some(SecretString::from("ghp_scopedTOKEN0123456789".to_owned())),
+            base_env: std::sync::Arc::new(vec![("PATH".into(), path)]),
+            ..AwoSettings::default()
+        };
+        Tools::new(&settings, Scrubber::default())
+    }
+
+    /// What `git credential fill` answers for a host and protocol, with the configuration a
+    /// call for `url` gets.
+    async fn filled(tools: &Tools, url: &str, protocol: &str, host: &str) -> Option<String> {
+        let policy = UrlPolicy::new(
+            &tools.settings.allowed_schemes,
+            &tools.settings.allowed_hosts,
+        );
+        let parsed = policy.check(url).expect("allowed");
+        let request = format!("protocol={protocol}\nhost={host}\npath=o/r\n\n");
+        let spec = tools
+            .git(
+                &tools.settings.data_dir,
+                Runner::Worker,
+                Some((&parsed, &[])),
+                false,
+            )
+            .arg("credential")
+            .arg("fill")
+            .stdin(request.into_bytes());
+        let output = process::run_unchecked(&spec, &CancellationToken::new())
+            .await
+            .expect("git runs");
+        output
+            .stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("password="))
+            .map(str::to_owned)
+    }
+
+    #[tokio::test]
+    async fn git_offers_the_token_only_to_forge_hosts_over_https() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tools = tools(dir.path());
+        // A forge URL over https: its host gets the token (scrubbed in what is kept).
+        assert_eq!(
+            filled(&tools, "https://github.com/o/r", "https", "github.com")
+                .await
+                .as_deref(),
+            Some("***")
+        );
+        // The same call asked for another host, or over http: nothing.
+        assert_eq!(
+            filled(&tools, "https://github.com/o/r", "https", "evil.example").await,
+            None
+        );
+        assert_eq!(
+            filled(&tools, "https://github.com/o/r", "http", "github.com").await,
+            None
+        );
+        // A repository elsewhere, or a forge over http: the call carries no token at all.
+        for url in ["https://evil.example/o/r", "http://github.com/o/r"] {
+            let policy = UrlPolicy::new(
+                &tools.settings.allowed_schemes,
+                &tools.settings.allowed_hosts,
+            );
+            let parsed = policy.check(url).expect("allowed");
+            let spec = tools.git(dir.path(), Runner::Worker, Some((&parsed, &[])), false);
+            assert!(
+                !spec.env.iter().any(|(k, _)| k == "GITHUB_TOKEN"),
+                "{url} got the token"
+            );
+            assert_eq!(
+                filled(&tools, url, "https", "github.com").await,
+                None,
+                "{url}"
+            );
+        }
+    }
 }

@@ -243,12 +243,18 @@ fn run_route(template: &Value, workflow: &dyn Workflow, operation: &str) -> Valu
 /// The body of a resume: the stage to start from, changed inputs, a new budget.
 fn resume_body(from_stage: Value, inputs: Value) -> Value {
     let mut inputs = inputs;
-    // A patch: fields may be left out, and a field set to null is removed.
+    // A patch: fields may be left out, and an optional field set to null is removed (a
+    // required one cannot be).
     if let Some(map) = inputs.as_object_mut() {
-        map.remove("required");
+        let required: Vec<Value> = map
+            .remove("required")
+            .and_then(|r| r.as_array().cloned())
+            .unwrap_or_default();
         if let Some(properties) = map.get_mut("properties").and_then(Value::as_object_mut) {
-            for property in properties.values_mut() {
-                *property = json!({"anyOf": [{"type": "null"}, property.clone()]});
+            for (name, property) in properties.iter_mut() {
+                if !required.contains(&json!(name)) {
+                    *property = json!({"anyOf": [{"type": "null"}, property.clone()]});
+                }
             }
         }
     }

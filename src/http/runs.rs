@@ -509,9 +509,22 @@ async fn resume(
             }
             let mut inputs = Value::Object(inputs);
             if let Some(workflow) = state.catalog.get(run.kind, &run.name) {
-                workflow
-                    .validate(&mut inputs)
-                    .map_err(|e| ApiError::invalid(e.to_string(), Some(&e.field)))?;
+                workflow.validate(&mut inputs).map_err(|e| {
+                    // Through the workflow's own route, the schema said what fits (422);
+                    // through /runs, what fits depends on which run it is (409).
+                    let details = Some(serde_json::json!({"field": e.field}));
+                    match expected_name {
+                        Some(_) => ApiError::invalid(e.to_string(), Some(&e.field)),
+                        None => ApiError::Conflict {
+                            code: "invalid_input",
+                            message: format!(
+                                "the inputs do not fit run {}'s workflow: {e}",
+                                run.id
+                            ),
+                            details,
+                        },
+                    }
+                })?;
             }
             Some(inputs)
         }

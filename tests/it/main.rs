@@ -7,6 +7,7 @@ mod faults;
 mod live;
 mod packaging;
 mod redis_scale;
+mod security;
 mod studio;
 mod support;
 mod work_orders;

@@ -678,3 +678,213 @@ async fn command_templates_can_be_replaced_and_mock_mode_needs_no_cli() {
         "the mock agent wrote the plan"
     );
 }
+
+/// A local server that answers every request 401 and asking for credentials, and records the
+/// requests it was sent.
+struct CredentialTrap {
+    port: u16,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl CredentialTrap {
+    fn start() -> Self {
+        use std::io::{Read, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buffer) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                if let Ok(mut seen) = seen.lock() {
+                    seen.push(String::from_utf8_lossy(&request).into_owned());
+                }
+                let _ = stream.write_all(
+                    b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"trap\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                );
+            }
+        });
+        Self { port, requests }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_asks_for_credentials_is_sent_none() {
+    let trap = CredentialTrap::start();
+    let host = format!("127.0.0.1:{}", trap.port);
+    let (app, _) = setup(TestApp::new(Backend::Sqlite));
+    // Even listed as a forge host, a repository over http gets no token.
+    let mut app = app
+        .with_env("AWO_ALLOWED_URL_SCHEMES", "https,http")
+        .with_env("AWO_ALLOWED_HOSTS", &host)
+        .with_env("AWO_GIT_HOSTS", &format!("{host},github.com"))
+        .with_env("RETRY_BASE_MS", "50")
+        .with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let body = json!({"repository_url": format!("http://{host}/owner/repo.git"), "sandbox_type": "git_branch",
+                      "workflow_type": "plan_only", "user_request": "Nothing to see"});
+    let id = create(&app, body).await;
+    let order = wait_order(&app, &id, |o| o["status"] == "failed").await;
+    assert_eq!(order["last_completed_step"], json!(null), "{order:#}");
+    let requests = trap.requests();
+    assert!(!requests.is_empty(), "git never reached the server");
+    for request in &requests {
+        let lower = request.to_ascii_lowercase();
+        assert!(
+            !lower.contains("authorization"),
+            "credentials were sent: {request}"
+        );
+        assert!(!request.contains(TOKEN), "the token was sent: {request}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_allowed_by_a_wildcard_that_resolves_inside_is_refused() {
+    let trap = CredentialTrap::start();
+    let (app, _) = setup(TestApp::new(Backend::Sqlite));
+    let mut app = app
+        .with_env("AWO_ALLOWED_URL_SCHEMES", "https,http")
+        .with_env("AWO_ALLOWED_HOSTS", "*")
+        .with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let body = json!({"repository_url": format!("http://localhost:{}/owner/repo.git", trap.port),
+                      "sandbox_type": "git_branch", "workflow_type": "plan_only", "user_request": "x"});
+    let id = create(&app, body).await;
+    let order = wait_order(&app, &id, |o| o["status"] == "failed").await;
+    assert_eq!(
+        order["error"]["code"], "repository_host_refused",
+        "{order:#}"
+    );
+    assert!(
+        order["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("AWO_ALLOWED_HOSTS")),
+        "{order:#}"
+    );
+    let (_, steps) = app.get(&format!("/agent-work-orders/{id}/steps")).await;
+    assert_eq!(
+        steps["steps"][0]["attempts"], 1,
+        "refused at once, not retried"
+    );
+    assert!(
+        trap.requests().is_empty(),
+        "the clone reached the internal address"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_reaches_git_and_gh_for_a_forge_repository_and_nothing_else() {
+    let (app, remote) = setup(TestApp::new(Backend::Sqlite));
+    let standins = app.dir.path().join("standins");
+    let real_git = std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join("git"))
+                .find(|p| p.is_file())
+        })
+        .expect("git on PATH");
+    // The network's stand-in: the forge URL leads to the local bare repository.
+    let wrapper = standins.join("git");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nenv > '{dir}/git.env.'$$\necho \"uid=$(id -u) $*\" >> '{dir}/git.calls'\n\
+             exec '{git}' -c 'url.{remote}.insteadOf=https://github.com/owner/repo.git' -c protocol.file.allow=always \"$@\"\n",
+            dir = standins.display(),
+            git = real_git.display(),
+        ),
+    )
+    .expect("wrapper");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let mut app = app
+        .with_env("GIT_PATH", wrapper.to_str().expect("path"))
+        .with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let id = create(
+        &app,
+        live_order("https://github.com/owner/repo.git", "Add a greeting"),
+    )
+    .await;
+    let order = wait_order(&app, &id, |o| {
+        o["status"] == "completed" || o["status"] == "failed"
+    })
+    .await;
+    assert_eq!(order["status"], "completed", "{order:#}");
+    // gh named the repository and had the token; the agent never did.
+    let gh = calls(&app, "gh");
+    assert!(
+        gh.iter()
+            .all(|c| c.contains("--repo github.com/owner/repo") && c.contains("token=yes")),
+        "{gh:?}"
+    );
+    assert!(calls(&app, "claude").iter().all(|c| c.contains("token=no")));
+    // git had the token only where it talks to the forge, with a helper for that host alone.
+    let environments = environments(&app, "git");
+    let with_token: Vec<&String> = environments.iter().filter(|e| e.contains(TOKEN)).collect();
+    assert!(with_token.len() >= 2, "clone and push carry the token");
+    for env in &with_token {
+        assert!(
+            env.contains("credential.https://github.com.helper"),
+            "{env}"
+        );
+        assert!(env.contains("GIT_CONFIG_GLOBAL="), "{env}");
+    }
+    assert!(
+        environments.len() > with_token.len(),
+        "every git call carried the token"
+    );
+    for env in &environments {
+        for secret in [ANTHROPIC_KEY, OPENAI_KEY] {
+            assert!(!env.contains(secret), "git saw {secret}");
+        }
+    }
+}
+
+/// The real coding-agent CLI (installed by `make test-deps` when npm is there), run as
+/// Stagecraft runs it, without credentials: it accepts the flags and the run fails at once,
+/// saying why, instead of being retried as a transient failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_coding_agent_cli_takes_its_flags_and_fails_once_when_not_logged_in() {
+    let cli = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/claude-cli/node_modules/.bin/claude");
+    if !cli.exists() {
+        eprintln!(
+            "skipped: the coding-agent CLI is not installed ({}); make test-deps installs it when npm is there",
+            cli.display()
+        );
+        return;
+    }
+    let (app, url) = setup(TestApp::new(Backend::Sqlite));
+    let mut app = app
+        .with_env("CLAUDE_CLI_PATH", cli.to_str().expect("path"))
+        .with_env("ANTHROPIC_API_KEY", "")
+        .with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let id = create(&app, live_order(&url, "Add a greeting")).await;
+    let order = wait_order(&app, &id, |o| o["status"] == "failed").await;
+    assert_eq!(
+        order["error"]["code"], "agent_not_authenticated",
+        "{order:#}"
+    );
+    let message = order["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("Not logged in"), "{message}");
+    assert!(!message.contains("unknown option"), "{message}");
+    assert!(!message.contains("root"), "{message}");
+    let (_, steps) = app.get(&format!("/agent-work-orders/{id}/steps")).await;
+    assert_eq!(steps["steps"][1]["step"], "plan");
+    assert_eq!(steps["steps"][1]["attempts"], 1, "retried: {steps:#}");
+}
