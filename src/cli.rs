@@ -339,7 +339,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             .with_context(|| format!("binding {address}"))?;
         let bound = listener.local_addr()?;
         // Printed, not logged: scripts and tests read the address from here.
-        println!("stagecraft: listening on http://{bound}");
+        announce(&format!("stagecraft: listening on http://{bound}"));
         info!(address = %bound, backend = store.backend_name(), "API listening");
         let media = crate::studio::media::Media::new(&config.studio);
         let ffmpeg = http::ToolCheck::start(move || {
@@ -424,6 +424,15 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     }
     info!("stopped");
     outcome
+}
+
+/// A line on standard output for the scripts and tests that start this process; a closed or
+/// full output is no reason to stop serving.
+pub fn announce(line: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
 }
 
 async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {

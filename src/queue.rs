@@ -2,7 +2,7 @@
 //!
 //! Invariant: this is the only module that names apalis types.
 //!
-//! apalis supplies the worker runtime (panic catching, tracing, graceful stop); the backend is
+//! apalis supplies the worker runtime (concurrency, tracing, graceful stop); the backend is
 //! ours. Its stream asks the run store for due runs only for the worker's free slots, so claims
 //! never pile up in a process, and the claim itself takes the lease. A slot frees as soon as
 //! its run's last stage has run, before that stage's checkpoint commit: the claim for the next
@@ -24,7 +24,7 @@ use std::{
 use apalis::layers::WorkerBuilderExt;
 use apalis::prelude::{Task, WorkerBuilder, WorkerContext};
 use apalis_core::backend::{Backend, BackendConfig};
-use futures::{Stream, StreamExt, stream::BoxStream};
+use futures::{FutureExt, Stream, StreamExt, stream::BoxStream};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -252,13 +252,21 @@ pub async fn run_workers(
             let engine = executor.clone();
             let release = slots.release();
             async move {
-                engine.execute(claimed, release.clone()).await;
+                let run = claimed.run.id;
+                // A panic outside a stage (stages' own are caught by the engine) costs this one
+                // run its lease, which expires and is swept; it never stops the worker.
+                let executed = std::panic::AssertUnwindSafe(engine.execute(claimed, release.clone()))
+                    .catch_unwind()
+                    .await;
+                if executed.is_err() {
+                    tracing::error!(run.id = %run, "executing the run panicked; its lease will expire and the run be re-queued");
+                }
                 release();
                 true
             }
         });
     // Printed, not logged: scripts and tests read readiness from here, whatever the log level.
-    println!("stagecraft: worker {} started", engine.worker);
+    crate::cli::announce(&format!("stagecraft: worker {} started", engine.worker));
     info!(worker.id = %engine.worker, queues = ?settings.queues, concurrency, "worker started");
     let presence_stop = CancellationToken::new();
     let presence = tokio::spawn(keep_presence(

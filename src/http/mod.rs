@@ -126,7 +126,14 @@ pub fn app(state: AppState) -> Router {
                 next.run(req).await
             },
         ))
-        .layer(DefaultBodyLimit::max(body_limit));
+        .layer(DefaultBodyLimit::max(body_limit))
+        // A handler that panics answers 500 like any internal error instead of dropping the
+        // connection; the panic is logged once.
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::Internal(anyhow::anyhow!("a request handler panicked")).into_response()
+            },
+        ));
     let router = match cors(&state.config) {
         Some(cors) => router.layer(cors),
         None => router,

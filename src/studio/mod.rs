@@ -72,37 +72,58 @@ pub async fn clean_artifacts(
     artifacts: &crate::artifacts::ArtifactStore,
 ) -> usize {
     let root = artifacts.root().to_path_buf();
-    let Ok(entries) = std::fs::read_dir(root.join("runs")) else {
-        return 0;
+    // File work runs on the blocking pool: a large artifact tree never stalls a worker.
+    let listed = {
+        let runs = root.join("runs");
+        tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(runs)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default()
     };
-    let mut deleted = 0;
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
+    let mut gone = Vec::new();
+    for name in listed {
         let Some(id) = crate::ids::RunId::parse(&name) else {
             continue;
         };
-        if !matches!(store.get_run(id).await, Ok(None)) {
-            continue;
+        if matches!(store.get_run(id).await, Ok(None)) {
+            gone.push(name);
         }
-        if std::fs::remove_dir_all(entry.path()).is_ok() {
-            deleted += 1;
+    }
+    if gone.is_empty() {
+        return 0;
+    }
+    tokio::task::spawn_blocking(move || {
+        let mut deleted = 0;
+        for name in &gone {
+            if std::fs::remove_dir_all(root.join("runs").join(name)).is_ok() {
+                deleted += 1;
+            }
         }
+        // Category entries are named `{run_id}_…`: one pass over each category.
         for category in ["videos", "audio", "scripts"] {
             let Ok(files) = std::fs::read_dir(root.join(category)) else {
                 continue;
             };
             for file in files.flatten() {
-                if file
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with(&format!("{name}_"))
-                {
+                let file_name = file.file_name().to_string_lossy().into_owned();
+                let owner = file_name.split('_').next().unwrap_or_default();
+                if gone.iter().any(|run| run == owner) {
                     let _ = std::fs::remove_file(file.path());
                 }
             }
         }
-    }
-    deleted
+        deleted
+    })
+    .await
+    .unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -493,3 +493,62 @@ async fn every_input_over_any_limit_of_every_agent_is_refused_and_nothing_is_sto
     let (_, runs) = app.get("/runs?limit=1").await;
     assert_eq!(runs["total"], 7, "only the valid examples were stored");
 }
+
+/// ffmpeg gets the base environment and nothing secret of the deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn media_tools_see_nothing_secret() {
+    let app = TestApp::new(Backend::Sqlite);
+    let dumps = app.dir.path().join("ffmpeg-env");
+    std::fs::create_dir_all(&dumps).expect("dumps");
+    let standin = app.dir.path().join("ffmpeg");
+    std::fs::write(
+        &standin,
+        format!(
+            "#!/bin/sh\nenv > '{}/'$$\nexec '{}' \"$@\"\n",
+            dumps.display(),
+            which("ffmpeg")
+        ),
+    )
+    .expect("stand-in");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&standin, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let secrets = [
+        ("API_TOKEN", "api-token-SECRET-0123"),
+        ("OPENAI_API_KEY", "sk-proj-SECRETSECRET0123"),
+        ("ELEVENLABS_API_KEY", "eleven-SECRET-0123"),
+        ("RUNWAY_API_KEY", "runway-SECRET-0123"),
+        ("ANTHROPIC_API_KEY", "sk-ant-SECRETSECRET0123"),
+        ("GITHUB_TOKEN", "ghp_SECRETSECRET0123456"),
+    ];
+    let mut app = app.with_env("FFMPEG_PATH", standin.to_str().expect("path"));
+    for (name, value) in secrets {
+        app = app.with_env(name, value);
+    }
+    let mut app = app.with_api();
+    app.start_worker();
+    let scene = json!({"scene_number": 1, "title": "T", "description": "A street",
+                       "narration": "n", "duration_secs": 1.0, "visual_prompt": "p"});
+    let response = app
+        .http
+        .post(app.url("/agents/video_generator/run"))
+        .bearer_auth("api-token-SECRET-0123")
+        .json(&json!({"inputs": {"scene": scene}}))
+        .send()
+        .await
+        .expect("run");
+    assert_eq!(response.status().as_u16(), 200);
+    let mut seen = 0;
+    for dump in std::fs::read_dir(&dumps).expect("dumps").flatten() {
+        let env = std::fs::read_to_string(dump.path()).expect("dump");
+        assert!(env.contains("PATH="), "{env}");
+        for (name, value) in secrets {
+            assert!(!env.contains(value), "ffmpeg saw {name}: {env}");
+        }
+        assert!(
+            !env.contains("DATA_DIR"),
+            "ffmpeg saw the deployment's settings: {env}"
+        );
+        seen += 1;
+    }
+    assert!(seen >= 2, "ffmpeg ran {seen} times");
+}

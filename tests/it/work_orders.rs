@@ -45,9 +45,15 @@ else
   printf 'hello from the agent\n' > GREETING.md
   echo '{"type":"assistant","message":{"content":[{"type":"text","text":"Writing GREETING.md"}]},"session_id":"'"$session"'"}'
 fi
+if [ "${STANDIN_LEAK:-0}" = 1 ]; then
+  echo '{"type":"assistant","message":{"content":[{"type":"text","text":"my key is '"$ANTHROPIC_API_KEY"' and the repo has ghp_LEAKEDINREPO0123456789"}]},"session_id":"'"$session"'"}'
+  echo "stderr also has $ANTHROPIC_API_KEY" >&2
+fi
 echo 'this line is not JSON {{{'
 echo '{"type":"user","message":{"content":[{"type":"tool_result","tool_use_id":"t1","content":"ok"}]},"session_id":"'"$session"'"}'
-echo '{"type":"result","subtype":"success","is_error":false,"num_turns":4,"total_cost_usd":0.25,"duration_ms":1200,"result":"Done with '"$step"'.","session_id":"'"$session"'"}'
+result="Done with $step."
+[ "${STANDIN_LEAK:-0}" = 1 ] && result="Done with $step using $ANTHROPIC_API_KEY"
+echo '{"type":"result","subtype":"success","is_error":false,"num_turns":4,"total_cost_usd":0.25,"duration_ms":1200,"result":"'"$result"'","session_id":"'"$session"'"}'
 "#;
 
 /// A stand-in for gh: `pr list` answers the recorded pull request of the branch, `pr create`
@@ -887,4 +893,40 @@ async fn the_real_coding_agent_cli_takes_its_flags_and_fails_once_when_not_logge
     let (_, steps) = app.get(&format!("/agent-work-orders/{id}/steps")).await;
     assert_eq!(steps["steps"][1]["step"], "plan");
     assert_eq!(steps["steps"][1]["attempts"], 1, "retried: {steps:#}");
+}
+
+/// Whatever the agent prints (its key, a token found in the repository) is scrubbed before it is
+/// kept or served: raw output, step outputs, logs, the commit and pull request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_agent_prints_is_scrubbed_before_it_is_kept_or_served() {
+    let (app, url) = setup(TestApp::new(Backend::Sqlite));
+    standin_setting(&app, "STANDIN_LEAK", "1");
+    let mut app = app.with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let id = create(&app, live_order(&url, "Add a greeting")).await;
+    let order = wait_order(&app, &id, |o| {
+        o["status"] == "completed" || o["status"] == "failed"
+    })
+    .await;
+    assert_eq!(order["status"], "completed", "{order:#}");
+    let leaked = "ghp_LEAKEDINREPO0123456789";
+    let (_, steps) = app.get(&format!("/agent-work-orders/{id}/steps")).await;
+    let (_, logs) = app.get(&format!("/agent-work-orders/{id}/logs")).await;
+    let (_, run) = app.get(&format!("/runs/{id}")).await;
+    let events = app.events(&id).await;
+    let served = format!("{order}{steps}{logs}{run}{events:?}");
+    assert!(served.contains("***"), "nothing was scrubbed: {logs}");
+    let kept = all_text(&app.dir.path().join("data"));
+    let remote = all_text(&app.dir.path().join("remote.git"));
+    let process_logs =
+        app.api.as_ref().map(|p| p.log_text()).unwrap_or_default() + &app.workers[0].log_text();
+    for (place, text) in [
+        ("responses", &served),
+        ("the data dir", &kept),
+        ("the remote", &remote),
+        ("the processes' logs", &process_logs),
+    ] {
+        assert!(!text.contains(ANTHROPIC_KEY), "the key reached {place}");
+        assert!(!text.contains(leaked), "the found token reached {place}");
+    }
 }
