@@ -1090,6 +1090,63 @@ mod tests {
         assert!(!error.to_string().contains("hunter2"));
     }
 
+    /// Every variable of the module's table (what `from_lookup` reads) is in `.env.example`.
+    #[test]
+    fn every_variable_is_documented_in_the_example_file() {
+        let example = include_str!("../.env.example");
+        let table = include_str!("config.rs");
+        let mut checked = 0;
+        for row in table.lines().filter(|l| l.starts_with("//! | `")) {
+            let first_cell = row.split('|').nth(1).unwrap_or_default();
+            for name in first_cell.split('`').skip(1).step_by(2) {
+                assert!(
+                    example.contains(&format!("{name}=")),
+                    "{name} is not in .env.example"
+                );
+                checked += 1;
+            }
+        }
+        assert!(checked > 50, "only {checked} variables found in the table");
+    }
+
+    #[test]
+    fn cors_star_means_any_origin_and_exposure_needs_a_token() {
+        assert_eq!(
+            config_from(&[("CORS_ORIGINS", "*")]).expect("parses").cors,
+            Cors::Any
+        );
+        assert!(config_from(&[("CORS_ORIGINS", "*, https://a.example")]).is_err());
+        let open = config_from(&[("HOST", "0.0.0.0")]).expect("parses");
+        assert_eq!(
+            open.check_api_exposure().expect_err("refused").variable,
+            "API_TOKEN"
+        );
+        let empty_token =
+            config_from(&[("ENV", "production"), ("API_TOKEN", " ")]).expect("parses");
+        assert!(empty_token.check_api_exposure().is_err());
+        let allowed =
+            config_from(&[("HOST", "0.0.0.0"), ("ALLOW_UNAUTHENTICATED", "true")]).expect("parses");
+        assert!(allowed.check_api_exposure().is_ok());
+        assert!(allowed.serves_unauthenticated_on_purpose());
+        let local = config_from(&[]).expect("parses");
+        assert!(local.check_api_exposure().is_ok());
+    }
+
+    #[test]
+    fn the_scrubber_knows_every_secret_including_the_redis_password() {
+        let config = config_from(&[
+            ("API_TOKEN", "tok-0123456789"),
+            ("REDIS_URL", "redis://:pass-0123456789@cache:6379/0"),
+            ("RUNWAY_API_KEY", "rw-0123456789"),
+        ])
+        .expect("parses");
+        let scrubbed = config
+            .scrubber()
+            .scrub("tok-0123456789 pass-0123456789 rw-0123456789")
+            .into_owned();
+        assert_eq!(scrubbed, "*** *** ***");
+    }
+
     #[test]
     fn production_logs_json_by_default() {
         let config = config_from(&[("ENV", "production")]).expect("parses");

@@ -598,8 +598,11 @@ impl RunStore for RedisStore {
         let (id, created, at, hash): (String, i64, i64, String) =
             self.call("insert", &args).await?;
         if created == 1 {
-            // The run is exactly what was sent, queued: no need to read it back.
-            return Ok((RunRecord::queued(run, to_datetime(at)), true));
+            // The run is exactly what was sent, queued, with its one event: no need to read
+            // it back.
+            let mut record = RunRecord::queued(run, to_datetime(at));
+            record.event_seq = 1;
+            return Ok((record, true));
         }
         // Another run holds the idempotency key: answer that one, if it was asked for alike.
         let id = RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;

@@ -11,9 +11,14 @@ use crate::support::free_port;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
 fn run(program: &str, args: &[&str]) -> (bool, String) {
-    let output = Command::new(program)
-        .args(args)
-        .current_dir(ROOT)
+    run_with(program, args, &[])
+}
+
+fn run_with(program: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
+    let mut command = Command::new(program);
+    command.args(args).env_remove("API_TOKEN").current_dir(ROOT);
+    let output = command
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("{program}: {e} (make test-deps installs it)"));
     let text = String::from_utf8_lossy(&output.stdout).into_owned()
@@ -46,11 +51,13 @@ fn compose_files_are_valid_with_the_awo_profile_and_a_scalable_worker() {
         "docker/docker-compose.yml",
         "docker/docker-compose.prod.yml",
     ] {
-        let (ok, out) = run("docker-compose", &["-f", file, "config", "-q"]);
+        let token = [("API_TOKEN", "a-token")];
+        let (ok, out) = run_with("docker-compose", &["-f", file, "config", "-q"], &token);
         assert!(ok, "{file}: {out}");
-        let (ok, services) = run(
+        let (ok, services) = run_with(
             "docker-compose",
             &["-f", file, "--profile", "awo", "config", "--services"],
+            &token,
         );
         assert!(ok, "{file}: {services}");
         for service in ["redis", "api", "worker", "awo-worker"] {
@@ -81,8 +88,43 @@ fn compose_files_are_valid_with_the_awo_profile_and_a_scalable_worker() {
     }
     let dev = std::fs::read_to_string(Path::new(ROOT).join("docker/docker-compose.yml"))
         .expect("compose");
-    assert!(service_block(&dev, "awo-api").contains("${ARCHON_AWO_PORT:-8888}:8000"));
+    // Development: open, so published on the host's loopback only.
+    assert!(service_block(&dev, "awo-api").contains("127.0.0.1:${ARCHON_AWO_PORT:-8888}:8000"));
+    assert!(service_block(&dev, "api").contains("127.0.0.1:${PORT:-8000}:8000"));
     assert!(service_block(&dev, "api").contains("/health"));
+    assert!(dev.contains("ALLOW_UNAUTHENTICATED: \"true\""));
+    // Production: closed; compose refuses to start it without a token, saying so.
+    let (ok, out) = run(
+        "docker-compose",
+        &["-f", "docker/docker-compose.prod.yml", "config", "-q"],
+    );
+    assert!(!ok && out.contains("API_TOKEN"), "{out}");
+    // Each secret only where it is needed.
+    for file in [
+        "docker/docker-compose.yml",
+        "docker/docker-compose.prod.yml",
+    ] {
+        let (ok, config) = run_with(
+            "docker-compose",
+            &["-f", file, "--profile", "awo", "config"],
+            &[("API_TOKEN", "a-token"), ("GITHUB_TOKEN", "gh-token-value")],
+        );
+        assert!(ok, "{config}");
+        let worker = service_block(&config, "worker");
+        let awo = service_block(&config, "awo-worker");
+        let api = service_block(&config, "api");
+        assert!(awo.contains("gh-token-value"), "{file}: {awo}");
+        for (name, block) in [("worker", &worker), ("api", &api)] {
+            assert!(
+                !block.contains("gh-token-value"),
+                "{file}: {name} gets GITHUB_TOKEN"
+            );
+        }
+        assert!(
+            !worker.contains("a-token") && !awo.contains("a-token"),
+            "{file}: workers get API_TOKEN"
+        );
+    }
 }
 
 #[test]
