@@ -111,6 +111,10 @@ test: test-deps ## Run every test (unit and integration, real processes) and a s
 	$(CARGO) test --lib --bins --tests
 	@scripts/fuzz.sh --short
 
+.PHONY: limits
+limits: ## Run the largest input of every agent and check a worker stays under 200 MB (minutes)
+	$(CARGO) test --test it -- --ignored --nocapture limits
+
 .PHONY: fuzz
 fuzz: ## Fuzz the API against its OpenAPI document (schemathesis, all checks, default settings)
 	@scripts/fuzz.sh

@@ -6,6 +6,8 @@
 //! BENCH_SUBMITS (HTTP submits, 10000), BENCH_LATENCY_RUNS (200), BENCH_REPEATS (3).
 //! BENCH_ONLY=sqlite|redis runs one backend, BENCH_ONLY=redis-drain only the Redis drain;
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
+//! BENCH_ONLY=streams measures only submissions beside open event streams (BENCH_STREAMS, 500;
+//! BENCH_STREAM_SUBMITS, 3000) on both stores.
 //!
 //! - drain: N one-stage `noop` runs already queued, then 1 and then 2 worker processes
 //!   (concurrency 16); runs/s until all are completed, and on Redis the CPU time per run of
@@ -482,9 +484,36 @@ async fn submit_load(
     total: usize,
     connections: usize,
 ) -> (f64, f64, f64, f64) {
+    submit_beside_streams(backend, redis, total, connections, 0).await
+}
+
+/// Submit rate and latency while `streams` event streams are open on runs no worker takes
+/// (each stream watches a run of its own, so the API's watcher follows `streams` runs).
+async fn submit_beside_streams(
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    total: usize,
+    connections: usize,
+    streams: usize,
+) -> (f64, f64, f64, f64) {
     let mut deployment = Deployment::new(backend, redis).await;
     let (api, line) = deployment.spawn(&["serve"]);
     let base = line.trim().rsplit(' ').next().expect("url").to_owned();
+    let watcher = reqwest::Client::builder()
+        .pool_max_idle_per_host(streams)
+        .build()
+        .expect("client");
+    let mut open = Vec::with_capacity(streams);
+    for _ in 0..streams {
+        let id = deployment.queue("noop", json!({}), &["noop"]).await;
+        let response = watcher
+            .get(format!("{base}/runs/{id}/events"))
+            .send()
+            .await
+            .expect("stream");
+        assert_eq!(response.status().as_u16(), 200);
+        open.push(response);
+    }
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(connections)
         .build()
@@ -513,6 +542,7 @@ async fn submit_load(
     let mut sorted = latencies;
     sorted.sort_by(f64::total_cmp);
     let api_rss = rss_mb(deployment.pid(api));
+    drop(open);
     (
         rate,
         percentile(&sorted, 50.0),
@@ -664,6 +694,46 @@ fn print_table(title: &str, rows: &BTreeMap<usize, (String, String)>) {
     }
 }
 
+/// Submissions with and without 500 open event streams, alternated, and their ratio (the
+/// streams must not slow submissions more than twofold).
+async fn streams_rows(
+    rows: &mut BTreeMap<usize, (String, String)>,
+    row: usize,
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    repeats: usize,
+) {
+    let submits = env_number("BENCH_STREAM_SUBMITS", 3000);
+    let streams = env_number("BENCH_STREAMS", 500);
+    let (mut bare, mut beside) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        bare.push(
+            submit_beside_streams(backend, redis, submits, 64, 0)
+                .await
+                .0,
+        );
+        beside.push(
+            submit_beside_streams(backend, redis, submits, 64, streams)
+                .await
+                .0,
+        );
+    }
+    eprintln!("submits without streams {bare:.0?}, beside {streams} streams {beside:.0?} runs/s");
+    let (bare, beside) = (median(&mut bare), median(&mut beside));
+    rows.insert(
+        row,
+        (
+            format!(
+                "submit, {submits} POSTs from 64 connections, beside {streams} open event streams"
+            ),
+            format!(
+                "{beside:.0} runs/s ({bare:.0} without them: {:.2}× slower)",
+                bare / beside.max(f64::MIN_POSITIVE)
+            ),
+        ),
+    );
+}
+
 async fn sqlite_section(repeats: usize) {
     let runs = env_number("BENCH_RUNS", 5000);
     let latency_runs = env_number("BENCH_LATENCY_RUNS", 200);
@@ -682,6 +752,7 @@ async fn sqlite_section(repeats: usize) {
             ),
         );
     }
+    streams_rows(&mut rows, 10, Backend::Sqlite, None, repeats).await;
     let (p50, p99, _) = start_latency(Backend::Sqlite, None, latency_runs, 20.0).await;
     rows.insert(
         2,
@@ -784,6 +855,7 @@ async fn redis_section(repeats: usize, drain_only: bool) {
             ),
         ),
     );
+    streams_rows(&mut rows, 20, Backend::Redis, Some(&redis), repeats).await;
     // Alternated with the peer's pickup, as the drains are.
     let (mut p50s, mut p99s, mut idle_rss) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
@@ -946,5 +1018,13 @@ async fn main() {
     }
     if only == "redis-drain" {
         redis_section(repeats, true).await;
+    }
+    if only == "streams" {
+        let mut rows = BTreeMap::new();
+        streams_rows(&mut rows, 0, Backend::Sqlite, None, repeats).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let redis = RedisServer::start(dir.path());
+        streams_rows(&mut rows, 1, Backend::Redis, Some(&redis), repeats).await;
+        print_table(&format!("Event streams (medians of {repeats})"), &rows);
     }
 }

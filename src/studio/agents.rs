@@ -588,8 +588,9 @@ async fn live_video(
         }
     };
     let url = env.live.wait_video_task(&task_id, &env.cancel).await?;
-    let bytes = env.live.download(&url, &env.cancel).await?;
-    env.artifacts.write(relative, bytes).await?;
+    env.live
+        .download(&url, &env.absolute(relative)?, &env.cancel)
+        .await?;
     env.artifacts.index("videos", relative)?;
     let info = env.probe(relative).await?;
     if info.video.is_none() {
@@ -706,20 +707,23 @@ async fn live_audio(
     kind: AudioKind,
 ) -> Result<StepDone<AudioTrack>, StageError> {
     let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
+    let target = env.absolute(&relative)?;
     let settings = env.live.settings();
-    let ((provider, bytes), cost) = match kind {
+    let (provider, cost) = match kind {
         AudioKind::Voiceover => {
-            let made = env.live.speech(&input.script, &env.cancel).await?;
+            let made = env.live.speech(&input.script, &target, &env.cancel).await?;
             let cost = input.script.chars().count() as f64 * settings.speech_price / 1000.0;
             (made, pricing::round(cost))
         }
         AudioKind::Music => {
             let seconds = input.duration_secs.unwrap_or(30.0);
-            let made = env.live.music(&input.script, seconds, &env.cancel).await?;
+            let made = env
+                .live
+                .music(&input.script, seconds, &target, &env.cancel)
+                .await?;
             (made, pricing::round(seconds * settings.music_price))
         }
     };
-    env.artifacts.write(&relative, bytes).await?;
     env.ledger("audio_generator", &provider, kind.as_str(), cost, false)
         .await?;
     env.artifacts.index("audio", &relative)?;
@@ -843,8 +847,8 @@ fn existing_file(env: &AgentEnv, field: &str, relative: &str) -> Result<PathBuf,
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CriticInput {
-    #[schema(min_items = 1, max_items = 4)]
-    pub pilots: Vec<PilotResult>,
+    #[schema(inline)]
+    pub pilots: Pilots,
     /// Score a pilot needs to be approved (default 0.6).
     #[serde(default)]
     #[schema(minimum = 0, maximum = 1)]
@@ -925,11 +929,12 @@ pub async fn critic(
                 pilot_id: strategy.pilot_id.clone(),
                 score,
                 approved,
-                strengths: vec![format!("the {} tone suits the request", strategy.tone).into()],
+                strengths: vec![format!("the {} tone suits the request", strategy.tone).into()]
+                    .into(),
                 weaknesses: if qa_failures > 0 {
-                    vec![format!("{qa_failures} test scene(s) failed QA").into()]
+                    vec![format!("{qa_failures} test scene(s) failed QA").into()].into()
                 } else {
-                    vec![format!("{} may need tighter pacing", strategy.visual_style).into()]
+                    vec![format!("{} may need tighter pacing", strategy.visual_style).into()].into()
                 },
                 notes: format!(
                     "{} scored {score:.2} against a threshold of {threshold:.2}.",

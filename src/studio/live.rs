@@ -4,7 +4,7 @@
 //! retried after `retry-after` (or a growing backoff) up to `PROVIDER_MAX_RETRIES`, other 4xx
 //! answers permanent (`StageError::Fatal`), and a key never appears in an error, log or ledger.
 
-use std::time::Duration;
+use std::{path::Path, time::Duration};
 
 use secrecy::ExposeSecret;
 use serde::de::DeserializeOwned;
@@ -12,6 +12,13 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 use crate::{config::LiveSettings, engine::StageError};
+
+/// The largest JSON answer read from a provider.
+const MAX_JSON_BYTES: usize = 8 * 1024 * 1024;
+/// The most of a refusal's body read (for its message).
+const MAX_ERROR_BYTES: usize = 64 * 1024;
+/// The largest media file accepted from a provider (written to disk as it arrives).
+pub const MAX_MEDIA_BYTES: u64 = 1024 * 1024 * 1024;
 
 /// What a text call used, for its cost.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -95,13 +102,10 @@ impl Http {
                 }
                 Ok(response) => {
                     let status = response.status();
-                    let body: String = response
-                        .text()
+                    let body = read_limited(response, MAX_ERROR_BYTES, true)
                         .await
-                        .unwrap_or_default()
-                        .chars()
-                        .take(500)
-                        .collect();
+                        .unwrap_or_default();
+                    let body: String = String::from_utf8_lossy(&body).chars().take(500).collect();
                     return Err(StageError::fatal(
                         "provider_rejected",
                         format!(
@@ -187,10 +191,7 @@ impl Http {
                 cancel,
             )
             .await?;
-        let task: Value = response
-            .json()
-            .await
-            .map_err(|e| StageError::retryable(format!("runway answered no JSON: {e}")))?;
+        let task: Value = read_json("runway", response).await?;
         task["id"]
             .as_str()
             .map(str::to_owned)
@@ -223,10 +224,7 @@ impl Http {
                     cancel,
                 )
                 .await?;
-            let task: Value = response
-                .json()
-                .await
-                .map_err(|e| StageError::retryable(format!("runway answered no JSON: {e}")))?;
+            let task: Value = read_json("runway", response).await?;
             match task["status"].as_str().unwrap_or_default() {
                 "SUCCEEDED" => {
                     return task["output"][0]
@@ -263,12 +261,14 @@ impl Http {
         }
     }
 
-    /// Speaks `text` with the configured speech provider: the provider's name and the MP3.
+    /// Speaks `text` with the configured speech provider into the MP3 file `target`; answers the
+    /// provider's name.
     pub async fn speech(
         &self,
         text: &str,
+        target: &Path,
         cancel: &CancellationToken,
-    ) -> Result<(String, Vec<u8>), StageError> {
+    ) -> Result<String, StageError> {
         let settings = &self.settings;
         let (provider, response) = if settings.speech_provider == "openai" {
             let key = required_key(
@@ -312,16 +312,19 @@ impl Http {
                 response,
             )
         };
-        Ok((provider, response_bytes(response).await?))
+        save_body(response, target, cancel).await?;
+        Ok(provider)
     }
 
-    /// Music from a brief, `duration_secs` long, from ElevenLabs: the provider's name and the MP3.
+    /// Music from a brief, `duration_secs` long, from ElevenLabs, into the MP3 file `target`;
+    /// answers the provider's name.
     pub async fn music(
         &self,
         prompt: &str,
         duration_secs: f64,
+        target: &Path,
         cancel: &CancellationToken,
-    ) -> Result<(String, Vec<u8>), StageError> {
+    ) -> Result<String, StageError> {
         let key = required_key(
             &self.settings.elevenlabs_key,
             "ELEVENLABS_API_KEY is not set; live speech and music need it",
@@ -340,22 +343,21 @@ impl Http {
                 cancel,
             )
             .await?;
-        Ok((
-            "elevenlabs/music".to_owned(),
-            response_bytes(response).await?,
-        ))
+        save_body(response, target, cancel).await?;
+        Ok("elevenlabs/music".to_owned())
     }
 
-    /// Downloads a provider's output (the caller stores it through the artifact store).
+    /// Downloads a provider's output into `target`, as it arrives (never whole in memory).
     pub async fn download(
         &self,
         url: &str,
+        target: &Path,
         cancel: &CancellationToken,
-    ) -> Result<Vec<u8>, StageError> {
+    ) -> Result<(), StageError> {
         let response = self
             .send("download", |client| client.get(url), cancel)
             .await?;
-        response_bytes(response).await
+        save_body(response, target, cancel).await
     }
 
     /// One Anthropic Messages API call: the answer's text and its usage.
@@ -389,10 +391,7 @@ impl Http {
                 cancel,
             )
             .await?;
-        let answer: Value = response
-            .json()
-            .await
-            .map_err(|e| StageError::retryable(format!("anthropic answered no JSON: {e}")))?;
+        let answer: Value = read_json("anthropic", response).await?;
         let text = answer["content"]
             .as_array()
             .map(|parts| {
@@ -487,16 +486,114 @@ fn required_key<'a>(
         .ok_or_else(|| StageError::fatal("missing_key", missing))
 }
 
-/// A response's body, which must not be empty.
-async fn response_bytes(response: reqwest::Response) -> Result<Vec<u8>, StageError> {
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| StageError::retryable(format!("reading the provider's answer: {e}")))?;
-    if bytes.is_empty() {
-        return Err(StageError::retryable("the provider answered an empty file"));
+/// At most `max` bytes of a response's body: more is refused (`provider_answer_too_large`), or
+/// with `truncate` cut off (for the message of a refusal).
+async fn read_limited(
+    mut response: reqwest::Response,
+    max: usize,
+    truncate: bool,
+) -> Result<Vec<u8>, StageError> {
+    let too_large = || {
+        StageError::fatal(
+            "provider_answer_too_large",
+            format!("the provider answered more than {max} bytes"),
+        )
+    };
+    if !truncate && response.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large());
     }
-    Ok(bytes.to_vec())
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| StageError::retryable(format!("reading the provider's answer: {e}")))?
+    {
+        if body.len() + chunk.len() > max {
+            if truncate {
+                body.extend_from_slice(&chunk[..max - body.len()]);
+                return Ok(body);
+            }
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// A JSON answer, read within [`MAX_JSON_BYTES`].
+async fn read_json(provider: &str, response: reqwest::Response) -> Result<Value, StageError> {
+    let body = read_limited(response, MAX_JSON_BYTES, false).await?;
+    serde_json::from_slice(&body)
+        .map_err(|e| StageError::retryable(format!("{provider} answered no JSON: {e}")))
+}
+
+/// Streams a media answer into `target`: through a temporary file in its directory, then a
+/// durable rename, so the file appears whole or not at all; at most [`MAX_MEDIA_BYTES`], and
+/// never empty.
+async fn save_body(
+    mut response: reqwest::Response,
+    target: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), StageError> {
+    use tokio::io::AsyncWriteExt;
+    let io =
+        |e: std::io::Error| StageError::retryable(format!("writing {}: {e}", target.display()));
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_MEDIA_BYTES)
+    {
+        return Err(StageError::fatal(
+            "provider_answer_too_large",
+            format!("the provider's file is larger than {MAX_MEDIA_BYTES} bytes"),
+        ));
+    }
+    let dir = target.parent().unwrap_or(Path::new(".")).to_path_buf();
+    let created = dir.clone();
+    tokio::task::spawn_blocking(move || crate::artifacts::create_dir_durably(&created))
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)?;
+    let temporary = dir.join(format!(".download-{}", uuid::Uuid::new_v4().simple()));
+    let written = async {
+        let mut file = tokio::fs::File::create(&temporary).await.map_err(io)?;
+        let mut total: u64 = 0;
+        loop {
+            let chunk = tokio::select! {
+                chunk = response.chunk() => chunk.map_err(|e| {
+                    StageError::retryable(format!("reading the provider's file: {e}"))
+                })?,
+                () = cancel.cancelled() => return Err(StageError::Cancelled),
+            };
+            let Some(chunk) = chunk else { break };
+            total += chunk.len() as u64;
+            if total > MAX_MEDIA_BYTES {
+                return Err(StageError::fatal(
+                    "provider_answer_too_large",
+                    format!("the provider's file is larger than {MAX_MEDIA_BYTES} bytes"),
+                ));
+            }
+            file.write_all(&chunk).await.map_err(io)?;
+        }
+        if total == 0 {
+            return Err(StageError::retryable("the provider answered an empty file"));
+        }
+        file.flush().await.map_err(io)?;
+        Ok(())
+    }
+    .await;
+    if let Err(error) = written {
+        let _ = tokio::fs::remove_file(&temporary).await;
+        return Err(error);
+    }
+    let (from, to) = (temporary.clone(), target.to_path_buf());
+    let renamed = tokio::task::spawn_blocking(move || crate::artifacts::rename_durably(&from, &to))
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?;
+    if let Err(error) = renamed {
+        let _ = tokio::fs::remove_file(&temporary).await;
+        return Err(io(error));
+    }
+    Ok(())
 }
 
 /// One line per live provider: configured or not, reachable or not (with the key, without
@@ -574,6 +671,40 @@ fn extract_json(text: &str) -> Option<&str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn answer_with_retry_after(value: &str) -> reqwest::Response {
+        reqwest::Response::from(
+            axum::http::Response::builder()
+                .status(429)
+                .header("retry-after", value)
+                .body(Vec::<u8>::new())
+                .expect("response"),
+        )
+    }
+
+    #[test]
+    fn a_retry_after_of_any_value_is_a_delay_of_at_most_a_minute() {
+        for value in [
+            "-1",
+            "NaN",
+            "inf",
+            "1e20",
+            "18446744073709551616",
+            "soon",
+            "",
+        ] {
+            let delay = retry_delay(&answer_with_retry_after(value), 0);
+            assert!(delay <= Duration::from_secs(60), "{value}: {delay:?}");
+        }
+        assert_eq!(
+            retry_delay(&answer_with_retry_after("2"), 0),
+            Duration::from_secs(2)
+        );
+        assert_eq!(
+            retry_delay(&answer_with_retry_after("9999"), 0),
+            Duration::from_secs(60)
+        );
+    }
 
     #[test]
     fn json_is_found_inside_prose_and_fences() {

@@ -124,9 +124,94 @@ pub struct QaReport {
     pub height: u32,
     pub has_video: bool,
     pub has_audio: bool,
-    #[schema(max_items = 20)]
-    pub issues: Vec<Note>,
+    #[schema(inline)]
+    pub issues: Notes,
 }
+
+/// A list whose items are all different, where a repeat would mean nothing (the same pilot
+/// twice, the same scene twice): its schema says `uniqueItems`, with its bounds, and inputs with
+/// a repeat are refused.
+macro_rules! distinct {
+    ($(#[$doc:meta])* $name:ident, $item:ty, $min:expr, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(pub Vec<$item>);
+
+        impl From<Vec<$item>> for $name {
+            fn from(items: Vec<$item>) -> Self {
+                Self(items)
+            }
+        }
+
+        impl FromIterator<$item> for $name {
+            fn from_iter<I: IntoIterator<Item = $item>>(items: I) -> Self {
+                Self(items.into_iter().collect())
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = Vec<$item>;
+            fn deref(&self) -> &Vec<$item> {
+                &self.0
+            }
+        }
+
+        impl std::ops::DerefMut for $name {
+            fn deref_mut(&mut self) -> &mut Vec<$item> {
+                &mut self.0
+            }
+        }
+
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                let min: usize = $min;
+                utoipa::openapi::schema::ArrayBuilder::new()
+                    .items(utoipa::openapi::Ref::from_schema_name(<$item as ToSchema>::name()))
+                    .min_items((min > 0).then_some(min))
+                    .max_items(Some($max))
+                    .unique_items(true)
+                    .into()
+            }
+        }
+
+        impl ToSchema for $name {
+            fn schemas(
+                schemas: &mut Vec<(
+                    String,
+                    utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+                )>,
+            ) {
+                schemas.push((
+                    <$item as ToSchema>::name().into_owned(),
+                    <$item as utoipa::PartialSchema>::schema(),
+                ));
+                <$item as ToSchema>::schemas(schemas);
+            }
+        }
+    };
+}
+
+distinct!(
+    /// One to four pilots' results.
+    Pilots, PilotResult, 1, 4
+);
+distinct!(
+    /// Up to 50 scenes.
+    Scenes, Scene, 0, 50
+);
+distinct!(
+    /// Up to 50 video clips.
+    Clips, VideoClip, 0, 50
+);
+distinct!(
+    /// Up to 50 QA reports.
+    QaReports, QaReport, 0, 50
+);
+distinct!(
+    /// Up to 20 short remarks.
+    Notes, Note, 0, 20
+);
 
 /// A short remark (an issue QA found, a strength or weakness of a pilot): at most 500
 /// characters.
@@ -156,13 +241,13 @@ impl From<String> for Note {
 #[serde(deny_unknown_fields)]
 pub struct PilotResult {
     pub strategy: PilotStrategy,
-    #[schema(max_items = 50)]
-    pub scenes: Vec<Scene>,
-    #[schema(max_items = 50)]
-    pub videos: Vec<VideoClip>,
+    #[schema(inline)]
+    pub scenes: Scenes,
+    #[schema(inline)]
+    pub videos: Clips,
     #[serde(default)]
-    #[schema(max_items = 50)]
-    pub qa: Vec<QaReport>,
+    #[schema(inline)]
+    pub qa: QaReports,
 }
 
 /// The critic's verdict on one pilot.
@@ -175,10 +260,10 @@ pub struct PilotEvaluation {
     #[schema(minimum = 0, maximum = 1)]
     pub score: f64,
     pub approved: bool,
-    #[schema(max_items = 20)]
-    pub strengths: Vec<Note>,
-    #[schema(max_items = 20)]
-    pub weaknesses: Vec<Note>,
+    #[schema(inline)]
+    pub strengths: Notes,
+    #[schema(inline)]
+    pub weaknesses: Notes,
     #[schema(max_length = 4000)]
     pub notes: String,
 }

@@ -282,9 +282,9 @@ impl Stage for Pilots {
             }
             results.push(PilotResult {
                 strategy: strategy.clone(),
-                scenes: script.scenes,
-                videos,
-                qa: Vec::new(),
+                scenes: script.scenes.into(),
+                videos: videos.into(),
+                qa: QaReports::default(),
             });
         }
         output(&PilotsOutput { pilots: results })
@@ -382,7 +382,7 @@ impl Stage for Evaluation {
         for pilot in &mut pilots.pilots {
             let pid = pilot.strategy.pilot_id.clone();
             let mut reports = Vec::new();
-            for (clip, scene) in pilot.videos.iter().zip(&pilot.scenes) {
+            for (clip, scene) in pilot.videos.iter().zip(pilot.scenes.iter()) {
                 let input = QaVerifierInput {
                     video: clip.path.clone(),
                     expected_duration_secs: Some(scene.duration_secs),
@@ -396,12 +396,12 @@ impl Stage for Evaluation {
                     .await?;
                 reports.push(report);
             }
-            pilot.qa = reports.clone();
+            pilot.qa = reports.clone().into();
             qa.insert(pid, reports);
         }
         let threshold = inputs.approval_threshold.unwrap_or(0.6);
         let input = CriticInput {
-            pilots: pilots.pilots.clone(),
+            pilots: pilots.pilots.clone().into(),
             approval_threshold: Some(threshold),
             user_request: Some(inputs.user_request.clone()),
         };
@@ -481,8 +481,8 @@ impl Stage for Completion {
         let env = self.0.env(ctx);
         let remaining: Vec<u32> = (strategy.test_scenes + 1..=strategy.num_scenes).collect();
         ctx.set_step_total(remaining.len() as u32 + 3);
-        let mut scenes = pilot.scenes.clone();
-        let mut videos = pilot.videos.clone();
+        let mut scenes = pilot.scenes.to_vec();
+        let mut videos = pilot.videos.to_vec();
         if !remaining.is_empty() {
             let request = ScriptRequest::scenes(plan_of(strategy), remaining.clone());
             let script: ScriptWriterOutput = ctx
@@ -594,7 +594,7 @@ fn scenes_of(run: &crate::store::RunRecord) -> Option<(Vec<Scene>, String, Strin
         .pilots
         .into_iter()
         .find(|p| p.strategy.pilot_id == approved)?;
-    Some((pilot.scenes, pilot.strategy.tone, pilot.strategy.concept))
+    Some((pilot.scenes.0, pilot.strategy.tone, pilot.strategy.concept))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -4,6 +4,7 @@ mod api;
 mod durability;
 mod engine;
 mod faults;
+mod limits;
 mod live;
 mod packaging;
 mod redis_scale;

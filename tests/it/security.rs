@@ -490,6 +490,18 @@ async fn every_input_over_any_limit_of_every_agent_is_refused_and_nothing_is_sto
         assert_eq!(status, 202, "{agent}: {accepted}");
     }
     assert!(tried > 60, "only {tried} limits tried");
+    // A meaningless repeat (the same pilot twice) is refused too.
+    let mut twice = valid_inputs("critic");
+    let pilot = twice["pilots"][0].clone();
+    twice["pilots"] = json!([pilot.clone(), pilot]);
+    let (status, refused) = app
+        .post(
+            "/agents/critic/run",
+            &json!({"inputs": twice, "async": true}),
+        )
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["details"]["field"], "inputs.pilots");
     let (_, runs) = app.get("/runs?limit=1").await;
     assert_eq!(runs["total"], 7, "only the valid examples were stored");
 }
