@@ -724,7 +724,11 @@ async fn streams_rows(
         row,
         (
             format!(
-                "submit, {submits} POSTs from 64 connections, beside {streams} open event streams"
+                "submit ({}), {submits} POSTs from 64 connections, beside {streams} open event streams",
+                match backend {
+                    Backend::Sqlite => "SQLite",
+                    Backend::Redis => "Redis",
+                }
             ),
             format!(
                 "{beside:.0} runs/s ({bare:.0} without them: {:.2}× slower)",

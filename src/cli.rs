@@ -286,9 +286,10 @@ async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
     }
 }
 
-async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
-    let serves_api = matches!(role, Role::Api | Role::Dev { .. });
-    if serves_api {
+/// What a role must hold before it starts: an API is never served open where anyone could
+/// reach it (unless asked for, loudly), and a process that runs stages is non-dumpable.
+fn guard_role(config: &Config, role: &Role) -> anyhow::Result<()> {
+    if matches!(role, Role::Api | Role::Dev { .. }) {
         config.check_api_exposure()?;
         if config.serves_unauthenticated_on_purpose() {
             tracing::warn!(
@@ -306,7 +307,51 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
         if let Err(error) = nix::sys::prctl::set_dumpable(false) {
             tracing::warn!(error = %error, "could not make the process non-dumpable");
         }
+        let orders = match role {
+            Role::Worker { queues, .. } => queues.iter().any(|q| q == queues::WORK_ORDERS),
+            _ => true,
+        };
+        if orders && !nix::unistd::geteuid().is_root() {
+            let consequence = if config.awo.require_agent_isolation {
+                "live work orders fail with agent_shares_worker_user"
+            } else {
+                "the agent could read this worker's secrets; acceptable on a developer's machine only"
+            };
+            tracing::warn!(
+                "this worker is not root, so a live coding agent would run as its own user: \
+                 {consequence} (run it as root with AWO_AGENT_USER, as the work-order image does)"
+            );
+        }
     }
+    Ok(())
+}
+
+/// ffmpeg's availability for `/health`: probed now, then at most once a minute.
+async fn ffmpeg_check(config: &Config) -> http::ToolCheck {
+    let media = crate::studio::media::Media::new(&config.studio);
+    http::ToolCheck::start(move || {
+        let media = media.clone();
+        async move { media.check().await }
+    })
+    .await
+}
+
+/// Binds the API's address and says where it listens.
+async fn bind_api(config: &Config, backend: &str) -> anyhow::Result<TcpListener> {
+    let address = std::net::SocketAddr::new(config.host, config.port);
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding {address}"))?;
+    let bound = listener.local_addr()?;
+    // Printed, not logged: scripts and tests read the address from here.
+    announce(&format!("stagecraft: listening on http://{bound}"));
+    info!(address = %bound, backend, "API listening");
+    Ok(listener)
+}
+
+async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
+    let serves_api = matches!(role, Role::Api | Role::Dev { .. });
+    guard_role(&config, &role)?;
     let shutdown = shutdown::on_signal().context("installing signal handlers")?;
     let store = open_store(&config).await?;
     let artifacts =
@@ -333,27 +378,14 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     });
 
     if serves_api {
-        let address = std::net::SocketAddr::new(config.host, config.port);
-        let listener = TcpListener::bind(address)
-            .await
-            .with_context(|| format!("binding {address}"))?;
-        let bound = listener.local_addr()?;
-        // Printed, not logged: scripts and tests read the address from here.
-        announce(&format!("stagecraft: listening on http://{bound}"));
-        info!(address = %bound, backend = store.backend_name(), "API listening");
-        let media = crate::studio::media::Media::new(&config.studio);
-        let ffmpeg = http::ToolCheck::start(move || {
-            let media = media.clone();
-            async move { media.check().await }
-        })
-        .await;
         let state = AppState::new(
             store.clone(),
             catalog.clone(),
             config.clone(),
             artifacts.clone(),
-            ffmpeg,
+            ffmpeg_check(&config).await,
         );
+        let listener = bind_api(&config, store.backend_name()).await?;
         let stop = shutdown.clone();
         tasks.spawn(async move {
             http::serve(listener, state, stop)

@@ -55,6 +55,7 @@
 //! | `AWO_GIT_HOSTS` | `github.com` | comma-separated forge hosts `GITHUB_TOKEN` is offered to (over https only) |
 //! | `AWO_AGENT_USER` | `nobody` when the worker runs as root, else unset | the user (name or `uid[:gid]`) the coding agent runs as |
 //! | `AWO_MAX_OUTPUT_BYTES` | `16777216` | bytes of one agent, git or gh call's output kept (first and last halves) |
+//! | `AWO_MAX_REPO_FILES`, `AWO_MAX_REPO_BYTES` | `250000`, `2147483648` | files and bytes a repository's checkout may have; checked before anything is written |
 //! | `CLAUDE_CLI_PATH`, `GH_CLI_PATH`, `GIT_PATH` | `claude`, `gh`, `git` | the coding-agent CLI, the GitHub CLI and git |
 //! | `GITHUB_TOKEN` | unset | reaches git (credential helper) and gh through the environment only |
 //! | `ANTHROPIC_API_KEY` | unset | the live text provider's key; passed to the coding-agent CLI through its environment |
@@ -194,6 +195,11 @@ pub struct AwoSettings {
     pub agent_user: Option<AgentUser>,
     /// Bytes of one tool call's output kept.
     pub max_output: usize,
+    /// Files and bytes a repository's checkout may have (checked before it is written).
+    pub max_repo_files: u64,
+    pub max_repo_bytes: u64,
+    /// Live agents must run as a user other than the worker's (set in production).
+    pub require_agent_isolation: bool,
     /// The base environment of every subprocess.
     pub base_env: BaseEnv,
     /// Proxy settings, for the tools that reach the network (git, gh, the coding agent).
@@ -232,6 +238,9 @@ impl Default for AwoSettings {
             git_hosts: vec!["github.com".to_owned()],
             agent_user: None,
             max_output: 16 * 1024 * 1024,
+            max_repo_files: 250_000,
+            max_repo_bytes: 2 << 30,
+            require_agent_isolation: false,
             base_env: BaseEnv::default(),
             network_env: BaseEnv::default(),
             claude_cli: PathBuf::from("claude"),
@@ -589,165 +598,9 @@ impl Config {
             .unwrap_or_else(|| "http://127.0.0.1:8000".to_owned())
             .trim_end_matches('/')
             .to_owned();
-        let studio = StudioSettings {
-            base_env: base_env.clone(),
-            ffmpeg: vars
-                .path("FFMPEG_PATH")
-                .unwrap_or_else(|| PathBuf::from("ffmpeg")),
-            ffprobe: vars
-                .path("FFPROBE_PATH")
-                .unwrap_or_else(|| PathBuf::from("ffprobe")),
-            media_timeout: Duration::from_secs(vars.parse_in(
-                "MEDIA_TIMEOUT_SECS",
-                300,
-                1,
-                86_400,
-            )?),
-            mock_latency: Duration::from_millis(vars.parse_in(
-                "MOCK_PROVIDER_LATENCY_MS",
-                0,
-                0,
-                3_600_000,
-            )?),
-            live: LiveSettings {
-                anthropic_key: vars.secret("ANTHROPIC_API_KEY"),
-                anthropic_base_url: vars
-                    .string("ANTHROPIC_BASE_URL")
-                    .unwrap_or_else(|| "https://api.anthropic.com".to_owned())
-                    .trim_end_matches('/')
-                    .to_owned(),
-                anthropic_model: vars
-                    .string("ANTHROPIC_MODEL")
-                    .unwrap_or_else(|| "claude-sonnet-4-5".to_owned()),
-                timeout: Duration::from_secs(vars.parse_in(
-                    "PROVIDER_TIMEOUT_SECS",
-                    120,
-                    1,
-                    86_400,
-                )?),
-                max_retries: vars.parse_in("PROVIDER_MAX_RETRIES", 4, 0, 20)? as u32,
-                text_input_price: vars.price("PRICE_TEXT_INPUT_PER_MTOK", 3.0)?,
-                text_output_price: vars.price("PRICE_TEXT_OUTPUT_PER_MTOK", 15.0)?,
-                runway_key: vars.secret("RUNWAY_API_KEY"),
-                runway_base_url: vars
-                    .string("RUNWAY_BASE_URL")
-                    .unwrap_or_else(|| "https://api.dev.runwayml.com".to_owned())
-                    .trim_end_matches('/')
-                    .to_owned(),
-                runway_model: vars
-                    .string("RUNWAY_MODEL")
-                    .unwrap_or_else(|| "gen4_turbo".to_owned()),
-                video_price: vars.price("PRICE_VIDEO_PER_SECOND", 0.05)?,
-                video_poll_interval: Duration::from_millis(vars.parse_in(
-                    "VIDEO_POLL_INTERVAL_MS",
-                    5000,
-                    1,
-                    3_600_000,
-                )?),
-                speech_provider: vars.parse_with(
-                    "SPEECH_PROVIDER",
-                    "elevenlabs".to_owned(),
-                    |v| match v {
-                        "elevenlabs" | "openai" => Ok(v.to_owned()),
-                        _ => Err("expected elevenlabs or openai".to_owned()),
-                    },
-                )?,
-                elevenlabs_key: vars.secret("ELEVENLABS_API_KEY"),
-                elevenlabs_base_url: vars
-                    .string("ELEVENLABS_BASE_URL")
-                    .unwrap_or_else(|| "https://api.elevenlabs.io".to_owned())
-                    .trim_end_matches('/')
-                    .to_owned(),
-                elevenlabs_voice: vars
-                    .string("ELEVENLABS_VOICE_ID")
-                    .unwrap_or_else(|| "21m00Tcm4TlvDq8ikWAM".to_owned()),
-                elevenlabs_model: vars
-                    .string("ELEVENLABS_MODEL")
-                    .unwrap_or_else(|| "eleven_multilingual_v2".to_owned()),
-                openai_key: vars.secret("OPENAI_API_KEY"),
-                openai_base_url: vars
-                    .string("OPENAI_BASE_URL")
-                    .unwrap_or_else(|| "https://api.openai.com".to_owned())
-                    .trim_end_matches('/')
-                    .to_owned(),
-                openai_tts_model: vars
-                    .string("OPENAI_TTS_MODEL")
-                    .unwrap_or_else(|| "gpt-4o-mini-tts".to_owned()),
-                openai_tts_voice: vars
-                    .string("OPENAI_TTS_VOICE")
-                    .unwrap_or_else(|| "alloy".to_owned()),
-                speech_price: vars.price("PRICE_SPEECH_PER_1K_CHARS", 0.30)?,
-                music_price: vars.price("PRICE_MUSIC_PER_SECOND", 0.01)?,
-            },
-        };
-        let allowed_schemes: Vec<String> = vars
-            .string("AWO_ALLOWED_URL_SCHEMES")
-            .unwrap_or_else(|| "https".to_owned())
-            .split(',')
-            .map(|s| s.trim().to_ascii_lowercase())
-            .filter(|s| !s.is_empty())
-            .collect();
-        if let Some(bad) = allowed_schemes
-            .iter()
-            .find(|s| !matches!(s.as_str(), "https" | "http" | "ssh" | "git" | "file"))
-        {
-            return Err(ConfigError {
-                variable: "AWO_ALLOWED_URL_SCHEMES",
-                value: bad.clone(),
-                reason: "expected a comma-separated list of https, http, ssh, git, file".to_owned(),
-            });
-        }
-        let max_turns = match vars.string("CLAUDE_CLI_MAX_TURNS") {
-            None => None,
-            Some(_) => Some(vars.parse_in("CLAUDE_CLI_MAX_TURNS", 1, 1, 10_000)? as u32),
-        };
-        let awo = AwoSettings {
-            data_dir: vars
-                .path("AWO_DATA_DIR")
-                .unwrap_or_else(|| data_dir.join("agent-work-orders")),
-            allowed_schemes,
-            allowed_hosts: vars.hosts("AWO_ALLOWED_HOSTS", true)?,
-            git_hosts: vars.hosts("AWO_GIT_HOSTS", false)?,
-            agent_user: agent_user(vars.string("AWO_AGENT_USER"))?,
-            max_output: vars.parse_in("AWO_MAX_OUTPUT_BYTES", 16 * 1024 * 1024, 4096, 1 << 30)?
-                as usize,
-            base_env: base_env.clone(),
-            network_env: vars.environment(&NETWORK_ENV_VARIABLES),
-            claude_cli: vars
-                .path("CLAUDE_CLI_PATH")
-                .unwrap_or_else(|| PathBuf::from("claude")),
-            gh_cli: vars
-                .path("GH_CLI_PATH")
-                .unwrap_or_else(|| PathBuf::from("gh")),
-            git: vars
-                .path("GIT_PATH")
-                .unwrap_or_else(|| PathBuf::from("git")),
-            github_token: vars.secret("GITHUB_TOKEN"),
-            anthropic_api_key: vars.secret("ANTHROPIC_API_KEY"),
-            timeout: Duration::from_secs(vars.parse_in(
-                "AGENT_WORK_ORDER_TIMEOUT",
-                3600,
-                1,
-                604_800,
-            )?),
-            model: vars
-                .string("CLAUDE_CLI_MODEL")
-                .unwrap_or_else(|| "sonnet".to_owned()),
-            max_turns,
-            skip_permissions: vars.parse_with("CLAUDE_CLI_SKIP_PERMISSIONS", true, parse_bool)?,
-            verbose: vars.parse_with("CLAUDE_CLI_VERBOSE", true, |v| match parse_bool(v) {
-                Ok(true) => Ok(true),
-                Ok(false) => Err(
-                    "the coding agent's stream-json output needs --verbose; leave it true"
-                        .to_owned(),
-                ),
-                Err(e) => Err(e),
-            })?,
-            commands_dir: vars.path("AGENT_WORK_ORDER_COMMANDS_DIR"),
-            prompt_logging: vars.parse_with("ENABLE_PROMPT_LOGGING", true, parse_bool)?,
-            output_artifacts: vars.parse_with("ENABLE_OUTPUT_ARTIFACTS", true, parse_bool)?,
-            port: vars.parse("ARCHON_AWO_PORT", 8888u16)?,
-        };
+        let studio = studio_settings(&vars, &base_env)?;
+        let mut awo = awo_settings(&vars, &data_dir, &base_env)?;
+        awo.require_agent_isolation = env == Environment::Production;
         Ok(Self {
             env,
             debug,
@@ -783,6 +636,167 @@ impl Config {
             awo,
         })
     }
+}
+
+/// The studio's media tools, mock latency and live providers.
+fn studio_settings(vars: &Vars<'_>, base_env: &BaseEnv) -> Result<StudioSettings, ConfigError> {
+    Ok(StudioSettings {
+        base_env: base_env.clone(),
+        ffmpeg: vars
+            .path("FFMPEG_PATH")
+            .unwrap_or_else(|| PathBuf::from("ffmpeg")),
+        ffprobe: vars
+            .path("FFPROBE_PATH")
+            .unwrap_or_else(|| PathBuf::from("ffprobe")),
+        media_timeout: Duration::from_secs(vars.parse_in("MEDIA_TIMEOUT_SECS", 300, 1, 86_400)?),
+        mock_latency: Duration::from_millis(vars.parse_in(
+            "MOCK_PROVIDER_LATENCY_MS",
+            0,
+            0,
+            3_600_000,
+        )?),
+        live: LiveSettings {
+            anthropic_key: vars.secret("ANTHROPIC_API_KEY"),
+            anthropic_base_url: vars
+                .string("ANTHROPIC_BASE_URL")
+                .unwrap_or_else(|| "https://api.anthropic.com".to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+            anthropic_model: vars
+                .string("ANTHROPIC_MODEL")
+                .unwrap_or_else(|| "claude-sonnet-4-5".to_owned()),
+            timeout: Duration::from_secs(vars.parse_in("PROVIDER_TIMEOUT_SECS", 120, 1, 86_400)?),
+            max_retries: vars.parse_in("PROVIDER_MAX_RETRIES", 4, 0, 20)? as u32,
+            text_input_price: vars.price("PRICE_TEXT_INPUT_PER_MTOK", 3.0)?,
+            text_output_price: vars.price("PRICE_TEXT_OUTPUT_PER_MTOK", 15.0)?,
+            runway_key: vars.secret("RUNWAY_API_KEY"),
+            runway_base_url: vars
+                .string("RUNWAY_BASE_URL")
+                .unwrap_or_else(|| "https://api.dev.runwayml.com".to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+            runway_model: vars
+                .string("RUNWAY_MODEL")
+                .unwrap_or_else(|| "gen4_turbo".to_owned()),
+            video_price: vars.price("PRICE_VIDEO_PER_SECOND", 0.05)?,
+            video_poll_interval: Duration::from_millis(vars.parse_in(
+                "VIDEO_POLL_INTERVAL_MS",
+                5000,
+                1,
+                3_600_000,
+            )?),
+            speech_provider: vars.parse_with("SPEECH_PROVIDER", "elevenlabs".to_owned(), |v| {
+                match v {
+                    "elevenlabs" | "openai" => Ok(v.to_owned()),
+                    _ => Err("expected elevenlabs or openai".to_owned()),
+                }
+            })?,
+            elevenlabs_key: vars.secret("ELEVENLABS_API_KEY"),
+            elevenlabs_base_url: vars
+                .string("ELEVENLABS_BASE_URL")
+                .unwrap_or_else(|| "https://api.elevenlabs.io".to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+            elevenlabs_voice: vars
+                .string("ELEVENLABS_VOICE_ID")
+                .unwrap_or_else(|| "21m00Tcm4TlvDq8ikWAM".to_owned()),
+            elevenlabs_model: vars
+                .string("ELEVENLABS_MODEL")
+                .unwrap_or_else(|| "eleven_multilingual_v2".to_owned()),
+            openai_key: vars.secret("OPENAI_API_KEY"),
+            openai_base_url: vars
+                .string("OPENAI_BASE_URL")
+                .unwrap_or_else(|| "https://api.openai.com".to_owned())
+                .trim_end_matches('/')
+                .to_owned(),
+            openai_tts_model: vars
+                .string("OPENAI_TTS_MODEL")
+                .unwrap_or_else(|| "gpt-4o-mini-tts".to_owned()),
+            openai_tts_voice: vars
+                .string("OPENAI_TTS_VOICE")
+                .unwrap_or_else(|| "alloy".to_owned()),
+            speech_price: vars.price("PRICE_SPEECH_PER_1K_CHARS", 0.30)?,
+            music_price: vars.price("PRICE_MUSIC_PER_SECOND", 0.01)?,
+        },
+    })
+}
+
+/// What agent work orders need: data directory, repository rules, tools, credentials, limits.
+fn awo_settings(
+    vars: &Vars<'_>,
+    data_dir: &Path,
+    base_env: &BaseEnv,
+) -> Result<AwoSettings, ConfigError> {
+    let allowed_schemes: Vec<String> = vars
+        .string("AWO_ALLOWED_URL_SCHEMES")
+        .unwrap_or_else(|| "https".to_owned())
+        .split(',')
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(bad) = allowed_schemes
+        .iter()
+        .find(|s| !matches!(s.as_str(), "https" | "http" | "ssh" | "git" | "file"))
+    {
+        return Err(ConfigError {
+            variable: "AWO_ALLOWED_URL_SCHEMES",
+            value: bad.clone(),
+            reason: "expected a comma-separated list of https, http, ssh, git, file".to_owned(),
+        });
+    }
+    let max_turns = match vars.string("CLAUDE_CLI_MAX_TURNS") {
+        None => None,
+        Some(_) => Some(vars.parse_in("CLAUDE_CLI_MAX_TURNS", 1, 1, 10_000)? as u32),
+    };
+    Ok(AwoSettings {
+        data_dir: vars
+            .path("AWO_DATA_DIR")
+            .unwrap_or_else(|| data_dir.join("agent-work-orders")),
+        allowed_schemes,
+        allowed_hosts: vars.hosts("AWO_ALLOWED_HOSTS", true)?,
+        git_hosts: vars.hosts("AWO_GIT_HOSTS", false)?,
+        agent_user: agent_user(vars.string("AWO_AGENT_USER"))?,
+        max_output: vars.parse_in("AWO_MAX_OUTPUT_BYTES", 16 * 1024 * 1024, 4096, 1 << 30)?
+            as usize,
+        max_repo_files: vars.parse_in("AWO_MAX_REPO_FILES", 250_000, 1, 5_000_000)?,
+        max_repo_bytes: vars.parse_in("AWO_MAX_REPO_BYTES", 2 << 30, 1 << 20, 1 << 40)?,
+        require_agent_isolation: false,
+        base_env: base_env.clone(),
+        network_env: vars.environment(&NETWORK_ENV_VARIABLES),
+        claude_cli: vars
+            .path("CLAUDE_CLI_PATH")
+            .unwrap_or_else(|| PathBuf::from("claude")),
+        gh_cli: vars
+            .path("GH_CLI_PATH")
+            .unwrap_or_else(|| PathBuf::from("gh")),
+        git: vars
+            .path("GIT_PATH")
+            .unwrap_or_else(|| PathBuf::from("git")),
+        github_token: vars.secret("GITHUB_TOKEN"),
+        anthropic_api_key: vars.secret("ANTHROPIC_API_KEY"),
+        timeout: Duration::from_secs(vars.parse_in(
+            "AGENT_WORK_ORDER_TIMEOUT",
+            3600,
+            1,
+            604_800,
+        )?),
+        model: vars
+            .string("CLAUDE_CLI_MODEL")
+            .unwrap_or_else(|| "sonnet".to_owned()),
+        max_turns,
+        skip_permissions: vars.parse_with("CLAUDE_CLI_SKIP_PERMISSIONS", true, parse_bool)?,
+        verbose: vars.parse_with("CLAUDE_CLI_VERBOSE", true, |v| match parse_bool(v) {
+            Ok(true) => Ok(true),
+            Ok(false) => Err(
+                "the coding agent's stream-json output needs --verbose; leave it true".to_owned(),
+            ),
+            Err(e) => Err(e),
+        })?,
+        commands_dir: vars.path("AGENT_WORK_ORDER_COMMANDS_DIR"),
+        prompt_logging: vars.parse_with("ENABLE_PROMPT_LOGGING", true, parse_bool)?,
+        output_artifacts: vars.parse_with("ENABLE_OUTPUT_ARTIFACTS", true, parse_bool)?,
+        port: vars.parse("ARCHON_AWO_PORT", 8888u16)?,
+    })
 }
 
 /// The user info of a URL (`user:password` in `scheme://user:password@host`), the part to hide.
@@ -861,8 +875,11 @@ fn agent_user(value: Option<String>) -> Result<Option<AgentUser>, ConfigError> {
         .map_or(Some((value.as_str(), value.as_str())), Some)
         .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
     {
-        if uid == 0 {
-            return Err(invalid(&value, "must not be root".to_owned()));
+        if uid == 0 || gid == 0 {
+            return Err(invalid(
+                &value,
+                "must not be root or in the root group".to_owned(),
+            ));
         }
         return Ok(Some(AgentUser {
             name: value.clone(),
@@ -871,12 +888,15 @@ fn agent_user(value: Option<String>) -> Result<Option<AgentUser>, ConfigError> {
         }));
     }
     match nix::unistd::User::from_name(&value) {
-        Ok(Some(user)) if !user.uid.is_root() => Ok(Some(AgentUser {
+        Ok(Some(user)) if !user.uid.is_root() && user.gid.as_raw() != 0 => Ok(Some(AgentUser {
             name: value.clone(),
             uid: user.uid.as_raw(),
             gid: user.gid.as_raw(),
         })),
-        Ok(Some(_)) => Err(invalid(&value, "must not be root".to_owned())),
+        Ok(Some(_)) => Err(invalid(
+            &value,
+            "must not be root or in the root group".to_owned(),
+        )),
         _ => Err(invalid(
             &value,
             "no such user (create it, or give a numeric uid:gid)".to_owned(),
@@ -1049,6 +1069,22 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn the_agent_user_is_never_root_and_production_isolates_the_agent() {
+        for value in ["0", "0:0", "1000:0", "root"] {
+            let error = config_from(&[("AWO_AGENT_USER", value)]).expect_err(value);
+            assert_eq!(error.variable, "AWO_AGENT_USER", "{value}");
+        }
+        let config = config_from(&[("AWO_AGENT_USER", "10002:10003")]).expect("numeric");
+        let user = config.awo.agent_user.expect("a user");
+        assert_eq!((user.uid, user.gid), (10002, 10003));
+        assert!(!config.awo.require_agent_isolation);
+        let config = config_from(&[("ENV", "production"), ("API_TOKEN", "a-long-enough-token")])
+            .expect("production");
+        assert!(config.awo.require_agent_isolation);
+        assert!(config_from(&[("AWO_MAX_REPO_FILES", "0")]).is_err());
     }
 
     #[test]

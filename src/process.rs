@@ -177,6 +177,10 @@ impl Drop for GroupGuard {
     }
 }
 
+/// Bytes either edge of dropped output may move to avoid splitting a secret (longer than any
+/// credential's shape the scrubber knows).
+const SEAM: usize = 512;
+
 /// The first half and the last half of a stream's bytes, whatever its length.
 struct Capture {
     head: Vec<u8>,
@@ -210,30 +214,53 @@ impl Capture {
 
     fn into_bytes(self) -> Vec<u8> {
         let mut bytes = self.head;
-        if self.dropped > 0 {
-            bytes.extend_from_slice(
-                format!("\n[... {} bytes of output dropped ...]\n", self.dropped).as_bytes(),
-            );
+        if self.dropped == 0 {
+            bytes.extend(self.tail);
+            return bytes;
         }
-        bytes.extend(self.tail);
+        // A secret cut in two at either edge of the gap would no longer be recognised by the
+        // scrubber: each edge moves to a whitespace within `SEAM` bytes, or drops `SEAM` bytes.
+        let is_space = |b: &u8| b.is_ascii_whitespace();
+        let head_end = bytes.len().saturating_sub(SEAM);
+        let keep = bytes[head_end..]
+            .iter()
+            .rposition(is_space)
+            .map_or(head_end, |i| head_end + i + 1);
+        let cut_head = bytes.len() - keep;
+        bytes.truncate(keep);
+        let tail: Vec<u8> = self.tail.into();
+        let skip = tail
+            .iter()
+            .take(SEAM)
+            .position(is_space)
+            .unwrap_or(SEAM.min(tail.len()));
+        let dropped = self.dropped + (cut_head + skip) as u64;
+        bytes.extend_from_slice(
+            format!("\n[... {dropped} bytes of output dropped ...]\n").as_bytes(),
+        );
+        bytes.extend_from_slice(&tail[skip..]);
         bytes
     }
 }
 
-async fn capture(reader: Option<impl AsyncRead + Unpin>, limit: usize) -> std::io::Result<Vec<u8>> {
+/// Reads `reader` to its end into `kept`.
+async fn pump(reader: Option<impl AsyncRead + Unpin>, kept: &mut Capture) -> std::io::Result<()> {
     let Some(mut reader) = reader else {
-        return Ok(Vec::new());
+        return Ok(());
     };
-    let mut kept = Capture::new(limit);
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let read = reader.read(&mut buffer).await?;
         if read == 0 {
-            return Ok(kept.into_bytes());
+            return Ok(());
         }
         kept.push(&buffer[..read]);
     }
 }
+
+/// How long the output of a child that exited is still read: what it left running (even a
+/// process that left its group) may hold its pipes open, and is not waited for longer.
+const OUTPUT_GRACE: Duration = Duration::from_secs(2);
 
 /// Runs a command to completion. A non-zero exit is [`ProcessError::Failed`] with stderr.
 pub async fn run(spec: &CommandSpec, cancel: &CancellationToken) -> Result<Output, ProcessError> {
@@ -288,13 +315,27 @@ pub async fn run_unchecked(
         });
     }
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let (mut kept_out, mut kept_err) =
+        (Capture::new(spec.max_output), Capture::new(spec.max_output));
     let finished = async {
-        let (stdout, stderr, status) = tokio::join!(
-            capture(stdout, spec.max_output),
-            capture(stderr, spec.max_output),
-            child.wait()
-        );
-        Ok::<_, std::io::Error>((status?, stdout?, stderr?))
+        let streams = async {
+            let (out, err) = tokio::join!(pump(stdout, &mut kept_out), pump(stderr, &mut kept_err));
+            out.and(err)
+        };
+        tokio::pin!(streams);
+        let mut read = None;
+        let status = loop {
+            tokio::select! {
+                done = &mut streams, if read.is_none() => read = Some(done),
+                status = child.wait() => break status?,
+            }
+        };
+        if read.is_none() {
+            read = tokio::time::timeout(OUTPUT_GRACE, &mut streams).await.ok();
+        }
+        // Output still held open after the grace is cut where it stands.
+        read.unwrap_or(Ok(()))?;
+        Ok::<_, std::io::Error>(status)
     };
     let waited = tokio::select! {
         waited = finished => waited,
@@ -309,11 +350,11 @@ pub async fn run_unchecked(
     };
     // The leader exited; kill whatever it left running in its group.
     guard.kill();
-    let (status, stdout, stderr) = waited.map_err(|source| ProcessError::Io { program, source })?;
+    let status = waited.map_err(|source| ProcessError::Io { program, source })?;
     Ok(Output {
         status,
-        stdout: spec.scrubber.scrub_bytes(&stdout),
-        stderr: spec.scrubber.scrub_bytes(&stderr),
+        stdout: spec.scrubber.scrub_bytes(&kept_out.into_bytes()),
+        stderr: spec.scrubber.scrub_bytes(&kept_err.into_bytes()),
     })
 }
 
@@ -385,6 +426,51 @@ mod tests {
             output.stdout
         );
         assert!(output.stdout.len() < 500);
+    }
+
+    #[tokio::test]
+    async fn a_process_that_left_the_group_cannot_hold_the_call_open() {
+        // The grandchild leaves the process group (so it is not killed with it) and keeps the
+        // pipes open; the call still ends shortly after the child, with what it printed.
+        let spec = sh(
+            "setsid sleep 60 & echo $!; echo done",
+            Duration::from_secs(50),
+        );
+        let started = Instant::now();
+        let output = run(&spec, &CancellationToken::new())
+            .await
+            .expect("sh runs");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let mut lines = output.stdout.lines();
+        let escaped: i32 = lines.next().and_then(|l| l.parse().ok()).expect("pid");
+        assert_eq!(lines.next(), Some("done"));
+        let _ = nix::sys::signal::kill(Pid::from_raw(escaped), Signal::SIGKILL);
+    }
+
+    #[test]
+    fn a_secret_across_the_cut_is_not_kept_in_halves() {
+        // A token-shaped word straddles the end of the kept head, another the start of the tail.
+        let mut capture = Capture::new(2000);
+        let mut text = "a ".repeat(490);
+        text.push_str("ghp_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA ");
+        text.push_str(&"b ".repeat(3000));
+        text.push_str("ghp_BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB");
+        text.push_str(&" c".repeat(490));
+        capture.push(text.as_bytes());
+        let kept = String::from_utf8(capture.into_bytes()).expect("utf-8");
+        assert!(kept.contains("bytes of output dropped"), "{kept}");
+        for piece in ["AAAA", "BBBB"] {
+            assert!(
+                !kept.contains(piece) || kept.contains(&format!("ghp_{}", piece.repeat(8))),
+                "{kept}"
+            );
+        }
+        assert!(kept.starts_with("a a "), "{kept}");
+        assert!(kept.ends_with(" c c"), "{kept}");
     }
 
     #[tokio::test]

@@ -7,11 +7,14 @@
 //! in the schema alone. The keywords understood are the ones the schemas use; a schema using
 //! another fails the test that walks every published schema.
 //!
-//! Details keep the check identical to a JSON Schema validator's: numbers are compared as the
-//! decimals they are written as, never through a float (`1000000.0000000001` is more than
-//! `1000000`); `integer` means a number without a fractional part (`2.0` is an integer, and is
-//! stored as `2`); `multipleOf` is a power of ten (`0.000001`: at most six decimals); and
-//! `pattern` is searched as JSON Schema does, with `$` also matching before a final line break.
+//! Details keep the check identical to a JSON Schema validator's (Python's `jsonschema`, which
+//! the fuzzer runs): a number written as an integer is compared exactly, any other is read as
+//! the nearest float first (`1000000.00000000001` is `1000000.0`, within a maximum of
+//! `1000000`; `3.0000000000000001` is the integer `3`); `integer` means a number without a
+//! fractional part (`2.0` is an integer, and is stored as `2`); a number too large for a float
+//! is refused; and `pattern` is searched as JSON Schema does, with `$` also matching before a
+//! final line break. No schema uses `multipleOf`, which validators judge through floats with
+//! answers that differ from one to the next.
 
 use serde_json::{Map, Value};
 
@@ -19,7 +22,7 @@ use crate::workflows::InputError;
 
 /// The keywords [`InputSchema::check`] understands; anything else in a published input schema
 /// is a mistake (see the module invariant).
-pub const KNOWN_KEYWORDS: [&str; 28] = [
+pub const KNOWN_KEYWORDS: [&str; 27] = [
     "type",
     "enum",
     "const",
@@ -39,7 +42,6 @@ pub const KNOWN_KEYWORDS: [&str; 28] = [
     "maximum",
     "exclusiveMinimum",
     "exclusiveMaximum",
-    "multipleOf",
     "oneOf",
     "anyOf",
     "allOf",
@@ -387,7 +389,7 @@ fn as_integer(value: &Value) -> Option<Value> {
     if let Ok(n) = text.parse::<i64>() {
         return Some(Value::from(n));
     }
-    let decimal = Decimal::parse(&text)?;
+    let decimal = Decimal::of(value)?;
     if decimal.exponent < 0 {
         return None;
     }
@@ -469,20 +471,19 @@ impl Decimal {
         })
     }
 
+    /// A JSON number as a validator reads it: exactly when written as an integer, else as the
+    /// nearest float (the shortest decimal that reads back as it). `None` for anything else,
+    /// and for a number beyond a float's range.
     fn of(value: &Value) -> Option<Self> {
-        match value {
-            Value::Number(number) => Self::parse(&number.to_string()),
-            _ => None,
+        let Value::Number(number) = value else {
+            return None;
+        };
+        let text = number.to_string();
+        if !text.contains(['.', 'e', 'E']) {
+            return Self::parse(&text);
         }
-    }
-
-    /// Decimal places written (after dropping trailing zeros).
-    fn decimals(&self) -> u64 {
-        if self.exponent < 0 {
-            self.exponent.unsigned_abs()
-        } else {
-            0
-        }
+        let float = text.parse::<f64>().ok().filter(|f| f.is_finite())?;
+        Self::parse(&format!("{float:e}"))
     }
 
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
@@ -564,8 +565,11 @@ fn check_string(rules: &Map<String, Value>, text: &str) -> Result<(), String> {
 }
 
 fn check_number(rules: &Map<String, Value>, value: &Value) -> Result<(), String> {
-    let Some(number) = Decimal::of(value) else {
+    if !value.is_number() {
         return Ok(());
+    }
+    let Some(number) = Decimal::of(value) else {
+        return Err("must be a number within a float's range".to_owned());
     };
     let bound = |name: &str| rules.get(name).and_then(Decimal::of);
     let text = |name: &str| rules.get(name).map(Value::to_string).unwrap_or_default();
@@ -581,17 +585,6 @@ fn check_number(rules: &Map<String, Value>, value: &Value) -> Result<(), String>
     }
     if bound("exclusiveMinimum").is_some_and(|min| number.cmp(&min) != Greater) {
         return Err(format!("must be more than {}", text("exclusiveMinimum")));
-    }
-    if let Some(step) = bound("multipleOf") {
-        // A power of ten: 1 (integers), 0.1, 0.01, …
-        let places = step.decimals();
-        let power_of_ten = step.digits == [1] && !step.negative;
-        if !power_of_ten || number.exponent < step.exponent {
-            return Err(format!(
-                "must have at most {places} decimals (a multiple of {})",
-                text("multipleOf")
-            ));
-        }
     }
     Ok(())
 }
@@ -677,11 +670,12 @@ mod tests {
     }
 
     #[test]
-    fn numbers_are_compared_as_the_decimals_they_are_written_as() {
+    fn numbers_are_compared_as_a_json_schema_validator_compares_them() {
         let schema = InputSchema::new(
             json!({"type": "object", "properties": {
-                "money": {"type": "number", "minimum": 0, "maximum": 1000000, "multipleOf": 0.000001},
+                "money": {"type": "number", "minimum": 0, "maximum": 1000000},
                 "n": {"type": "integer", "maximum": 3},
+                "big": {"type": "integer", "maximum": 9007199254740993u64},
                 "ratio": {"type": "number", "exclusiveMaximum": 1}
             }}),
             Map::new(),
@@ -690,30 +684,38 @@ mod tests {
         for ok in [
             r#"{"money": 1000000}"#,
             r#"{"money": 1000000.000000}"#,
+            r#"{"money": 1000000.00000000001}"#,
             r#"{"money": 0.000001}"#,
+            r#"{"money": 0.0000001}"#,
             r#"{"money": 1e-6}"#,
             r#"{"money": 12.5e2}"#,
+            r#"{"money": -0.0}"#,
             r#"{"n": 3.0}"#,
             r#"{"n": 30e-1}"#,
-            r#"{"ratio": 0.99999999999999999999}"#,
+            r#"{"n": 3.0000000000000001}"#,
+            r#"{"big": 9007199254740993}"#,
+            r#"{"ratio": 0.9999999999999999}"#,
         ] {
             schema.check(&mut parse(ok)).expect(ok);
         }
         for refused in [
             r#"{"money": 1000000.0000000001}"#,
-            r#"{"money": 0.0000001}"#,
             r#"{"money": -0.000001}"#,
             r#"{"money": 1e7}"#,
-            r#"{"n": 3.0000000000000001}"#,
+            r#"{"money": 1e99999999999999999999}"#,
+            r#"{"money": 1e400}"#,
+            r#"{"n": 3.1}"#,
             r#"{"n": 4}"#,
+            r#"{"big": 9007199254740994}"#,
+            r#"{"ratio": 0.99999999999999999999}"#,
             r#"{"ratio": 1.0}"#,
             r#"{"ratio": 1e0}"#,
         ] {
             assert!(schema.check(&mut parse(refused)).is_err(), "{refused}");
         }
-        let mut integral = parse(r#"{"n": 3.0}"#);
+        let mut integral = parse(r#"{"n": 3.0000000000000001}"#);
         schema.check(&mut integral).expect("integral");
-        assert!(integral["n"].is_u64());
+        assert_eq!(integral["n"], json!(3));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use super::{
     url::RepoUrl,
 };
 use crate::{
-    config::AwoSettings,
+    config::{AgentUser, AwoSettings},
     engine::StageError,
     process::{self, CommandSpec, ProcessError},
     secrets::Scrubber,
@@ -144,28 +144,114 @@ impl Tools {
         }
     }
 
-    /// Hands a directory tree to the agent's user (when the worker is root); symlinks are not
-    /// followed.
-    pub fn give_to_agent(&self, dir: &Path) -> Result<(), StageError> {
+    /// Hands a tree the worker just created (a fresh clone) to the agent's user, when the worker
+    /// is root. Children go before their directory, so every directory is still the worker's
+    /// (and unchangeable by any agent) while it is read; symlinks are not followed.
+    pub async fn give_tree_to_agent(&self, root: &Path) -> Result<(), StageError> {
         let Some((uid, gid)) = self.agent_ids() else {
             return Ok(());
         };
-        let mut pending = vec![dir.to_path_buf()];
-        while let Some(path) = pending.pop() {
-            std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| {
-                StageError::fatal(
-                    "data_dir_unwritable",
-                    format!("cannot hand {} to AWO_AGENT_USER: {e}", path.display()),
-                )
-            })?;
-            let is_dir = std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-            if is_dir {
-                if let Ok(entries) = std::fs::read_dir(&path) {
-                    pending.extend(entries.flatten().map(|e| e.path()));
-                }
-            }
+        let root = root.to_path_buf();
+        let handed = tokio::task::spawn_blocking(move || chown_tree(&root, uid, gid)).await;
+        match handed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err((path, e))) => Err(StageError::fatal(
+                "data_dir_unwritable",
+                format!("cannot hand {} to AWO_AGENT_USER: {e}", path.display()),
+            )),
+            Err(e) => Err(StageError::retryable(format!(
+                "handing a clone over failed: {e}"
+            ))),
         }
-        Ok(())
+    }
+
+    /// Hands one directory of the worker's (not its contents) to the agent's user.
+    fn give_dir_to_agent(&self, dir: &Path) -> Result<(), StageError> {
+        let Some((uid, gid)) = self.agent_ids() else {
+            return Ok(());
+        };
+        std::os::unix::fs::lchown(dir, Some(uid), Some(gid)).map_err(|e| {
+            StageError::fatal(
+                "data_dir_unwritable",
+                format!("cannot hand {} to AWO_AGENT_USER: {e}", dir.display()),
+            )
+        })
+    }
+
+    /// Writes `text` to `path` inside a sandbox with the agent's rights: as its user (through
+    /// `mkdir` and `tee`) when the worker is root, so no symlink the agent planted can make the
+    /// worker write anywhere else; directly otherwise (the agent is then the worker's user).
+    pub async fn sandbox_write(
+        &self,
+        sandbox: &Path,
+        path: &Path,
+        text: &str,
+        cancel: &CancellationToken,
+    ) -> Result<(), StageError> {
+        let failed =
+            |e: String| StageError::retryable(format!("cannot write {}: {e}", path.display()));
+        if self.agent_ids().is_none() {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| failed(e.to_string()))?;
+            }
+            return std::fs::write(path, text).map_err(|e| failed(e.to_string()));
+        }
+        if let Some(parent) = path.parent() {
+            let mkdir = self
+                .command(Path::new("mkdir"), Runner::Agent)
+                .cwd(sandbox)
+                .arg("-p")
+                .arg("--")
+                .arg(parent);
+            self.run("mkdir", &mkdir, cancel).await?;
+        }
+        let tee = self
+            .command(Path::new("tee"), Runner::Agent)
+            .cwd(sandbox)
+            .arg("--")
+            .arg(path)
+            .max_output(4096)
+            .stdin(text.as_bytes().to_vec());
+        self.run("tee", &tee, cancel).await.map(drop)
+    }
+
+    /// Reads up to `limit` bytes of `path` inside a sandbox with the agent's rights (see
+    /// [`Tools::sandbox_write`]); `None` when it cannot be read.
+    pub async fn sandbox_read(
+        &self,
+        sandbox: &Path,
+        path: &Path,
+        limit: usize,
+        cancel: &CancellationToken,
+    ) -> Option<String> {
+        if self.agent_ids().is_none() {
+            use std::io::Read;
+            let mut text = String::new();
+            let file = std::fs::File::open(path).ok()?;
+            file.take(limit as u64).read_to_string(&mut text).ok()?;
+            return Some(text);
+        }
+        let head = self
+            .command(Path::new("head"), Runner::Agent)
+            .cwd(sandbox)
+            .arg("-c")
+            .arg(limit.to_string())
+            .arg("--")
+            .arg(path)
+            .max_output(limit.saturating_mul(2));
+        process::run(&head, cancel).await.ok().map(|o| o.stdout)
+    }
+
+    /// Whether the coding agent may run live here, and as whom. It never runs as root; in
+    /// production (`require_agent_isolation`) it never runs as the worker's own user either, who
+    /// holds the deployment's secrets (the worker's environment, the data directory's git and gh
+    /// configuration) that the agent could then read or change.
+    fn agent_isolation(&self) -> Result<Option<(u32, u32)>, StageError> {
+        isolation(
+            nix::unistd::geteuid().is_root(),
+            self.settings.agent_user.as_ref(),
+            self.settings.require_agent_isolation,
+        )
     }
 
     /// A command with the base environment, bounded output and the deployment's scrubber.
@@ -223,6 +309,19 @@ impl Tools {
             let port = url.effective_port();
             for ip in pinned {
                 config.push(("http.curloptResolve".into(), format!("{host}:{port}:{ip}")));
+            }
+            if !pinned.is_empty() {
+                // A proxy would resolve the name again, past the check: go direct to the address.
+                for key in ["NO_PROXY", "no_proxy"] {
+                    let listed = self
+                        .settings
+                        .network_env
+                        .iter()
+                        .find(|(k, _)| k == key)
+                        .map(|(_, v)| format!("{v},"))
+                        .unwrap_or_default();
+                    spec = spec.env(key, format!("{listed}{host}"));
+                }
             }
             if let Some(token) = self.token_for(url) {
                 for forge in &self.settings.git_hosts {
@@ -336,20 +435,28 @@ impl Tools {
             .map_err(|e| StageError::fatal("repository_host_refused", e.0))?;
         let partial = parent.join(format!(".{id}.partial-{}", uuid::Uuid::new_v4().simple()));
         let partial_name = partial.to_string_lossy().into_owned();
+        // No checkout yet: its size is checked first. No hard links into a local source, whose
+        // files would otherwise be handed to the agent's user with the clone.
         let spec = self
             .git(&parent, Runner::Worker, Some((url, &pinned)), false)
             .arg("clone")
             .arg("--quiet")
+            .arg("--no-checkout")
+            .arg("--no-hardlinks")
             .arg("--")
             .arg(&url.url)
             .arg(&partial_name);
-        if let Err(error) = self.run("git", &spec, cancel).await {
+        let prepared = async {
+            self.run("git", &spec, cancel).await?;
+            self.check_checkout_size(&partial, cancel).await?;
+            self.give_tree_to_agent(&partial).await?;
+            self.run_git(&partial, &["checkout", "--quiet", "-B", branch], cancel)
+                .await
+        };
+        if let Err(error) = prepared.await {
             let _ = std::fs::remove_dir_all(&partial);
             return Err(error);
         }
-        self.give_to_agent(&partial)?;
-        self.run_git(&partial, &["checkout", "--quiet", "-B", branch], cancel)
-            .await?;
         std::fs::rename(&partial, &target).map_err(|e| {
             StageError::fatal(
                 "data_dir_unwritable",
@@ -357,6 +464,53 @@ impl Tools {
             )
         })?;
         Ok((target, true))
+    }
+
+    /// Refuses a clone whose checkout would exceed `AWO_MAX_REPO_FILES` or `AWO_MAX_REPO_BYTES`
+    /// (a repository can compress a huge tree into a small pack), before it is written.
+    async fn check_checkout_size(
+        &self,
+        clone: &Path,
+        cancel: &CancellationToken,
+    ) -> Result<(), StageError> {
+        let sizes = self
+            .git(clone, Runner::Worker, None, false)
+            .arg("ls-tree")
+            .arg("-r")
+            .arg("--format=%(objectsize)")
+            .arg("HEAD")
+            .max_output(64 * 1024 * 1024);
+        let listing = match process::run(&sizes, cancel).await {
+            Ok(output) => output.stdout,
+            // An empty repository has no HEAD yet: nothing to check out.
+            Err(ProcessError::Failed { stderr, .. })
+                if stderr.contains("Not a valid object name") =>
+            {
+                return Ok(());
+            }
+            Err(error) => return Err(self.tool_error("git", error)),
+        };
+        let (files, bytes) = listing.lines().fold((0u64, 0u64), |(files, bytes), line| {
+            (
+                files + 1,
+                bytes.saturating_add(line.trim().parse().unwrap_or(0)),
+            )
+        });
+        let limits = &self.settings;
+        if files > limits.max_repo_files
+            || bytes > limits.max_repo_bytes
+            || listing.contains("bytes of output dropped")
+        {
+            return Err(StageError::fatal(
+                "repository_too_large",
+                format!(
+                    "the repository's checkout has {files} files and {bytes} bytes; this deployment \
+                     allows {} files and {} bytes (AWO_MAX_REPO_FILES, AWO_MAX_REPO_BYTES)",
+                    limits.max_repo_files, limits.max_repo_bytes
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Pushes `branch` of the sandbox to `url`: fetched into a clean bare repository of the
@@ -419,21 +573,10 @@ impl Tools {
         prompt: &str,
         cancel: &CancellationToken,
     ) -> Result<AgentRun, StageError> {
-        let as_root = match self.agent_ids() {
-            Some(_) => false,
-            None => nix::unistd::geteuid().is_root(),
-        };
-        if as_root && self.settings.skip_permissions {
-            return Err(StageError::fatal(
-                "agent_runs_as_root",
-                "the coding agent would run as root with its permission prompts bypassed, which it refuses: \
-                 set AWO_AGENT_USER to an unprivileged user (or create the user nobody), or run the worker \
-                 as a non-root user",
-            ));
-        }
+        self.agent_isolation()?;
         let home = self.home_dir(id);
         self.ensure_dir(&home)?;
-        self.give_to_agent(&home)?;
+        self.give_dir_to_agent(&home)?;
         let mut spec = self
             .command(&self.settings.claude_cli, Runner::Agent)
             .env("HOME", &home)
@@ -570,7 +713,8 @@ impl Tools {
         if let Some(host) = &url.host {
             spec = spec.env("GH_HOST", host);
         }
-        if let Some(token) = self.token_for(url) {
+        // Only with `--repo` naming the repository: gh never guesses it from a directory.
+        if let Some(token) = self.token_for(url).filter(|_| Self::gh_repo(url).is_some()) {
             spec = spec.secret_env("GH_TOKEN", token);
         }
         spec
@@ -704,6 +848,49 @@ impl Tools {
     }
 }
 
+/// Hands `root` and everything under it to `uid:gid`, children before their directory, without
+/// following symlinks. Answers the path that could not be handed over.
+fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<(), (PathBuf, std::io::Error)> {
+    let mut pending = vec![(root.to_path_buf(), false)];
+    while let Some((path, listed)) = pending.pop() {
+        let meta = std::fs::symlink_metadata(&path).map_err(|e| (path.clone(), e))?;
+        if meta.is_dir() && !listed {
+            pending.push((path.clone(), true));
+            for entry in std::fs::read_dir(&path).map_err(|e| (path.clone(), e))? {
+                let entry = entry.map_err(|e| (path.clone(), e))?;
+                pending.push((entry.path(), false));
+            }
+        } else {
+            std::os::unix::fs::lchown(&path, Some(uid), Some(gid)).map_err(|e| (path, e))?;
+        }
+    }
+    Ok(())
+}
+
+/// Who the coding agent runs as (`None`: the worker's own user), or why it may not run: never
+/// as root, and, when `isolated` is required, never as the worker's user.
+fn isolation(
+    worker_is_root: bool,
+    agent_user: Option<&AgentUser>,
+    isolated: bool,
+) -> Result<Option<(u32, u32)>, StageError> {
+    match (worker_is_root, agent_user) {
+        (true, Some(user)) => Ok(Some((user.uid, user.gid))),
+        (true, None) => Err(StageError::fatal(
+            "agent_runs_as_root",
+            "the coding agent would run as root: set AWO_AGENT_USER to an unprivileged user \
+             (or create the user nobody)",
+        )),
+        (false, _) if isolated => Err(StageError::fatal(
+            "agent_shares_worker_user",
+            "the coding agent would run as the worker's own user, who holds the deployment's \
+             secrets it could then read: run the work-order worker as root with AWO_AGENT_USER \
+             set to a dedicated unprivileged user (as the work-order image does)",
+        )),
+        (false, _) => Ok(None),
+    }
+}
+
 /// A directory of the worker's alone (mode 0700), deleted when dropped.
 struct ScratchDir(PathBuf);
 
@@ -833,5 +1020,121 @@ mod tests {
                 "{url}"
             );
         }
+    }
+
+    #[test]
+    fn the_agent_never_runs_as_root_nor_as_the_worker_in_production() {
+        let user = AgentUser {
+            name: "agent".into(),
+            uid: 10002,
+            gid: 10002,
+        };
+        assert_eq!(
+            isolation(true, Some(&user), true).expect("isolated"),
+            Some((10002, 10002))
+        );
+        let code = |r: Result<Option<(u32, u32)>, StageError>| match r {
+            Err(StageError::Fatal { code, .. }) => code,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert_eq!(code(isolation(true, None, false)), "agent_runs_as_root");
+        assert_eq!(
+            code(isolation(false, Some(&user), true)),
+            "agent_shares_worker_user"
+        );
+        assert_eq!(
+            code(isolation(false, None, true)),
+            "agent_shares_worker_user"
+        );
+        assert_eq!(isolation(false, None, false).expect("development"), None);
+    }
+
+    /// The worker's identity tests need: root, with `nobody` to hand things to.
+    fn as_root_with_nobody() -> Option<AgentUser> {
+        if !nix::unistd::geteuid().is_root() {
+            return None;
+        }
+        let nobody = nix::unistd::User::from_name("nobody").ok()??;
+        Some(AgentUser {
+            name: "nobody".into(),
+            uid: nobody.uid.as_raw(),
+            gid: nobody.gid.as_raw(),
+        })
+    }
+
+    #[test]
+    fn a_handed_over_tree_is_the_agents_and_nothing_outside_it() {
+        use std::os::unix::fs::MetadataExt;
+        let Some(user) = as_root_with_nobody() else {
+            eprintln!("skipped: needs root and the user nobody");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "root's").expect("outside");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).expect("tree");
+        std::fs::write(tree.join("a/b/file"), "x").expect("file");
+        std::os::unix::fs::symlink(&outside, tree.join("a/link")).expect("link");
+        chown_tree(&tree, user.uid, user.gid).expect("handed over");
+        for path in ["", "a", "a/b", "a/b/file"] {
+            let meta = std::fs::symlink_metadata(tree.join(path)).expect("meta");
+            assert_eq!((meta.uid(), meta.gid()), (user.uid, user.gid), "{path}");
+        }
+        assert_eq!(std::fs::metadata(&outside).expect("outside").uid(), 0);
+    }
+
+    #[tokio::test]
+    async fn sandbox_writes_have_the_agents_rights_only() {
+        use std::os::unix::fs::MetadataExt;
+        let Some(user) = as_root_with_nobody() else {
+            eprintln!("skipped: needs root and the user nobody");
+            return;
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut tools = tools(dir.path());
+        tools.settings.agent_user = Some(user.clone());
+        let sandbox = dir.path().join("sandbox");
+        std::fs::create_dir_all(&sandbox).expect("sandbox");
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("reachable");
+        std::os::unix::fs::lchown(&sandbox, Some(user.uid), Some(user.gid)).expect("handed");
+        let cancel = CancellationToken::new();
+        // A plain write lands, owned by the agent's user, and reads back.
+        let plan = sandbox.join("docs/plan.md");
+        tools
+            .sandbox_write(&sandbox, &plan, "the plan\n", &cancel)
+            .await
+            .expect("written");
+        assert_eq!(std::fs::metadata(&plan).expect("plan").uid(), user.uid);
+        assert_eq!(
+            tools
+                .sandbox_read(&sandbox, &plan, 4, &cancel)
+                .await
+                .as_deref(),
+            Some("the ")
+        );
+        // A symlink the agent planted towards a file of root's: the write is refused, the file
+        // unchanged, and it cannot be read through the sandbox either.
+        let secret = dir.path().join("root-only");
+        std::fs::write(&secret, "secret").expect("secret");
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("private");
+        let link = sandbox.join("NOTES.md");
+        std::os::unix::fs::symlink(&secret, &link).expect("link");
+        assert!(
+            tools
+                .sandbox_write(&sandbox, &link, "overwritten", &cancel)
+                .await
+                .is_err()
+        );
+        assert_eq!(std::fs::read_to_string(&secret).expect("secret"), "secret");
+        assert_eq!(
+            tools.sandbox_read(&sandbox, &link, 100, &cancel).await,
+            None
+        );
     }
 }

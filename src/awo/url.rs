@@ -229,8 +229,15 @@ impl UrlPolicy {
                     return "must name a repository path (host/owner/repository)".to_owned();
                 }
                 if scheme != "file" {
+                    let wildcards = if matches!(scheme.as_str(), "git" | "ssh")
+                        && self.hosts.iter().any(|h| h.contains('*'))
+                    {
+                        "; hosts allowed only by a wildcard are reached over http(s) only"
+                    } else {
+                        ""
+                    };
                     return format!(
-                        "host {} is not allowed (AWO_ALLOWED_HOSTS: {}), or the URL is malformed",
+                        "host {} is not allowed (AWO_ALLOWED_HOSTS: {}{wildcards}), or the URL is malformed",
                         authority.rsplit('@').next().unwrap_or_default(),
                         self.hosts.join(",")
                     );
@@ -275,24 +282,24 @@ fn host_pattern(hosts: &[String]) -> String {
 
 fn build_pattern(schemes: &[String], hosts: &[String]) -> String {
     let host = host_pattern(hosts);
+    // A host reached through a wildcard is connected to at the address checked before the
+    // clone (see `resolve_public`), which only git's http transports can be held to: git:// and
+    // ssh reach listed hosts only.
+    let listed: Vec<String> = hosts.iter().filter(|h| !h.contains('*')).cloned().collect();
+    let listed_host = host_pattern(&listed);
     let path = format!("(/{SEGMENT})+/?");
     let mut forms = Vec::new();
     for scheme in schemes {
         match scheme.as_str() {
-            "https" | "http" | "git" => forms.push(format!("{scheme}://{host}{path}")),
-            "ssh" => {
-                forms.push(format!("ssh://({SEGMENT}@)?{host}{path}"));
+            "https" | "http" => forms.push(format!("{scheme}://{host}{path}")),
+            "git" if !listed.is_empty() => forms.push(format!("git://{listed_host}{path}")),
+            "ssh" if !listed.is_empty() => {
+                forms.push(format!("ssh://({SEGMENT}@)?{listed_host}{path}"));
                 // scp-like: user@host:path (the path must not start with '-' or '/').
-                let bare: Vec<String> = hosts
+                let bare: Vec<String> = listed
                     .iter()
                     .filter(|h| !h.contains(':'))
-                    .map(|h| match h.as_str() {
-                        "*" => format!("({LABEL}\\.)*{LABEL}"),
-                        h => match h.strip_prefix("*.") {
-                            Some(domain) => format!("({LABEL}\\.)+{}", escape_host(domain)),
-                            None => escape_host(h),
-                        },
-                    })
+                    .map(|h| escape_host(h))
                     .collect();
                 if !bare.is_empty() {
                     forms.push(format!(
@@ -366,6 +373,12 @@ pub async fn resolve_public(url: &RepoUrl) -> Result<Vec<IpAddr>, UrlError> {
     };
     if url.host_listed {
         return Ok(Vec::new());
+    }
+    if !matches!(url.scheme.as_str(), "http" | "https") {
+        return Err(UrlError(format!(
+            "repository host {host} is allowed only by a wildcard, which git:// and ssh cannot be \
+             held to: list it explicitly in AWO_ALLOWED_HOSTS"
+        )));
     }
     let port = url.effective_port();
     let lookup = tokio::time::timeout(
@@ -496,6 +509,25 @@ mod tests {
                 .host_listed
         );
         assert!(any.check("https://[::1]/o/r").is_ok());
+        // git:// and ssh reach listed hosts only: their connections cannot be pinned.
+        let mixed = policy(&["https", "git", "ssh"], &["*.example.org", "git.corp"]);
+        assert!(mixed.check("https://a.example.org/o/r").is_ok());
+        assert!(mixed.check("git://git.corp/o/r").is_ok());
+        assert!(mixed.check("ssh://git@git.corp/o/r").is_ok());
+        assert!(mixed.check("git@git.corp:o/r").is_ok());
+        for url in [
+            "git://a.example.org/o/r",
+            "ssh://git@a.example.org/o/r",
+            "git@a.example.org:o/r",
+        ] {
+            let error = mixed.check(url).expect_err(url);
+            assert!(
+                error.0.contains("http(s) only") || error.0.contains("not a repository URL"),
+                "{url}: {error}"
+            );
+        }
+        let wild_only = policy(&["git", "ssh"], &["*"]);
+        assert!(wild_only.check("git://anything.test/o/r").is_err());
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::{collections::BTreeMap, path::PathBuf, sync::Arc};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 
 use super::{
@@ -244,6 +245,33 @@ struct AgentStepOutput {
     mock: bool,
 }
 
+impl AgentStep {
+    /// The step's prompt: its command template with the work order's values.
+    fn prompt(
+        &self,
+        inputs: &WorkOrderInputs,
+        id: &str,
+        branch: &str,
+        plan: &str,
+    ) -> Result<String, StageError> {
+        let shipped = if self.step == "plan" {
+            PLAN_TEMPLATE
+        } else {
+            IMPLEMENT_TEMPLATE
+        };
+        Ok(render(
+            &self.orders.template(self.step, shipped)?,
+            &[
+                ("user_request", &inputs.user_request),
+                ("branch", branch),
+                ("plan_file", plan),
+                ("work_order_id", id),
+                ("repository_url", &inputs.repository_url),
+            ],
+        ))
+    }
+}
+
 #[async_trait]
 impl Stage for AgentStep {
     fn name(&self) -> &'static str {
@@ -258,21 +286,7 @@ impl Stage for AgentStep {
         let id = ctx.run_id.to_string();
         let branch = branch_of(&id);
         let plan = plan_file(&branch);
-        let shipped = if self.step == "plan" {
-            PLAN_TEMPLATE
-        } else {
-            IMPLEMENT_TEMPLATE
-        };
-        let prompt = render(
-            &orders.template(self.step, shipped)?,
-            &[
-                ("user_request", &inputs.user_request),
-                ("branch", &branch),
-                ("plan_file", &plan),
-                ("work_order_id", &id),
-                ("repository_url", &inputs.repository_url),
-            ],
-        );
+        let prompt = self.prompt(&inputs, &id, &branch, &plan)?;
         let outputs = tools.output_dir(&id);
         tools.ensure_dir(&outputs)?;
         if tools.settings.prompt_logging {
@@ -285,9 +299,15 @@ impl Stage for AgentStep {
         let mock = ctx.provider_mode == ProviderMode::Mock;
         let jsonl = outputs.join(format!("{}.jsonl", self.step));
         let raw = if mock {
-            let raw = mock_agent(self.step, &dir, &plan, &inputs.user_request)?;
-            tools.give_to_agent(&dir)?;
-            raw
+            mock_agent(
+                tools,
+                self.step,
+                &dir,
+                &plan,
+                &inputs.user_request,
+                &ctx.cancel,
+            )
+            .await?
         } else {
             match tools.run_claude(&id, &dir, &prompt, &ctx.cancel).await {
                 Ok(run) => run.raw,
@@ -311,13 +331,16 @@ impl Stage for AgentStep {
                 outcome.subtype.as_deref().unwrap_or("no result")
             ),
         );
-        if self.step == "plan" && !dir.join(&plan).is_file() {
-            // The agent answered without writing the plan file: keep its answer as the plan.
-            tools.write_file(
-                &dir.join(&plan),
-                outcome.result.as_deref().unwrap_or_default(),
-            )?;
-            tools.give_to_agent(&dir.join(&plan))?;
+        let plan_path = dir.join(&plan);
+        if self.step == "plan" && std::fs::symlink_metadata(&plan_path).is_err() {
+            // The agent answered without writing the plan file: keep its answer as the plan,
+            // written with the agent's rights (the sandbox is the agent's).
+            let answer = tools
+                .scrubber
+                .scrub(outcome.result.as_deref().unwrap_or_default());
+            tools
+                .sandbox_write(&dir, &plan_path, &answer, &ctx.cancel)
+                .await?;
         }
         let cost = outcome.cost_usd;
         output(
@@ -338,11 +361,14 @@ impl Stage for AgentStep {
 }
 
 /// The built-in mock agent: writes the plan, or a small change, and a stream-json transcript.
-fn mock_agent(
+/// It touches the sandbox with the agent's rights, as the real agent would.
+async fn mock_agent(
+    tools: &Tools,
     step: &str,
     dir: &std::path::Path,
     plan: &str,
     request: &str,
+    cancel: &CancellationToken,
 ) -> Result<String, StageError> {
     let first_line: String = request
         .lines()
@@ -352,26 +378,22 @@ fn mock_agent(
         .take(120)
         .collect();
     let session = format!("mock-{}", uuid::Uuid::new_v4());
-    let write = |path: PathBuf, text: String| {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| StageError::retryable(e.to_string()))?;
-        }
-        std::fs::write(&path, text)
-            .map_err(|e| StageError::retryable(format!("{}: {e}", path.display())))
-    };
     let summary = if step == "plan" {
-        write(
-            dir.join(plan),
-            format!(
-                "# Plan\n\n## Goal\n\n{first_line}\n\n## Steps\n\n1. Record the request in NOTES.md.\n2. Commit, push and open a pull request.\n"
-            ),
-        )?;
+        let text = format!(
+            "# Plan\n\n## Goal\n\n{first_line}\n\n## Steps\n\n1. Record the request in NOTES.md.\n2. Commit, push and open a pull request.\n"
+        );
+        tools
+            .sandbox_write(dir, &dir.join(plan), &text, cancel)
+            .await?;
         format!("Plan written to {plan}.")
     } else {
         let notes = dir.join("NOTES.md");
-        let mut text = std::fs::read_to_string(&notes).unwrap_or_default();
+        let mut text = tools
+            .sandbox_read(dir, &notes, 1 << 20, cancel)
+            .await
+            .unwrap_or_default();
         text.push_str(&format!("- {first_line}\n"));
-        write(notes, text)?;
+        tools.sandbox_write(dir, &notes, &text, cancel).await?;
         "Recorded the request in NOTES.md.".to_owned()
     };
     Ok(mock_stream(&session, step, &summary))

@@ -88,7 +88,7 @@ impl Engine {
             let heartbeat = tokio::spawn(keep_lease(
                 self.store.clone(),
                 lease.clone(),
-                self.settings.lease_ttl,
+                (claimed.asked, self.settings.lease_ttl),
                 cancel.clone(),
                 lease_lost.clone(),
             ));
@@ -321,32 +321,7 @@ impl Engine {
             };
             let elapsed = started.elapsed();
             self.metrics.observe_stage(stage.name(), elapsed);
-            // Nothing a stage hands back is stored or logged before its secrets are hidden.
-            let result = result.and_then(|mut done| {
-                if !(done.cost_usd.is_finite() && done.cost_usd >= 0.0) {
-                    return Err(StageError::fatal(
-                        "invalid_cost",
-                        format!(
-                            "stage {} reported a cost of {}",
-                            stage.name(),
-                            done.cost_usd
-                        ),
-                    ));
-                }
-                self.scrubber.scrub_json(&mut done.output);
-                Ok(done)
-            });
-            let result = result.map_err(|error| match error {
-                StageError::Retryable(message) => {
-                    StageError::Retryable(self.scrubber.scrub(&message).into_owned())
-                }
-                StageError::Fatal { code, message } => StageError::Fatal {
-                    code,
-                    message: self.scrubber.scrub(&message).into_owned(),
-                },
-                other => other,
-            });
-            match result {
+            match self.vet(stage.name(), result) {
                 Ok(done) => {
                     let is_last = index + 1 == stages.len();
                     previous.insert(stage.name().to_owned(), done.output.clone());
@@ -435,6 +410,35 @@ impl Engine {
             message: "every stage has a checkpoint but the run was not completed".to_owned(),
         };
         self.settle(self.store.fail_run(&lease, error).await, Ending::Failed)
+    }
+
+    /// What a stage handed back, made fit to store: nothing is stored or logged before its
+    /// secrets are hidden, and a cost that is not a finite, non-negative amount is an error.
+    fn vet(
+        &self,
+        stage: &str,
+        result: Result<StageOutput, StageError>,
+    ) -> Result<StageOutput, StageError> {
+        match result {
+            Ok(done) if !(done.cost_usd.is_finite() && done.cost_usd >= 0.0) => {
+                Err(StageError::fatal(
+                    "invalid_cost",
+                    format!("stage {stage} reported a cost of {}", done.cost_usd),
+                ))
+            }
+            Ok(mut done) => {
+                self.scrubber.scrub_json(&mut done.output);
+                Ok(done)
+            }
+            Err(StageError::Retryable(message)) => Err(StageError::Retryable(
+                self.scrubber.scrub(&message).into_owned(),
+            )),
+            Err(StageError::Fatal { code, message }) => Err(StageError::Fatal {
+                code,
+                message: self.scrubber.scrub(&message).into_owned(),
+            }),
+            Err(other) => Err(other),
+        }
     }
 
     /// An earlier run's checkpoint for `key`, made this run's own: its files linked into this
@@ -553,13 +557,14 @@ impl Engine {
 
 /// Renews the lease until aborted; fires `cancel` when a cancel is requested and `lost` when
 /// the lease is gone. A worker that cannot prove its lease stops before the lease can expire:
-/// when no renewal has succeeded for the lease's time to live less a margin (each attempt
-/// bounded by the renewal interval), `lost` fires, which abandons the stage (its subprocesses
-/// are killed) and makes the engine write nothing more for the run.
+/// when no renewal has succeeded for the lease's time to live less a margin, counted from the
+/// moment the last successful request (the claim, then each heartbeat) was sent, `lost` fires
+/// at that deadline, even while a heartbeat is still waiting for an answer, which abandons the
+/// stage (its subprocesses are killed) and makes the engine write nothing more for the run.
 async fn keep_lease(
     store: SharedStore,
     lease: Lease,
-    ttl: Duration,
+    (asked, ttl): (tokio::time::Instant, Duration),
     cancel: CancellationToken,
     lost: CancellationToken,
 ) {
@@ -568,12 +573,31 @@ async fn keep_lease(
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     ticker.tick().await;
-    // The claim granted the lease just before execution began.
-    let mut renewed = tokio::time::Instant::now();
+    // The store set the lease's expiry after the claim was asked for.
+    let mut renewed = asked;
     loop {
-        ticker.tick().await;
-        let sent = tokio::time::Instant::now();
-        match tokio::time::timeout(every, store.heartbeat(&lease, ttl)).await {
+        let deadline = renewed + give_up_after;
+        let renewal = async {
+            ticker.tick().await;
+            let sent = tokio::time::Instant::now();
+            (
+                sent,
+                tokio::time::timeout(every, store.heartbeat(&lease, ttl)).await,
+            )
+        };
+        let (sent, answer) = tokio::select! {
+            answer = renewal => answer,
+            () = tokio::time::sleep_until(deadline) => {
+                warn!(
+                    unrenewed_ms = renewed.elapsed().as_millis() as u64,
+                    lease_ttl_ms = ttl.as_millis() as u64,
+                    "the lease could not be renewed; stopping the run before it expires"
+                );
+                lost.cancel();
+                return;
+            }
+        };
+        match answer {
             Ok(Ok(cancel_requested)) => {
                 // The store set the new expiry after this request left.
                 renewed = sent;
@@ -590,15 +614,6 @@ async fn keep_lease(
                 timeout_ms = every.as_millis() as u64,
                 "heartbeat did not answer; retrying"
             ),
-        }
-        if renewed.elapsed() >= give_up_after {
-            warn!(
-                unrenewed_ms = renewed.elapsed().as_millis() as u64,
-                lease_ttl_ms = ttl.as_millis() as u64,
-                "the lease could not be renewed; stopping the run before it expires"
-            );
-            lost.cancel();
-            return;
         }
     }
 }

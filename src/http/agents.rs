@@ -114,7 +114,7 @@ pub struct AgentRunRequest {
     /// Answer at once with the run id instead of waiting (`run_async` is accepted too).
     #[serde(default, rename = "async", alias = "run_async")]
     pub run_async: bool,
-    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
     pub budget_usd: Option<crate::money::Dollars>,
     pub provider_mode: Option<ProviderMode>,
     /// Reuse the result of an earlier run of this agent with the same inputs, at no cost.

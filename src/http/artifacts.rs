@@ -45,7 +45,7 @@ pub struct CategoryList {
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct Entry {
+pub struct ArtifactEntry {
     name: String,
     /// `file` or `directory`.
     #[serde(rename = "type")]
@@ -57,7 +57,7 @@ pub struct Entry {
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct EntryList {
     category: String,
-    artifacts: Vec<Entry>,
+    artifacts: Vec<ArtifactEntry>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -160,7 +160,7 @@ async fn list_category(
     let category = segment(&category, "category")?.to_owned();
     let dir = state.artifacts.root().join(&category);
     let listed = category.clone();
-    let artifacts = tokio::task::spawn_blocking(move || -> Result<Vec<Entry>, ApiError> {
+    let artifacts = tokio::task::spawn_blocking(move || -> Result<Vec<ArtifactEntry>, ApiError> {
         match std::fs::symlink_metadata(&dir) {
             Ok(meta) if meta.is_dir() => {}
             _ => return Err(not_found(format!("no artifact category {listed:?}"))),
@@ -168,7 +168,7 @@ async fn list_category(
         Ok(entries(&dir)
             .map_err(io_failure)?
             .into_iter()
-            .map(|(name, meta)| Entry {
+            .map(|(name, meta)| ArtifactEntry {
                 url: format!("/artifacts/{listed}/{name}"),
                 kind: if meta.is_dir() { "directory" } else { "file" },
                 size: meta.is_file().then_some(meta.len()),
@@ -189,6 +189,9 @@ async fn list_category(
 #[utoipa::path(get, path = "/artifacts/{category}/{id}", tag = "artifacts",
     params(("category" = String, Path), ("id" = String, Path)),
     responses((status = 200, description = "the file"), (status = 206, description = "part of the file"),
+              (status = 304, description = "not modified since the copy the client holds (If-None-Match, If-Modified-Since)"),
+              (status = 412, description = "a precondition (If-Match, If-Unmodified-Since) does not hold"),
+              (status = 416, description = "the requested range is outside the file"),
               (status = 422, body = ErrorBody), (status = 404, body = ErrorBody)))]
 async fn get_artifact(
     State(state): State<AppState>,

@@ -113,7 +113,12 @@ pub fn app(state: AppState) -> Router {
     let router = router
         .merge(SwaggerUi::new("/docs").external_url_unchecked(
             "/openapi.json",
-            openapi::document(&openapi, &state.catalog, &state.tokens),
+            openapi::document(
+                &openapi,
+                &state.catalog,
+                &state.tokens,
+                state.config.provider_mode,
+            ),
         ))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(

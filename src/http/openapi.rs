@@ -47,12 +47,17 @@ pub const EVENT_KINDS: [&str; 14] = [
 const ERROR_BODY: &str = "#/components/schemas/ErrorBody";
 
 /// The document of this deployment, from the one utoipa generated.
-pub fn document(generated: &utoipa::openapi::OpenApi, catalog: &Catalog, tokens: &Tokens) -> Value {
+pub fn document(
+    generated: &utoipa::openapi::OpenApi,
+    catalog: &Catalog,
+    tokens: &Tokens,
+    default_mode: ProviderMode,
+) -> Value {
     let mut doc = serde_json::to_value(generated).unwrap_or_else(|_| json!({}));
     add_input_components(&mut doc, catalog);
-    specialise_submissions(&mut doc, catalog);
-    specialise_per_workflow(&mut doc, catalog);
-    constrain_shared_bodies(&mut doc, catalog);
+    specialise_submissions(&mut doc, catalog, default_mode);
+    specialise_per_workflow(&mut doc, catalog, default_mode);
+    constrain_shared_bodies(&mut doc, catalog, default_mode);
     document_event_streams(&mut doc);
     document_common_answers(&mut doc, tokens);
     doc
@@ -84,21 +89,33 @@ fn add_input_components(doc: &mut Value, catalog: &Catalog) {
     }
 }
 
-/// `provider_mode` as this workflow may be asked for it here: `live` only with its keys.
-fn provider_mode_schema(workflow: &dyn Workflow) -> Value {
+/// `provider_mode` as this workflow may be asked for it here (`live` only with its keys), and
+/// whether it must be given: when the deployment's default is `live` but this workflow lacks
+/// its keys, only an explicit `mock` can run.
+fn provider_mode_field(workflow: &dyn Workflow, default_mode: ProviderMode) -> (Value, bool) {
+    let live = workflow.check_live().is_ok();
+    if default_mode == ProviderMode::Live && !live {
+        return (
+            json!({"type": "string", "enum": [ProviderMode::Mock.as_str()],
+                   "description": "This deployment runs live by default but lacks the keys this workflow needs live: ask for `mock`."}),
+            true,
+        );
+    }
     let mut modes = vec![json!(ProviderMode::Mock.as_str())];
-    if workflow.check_live().is_ok() {
+    if live {
         modes.push(json!(ProviderMode::Live.as_str()));
     }
     modes.push(Value::Null);
-    json!({"type": ["string", "null"], "enum": modes,
-           "description": "Overrides the deployment's provider mode for this run (`live` is offered where this deployment has the keys it needs)."})
+    (
+        json!({"type": ["string", "null"], "enum": modes,
+               "description": "Overrides the deployment's provider mode for this run (`live` is offered where this deployment has the keys it needs)."}),
+        false,
+    )
 }
 
 fn budget_schema() -> Value {
     json!({"type": ["number", "null"], "minimum": 0, "maximum": crate::money::MAX_BUDGET_USD,
-           "multipleOf": 0.000001,
-           "description": "Dollars, at most six decimals. The run fails with `budget_exceeded` rather than start a stage that would exceed this."})
+           "description": "Dollars, kept to the nearest micro-dollar. The run fails with `budget_exceeded` rather than start a stage that would exceed this."})
 }
 
 /// Whether a workflow's inputs may be left out (its schema accepts `{}`).
@@ -107,29 +124,35 @@ fn inputs_optional(workflow: &dyn Workflow) -> bool {
 }
 
 /// The fields every run-starting body shares, with the workflow's exact inputs.
-fn run_fields(workflow: &dyn Workflow) -> (Map<String, Value>, Vec<Value>) {
+fn run_fields(
+    workflow: &dyn Workflow,
+    default_mode: ProviderMode,
+) -> (Map<String, Value>, Vec<Value>) {
     let mut properties = Map::new();
     properties.insert("inputs".into(), workflow.input_schema().schema);
     properties.insert("budget_usd".into(), budget_schema());
-    properties.insert("provider_mode".into(), provider_mode_schema(workflow));
+    let (mode, mode_required) = provider_mode_field(workflow, default_mode);
+    properties.insert("provider_mode".into(), mode);
     properties.insert(
         "reuse".into(),
         json!({"type": "boolean", "description": "Let stages take the checkpoint of an earlier run with the same inputs, at no cost."}),
     );
-    let required = if inputs_optional(workflow) {
-        Vec::new()
-    } else {
-        vec![json!("inputs")]
-    };
+    let mut required = Vec::new();
+    if !inputs_optional(workflow) {
+        required.push(json!("inputs"));
+    }
+    if mode_required {
+        required.push(json!("provider_mode"));
+    }
     (properties, required)
 }
 
 /// `POST /runs` takes one of the catalogue's workflows, each with its exact inputs.
-fn specialise_submissions(doc: &mut Value, catalog: &Catalog) {
+fn specialise_submissions(doc: &mut Value, catalog: &Catalog, default_mode: ProviderMode) {
     let variants: Vec<Value> = catalog
         .all()
         .map(|workflow| {
-            let (mut properties, mut required) = run_fields(workflow.as_ref());
+            let (mut properties, mut required) = run_fields(workflow.as_ref(), default_mode);
             properties.insert("kind".into(), json!({"type": "string", "enum": [workflow.kind().as_str()]}));
             properties.insert(
                 "name".into(),
@@ -163,21 +186,25 @@ fn wait_fields(properties: &mut Map<String, Value>) -> Value {
 }
 
 /// One literal path per agent or workflow for routes whose body or parameters depend on it.
-fn specialise_per_workflow(doc: &mut Value, catalog: &Catalog) {
+fn specialise_per_workflow(doc: &mut Value, catalog: &Catalog, default_mode: ProviderMode) {
     let agents: Vec<_> = catalog.of_kind(RunKind::Agent).cloned().collect();
     let workflows: Vec<_> = catalog.of_kind(RunKind::Workflow).cloned().collect();
-    with_paths(doc, |paths| specialise_paths(paths, &agents, &workflows));
+    with_paths(doc, |paths| {
+        specialise_paths(paths, &agents, &workflows, default_mode);
+    });
 }
 
 fn specialise_paths(
     paths: &mut Map<String, Value>,
     agents: &[std::sync::Arc<dyn Workflow>],
     workflows: &[std::sync::Arc<dyn Workflow>],
+    default_mode: ProviderMode,
 ) {
     if let Some(template) = paths.remove("/agents/{name}/run") {
         for agent in agents {
             let path = format!("/agents/{}/run", agent.name());
-            paths.insert(path, run_route(&template, agent.as_ref(), "run_agent"));
+            let route = run_route(&template, agent.as_ref(), "run_agent", default_mode);
+            paths.insert(path, route);
         }
     }
     if let Some(template) = paths.remove("/workflows/{name}/run") {
@@ -185,7 +212,7 @@ fn specialise_paths(
             let path = format!("/workflows/{}/run", workflow.name());
             paths.insert(
                 path,
-                run_route(&template, workflow.as_ref(), "run_workflow"),
+                run_route(&template, workflow.as_ref(), "run_workflow", default_mode),
             );
         }
     }
@@ -220,7 +247,12 @@ fn specialise_paths(
 }
 
 /// A run-starting route of one agent or workflow.
-fn run_route(template: &Value, workflow: &dyn Workflow, operation: &str) -> Value {
+fn run_route(
+    template: &Value,
+    workflow: &dyn Workflow,
+    operation: &str,
+    default_mode: ProviderMode,
+) -> Value {
     let mut item = template.clone();
     if let Some(post) = item.get_mut("post") {
         drop_parameter(post, "name");
@@ -230,7 +262,7 @@ fn run_route(template: &Value, workflow: &dyn Workflow, operation: &str) -> Valu
             workflow.description(),
             post["summary"].as_str().unwrap_or_default()
         ));
-        let (mut properties, required) = run_fields(workflow);
+        let (mut properties, required) = run_fields(workflow, default_mode);
         let not_both = wait_fields(&mut properties);
         post["requestBody"]["content"]["application/json"]["schema"] = json!({
             "type": "object", "additionalProperties": false, "required": required,
@@ -295,7 +327,7 @@ fn set_parameter_schema(operation: &mut Value, name: &str, schema: Value) {
 }
 
 /// Limits of the bodies and parameters every deployment shares.
-fn constrain_shared_bodies(doc: &mut Value, catalog: &Catalog) {
+fn constrain_shared_bodies(doc: &mut Value, catalog: &Catalog, default_mode: ProviderMode) {
     let schemas = &mut doc["components"]["schemas"];
     for name in ["ResumeRequest"] {
         if schemas[name].is_object() {
@@ -312,7 +344,15 @@ fn constrain_shared_bodies(doc: &mut Value, catalog: &Catalog) {
             create["repository_url"] = inputs["properties"]["repository_url"].clone();
             create["user_request"] = inputs["properties"]["user_request"].clone();
             create["budget_usd"] = budget_schema();
-            create["provider_mode"] = provider_mode_schema(order.as_ref());
+            let (mode, mode_required) = provider_mode_field(order.as_ref(), default_mode);
+            create["provider_mode"] = mode;
+            if mode_required {
+                if let Some(required) = schemas["CreateWorkOrder"]["required"].as_array_mut() {
+                    required.push(json!("provider_mode"));
+                } else {
+                    schemas["CreateWorkOrder"]["required"] = json!(["provider_mode"]);
+                }
+            }
         }
     }
     let idempotency = json!({"type": "string", "minLength": 1, "maxLength": 200,

@@ -52,7 +52,7 @@ pub struct SubmitRun {
     #[schema(value_type = Object)]
     pub inputs: Value,
     /// The run fails with `budget_exceeded` rather than start a stage that would exceed this.
-    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
     pub budget_usd: Option<crate::money::Dollars>,
     /// Overrides the deployment's provider mode for this run.
     pub provider_mode: Option<ProviderMode>,
@@ -398,18 +398,28 @@ impl Follow {
     async fn next_events(&mut self) -> Option<Vec<crate::store::RunEvent>> {
         loop {
             let seen = *self.watch.borrow_and_update();
-            if let Ok(events) = self.store.events_after(self.run_id, self.after, 500).await {
-                if let Some(last) = events.last() {
-                    self.after = last.seq;
-                    return Some(events);
+            let answered = match self.store.events_after(self.run_id, self.after, 500).await {
+                Ok(events) => {
+                    if let Some(last) = events.last() {
+                        self.after = last.seq;
+                        return Some(events);
+                    }
+                    if seen.finished && seen.last_event.is_some_and(|last| last <= self.after) {
+                        return None;
+                    }
+                    true
                 }
-                if seen.finished && seen.last_event.is_some_and(|last| last <= self.after) {
-                    return None;
+                Err(_) => false,
+            };
+            // Wait for the watcher to see the run move; after a failed read, ask again soon
+            // even if nothing moves (a finished run never moves again).
+            tokio::select! {
+                changed = self.watch.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
                 }
-            }
-            // Wait for the watcher to see the run move (or the store to answer again).
-            if self.watch.changed().await.is_err() {
-                return None;
+                () = tokio::time::sleep(super::limits::WATCH_INTERVAL), if !answered => {}
             }
         }
     }
@@ -456,8 +466,44 @@ pub struct ResumeRequest {
     #[schema(value_type = Option<Object>)]
     pub inputs: Option<Value>,
     /// A new budget for the run (e.g. after it failed with `budget_exceeded`).
-    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
     pub budget_usd: Option<crate::money::Dollars>,
+}
+
+/// A run's inputs with a resume's changes merged in (a field set to null is removed), checked
+/// against its workflow's schema. Through the workflow's own route the schema said what fits
+/// (422); through `/runs`, what fits depends on which run it is (409).
+fn patched_inputs(
+    state: &AppState,
+    run: &RunRecord,
+    patch: serde_json::Map<String, Value>,
+    expected_name: Option<&str>,
+) -> Result<Value, ApiError> {
+    let mut inputs = match run.inputs.clone() {
+        Value::Object(map) => map,
+        _ => Default::default(),
+    };
+    for (key, value) in patch {
+        if value.is_null() {
+            inputs.remove(&key);
+        } else {
+            inputs.insert(key, value);
+        }
+    }
+    let mut inputs = Value::Object(inputs);
+    if let Some(workflow) = state.catalog.get(run.kind, &run.name) {
+        workflow
+            .validate(&mut inputs)
+            .map_err(|e| match expected_name {
+                Some(_) => ApiError::invalid(e.to_string(), Some(&e.field)),
+                None => ApiError::Conflict {
+                    code: "invalid_input",
+                    message: format!("the inputs do not fit run {}'s workflow: {e}", run.id),
+                    details: Some(serde_json::json!({"field": e.field})),
+                },
+            })?;
+    }
+    Ok(inputs)
 }
 
 async fn resume(
@@ -495,39 +541,7 @@ async fn resume(
     };
     let inputs = match request.inputs {
         None => None,
-        Some(Value::Object(patch)) => {
-            let mut inputs = match run.inputs.clone() {
-                Value::Object(map) => map,
-                _ => Default::default(),
-            };
-            for (key, value) in patch {
-                if value.is_null() {
-                    inputs.remove(&key);
-                } else {
-                    inputs.insert(key, value);
-                }
-            }
-            let mut inputs = Value::Object(inputs);
-            if let Some(workflow) = state.catalog.get(run.kind, &run.name) {
-                workflow.validate(&mut inputs).map_err(|e| {
-                    // Through the workflow's own route, the schema said what fits (422);
-                    // through /runs, what fits depends on which run it is (409).
-                    let details = Some(serde_json::json!({"field": e.field}));
-                    match expected_name {
-                        Some(_) => ApiError::invalid(e.to_string(), Some(&e.field)),
-                        None => ApiError::Conflict {
-                            code: "invalid_input",
-                            message: format!(
-                                "the inputs do not fit run {}'s workflow: {e}",
-                                run.id
-                            ),
-                            details,
-                        },
-                    }
-                })?;
-            }
-            Some(inputs)
-        }
+        Some(Value::Object(patch)) => Some(patched_inputs(state, &run, patch, expected_name)?),
         Some(_) => {
             return Err(ApiError::invalid(
                 "inputs must be a JSON object",
@@ -599,7 +613,7 @@ pub struct WorkflowRunRequest {
     /// Answer at once instead of waiting for completion (`run_async` is accepted too).
     #[serde(default, rename = "async", alias = "run_async")]
     pub run_async: bool,
-    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
     pub budget_usd: Option<crate::money::Dollars>,
     pub provider_mode: Option<ProviderMode>,
     /// Reuse earlier runs' checkpoints where a stage's inputs match (see `POST /runs`).

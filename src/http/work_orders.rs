@@ -49,7 +49,7 @@ pub struct CreateWorkOrder {
     pub user_request: String,
     /// `mock` (the built-in agent and mock pull-request hosting) or `live` (the real CLIs).
     pub provider_mode: Option<ProviderMode>,
-    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    #[schema(value_type = Option<f64>, minimum = 0, maximum = 1000000)]
     pub budget_usd: Option<crate::money::Dollars>,
 }
 
@@ -270,8 +270,8 @@ const MAX_ENTRIES: usize = 2000;
 const MAX_LOG_LINES: usize = 2000;
 
 /// The agent entries of a work order's steps, in step order, read from its raw JSONL (each
-/// file is bounded when it is written; the answer keeps the last [`MAX_ENTRIES`]).
-fn agent_entries(data: &std::path::Path, id: &str, steps: &[String]) -> Vec<LogEntry> {
+/// file is bounded when it is written): the last [`MAX_ENTRIES`], and how many there are in all.
+fn agent_entries(data: &std::path::Path, id: &str, steps: &[String]) -> (Vec<LogEntry>, usize) {
     let mut entries = Vec::new();
     for step in steps {
         let path = data.join("outputs").join(id).join(format!("{step}.jsonl"));
@@ -283,14 +283,15 @@ fn agent_entries(data: &std::path::Path, id: &str, steps: &[String]) -> Vec<LogE
             }));
         }
     }
-    let excess = entries.len().saturating_sub(MAX_ENTRIES);
-    entries.drain(..excess);
-    entries
+    let total = entries.len();
+    entries.drain(..total.saturating_sub(MAX_ENTRIES));
+    (entries, total)
 }
 
 /// One client following a work order's agent output, woken by the process's run watcher
 /// (agent output is written when a step ends, which the run's events announce).
 struct LogFollow {
+    /// Entries sent so far, counted from the first the work order ever had.
     sent: usize,
     watch: tokio::sync::watch::Receiver<crate::http::limits::Watched>,
     data: std::path::PathBuf,
@@ -304,13 +305,16 @@ impl LogFollow {
         loop {
             let finished = self.watch.borrow_and_update().finished;
             let (data, id, steps) = (self.data.clone(), self.id.clone(), self.steps.clone());
-            let entries = tokio::task::spawn_blocking(move || agent_entries(&data, &id, &steps))
-                .await
-                .unwrap_or_default();
-            if entries.len() > self.sent {
-                let fresh = entries[self.sent..].to_vec();
-                self.sent = entries.len();
-                return Some(fresh);
+            let (entries, total) =
+                tokio::task::spawn_blocking(move || agent_entries(&data, &id, &steps))
+                    .await
+                    .unwrap_or_default();
+            if total > self.sent {
+                // `entries` are the last ones of `total`: send those not sent yet.
+                let first_kept = total - entries.len();
+                let skip = self.sent.saturating_sub(first_kept);
+                self.sent = total;
+                return Some(entries.into_iter().skip(skip).collect());
             }
             if finished || self.watch.changed().await.is_err() {
                 return None;
@@ -367,7 +371,7 @@ async fn work_order_logs(
             .into_response());
     }
     let (entries, log) = tokio::task::spawn_blocking(move || {
-        let entries = agent_entries(&data, &id, &steps);
+        let (entries, _) = agent_entries(&data, &id, &steps);
         let log: Vec<String> = std::fs::read_to_string(data.join("logs").join(format!("{id}.log")))
             .map(|text| {
                 let lines: Vec<&str> = text.lines().collect();
@@ -385,4 +389,54 @@ async fn work_order_logs(
         log,
     })
     .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::limits::Watched;
+
+    fn lines(prefix: &str, count: usize) -> String {
+        (0..count).map(|i| format!("{prefix}-{i}\n")).collect()
+    }
+
+    #[tokio::test]
+    async fn a_log_stream_keeps_sending_past_the_entries_one_answer_holds() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let outputs = data.path().join("outputs").join("wo");
+        std::fs::create_dir_all(&outputs).expect("outputs");
+        std::fs::write(outputs.join("plan.jsonl"), lines("plan", MAX_ENTRIES + 500)).expect("plan");
+        let (tell, watch) = tokio::sync::watch::channel(Watched {
+            last_event: Some(1),
+            finished: false,
+        });
+        let permit = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("permit");
+        let mut follow = LogFollow {
+            sent: 0,
+            watch,
+            data: data.path().to_path_buf(),
+            id: "wo".into(),
+            steps: vec!["plan".into(), "implement".into()],
+            _permit: permit,
+        };
+        // The first answer holds the latest MAX_ENTRIES.
+        let first = follow.next_entries().await.expect("entries");
+        assert_eq!(first.len(), MAX_ENTRIES);
+        assert_eq!(first[0].entry.text, "plan-500");
+        // More output later: exactly the new entries follow.
+        std::fs::write(outputs.join("implement.jsonl"), lines("implement", 3)).expect("implement");
+        let _ = tell.send(Watched {
+            last_event: Some(2),
+            finished: true,
+        });
+        let next = follow.next_entries().await.expect("more entries");
+        let texts: Vec<&str> = next.iter().map(|e| e.entry.text.as_str()).collect();
+        assert_eq!(texts, ["implement-0", "implement-1", "implement-2"]);
+        assert!(
+            follow.next_entries().await.is_none(),
+            "the stream ends once finished"
+        );
+    }
 }

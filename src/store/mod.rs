@@ -348,6 +348,9 @@ pub struct Claimed {
     /// start it again, and gives it back with [`StageOutcome::Unstarted`] if it does not run it
     /// (`fail_run` gives it back by itself).
     pub started: Option<(usize, u32)>,
+    /// When the claim was asked for: the store set the lease's expiry after this moment, so
+    /// the lease lasts at least its time to live from here (the worker counts from it).
+    pub asked: tokio::time::Instant,
 }
 
 /// A memoised step's stored result.

@@ -698,6 +698,7 @@ impl RunStore for RedisStore {
         ttl: Duration,
         max: usize,
     ) -> StoreResult<Vec<Claimed>> {
+        let asked = tokio::time::Instant::now();
         let mut args = vec![
             worker.to_string(),
             ttl.as_millis().to_string(),
@@ -750,6 +751,7 @@ impl RunStore for RedisStore {
                 started: usize::try_from(*started)
                     .ok()
                     .map(|index| (index, *attempt)),
+                asked,
             });
         }
         Ok(claimed)

@@ -180,10 +180,11 @@ impl GroupState {
     /// Rolls back the savepoint of an operation that ended part-way, if there is one.
     async fn undo_pending(&mut self) {
         if self.undo {
-            self.undo = false;
             if self.open {
                 self.control("ROLLBACK TO op; RELEASE op").await;
             }
+            // Cleared only once done: an interrupted rollback is tried again.
+            self.undo = false;
         }
     }
 
@@ -208,8 +209,12 @@ impl GroupState {
             (false, outcome) => outcome,
         };
         if outcome.is_err() {
-            // The connection's state is unknown: start over with a fresh one.
-            self.conn = None;
+            // The connection's state is unknown (a failed COMMIT may leave its transaction
+            // open, holding the write lock): close it rather than return it to the pool, and
+            // start over with a fresh one.
+            if let Some(conn) = self.conn.take() {
+                let _ = conn.close().await;
+            }
         }
         for waiter in self.waiters.drain(..) {
             let _ = waiter.send(outcome.clone());
@@ -425,6 +430,30 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// A run with its stages and the sequence number of its last event, read on `conn` (a read
+/// transaction, or a write transaction that may hold it uncommitted).
+async fn read_run(conn: &mut sqlx::SqliteConnection, id: RunId) -> StoreResult<Option<RunRecord>> {
+    let row = sqlx::query(
+        "SELECT *, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = runs.id) AS event_seq \
+         FROM runs WHERE id = ?",
+    )
+    .bind(id.to_string())
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let mut run = run_from_row(&row)?;
+    run.event_seq = row.try_get("event_seq")?;
+    let stages = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx")
+        .bind(id.to_string())
+        .fetch_all(&mut *conn)
+        .await?;
+    run.stages = stages
+        .iter()
+        .map(stage_from_row)
+        .collect::<StoreResult<_>>()?;
+    Ok(Some(run))
+}
+
 fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
     let id: String = row.try_get("id")?;
     let kind: String = row.try_get("kind")?;
@@ -601,26 +630,9 @@ impl RunStore for SqliteStore {
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
         // One read transaction: the run, its last event and its stages are one snapshot.
         let mut read = self.pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT *, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = runs.id) AS event_seq \
-             FROM runs WHERE id = ?",
-        )
-        .bind(id.to_string())
-        .fetch_optional(&mut *read)
-        .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut run = run_from_row(&row)?;
-        run.event_seq = row.try_get("event_seq")?;
-        let stages = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx")
-            .bind(id.to_string())
-            .fetch_all(&mut *read)
-            .await?;
+        let run = read_run(&mut read, id).await?;
         read.commit().await?;
-        run.stages = stages
-            .iter()
-            .map(stage_from_row)
-            .collect::<StoreResult<_>>()?;
-        Ok(Some(run))
+        Ok(run)
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
@@ -655,24 +667,8 @@ impl RunStore for SqliteStore {
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
-        let now = self.now();
-        let row = sqlx::query(
-            "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND fence = ? AND lease_owner = ? \
-             RETURNING cancel_requested",
-        )
-        .bind(now + ttl.as_millis() as i64)
-        .bind(lease.run_id.to_string())
-        .bind(lease.fence.0)
-        .bind(lease.worker.as_str())
-        .fetch_optional(&self.pool)
-        .await?;
-        match row {
-            Some(row) => Ok(row.try_get::<i64, _>("cancel_requested")? != 0),
-            None => Err(StoreError::FenceRejected {
-                run_id: lease.run_id,
-                fence: lease.fence,
-            }),
-        }
+        let (store, lease) = (self.clone(), lease.clone());
+        detached(async move { store.heartbeat_now(&lease, ttl).await }).await
     }
 
     async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
@@ -744,16 +740,22 @@ impl RunStore for SqliteStore {
         let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = self.now().saturating_sub(retention);
         // Bounded: at most PURGE_BATCH runs (with their stages, steps and events) per call.
-        let deleted = sqlx::query(
-            "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL \
-             AND finished_at < ? ORDER BY finished_at LIMIT ?)",
-        )
-        .bind(cutoff)
-        .bind(super::PURGE_BATCH as i64)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
-        Ok(deleted)
+        let store = self.clone();
+        detached(async move {
+            let mut tx = store.begin().await?;
+            let deleted = sqlx::query(
+                "DELETE FROM runs WHERE id IN (SELECT id FROM runs WHERE finished_at IS NOT NULL \
+                 AND finished_at < ? ORDER BY finished_at LIMIT ?)",
+            )
+            .bind(cutoff)
+            .bind(super::PURGE_BATCH as i64)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(deleted)
+        })
+        .await
     }
 
     async fn events_after(
@@ -825,27 +827,22 @@ impl RunStore for SqliteStore {
     }
 
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO workers (id, queues, concurrency, started_at, heartbeat_at, running) VALUES (?, ?, ?, ?, ?, ?) \
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running",
-        )
-        .bind(&worker.id)
-        .bind(json_text(&worker.queues))
-        .bind(i64::from(worker.concurrency))
-        .bind(worker.started_at.timestamp_millis())
-        .bind(self.now())
-        .bind(json_text(&worker.running))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        let (store, worker) = (self.clone(), worker.clone());
+        detached(async move { store.worker_heartbeat_now(&worker).await }).await
     }
 
     async fn unregister_worker(&self, id: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM workers WHERE id = ?")
-            .bind(id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let (store, id) = (self.clone(), id.to_owned());
+        detached(async move {
+            let mut tx = store.begin().await?;
+            sqlx::query("DELETE FROM workers WHERE id = ?")
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
@@ -973,6 +970,50 @@ impl RunStore for SqliteStore {
 /// operation shares its transaction with others (group commit), so it must never be stopped
 /// half-way because its caller was cancelled.
 impl SqliteStore {
+    async fn heartbeat_now(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
+        let mut tx = self.begin().await?;
+        // The new expiry counts from after the wait for the write lock.
+        let now = self.now();
+        let row = sqlx::query(
+            "UPDATE runs SET lease_expires_at = ? WHERE id = ? AND fence = ? AND lease_owner = ? \
+             RETURNING cancel_requested",
+        )
+        .bind(now + ttl.as_millis() as i64)
+        .bind(lease.run_id.to_string())
+        .bind(lease.fence.0)
+        .bind(lease.worker.as_str())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Err(StoreError::FenceRejected {
+                run_id: lease.run_id,
+                fence: lease.fence,
+            });
+        };
+        let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
+        tx.commit().await?;
+        Ok(cancel_requested)
+    }
+
+    async fn worker_heartbeat_now(&self, worker: &WorkerInfo) -> StoreResult<()> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO workers (id, queues, concurrency, started_at, heartbeat_at, running) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running",
+        )
+        .bind(&worker.id)
+        .bind(json_text(&worker.queues))
+        .bind(i64::from(worker.concurrency))
+        .bind(worker.started_at.timestamp_millis())
+        .bind(self.now())
+        .bind(json_text(&worker.running))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     async fn insert_run_now(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
         let now = self.now();
         let mut tx = self.begin().await?;
@@ -983,15 +1024,20 @@ impl SqliteStore {
                     .fetch_optional(&mut *tx)
                     .await?;
             if let Some(row) = existing {
-                tx.rollback().await?;
                 let id: String = row.try_get("id")?;
                 let id =
                     RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
                 let hash: Option<String> = row.try_get("idempotency_hash")?;
                 if hash.is_some() && hash != run.request_hash {
+                    tx.rollback().await?;
                     return Err(StoreError::IdempotencyConflict(id));
                 }
-                let record = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+                // Read in this transaction (the run may have been inserted in the same group,
+                // not committed yet), and answered once that group is committed.
+                let record = read_run(&mut tx, id)
+                    .await?
+                    .ok_or(StoreError::NotFound(id))?;
+                tx.commit().await?;
                 return Ok((record, false));
             }
         }
@@ -1034,12 +1080,12 @@ impl SqliteStore {
             json!({"queue": run.queue}),
         )
         .await?;
-        tx.commit().await?;
-        self.work_available.notify_waiters();
-        let record = self
-            .get_run(run.id)
+        // The record as this transaction wrote it: once it is committed, the answer cannot fail.
+        let record = read_run(&mut tx, run.id)
             .await?
             .ok_or(StoreError::NotFound(run.id))?;
+        tx.commit().await?;
+        self.work_available.notify_waiters();
         Ok((record, true))
     }
 
@@ -1050,6 +1096,7 @@ impl SqliteStore {
         ttl: Duration,
         max: usize,
     ) -> StoreResult<Vec<Claimed>> {
+        let asked = tokio::time::Instant::now();
         let now = self.now();
         // Idle workers ask often: answer "nothing due" from a read, without the write lock, so
         // polling never blocks (or waits for) writers.
@@ -1066,6 +1113,8 @@ impl SqliteStore {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
+        // The lease runs from now, after the wait for the write lock, never from before it.
+        let now = self.now();
         let rows = sqlx::query(
             "UPDATE runs SET status = 'running', lease_owner = ?1, worker = ?1, lease_expires_at = ?2, \
              fence = fence + 1, updated_at = ?3 \
@@ -1133,6 +1182,7 @@ impl SqliteStore {
                 run,
                 recovered,
                 started: None,
+                asked,
             });
         }
         Ok(claimed)
@@ -1440,8 +1490,11 @@ impl SqliteStore {
                 )));
             }
         }
+        let record = read_run(&mut tx, id)
+            .await?
+            .ok_or(StoreError::NotFound(id))?;
         tx.commit().await?;
-        self.get_run(id).await?.ok_or(StoreError::NotFound(id))
+        Ok(record)
     }
 
     async fn resume_now(
@@ -1495,9 +1548,12 @@ impl SqliteStore {
             json!({"from_stage": from_name}),
         )
         .await?;
+        let record = read_run(&mut tx, id)
+            .await?
+            .ok_or(StoreError::NotFound(id))?;
         tx.commit().await?;
         self.work_available.notify_waiters();
-        self.get_run(id).await?.ok_or(StoreError::NotFound(id))
+        Ok(record)
     }
 
     async fn sweep_expired_leases_now(&self) -> StoreResult<Vec<RunId>> {

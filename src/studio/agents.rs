@@ -223,8 +223,8 @@ pub struct ProducerInput {
     /// What the video is about.
     #[schema(min_length = 1, max_length = 2000)]
     pub user_request: String,
-    /// Dollars for the whole production (at most six decimals).
-    #[schema(minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    /// Dollars for the whole production (a number from 0 to 1000000).
+    #[schema(minimum = 0, maximum = 1000000)]
     pub total_budget: f64,
     /// Pilots to try (default 2).
     #[serde(default)]
@@ -1006,17 +1006,76 @@ fn editor_cost(input: &EditorInput) -> f64 {
     pricing::text(1200 + 300 * input.clips.len(), 900)
 }
 
+/// The ways to cut the clips together (chronological, and opening on a hook scene chosen from
+/// a seed of the clips), the best of them, and its order as positions in `clips`.
+fn edit_candidates(clips: &[EditorClip]) -> (Vec<EditCandidate>, EditCandidate, Vec<usize>) {
+    let numbers: Vec<u32> = clips.iter().map(|c| c.scene.scene_number).collect();
+    let total: f64 = clips.iter().map(|c| c.scene.duration_secs).sum();
+    let description = clips
+        .first()
+        .map(|c| c.scene.description.as_str())
+        .unwrap_or("");
+    let seed = seed_of(&[
+        &serde_json::to_string(&numbers).unwrap_or_default(),
+        description,
+    ]);
+    let hook = (seed as usize) % clips.len().max(1);
+    let chronological: Vec<usize> = (0..clips.len()).collect();
+    let mut hook_first = vec![hook];
+    hook_first.extend((0..clips.len()).filter(|i| *i != hook));
+    let candidate = |name: &str, description: String, order: &[usize], score: f64| EditCandidate {
+        name: name.to_owned(),
+        description,
+        scene_order: order
+            .iter()
+            .filter_map(|i| numbers.get(*i).copied())
+            .collect(),
+        duration_secs: total,
+        score: (score * 100.0).round() / 100.0,
+    };
+    let hook_number = numbers.get(hook).copied().unwrap_or(1);
+    let scored = [
+        (
+            candidate(
+                "chronological",
+                "The scenes in script order: the story as written.".to_owned(),
+                &chronological,
+                0.7 + (seed % 20) as f64 / 100.0,
+            ),
+            chronological.clone(),
+        ),
+        (
+            candidate(
+                "hook_first",
+                format!(
+                    "Opens on scene {hook_number} to catch attention, then plays the rest in order."
+                ),
+                &hook_first,
+                0.7 + ((seed >> 8) % 20) as f64 / 100.0,
+            ),
+            hook_first,
+        ),
+    ];
+    let (chosen, order) = scored
+        .iter()
+        .max_by(|a, b| a.0.score.total_cmp(&b.0.score))
+        .cloned()
+        .unwrap_or_else(|| (scored[0].0.clone(), chronological));
+    let candidates = scored.into_iter().map(|(c, _)| c).collect();
+    (candidates, chosen, order)
+}
+
 pub async fn editor(
     env: AgentEnv,
     input: EditorInput,
 ) -> Result<StepDone<EditorOutput>, StageError> {
     let clips = &input.clips;
-    let Some(first) = clips.first() else {
+    if clips.is_empty() {
         return Err(StageError::fatal(
             "invalid_input",
             "inputs.clips: must name at least one clip",
         ));
-    };
+    }
     let mut videos = Vec::with_capacity(clips.len());
     for clip in clips {
         videos.push(existing_file(&env, "clips.video", &clip.video)?);
@@ -1037,53 +1096,7 @@ pub async fn editor(
     };
     env.provider_call("editor", pricing::TEXT_MODEL, "plan edit candidates", cost)
         .await?;
-    let numbers: Vec<u32> = clips.iter().map(|c| c.scene.scene_number).collect();
-    let total: f64 = clips.iter().map(|c| c.scene.duration_secs).sum();
-    let seed = seed_of(&[
-        &serde_json::to_string(&numbers).unwrap_or_default(),
-        &first.scene.description,
-    ]);
-    // Orders are positions in `clips`; candidates show them as scene numbers.
-    let hook = (seed as usize) % clips.len();
-    let chronological: Vec<usize> = (0..clips.len()).collect();
-    let mut hook_first = vec![hook];
-    hook_first.extend((0..clips.len()).filter(|i| *i != hook));
-    let candidate = |name: &str, description: String, order: &[usize], score: f64| EditCandidate {
-        name: name.to_owned(),
-        description,
-        scene_order: order.iter().map(|i| numbers[*i]).collect(),
-        duration_secs: total,
-        score: (score * 100.0).round() / 100.0,
-    };
-    let candidates = [
-        (
-            candidate(
-                "chronological",
-                "The scenes in script order: the story as written.".to_owned(),
-                &chronological,
-                0.7 + (seed % 20) as f64 / 100.0,
-            ),
-            chronological.clone(),
-        ),
-        (
-            candidate(
-                "hook_first",
-                format!(
-                    "Opens on scene {} to catch attention, then plays the rest in order.",
-                    numbers[hook]
-                ),
-                &hook_first,
-                0.7 + ((seed >> 8) % 20) as f64 / 100.0,
-            ),
-            hook_first.clone(),
-        ),
-    ];
-    let (chosen, order) = candidates
-        .iter()
-        .max_by(|a, b| a.0.score.total_cmp(&b.0.score))
-        .cloned()
-        .unwrap_or_else(|| (candidates[0].0.clone(), chronological.clone()));
-    let candidates: Vec<EditCandidate> = candidates.into_iter().map(|(c, _)| c).collect();
+    let (candidates, chosen, order) = edit_candidates(clips);
     let candidates_path = env.run_path("final/edit_candidates.json");
     let document = json!({"candidates": candidates, "chosen": chosen.name});
     env.artifacts
@@ -1092,7 +1105,10 @@ pub async fn editor(
             serde_json::to_vec_pretty(&document).unwrap_or_default(),
         )
         .await?;
-    let ordered: Vec<PathBuf> = order.iter().map(|i| videos[*i].clone()).collect();
+    let ordered: Vec<PathBuf> = order
+        .iter()
+        .filter_map(|i| videos.get(*i).cloned())
+        .collect();
     let final_path = env.run_path("final/final.mp4");
     env.media
         .final_cut(

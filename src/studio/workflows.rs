@@ -32,9 +32,9 @@ pub struct ProductionInputs {
     /// What the video is about.
     #[schema(min_length = 1, max_length = 2000)]
     pub user_request: String,
-    /// Dollars for the whole production (at most six decimals); also the run's budget unless
+    /// Dollars for the whole production (a number from 0 to 1000000); also the run's budget unless
     /// `budget_usd` is given.
-    #[schema(minimum = 0, maximum = 1000000, multiple_of = 0.000001)]
+    #[schema(minimum = 0, maximum = 1000000)]
     pub total_budget: f64,
     /// Pilots to try (default 2).
     #[serde(default)]

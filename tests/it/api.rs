@@ -311,8 +311,21 @@ async fn an_idempotency_key_returns_the_same_run(backend: Backend) {
     assert_eq!((first_status, second_status), (201, 200));
     assert_eq!(first["run_id"], second["run_id"]);
     assert_ne!(first["run_id"], other["run_id"]);
+    // A burst of the same key at once (a double click, a client's retries): one run, and every
+    // answer names it, whether its request stored it or found it not yet committed.
+    let body = json!({"kind": "workflow", "name": "demo", "inputs": {}}).to_string();
+    let answers = futures::future::join_all(
+        (0..32).map(|_| app.post_raw("/runs", body.clone(), &[("idempotency-key", "burst-1")])),
+    )
+    .await;
+    let created = answers.iter().filter(|(status, _)| *status == 201).count();
+    assert_eq!(created, 1, "{answers:?}");
+    for (status, answer) in &answers {
+        assert!(matches!(status, 200 | 201), "{status}: {answer}");
+        assert_eq!(answer["run_id"], answers[0].1["run_id"], "{answer}");
+    }
     let (_, list) = app.get("/runs").await;
-    assert_eq!(list["total"], 2);
+    assert_eq!(list["total"], 3);
 }
 
 async fn a_configured_token_guards_every_route_but_health(backend: Backend) {
@@ -375,6 +388,26 @@ async fn the_openapi_document_and_docs_are_served_offline(backend: Backend) {
             "{path} missing from the OpenAPI document"
         );
     }
+    // Every reference resolves, and types of the same Rust name keep schemas of their own.
+    let schemas = &openapi["components"]["schemas"];
+    let text = openapi.to_string();
+    for reference in text.split("\"#/components/schemas/").skip(1) {
+        let name = reference.split('"').next().unwrap_or_default();
+        assert!(
+            schemas.get(name).is_some(),
+            "{name} is referenced but not defined"
+        );
+    }
+    assert!(
+        schemas["ArtifactEntry"]["properties"].get("url").is_some(),
+        "{}",
+        schemas["ArtifactEntry"]
+    );
+    assert!(
+        schemas["Entry"]["properties"].get("text").is_some(),
+        "{}",
+        schemas["Entry"]
+    );
     let response = app.http.get(app.url("/docs/")).send().await.expect("docs");
     assert_eq!(response.status().as_u16(), 200);
     let html = response.text().await.expect("html");

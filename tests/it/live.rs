@@ -719,3 +719,38 @@ async fn a_full_production_runs_live_against_every_provider_and_its_cost_is_the_
         assert!(!everything.contains(key));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_default_without_keys_is_documented_as_mock_only_and_answered_so() {
+    let app = TestApp::new(Backend::Sqlite)
+        .with_env("PROVIDER_MODE", "live")
+        .with_api();
+    let (status, openapi) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    let body = &openapi["paths"]["/agents/producer/run"]["post"]["requestBody"]["content"]["application/json"]
+        ["schema"];
+    assert_eq!(
+        body["properties"]["provider_mode"]["enum"],
+        json!(["mock"]),
+        "{body}"
+    );
+    assert!(
+        body["required"]
+            .as_array()
+            .is_some_and(|r| r.contains(&json!("provider_mode"))),
+        "{body}"
+    );
+    // As documented: without provider_mode the request is refused, with mock it runs.
+    let inputs = json!({"user_request": "x", "total_budget": 1.0});
+    let (status, refused) = app
+        .post("/agents/producer/run", &json!({"inputs": inputs}))
+        .await;
+    assert_eq!(status, 422, "{refused}");
+    let (status, ran) = app
+        .post(
+            "/agents/producer/run",
+            &json!({"inputs": inputs, "provider_mode": "mock", "async": true}),
+        )
+        .await;
+    assert_eq!(status, 202, "{ran}");
+}
