@@ -10,6 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures::FutureExt;
 use serde::Serialize;
 
 /// How long a probe's answer is served before a request triggers a new one.
@@ -70,7 +71,10 @@ impl ToolCheck {
             cached.refreshing = true;
             let (slot, probe) = (self.cached.clone(), self.probe.clone());
             tokio::spawn(async move {
-                let status = status_of(probe().await);
+                // A probe that panics counts as a failed check (and the next one is tried).
+                let probed = std::panic::AssertUnwindSafe(probe()).catch_unwind().await;
+                let status =
+                    status_of(probed.unwrap_or_else(|_| Err("the check failed".to_owned())));
                 if let Ok(mut cached) = slot.lock() {
                     *cached = Cached {
                         status,
