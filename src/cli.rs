@@ -311,16 +311,18 @@ fn guard_role(config: &Config, role: &Role) -> anyhow::Result<()> {
             Role::Worker { queues, .. } => queues.iter().any(|q| q == queues::WORK_ORDERS),
             _ => true,
         };
-        if orders && !nix::unistd::geteuid().is_root() {
-            let consequence = if config.awo.require_agent_isolation {
-                "live work orders fail with agent_shares_worker_user"
-            } else {
-                "the agent could read this worker's secrets; acceptable on a developer's machine only"
-            };
-            tracing::warn!(
-                "this worker is not root, so a live coding agent would run as its own user: \
-                 {consequence} (run it as root with AWO_AGENT_USER, as the work-order image does)"
-            );
+        if orders {
+            match crate::awo::tools::agent_isolation(&config.awo) {
+                Err(refusal) => {
+                    tracing::warn!("live work orders will fail on this worker: {refusal}")
+                }
+                Ok(None) => tracing::warn!(
+                    "this worker is not root, so a live coding agent runs as its own user and \
+                     could read what the worker holds; acceptable on a developer's machine only \
+                     (production refuses it: run the worker as root with AWO_AGENT_USER)"
+                ),
+                Ok(Some(_)) => {}
+            }
         }
     }
     Ok(())

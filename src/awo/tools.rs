@@ -247,11 +247,7 @@ impl Tools {
     /// holds the deployment's secrets (the worker's environment, the data directory's git and gh
     /// configuration) that the agent could then read or change.
     fn agent_isolation(&self) -> Result<Option<(u32, u32)>, StageError> {
-        isolation(
-            nix::unistd::geteuid().is_root(),
-            self.settings.agent_user.as_ref(),
-            self.settings.require_agent_isolation,
-        )
+        agent_isolation(&self.settings)
     }
 
     /// A command with the base environment, bounded output and the deployment's scrubber.
@@ -865,6 +861,16 @@ fn chown_tree(root: &Path, uid: u32, gid: u32) -> Result<(), (PathBuf, std::io::
         }
     }
     Ok(())
+}
+
+/// Who a live coding agent runs as in this process (`None`: the worker's own user), or why it
+/// may not run here (checked by every agent step, and told at a worker's start).
+pub fn agent_isolation(settings: &AwoSettings) -> Result<Option<(u32, u32)>, StageError> {
+    isolation(
+        nix::unistd::geteuid().is_root(),
+        settings.agent_user.as_ref(),
+        settings.require_agent_isolation,
+    )
 }
 
 /// Who the coding agent runs as (`None`: the worker's own user), or why it may not run: never

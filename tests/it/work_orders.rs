@@ -679,10 +679,52 @@ async fn command_templates_can_be_replaced_and_mock_mode_needs_no_cli() {
         .dir
         .path()
         .join(format!("data/agent-work-orders/repositories/{id}"));
-    assert!(
-        sandbox.join(format!("plans/wo-{id}.md")).is_file(),
-        "the mock agent wrote the plan"
-    );
+    let plan = sandbox.join(format!("plans/wo-{id}.md"));
+    assert!(plan.is_file(), "the mock agent wrote the plan");
+    // Written with the agent's rights: as the agent's user when the worker is root.
+    if nix::unistd::geteuid().is_root() {
+        use std::os::unix::fs::MetadataExt;
+        let nobody = nix::unistd::User::from_name("nobody")
+            .ok()
+            .flatten()
+            .expect("the user nobody");
+        assert_eq!(
+            std::fs::metadata(&plan).expect("plan").uid(),
+            nobody.uid.as_raw()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_too_large_to_check_out_is_refused_before_it_is_written() {
+    let (app, url) = setup(TestApp::new(Backend::Sqlite));
+    let seed = app.dir.path().join("seed");
+    for name in ["a.txt", "b.txt", "c.txt"] {
+        std::fs::write(seed.join(name), name).expect("file");
+    }
+    git(&seed, &["add", "."]);
+    git(&seed, &["commit", "--quiet", "-m", "more files"]);
+    git(&seed, &["push", "--quiet", "origin", "HEAD:main"]);
+    let mut app = app.with_env("AWO_MAX_REPO_FILES", "3").with_api();
+    app.start_worker_with(&["--queues", "work_orders"]);
+    let body = json!({"repository_url": url, "sandbox_type": "git_branch", "workflow_type": "plan_only",
+                      "user_request": "Plan"});
+    let id = create(&app, body).await;
+    let order = wait_order(&app, &id, |o| {
+        o["status"] == "failed" || o["status"] == "completed"
+    })
+    .await;
+    assert_eq!(order["status"], "failed", "{order:#}");
+    let (_, steps) = app.get(&format!("/agent-work-orders/{id}/steps")).await;
+    let text = steps.to_string();
+    assert!(text.contains("repository_too_large"), "{steps:#}");
+    assert!(text.contains("4 files"), "{steps:#}");
+    // Nothing of it was left behind.
+    let repositories = app.dir.path().join("data/agent-work-orders/repositories");
+    let left: Vec<_> = std::fs::read_dir(&repositories)
+        .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
 }
 
 /// A local server that answers every request 401 and asking for credentials, and records the
