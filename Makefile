@@ -108,7 +108,7 @@ test-deps: ## Install (as root) or name the system packages the tests need
 
 .PHONY: test
 test: test-deps ## Run every test (unit and integration, real processes) and a short fuzz pass of the API
-	$(CARGO) test --lib --bins --tests
+	$(CARGO) test --workspace --lib --bins --tests
 	@scripts/fuzz.sh --short
 
 .PHONY: limits
@@ -135,7 +135,7 @@ fmt: ## Format the code
 .PHONY: lint
 lint: ## Check formatting and clippy lints
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 .PHONY: migrate
 migrate: ## Create or update the store's schema

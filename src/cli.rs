@@ -24,7 +24,7 @@ use crate::{
     shutdown,
     store::{SharedStore, redis::RedisStore, sqlite::SqliteStore},
     telemetry,
-    workflows::{Catalog, queues},
+    workflows::queues,
 };
 
 #[derive(Debug, Parser)]
@@ -358,7 +358,8 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     let store = open_store(&config).await?;
     let artifacts =
         ArtifactStore::open(&config.artifact_dir).context("opening the artifact directory")?;
-    let catalog = Arc::new(Catalog::builtin(&config));
+    let modules = crate::modules::modules(&config);
+    let catalog = Arc::new(crate::modules::catalog(&modules));
     let metrics = Arc::new(Metrics::default());
     let config = Arc::new(config);
     let mut tasks = tokio::task::JoinSet::new();
@@ -366,15 +367,15 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     let sweeper_stop = CancellationToken::new();
     tasks.spawn({
         let store = store.clone();
-        let (interval, retention, awo_data, artifacts, stop) = (
+        let (interval, retention, artifacts, modules, stop) = (
             config.sweep_interval,
             config.run_retention,
-            config.awo.data_dir.clone(),
             Some(artifacts.clone()),
+            modules.clone(),
             sweeper_stop.clone(),
         );
         async move {
-            queue::run_sweeper(store, interval, retention, awo_data, artifacts, stop).await;
+            queue::run_sweeper(store, interval, retention, artifacts, modules, stop).await;
             Ok(())
         }
     });
@@ -460,14 +461,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     outcome
 }
 
-/// A line on standard output for the scripts and tests that start this process; a closed or
-/// full output is no reason to stop serving.
-pub fn announce(line: &str) {
-    use std::io::Write;
-    let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{line}");
-    let _ = out.flush();
-}
+pub use crate::announce;
 
 async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
     let printed = match command {

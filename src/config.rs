@@ -75,6 +75,11 @@ use std::{
 
 use secrecy::{ExposeSecret, SecretString};
 
+pub use stagecraft_awo::settings::{AgentUser, AwoSettings};
+pub use stagecraft_core::store::ProviderMode;
+pub use stagecraft_store_sqlite::sqlite_url_for;
+pub use stagecraft_studio::settings::{LiveSettings, StudioSettings};
+
 use crate::{engine::RetryPolicy, process::BaseEnv, secrets::Scrubber};
 
 /// Variables of this process's environment every subprocess may see.
@@ -182,175 +187,6 @@ pub enum Cors {
     Origins(Vec<String>),
 }
 
-/// What agent work orders need from the deployment.
-#[derive(Debug, Clone)]
-pub struct AwoSettings {
-    pub data_dir: PathBuf,
-    pub allowed_schemes: Vec<String>,
-    /// Hosts a repository URL may name (`host`, `host:port`, `*.domain`, `*`).
-    pub allowed_hosts: Vec<String>,
-    /// Forge hosts `GITHUB_TOKEN` is offered to, over https only.
-    pub git_hosts: Vec<String>,
-    /// The user and group the coding agent runs as, when not the worker's own.
-    pub agent_user: Option<AgentUser>,
-    /// Bytes of one tool call's output kept.
-    pub max_output: usize,
-    /// Files and bytes a repository's checkout may have (checked before it is written).
-    pub max_repo_files: u64,
-    pub max_repo_bytes: u64,
-    /// Live agents must run as a user other than the worker's (set in production).
-    pub require_agent_isolation: bool,
-    /// The base environment of every subprocess.
-    pub base_env: BaseEnv,
-    /// Proxy settings, for the tools that reach the network (git, gh, the coding agent).
-    pub network_env: BaseEnv,
-    pub claude_cli: PathBuf,
-    pub gh_cli: PathBuf,
-    pub git: PathBuf,
-    pub github_token: Option<SecretString>,
-    pub anthropic_api_key: Option<SecretString>,
-    pub timeout: Duration,
-    pub model: String,
-    pub max_turns: Option<u32>,
-    pub skip_permissions: bool,
-    pub verbose: bool,
-    pub commands_dir: Option<PathBuf>,
-    pub prompt_logging: bool,
-    pub output_artifacts: bool,
-    pub port: u16,
-}
-
-/// A user a subprocess runs as.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AgentUser {
-    /// As configured, for messages.
-    pub name: String,
-    pub uid: u32,
-    pub gid: u32,
-}
-
-impl Default for AwoSettings {
-    fn default() -> Self {
-        Self {
-            data_dir: PathBuf::from("./data/agent-work-orders"),
-            allowed_schemes: vec!["https".to_owned()],
-            allowed_hosts: vec!["github.com".to_owned()],
-            git_hosts: vec!["github.com".to_owned()],
-            agent_user: None,
-            max_output: 16 * 1024 * 1024,
-            max_repo_files: 250_000,
-            max_repo_bytes: 2 << 30,
-            require_agent_isolation: false,
-            base_env: BaseEnv::default(),
-            network_env: BaseEnv::default(),
-            claude_cli: PathBuf::from("claude"),
-            gh_cli: PathBuf::from("gh"),
-            git: PathBuf::from("git"),
-            github_token: None,
-            anthropic_api_key: None,
-            timeout: Duration::from_secs(3600),
-            model: "sonnet".to_owned(),
-            max_turns: None,
-            skip_permissions: true,
-            verbose: true,
-            commands_dir: None,
-            prompt_logging: true,
-            output_artifacts: true,
-            port: 8888,
-        }
-    }
-}
-
-/// What the studio agents need from the deployment.
-#[derive(Debug, Clone)]
-pub struct StudioSettings {
-    /// The base environment of ffmpeg and ffprobe.
-    pub base_env: BaseEnv,
-    pub ffmpeg: PathBuf,
-    pub ffprobe: PathBuf,
-    /// Longest one ffmpeg or ffprobe call may take.
-    pub media_timeout: Duration,
-    /// Added to every mock provider call.
-    pub mock_latency: Duration,
-    /// The live providers.
-    pub live: LiveSettings,
-}
-
-/// Live provider endpoints, keys, limits and prices.
-#[derive(Debug, Clone)]
-pub struct LiveSettings {
-    pub anthropic_key: Option<SecretString>,
-    pub anthropic_base_url: String,
-    pub anthropic_model: String,
-    pub timeout: Duration,
-    pub max_retries: u32,
-    /// Dollars per million tokens.
-    pub text_input_price: f64,
-    pub text_output_price: f64,
-    pub runway_key: Option<SecretString>,
-    pub runway_base_url: String,
-    pub runway_model: String,
-    /// Dollars per second of generated video.
-    pub video_price: f64,
-    pub video_poll_interval: Duration,
-    /// `elevenlabs` or `openai`.
-    pub speech_provider: String,
-    pub elevenlabs_key: Option<SecretString>,
-    pub elevenlabs_base_url: String,
-    pub elevenlabs_voice: String,
-    pub elevenlabs_model: String,
-    pub openai_key: Option<SecretString>,
-    pub openai_base_url: String,
-    pub openai_tts_model: String,
-    pub openai_tts_voice: String,
-    /// Dollars per thousand characters spoken, and per second of music.
-    pub speech_price: f64,
-    pub music_price: f64,
-}
-
-impl Default for LiveSettings {
-    fn default() -> Self {
-        Self {
-            anthropic_key: None,
-            anthropic_base_url: "https://api.anthropic.com".to_owned(),
-            anthropic_model: "claude-sonnet-4-5".to_owned(),
-            timeout: Duration::from_secs(120),
-            max_retries: 4,
-            text_input_price: 3.0,
-            text_output_price: 15.0,
-            runway_key: None,
-            runway_base_url: "https://api.dev.runwayml.com".to_owned(),
-            runway_model: "gen4_turbo".to_owned(),
-            video_price: 0.05,
-            video_poll_interval: Duration::from_secs(5),
-            speech_provider: "elevenlabs".to_owned(),
-            elevenlabs_key: None,
-            elevenlabs_base_url: "https://api.elevenlabs.io".to_owned(),
-            elevenlabs_voice: "21m00Tcm4TlvDq8ikWAM".to_owned(),
-            elevenlabs_model: "eleven_multilingual_v2".to_owned(),
-            openai_key: None,
-            openai_base_url: "https://api.openai.com".to_owned(),
-            openai_tts_model: "gpt-4o-mini-tts".to_owned(),
-            openai_tts_voice: "alloy".to_owned(),
-            speech_price: 0.30,
-            music_price: 0.01,
-        }
-    }
-}
-
-impl Default for StudioSettings {
-    fn default() -> Self {
-        Self {
-            base_env: BaseEnv::default(),
-            ffmpeg: PathBuf::from("ffmpeg"),
-            ffprobe: PathBuf::from("ffprobe"),
-            media_timeout: Duration::from_secs(300),
-            mock_latency: Duration::ZERO,
-            live: LiveSettings::default(),
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Environment {
     Development,
@@ -363,29 +199,11 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
-)]
-#[serde(rename_all = "lowercase")]
-pub enum ProviderMode {
-    Mock,
-    Live,
-}
-
 impl Environment {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Development => "development",
             Self::Production => "production",
-        }
-    }
-}
-
-impl ProviderMode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Mock => "mock",
-            Self::Live => "live",
         }
     }
 }
@@ -912,11 +730,6 @@ pub fn redact_url(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-/// The `sqlite://` URL of a file path.
-pub fn sqlite_url_for(path: &Path) -> String {
-    format!("sqlite://{}", path.display())
 }
 
 struct Vars<'a> {

@@ -1,45 +1,45 @@
-//! Stagecraft: durable runs for long, expensive AI-agent pipelines.
+//! Stagecraft: durable runs for long, expensive AI-agent pipelines. This is the application:
+//! configuration, the HTTP API, the command line, and the wiring of the tenants to a store.
 //!
-//! Codemap, in reading order:
+//! The crates, in reading order (`ARCHITECTURE.md` draws them):
+//! - `stagecraft-core`: the run model, the store trait, the engine, delivery to workers, the
+//!   tenant seam, subprocesses and artifacts; re-exported here under its module names
+//!   ([`ids`], [`store`], [`schema`], [`workflows`], [`module`], [`engine`], [`queue`], [`status`],
+//!   [`artifacts`], [`process`], [`secrets`], [`money`], [`metrics`], [`clock`]).
+//! - `stagecraft-store-sqlite` ([`store::sqlite`], embedded) and `stagecraft-store-redis`
+//!   ([`store::redis`], to scale out).
+//! - `stagecraft-studio` ([`studio`]): video-production agents and workflows, mock and live
+//!   providers, ffmpeg media.
+//! - `stagecraft-awo` ([`awo`]): agent work orders: git sandboxes, the coding-agent CLI, pull
+//!   requests.
+//!
+//! This crate's own modules:
 //! - [`config`]: every environment variable, read once, typed.
-//! - [`ids`]: `RunId`, `WorkerId`, `FenceToken`.
-//! - [`store`]: the durable record of runs, stages, checkpoints, steps, leases and events, and
-//!   the queue workers claim from ([`store::sqlite`] embedded, [`store::redis`] to scale out).
-//! - [`schema`]: the JSON Schemas of run inputs, enforced exactly as published.
-//! - [`workflows`]: the catalogue of workflows and their stages ([`workflows::demo`]).
-//! - [`studio`]: the video-production agents and workflows, mock providers, ffmpeg media.
-//! - [`awo`]: agent work orders: git sandboxes, the coding-agent CLI, pull requests.
-//! - [`status`]: the run status document (and `metadata.json`).
-//! - [`engine`]: executes one claimed run stage by stage: leases, retries, checkpoints, cancel.
-//! - [`queue`]: delivers runs to apalis workers and sweeps expired leases.
+//! - [`modules`]: which tenants a process runs.
 //! - [`http`]: the axum API, its errors and its OpenAPI document.
-//! - [`artifacts`]: files stages write, atomically, under one root.
-//! - [`process`]: the one place subprocesses are spawned, each with a cleared environment.
-//! - [`secrets`]: hides secret values and token shapes in everything kept or shown.
 //! - [`cli`], [`client`], [`ops`]: the `stagecraft` command, its HTTP client, and the operator
 //!   commands that read the store directly.
-//! - [`money`]: budgets read exactly, to the micro-dollar.
-//! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`]: process plumbing.
+//! - [`telemetry`], [`shutdown`]: process plumbing.
 
-pub mod artifacts;
-pub mod awo;
+pub use stagecraft_awo as awo;
+pub use stagecraft_core::{
+    announce, artifacts, clock, engine, ids, metrics, module, money, process, queue, schema,
+    secrets, status, workflows,
+};
+pub use stagecraft_studio as studio;
+
+/// The run store: the core's model and trait, and the two stores.
+pub mod store {
+    pub use stagecraft_core::store::*;
+    pub use stagecraft_store_redis as redis;
+    pub use stagecraft_store_sqlite as sqlite;
+}
+
 pub mod cli;
 pub mod client;
-pub mod clock;
 pub mod config;
-pub mod engine;
 pub mod http;
-pub mod ids;
-pub mod metrics;
-pub mod money;
+pub mod modules;
 pub mod ops;
-pub mod process;
-pub mod queue;
-pub mod schema;
-pub mod secrets;
 pub mod shutdown;
-pub mod status;
-pub mod store;
-pub mod studio;
 pub mod telemetry;
-pub mod workflows;

@@ -194,7 +194,7 @@ impl From<StoreError> for ApiError {
                     retry_after_secs: 1,
                 }
             }
-            StoreError::Unavailable(_) | StoreError::Database(sqlx::Error::PoolTimedOut) => {
+            StoreError::Unavailable(_) => {
                 tracing::warn!(error = %error, "store unavailable");
                 Self::Unavailable("the store is unreachable; try again shortly".to_owned())
             }

@@ -13,11 +13,18 @@ pub mod agents;
 pub mod live;
 pub mod media;
 pub mod model;
+pub mod settings;
 pub mod workflows;
 
 use std::sync::Arc;
 
-use crate::{config::StudioSettings, engine::StageContext, workflows::Catalog};
+pub use settings::{LiveSettings, StudioSettings};
+use stagecraft_core::{
+    artifacts::ArtifactStore,
+    engine::StageContext,
+    module::{Housekeeping, Module},
+    workflows::Catalog,
+};
 
 /// What every studio stage shares: the media tools and the mock providers' settings.
 #[derive(Debug, Clone)]
@@ -51,8 +58,8 @@ impl Studio {
 }
 
 /// Adds the studio workflows and one-agent runs to a catalogue.
-pub fn register(catalog: &mut Catalog, settings: &StudioSettings) {
-    let studio = Arc::new(Studio::new(settings));
+fn register(catalog: &mut Catalog, studio: &Arc<Studio>) {
+    let studio = studio.clone();
     catalog.add(Arc::new(workflows::StudioWorkflow::full_production(
         &studio,
     )));
@@ -63,51 +70,16 @@ pub fn register(catalog: &mut Catalog, settings: &StudioSettings) {
     }
 }
 
-/// Deletes the artifacts of runs that no longer exist (deleted after `RUN_RETENTION_DAYS`): their
-/// `runs/{id}/` directory and their entries in the `videos/`, `audio/` and `scripts/` categories.
-/// Answers how many runs' files were deleted. Runs are inserted before any of their files is
-/// written, so a directory without a run is always one whose run is gone.
-pub async fn clean_artifacts(
-    store: &crate::store::SharedStore,
-    artifacts: &crate::artifacts::ArtifactStore,
-) -> usize {
-    let root = artifacts.root().to_path_buf();
-    // File work runs on the blocking pool: a large artifact tree never stalls a worker.
-    let listed = {
-        let runs = root.join("runs");
-        tokio::task::spawn_blocking(move || {
-            std::fs::read_dir(runs)
-                .map(|entries| {
-                    entries
-                        .flatten()
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect::<Vec<_>>()
-                })
-                .unwrap_or_default()
-        })
-        .await
-        .unwrap_or_default()
-    };
-    let mut gone = Vec::new();
-    for name in listed {
-        let Some(id) = crate::ids::RunId::parse(&name) else {
-            continue;
-        };
-        if matches!(store.get_run(id).await, Ok(None)) {
-            gone.push(name);
-        }
-    }
+/// Deletes the entries of runs that are gone (their `runs/{id}/` directory was just deleted by
+/// the core) from the `videos/`, `audio/` and `scripts/` categories, on the blocking pool.
+/// Category entries are named `{run_id}_…`: one pass over each category.
+pub async fn clean_categories(artifacts: &ArtifactStore, gone: &[String]) -> usize {
     if gone.is_empty() {
         return 0;
     }
+    let (root, gone) = (artifacts.root().to_path_buf(), gone.to_vec());
     tokio::task::spawn_blocking(move || {
         let mut deleted = 0;
-        for name in &gone {
-            if std::fs::remove_dir_all(root.join("runs").join(name)).is_ok() {
-                deleted += 1;
-            }
-        }
-        // Category entries are named `{run_id}_…`: one pass over each category.
         for category in ["videos", "audio", "scripts"] {
             let Ok(files) = std::fs::read_dir(root.join(category)) else {
                 continue;
@@ -115,8 +87,9 @@ pub async fn clean_artifacts(
             for file in files.flatten() {
                 let file_name = file.file_name().to_string_lossy().into_owned();
                 let owner = file_name.split('_').next().unwrap_or_default();
-                if gone.iter().any(|run| run == owner) {
-                    let _ = std::fs::remove_file(file.path());
+                if gone.iter().any(|run| run == owner) && std::fs::remove_file(file.path()).is_ok()
+                {
+                    deleted += 1;
                 }
             }
         }
@@ -126,6 +99,37 @@ pub async fn clean_artifacts(
     .unwrap_or(0)
 }
 
+/// The studio as a tenant of the core.
+pub struct StudioModule {
+    studio: Arc<Studio>,
+}
+
+impl StudioModule {
+    pub fn new(settings: &StudioSettings) -> Self {
+        Self {
+            studio: Arc::new(Studio::new(settings)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Module for StudioModule {
+    fn name(&self) -> &'static str {
+        "studio"
+    }
+
+    fn register(&self, catalog: &mut Catalog) {
+        register(catalog, &self.studio);
+    }
+
+    async fn housekeeping(&self, work: &Housekeeping<'_>) -> usize {
+        match work.artifacts {
+            Some(artifacts) => clean_categories(artifacts, work.gone_runs).await,
+            None => 0,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -133,18 +137,18 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{
-        artifacts::ArtifactStore,
+    use stagecraft_core::{
+        artifacts::clean_gone_runs,
         clock::SystemClock,
-        config::ProviderMode,
         ids::RunId,
-        store::{NewRun, RunKind, SharedStore, sqlite::SqliteStore},
+        store::{NewRun, ProviderMode, RunKind, SharedStore},
     };
+    use stagecraft_store_sqlite::{SqliteStore, sqlite_url_for};
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn artifacts_of_deleted_runs_are_removed_with_their_category_entries() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = crate::config::sqlite_url_for(&dir.path().join("s.db"));
+        let url = sqlite_url_for(&dir.path().join("s.db"));
         let store: SharedStore = Arc::new(
             SqliteStore::open(&url, Arc::new(SystemClock))
                 .await
@@ -177,7 +181,9 @@ mod tests {
                 .expect("write");
             artifacts.index("videos", &path).expect("index");
         }
-        assert_eq!(clean_artifacts(&store, &artifacts).await, 1);
+        let gone_runs = clean_gone_runs(&store, &artifacts).await;
+        assert_eq!(gone_runs, [gone.to_string()]);
+        assert_eq!(clean_categories(&artifacts, &gone_runs).await, 1);
         let root = artifacts.root();
         assert!(root.join(format!("runs/{kept}")).exists());
         assert!(root.join(format!("videos/{kept}_scene_1_v1.mp4")).exists());

@@ -10,9 +10,8 @@ use tokio_util::sync::CancellationToken;
 use super::RetryPolicy;
 use crate::{
     artifacts::{ArtifactError, ArtifactStore},
-    config::ProviderMode,
     ids::RunId,
-    store::{Lease, Progress, SharedStore, StepRecord, StoreError},
+    store::{Lease, Progress, ProviderMode, SharedStore, StepRecord, StoreError},
 };
 
 /// How a stage attempt failed. The stage classifies; the engine decides what follows.

@@ -6,10 +6,8 @@
 //! Invariant: a stage's checkpoint and the run's status change that follows it are one
 //! transaction.
 //!
-//! [`RunStore`] is the boundary; [`sqlite::SqliteStore`] is the embedded implementation.
-
-pub mod redis;
-pub mod sqlite;
+//! [`RunStore`] is the boundary; each store is a crate of its own (`stagecraft-store-sqlite`,
+//! the embedded one, and `stagecraft-store-redis`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -20,7 +18,6 @@ use serde_json::Value;
 
 use crate::{
     clock::Millis,
-    config::ProviderMode,
     ids::{FenceToken, RunId, WorkerId},
 };
 
@@ -43,9 +40,9 @@ pub enum StoreError {
     /// The stored data could not be read back (corruption or an incompatible schema).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
-    /// The database itself failed or is unreachable.
+    /// The database itself failed.
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(String),
     /// Redis answered with an error.
     #[error("redis error: {0}")]
     Redis(String),
@@ -57,10 +54,28 @@ pub enum StoreError {
     Busy(String),
     /// The schema could not be migrated.
     #[error("migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(String),
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Whether a run's providers are the built-in mocks or the paid services. The strings are
+/// frozen: they are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderMode {
+    Mock,
+    Live,
+}
+
+impl ProviderMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Mock => "mock",
+            Self::Live => "live",
+        }
+    }
+}
 
 /// The three kinds of runs. The strings are frozen: they are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -605,7 +620,7 @@ pub trait RunStore: Send + Sync + 'static {
 pub type SharedStore = Arc<dyn RunStore>;
 
 /// Where a resume of `run` starts, or why it cannot.
-pub(crate) fn resume_start(run: &RunRecord, from: &FromStage) -> StoreResult<usize> {
+pub fn resume_start(run: &RunRecord, from: &FromStage) -> StoreResult<usize> {
     let id = run.id;
     if !run.status.is_finished() {
         return Err(StoreError::Conflict(format!(
@@ -626,6 +641,6 @@ pub(crate) fn resume_start(run: &RunRecord, from: &FromStage) -> StoreResult<usi
 }
 
 /// Converts stored milliseconds to a timestamp.
-pub(crate) fn to_datetime(ms: Millis) -> DateTime<Utc> {
+pub fn to_datetime(ms: Millis) -> DateTime<Utc> {
     DateTime::from_timestamp_millis(ms).unwrap_or_default()
 }

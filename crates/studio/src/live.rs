@@ -11,7 +11,8 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::LiveSettings, engine::StageError};
+use crate::settings::LiveSettings;
+use stagecraft_core::engine::StageError;
 
 /// The largest JSON answer read from a provider.
 const MAX_JSON_BYTES: usize = 8 * 1024 * 1024;
@@ -423,7 +424,7 @@ impl Http {
     pub async fn json<T: DeserializeOwned>(
         &self,
         agent: &str,
-        output: &crate::schema::InputSchema,
+        output: &stagecraft_core::schema::InputSchema,
         input: &Value,
         check: impl Fn(&T) -> Result<(), String>,
         cancel: &CancellationToken,
@@ -549,7 +550,7 @@ async fn save_body(
     }
     let dir = target.parent().unwrap_or(Path::new(".")).to_path_buf();
     let created = dir.clone();
-    tokio::task::spawn_blocking(move || crate::artifacts::create_dir_durably(&created))
+    tokio::task::spawn_blocking(move || stagecraft_core::artifacts::create_dir_durably(&created))
         .await
         .map_err(|e| io(std::io::Error::other(e)))?
         .map_err(io)?;
@@ -586,9 +587,10 @@ async fn save_body(
         return Err(error);
     }
     let (from, to) = (temporary.clone(), target.to_path_buf());
-    let renamed = tokio::task::spawn_blocking(move || crate::artifacts::rename_durably(&from, &to))
-        .await
-        .map_err(|e| io(std::io::Error::other(e)))?;
+    let renamed =
+        tokio::task::spawn_blocking(move || stagecraft_core::artifacts::rename_durably(&from, &to))
+            .await
+            .map_err(|e| io(std::io::Error::other(e)))?;
     if let Err(error) = renamed {
         let _ = tokio::fs::remove_file(&temporary).await;
         return Err(io(error));

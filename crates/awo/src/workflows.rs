@@ -19,10 +19,10 @@ use super::{
     tools::{Tools, mock_stream},
     url::{RepoUrl, UrlPolicy},
 };
-use crate::{
-    config::ProviderMode,
+use stagecraft_core::{
     engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
     schema::InputSchema,
+    store::ProviderMode,
     store::RunKind,
     workflows::{InputError, Workflow, parse_inputs, queues},
 };

@@ -7,9 +7,10 @@ use serde_json::Value;
 
 use crate::{
     artifacts::ArtifactStore,
-    config::ProviderMode,
     ids::RunId,
-    store::{Progress, RunError, RunKind, RunRecord, RunStatus, SharedStore, StageStatus},
+    store::{
+        Progress, ProviderMode, RunError, RunKind, RunRecord, RunStatus, SharedStore, StageStatus,
+    },
 };
 
 /// Writes the run's status document to `runs/{id}/metadata.json` (studio runs keep it current:

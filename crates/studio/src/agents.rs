@@ -16,12 +16,12 @@ use super::{
     media::{Media, MediaInfo},
     model::*,
 };
-use crate::{
+use stagecraft_core::{
     artifacts::ArtifactStore,
-    config::ProviderMode,
     engine::{StageError, StepDone},
     ids::RunId,
     schema::InputSchema,
+    store::ProviderMode,
     workflows::{InputError, parse_inputs},
 };
 

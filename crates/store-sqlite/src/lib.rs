@@ -18,17 +18,47 @@ use sqlx::{
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
-use super::{
-    Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges, ReusableCheckpoint,
-    RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord, RunStatus, RunStore,
-    StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError, StoreResult,
-    WORKER_STALE_AFTER, WorkerInfo, to_datetime,
-};
-use crate::{
+use stagecraft_core::{
     clock::{Millis, SharedClock},
-    config::ProviderMode,
     ids::{FenceToken, RunId, WorkerId},
+    store::{
+        self as core_store, Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, QueueDepth,
+        ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition,
+        RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus,
+        StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
+    },
 };
+
+/// The `sqlite://` URL of a file path.
+pub fn sqlite_url_for(path: &std::path::Path) -> String {
+    format!("sqlite://{}", path.display())
+}
+
+/// sqlx's failures as the store reports them: a pool that cannot hand out a connection in time
+/// is the store being unavailable (503 and try again), anything else a database error.
+fn store_error(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::PoolTimedOut => StoreError::Unavailable(error.to_string()),
+        other => StoreError::Database(other.to_string()),
+    }
+}
+
+/// `.db()?` turns a sqlx result into the store's.
+trait Db<T> {
+    fn db(self) -> StoreResult<T>;
+}
+
+impl<T> Db<T> for Result<T, sqlx::Error> {
+    fn db(self) -> StoreResult<T> {
+        self.map_err(store_error)
+    }
+}
+
+impl<T> Db<T> for Result<T, sqlx::migrate::MigrateError> {
+    fn db(self) -> StoreResult<T> {
+        self.map_err(|e| StoreError::Migrate(e.to_string()))
+    }
+}
 
 /// The SQLite implementation of [`RunStore`].
 #[derive(Debug, Clone)]
@@ -44,7 +74,8 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database file and brings its schema up to date.
     pub async fn open(database_url: &str, clock: SharedClock) -> StoreResult<Self> {
-        let options = SqliteConnectOptions::from_str(database_url)?
+        let options = SqliteConnectOptions::from_str(database_url)
+            .db()?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // NORMAL in WAL mode survives any process crash; only an OS crash or power loss
@@ -54,15 +85,15 @@ impl SqliteStore {
             .foreign_keys(true);
         if let Some(dir) = options.get_filename().parent() {
             if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir)
-                    .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Database(e.to_string()))?;
             }
         }
         let pool = SqlitePoolOptions::new()
             .max_connections(8)
             .min_connections(1)
             .connect_with(options)
-            .await?;
+            .await
+            .db()?;
         let store = Self {
             writes: GroupCommit::start(pool.clone()).await?,
             pool,
@@ -75,7 +106,10 @@ impl SqliteStore {
 
     /// Applies the migrations in `migrations/`. Safe to run from several processes at once.
     pub async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("./migrations").run(&self.pool).await?;
+        sqlx::migrate!("../../migrations/sqlite")
+            .run(&self.pool)
+            .await
+            .db()?;
         Ok(())
     }
 
@@ -99,7 +133,8 @@ impl SqliteStore {
         .bind(lease.fence.0)
         .bind(lease.worker.as_str())
         .execute(&mut *tx)
-        .await?
+        .await
+        .db()?
         .rows_affected();
         if updated != 1 {
             return Err(tx.refuse(lease).await);
@@ -157,7 +192,7 @@ struct GroupState {
 impl GroupState {
     async fn connection(&mut self) -> StoreResult<&mut sqlx::SqliteConnection> {
         if self.conn.is_none() {
-            self.conn = Some(self.pool.acquire().await?);
+            self.conn = Some(self.pool.acquire().await.db()?);
         }
         match self.conn.as_mut() {
             Some(conn) => Ok(&mut **conn),
@@ -281,7 +316,7 @@ impl GroupCommit {
             let conn = state.connection().await?;
             if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
                 state.conn = None;
-                return Err(error.into());
+                return Err(store_error(error));
             }
             state.open = true;
         }
@@ -410,7 +445,8 @@ async fn insert_event(
         .bind(stage)
         .bind(data.to_string())
         .execute(&mut **tx)
-        .await?;
+        .await
+        .db()?;
     Ok(())
 }
 
@@ -439,14 +475,15 @@ async fn read_run(conn: &mut sqlx::SqliteConnection, id: RunId) -> StoreResult<O
     )
     .bind(id.to_string())
     .fetch_optional(&mut *conn)
-    .await?;
+    .await.db()?;
     let Some(row) = row else { return Ok(None) };
     let mut run = run_from_row(&row)?;
-    run.event_seq = row.try_get("event_seq")?;
+    run.event_seq = row.try_get("event_seq").db()?;
     let stages = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx")
         .bind(id.to_string())
         .fetch_all(&mut *conn)
-        .await?;
+        .await
+        .db()?;
     run.stages = stages
         .iter()
         .map(stage_from_row)
@@ -455,17 +492,17 @@ async fn read_run(conn: &mut sqlx::SqliteConnection, id: RunId) -> StoreResult<O
 }
 
 fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
-    let id: String = row.try_get("id")?;
-    let kind: String = row.try_get("kind")?;
-    let status: String = row.try_get("status")?;
-    let mode: String = row.try_get("provider_mode")?;
+    let id: String = row.try_get("id").db()?;
+    let kind: String = row.try_get("kind").db()?;
+    let status: String = row.try_get("status").db()?;
+    let mode: String = row.try_get("provider_mode").db()?;
     Ok(RunRecord {
         id: RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?,
         kind: RunKind::parse(&kind)
             .ok_or_else(|| StoreError::Corrupt(format!("run kind {kind}")))?,
-        name: row.try_get("name")?,
-        queue: row.try_get("queue")?,
-        inputs: parse_json(Some(row.try_get("inputs")?), "inputs")?.unwrap_or(Value::Null),
+        name: row.try_get("name").db()?,
+        queue: row.try_get("queue").db()?,
+        inputs: parse_json(Some(row.try_get("inputs").db()?), "inputs")?.unwrap_or(Value::Null),
         status: RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
         provider_mode: if mode == "live" {
@@ -473,44 +510,48 @@ fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
         } else {
             ProviderMode::Mock
         },
-        budget_usd: row.try_get("budget_usd")?,
-        cost_usd: row.try_get("cost_usd")?,
-        current_stage: row.try_get("current_stage")?,
-        result: parse_json(row.try_get("result")?, "result")?,
-        error: parse_json(row.try_get("error")?, "error")?,
-        worker: row.try_get("worker")?,
-        fence: FenceToken(row.try_get("fence")?),
-        cancel_requested: row.try_get::<i64, _>("cancel_requested")? != 0,
-        created_at: to_datetime(row.try_get("created_at")?),
-        updated_at: to_datetime(row.try_get("updated_at")?),
+        budget_usd: row.try_get("budget_usd").db()?,
+        cost_usd: row.try_get("cost_usd").db()?,
+        current_stage: row.try_get("current_stage").db()?,
+        result: parse_json(row.try_get("result").db()?, "result")?,
+        error: parse_json(row.try_get("error").db()?, "error")?,
+        worker: row.try_get("worker").db()?,
+        fence: FenceToken(row.try_get("fence").db()?),
+        cancel_requested: row.try_get::<i64, _>("cancel_requested").db()? != 0,
+        created_at: to_datetime(row.try_get("created_at").db()?),
+        updated_at: to_datetime(row.try_get("updated_at").db()?),
         finished_at: row
-            .try_get::<Option<i64>, _>("finished_at")?
+            .try_get::<Option<i64>, _>("finished_at")
+            .db()?
             .map(to_datetime),
-        reuse: row.try_get::<i64, _>("reuse")? != 0,
+        reuse: row.try_get::<i64, _>("reuse").db()? != 0,
         stages: Vec::new(),
         event_seq: 0,
     })
 }
 
 fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
-    let status: String = row.try_get("status")?;
-    let done: Option<i64> = row.try_get("progress_done")?;
-    let total: Option<i64> = row.try_get("progress_total")?;
+    let status: String = row.try_get("status").db()?;
+    let done: Option<i64> = row.try_get("progress_done").db()?;
+    let total: Option<i64> = row.try_get("progress_total").db()?;
     Ok(StageRecord {
-        name: row.try_get("name")?,
+        name: row.try_get("name").db()?,
         status: StageStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("stage status {status}")))?,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        attempts: row.try_get::<i64, _>("attempts").db()? as u32,
         started_at: row
-            .try_get::<Option<i64>, _>("started_at")?
+            .try_get::<Option<i64>, _>("started_at")
+            .db()?
             .map(to_datetime),
         finished_at: row
-            .try_get::<Option<i64>, _>("finished_at")?
+            .try_get::<Option<i64>, _>("finished_at")
+            .db()?
             .map(to_datetime),
-        cost_usd: row.try_get("cost_usd")?,
-        artifacts: parse_json(Some(row.try_get("artifacts")?), "artifacts")?.unwrap_or_default(),
-        output: parse_json(row.try_get("output")?, "output")?,
-        error: parse_json(row.try_get("error")?, "error")?,
+        cost_usd: row.try_get("cost_usd").db()?,
+        artifacts: parse_json(Some(row.try_get("artifacts").db()?), "artifacts")?
+            .unwrap_or_default(),
+        output: parse_json(row.try_get("output").db()?, "output")?,
+        error: parse_json(row.try_get("error").db()?, "error")?,
         progress: match (done, total) {
             (Some(done), Some(total)) => Some(Progress {
                 done: done as u32,
@@ -519,9 +560,10 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
             _ => None,
         },
         next_attempt_at: row
-            .try_get::<Option<i64>, _>("next_attempt_at")?
+            .try_get::<Option<i64>, _>("next_attempt_at")
+            .db()?
             .map(to_datetime),
-        reused_from: row.try_get("reused_from")?,
+        reused_from: row.try_get("reused_from").db()?,
     })
 }
 
@@ -599,7 +641,7 @@ async fn reset_stages_from(
         .bind(run.to_string())
         .bind(from as i64)
         .execute(&mut **tx)
-        .await?;
+        .await.db()?;
         from + 1
     } else {
         from
@@ -612,7 +654,7 @@ async fn reset_stages_from(
     .bind(run.to_string())
     .bind(first_full_reset as i64)
     .execute(&mut **tx)
-    .await?;
+    .await.db()?;
     Ok(())
 }
 
@@ -623,15 +665,15 @@ impl RunStore for SqliteStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        sqlx::query("SELECT 1").execute(&self.pool).await.db()?;
         Ok(())
     }
 
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
         // One read transaction: the run, its last event and its stages are one snapshot.
-        let mut read = self.pool.begin().await?;
+        let mut read = self.pool.begin().await.db()?;
         let run = read_run(&mut read, id).await?;
-        read.commit().await?;
+        read.commit().await.db()?;
         Ok(run)
     }
 
@@ -646,8 +688,8 @@ impl RunStore for SqliteStore {
         .bind(status)
         .bind(&filter.name)
         .fetch_one(&self.pool)
-        .await?
-        .try_get("n")?;
+        .await.db()?
+        .try_get("n").db()?;
         let rows = sqlx::query(
             "SELECT * FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
              AND (?3 IS NULL OR name = ?3) AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5",
@@ -658,7 +700,8 @@ impl RunStore for SqliteStore {
         .bind(filter.before.map(|id| id.to_string()))
         .bind(i64::from(filter.limit))
         .fetch_all(&self.pool)
-        .await?;
+        .await
+        .db()?;
         let runs = rows
             .iter()
             .map(run_from_row)
@@ -678,15 +721,15 @@ impl RunStore for SqliteStore {
         .bind(run.to_string())
         .bind(stage as i64)
         .fetch_all(&self.pool)
-        .await?;
+        .await.db()?;
         rows.iter()
             .map(|row| {
                 Ok(StepRecord {
-                    key: row.try_get("key")?,
-                    output: parse_json(Some(row.try_get("output")?), "step output")?
+                    key: row.try_get("key").db()?,
+                    output: parse_json(Some(row.try_get("output").db()?), "step output")?
                         .unwrap_or(Value::Null),
-                    cost_usd: row.try_get("cost_usd")?,
-                    artifacts: parse_json(Some(row.try_get("artifacts")?), "step artifacts")?
+                    cost_usd: row.try_get("cost_usd").db()?,
+                    artifacts: parse_json(Some(row.try_get("artifacts").db()?), "step artifacts")?
                         .unwrap_or_default(),
                 })
             })
@@ -710,8 +753,8 @@ impl RunStore for SqliteStore {
             .bind(json_text(&checkpoint.artifacts))
             .bind(now)
             .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
+            .await.db()?;
+            tx.commit().await.db()?;
             Ok(())
         })
         .await
@@ -722,16 +765,17 @@ impl RunStore for SqliteStore {
             sqlx::query("SELECT run_id, stage, output, artifacts FROM reusable WHERE key = ?")
                 .bind(key)
                 .fetch_optional(&self.pool)
-                .await?;
+                .await
+                .db()?;
         let Some(row) = row else { return Ok(None) };
-        let run_id: String = row.try_get("run_id")?;
+        let run_id: String = row.try_get("run_id").db()?;
         Ok(Some(ReusableCheckpoint {
             run_id: RunId::parse(&run_id)
                 .ok_or_else(|| StoreError::Corrupt(format!("run id {run_id}")))?,
-            stage: row.try_get("stage")?,
-            output: parse_json(Some(row.try_get("output")?), "reusable output")?
+            stage: row.try_get("stage").db()?,
+            output: parse_json(Some(row.try_get("output").db()?), "reusable output")?
                 .unwrap_or(Value::Null),
-            artifacts: parse_json(Some(row.try_get("artifacts")?), "reusable artifacts")?
+            artifacts: parse_json(Some(row.try_get("artifacts").db()?), "reusable artifacts")?
                 .unwrap_or_default(),
         }))
     }
@@ -748,11 +792,12 @@ impl RunStore for SqliteStore {
                  AND finished_at < ? ORDER BY finished_at LIMIT ?)",
             )
             .bind(cutoff)
-            .bind(super::PURGE_BATCH as i64)
+            .bind(core_store::PURGE_BATCH as i64)
             .execute(&mut *tx)
-            .await?
+            .await
+            .db()?
             .rows_affected();
-            tx.commit().await?;
+            tx.commit().await.db()?;
             Ok(deleted)
         })
         .await
@@ -771,16 +816,16 @@ impl RunStore for SqliteStore {
         .bind(after_seq)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
-        .await?;
+        .await.db()?;
         rows.iter()
             .map(|row| {
                 Ok(RunEvent {
-                    seq: row.try_get("seq")?,
+                    seq: row.try_get("seq").db()?,
                     run_id: run,
-                    at: to_datetime(row.try_get("at")?),
-                    kind: row.try_get("kind")?,
-                    stage: row.try_get("stage")?,
-                    data: parse_json(Some(row.try_get("data")?), "event data")?
+                    at: to_datetime(row.try_get("at").db()?),
+                    kind: row.try_get("kind").db()?,
+                    stage: row.try_get("stage").db()?,
+                    data: parse_json(Some(row.try_get("data").db()?), "event data")?
                         .unwrap_or(Value::Null),
                 })
             })
@@ -795,15 +840,15 @@ impl RunStore for SqliteStore {
         )
         .bind(json_text(&ids))
         .fetch_all(&self.pool)
-        .await?;
+        .await.db()?;
         rows.iter()
             .map(|row| {
-                let id: String = row.try_get("id")?;
-                let status: String = row.try_get("status")?;
+                let id: String = row.try_get("id").db()?;
+                let status: String = row.try_get("status").db()?;
                 Ok(RunPosition {
                     run_id: RunId::parse(&id)
                         .ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?,
-                    last_event_seq: row.try_get("last")?,
+                    last_event_seq: row.try_get("last").db()?,
                     finished: RunStatus::parse(&status).is_none_or(RunStatus::is_finished),
                 })
             })
@@ -813,7 +858,7 @@ impl RunStore for SqliteStore {
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
         let rows = sqlx::query("SELECT queue, status, COUNT(*) AS n FROM runs GROUP BY queue, status ORDER BY queue, status")
             .fetch_all(&self.pool)
-            .await?;
+            .await.db()?;
         rows.iter()
             .filter_map(|row| {
                 let status: String = row.try_get("status").ok()?;
@@ -838,8 +883,9 @@ impl RunStore for SqliteStore {
             sqlx::query("DELETE FROM workers WHERE id = ?")
                 .bind(&id)
                 .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
+                .await
+                .db()?;
+            tx.commit().await.db()?;
             Ok(())
         })
         .await
@@ -850,20 +896,22 @@ impl RunStore for SqliteStore {
         sqlx::query("DELETE FROM workers WHERE heartbeat_at < ?")
             .bind(cutoff)
             .execute(&self.pool)
-            .await?;
+            .await
+            .db()?;
         let rows = sqlx::query("SELECT * FROM workers ORDER BY started_at")
             .fetch_all(&self.pool)
-            .await?;
+            .await
+            .db()?;
         rows.iter()
             .map(|row| {
                 Ok(WorkerInfo {
-                    id: row.try_get("id")?,
-                    queues: parse_json(Some(row.try_get("queues")?), "worker queues")?
+                    id: row.try_get("id").db()?,
+                    queues: parse_json(Some(row.try_get("queues").db()?), "worker queues")?
                         .unwrap_or_default(),
-                    concurrency: row.try_get::<i64, _>("concurrency")? as u32,
-                    started_at: to_datetime(row.try_get("started_at")?),
-                    last_heartbeat: to_datetime(row.try_get("heartbeat_at")?),
-                    running: parse_json(Some(row.try_get("running")?), "worker runs")?
+                    concurrency: row.try_get::<i64, _>("concurrency").db()? as u32,
+                    started_at: to_datetime(row.try_get("started_at").db()?),
+                    last_heartbeat: to_datetime(row.try_get("heartbeat_at").db()?),
+                    running: parse_json(Some(row.try_get("running").db()?), "worker runs")?
                         .unwrap_or_default(),
                 })
             })
@@ -873,9 +921,10 @@ impl RunStore for SqliteStore {
     async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
         let rows = sqlx::query("SELECT name, value FROM counters ORDER BY name")
             .fetch_all(&self.pool)
-            .await?;
+            .await
+            .db()?;
         rows.iter()
-            .map(|row| Ok((row.try_get("name")?, row.try_get("value")?)))
+            .map(|row| Ok((row.try_get("name").db()?, row.try_get("value").db()?)))
             .collect()
     }
 
@@ -983,16 +1032,17 @@ impl SqliteStore {
         .bind(lease.fence.0)
         .bind(lease.worker.as_str())
         .fetch_optional(&mut *tx)
-        .await?;
+        .await
+        .db()?;
         let Some(row) = row else {
-            tx.rollback().await?;
+            tx.rollback().await.db()?;
             return Err(StoreError::FenceRejected {
                 run_id: lease.run_id,
                 fence: lease.fence,
             });
         };
-        let cancel_requested = row.try_get::<i64, _>("cancel_requested")? != 0;
-        tx.commit().await?;
+        let cancel_requested = row.try_get::<i64, _>("cancel_requested").db()? != 0;
+        tx.commit().await.db()?;
         Ok(cancel_requested)
     }
 
@@ -1009,8 +1059,8 @@ impl SqliteStore {
         .bind(self.now())
         .bind(json_text(&worker.running))
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await.db()?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -1022,14 +1072,15 @@ impl SqliteStore {
                 sqlx::query("SELECT id, idempotency_hash FROM runs WHERE idempotency_key = ?")
                     .bind(key)
                     .fetch_optional(&mut *tx)
-                    .await?;
+                    .await
+                    .db()?;
             if let Some(row) = existing {
-                let id: String = row.try_get("id")?;
+                let id: String = row.try_get("id").db()?;
                 let id =
                     RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?;
-                let hash: Option<String> = row.try_get("idempotency_hash")?;
+                let hash: Option<String> = row.try_get("idempotency_hash").db()?;
                 if hash.is_some() && hash != run.request_hash {
-                    tx.rollback().await?;
+                    tx.rollback().await.db()?;
                     return Err(StoreError::IdempotencyConflict(id));
                 }
                 // Read in this transaction (the run may have been inserted in the same group,
@@ -1037,7 +1088,7 @@ impl SqliteStore {
                 let record = read_run(&mut tx, id)
                     .await?
                     .ok_or(StoreError::NotFound(id))?;
-                tx.commit().await?;
+                tx.commit().await.db()?;
                 return Ok((record, false));
             }
         }
@@ -1060,7 +1111,7 @@ impl SqliteStore {
         .bind(now)
         .bind(i64::from(run.reuse))
         .execute(&mut *tx)
-        .await?;
+        .await.db()?;
         for (idx, name) in run.stage_names.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO stages (run_id, idx, name, status) VALUES (?, ?, ?, 'pending')",
@@ -1069,7 +1120,8 @@ impl SqliteStore {
             .bind(idx as i64)
             .bind(name)
             .execute(&mut *tx)
-            .await?;
+            .await
+            .db()?;
         }
         insert_event(
             &mut tx,
@@ -1084,7 +1136,7 @@ impl SqliteStore {
         let record = read_run(&mut tx, run.id)
             .await?
             .ok_or(StoreError::NotFound(run.id))?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         self.work_available.notify_waiters();
         Ok((record, true))
     }
@@ -1107,8 +1159,8 @@ impl SqliteStore {
         .bind(now)
         .bind(json_text(&queues))
         .fetch_one(&self.pool)
-        .await?
-        .try_get("due")?;
+        .await.db()?
+        .try_get("due").db()?;
         if due == 0 {
             return Ok(Vec::new());
         }
@@ -1128,9 +1180,9 @@ impl SqliteStore {
         .bind(json_text(&queues))
         .bind(max as i64)
         .fetch_all(&mut *tx)
-        .await?;
+        .await.db()?;
         if rows.is_empty() {
-            tx.rollback().await?;
+            tx.rollback().await.db()?;
             return Ok(Vec::new());
         }
         let mut runs = rows
@@ -1149,8 +1201,8 @@ impl SqliteStore {
         .bind(now)
         .bind(Value::Array(started).to_string())
         .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        .await.db()?;
+        tx.commit().await.db()?;
         runs.sort_by_key(|run| run.id);
         let ids: Vec<String> = runs.iter().map(|run| run.id.to_string()).collect();
         let stage_rows = sqlx::query(
@@ -1158,10 +1210,10 @@ impl SqliteStore {
         )
         .bind(json_text(&ids))
         .fetch_all(&self.pool)
-        .await?;
+        .await.db()?;
         let mut stages_by_run: HashMap<String, Vec<StageRecord>> = HashMap::new();
         for row in &stage_rows {
-            let run_id: String = row.try_get("run_id")?;
+            let run_id: String = row.try_get("run_id").db()?;
             stages_by_run
                 .entry(run_id)
                 .or_default()
@@ -1203,7 +1255,8 @@ impl SqliteStore {
         .bind(lease.fence.0)
         .bind(lease.worker.as_str())
         .execute(&mut *tx)
-        .await?
+        .await
+        .db()?
         .rows_affected();
         if fenced != 1 {
             return Err(tx.refuse(lease).await);
@@ -1216,10 +1269,10 @@ impl SqliteStore {
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
         .fetch_optional(&mut *tx)
-        .await?
+        .await.db()?
         .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?;
-        let attempt = row.try_get::<i64, _>("attempts")? as u32;
-        let name: String = row.try_get("name")?;
+        let attempt = row.try_get::<i64, _>("attempts").db()? as u32;
+        let name: String = row.try_get("name").db()?;
         insert_event(
             &mut tx,
             lease.run_id,
@@ -1229,7 +1282,7 @@ impl SqliteStore {
             json!({"attempt": attempt}),
         )
         .await?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(attempt)
     }
 
@@ -1254,7 +1307,8 @@ impl SqliteStore {
         .bind(json_text(&step.artifacts))
         .bind(now)
         .execute(&mut *tx)
-        .await?
+        .await
+        .db()?
         .rows_affected();
         if inserted == 1 {
             let name: String = sqlx::query(
@@ -1267,16 +1321,19 @@ impl SqliteStore {
             .bind(lease.run_id.to_string())
             .bind(stage as i64)
             .fetch_optional(&mut *tx)
-            .await?
+            .await
+            .db()?
             .ok_or_else(|| {
                 StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
             })?
-            .try_get("name")?;
+            .try_get("name")
+            .db()?;
             sqlx::query("UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?")
                 .bind(step.cost_usd)
                 .bind(lease.run_id.to_string())
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .db()?;
             insert_event(
                 &mut tx,
                 lease.run_id,
@@ -1287,7 +1344,7 @@ impl SqliteStore {
             )
             .await?;
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -1318,7 +1375,8 @@ impl SqliteStore {
         .bind(lease.fence.0)
         .bind(lease.worker.as_str())
         .execute(&mut *tx)
-        .await?
+        .await
+        .db()?
         .rows_affected();
         if fenced != 1 {
             return Err(tx.refuse(lease).await);
@@ -1336,9 +1394,11 @@ impl SqliteStore {
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
         .fetch_optional(&mut *tx)
-        .await?
+        .await
+        .db()?
         .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
-        .try_get("name")?;
+        .try_get("name")
+        .db()?;
         let mut stage_data =
             json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts});
         if let Some(source) = checkpoint.reused_from {
@@ -1357,8 +1417,9 @@ impl SqliteStore {
             .bind(&name)
             .bind(stage_data)
             .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+            .await
+            .db()?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -1386,9 +1447,11 @@ impl SqliteStore {
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
         .fetch_optional(&mut *tx)
-        .await?
+        .await
+        .db()?
         .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
-        .try_get("name")?;
+        .try_get("name")
+        .db()?;
         sqlx::query(
             "UPDATE runs SET status = ?, error = COALESCE(?, error), finished_at = ?, \
              available_at = COALESCE(?, available_at), lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
@@ -1399,7 +1462,7 @@ impl SqliteStore {
         .bind(ending.available_at)
         .bind(lease.run_id.to_string())
         .execute(&mut *tx)
-        .await?;
+        .await.db()?;
         for (kind, on_stage) in ending.events {
             let stage_name = on_stage.then_some(name.as_str());
             insert_event(
@@ -1412,7 +1475,7 @@ impl SqliteStore {
             )
             .await?;
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         self.work_available.notify_waiters();
         Ok(())
     }
@@ -1428,7 +1491,7 @@ impl SqliteStore {
         .bind(now)
         .bind(lease.run_id.to_string())
         .execute(&mut *tx)
-        .await?;
+        .await.db()?;
         insert_event(
             &mut tx,
             lease.run_id,
@@ -1438,7 +1501,7 @@ impl SqliteStore {
             json!({"error": error}),
         )
         .await?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -1448,9 +1511,10 @@ impl SqliteStore {
         let row = sqlx::query("SELECT status FROM runs WHERE id = ?")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
-            .await?
+            .await
+            .db()?
             .ok_or(StoreError::NotFound(id))?;
-        let status: String = row.try_get("status")?;
+        let status: String = row.try_get("status").db()?;
         let status = RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?;
         match status {
@@ -1463,7 +1527,7 @@ impl SqliteStore {
                 .bind(now)
                 .bind(id.to_string())
                 .execute(&mut *tx)
-                .await?;
+                .await.db()?;
                 sqlx::query(
                     "UPDATE stages SET status = 'cancelled', finished_at = ?, next_attempt_at = NULL \
                      WHERE run_id = ? AND status = 'retrying'",
@@ -1471,7 +1535,7 @@ impl SqliteStore {
                 .bind(now)
                 .bind(id.to_string())
                 .execute(&mut *tx)
-                .await?;
+                .await.db()?;
                 insert_event(&mut tx, id, now, "run_cancelled", None, json!({})).await?;
             }
             RunStatus::Running => {
@@ -1479,11 +1543,12 @@ impl SqliteStore {
                     .bind(now)
                     .bind(id.to_string())
                     .execute(&mut *tx)
-                    .await?;
+                    .await
+                    .db()?;
                 insert_event(&mut tx, id, now, "cancel_requested", None, json!({})).await?;
             }
             finished => {
-                tx.rollback().await?;
+                tx.rollback().await.db()?;
                 return Err(StoreError::Conflict(format!(
                     "run {id} is already {}; only queued, retrying or running runs can be cancelled",
                     finished.as_str()
@@ -1493,7 +1558,7 @@ impl SqliteStore {
         let record = read_run(&mut tx, id)
             .await?
             .ok_or(StoreError::NotFound(id))?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(record)
     }
 
@@ -1505,7 +1570,7 @@ impl SqliteStore {
     ) -> StoreResult<RunRecord> {
         let now = self.now();
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
-        let from_idx = super::resume_start(&run, &from)?;
+        let from_idx = core_store::resume_start(&run, &from)?;
         let forget_steps = matches!(from, FromStage::Named(_));
         let mut tx = self.begin().await?;
         // The status check again, inside the write lock: a concurrent resume may have won.
@@ -1522,10 +1587,10 @@ impl SqliteStore {
         .bind(id.to_string())
         .bind(run.status.as_str())
         .execute(&mut *tx)
-        .await?
+        .await.db()?
         .rows_affected();
         if updated != 1 {
-            tx.rollback().await?;
+            tx.rollback().await.db()?;
             return Err(StoreError::Conflict(format!(
                 "run {id} changed while resuming; try again"
             )));
@@ -1536,7 +1601,8 @@ impl SqliteStore {
                 .bind(id.to_string())
                 .bind(from_idx as i64)
                 .execute(&mut *tx)
-                .await?;
+                .await
+                .db()?;
         }
         let from_name = run.stages[from_idx].name.clone();
         insert_event(
@@ -1551,7 +1617,7 @@ impl SqliteStore {
         let record = read_run(&mut tx, id)
             .await?
             .ok_or(StoreError::NotFound(id))?;
-        tx.commit().await?;
+        tx.commit().await.db()?;
         self.work_available.notify_waiters();
         Ok(record)
     }
@@ -1564,8 +1630,8 @@ impl SqliteStore {
         )
         .bind(now)
         .fetch_one(&self.pool)
-        .await?
-        .try_get("expired")?;
+        .await.db()?
+        .try_get("expired").db()?;
         if expired == 0 {
             return Ok(Vec::new());
         }
@@ -1577,9 +1643,9 @@ impl SqliteStore {
         )
         .bind(now)
         .fetch_all(&mut *tx)
-        .await?;
+        .await.db()?;
         for row in &cancelled {
-            let id: String = row.try_get("id")?;
+            let id: String = row.try_get("id").db()?;
             if let Some(id) = RunId::parse(&id) {
                 insert_event(
                     &mut tx,
@@ -1598,11 +1664,11 @@ impl SqliteStore {
         )
         .bind(now)
         .fetch_all(&mut *tx)
-        .await?;
+        .await.db()?;
         let mut recovered = Vec::with_capacity(rows.len());
         for row in &rows {
-            let id: String = row.try_get("id")?;
-            let worker: Option<String> = row.try_get("worker")?;
+            let id: String = row.try_get("id").db()?;
+            let worker: Option<String> = row.try_get("worker").db()?;
             let Some(id) = RunId::parse(&id) else {
                 continue;
             };
@@ -1617,7 +1683,7 @@ impl SqliteStore {
             .await?;
             recovered.push(id);
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         if !recovered.is_empty() {
             self.work_available.notify_waiters();
         }
@@ -1634,9 +1700,9 @@ impl SqliteStore {
                 .bind(name)
                 .bind(amount)
                 .execute(&mut *tx)
-                .await?;
+                .await.db()?;
         }
-        tx.commit().await?;
+        tx.commit().await.db()?;
         Ok(())
     }
 }
@@ -1656,10 +1722,10 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::clock::SystemClock;
+    use stagecraft_core::clock::SystemClock;
 
     async fn store(dir: &tempfile::TempDir) -> SqliteStore {
-        let url = crate::config::sqlite_url_for(&dir.path().join("s.db"));
+        let url = sqlite_url_for(&dir.path().join("s.db"));
         SqliteStore::open(&url, Arc::new(SystemClock))
             .await
             .expect("open")
@@ -1703,8 +1769,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_expired_lease_is_swept_and_its_holder_fenced_out() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let clock = crate::clock::ManualClock::starting_now();
-        let url = crate::config::sqlite_url_for(&dir.path().join("s.db"));
+        let clock = stagecraft_core::clock::ManualClock::starting_now();
+        let url = sqlite_url_for(&dir.path().join("s.db"));
         let store = SqliteStore::open(&url, Arc::new(clock.clone()))
             .await
             .expect("open");

@@ -226,7 +226,7 @@ impl ArtifactStore {
 
 /// Creates `dir` and its missing parents durably: each directory created is fsynced into its
 /// parent.
-pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
+pub fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     let mut missing = Vec::new();
     let mut cursor = Some(dir);
     while let Some(path) = cursor.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
@@ -242,6 +242,51 @@ pub(crate) fn create_dir_durably(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Deletes the `runs/{id}/` directories of runs that no longer exist (deleted after
+/// `RUN_RETENTION_DAYS`), on the blocking pool. Runs are inserted before any of their files is
+/// written, so a directory without a run is always one whose run is gone. Answers the ids whose
+/// directory was deleted, for the tenants' own files.
+pub async fn clean_gone_runs(
+    store: &crate::store::SharedStore,
+    artifacts: &ArtifactStore,
+) -> Vec<String> {
+    let runs = artifacts.root().join("runs");
+    let listed = {
+        let runs = runs.clone();
+        tokio::task::spawn_blocking(move || {
+            std::fs::read_dir(runs)
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        })
+        .await
+        .unwrap_or_default()
+    };
+    let mut gone = Vec::new();
+    for name in listed {
+        let Some(id) = crate::ids::RunId::parse(&name) else {
+            continue;
+        };
+        if matches!(store.get_run(id).await, Ok(None)) {
+            gone.push(name);
+        }
+    }
+    if gone.is_empty() {
+        return gone;
+    }
+    tokio::task::spawn_blocking(move || {
+        gone.into_iter()
+            .filter(|name| std::fs::remove_dir_all(runs.join(name)).is_ok())
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
 /// Makes the entries of a directory (renames, links, new files) durable.
 pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
@@ -249,7 +294,7 @@ pub(crate) fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 /// Moves a complete file (written by another program) to its final name durably: its bytes,
 /// then the rename.
-pub(crate) fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
+pub fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::File::open(from)?.sync_all()?;
     std::fs::rename(from, to)?;
     sync_dir(to.parent().unwrap_or(Path::new(".")))
@@ -258,7 +303,7 @@ pub(crate) fn rename_durably(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Writes `bytes` to `target` through a flushed temporary file in the same directory, then a
 /// rename (creating the directory): readers see the old file or the whole new one, and once it
 /// returns both the bytes and the name are on disk.
-pub(crate) fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub fn write_atomically(target: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = target.parent().unwrap_or(Path::new("."));
     create_dir_durably(dir)?;
     let file_name = target

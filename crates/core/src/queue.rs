@@ -266,7 +266,7 @@ pub async fn run_workers(
             }
         });
     // Printed, not logged: scripts and tests read readiness from here, whatever the log level.
-    crate::cli::announce(&format!("stagecraft: worker {} started", engine.worker));
+    crate::announce(&format!("stagecraft: worker {} started", engine.worker));
     info!(worker.id = %engine.worker, queues = ?settings.queues, concurrency, "worker started");
     let presence_stop = CancellationToken::new();
     let presence = tokio::spawn(keep_presence(
@@ -379,12 +379,15 @@ async fn purge(store: &SharedStore, retention: Duration, shutdown: &Cancellation
     }
 }
 
+/// Re-queues runs whose lease expired, at every tick; every ten minutes, deletes finished runs
+/// past retention, the artifact directories of runs that are gone, and lets each tenant clean up
+/// what it keeps.
 pub async fn run_sweeper(
     store: SharedStore,
     interval: Duration,
     retention: Duration,
-    awo_data_dir: std::path::PathBuf,
     artifacts: Option<crate::artifacts::ArtifactStore>,
+    modules: crate::module::Modules,
     shutdown: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -405,22 +408,42 @@ pub async fn run_sweeper(
         if last_purge.is_none_or(|at| at.elapsed() >= Duration::from_secs(600)) {
             last_purge = Some(tokio::time::Instant::now());
             purge(&store, retention, &shutdown).await;
-            let cleaned = crate::awo::clean_sandboxes(&store, &awo_data_dir, retention).await;
-            if cleaned > 0 {
-                info!(
-                    sandboxes = cleaned,
-                    "deleted work-order sandboxes past retention"
-                );
-            }
-            if let Some(artifacts) = &artifacts {
-                let cleaned = crate::studio::clean_artifacts(&store, artifacts).await;
-                if cleaned > 0 {
-                    info!(
-                        runs = cleaned,
-                        "deleted the artifacts of runs past retention"
-                    );
-                }
-            }
+            housekeeping(&store, retention, artifacts.as_ref(), &modules).await;
+        }
+    }
+}
+
+/// The artifact directories of runs that are gone, then each tenant's own files.
+async fn housekeeping(
+    store: &SharedStore,
+    retention: Duration,
+    artifacts: Option<&crate::artifacts::ArtifactStore>,
+    modules: &crate::module::Modules,
+) {
+    let gone_runs = match artifacts {
+        Some(artifacts) => crate::artifacts::clean_gone_runs(store, artifacts).await,
+        None => Vec::new(),
+    };
+    if !gone_runs.is_empty() {
+        info!(
+            runs = gone_runs.len(),
+            "deleted the artifacts of runs past retention"
+        );
+    }
+    let work = crate::module::Housekeeping {
+        store,
+        retention,
+        artifacts,
+        gone_runs: &gone_runs,
+    };
+    for module in modules.iter() {
+        let cleaned = module.housekeeping(&work).await;
+        if cleaned > 0 {
+            info!(
+                module = module.name(),
+                runs = cleaned,
+                "deleted files of runs past retention"
+            );
         }
     }
 }

@@ -27,8 +27,8 @@ use super::{
     stream::{self, Outcome},
     url::RepoUrl,
 };
-use crate::{
-    config::{AgentUser, AwoSettings},
+use crate::{settings::AgentUser, settings::AwoSettings};
+use stagecraft_core::{
     engine::StageError,
     process::{self, CommandSpec, ProcessError},
     secrets::Scrubber,
@@ -116,7 +116,7 @@ impl Tools {
             self.ensure_dir(dir)?;
         }
         let text = self.scrubber.scrub(text);
-        crate::artifacts::write_atomically(path, text.as_bytes()).map_err(|e| {
+        stagecraft_core::artifacts::write_atomically(path, text.as_bytes()).map_err(|e| {
             StageError::fatal(
                 "data_dir_unwritable",
                 format!(
@@ -348,7 +348,11 @@ impl Tools {
             let written = self
                 .ensure_dir(path.parent().unwrap_or(&self.settings.data_dir))
                 .is_ok()
-                && crate::artifacts::write_atomically(&path, b"[safe]\n\tdirectory = *\n").is_ok();
+                && stagecraft_core::artifacts::write_atomically(
+                    &path,
+                    b"[safe]\n\tdirectory = *\n",
+                )
+                .is_ok();
             if !written {
                 return PathBuf::from("/dev/null");
             }
@@ -943,7 +947,7 @@ pub fn mock_stream(session: &str, step: &str, summary: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::awo::url::UrlPolicy;
+    use crate::url::UrlPolicy;
 
     fn tools(data: &Path) -> Tools {
         let path = std::env::var("PATH").unwrap_or_default();

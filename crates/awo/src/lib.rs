@@ -11,6 +11,7 @@
 //! `outputs/{id}/` (prompts, raw JSONL per step, commit message, pull-request body or mock
 //! record) and `logs/{id}.log`.
 
+pub mod settings;
 pub mod stream;
 pub mod tools;
 pub mod url;
@@ -18,19 +19,55 @@ pub mod workflows;
 
 use std::sync::Arc;
 
-use crate::{config::AwoSettings, secrets::Scrubber, workflows::Catalog};
+pub use settings::{AgentUser, AwoSettings};
+use stagecraft_core::{
+    module::{Housekeeping, Module},
+    secrets::Scrubber,
+    workflows::Catalog,
+};
 
-/// Adds the work-order workflows to a catalogue.
-pub fn register(catalog: &mut Catalog, settings: &AwoSettings, scrubber: &Scrubber) {
-    let orders = Arc::new(workflows::WorkOrders {
-        tools: tools::Tools::new(settings, scrubber.clone()),
-        policy: url::UrlPolicy::new(&settings.allowed_schemes, &settings.allowed_hosts),
-    });
-    for kind in [
-        workflows::WorkflowType::AgentWorkflowPlan,
-        workflows::WorkflowType::PlanOnly,
-    ] {
-        catalog.add(Arc::new(workflows::WorkOrderWorkflow::new(&orders, kind)));
+/// Agent work orders as a tenant of the core.
+pub struct WorkOrdersModule {
+    orders: Arc<workflows::WorkOrders>,
+}
+
+impl WorkOrdersModule {
+    pub fn new(settings: &AwoSettings, scrubber: &Scrubber) -> Self {
+        Self {
+            orders: Arc::new(workflows::WorkOrders {
+                tools: tools::Tools::new(settings, scrubber.clone()),
+                policy: url::UrlPolicy::new(&settings.allowed_schemes, &settings.allowed_hosts),
+            }),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Module for WorkOrdersModule {
+    fn name(&self) -> &'static str {
+        "work_orders"
+    }
+
+    /// Adds the work-order workflows to a catalogue.
+    fn register(&self, catalog: &mut Catalog) {
+        for kind in [
+            workflows::WorkflowType::AgentWorkflowPlan,
+            workflows::WorkflowType::PlanOnly,
+        ] {
+            catalog.add(Arc::new(workflows::WorkOrderWorkflow::new(
+                &self.orders,
+                kind,
+            )));
+        }
+    }
+
+    async fn housekeeping(&self, work: &Housekeeping<'_>) -> usize {
+        clean_sandboxes(
+            work.store,
+            &self.orders.tools.settings.data_dir,
+            work.retention,
+        )
+        .await
     }
 }
 
@@ -39,7 +76,7 @@ pub fn register(catalog: &mut Catalog, settings: &AwoSettings, scrubber: &Scrubb
 /// `outputs/{id}/` goes too when the run is gone), and clones or pushes left half-done by a
 /// crash. Answers how many sandboxes were deleted. File work runs on the blocking pool.
 pub async fn clean_sandboxes(
-    store: &crate::store::SharedStore,
+    store: &stagecraft_core::store::SharedStore,
     data_dir: &std::path::Path,
     retention: std::time::Duration,
 ) -> usize {
@@ -63,7 +100,7 @@ pub async fn clean_sandboxes(
             }
             continue;
         }
-        let Some(id) = crate::ids::RunId::parse(&name) else {
+        let Some(id) = stagecraft_core::ids::RunId::parse(&name) else {
             continue;
         };
         match store.get_run(id).await {
@@ -128,12 +165,12 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::{
+    use stagecraft_core::{
         clock::SystemClock,
-        config::ProviderMode,
         ids::{RunId, WorkerId},
-        store::{NewRun, RunKind, SharedStore, StageCheckpoint, sqlite::SqliteStore},
+        store::{NewRun, ProviderMode, RunKind, SharedStore, StageCheckpoint},
     };
+    use stagecraft_store_sqlite::{SqliteStore, sqlite_url_for};
 
     async fn finished_run(store: &SharedStore) -> RunId {
         let id = RunId::generate();
@@ -182,7 +219,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn sandboxes_of_expired_and_deleted_work_orders_are_cleaned() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = crate::config::sqlite_url_for(&dir.path().join("s.db"));
+        let url = sqlite_url_for(&dir.path().join("s.db"));
         let store: SharedStore = Arc::new(
             SqliteStore::open(&url, Arc::new(SystemClock))
                 .await

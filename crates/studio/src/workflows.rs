@@ -17,7 +17,7 @@ use super::{
     agents::{self, *},
     model::*,
 };
-use crate::{
+use stagecraft_core::{
     engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
     ids::RunId,
     schema::InputSchema,
@@ -90,7 +90,7 @@ pub struct AudioInputs {
 
 fn audio_inputs(inputs: &Value) -> Result<(AudioInputs, RunId), InputError> {
     let parsed: AudioInputs = checked(inputs)?;
-    let written = crate::schema::without_final_line_break(&parsed.source_run_id);
+    let written = stagecraft_core::schema::without_final_line_break(&parsed.source_run_id);
     let id = RunId::parse(written).ok_or_else(|| InputError {
         field: "inputs.source_run_id".to_owned(),
         message: "must be a run id".to_owned(),
@@ -565,7 +565,7 @@ impl Stage for Editing {
 }
 
 /// The scenes of an earlier run: its completed scenes, or its approved pilot's test scenes.
-fn scenes_of(run: &crate::store::RunRecord) -> Option<(Vec<Scene>, String, String)> {
+fn scenes_of(run: &stagecraft_core::store::RunRecord) -> Option<(Vec<Scene>, String, String)> {
     let stage = |name: &str| {
         run.stages
             .iter()

@@ -17,15 +17,15 @@ use redis::{AsyncCommands, Client, Value as RedisValue, aio::ConnectionManager};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
-use super::{
-    Claimed, FromStage, Lease, MAX_STAGES, NewRun, Progress, QueueDepth, ResumeChanges,
-    ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord, RunStatus,
-    RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord, StoreError,
-    StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
-};
-use crate::{
-    config::ProviderMode,
+use stagecraft_core::{
     ids::{FenceToken, RunId, WorkerId},
+    store::{
+        self as core_store, Claimed, FromStage, Lease, MAX_STAGES, NewRun, Progress, ProviderMode,
+        QueueDepth, ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind,
+        RunPosition, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
+        StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo,
+        to_datetime,
+    },
 };
 
 const SCRIPT: &str = include_str!("redis.lua");
@@ -87,31 +87,44 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-impl From<redis::RedisError> for StoreError {
-    fn from(error: redis::RedisError) -> Self {
-        let unreachable = error.is_io_error()
-            || error.is_connection_refusal()
-            || error.is_connection_dropped()
-            || error.is_timeout()
-            || error.is_unrecoverable_error();
-        if unreachable {
-            StoreError::Unavailable(error.to_string())
-        } else {
-            StoreError::Redis(error.to_string())
-        }
+/// Redis's failures as the store reports them: a Redis that cannot be reached is the store being
+/// unavailable (503 and try again), an error answer a Redis error.
+fn store_error(error: redis::RedisError) -> StoreError {
+    let unreachable = error.is_io_error()
+        || error.is_connection_refusal()
+        || error.is_connection_dropped()
+        || error.is_timeout()
+        || error.is_unrecoverable_error();
+    if unreachable {
+        StoreError::Unavailable(error.to_string())
+    } else {
+        StoreError::Redis(error.to_string())
+    }
+}
+
+/// `.db()?` turns a Redis result into the store's.
+trait Db<T> {
+    fn db(self) -> StoreResult<T>;
+}
+
+impl<T> Db<T> for Result<T, redis::RedisError> {
+    fn db(self) -> StoreResult<T> {
+        self.map_err(store_error)
     }
 }
 
 impl RedisStore {
     /// Connects to Redis. Fails when Redis cannot be reached now; afterwards reconnects by itself.
     pub async fn open(url: &str, prefix: &str, retention: Duration) -> StoreResult<Self> {
-        let client = Client::open(url)?;
+        let client = Client::open(url).db()?;
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config).await?;
+        let conn = ConnectionManager::new_with_config(client.clone(), config)
+            .await
+            .db()?;
         // Eviction would silently drop runs. Managed Redis may refuse CONFIG: then say nothing.
         let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
             .arg("GET")
@@ -132,7 +145,7 @@ impl RedisStore {
                     "Redis 7.0 or later is needed (Stagecraft loads a function library)".into(),
                 ));
             }
-            return Err(error.into());
+            return Err(store_error(error));
         }
         let (batches, pending) = mpsc::channel(MAX_QUEUED_OPS);
         tokio::spawn(send_batches(
@@ -222,7 +235,7 @@ enum RunIds {
 impl RunIds {
     async fn count(&self, conn: &mut ConnectionManager) -> StoreResult<u64> {
         Ok(match self {
-            RunIds::Set(key) => conn.zcard(key).await?,
+            RunIds::Set(key) => conn.zcard(key).await.db()?,
             RunIds::Listed(ids) => ids.len() as u64,
         })
     }
@@ -235,17 +248,16 @@ impl RunIds {
         count: usize,
     ) -> StoreResult<Vec<String>> {
         Ok(match self {
-            RunIds::Set(key) => {
-                redis::cmd("ZREVRANGEBYLEX")
-                    .arg(key)
-                    .arg(before.map_or_else(|| "+".to_owned(), |id| format!("({id}")))
-                    .arg("-")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(count)
-                    .query_async(conn)
-                    .await?
-            }
+            RunIds::Set(key) => redis::cmd("ZREVRANGEBYLEX")
+                .arg(key)
+                .arg(before.map_or_else(|| "+".to_owned(), |id| format!("({id}")))
+                .arg("-")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(count)
+                .query_async(conn)
+                .await
+                .db()?,
             RunIds::Listed(ids) => ids
                 .iter()
                 .filter(|id| before.is_none_or(|before| id.as_str() < before))
@@ -363,7 +375,7 @@ async fn send_batches(
                 }
                 Err(error) => {
                     let unavailable =
-                        matches!(StoreError::from(error.clone()), StoreError::Unavailable(_));
+                        matches!(store_error(error.clone()), StoreError::Unavailable(_));
                     let text = error.to_string();
                     for op in batch {
                         let _ = op.reply.send(Err(if unavailable {
@@ -576,7 +588,7 @@ impl RunStore for RedisStore {
 
     async fn ping(&self) -> StoreResult<()> {
         let mut conn = self.conn.clone();
-        let _: String = redis::cmd("PING").query_async(&mut conn).await?;
+        let _: String = redis::cmd("PING").query_async(&mut conn).await.db()?;
         Ok(())
     }
 
@@ -624,7 +636,7 @@ impl RunStore for RedisStore {
             // Running runs are the lease index; they have no status set of their own. There
             // are at most as many as the workers' slots, so they are read whole and sorted.
             Some(RunStatus::Running) => {
-                let mut ids: Vec<String> = conn.zrange(self.key("leases"), 0, -1).await?;
+                let mut ids: Vec<String> = conn.zrange(self.key("leases"), 0, -1).await.db()?;
                 ids.sort_unstable_by(|a, b| b.cmp(a));
                 RunIds::Listed(ids)
             }
@@ -661,7 +673,8 @@ impl RunStore for RedisStore {
                     .arg("kind")
                     .arg("name");
             }
-            let fields: Vec<(Option<String>, Option<String>)> = pipe.query_async(&mut conn).await?;
+            let fields: Vec<(Option<String>, Option<String>)> =
+                pipe.query_async(&mut conn).await.db()?;
             for (id, (kind, name)) in page.iter().zip(fields) {
                 let kind_ok = filter
                     .kind
@@ -733,7 +746,7 @@ impl RunStore for RedisStore {
             pipe.cmd("HGETALL").arg(self.key(&format!("run:{id}")));
         }
         let mut conn = self.conn.clone();
-        let hashes: Vec<RedisValue> = pipe.query_async(&mut conn).await?;
+        let hashes: Vec<RedisValue> = pipe.query_async(&mut conn).await.db()?;
         let mut claimed = Vec::with_capacity(answer.len());
         for ((id, fence, started, attempt, recovered), hash) in answer.iter().zip(&hashes) {
             let id =
@@ -772,8 +785,10 @@ impl RunStore for RedisStore {
 
     async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
         let mut conn = self.conn.clone();
-        let all: HashMap<String, String> =
-            conn.hgetall(self.key(&format!("run:{run}:steps"))).await?;
+        let all: HashMap<String, String> = conn
+            .hgetall(self.key(&format!("run:{run}:steps")))
+            .await
+            .db()?;
         let prefix = format!("{stage}:");
         all.iter()
             .filter(|(field, _)| field.starts_with(&prefix))
@@ -901,7 +916,7 @@ impl RunStore for RedisStore {
         changes: ResumeChanges,
     ) -> StoreResult<RunRecord> {
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
-        let from_idx = super::resume_start(&run, &from)?;
+        let from_idx = core_store::resume_start(&run, &from)?;
         let forget = matches!(from, FromStage::Named(_));
         let answer: String = self
             .call(
@@ -941,19 +956,21 @@ impl RunStore for RedisStore {
                 json_text(checkpoint),
                 self.retention.as_millis() as u64,
             )
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
     async fn find_reusable(&self, key: &str) -> StoreResult<Option<ReusableCheckpoint>> {
         let mut conn = self.conn.clone();
-        let text: Option<String> = conn.get(self.key(&format!("reuse:{key}"))).await?;
+        let text: Option<String> = conn.get(self.key(&format!("reuse:{key}"))).await.db()?;
         let Some(text) = text else { return Ok(None) };
         let checkpoint: ReusableCheckpoint = serde_json::from_str(&text)
             .map_err(|e| StoreError::Corrupt(format!("reusable checkpoint: {e}")))?;
         let exists: bool = conn
             .exists(self.key(&format!("run:{}", checkpoint.run_id)))
-            .await?;
+            .await
+            .db()?;
         Ok(exists.then_some(checkpoint))
     }
 
@@ -964,14 +981,14 @@ impl RunStore for RedisStore {
 
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
         let mut conn = self.conn.clone();
-        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await.db()?;
         let now_ms = time.0.parse::<i64>().unwrap_or(0).saturating_mul(1000);
         let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = now_ms.saturating_sub(retention);
         // Bounded: one batch per call; the sweeper calls again while batches come back full.
         self.call(
             "purge",
-            &[cutoff.to_string(), super::PURGE_BATCH.to_string()],
+            &[cutoff.to_string(), core_store::PURGE_BATCH.to_string()],
         )
         .await
     }
@@ -990,7 +1007,8 @@ impl RunStore for RedisStore {
                 start,
                 start.saturating_add(limit as isize).saturating_sub(1),
             )
-            .await?;
+            .await
+            .db()?;
         items
             .iter()
             .zip(start as i64 + 1..)
@@ -1022,7 +1040,7 @@ impl RunStore for RedisStore {
                 .arg(self.key(&format!("run:{id}")))
                 .arg("status");
         }
-        let answers: Vec<(i64, Option<String>)> = pipe.query_async(&mut conn).await?;
+        let answers: Vec<(i64, Option<String>)> = pipe.query_async(&mut conn).await.db()?;
         Ok(runs
             .iter()
             .zip(answers)
@@ -1039,7 +1057,7 @@ impl RunStore for RedisStore {
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
         let mut conn = self.conn.clone();
-        let counts: HashMap<String, i64> = conn.hgetall(self.key("counts")).await?;
+        let counts: HashMap<String, i64> = conn.hgetall(self.key("counts")).await.db()?;
         let mut depths: Vec<QueueDepth> = counts
             .into_iter()
             .filter(|(_, n)| *n > 0)
@@ -1058,7 +1076,7 @@ impl RunStore for RedisStore {
 
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
         let mut conn = self.conn.clone();
-        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await.db()?;
         let now_ms = time
             .0
             .parse::<i64>()
@@ -1074,7 +1092,8 @@ impl RunStore for RedisStore {
             .set(&key, json_text(&info))
             .pexpire(&key, (2 * WORKER_STALE_AFTER.as_millis()) as i64)
             .query_async::<()>(&mut conn)
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
@@ -1085,29 +1104,32 @@ impl RunStore for RedisStore {
             .zrem(self.key("workers"), id)
             .del(self.key(&format!("worker:{id}")))
             .query_async::<()>(&mut conn)
-            .await?;
+            .await
+            .db()?;
         Ok(())
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
         let mut conn = self.conn.clone();
-        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await?;
+        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await.db()?;
         let now_ms = time.0.parse::<i64>().unwrap_or(0).saturating_mul(1000);
         let cutoff = now_ms - WORKER_STALE_AFTER.as_millis() as i64;
         let stale: Vec<String> = conn
             .zrangebyscore(self.key("workers"), "-inf", cutoff)
-            .await?;
+            .await
+            .db()?;
         for id in &stale {
             let _: () = redis::pipe()
                 .zrem(self.key("workers"), id)
                 .del(self.key(&format!("worker:{id}")))
                 .query_async(&mut conn)
-                .await?;
+                .await
+                .db()?;
         }
-        let ids: Vec<String> = conn.zrange(self.key("workers"), 0, -1).await?;
+        let ids: Vec<String> = conn.zrange(self.key("workers"), 0, -1).await.db()?;
         let mut workers = Vec::with_capacity(ids.len());
         for id in ids {
-            let text: Option<String> = conn.get(self.key(&format!("worker:{id}"))).await?;
+            let text: Option<String> = conn.get(self.key(&format!("worker:{id}"))).await.db()?;
             if let Some(info) = text.and_then(|t| serde_json::from_str::<WorkerInfo>(&t).ok()) {
                 workers.push(info);
             }
@@ -1130,13 +1152,13 @@ impl RunStore for RedisStore {
                 .arg(*amount)
                 .ignore();
         }
-        pipe.query_async::<()>(&mut conn).await?;
+        pipe.query_async::<()>(&mut conn).await.db()?;
         Ok(())
     }
 
     async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
         let mut conn = self.conn.clone();
-        let all: HashMap<String, f64> = conn.hgetall(self.key("metrics")).await?;
+        let all: HashMap<String, f64> = conn.hgetall(self.key("metrics")).await.db()?;
         let mut counters: Vec<_> = all.into_iter().collect();
         counters.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(counters)

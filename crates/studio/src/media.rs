@@ -16,8 +16,8 @@ use serde::Deserialize;
 use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
-use crate::{
-    config::StudioSettings,
+use crate::settings::StudioSettings;
+use stagecraft_core::{
     engine::StageError,
     process::{self, BaseEnv, CommandSpec, ProcessError},
 };
@@ -328,10 +328,12 @@ impl Media {
     ) -> Result<(), StageError> {
         let dir = target.parent().unwrap_or(Path::new(".")).to_path_buf();
         let created = dir.clone();
-        tokio::task::spawn_blocking(move || crate::artifacts::create_dir_durably(&created))
-            .await
-            .map_err(|e| io_error(&dir, std::io::Error::other(e)))?
-            .map_err(|e| io_error(&dir, e))?;
+        tokio::task::spawn_blocking(move || {
+            stagecraft_core::artifacts::create_dir_durably(&created)
+        })
+        .await
+        .map_err(|e| io_error(&dir, std::io::Error::other(e)))?
+        .map_err(|e| io_error(&dir, e))?;
         let file_name = target
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -358,10 +360,11 @@ impl Media {
         }
         // Complete and durable before any checkpoint can name it.
         let (from, to) = (temporary.clone(), target.to_path_buf());
-        let renamed =
-            tokio::task::spawn_blocking(move || crate::artifacts::rename_durably(&from, &to))
-                .await
-                .map_err(|e| io_error(target, std::io::Error::other(e)))?;
+        let renamed = tokio::task::spawn_blocking(move || {
+            stagecraft_core::artifacts::rename_durably(&from, &to)
+        })
+        .await
+        .map_err(|e| io_error(target, std::io::Error::other(e)))?;
         if let Err(error) = renamed {
             let _ = tokio::fs::remove_file(&temporary).await;
             return Err(io_error(target, error));

@@ -104,13 +104,14 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// The catalogue of this build.
-    pub fn builtin(config: &crate::config::Config) -> Self {
+    /// The core's own workflows (`demo`, `noop`) and those of each tenant.
+    pub fn of(modules: &[Arc<dyn crate::module::Module>]) -> Self {
         let mut catalog = Self::default();
         catalog.add(Arc::new(demo::Demo::new()));
         catalog.add(Arc::new(noop::Noop::new()));
-        crate::studio::register(&mut catalog, &config.studio);
-        crate::awo::register(&mut catalog, &config.awo, &config.scrubber());
+        for module in modules {
+            module.register(&mut catalog);
+        }
         catalog
     }
 
