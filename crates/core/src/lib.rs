@@ -16,6 +16,7 @@
 //! - [`secrets`]: hides secret values and token shapes in everything kept or shown.
 //! - [`money`]: budgets, to the micro-dollar.
 //! - [`metrics`], [`clock`]: process plumbing.
+//! - `testing` (feature `testing`): the conformance suite every store crate runs.
 //!
 //! Invariant: nothing here names a tenant or a store implementation.
 
@@ -32,6 +33,8 @@ pub mod schema;
 pub mod secrets;
 pub mod status;
 pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod workflows;
 
 /// A line on standard output for the scripts and tests that start this process (readiness);

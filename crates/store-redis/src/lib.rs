@@ -102,6 +102,17 @@ fn store_error(error: redis::RedisError) -> StoreError {
     }
 }
 
+/// The Redis server's clock (`TIME`) in milliseconds: the one clock every host of a deployment
+/// shares.
+async fn server_millis(conn: &mut ConnectionManager) -> StoreResult<i64> {
+    let (secs, micros): (String, String) = redis::cmd("TIME").query_async(conn).await.db()?;
+    Ok(secs
+        .parse::<i64>()
+        .unwrap_or(0)
+        .saturating_mul(1000)
+        .saturating_add(micros.parse::<i64>().unwrap_or(0) / 1000))
+}
+
 /// `.db()?` turns a Redis result into the store's.
 trait Db<T> {
     fn db(self) -> StoreResult<T>;
@@ -981,8 +992,7 @@ impl RunStore for RedisStore {
 
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
         let mut conn = self.conn.clone();
-        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await.db()?;
-        let now_ms = time.0.parse::<i64>().unwrap_or(0).saturating_mul(1000);
+        let now_ms = server_millis(&mut conn).await?;
         let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = now_ms.saturating_sub(retention);
         // Bounded: one batch per call; the sweeper calls again while batches come back full.
@@ -1076,13 +1086,7 @@ impl RunStore for RedisStore {
 
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
         let mut conn = self.conn.clone();
-        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await.db()?;
-        let now_ms = time
-            .0
-            .parse::<i64>()
-            .unwrap_or(0)
-            .saturating_mul(1000)
-            .saturating_add(time.1.parse::<i64>().unwrap_or(0) / 1000);
+        let now_ms = server_millis(&mut conn).await?;
         let mut info = worker.clone();
         info.last_heartbeat = to_datetime(now_ms);
         let key = self.key(&format!("worker:{}", worker.id));
@@ -1111,8 +1115,7 @@ impl RunStore for RedisStore {
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
         let mut conn = self.conn.clone();
-        let time: (String, String) = redis::cmd("TIME").query_async(&mut conn).await.db()?;
-        let now_ms = time.0.parse::<i64>().unwrap_or(0).saturating_mul(1000);
+        let now_ms = server_millis(&mut conn).await?;
         let cutoff = now_ms - WORKER_STALE_AFTER.as_millis() as i64;
         let stale: Vec<String> = conn
             .zrangebyscore(self.key("workers"), "-inf", cutoff)

@@ -1,0 +1,794 @@
+//! The conformance suite every run store passes (feature `testing`): each store crate runs it
+//! with one line, [`store_conformance!`](crate::store_conformance), given a function that opens
+//! a fresh, empty store.
+//!
+//! The cases speak only through [`RunStore`]: what a caller (the engine, the API, the sweeper)
+//! may rely on, whichever store it has. A store may start a claimed run's first open stage in
+//! the claim itself ([`Claimed::started`]); the cases accept both ways.
+
+use std::{any::Any, time::Duration};
+
+use serde_json::{Value, json};
+
+use crate::{
+    ids::{FenceToken, RunId, WorkerId},
+    store::{
+        Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, ResumeChanges,
+        ReusableCheckpoint, RunError, RunFilter, RunKind, RunStatus, SharedStore, StageCheckpoint,
+        StageOutcome, StageStatus, StepRecord, StoreError, WorkerInfo,
+    },
+};
+
+/// A fresh store for one case, and whatever must live as long as it (a temporary directory).
+pub struct Fixture {
+    pub store: SharedStore,
+    pub guard: Box<dyn Any + Send>,
+}
+
+/// Runs every case of the suite as a test of its own against stores from `$open`, an async
+/// function answering a [`Fixture`].
+#[macro_export]
+macro_rules! store_conformance {
+    ($open:path) => {
+        $crate::store_conformance!(@cases $open;
+            a_submitted_run_is_queued_with_its_stages_pending,
+            an_idempotency_key_answers_the_same_run_or_a_conflict,
+            a_claim_takes_each_due_run_once_with_a_larger_fence,
+            a_stage_records_each_step_once_and_commits_the_run,
+            a_stale_lease_is_refused_by_every_write,
+            a_retry_waits_its_delay_then_counts_the_next_attempt,
+            a_failed_attempt_fails_the_run_with_its_error,
+            fail_run_fails_a_claimed_run,
+            cancel_ends_a_queued_run_at_once_and_flags_a_running_one,
+            an_abandoned_run_goes_back_to_the_queue,
+            resume_requeues_a_finished_run_keeping_earlier_checkpoints,
+            an_expired_lease_is_swept_back_to_the_queue_and_its_holder_refused,
+            a_run_swept_while_a_cancel_was_requested_is_cancelled,
+            finished_runs_past_retention_are_purged,
+            events_page_in_order_and_positions_say_where_they_end,
+            the_listing_filters_and_pages_newest_first,
+            a_reusable_checkpoint_is_found_while_its_run_exists,
+            workers_are_listed_while_they_beat,
+            counters_add_up,
+        );
+    };
+    (@cases $open:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let fixture = $open().await;
+                $crate::testing::$case(&fixture.store).await;
+            }
+        )*
+    };
+}
+
+const QUEUE: &str = "conformance";
+
+/// A run of `stages` on the suite's queue.
+fn new_run(stages: &[&str]) -> NewRun {
+    NewRun {
+        id: RunId::generate(),
+        kind: RunKind::Workflow,
+        name: "conformance".into(),
+        queue: QUEUE.into(),
+        inputs: json!({"n": 1}),
+        provider_mode: ProviderMode::Mock,
+        budget_usd: None,
+        stage_names: stages.iter().map(|s| (*s).to_owned()).collect(),
+        idempotency_key: None,
+        request_hash: None,
+        reuse: false,
+    }
+}
+
+fn worker() -> WorkerId {
+    WorkerId::for_this_process("conformance")
+}
+
+fn queues() -> Vec<String> {
+    vec![QUEUE.to_owned()]
+}
+
+async fn submit(store: &SharedStore, stages: &[&str]) -> RunId {
+    let (run, created) = store.insert_run(new_run(stages)).await.expect("insert");
+    assert!(created);
+    run.id
+}
+
+/// Claims exactly one run, with a lease of `ttl`.
+async fn claim_one(store: &SharedStore, ttl: Duration) -> Claimed {
+    let mut claimed = store
+        .claim(&queues(), &worker(), ttl, 1)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1, "one run is due");
+    claimed.remove(0)
+}
+
+/// Starts the claimed run's first open stage (unless the claim started it) and answers its
+/// index and attempt number.
+async fn start(store: &SharedStore, claimed: &Claimed) -> (usize, u32) {
+    if let Some(started) = claimed.started {
+        return started;
+    }
+    let stage = claimed.run.first_open_stage().expect("an open stage");
+    let attempt = store
+        .start_stage(&claimed.lease, stage)
+        .await
+        .expect("start");
+    (stage, attempt)
+}
+
+async fn status(store: &SharedStore, id: RunId) -> RunStatus {
+    store
+        .get_run(id)
+        .await
+        .expect("get")
+        .expect("exists")
+        .status
+}
+
+async fn event_kinds(store: &SharedStore, id: RunId) -> Vec<String> {
+    store
+        .events_after(id, 0, 1000)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+fn checkpoint(result: Option<Value>) -> StageCheckpoint {
+    StageCheckpoint {
+        output: json!({"done": true}),
+        artifacts: vec![],
+        cost_usd: 0.0,
+        run_result: result,
+        reused_from: None,
+    }
+}
+
+fn error(code: &str) -> RunError {
+    RunError {
+        code: code.into(),
+        message: format!("{code} happened"),
+    }
+}
+
+fn is_fence_rejected<T: std::fmt::Debug>(result: Result<T, StoreError>) -> bool {
+    matches!(result, Err(StoreError::FenceRejected { .. }))
+}
+
+pub async fn a_submitted_run_is_queued_with_its_stages_pending(store: &SharedStore) {
+    let id = submit(store, &["one", "two"]).await;
+    let run = store.get_run(id).await.expect("get").expect("stored");
+    assert_eq!(run.status, RunStatus::Queued);
+    assert_eq!(run.inputs, json!({"n": 1}));
+    let stages: Vec<(&str, StageStatus)> = run
+        .stages
+        .iter()
+        .map(|s| (s.name.as_str(), s.status))
+        .collect();
+    assert_eq!(
+        stages,
+        [("one", StageStatus::Pending), ("two", StageStatus::Pending)]
+    );
+    assert_eq!(event_kinds(store, id).await, ["run_queued"]);
+    assert!(
+        store
+            .get_run(RunId::generate())
+            .await
+            .expect("get")
+            .is_none()
+    );
+}
+
+pub async fn an_idempotency_key_answers_the_same_run_or_a_conflict(store: &SharedStore) {
+    let keyed = |hash: &str| NewRun {
+        idempotency_key: Some("runs:order-7".into()),
+        request_hash: Some(hash.into()),
+        ..new_run(&["one"])
+    };
+    let (first, created) = store.insert_run(keyed("h1")).await.expect("first");
+    assert!(created);
+    let (again, created) = store.insert_run(keyed("h1")).await.expect("again");
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+    match store.insert_run(keyed("h2")).await {
+        Err(StoreError::IdempotencyConflict(id)) => assert_eq!(id, first.id),
+        other => panic!("a different request under the same key: {other:?}"),
+    }
+    let (listed, total) = store
+        .list_runs(&RunFilter {
+            limit: 10,
+            ..RunFilter::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!((listed.len(), total), (1, 1));
+}
+
+pub async fn a_claim_takes_each_due_run_once_with_a_larger_fence(store: &SharedStore) {
+    let mut ids = vec![];
+    for _ in 0..3 {
+        ids.push(submit(store, &["one"]).await);
+    }
+    let other = store
+        .insert_run(NewRun {
+            queue: "elsewhere".into(),
+            ..new_run(&["one"])
+        })
+        .await
+        .expect("insert")
+        .0;
+    let ttl = Duration::from_secs(30);
+    let first = store
+        .claim(&queues(), &worker(), ttl, 2)
+        .await
+        .expect("claim");
+    let second = store
+        .claim(&queues(), &worker(), ttl, 2)
+        .await
+        .expect("claim");
+    let third = store
+        .claim(&queues(), &worker(), ttl, 2)
+        .await
+        .expect("claim");
+    assert_eq!((first.len(), second.len(), third.len()), (2, 1, 0));
+    let mut claimed: Vec<RunId> = first.iter().chain(&second).map(|c| c.run.id).collect();
+    claimed.sort();
+    ids.sort();
+    assert_eq!(claimed, ids, "each run once, the oldest first");
+    for c in first.iter().chain(&second) {
+        assert!(c.lease.fence > FenceToken(0));
+        assert!(!c.recovered);
+        assert_eq!(c.run.status, RunStatus::Running);
+        assert_eq!(status(store, c.run.id).await, RunStatus::Running);
+    }
+    assert_eq!(status(store, other.id).await, RunStatus::Queued);
+}
+
+pub async fn a_stage_records_each_step_once_and_commits_the_run(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, attempt) = start(store, &claimed).await;
+    assert_eq!((stage, attempt), (0, 1));
+    let step = StepRecord {
+        key: "step-0".into(),
+        output: json!({"text": "hello"}),
+        cost_usd: 0.25,
+        artifacts: vec![],
+    };
+    let progress = Progress { done: 1, total: 2 };
+    for _ in 0..2 {
+        store
+            .record_step(&claimed.lease, stage, &step, progress)
+            .await
+            .expect("step");
+    }
+    let steps = store.steps(id, stage).await.expect("steps");
+    assert_eq!(steps.len(), 1, "a step is recorded once");
+    assert_eq!(steps[0].output, json!({"text": "hello"}));
+    let running = store.get_run(id).await.expect("get").expect("run");
+    assert!(
+        (running.cost_usd - 0.25).abs() < 1e-9,
+        "{}",
+        running.cost_usd
+    );
+    assert_eq!(running.stages[0].status, StageStatus::Running);
+    store
+        .commit_stage(
+            &claimed.lease,
+            stage,
+            checkpoint(Some(json!({"answer": 42}))),
+        )
+        .await
+        .expect("commit");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.status, RunStatus::Completed);
+    assert_eq!(run.result, Some(json!({"answer": 42})));
+    assert_eq!(run.stages[0].status, StageStatus::Completed);
+    assert_eq!(run.stages[0].output, Some(json!({"done": true})));
+    assert!(run.finished_at.is_some());
+    let kinds = event_kinds(store, id).await;
+    assert_eq!(kinds.first().map(String::as_str), Some("run_queued"));
+    assert_eq!(kinds.last().map(String::as_str), Some("run_completed"));
+    for kind in [
+        "run_started",
+        "stage_started",
+        "step_completed",
+        "stage_completed",
+    ] {
+        assert!(kinds.iter().any(|k| k == kind), "{kind} in {kinds:?}");
+    }
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "step_completed").count(),
+        1,
+        "{kinds:?}"
+    );
+}
+
+pub async fn a_stale_lease_is_refused_by_every_write(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let stale = Lease {
+        fence: FenceToken(claimed.lease.fence.0 - 1),
+        ..claimed.lease.clone()
+    };
+    let stranger = Lease {
+        worker: WorkerId::for_this_process("stranger"),
+        ..claimed.lease.clone()
+    };
+    for lease in [&stale, &stranger] {
+        let ttl = Duration::from_secs(30);
+        assert!(is_fence_rejected(store.heartbeat(lease, ttl).await));
+        assert!(is_fence_rejected(store.start_stage(lease, 0).await));
+        let step = StepRecord {
+            key: "k".into(),
+            output: json!(null),
+            cost_usd: 0.0,
+            artifacts: vec![],
+        };
+        let progress = Progress { done: 1, total: 1 };
+        assert!(is_fence_rejected(
+            store.record_step(lease, 0, &step, progress).await
+        ));
+        assert!(is_fence_rejected(
+            store
+                .commit_stage(lease, 0, checkpoint(Some(json!(1))))
+                .await
+        ));
+        assert!(is_fence_rejected(
+            store.end_attempt(lease, 0, StageOutcome::Abandoned).await
+        ));
+        assert!(is_fence_rejected(store.fail_run(lease, error("x")).await));
+    }
+    assert_eq!(status(store, id).await, RunStatus::Running);
+    assert!(
+        !store
+            .heartbeat(&claimed.lease, Duration::from_secs(30))
+            .await
+            .expect("the holder's heartbeat")
+    );
+}
+
+pub async fn a_retry_waits_its_delay_then_counts_the_next_attempt(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, attempt) = start(store, &claimed).await;
+    assert_eq!(attempt, 1);
+    let delay = Duration::from_millis(400);
+    store
+        .end_attempt(
+            &claimed.lease,
+            stage,
+            StageOutcome::Retry {
+                error: error("flaky"),
+                delay,
+            },
+        )
+        .await
+        .expect("retry");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.status, RunStatus::Retrying);
+    assert_eq!(run.stages[0].status, StageStatus::Retrying);
+    assert!(run.stages[0].next_attempt_at.is_some());
+    let early = store
+        .claim(&queues(), &worker(), Duration::from_secs(30), 1)
+        .await
+        .expect("claim");
+    assert!(early.is_empty(), "claimed before its delay");
+    tokio::time::sleep(delay + Duration::from_millis(300)).await;
+    let again = claim_one(store, Duration::from_secs(30)).await;
+    assert!(again.lease.fence > claimed.lease.fence);
+    let (_, attempt) = start(store, &again).await;
+    assert_eq!(attempt, 2);
+    assert!(
+        event_kinds(store, id)
+            .await
+            .iter()
+            .any(|k| k == "retry_scheduled")
+    );
+}
+
+pub async fn a_failed_attempt_fails_the_run_with_its_error(store: &SharedStore) {
+    let id = submit(store, &["one", "two"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, _) = start(store, &claimed).await;
+    store
+        .end_attempt(
+            &claimed.lease,
+            stage,
+            StageOutcome::Fail {
+                error: error("broken"),
+            },
+        )
+        .await
+        .expect("fail");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.error.as_ref().map(|e| e.code.as_str()), Some("broken"));
+    assert_eq!(run.stages[0].status, StageStatus::Failed);
+    assert_eq!(run.stages[1].status, StageStatus::Pending);
+    assert!(run.finished_at.is_some());
+    let kinds = event_kinds(store, id).await;
+    assert_eq!(kinds.last().map(String::as_str), Some("run_failed"));
+    assert!(kinds.iter().any(|k| k == "stage_failed"));
+    assert!(
+        store
+            .claim(&queues(), &worker(), Duration::from_secs(30), 1)
+            .await
+            .expect("claim")
+            .is_empty()
+    );
+}
+
+pub async fn fail_run_fails_a_claimed_run(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    store
+        .fail_run(&claimed.lease, error("unknown_workflow"))
+        .await
+        .expect("fail run");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(
+        run.error.as_ref().map(|e| e.code.as_str()),
+        Some("unknown_workflow")
+    );
+    assert_eq!(
+        event_kinds(store, id).await.last().map(String::as_str),
+        Some("run_failed")
+    );
+}
+
+pub async fn cancel_ends_a_queued_run_at_once_and_flags_a_running_one(store: &SharedStore) {
+    let queued = submit(store, &["only"]).await;
+    let cancelled = store.request_cancel(queued).await.expect("cancel");
+    assert_eq!(cancelled.status, RunStatus::Cancelled);
+    assert!(cancelled.finished_at.is_some());
+    assert_eq!(status(store, queued).await, RunStatus::Cancelled);
+
+    let running = submit(store, &["only"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    assert_eq!(claimed.run.id, running);
+    let (stage, _) = start(store, &claimed).await;
+    let flagged = store.request_cancel(running).await.expect("cancel");
+    assert_eq!(flagged.status, RunStatus::Running);
+    assert!(flagged.cancel_requested);
+    assert!(
+        store
+            .heartbeat(&claimed.lease, Duration::from_secs(30))
+            .await
+            .expect("heartbeat"),
+        "the worker learns of the cancel at its heartbeat"
+    );
+    store
+        .end_attempt(&claimed.lease, stage, StageOutcome::Cancelled)
+        .await
+        .expect("cancelled");
+    assert_eq!(status(store, running).await, RunStatus::Cancelled);
+    assert!(
+        event_kinds(store, running)
+            .await
+            .iter()
+            .any(|k| k == "run_cancelled")
+    );
+
+    assert!(matches!(
+        store.request_cancel(running).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert!(matches!(
+        store.request_cancel(RunId::generate()).await,
+        Err(StoreError::NotFound(_))
+    ));
+}
+
+pub async fn an_abandoned_run_goes_back_to_the_queue(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, _) = start(store, &claimed).await;
+    store
+        .end_attempt(&claimed.lease, stage, StageOutcome::Abandoned)
+        .await
+        .expect("abandon");
+    assert_eq!(status(store, id).await, RunStatus::Queued);
+    assert!(
+        event_kinds(store, id)
+            .await
+            .iter()
+            .any(|k| k == "run_released")
+    );
+    let again = claim_one(store, Duration::from_secs(30)).await;
+    assert_eq!(again.run.id, id);
+    assert!(again.lease.fence > claimed.lease.fence);
+    assert!(is_fence_rejected(
+        store
+            .heartbeat(&claimed.lease, Duration::from_secs(30))
+            .await
+    ));
+}
+
+pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &SharedStore) {
+    let id = submit(store, &["first", "second"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, _) = start(store, &claimed).await;
+    assert_eq!(stage, 0);
+    store
+        .commit_stage(&claimed.lease, 0, checkpoint(None))
+        .await
+        .expect("commit first");
+    let second = store.start_stage(&claimed.lease, 1).await.expect("start");
+    assert_eq!(second, 1);
+    store
+        .end_attempt(
+            &claimed.lease,
+            1,
+            StageOutcome::Fail {
+                error: error("broken"),
+            },
+        )
+        .await
+        .expect("fail");
+    assert!(matches!(
+        store
+            .resume(
+                id,
+                FromStage::Named("nowhere".into()),
+                ResumeChanges::default()
+            )
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let resumed = store
+        .resume(
+            id,
+            FromStage::Auto,
+            ResumeChanges {
+                inputs: Some(json!({"n": 2})),
+                budget_usd: None,
+            },
+        )
+        .await
+        .expect("resume");
+    assert_eq!(resumed.status, RunStatus::Queued);
+    assert_eq!(resumed.inputs, json!({"n": 2}));
+    assert_eq!(resumed.stages[0].status, StageStatus::Completed);
+    assert_eq!(resumed.stages[1].status, StageStatus::Pending);
+    assert!(resumed.error.is_none() && resumed.finished_at.is_none());
+    assert!(matches!(
+        store
+            .resume(id, FromStage::Auto, ResumeChanges::default())
+            .await,
+        Err(StoreError::Conflict(_))
+    ));
+    let again = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, attempt) = start(store, &again).await;
+    assert_eq!(
+        (stage, attempt),
+        (1, 1),
+        "the first stage without a checkpoint"
+    );
+    store
+        .commit_stage(&again.lease, 1, checkpoint(Some(json!("done"))))
+        .await
+        .expect("commit second");
+    let redo = store
+        .resume(
+            id,
+            FromStage::Named("first".into()),
+            ResumeChanges::default(),
+        )
+        .await
+        .expect("resume from the first");
+    assert_eq!(redo.stages[0].status, StageStatus::Pending);
+    assert_eq!(redo.stages[1].status, StageStatus::Pending);
+    assert!(redo.result.is_none());
+    assert!(
+        event_kinds(store, id)
+            .await
+            .iter()
+            .any(|k| k == "run_resumed")
+    );
+}
+
+pub async fn an_expired_lease_is_swept_back_to_the_queue_and_its_holder_refused(
+    store: &SharedStore,
+) {
+    let id = submit(store, &["only"]).await;
+    let ttl = Duration::from_millis(300);
+    let claimed = claim_one(store, ttl).await;
+    start(store, &claimed).await;
+    assert!(
+        store
+            .sweep_expired_leases()
+            .await
+            .expect("sweep")
+            .is_empty(),
+        "a live lease stays"
+    );
+    tokio::time::sleep(ttl * 3).await;
+    assert_eq!(store.sweep_expired_leases().await.expect("sweep"), [id]);
+    assert_eq!(status(store, id).await, RunStatus::Queued);
+    assert!(
+        event_kinds(store, id)
+            .await
+            .iter()
+            .any(|k| k == "lease_recovered")
+    );
+    assert!(is_fence_rejected(
+        store.heartbeat(&claimed.lease, ttl).await
+    ));
+    let again = claim_one(store, Duration::from_secs(30)).await;
+    assert!(again.recovered, "taken over from a worker that stopped");
+    assert!(again.lease.fence > claimed.lease.fence);
+}
+
+pub async fn a_run_swept_while_a_cancel_was_requested_is_cancelled(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let ttl = Duration::from_millis(300);
+    let claimed = claim_one(store, ttl).await;
+    start(store, &claimed).await;
+    store.request_cancel(id).await.expect("cancel");
+    tokio::time::sleep(ttl * 3).await;
+    store.sweep_expired_leases().await.expect("sweep");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.status, RunStatus::Cancelled);
+    assert!(run.finished_at.is_some());
+}
+
+pub async fn finished_runs_past_retention_are_purged(store: &SharedStore) {
+    let finished = submit(store, &["only"]).await;
+    store.request_cancel(finished).await.expect("cancel");
+    let waiting = submit(store, &["only"]).await;
+    assert_eq!(
+        store
+            .purge_finished(Duration::from_secs(3600))
+            .await
+            .expect("purge"),
+        0,
+        "within retention"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        store
+            .purge_finished(Duration::from_millis(10))
+            .await
+            .expect("purge"),
+        1
+    );
+    assert!(store.get_run(finished).await.expect("get").is_none());
+    assert!(store.get_run(waiting).await.expect("get").is_some());
+}
+
+pub async fn events_page_in_order_and_positions_say_where_they_end(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, _) = start(store, &claimed).await;
+    store
+        .commit_stage(&claimed.lease, stage, checkpoint(Some(json!(1))))
+        .await
+        .expect("commit");
+    let all = store.events_after(id, 0, 1000).await.expect("events");
+    assert!(all.len() >= 4, "{all:?}");
+    assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "in order");
+    assert!(all.iter().all(|e| e.run_id == id));
+    let first_two = store.events_after(id, 0, 2).await.expect("page");
+    assert_eq!(first_two.len(), 2);
+    let rest = store
+        .events_after(id, first_two[1].seq, 1000)
+        .await
+        .expect("rest");
+    assert_eq!(rest.len(), all.len() - 2);
+    let positions = store
+        .run_positions(&[id, RunId::generate()])
+        .await
+        .expect("positions");
+    assert_eq!(positions.len(), 1, "runs that do not exist are left out");
+    assert_eq!(positions[0].run_id, id);
+    assert!(positions[0].finished);
+    assert_eq!(positions[0].last_event_seq, all[all.len() - 1].seq);
+}
+
+pub async fn the_listing_filters_and_pages_newest_first(store: &SharedStore) {
+    let mut ids = vec![];
+    for _ in 0..5 {
+        ids.push(submit(store, &["only"]).await);
+    }
+    store.request_cancel(ids[0]).await.expect("cancel");
+    let page = |before: Option<RunId>, status: Option<RunStatus>| RunFilter {
+        status,
+        before,
+        limit: 2,
+        ..RunFilter::default()
+    };
+    let (first, total) = store.list_runs(&page(None, None)).await.expect("list");
+    assert_eq!(total, 5);
+    assert_eq!(
+        first.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[4], ids[3]],
+        "newest first"
+    );
+    let (second, _) = store
+        .list_runs(&page(Some(ids[3]), None))
+        .await
+        .expect("list");
+    assert_eq!(
+        second.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[2], ids[1]]
+    );
+    let (cancelled, total) = store
+        .list_runs(&page(None, Some(RunStatus::Cancelled)))
+        .await
+        .expect("list");
+    assert_eq!(total, 1);
+    assert_eq!(cancelled[0].id, ids[0]);
+}
+
+pub async fn a_reusable_checkpoint_is_found_while_its_run_exists(store: &SharedStore) {
+    let id = submit(store, &["only"]).await;
+    let offered = ReusableCheckpoint {
+        run_id: id,
+        stage: "only".into(),
+        output: json!({"kept": true}),
+        artifacts: vec![format!("runs/{id}/file.txt")],
+    };
+    store
+        .record_reusable("stage-key", &offered)
+        .await
+        .expect("offer");
+    assert_eq!(
+        store.find_reusable("stage-key").await.expect("find"),
+        Some(offered)
+    );
+    assert_eq!(store.find_reusable("other-key").await.expect("find"), None);
+    store.request_cancel(id).await.expect("cancel");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    store
+        .purge_finished(Duration::from_millis(10))
+        .await
+        .expect("purge");
+    assert_eq!(
+        store.find_reusable("stage-key").await.expect("find"),
+        None,
+        "a checkpoint whose run is gone is not offered"
+    );
+}
+
+pub async fn workers_are_listed_while_they_beat(store: &SharedStore) {
+    let info = WorkerInfo {
+        id: "host:1:worker-a".into(),
+        queues: queues(),
+        concurrency: 4,
+        started_at: chrono::Utc::now(),
+        last_heartbeat: chrono::Utc::now(),
+        running: vec!["r1".into()],
+    };
+    store.worker_heartbeat(&info).await.expect("beat");
+    let listed = store.list_workers().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, info.id);
+    assert_eq!(listed[0].running, ["r1"]);
+    assert_eq!(listed[0].concurrency, 4);
+    store.unregister_worker(&info.id).await.expect("unregister");
+    assert!(store.list_workers().await.expect("list").is_empty());
+}
+
+pub async fn counters_add_up(store: &SharedStore) {
+    store
+        .add_counters(&[("a_total".into(), 2.0), ("b_total".into(), 1.0)])
+        .await
+        .expect("add");
+    store
+        .add_counters(&[("a_total".into(), 3.0)])
+        .await
+        .expect("add");
+    let mut counters = store.counters().await.expect("counters");
+    counters.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        counters,
+        [("a_total".to_owned(), 5.0), ("b_total".to_owned(), 1.0)]
+    );
+}
