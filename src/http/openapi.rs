@@ -26,24 +26,6 @@ use crate::{
     workflows::{Catalog, Workflow},
 };
 
-/// Every kind of event a run's log can hold.
-pub const EVENT_KINDS: [&str; 14] = [
-    "run_queued",
-    "run_started",
-    "stage_started",
-    "step_completed",
-    "stage_completed",
-    "retry_scheduled",
-    "stage_failed",
-    "run_failed",
-    "run_cancelled",
-    "cancel_requested",
-    "run_completed",
-    "run_released",
-    "lease_recovered",
-    "run_resumed",
-];
-
 const ERROR_BODY: &str = "#/components/schemas/ErrorBody";
 
 /// The document of this deployment, from the one utoipa generated.
@@ -383,7 +365,7 @@ fn document_event_streams(doc: &mut Value) {
     let run_event = json!({
         "type": "object", "required": ["data", "event"],
         "properties": {
-            "event": {"type": "string", "enum": EVENT_KINDS},
+            "event": {"type": "string", "enum": crate::store::kernel::EventKind::ALL.map(|k| k.as_str())},
             "id": {"type": "string", "pattern": "^[0-9]+$"},
             "data": {"type": "string", "contentMediaType": "application/json",
                      "contentSchema": {"$ref": "#/components/schemas/RunEvent"}},

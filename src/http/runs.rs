@@ -372,7 +372,7 @@ async fn run_events(
             .map(|e| {
                 Ok(Event::default()
                     .id(e.seq.to_string())
-                    .event(e.kind.clone())
+                    .event(e.kind.as_str())
                     .json_data(e)
                     .unwrap_or_else(|_| Event::default().comment("unserializable event")))
             })

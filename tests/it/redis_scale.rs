@@ -337,7 +337,7 @@ async fn a_claim_starts_the_first_open_stage_exactly_once() {
     let worker = WorkerId::from("w-1".to_owned());
     let ttl = Duration::from_secs(30);
     let kinds = |events: &[stagecraft::store::RunEvent]| {
-        events.iter().map(|e| e.kind.clone()).collect::<Vec<_>>()
+        events.iter().map(|e| e.kind).collect::<Vec<_>>()
     };
 
     let id = store.insert_run(noop_run()).await.expect("insert").0.id;

@@ -135,7 +135,7 @@ async fn event_kinds(store: &SharedStore, id: RunId) -> Vec<String> {
         .await
         .expect("events")
         .into_iter()
-        .map(|e| e.kind)
+        .map(|e| e.kind.as_str().to_owned())
         .collect()
 }
 
@@ -374,6 +374,14 @@ pub async fn a_retry_waits_its_delay_then_counts_the_next_attempt(store: &Shared
     assert_eq!(run.status, RunStatus::Retrying);
     assert_eq!(run.stages[0].status, StageStatus::Retrying);
     assert!(run.stages[0].next_attempt_at.is_some());
+    assert_eq!(
+        run.stages[0].error.as_ref().map(|e| e.code.as_str()),
+        Some("flaky")
+    );
+    assert!(
+        run.error.is_none(),
+        "a retrying run has no error of its own"
+    );
     let early = store
         .claim(&queues(), &worker(), Duration::from_secs(30), 1)
         .await
@@ -384,6 +392,14 @@ pub async fn a_retry_waits_its_delay_then_counts_the_next_attempt(store: &Shared
     assert!(again.lease.fence > claimed.lease.fence);
     let (_, attempt) = start(store, &again).await;
     assert_eq!(attempt, 2);
+    // Released, the stage keeps nothing of the attempts before.
+    store
+        .end_attempt(&again.lease, stage, StageOutcome::Abandoned)
+        .await
+        .expect("abandon");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.stages[0].status, StageStatus::Pending);
+    assert!(run.stages[0].error.is_none() && run.stages[0].next_attempt_at.is_none());
     assert!(
         event_kinds(store, id)
             .await

@@ -14,7 +14,7 @@ use std::{collections::HashMap, time::Duration};
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use redis::{AsyncCommands, Client, Value as RedisValue, aio::ConnectionManager};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use stagecraft_core::{
@@ -23,7 +23,7 @@ use stagecraft_core::{
         self as core_store, Claimed, FromStage, Lease, MAX_STAGES, NewRun, Progress, ProviderMode,
         QueueDepth, ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind,
         RunPosition, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
-        StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo,
+        StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, kernel,
         to_datetime,
     },
 };
@@ -41,10 +41,11 @@ struct Library {
 
 impl Library {
     fn new() -> Self {
-        let hash = redis::Script::new(SCRIPT).get_hash().to_owned();
+        let text = format!("{}{SCRIPT}", constants());
+        let hash = redis::Script::new(&text).get_hash().to_owned();
         let function = format!("stagecraft_{}", &hash[..16]);
         let code = format!(
-            "#!lua name={function}\n{SCRIPT}\nredis.register_function('{function}', batch)\n"
+            "#!lua name={function}\n{text}\nredis.register_function('{function}', batch)\n"
         );
         Self { function, code }
     }
@@ -60,8 +61,36 @@ impl Library {
             .map(|_| ())
     }
 }
-/// Runs re-queued per sweep call, and deleted per purge call, at most.
+/// The frozen names the library writes by itself (event kinds `EV`, run statuses `RS`, stage
+/// statuses `SS`), from the core's enums: the library never spells them on its own.
+fn constants() -> String {
+    let table = |name: &str, entries: Vec<&str>| {
+        let fields: Vec<String> = entries.iter().map(|e| format!("{e} = '{e}'")).collect();
+        format!("local {name} = {{ {} }}\n", fields.join(", "))
+    };
+    table(
+        "EV",
+        kernel::EventKind::ALL.iter().map(|k| k.as_str()).collect(),
+    ) + &table("RS", RunStatus::ALL.iter().map(|s| s.as_str()).collect())
+        + &table("SS", StageStatus::ALL.iter().map(|s| s.as_str()).collect())
+}
+
+/// The arguments that carry the kernel's events to the library: their count, then the kind,
+/// whether it names the stage (1|0) and the data of each.
+fn event_args(args: &mut Vec<String>, events: &[kernel::Event]) {
+    args.push(events.len().to_string());
+    for event in events {
+        args.push(event.kind.as_str().to_owned());
+        args.push(if event.on_stage { "1" } else { "0" }.to_owned());
+        args.push(event.data.to_string());
+    }
+}
+
+/// Runs deleted per purge call, at most.
 const BATCH: usize = 500;
+/// How often a read-decide-apply change (cancel) is tried again when the run changed between
+/// its read and its write.
+const CHANGED_RETRIES: usize = 3;
 /// The longest an idle worker blocks before checking again (retries due later are woken by
 /// their due time, new runs by the wake list).
 const MAX_BLOCK: Duration = Duration::from_secs(1);
@@ -586,7 +615,7 @@ fn stage_field(field: &str) -> Option<(usize, &str)> {
 #[derive(serde::Deserialize)]
 struct StoredEvent {
     at: i64,
-    kind: String,
+    kind: kernel::EventKind,
     stage: Option<String>,
     data: Value,
 }
@@ -618,6 +647,7 @@ impl RunStore for RedisStore {
             run.stage_names.len().to_string(),
         ];
         args.extend(run.stage_names.iter().cloned());
+        event_args(&mut args, &[kernel::queued(&run.queue)]);
         let (id, created, at, hash): (String, i64, i64, String) =
             self.call("insert", &args).await?;
         if created == 1 {
@@ -816,21 +846,16 @@ impl RunStore for RedisStore {
         step: &StepRecord,
         progress: Progress,
     ) -> StoreResult<()> {
-        let data = json!({"step": step.key, "done": progress.done, "total": progress.total, "cost_usd": step.cost_usd});
-        self.fenced(
-            "record_step",
-            lease,
-            vec![
-                stage.to_string(),
-                step.key.clone(),
-                json_text(step),
-                step.cost_usd.to_string(),
-                progress.done.to_string(),
-                progress.total.to_string(),
-                data.to_string(),
-            ],
-        )
-        .await?;
+        let mut args = vec![
+            stage.to_string(),
+            step.key.clone(),
+            json_text(step),
+            step.cost_usd.to_string(),
+            progress.done.to_string(),
+            progress.total.to_string(),
+        ];
+        event_args(&mut args, &[kernel::step_completed(step, progress)]);
+        self.fenced("record_step", lease, args).await?;
         Ok(())
     }
 
@@ -840,30 +865,29 @@ impl RunStore for RedisStore {
         stage: usize,
         checkpoint: StageCheckpoint,
     ) -> StoreResult<()> {
-        let mut data = json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts});
-        if let Some(source) = checkpoint.reused_from {
-            data["reused_from"] = json!(source.to_string());
-        }
-        self.fenced(
-            "commit",
-            lease,
-            vec![
-                stage.to_string(),
-                checkpoint.output.to_string(),
-                json_text(&checkpoint.artifacts),
-                checkpoint.cost_usd.to_string(),
-                checkpoint
-                    .run_result
-                    .map(|r| r.to_string())
-                    .unwrap_or_default(),
-                data.to_string(),
-                checkpoint
-                    .reused_from
-                    .map(|id| id.to_string())
-                    .unwrap_or_default(),
-            ],
-        )
-        .await?;
+        let commit = kernel::commit(&checkpoint);
+        let mut args = vec![
+            stage.to_string(),
+            checkpoint.output.to_string(),
+            json_text(&checkpoint.artifacts),
+            checkpoint.cost_usd.to_string(),
+            checkpoint
+                .run_result
+                .map(|r| r.to_string())
+                .unwrap_or_default(),
+            checkpoint
+                .reused_from
+                .map(|id| id.to_string())
+                .unwrap_or_default(),
+            if commit.completes_run {
+                RunStatus::Completed.as_str()
+            } else {
+                ""
+            }
+            .to_owned(),
+        ];
+        event_args(&mut args, &commit.events);
+        self.fenced("commit", lease, args).await?;
         Ok(())
     }
 
@@ -873,51 +897,66 @@ impl RunStore for RedisStore {
         stage: usize,
         outcome: StageOutcome,
     ) -> StoreResult<()> {
-        let (kind, error, delay, data) = match &outcome {
-            StageOutcome::Retry { error, delay } => (
-                "retry",
-                json_text(error),
-                delay.as_millis() as u64,
-                json!({"delay_ms": delay.as_millis() as u64, "error": error}),
-            ),
-            StageOutcome::Fail { error } => ("fail", json_text(error), 0, json!({"error": error})),
-            StageOutcome::Cancelled => ("cancel", String::new(), 0, json!({})),
-            StageOutcome::Abandoned => ("abandon", String::new(), 0, json!({})),
-            StageOutcome::Unstarted => ("unstart", String::new(), 0, json!({})),
-        };
-        self.fenced(
-            "end_attempt",
-            lease,
-            vec![
-                stage.to_string(),
-                kind.to_owned(),
-                error,
-                delay.to_string(),
-                data.to_string(),
-            ],
-        )
-        .await?;
+        let end = kernel::attempt_end(&outcome);
+        let millis =
+            |delay: Option<Duration>| delay.map(|d| d.as_millis().to_string()).unwrap_or_default();
+        let mut args = vec![
+            stage.to_string(),
+            end.stage.as_str().to_owned(),
+            end.run.as_str().to_owned(),
+            end.stage_error.as_ref().map(json_text).unwrap_or_default(),
+            end.run_error.as_ref().map(json_text).unwrap_or_default(),
+            if end.stage_finished { "1" } else { "0" }.to_owned(),
+            millis(end.next_attempt_in),
+            millis(end.due_in),
+            // The claim's start of a stage that never ran is not counted: this store's own
+            // bookkeeping, beside the decision.
+            if matches!(outcome, StageOutcome::Unstarted) {
+                "1"
+            } else {
+                "0"
+            }
+            .to_owned(),
+        ];
+        event_args(&mut args, &end.events);
+        self.fenced("end_attempt", lease, args).await?;
         Ok(())
     }
 
     async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
-        let data = json!({"error": error});
-        self.fenced("fail_run", lease, vec![json_text(&error), data.to_string()])
-            .await?;
+        let (status, event) = kernel::run_failed(&error);
+        let mut args = vec![json_text(&error), status.as_str().to_owned()];
+        event_args(&mut args, &[event]);
+        self.fenced("fail_run", lease, args).await?;
         Ok(())
     }
 
     async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord> {
-        let answer: String = self.call("cancel", &[id.to_string()]).await?;
-        if answer == "missing" {
-            return Err(StoreError::NotFound(id));
+        // Read, decide, and apply only to the run as it was read: a run whose status changed
+        // in between is read and decided again.
+        for _ in 0..CHANGED_RETRIES {
+            let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
+            let (at_once, status, events) = match kernel::cancel(id, run.status)? {
+                kernel::Cancel::Now { run, event } => ("1", run.as_str(), vec![event]),
+                kernel::Cancel::Requested { event } => ("0", "", vec![event]),
+            };
+            let mut args = vec![
+                id.to_string(),
+                run.status.as_str().to_owned(),
+                at_once.to_owned(),
+                status.to_owned(),
+            ];
+            event_args(&mut args, &events);
+            let answer: String = self.call("cancel", &args).await?;
+            match answer.as_str() {
+                "ok" => return self.get_run(id).await?.ok_or(StoreError::NotFound(id)),
+                "missing" => return Err(StoreError::NotFound(id)),
+                _ => continue,
+            }
         }
-        if let Some(status) = answer.strip_prefix("finished:") {
-            return Err(StoreError::Conflict(format!(
-                "run {id} is already {status}; only queued, retrying or running runs can be cancelled"
-            )));
-        }
-        self.get_run(id).await?.ok_or(StoreError::NotFound(id))
+        Err(StoreError::Conflict(format!(
+            "run {id} keeps changing; try again"
+        )))
     }
 
     async fn resume(
@@ -929,26 +968,25 @@ impl RunStore for RedisStore {
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
         let from_idx = core_store::resume_start(&run, &from)?;
         let forget = matches!(from, FromStage::Named(_));
-        let answer: String = self
-            .call(
-                "resume",
-                &[
-                    id.to_string(),
-                    run.status.as_str().to_owned(),
-                    from_idx.to_string(),
-                    if forget { "1" } else { "0" }.to_owned(),
-                    changes
-                        .inputs
-                        .as_ref()
-                        .map(|inputs| inputs.to_string())
-                        .unwrap_or_default(),
-                    changes
-                        .budget_usd
-                        .map(|budget| budget.to_string())
-                        .unwrap_or_default(),
-                ],
-            )
-            .await?;
+        let (status, event) = kernel::resumed(&run.stages[from_idx].name);
+        let mut args = vec![
+            id.to_string(),
+            run.status.as_str().to_owned(),
+            from_idx.to_string(),
+            if forget { "1" } else { "0" }.to_owned(),
+            changes
+                .inputs
+                .as_ref()
+                .map(|inputs| inputs.to_string())
+                .unwrap_or_default(),
+            changes
+                .budget_usd
+                .map(|budget| budget.to_string())
+                .unwrap_or_default(),
+            status.as_str().to_owned(),
+        ];
+        event_args(&mut args, &[event]);
+        let answer: String = self.call("resume", &args).await?;
         match answer.as_str() {
             "ok" => self.get_run(id).await?.ok_or(StoreError::NotFound(id)),
             "missing" => Err(StoreError::NotFound(id)),
@@ -986,8 +1024,62 @@ impl RunStore for RedisStore {
     }
 
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
-        let ids: Vec<String> = self.call("sweep", &[BATCH.to_string()]).await?;
-        Ok(ids.iter().filter_map(|id| RunId::parse(id)).collect())
+        // Read the expired leases, decide each, and apply the decisions only to leases that
+        // are still the ones read (a worker may renew or release in between).
+        let mut conn = self.conn.clone();
+        let now = server_millis(&mut conn).await?;
+        let ids: Vec<String> = conn
+            .zrangebyscore_limit(
+                self.key("leases"),
+                "-inf",
+                now - 1,
+                0,
+                core_store::SWEEP_BATCH as isize,
+            )
+            .await
+            .db()?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("HMGET")
+                .arg(self.key(&format!("run:{id}")))
+                .arg("lease_expires_at")
+                .arg("cancel_requested")
+                .arg("worker");
+        }
+        let leases: Vec<(Option<String>, Option<String>, Option<String>)> =
+            pipe.query_async(&mut conn).await.db()?;
+        let expiries = ids
+            .iter()
+            .zip(leases)
+            .map(|(id, (expires, cancel, worker))| async move {
+                let expiry = kernel::lease_expired(
+                    cancel.as_deref() == Some("1"),
+                    worker.as_deref().filter(|w| !w.is_empty()),
+                );
+                let mut args = vec![
+                    id.clone(),
+                    expires.unwrap_or_default(),
+                    expiry.run.as_str().to_owned(),
+                    if expiry.requeue { "1" } else { "0" }.to_owned(),
+                ];
+                event_args(&mut args, &[expiry.event]);
+                let applied: i64 = self.call("expire", &args).await?;
+                Ok::<_, StoreError>(
+                    (applied == 1 && expiry.requeue)
+                        .then(|| RunId::parse(id))
+                        .flatten(),
+                )
+            });
+        let mut recovered = Vec::new();
+        for outcome in futures::future::join_all(expiries).await {
+            if let Some(id) = outcome? {
+                recovered.push(id);
+            }
+        }
+        Ok(recovered)
     }
 
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {

@@ -19,6 +19,12 @@
 -- an absent value), because Redis looks fields of a small hash up by scanning it from the start.
 -- The hot path (claim, commit) therefore reads and writes each run with one HMGET and one HSET.
 --
+-- What a change does to a run (its statuses, the fields it clears, the events it appends) is
+-- decided by the core's state machine, in Rust: the operations receive those decisions as
+-- arguments and apply them, after checking the run is still as the decision assumed (its fence,
+-- its status or its lease). The frozen names of statuses and event kinds the library writes by
+-- itself come from the constants the store prepends to this text (`EV`, `RS`, `SS`).
+--
 -- Times come from the Redis server's clock (TIME), so processes on different hosts agree on
 -- lease expiry. The work of every operation is bounded: claims look at the head of each queue,
 -- sweeps and purges take a limit.
@@ -38,7 +44,7 @@ local function k_status(s) return P .. 'status:' .. s end
 local K_ALL, K_LEASES, K_COUNTS, K_FINISHED
 local function k_idem(key) return P .. 'idempotency:' .. key end
 
-local FINISHED = { completed = true, failed = true, cancelled = true }
+local FINISHED = { [RS.completed] = true, [RS.failed] = true, [RS.cancelled] = true }
 -- The first element of the answer of an operation that failed (the store reads it).
 local OP_ERROR = '!error'
 -- Wake-list entries kept at most per queue (the list only wakes blocked workers).
@@ -128,10 +134,10 @@ local function flush()
       end
       -- Running runs are the lease index; they have no status set of their own.
       if old then
-        if old ~= 'running' then push_to(rem, old, id) end
+        if old ~= RS.running then push_to(rem, old, id) end
         c[old] = (c[old] or 0) - 1
       end
-      if new ~= 'running' then push_to(add, new, '0', id) end
+      if new ~= RS.running then push_to(add, new, '0', id) end
       c[new] = (c[new] or 0) + 1
       local was, is = old and FINISHED[old], FINISHED[new]
       if is and not was then
@@ -202,6 +208,17 @@ local function event(id, kind, stage, data)
   redis.call('RPUSH', k_events(id), ev(kind, stage, data))
 end
 
+-- Appends the events the store decided: `n`, then the kind, whether it names the stage (1|0)
+-- and the data of each; `stage` is the name of the stage the change is about.
+local function events_in(id, stage, n, ...)
+  local a, list = { ... }, {}
+  for j = 0, tonumber(n) - 1 do
+    local kind, on_stage, data = a[3 * j + 1], a[3 * j + 2], a[3 * j + 3]
+    list[#list + 1] = ev(kind, on_stage == '1' and stage or nil, data)
+  end
+  if #list > 0 then redis.call('RPUSH', k_events(id), unpack(list)) end
+end
+
 -- Adds a cost to a stage and its run, skipping the commands when there is nothing to add.
 local function add_cost(r, f, amount)
   if tonumber(amount) ~= 0 then
@@ -262,11 +279,13 @@ end
 
 local OPS = {}
 
--- insert id kind name queue inputs mode budget idem request_hash reuse(0|1) n names...:
+-- insert id kind name queue inputs mode budget idem request_hash reuse(0|1) n names... events:
 -- {id, 1, created_at, ''} for a new run, {id of the run with this idempotency key, 0, 0, the
 -- request hash it was created with} otherwise. A key lives as long as its run (purge deletes
 -- it with the run).
 function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, request_hash, reuse, n, ...)
+  local rest = { ... }
+  local count = tonumber(n)
   if idem ~= '' then
     local existing = redis.call('GET', k_idem(idem))
     if existing then
@@ -275,13 +294,12 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, request_hash,
     redis.call('SET', k_idem(idem), id)
   end
   -- Hot fields first (see the top). `next` is the first stage without a checkpoint.
-  local fields = { 'status', 'queued', 'fence', '0', 'lease_owner', '', 'lease_expires_at', '',
+  local fields = { 'status', RS.queued, 'fence', '0', 'lease_owner', '', 'lease_expires_at', '',
     'next', '0', 'stages', n, 'queue', q, 'updated_at', NOW, 'cancel_requested', '0',
     'budget_usd', budget, 'reuse', reuse, 'prestarted', '', 'current_stage', '', 'worker', '', 'result', '' }
-  local names = { ... }
-  for i = 0, tonumber(n) - 1 do
+  for i = 0, count - 1 do
     local f = sf(i)
-    append(fields, f.name, names[i + 1], f.status, 'pending', f.attempts, '0', f.started_at, '',
+    append(fields, f.name, rest[i + 1], f.status, SS.pending, f.attempts, '0', f.started_at, '',
       f.finished_at, '', f.output, '', f.artifacts, '')
   end
   append(fields, 'finished_at', '', 'id', id, 'kind', kind, 'name', name, 'inputs', inputs,
@@ -289,10 +307,10 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, request_hash,
     'idempotency_key', idem, 'request_hash', request_hash)
   redis.call('HSET', k_run(id), unpack(fields))
   added[#added + 1] = id
-  move(id, q, nil, 'queued')
+  move(id, q, nil, RS.queued)
   redis.call('ZADD', k_due(q), NOW, id)
   wake(q)
-  event(id, 'run_queued', nil, cjson.encode({ queue = q }))
+  events_in(id, nil, unpack(rest, count + 1))
   return { id, 1, now, '' }
 end
 
@@ -313,29 +331,29 @@ local function claim_one(worker, expires, run_started, q, id)
     local s = redis.call('HMGET', r, f.name, f.status, f.attempts)
     name, status, attempts = s[1], s[2], s[3]
   end
-  local recovered = status == 'running' and 1 or 0
+  local recovered = status == SS.running and 1 or 0
   local data = run_started .. fence .. '}'
   local attempt = 0
   if idx < n and v[5] ~= '1' and (v[6] or '') == '' and v[7] ~= '1' then
     local f = sf(idx)
     attempt = tonumber(attempts or '0') + 1
-    redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
+    redis.call('HSET', r, 'status', RS.running, 'fence', fence, 'lease_owner', worker,
       'lease_expires_at', expires, 'updated_at', NOW, 'prestarted', fence .. ':' .. idx,
-      'current_stage', name, 'worker', worker, f.status, 'running', f.attempts, str(attempt),
+      'current_stage', name, 'worker', worker, f.status, SS.running, f.attempts, str(attempt),
       f.started_at, NOW)
     lease(id, expires)
-    move(id, q, v[1], 'running')
+    move(id, q, v[1], RS.running)
     -- A retry's error and due time stay on the stage until its next attempt starts.
-    if v[1] == 'retrying' then redis.call('HDEL', r, f.error, f.next_attempt_at) end
-    redis.call('RPUSH', k_events(id), ev('run_started', nil, data),
-      ev('stage_started', name, '{"attempt":' .. str(attempt) .. '}'))
+    if v[1] == RS.retrying then redis.call('HDEL', r, f.error, f.next_attempt_at) end
+    redis.call('RPUSH', k_events(id), ev(EV.run_started, nil, data),
+      ev(EV.stage_started, name, '{"attempt":' .. str(attempt) .. '}'))
   else
     idx = -1
-    redis.call('HSET', r, 'status', 'running', 'fence', fence, 'lease_owner', worker,
+    redis.call('HSET', r, 'status', RS.running, 'fence', fence, 'lease_owner', worker,
       'lease_expires_at', expires, 'updated_at', NOW, 'worker', worker)
     lease(id, expires)
-    move(id, q, v[1], 'running')
-    event(id, 'run_started', nil, data)
+    move(id, q, v[1], RS.running)
+    event(id, EV.run_started, nil, data)
   end
   -- The client reads the run's hash itself, outside the script: much cheaper for Redis.
   return { id, fence, idx, attempt, recovered }
@@ -449,15 +467,15 @@ function OPS.start_stage(id, fence, owner, idx)
   end
   local name, attempts = v[4], tonumber(v[5] or '0') + 1
   -- The claim made the run 'running'; only the current stage changes.
-  redis.call('HSET', r, f.attempts, str(attempts), f.status, 'running', f.started_at, NOW,
+  redis.call('HSET', r, f.attempts, str(attempts), f.status, SS.running, f.started_at, NOW,
     'current_stage', name, 'updated_at', NOW)
   clear_attempt(r, f, v[6], v[7], v[8])
-  event(id, 'stage_started', name, '{"attempt":' .. str(attempts) .. '}')
+  event(id, EV.stage_started, name, '{"attempt":' .. str(attempts) .. '}')
   return attempts
 end
 
--- record_step id fence owner idx key step_json cost done total event_data: 0 when known already
-function OPS.record_step(id, fence, owner, idx, key, step, cost, done, total, data)
+-- record_step id fence owner idx key step_json cost done total events: 0 when known already
+function OPS.record_step(id, fence, owner, idx, key, step, cost, done, total, ...)
   local f = sf(idx)
   local v = fenced(id, fence, owner, f.name)
   if not v then return -1 end
@@ -465,15 +483,15 @@ function OPS.record_step(id, fence, owner, idx, key, step, cost, done, total, da
   local r = k_run(id)
   add_cost(r, f, cost)
   redis.call('HSET', r, f.progress_done, done, f.progress_total, total, 'updated_at', NOW)
-  event(id, 'step_completed', v[3], data)
+  events_in(id, v[3], ...)
   return 1
 end
 
--- commit id fence owner idx output artifacts cost result event_data reused_from
--- (result '' when not the last stage; the last stage's commit completes the run; reused_from ''
--- unless the checkpoint came from another run). A stage's error and retry time were cleared
--- when its attempt started, and a run in progress has no error, so there is nothing to delete.
-function OPS.commit(id, fence, owner, idx, output, artifacts, cost, result, data, reused_from)
+-- commit id fence owner idx output artifacts cost result reused_from run_status events
+-- (result and run_status '' when the commit does not complete the run; reused_from '' unless
+-- the checkpoint came from another run). A stage's error and retry time were cleared when its
+-- attempt started, and a run in progress has no error, so there is nothing to delete.
+function OPS.commit(id, fence, owner, idx, output, artifacts, cost, result, reused_from, run_status, ...)
   local f = sf(idx)
   local v = fenced(id, fence, owner, 'status', 'queue', f.name)
   if not v then return -1 end
@@ -482,73 +500,70 @@ function OPS.commit(id, fence, owner, idx, output, artifacts, cost, result, data
   local next_idx = str(tonumber(idx) + 1)
   add_cost(r, f, cost)
   if reused_from ~= '' then redis.call('HSET', r, f.reused_from, reused_from) end
-  if result == '' then
-    redis.call('HSET', r, 'next', next_idx, 'updated_at', NOW, f.status, 'completed',
+  if run_status == '' then
+    redis.call('HSET', r, 'next', next_idx, 'updated_at', NOW, f.status, SS.completed,
       f.finished_at, NOW, f.output, output, f.artifacts, artifacts)
-    event(id, 'stage_completed', name, data)
-    return 1
+  else
+    redis.call('HSET', r, 'status', run_status, 'lease_owner', '', 'lease_expires_at', '',
+      'next', next_idx, 'updated_at', NOW, 'prestarted', '', 'current_stage', '', f.status,
+      SS.completed, f.finished_at, NOW, 'finished_at', NOW, f.output, output, f.artifacts,
+      artifacts, 'result', result)
+    lease(id, false)
+    move(id, v[4], v[3], run_status)
   end
-  redis.call('HSET', r, 'status', 'completed', 'lease_owner', '', 'lease_expires_at', '',
-    'next', next_idx, 'updated_at', NOW, 'prestarted', '', 'current_stage', '', f.status,
-    'completed', f.finished_at, NOW, 'finished_at', NOW, f.output, output, f.artifacts,
-    artifacts, 'result', result)
-  lease(id, false)
-  move(id, v[4], v[3], 'completed')
-  redis.call('RPUSH', k_events(id), ev('stage_completed', name, data), ev('run_completed', nil, '{}'))
+  events_in(id, name, ...)
   return 1
 end
 
--- end_attempt id fence owner idx outcome error delay_ms event_data
--- outcome: retry | fail | cancel | abandon | unstart (a stage the claim started is given back
--- before it ran: its attempt is not counted)
-function OPS.end_attempt(id, fence, owner, idx, outcome, err, delay_text, data)
+-- end_attempt id fence owner idx stage_status run_status stage_error run_error stage_finished
+-- next_attempt_ms due_ms unstart events: the attempt ends as decided: the stage's status, its
+-- error ('' clears it), its finish time (stage_finished 1) and next attempt ('' clears it); the
+-- run's status, its error ('' keeps it), and when it is due again ('' when it is not). With
+-- unstart 1, a stage the claim started is given back before it ran: its attempt is not counted.
+function OPS.end_attempt(id, fence, owner, idx, stage_status, run_status, stage_error, run_error,
+                         stage_finished, next_attempt, due, unstart, ...)
   local f = sf(idx)
   local v = fenced(id, fence, owner, 'status', 'queue', f.name, f.attempts)
   if not v then return -1 end
   local r = k_run(id)
   local old, q, name = v[3], v[4], v[5]
   release(id)
-  if outcome == 'retry' then
-    local at = now + tonumber(delay_text)
-    redis.call('HSET', r, f.status, 'retrying', f.error, err, f.next_attempt_at, str(at))
-    set_status(id, 'retrying', old, q)
-    enqueue(id, at, q)
-    event(id, 'retry_scheduled', name, data)
-  elseif outcome == 'fail' then
-    redis.call('HSET', r, f.status, 'failed', f.error, err, f.finished_at, NOW, 'error', err)
-    set_status(id, 'failed', old, q)
-    redis.call('RPUSH', k_events(id), ev('stage_failed', name, data), ev('run_failed', nil, data))
-  elseif outcome == 'cancel' then
-    redis.call('HSET', r, f.status, 'cancelled', f.finished_at, NOW)
-    set_status(id, 'cancelled', old, q)
-    event(id, 'run_cancelled', name, '{}')
+  local sets, dels = { f.status, stage_status }, {}
+  if stage_error ~= '' then append(sets, f.error, stage_error) else append(dels, f.error) end
+  if stage_finished == '1' then append(sets, f.finished_at, NOW) end
+  if next_attempt ~= '' then
+    append(sets, f.next_attempt_at, str(now + tonumber(next_attempt)))
   else
-    redis.call('HSET', r, f.status, 'pending')
-    if outcome == 'unstart' then
-      redis.call('HSET', r, f.attempts, str(math.max(tonumber(v[6] or '0') - 1, 0)), f.started_at, '')
-    end
-    set_status(id, 'queued', old, q)
-    enqueue(id, now, q)
-    event(id, 'run_released', name, '{}')
+    append(dels, f.next_attempt_at)
   end
+  if unstart == '1' then
+    append(sets, f.attempts, str(math.max(tonumber(v[6] or '0') - 1, 0)), f.started_at, '')
+  end
+  if run_error ~= '' then append(sets, 'error', run_error) end
+  redis.call('HSET', r, unpack(sets))
+  if #dels > 0 then redis.call('HDEL', r, unpack(dels)) end
+  set_status(id, run_status, old, q)
+  if due ~= '' then enqueue(id, now + tonumber(due), q) end
+  events_in(id, name, ...)
   return 1
 end
 
--- fail_run id fence owner error event_data (a stage the claim started is given back unrun)
-function OPS.fail_run(id, fence, owner, err, data)
+-- fail_run id fence owner error run_status events (a stage the claim started is given back
+-- unrun)
+function OPS.fail_run(id, fence, owner, err, run_status, ...)
   local v = fenced(id, fence, owner, 'prestarted')
   if not v then return -1 end
   local idx = string.match(v[3] or '', '^' .. fence .. ':(%d+)$')
   if idx then
     local f = sf(idx)
     local attempts = tonumber(redis.call('HGET', k_run(id), f.attempts) or '1')
-    redis.call('HSET', k_run(id), f.status, 'pending', f.attempts, str(math.max(attempts - 1, 0)),
+    redis.call('HSET', k_run(id), f.status, SS.pending, f.attempts, str(math.max(attempts - 1, 0)),
       f.started_at, '', 'current_stage', '')
   end
   release(id)
   redis.call('HSET', k_run(id), 'error', err)
-  set_status(id, 'failed')
-  event(id, 'run_failed', nil, data)
+  set_status(id, run_status)
+  events_in(id, nil, ...)
   return 1
 end
 
@@ -560,36 +575,36 @@ local function stage_statuses(r, n)
   return redis.call('HMGET', r, unpack(fields))
 end
 
--- cancel id: 'cancelled' | 'requested' | 'finished:<status>' | 'missing'
-function OPS.cancel(id)
+-- cancel id expected_status now(1|0) run_status events: 'ok' | 'changed' | 'missing'. A run
+-- still in the status the decision was made for is cancelled at once (now 1: its status set,
+-- its retrying stages cancelled, it leaves its queue) or flagged for its worker (now 0).
+function OPS.cancel(id, expected, at_once, run_status, ...)
   local r = k_run(id)
   local v = redis.call('HMGET', r, 'status', 'queue', 'stages')
   local status, q = v[1], v[2]
   if not status then return 'missing' end
-  if status == 'queued' or status == 'retrying' then
+  if status ~= expected then return 'changed' end
+  if at_once == '1' then
     redis.call('ZREM', k_due(q), id)
     redis.call('HSET', r, 'cancel_requested', '1')
     for i, stage_status in ipairs(stage_statuses(r, tonumber(v[3] or '0'))) do
-      if stage_status == 'retrying' then
+      if stage_status == SS.retrying then
         local f = sf(i - 1)
-        redis.call('HSET', r, f.status, 'cancelled', f.finished_at, NOW)
+        redis.call('HSET', r, f.status, SS.cancelled, f.finished_at, NOW)
         redis.call('HDEL', r, f.next_attempt_at)
       end
     end
-    set_status(id, 'cancelled', status, q)
-    event(id, 'run_cancelled', nil, '{}')
-    return 'cancelled'
-  elseif status == 'running' then
+    set_status(id, run_status, status, q)
+  else
     redis.call('HSET', r, 'cancel_requested', '1', 'updated_at', NOW)
-    event(id, 'cancel_requested', nil, '{}')
-    return 'requested'
   end
-  return 'finished:' .. status
+  events_in(id, nil, ...)
+  return 'ok'
 end
 
--- resume id expected_status from_idx forget_steps(0|1) inputs budget: 'ok' | 'changed' | 'missing'
--- (inputs and budget '' when unchanged)
-function OPS.resume(id, expected, from_text, forget, inputs, budget)
+-- resume id expected_status from_idx forget_steps(0|1) inputs budget run_status events:
+-- 'ok' | 'changed' | 'missing' (inputs and budget '' when unchanged)
+function OPS.resume(id, expected, from_text, forget, inputs, budget, run_status, ...)
   local from = tonumber(from_text)
   local r = k_run(id)
   local v = redis.call('HMGET', r, 'status', 'queue', 'stages')
@@ -601,7 +616,7 @@ function OPS.resume(id, expected, from_text, forget, inputs, budget)
   if forget == '1' then steps = redis.call('HKEYS', k_steps(id)) end
   for i = from, n - 1 do
     local f = sf(i)
-    redis.call('HSET', r, f.status, 'pending', f.attempts, '0', f.started_at, '', f.finished_at, '')
+    redis.call('HSET', r, f.status, SS.pending, f.attempts, '0', f.started_at, '', f.finished_at, '')
     if i == from and forget ~= '1' then
       -- The stage keeps its memoised steps, and with them their cost and progress.
       redis.call('HDEL', r, f.output, f.error, f.next_attempt_at, f.reused_from)
@@ -622,36 +637,28 @@ function OPS.resume(id, expected, from_text, forget, inputs, budget)
   if inputs ~= '' then redis.call('HSET', r, 'inputs', inputs) end
   if budget ~= '' then redis.call('HSET', r, 'budget_usd', budget) end
   lease(id, false)
-  set_status(id, 'queued', status, q)
+  set_status(id, run_status, status, q)
   enqueue(id, now, q)
-  local name = redis.call('HGET', r, sf(from).name)
-  event(id, 'run_resumed', name, cjson.encode({ from_stage = name }))
+  events_in(id, redis.call('HGET', r, sf(from).name), ...)
   return 'ok'
 end
 
--- sweep limit: re-queue (or cancel) runs whose lease expired; answers their ids
-function OPS.sweep(limit)
-  flush()
-  local expired = redis.call('ZRANGEBYSCORE', K_LEASES, '-inf', str(now - 1), 'LIMIT', '0', limit)
-  local recovered = {}
-  for _, run_id in ipairs(expired) do
-    local r = k_run(run_id)
-    local v = redis.call('HMGET', r, 'status', 'lease_expires_at', 'cancel_requested', 'worker', 'queue')
-    lease(run_id, false)
-    if v[1] == 'running' and (tonumber(v[2]) or 0) < now then
-      redis.call('HSET', r, 'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
-      if v[3] == '1' then
-        set_status(run_id, 'cancelled', v[1], v[5])
-        event(run_id, 'run_cancelled', nil, '{"reason":"lease expired"}')
-      else
-        set_status(run_id, 'queued', v[1], v[5])
-        enqueue(run_id, now, v[5])
-        event(run_id, 'lease_recovered', nil, cjson.encode({ previous_worker = v[4] }))
-        recovered[#recovered + 1] = run_id
-      end
-    end
+-- expire id expires run_status requeue(1|0) events: 1 when the run's lease, read as `expires`,
+-- is still that lease and expired: the run gets the status decided for it (queued again, due
+-- now, with requeue 1); 0 when it changed meanwhile (renewed, released, finished).
+function OPS.expire(id, expires, run_status, requeue, ...)
+  local r = k_run(id)
+  local v = redis.call('HMGET', r, 'status', 'lease_expires_at', 'queue')
+  if v[1] ~= RS.running or v[2] ~= expires or (tonumber(v[2]) or 0) >= now then
+    if not v[1] or v[1] ~= RS.running then lease(id, false) end
+    return 0
   end
-  return recovered
+  redis.call('HSET', r, 'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
+  lease(id, false)
+  set_status(id, run_status, v[1], v[3])
+  if requeue == '1' then enqueue(id, now, v[3]) end
+  events_in(id, nil, ...)
+  return 1
 end
 
 -- purge cutoff_ms limit: delete runs finished before the cutoff; answers how many

@@ -25,7 +25,7 @@ use stagecraft_core::{
         self as core_store, Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, QueueDepth,
         ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition,
         RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus,
-        StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, to_datetime,
+        StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, kernel, to_datetime,
     },
 };
 
@@ -430,20 +430,21 @@ impl std::ops::DerefMut for WriteTx {
     }
 }
 
+/// Appends one of the kernel's events; `stage` is the name of the stage the change is about,
+/// which the event names when it is on that stage.
 async fn insert_event(
     tx: &mut WriteTx,
     run: RunId,
     at: Millis,
-    kind: &str,
+    event: &kernel::Event,
     stage: Option<&str>,
-    data: Value,
 ) -> StoreResult<()> {
     sqlx::query("INSERT INTO events (run_id, at, kind, stage, data) VALUES (?, ?, ?, ?, ?)")
         .bind(run.to_string())
         .bind(at)
-        .bind(kind)
-        .bind(stage)
-        .bind(data.to_string())
+        .bind(event.kind.as_str())
+        .bind(stage.filter(|_| event.on_stage))
+        .bind(event.data.to_string())
         .execute(&mut **tx)
         .await
         .db()?;
@@ -565,64 +566,6 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
             .map(to_datetime),
         reused_from: row.try_get("reused_from").db()?,
     })
-}
-
-/// What ending an attempt writes, by outcome: the stage's and the run's new state, and the
-/// events (kind, whether it names the stage) with their data.
-struct AttemptEnding {
-    stage_status: &'static str,
-    run_status: &'static str,
-    /// Stored on the stage, and on the run when it fails.
-    error: Option<String>,
-    finished_at: Option<Millis>,
-    /// When the run may be claimed again (retry: after the backoff; release: now).
-    available_at: Option<Millis>,
-    events: Vec<(&'static str, bool)>,
-    data: Value,
-}
-
-impl AttemptEnding {
-    fn of(outcome: &StageOutcome, now: Millis) -> Self {
-        match outcome {
-            StageOutcome::Retry { error, delay } => Self {
-                stage_status: "retrying",
-                run_status: "retrying",
-                error: Some(json_text(error)),
-                finished_at: None,
-                available_at: Some(now + delay.as_millis() as i64),
-                events: vec![("retry_scheduled", true)],
-                data: json!({"delay_ms": delay.as_millis() as u64, "error": error}),
-            },
-            StageOutcome::Fail { error } => Self {
-                stage_status: "failed",
-                run_status: "failed",
-                error: Some(json_text(error)),
-                finished_at: Some(now),
-                available_at: None,
-                events: vec![("stage_failed", true), ("run_failed", false)],
-                data: json!({"error": error}),
-            },
-            StageOutcome::Cancelled => Self {
-                stage_status: "cancelled",
-                run_status: "cancelled",
-                error: None,
-                finished_at: Some(now),
-                available_at: None,
-                events: vec![("run_cancelled", true)],
-                data: json!({}),
-            },
-            // This store's claims start no stage, so nothing was counted to take back.
-            StageOutcome::Abandoned | StageOutcome::Unstarted => Self {
-                stage_status: "pending",
-                run_status: "queued",
-                error: None,
-                finished_at: None,
-                available_at: Some(now),
-                events: vec![("run_released", true)],
-                data: json!({}),
-            },
-        }
-    }
 }
 
 /// Resets stages from `from` on to pending for a resume. With `keep_steps`, stage `from` keeps
@@ -823,7 +766,11 @@ impl RunStore for SqliteStore {
                     seq: row.try_get("seq").db()?,
                     run_id: run,
                     at: to_datetime(row.try_get("at").db()?),
-                    kind: row.try_get("kind").db()?,
+                    kind: {
+                        let kind: String = row.try_get("kind").db()?;
+                        kernel::EventKind::parse(&kind)
+                            .ok_or_else(|| StoreError::Corrupt(format!("event kind {kind}")))?
+                    },
                     stage: row.try_get("stage").db()?,
                     data: parse_json(Some(row.try_get("data").db()?), "event data")?
                         .unwrap_or(Value::Null),
@@ -1123,15 +1070,7 @@ impl SqliteStore {
             .await
             .db()?;
         }
-        insert_event(
-            &mut tx,
-            run.id,
-            now,
-            "run_queued",
-            None,
-            json!({"queue": run.queue}),
-        )
-        .await?;
+        insert_event(&mut tx, run.id, now, &kernel::queued(&run.queue), None).await?;
         // The record as this transaction wrote it: once it is committed, the answer cannot fail.
         let record = read_run(&mut tx, run.id)
             .await?
@@ -1191,17 +1130,21 @@ impl SqliteStore {
             .collect::<StoreResult<Vec<_>>>()?;
         let started: Vec<Value> = runs
             .iter()
-            .map(|run| json!({"run_id": run.id.to_string(), "data": {"worker": worker.as_str(), "fence": run.fence.0}}))
+            .map(|run| {
+                let event = kernel::run_started(worker.as_str(), run.fence);
+                json!({"run_id": run.id.to_string(), "kind": event.kind.as_str(), "data": event.data})
+            })
             .collect();
         sqlx::query(
             "INSERT INTO events (run_id, at, kind, stage, data) \
-             SELECT json_extract(value, '$.run_id'), ?1, 'run_started', NULL, json_extract(value, '$.data') \
-             FROM json_each(?2)",
+             SELECT json_extract(value, '$.run_id'), ?1, json_extract(value, '$.kind'), NULL, \
+             json_extract(value, '$.data') FROM json_each(?2)",
         )
         .bind(now)
         .bind(Value::Array(started).to_string())
         .execute(&mut *tx)
-        .await.db()?;
+        .await
+        .db()?;
         tx.commit().await.db()?;
         runs.sort_by_key(|run| run.id);
         let ids: Vec<String> = runs.iter().map(|run| run.id.to_string()).collect();
@@ -1277,9 +1220,8 @@ impl SqliteStore {
             &mut tx,
             lease.run_id,
             now,
-            "stage_started",
+            &kernel::stage_started(attempt),
             Some(&name),
-            json!({"attempt": attempt}),
         )
         .await?;
         tx.commit().await.db()?;
@@ -1338,9 +1280,8 @@ impl SqliteStore {
                 &mut tx,
                 lease.run_id,
                 now,
-                "step_completed",
+                &kernel::step_completed(step, progress),
                 Some(&name),
-                json!({"step": step.key, "done": progress.done, "total": progress.total, "cost_usd": step.cost_usd}),
             )
             .await?;
         }
@@ -1355,17 +1296,18 @@ impl SqliteStore {
         checkpoint: StageCheckpoint,
     ) -> StoreResult<()> {
         let now = self.now();
+        let commit = kernel::commit(&checkpoint);
         let mut tx = self.begin().await?;
-        // The fence check, the run's cost and (on the last stage) its completion: one statement.
+        // The fence check, the run's cost and (when it completes) its end: one statement.
         let fenced = sqlx::query(
             "UPDATE runs SET updated_at = ?1, cost_usd = cost_usd + ?2, \
-             status = CASE WHEN ?3 IS NULL THEN status ELSE 'completed' END, \
-             result = CASE WHEN ?3 IS NULL THEN result ELSE ?3 END, \
-             error = CASE WHEN ?3 IS NULL THEN error ELSE NULL END, \
-             finished_at = CASE WHEN ?3 IS NULL THEN finished_at ELSE ?1 END, \
-             current_stage = CASE WHEN ?3 IS NULL THEN current_stage ELSE NULL END, \
-             lease_owner = CASE WHEN ?3 IS NULL THEN lease_owner ELSE NULL END, \
-             lease_expires_at = CASE WHEN ?3 IS NULL THEN lease_expires_at ELSE NULL END \
+             status = CASE WHEN ?7 THEN ?8 ELSE status END, \
+             result = CASE WHEN ?7 THEN ?3 ELSE result END, \
+             error = CASE WHEN ?7 THEN NULL ELSE error END, \
+             finished_at = CASE WHEN ?7 THEN ?1 ELSE finished_at END, \
+             current_stage = CASE WHEN ?7 THEN NULL ELSE current_stage END, \
+             lease_owner = CASE WHEN ?7 THEN NULL ELSE lease_owner END, \
+             lease_expires_at = CASE WHEN ?7 THEN NULL ELSE lease_expires_at END \
              WHERE id = ?4 AND fence = ?5 AND lease_owner = ?6",
         )
         .bind(now)
@@ -1374,6 +1316,8 @@ impl SqliteStore {
         .bind(lease.run_id.to_string())
         .bind(lease.fence.0)
         .bind(lease.worker.as_str())
+        .bind(commit.completes_run)
+        .bind(RunStatus::Completed.as_str())
         .execute(&mut *tx)
         .await
         .db()?
@@ -1382,10 +1326,11 @@ impl SqliteStore {
             return Err(tx.refuse(lease).await);
         }
         let name: String = sqlx::query(
-            "UPDATE stages SET status = 'completed', finished_at = ?, output = ?, artifacts = ?, \
+            "UPDATE stages SET status = ?, finished_at = ?, output = ?, artifacts = ?, \
              cost_usd = cost_usd + ?, error = NULL, next_attempt_at = NULL, reused_from = ? \
              WHERE run_id = ? AND idx = ? RETURNING name",
         )
+        .bind(StageStatus::Completed.as_str())
         .bind(now)
         .bind(checkpoint.output.to_string())
         .bind(json_text(&checkpoint.artifacts))
@@ -1399,26 +1344,9 @@ impl SqliteStore {
         .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
         .try_get("name")
         .db()?;
-        let mut stage_data =
-            json!({"cost_usd": checkpoint.cost_usd, "artifacts": checkpoint.artifacts});
-        if let Some(source) = checkpoint.reused_from {
-            stage_data["reused_from"] = json!(source.to_string());
+        for event in &commit.events {
+            insert_event(&mut tx, lease.run_id, now, event, Some(&name)).await?;
         }
-        let stage_data = stage_data.to_string();
-        let events = if checkpoint.run_result.is_some() {
-            "INSERT INTO events (run_id, at, kind, stage, data) VALUES \
-             (?1, ?2, 'stage_completed', ?3, ?4), (?1, ?2, 'run_completed', NULL, '{}')"
-        } else {
-            "INSERT INTO events (run_id, at, kind, stage, data) VALUES (?1, ?2, 'stage_completed', ?3, ?4)"
-        };
-        sqlx::query(events)
-            .bind(lease.run_id.to_string())
-            .bind(now)
-            .bind(&name)
-            .bind(stage_data)
-            .execute(&mut *tx)
-            .await
-            .db()?;
         tx.commit().await.db()?;
         Ok(())
     }
@@ -1430,20 +1358,17 @@ impl SqliteStore {
         outcome: StageOutcome,
     ) -> StoreResult<()> {
         let now = self.now();
-        let ending = AttemptEnding::of(&outcome, now);
+        let end = kernel::attempt_end(&outcome);
+        let later = |delay: Option<Duration>| delay.map(|d| now + d.as_millis() as i64);
         let mut tx = self.begin_fenced(lease).await?;
         let name: String = sqlx::query(
             "UPDATE stages SET status = ?, error = ?, finished_at = ?, next_attempt_at = ? \
              WHERE run_id = ? AND idx = ? RETURNING name",
         )
-        .bind(ending.stage_status)
-        .bind(&ending.error)
-        .bind(ending.finished_at)
-        .bind(
-            ending
-                .available_at
-                .filter(|_| ending.run_status == "retrying"),
-        )
+        .bind(end.stage.as_str())
+        .bind(end.stage_error.as_ref().map(json_text))
+        .bind(end.stage_finished.then_some(now))
+        .bind(later(end.next_attempt_in))
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
         .fetch_optional(&mut *tx)
@@ -1456,24 +1381,16 @@ impl SqliteStore {
             "UPDATE runs SET status = ?, error = COALESCE(?, error), finished_at = ?, \
              available_at = COALESCE(?, available_at), lease_owner = NULL, lease_expires_at = NULL WHERE id = ?",
         )
-        .bind(ending.run_status)
-        .bind(&ending.error)
-        .bind(ending.finished_at)
-        .bind(ending.available_at)
+        .bind(end.run.as_str())
+        .bind(end.run_error.as_ref().map(json_text))
+        .bind(end.finishes_run().then_some(now))
+        .bind(later(end.due_in))
         .bind(lease.run_id.to_string())
         .execute(&mut *tx)
-        .await.db()?;
-        for (kind, on_stage) in ending.events {
-            let stage_name = on_stage.then_some(name.as_str());
-            insert_event(
-                &mut tx,
-                lease.run_id,
-                now,
-                kind,
-                stage_name,
-                ending.data.clone(),
-            )
-            .await?;
+        .await
+        .db()?;
+        for event in &end.events {
+            insert_event(&mut tx, lease.run_id, now, event, Some(&name)).await?;
         }
         tx.commit().await.db()?;
         self.work_available.notify_waiters();
@@ -1482,25 +1399,20 @@ impl SqliteStore {
 
     async fn fail_run_now(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
         let now = self.now();
+        let (status, event) = kernel::run_failed(&error);
         let mut tx = self.begin_fenced(lease).await?;
         sqlx::query(
-            "UPDATE runs SET status = 'failed', error = ?, finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
+            "UPDATE runs SET status = ?, error = ?, finished_at = ?, lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ?",
         )
+        .bind(status.as_str())
         .bind(json_text(&error))
         .bind(now)
         .bind(lease.run_id.to_string())
         .execute(&mut *tx)
-        .await.db()?;
-        insert_event(
-            &mut tx,
-            lease.run_id,
-            now,
-            "run_failed",
-            None,
-            json!({"error": error}),
-        )
-        .await?;
+        .await
+        .db()?;
+        insert_event(&mut tx, lease.run_id, now, &event, None).await?;
         tx.commit().await.db()?;
         Ok(())
     }
@@ -1517,42 +1429,46 @@ impl SqliteStore {
         let status: String = row.try_get("status").db()?;
         let status = RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?;
-        match status {
-            RunStatus::Queued | RunStatus::Retrying => {
-                sqlx::query(
-                    "UPDATE runs SET status = 'cancelled', cancel_requested = 1, finished_at = ?, updated_at = ? \
-                     WHERE id = ?",
-                )
-                .bind(now)
-                .bind(now)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await.db()?;
-                sqlx::query(
-                    "UPDATE stages SET status = 'cancelled', finished_at = ?, next_attempt_at = NULL \
-                     WHERE run_id = ? AND status = 'retrying'",
-                )
-                .bind(now)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await.db()?;
-                insert_event(&mut tx, id, now, "run_cancelled", None, json!({})).await?;
+        let decided = match kernel::cancel(id, status) {
+            Ok(decided) => decided,
+            Err(refused) => {
+                tx.rollback().await.db()?;
+                return Err(refused);
             }
-            RunStatus::Running => {
+        };
+        match decided {
+            kernel::Cancel::Now { run, event } => {
+                sqlx::query(
+                    "UPDATE runs SET status = ?, cancel_requested = 1, finished_at = ?2, updated_at = ?2 \
+                     WHERE id = ?3",
+                )
+                .bind(run.as_str())
+                .bind(now)
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .db()?;
+                sqlx::query(
+                    "UPDATE stages SET status = ?, finished_at = ?, next_attempt_at = NULL \
+                     WHERE run_id = ? AND status = ?",
+                )
+                .bind(StageStatus::Cancelled.as_str())
+                .bind(now)
+                .bind(id.to_string())
+                .bind(StageStatus::Retrying.as_str())
+                .execute(&mut *tx)
+                .await
+                .db()?;
+                insert_event(&mut tx, id, now, &event, None).await?;
+            }
+            kernel::Cancel::Requested { event } => {
                 sqlx::query("UPDATE runs SET cancel_requested = 1, updated_at = ? WHERE id = ?")
                     .bind(now)
                     .bind(id.to_string())
                     .execute(&mut *tx)
                     .await
                     .db()?;
-                insert_event(&mut tx, id, now, "cancel_requested", None, json!({})).await?;
-            }
-            finished => {
-                tx.rollback().await.db()?;
-                return Err(StoreError::Conflict(format!(
-                    "run {id} is already {}; only queued, retrying or running runs can be cancelled",
-                    finished.as_str()
-                )));
+                insert_event(&mut tx, id, now, &event, None).await?;
             }
         }
         let record = read_run(&mut tx, id)
@@ -1574,12 +1490,15 @@ impl SqliteStore {
         let forget_steps = matches!(from, FromStage::Named(_));
         let mut tx = self.begin().await?;
         // The status check again, inside the write lock: a concurrent resume may have won.
+        let from_name = run.stages[from_idx].name.clone();
+        let (status, event) = kernel::resumed(&from_name);
         let updated = sqlx::query(
-            "UPDATE runs SET status = 'queued', available_at = ?, updated_at = ?, result = NULL, error = NULL, \
+            "UPDATE runs SET status = ?, available_at = ?, updated_at = ?, result = NULL, error = NULL, \
              finished_at = NULL, cancel_requested = 0, current_stage = NULL, lease_owner = NULL, lease_expires_at = NULL, \
              inputs = COALESCE(?, inputs), budget_usd = COALESCE(?, budget_usd) \
              WHERE id = ? AND status = ?",
         )
+        .bind(status.as_str())
         .bind(now)
         .bind(now)
         .bind(changes.inputs.as_ref().map(|inputs| inputs.to_string()))
@@ -1604,16 +1523,7 @@ impl SqliteStore {
                 .await
                 .db()?;
         }
-        let from_name = run.stages[from_idx].name.clone();
-        insert_event(
-            &mut tx,
-            id,
-            now,
-            "run_resumed",
-            Some(&from_name),
-            json!({"from_stage": from_name}),
-        )
-        .await?;
+        insert_event(&mut tx, id, now, &event, Some(&from_name)).await?;
         let record = read_run(&mut tx, id)
             .await?
             .ok_or(StoreError::NotFound(id))?;
@@ -1636,52 +1546,41 @@ impl SqliteStore {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        let cancelled = sqlx::query(
-            "UPDATE runs SET status = 'cancelled', finished_at = ?1, updated_at = ?1, lease_owner = NULL, \
-             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1 AND cancel_requested = 1 \
-             RETURNING id",
+        let expired = sqlx::query(
+            "SELECT id, worker, cancel_requested FROM runs WHERE status = ?1 AND lease_expires_at < ?2 \
+             ORDER BY lease_expires_at LIMIT ?3",
         )
+        .bind(RunStatus::Running.as_str())
         .bind(now)
+        .bind(core_store::SWEEP_BATCH as i64)
         .fetch_all(&mut *tx)
-        .await.db()?;
-        for row in &cancelled {
+        .await
+        .db()?;
+        let mut recovered = Vec::with_capacity(expired.len());
+        for row in &expired {
             let id: String = row.try_get("id").db()?;
-            if let Some(id) = RunId::parse(&id) {
-                insert_event(
-                    &mut tx,
-                    id,
-                    now,
-                    "run_cancelled",
-                    None,
-                    json!({"reason": "lease expired"}),
-                )
-                .await?;
-            }
-        }
-        let rows = sqlx::query(
-            "UPDATE runs SET status = 'queued', available_at = ?1, updated_at = ?1, lease_owner = NULL, \
-             lease_expires_at = NULL WHERE status = 'running' AND lease_expires_at < ?1 RETURNING id, worker",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await.db()?;
-        let mut recovered = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let id: String = row.try_get("id").db()?;
-            let worker: Option<String> = row.try_get("worker").db()?;
             let Some(id) = RunId::parse(&id) else {
                 continue;
             };
-            insert_event(
-                &mut tx,
-                id,
-                now,
-                "lease_recovered",
-                None,
-                json!({"previous_worker": worker}),
+            let worker: Option<String> = row.try_get("worker").db()?;
+            let cancel_requested = row.try_get::<i64, _>("cancel_requested").db()? != 0;
+            let expiry = kernel::lease_expired(cancel_requested, worker.as_deref());
+            sqlx::query(
+                "UPDATE runs SET status = ?1, updated_at = ?2, lease_owner = NULL, lease_expires_at = NULL, \
+                 finished_at = CASE WHEN ?3 THEN finished_at ELSE ?2 END, \
+                 available_at = CASE WHEN ?3 THEN ?2 ELSE available_at END WHERE id = ?4",
             )
-            .await?;
-            recovered.push(id);
+            .bind(expiry.run.as_str())
+            .bind(now)
+            .bind(expiry.requeue)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await
+            .db()?;
+            insert_event(&mut tx, id, now, &expiry.event, None).await?;
+            if expiry.requeue {
+                recovered.push(id);
+            }
         }
         tx.commit().await.db()?;
         if !recovered.is_empty() {

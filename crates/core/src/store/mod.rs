@@ -9,6 +9,8 @@
 //! [`RunStore`] is the boundary; each store is a crate of its own (`stagecraft-store-sqlite`,
 //! the embedded one, and `stagecraft-store-redis`).
 
+pub mod kernel;
+
 use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
@@ -161,6 +163,15 @@ pub enum StageStatus {
 }
 
 impl StageStatus {
+    pub const ALL: [StageStatus; 6] = [
+        Self::Pending,
+        Self::Running,
+        Self::Retrying,
+        Self::Completed,
+        Self::Failed,
+        Self::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "pending",
@@ -173,16 +184,7 @@ impl StageStatus {
     }
 
     pub fn parse(text: &str) -> Option<Self> {
-        [
-            Self::Pending,
-            Self::Running,
-            Self::Retrying,
-            Self::Completed,
-            Self::Failed,
-            Self::Cancelled,
-        ]
-        .into_iter()
-        .find(|s| s.as_str() == text)
+        Self::ALL.into_iter().find(|s| s.as_str() == text)
     }
 }
 
@@ -449,9 +451,7 @@ pub struct RunEvent {
     pub seq: i64,
     pub run_id: RunId,
     pub at: DateTime<Utc>,
-    /// e.g. `run_queued`, `stage_started`, `step_completed`, `stage_completed`, `retry_scheduled`,
-    /// `stage_failed`, `run_completed`, `run_failed`, `run_cancelled`, `lease_recovered`.
-    pub kind: String,
+    pub kind: kernel::EventKind,
     pub stage: Option<String>,
     pub data: Value,
 }
@@ -487,6 +487,9 @@ pub struct WorkerInfo {
 
 /// Most runs one `purge_finished` call deletes.
 pub const PURGE_BATCH: u64 = 500;
+
+/// Most expired leases one `sweep_expired_leases` call handles.
+pub const SWEEP_BATCH: u64 = 500;
 
 /// How long a worker may miss heartbeats before it is no longer listed.
 pub const WORKER_STALE_AFTER: Duration = Duration::from_secs(30);
