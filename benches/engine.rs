@@ -630,7 +630,7 @@ async fn checkpoint_commit(
         let checkpoint = StageCheckpoint {
             output: json!({"ok": true}),
             artifacts: vec![],
-            cost_usd: 0.0,
+            cost_usd: stagecraft::money::Usd::ZERO,
             run_result: Some(json!({})),
             reused_from: None,
         };

@@ -20,6 +20,7 @@ use crate::{
     http::{self, AppState},
     ids::WorkerId,
     metrics::Metrics,
+    module::Observers,
     queue::{self, ClaimSettings},
     shutdown,
     store::{SharedStore, redis::RedisStore, sqlite::SqliteStore},
@@ -329,15 +330,6 @@ fn guard_role(config: &Config, role: &Role) -> anyhow::Result<()> {
 }
 
 /// ffmpeg's availability for `/health`: probed now, then at most once a minute.
-async fn ffmpeg_check(config: &Config) -> http::ToolCheck {
-    let media = crate::studio::media::Media::new(&config.studio);
-    http::ToolCheck::start(move || {
-        let media = media.clone();
-        async move { media.check().await }
-    })
-    .await
-}
-
 /// Binds the API's address and says where it listens.
 async fn bind_api(config: &Config, backend: &str) -> anyhow::Result<TcpListener> {
     let address = std::net::SocketAddr::new(config.host, config.port);
@@ -386,7 +378,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             catalog.clone(),
             config.clone(),
             artifacts.clone(),
-            ffmpeg_check(&config).await,
+            http::Tenants::of(&modules).await,
         );
         let listener = bind_api(&config, store.backend_name()).await?;
         let stop = shutdown.clone();
@@ -426,6 +418,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             },
             worker: WorkerId::for_this_process(role_name),
             metrics: metrics.clone(),
+            observers: Observers::of(&modules),
             stopping: CancellationToken::new(),
             abandon: CancellationToken::new(),
             running: Default::default(),

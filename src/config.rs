@@ -69,16 +69,17 @@
 use std::{
     net::IpAddr,
     path::{Path, PathBuf},
-    str::FromStr,
     time::Duration,
 };
 
 use secrecy::{ExposeSecret, SecretString};
+pub use stagecraft_core::settings::ConfigError;
+use stagecraft_core::settings::Vars;
 
 pub use stagecraft_awo::settings::{AgentUser, AwoSettings};
 pub use stagecraft_core::store::ProviderMode;
 pub use stagecraft_store_sqlite::sqlite_url_for;
-pub use stagecraft_studio::settings::{LiveSettings, StudioSettings};
+pub use stagecraft_studio::settings::{LiveSettings, SpeechProvider, StudioSettings};
 
 use crate::{engine::RetryPolicy, process::BaseEnv, secrets::Scrubber};
 
@@ -93,16 +94,6 @@ const BASE_ENV_VARIABLES: [&str; 9] = [
     "TMPDIR",
     "SSL_CERT_FILE",
     "SSL_CERT_DIR",
-];
-
-/// Proxy settings, for the subprocesses that reach the network.
-const NETWORK_ENV_VARIABLES: [&str; 6] = [
-    "HTTPS_PROXY",
-    "HTTP_PROXY",
-    "NO_PROXY",
-    "https_proxy",
-    "http_proxy",
-    "no_proxy",
 ];
 
 /// Everything the processes need to know about their deployment.
@@ -223,15 +214,6 @@ impl BackendKind {
     }
 }
 
-/// A variable that is set but does not parse.
-#[derive(Debug, thiserror::Error)]
-#[error("configuration variable {variable} has an invalid value {value:?}: {reason}")]
-pub struct ConfigError {
-    pub variable: &'static str,
-    pub value: String,
-    pub reason: String,
-}
-
 impl Config {
     /// Reads the process environment, and `.env` (if present) for variables the environment
     /// does not set. `.env` is read into the configuration only, never into the environment.
@@ -289,51 +271,100 @@ impl Config {
         Scrubber::new(values)
     }
 
-    /// Builds the configuration from any lookup function, so tests can pass a map.
+    /// Builds the configuration from any lookup function, so tests can pass a map. Each
+    /// variable's default is written once, where it is read (the tenants read their own).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let vars = Vars { lookup: &lookup };
+        let vars = Vars::new(&lookup);
         let env = vars.parse_with("ENV", Environment::Development, |v| match v {
             "development" | "dev" => Ok(Environment::Development),
             "production" | "prod" => Ok(Environment::Production),
             _ => Err("expected development or production".to_owned()),
         })?;
         let development = env == Environment::Development;
-        let debug = vars.parse_with("DEBUG", development, parse_bool)?;
-        let log_level = vars
-            .string("LOG_LEVEL")
-            .unwrap_or_else(|| "info".to_owned());
-        let default_format = if development {
-            LogFormat::Pretty
-        } else {
-            LogFormat::Json
-        };
-        let log_format = vars.parse_with("LOG_FORMAT", default_format, |v| match v {
-            "pretty" | "text" => Ok(LogFormat::Pretty),
-            "json" => Ok(LogFormat::Json),
-            _ => Err("expected pretty or json".to_owned()),
+        let log_format = vars.parse_with(
+            "LOG_FORMAT",
+            if development {
+                LogFormat::Pretty
+            } else {
+                LogFormat::Json
+            },
+            |v| match v {
+                "pretty" | "text" => Ok(LogFormat::Pretty),
+                "json" => Ok(LogFormat::Json),
+                _ => Err("expected pretty or json".to_owned()),
+            },
+        )?;
+        let provider_mode = vars.parse_with("PROVIDER_MODE", ProviderMode::Mock, |v| {
+            ProviderMode::parse(v).ok_or_else(|| "expected mock or live".to_owned())
         })?;
-        let provider_mode = vars.parse_with("PROVIDER_MODE", ProviderMode::Mock, |v| match v {
-            "mock" => Ok(ProviderMode::Mock),
-            "live" => Ok(ProviderMode::Live),
-            _ => Err("expected mock or live".to_owned()),
-        })?;
-        let artifact_dir = vars
-            .path("ARTIFACT_DIR")
-            .unwrap_or_else(|| PathBuf::from("./artifacts"));
-        let data_dir = vars
-            .path("DATA_DIR")
-            .unwrap_or_else(|| PathBuf::from("./data"));
+        let data_dir = vars.path_or("DATA_DIR", "./data");
+        let store = StoreSettings::from_vars(&vars, &data_dir)?;
+        let (api_token, api_token_readonly) = tokens(&vars)?;
+        let base_env = vars.environment(&BASE_ENV_VARIABLES);
+        let studio = StudioSettings::from_vars(&vars, &base_env)?;
+        let mut awo = AwoSettings::from_vars(&vars, &data_dir, &base_env)?;
+        awo.require_agent_isolation = env == Environment::Production;
+        Ok(Self {
+            env,
+            debug: vars.flag("DEBUG", development)?,
+            log_level: vars.text("LOG_LEVEL", "info"),
+            log_format,
+            provider_mode,
+            artifact_dir: vars.path_or("ARTIFACT_DIR", "./artifacts"),
+            backend: store.backend,
+            database_url: store.database_url,
+            redis_url: store.redis_url,
+            redis_prefix: store.redis_prefix,
+            host: vars.parse("HOST", IpAddr::from([127, 0, 0, 1]))?,
+            port: vars.parse("PORT", 8000u16)?,
+            worker_concurrency: vars.parse_in("WORKER_CONCURRENCY", 4, 1, 1024)? as usize,
+            worker_threads: vars.parse_in("WORKER_THREADS", 1, 1, 256)? as usize,
+            lease_ttl: vars.secs("LEASE_TTL_SECS", 10, 1, 86_400)?,
+            sweep_interval: vars.millis("SWEEP_INTERVAL_MS", 5000, 1, 86_400_000)?,
+            poll_interval: vars.millis("POLL_INTERVAL_MS", 20, 1, 60_000)?,
+            shutdown_grace: vars.secs("SHUTDOWN_GRACE_SECS", 30, 0, 86_400)?,
+            default_retry: RetryPolicy {
+                max_attempts: vars.parse_in("STAGE_MAX_ATTEMPTS", 3, 1, 100)? as u32,
+                base_delay: vars.millis("RETRY_BASE_MS", 1000, 0, 86_400_000)?,
+                max_delay: vars.millis("RETRY_MAX_MS", 60_000, 0, 86_400_000)?,
+                timeout: vars.secs("STAGE_TIMEOUT_SECS", 3600, 1, 604_800)?,
+            },
+            api_token,
+            api_token_readonly,
+            allow_unauthenticated: vars.flag("ALLOW_UNAUTHENTICATED", false)?,
+            cors: parse_cors(vars.string("CORS_ORIGINS"))?,
+            max_event_streams: vars.parse_in("MAX_EVENT_STREAMS", 1000, 1, 100_000)? as usize,
+            max_sync_waits: vars.parse_in("MAX_SYNC_WAITS", 256, 1, 100_000)? as usize,
+            base_env,
+            run_retention: vars.secs("RUN_RETENTION_DAYS", 7, 1, 36_500)? * 86_400,
+            max_body_bytes: vars.parse_in("MAX_BODY_BYTES", 1 << 20, 1024, 64 << 20)? as usize,
+            sync_wait: vars.secs("SYNC_WAIT_SECS", 30, 0, 3600)?,
+            api_url: vars.base_url("STAGECRAFT_URL", "http://127.0.0.1:8000"),
+            studio,
+            awo,
+        })
+    }
+}
+
+/// Where runs are stored.
+struct StoreSettings {
+    backend: BackendKind,
+    database_url: String,
+    redis_url: SecretString,
+    redis_prefix: String,
+}
+
+impl StoreSettings {
+    fn from_vars(vars: &Vars<'_>, data_dir: &Path) -> Result<Self, ConfigError> {
         let backend = vars.parse_with("QUEUE_BACKEND", BackendKind::Sqlite, |v| match v {
             "sqlite" => Ok(BackendKind::Sqlite),
             "redis" => Ok(BackendKind::Redis),
             _ => Err("expected sqlite or redis".to_owned()),
         })?;
-        let redis_url = vars
-            .string("REDIS_URL")
-            .unwrap_or_else(|| "redis://127.0.0.1:6379".to_owned());
-        if !(redis_url.starts_with("redis://")
-            || redis_url.starts_with("rediss://")
-            || redis_url.starts_with("unix://"))
+        let redis_url = vars.text("REDIS_URL", "redis://127.0.0.1:6379");
+        if !["redis://", "rediss://", "unix://"]
+            .iter()
+            .any(|scheme| redis_url.starts_with(scheme))
         {
             return Err(ConfigError {
                 variable: "REDIS_URL",
@@ -341,10 +372,6 @@ impl Config {
                 reason: "expected a redis://, rediss:// or unix:// URL".to_owned(),
             });
         }
-        let redis_url = SecretString::from(redis_url);
-        let redis_prefix = vars
-            .string("REDIS_KEY_PREFIX")
-            .unwrap_or_else(|| "stagecraft:".to_owned());
         let database_url = vars
             .string("DATABASE_URL")
             .unwrap_or_else(|| sqlite_url_for(&data_dir.join("stagecraft.db")));
@@ -355,266 +382,34 @@ impl Config {
                 reason: "expected a sqlite: URL".to_owned(),
             });
         }
-        let host = vars.parse("HOST", IpAddr::from([127, 0, 0, 1]))?;
-        let port = vars.parse("PORT", 8000u16)?;
-        let worker_concurrency = vars.parse_in("WORKER_CONCURRENCY", 4, 1, 1024)? as usize;
-        let worker_threads = vars.parse_in("WORKER_THREADS", 1, 1, 256)? as usize;
-        let lease_ttl = Duration::from_secs(vars.parse_in("LEASE_TTL_SECS", 10, 1, 86_400)?);
-        let sweep_interval =
-            Duration::from_millis(vars.parse_in("SWEEP_INTERVAL_MS", 5000, 1, 86_400_000)?);
-        let poll_interval =
-            Duration::from_millis(vars.parse_in("POLL_INTERVAL_MS", 20, 1, 60_000)?);
-        let shutdown_grace =
-            Duration::from_secs(vars.parse_in("SHUTDOWN_GRACE_SECS", 30, 0, 86_400)?);
-        let default_retry = RetryPolicy {
-            max_attempts: vars.parse_in("STAGE_MAX_ATTEMPTS", 3, 1, 100)? as u32,
-            base_delay: Duration::from_millis(vars.parse_in(
-                "RETRY_BASE_MS",
-                1000,
-                0,
-                86_400_000,
-            )?),
-            max_delay: Duration::from_millis(vars.parse_in(
-                "RETRY_MAX_MS",
-                60_000,
-                0,
-                86_400_000,
-            )?),
-            timeout: Duration::from_secs(vars.parse_in("STAGE_TIMEOUT_SECS", 3600, 1, 604_800)?),
-        };
-        let api_token = vars.secret("API_TOKEN");
-        let api_token_readonly = vars.secret("API_TOKEN_READONLY");
-        if let (Some(full), Some(read_only)) = (&api_token, &api_token_readonly) {
-            if full.expose_secret() == read_only.expose_secret() {
-                return Err(ConfigError {
-                    variable: "API_TOKEN_READONLY",
-                    value: "***".to_owned(),
-                    reason: "must differ from API_TOKEN".to_owned(),
-                });
-            }
-        }
-        if api_token_readonly.is_some() && api_token.is_none() {
-            return Err(ConfigError {
-                variable: "API_TOKEN_READONLY",
-                value: "***".to_owned(),
-                reason: "needs API_TOKEN too (the read-only token is a second, weaker token)"
-                    .to_owned(),
-            });
-        }
-        let allow_unauthenticated = vars.parse_with("ALLOW_UNAUTHENTICATED", false, parse_bool)?;
-        let cors = parse_cors(vars.string("CORS_ORIGINS"))?;
-        let max_event_streams = vars.parse_in("MAX_EVENT_STREAMS", 1000, 1, 100_000)? as usize;
-        let max_sync_waits = vars.parse_in("MAX_SYNC_WAITS", 256, 1, 100_000)? as usize;
-        let run_retention =
-            Duration::from_secs(vars.parse_in("RUN_RETENTION_DAYS", 7, 1, 36_500)? * 86_400);
-        let max_body_bytes =
-            vars.parse_in("MAX_BODY_BYTES", 1_048_576, 1024, 64 * 1024 * 1024)? as usize;
-        let sync_wait = Duration::from_secs(vars.parse_in("SYNC_WAIT_SECS", 30, 0, 3600)?);
-        let base_env = vars.environment(&BASE_ENV_VARIABLES);
-        let api_url = vars
-            .string("STAGECRAFT_URL")
-            .unwrap_or_else(|| "http://127.0.0.1:8000".to_owned())
-            .trim_end_matches('/')
-            .to_owned();
-        let studio = studio_settings(&vars, &base_env)?;
-        let mut awo = awo_settings(&vars, &data_dir, &base_env)?;
-        awo.require_agent_isolation = env == Environment::Production;
         Ok(Self {
-            env,
-            debug,
-            log_level,
-            log_format,
-            provider_mode,
-            artifact_dir,
             backend,
             database_url,
-            redis_url,
-            redis_prefix,
-            host,
-            port,
-            worker_concurrency,
-            worker_threads,
-            lease_ttl,
-            sweep_interval,
-            poll_interval,
-            shutdown_grace,
-            default_retry,
-            api_token,
-            api_token_readonly,
-            allow_unauthenticated,
-            cors,
-            max_event_streams,
-            max_sync_waits,
-            base_env,
-            run_retention,
-            max_body_bytes,
-            sync_wait,
-            api_url,
-            studio,
-            awo,
+            redis_url: SecretString::from(redis_url),
+            redis_prefix: vars.text("REDIS_KEY_PREFIX", "stagecraft:"),
         })
     }
 }
 
-/// The studio's media tools, mock latency and live providers.
-fn studio_settings(vars: &Vars<'_>, base_env: &BaseEnv) -> Result<StudioSettings, ConfigError> {
-    Ok(StudioSettings {
-        base_env: base_env.clone(),
-        ffmpeg: vars
-            .path("FFMPEG_PATH")
-            .unwrap_or_else(|| PathBuf::from("ffmpeg")),
-        ffprobe: vars
-            .path("FFPROBE_PATH")
-            .unwrap_or_else(|| PathBuf::from("ffprobe")),
-        media_timeout: Duration::from_secs(vars.parse_in("MEDIA_TIMEOUT_SECS", 300, 1, 86_400)?),
-        mock_latency: Duration::from_millis(vars.parse_in(
-            "MOCK_PROVIDER_LATENCY_MS",
-            0,
-            0,
-            3_600_000,
-        )?),
-        live: LiveSettings {
-            anthropic_key: vars.secret("ANTHROPIC_API_KEY"),
-            anthropic_base_url: vars
-                .string("ANTHROPIC_BASE_URL")
-                .unwrap_or_else(|| "https://api.anthropic.com".to_owned())
-                .trim_end_matches('/')
-                .to_owned(),
-            anthropic_model: vars
-                .string("ANTHROPIC_MODEL")
-                .unwrap_or_else(|| "claude-sonnet-4-5".to_owned()),
-            timeout: Duration::from_secs(vars.parse_in("PROVIDER_TIMEOUT_SECS", 120, 1, 86_400)?),
-            max_retries: vars.parse_in("PROVIDER_MAX_RETRIES", 4, 0, 20)? as u32,
-            text_input_price: vars.price("PRICE_TEXT_INPUT_PER_MTOK", 3.0)?,
-            text_output_price: vars.price("PRICE_TEXT_OUTPUT_PER_MTOK", 15.0)?,
-            runway_key: vars.secret("RUNWAY_API_KEY"),
-            runway_base_url: vars
-                .string("RUNWAY_BASE_URL")
-                .unwrap_or_else(|| "https://api.dev.runwayml.com".to_owned())
-                .trim_end_matches('/')
-                .to_owned(),
-            runway_model: vars
-                .string("RUNWAY_MODEL")
-                .unwrap_or_else(|| "gen4_turbo".to_owned()),
-            video_price: vars.price("PRICE_VIDEO_PER_SECOND", 0.05)?,
-            video_poll_interval: Duration::from_millis(vars.parse_in(
-                "VIDEO_POLL_INTERVAL_MS",
-                5000,
-                1,
-                3_600_000,
-            )?),
-            speech_provider: vars.parse_with("SPEECH_PROVIDER", "elevenlabs".to_owned(), |v| {
-                match v {
-                    "elevenlabs" | "openai" => Ok(v.to_owned()),
-                    _ => Err("expected elevenlabs or openai".to_owned()),
-                }
-            })?,
-            elevenlabs_key: vars.secret("ELEVENLABS_API_KEY"),
-            elevenlabs_base_url: vars
-                .string("ELEVENLABS_BASE_URL")
-                .unwrap_or_else(|| "https://api.elevenlabs.io".to_owned())
-                .trim_end_matches('/')
-                .to_owned(),
-            elevenlabs_voice: vars
-                .string("ELEVENLABS_VOICE_ID")
-                .unwrap_or_else(|| "21m00Tcm4TlvDq8ikWAM".to_owned()),
-            elevenlabs_model: vars
-                .string("ELEVENLABS_MODEL")
-                .unwrap_or_else(|| "eleven_multilingual_v2".to_owned()),
-            openai_key: vars.secret("OPENAI_API_KEY"),
-            openai_base_url: vars
-                .string("OPENAI_BASE_URL")
-                .unwrap_or_else(|| "https://api.openai.com".to_owned())
-                .trim_end_matches('/')
-                .to_owned(),
-            openai_tts_model: vars
-                .string("OPENAI_TTS_MODEL")
-                .unwrap_or_else(|| "gpt-4o-mini-tts".to_owned()),
-            openai_tts_voice: vars
-                .string("OPENAI_TTS_VOICE")
-                .unwrap_or_else(|| "alloy".to_owned()),
-            speech_price: vars.price("PRICE_SPEECH_PER_1K_CHARS", 0.30)?,
-            music_price: vars.price("PRICE_MUSIC_PER_SECOND", 0.01)?,
-        },
-    })
-}
-
-/// What agent work orders need: data directory, repository rules, tools, credentials, limits.
-fn awo_settings(
-    vars: &Vars<'_>,
-    data_dir: &Path,
-    base_env: &BaseEnv,
-) -> Result<AwoSettings, ConfigError> {
-    let allowed_schemes: Vec<String> = vars
-        .string("AWO_ALLOWED_URL_SCHEMES")
-        .unwrap_or_else(|| "https".to_owned())
-        .split(',')
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| !s.is_empty())
-        .collect();
-    if let Some(bad) = allowed_schemes
-        .iter()
-        .find(|s| !matches!(s.as_str(), "https" | "http" | "ssh" | "git" | "file"))
-    {
-        return Err(ConfigError {
-            variable: "AWO_ALLOWED_URL_SCHEMES",
-            value: bad.clone(),
-            reason: "expected a comma-separated list of https, http, ssh, git, file".to_owned(),
-        });
-    }
-    let max_turns = match vars.string("CLAUDE_CLI_MAX_TURNS") {
-        None => None,
-        Some(_) => Some(vars.parse_in("CLAUDE_CLI_MAX_TURNS", 1, 1, 10_000)? as u32),
+/// `API_TOKEN` and `API_TOKEN_READONLY`: the read-only token is a second, weaker token, so it
+/// needs the full one and must differ from it.
+fn tokens(vars: &Vars<'_>) -> Result<(Option<SecretString>, Option<SecretString>), ConfigError> {
+    let api_token = vars.secret("API_TOKEN");
+    let read_only = vars.secret("API_TOKEN_READONLY");
+    let refused = |reason: &str| ConfigError {
+        variable: "API_TOKEN_READONLY",
+        value: "***".to_owned(),
+        reason: reason.to_owned(),
     };
-    Ok(AwoSettings {
-        data_dir: vars
-            .path("AWO_DATA_DIR")
-            .unwrap_or_else(|| data_dir.join("agent-work-orders")),
-        allowed_schemes,
-        allowed_hosts: vars.hosts("AWO_ALLOWED_HOSTS", true)?,
-        git_hosts: vars.hosts("AWO_GIT_HOSTS", false)?,
-        agent_user: agent_user(vars.string("AWO_AGENT_USER"))?,
-        max_output: vars.parse_in("AWO_MAX_OUTPUT_BYTES", 16 * 1024 * 1024, 4096, 1 << 30)?
-            as usize,
-        max_repo_files: vars.parse_in("AWO_MAX_REPO_FILES", 250_000, 1, 5_000_000)?,
-        max_repo_bytes: vars.parse_in("AWO_MAX_REPO_BYTES", 2 << 30, 1 << 20, 1 << 40)?,
-        require_agent_isolation: false,
-        base_env: base_env.clone(),
-        network_env: vars.environment(&NETWORK_ENV_VARIABLES),
-        claude_cli: vars
-            .path("CLAUDE_CLI_PATH")
-            .unwrap_or_else(|| PathBuf::from("claude")),
-        gh_cli: vars
-            .path("GH_CLI_PATH")
-            .unwrap_or_else(|| PathBuf::from("gh")),
-        git: vars
-            .path("GIT_PATH")
-            .unwrap_or_else(|| PathBuf::from("git")),
-        github_token: vars.secret("GITHUB_TOKEN"),
-        anthropic_api_key: vars.secret("ANTHROPIC_API_KEY"),
-        timeout: Duration::from_secs(vars.parse_in(
-            "AGENT_WORK_ORDER_TIMEOUT",
-            3600,
-            1,
-            604_800,
-        )?),
-        model: vars
-            .string("CLAUDE_CLI_MODEL")
-            .unwrap_or_else(|| "sonnet".to_owned()),
-        max_turns,
-        skip_permissions: vars.parse_with("CLAUDE_CLI_SKIP_PERMISSIONS", true, parse_bool)?,
-        verbose: vars.parse_with("CLAUDE_CLI_VERBOSE", true, |v| match parse_bool(v) {
-            Ok(true) => Ok(true),
-            Ok(false) => Err(
-                "the coding agent's stream-json output needs --verbose; leave it true".to_owned(),
-            ),
-            Err(e) => Err(e),
-        })?,
-        commands_dir: vars.path("AGENT_WORK_ORDER_COMMANDS_DIR"),
-        prompt_logging: vars.parse_with("ENABLE_PROMPT_LOGGING", true, parse_bool)?,
-        output_artifacts: vars.parse_with("ENABLE_OUTPUT_ARTIFACTS", true, parse_bool)?,
-        port: vars.parse("ARCHON_AWO_PORT", 8888u16)?,
-    })
+    match (&api_token, &read_only) {
+        (Some(full), Some(weak)) if full.expose_secret() == weak.expose_secret() => {
+            Err(refused("must differ from API_TOKEN"))
+        }
+        (None, Some(_)) => Err(refused(
+            "needs API_TOKEN too (the read-only token is a second, weaker token)",
+        )),
+        _ => Ok((api_token, read_only)),
+    }
 }
 
 /// The user info of a URL (`user:password` in `scheme://user:password@host`), the part to hide.
@@ -666,62 +461,6 @@ fn parse_cors(value: Option<String>) -> Result<Cors, ConfigError> {
     })
 }
 
-/// `AWO_AGENT_USER`: a user name or `uid[:gid]`. Unset, a worker running as root runs the agent
-/// as `nobody` (the coding agent refuses to bypass its permission prompts as root); any other
-/// worker runs it as itself.
-fn agent_user(value: Option<String>) -> Result<Option<AgentUser>, ConfigError> {
-    let invalid = |value: &str, reason: String| ConfigError {
-        variable: "AWO_AGENT_USER",
-        value: value.to_owned(),
-        reason,
-    };
-    let Some(value) = value else {
-        if !nix::unistd::geteuid().is_root() {
-            return Ok(None);
-        }
-        return Ok(nix::unistd::User::from_name("nobody")
-            .ok()
-            .flatten()
-            .map(|user| AgentUser {
-                name: "nobody".to_owned(),
-                uid: user.uid.as_raw(),
-                gid: user.gid.as_raw(),
-            }));
-    };
-    if let Some((uid, gid)) = value
-        .split_once(':')
-        .map_or(Some((value.as_str(), value.as_str())), Some)
-        .and_then(|(u, g)| Some((u.parse::<u32>().ok()?, g.parse::<u32>().ok()?)))
-    {
-        if uid == 0 || gid == 0 {
-            return Err(invalid(
-                &value,
-                "must not be root or in the root group".to_owned(),
-            ));
-        }
-        return Ok(Some(AgentUser {
-            name: value.clone(),
-            uid,
-            gid,
-        }));
-    }
-    match nix::unistd::User::from_name(&value) {
-        Ok(Some(user)) if !user.uid.is_root() && user.gid.as_raw() != 0 => Ok(Some(AgentUser {
-            name: value.clone(),
-            uid: user.uid.as_raw(),
-            gid: user.gid.as_raw(),
-        })),
-        Ok(Some(_)) => Err(invalid(
-            &value,
-            "must not be root or in the root group".to_owned(),
-        )),
-        _ => Err(invalid(
-            &value,
-            "no such user (create it, or give a numeric uid:gid)".to_owned(),
-        )),
-    }
-}
-
 /// A URL with any password or user info replaced by `***`, for messages and logs.
 pub fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
@@ -729,144 +468,6 @@ pub fn redact_url(url: &str) -> String {
             format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
         }
         _ => url.to_owned(),
-    }
-}
-
-struct Vars<'a> {
-    lookup: &'a dyn Fn(&str) -> Option<String>,
-}
-
-impl Vars<'_> {
-    fn string(&self, name: &str) -> Option<String> {
-        (self.lookup)(name)
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-    }
-
-    fn path(&self, name: &str) -> Option<PathBuf> {
-        self.string(name).map(PathBuf::from)
-    }
-
-    fn parse_with<T>(
-        &self,
-        name: &'static str,
-        default: T,
-        parse: impl Fn(&str) -> Result<T, String>,
-    ) -> Result<T, ConfigError> {
-        match self.string(name) {
-            None => Ok(default),
-            Some(value) => parse(&value.to_ascii_lowercase()).map_err(|reason| ConfigError {
-                variable: name,
-                value,
-                reason,
-            }),
-        }
-    }
-
-    fn parse<T: FromStr>(&self, name: &'static str, default: T) -> Result<T, ConfigError>
-    where
-        T::Err: std::fmt::Display,
-    {
-        match self.string(name) {
-            None => Ok(default),
-            Some(value) => value.parse().map_err(|e: T::Err| ConfigError {
-                variable: name,
-                reason: e.to_string(),
-                value,
-            }),
-        }
-    }
-
-    /// A whole number within `min..=max` (the documented range of the variable).
-    fn parse_in(
-        &self,
-        name: &'static str,
-        default: u64,
-        min: u64,
-        max: u64,
-    ) -> Result<u64, ConfigError> {
-        let value = self.parse(name, default)?;
-        if !(min..=max).contains(&value) {
-            return Err(ConfigError {
-                variable: name,
-                value: value.to_string(),
-                reason: format!("must be between {min} and {max}"),
-            });
-        }
-        Ok(value)
-    }
-
-    /// A price in dollars: finite, at least zero, at most a million.
-    fn price(&self, name: &'static str, default: f64) -> Result<f64, ConfigError> {
-        let value: f64 = self.parse(name, default)?;
-        if !(value.is_finite() && (0.0..=1_000_000.0).contains(&value)) {
-            return Err(ConfigError {
-                variable: name,
-                value: value.to_string(),
-                reason: "must be a number of dollars between 0 and 1000000".to_owned(),
-            });
-        }
-        Ok(value)
-    }
-
-    /// A secret; an empty value counts as unset.
-    fn secret(&self, name: &str) -> Option<SecretString> {
-        self.string(name).map(SecretString::from)
-    }
-
-    /// These variables, where set, as a subprocess environment.
-    fn environment(&self, names: &[&str]) -> BaseEnv {
-        BaseEnv::new(
-            names
-                .iter()
-                .filter_map(|name| Some(((*name).to_owned(), (self.lookup)(name)?)))
-                .filter(|(_, value)| !value.is_empty())
-                .collect(),
-        )
-    }
-
-    /// A comma-separated list of host names (lower-cased; `host:port`; with `wildcards`, also
-    /// `*.domain` and `*`). Defaults to `github.com`.
-    fn hosts(&self, name: &'static str, wildcards: bool) -> Result<Vec<String>, ConfigError> {
-        let value = self.string(name).unwrap_or_else(|| "github.com".to_owned());
-        let hosts: Vec<String> = value
-            .split(',')
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| !h.is_empty())
-            .collect();
-        let valid = |host: &str| {
-            let host = host
-                .strip_prefix("*.")
-                .filter(|_| wildcards)
-                .unwrap_or(host);
-            (wildcards && host == "*")
-                || (!host.is_empty()
-                    && host.len() <= 253
-                    && host.chars().all(|c| {
-                        c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':' | '[' | ']')
-                    })
-                    && !host.starts_with(['-', '.', ':']))
-        };
-        match hosts.iter().find(|h| !valid(h)) {
-            Some(bad) => Err(ConfigError {
-                variable: name,
-                value: bad.clone(),
-                reason: if wildcards {
-                    "expected comma-separated hosts: host, host:port, *.domain or *".to_owned()
-                } else {
-                    "expected comma-separated hosts: host or host:port".to_owned()
-                },
-            }),
-            None => Ok(hosts),
-        }
-    }
-}
-
-fn parse_bool(value: &str) -> Result<bool, String> {
-    match value {
-        "1" | "true" | "yes" | "on" => Ok(true),
-        "0" | "false" | "no" | "off" => Ok(false),
-        _ => Err("expected true or false".to_owned()),
     }
 }
 

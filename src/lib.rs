@@ -23,8 +23,8 @@
 
 pub use stagecraft_awo as awo;
 pub use stagecraft_core::{
-    announce, artifacts, clock, engine, ids, metrics, module, money, process, queue, schema,
-    secrets, status, workflows,
+    announce, artifacts, clock, engine, health, ids, metrics, module, money, process, queue,
+    schema, secrets, status, workflows,
 };
 pub use stagecraft_studio as studio;
 

@@ -124,7 +124,7 @@ pub async fn inspect(store: &dyn RunStore, what: Inspect, as_json: bool) -> anyh
                     .iter()
                     .map(|w| {
                         vec![
-                            w.id.clone(),
+                            w.id.to_string(),
                             w.queues.join(","),
                             w.concurrency.to_string(),
                             w.last_heartbeat.format("%H:%M:%S").to_string(),

@@ -67,18 +67,18 @@ async fn list_agents(
     })?;
     if !query.details {
         return Ok(Json(AgentList::Names {
-            agents: agents::AGENTS.iter().map(|a| a.name).collect(),
+            agents: agents::AGENTS.iter().map(|a| a.name()).collect(),
         }));
     }
     Ok(Json(AgentList::Details {
         agents: agents::AGENTS
             .iter()
             .map(|a| AgentInfo {
-                name: a.name,
-                description: a.description,
-                version: a.version,
-                schema_url: format!("/agents/{}/schema", a.name),
-                run_url: format!("/agents/{}/run", a.name),
+                name: a.name(),
+                description: a.description(),
+                version: a.version(),
+                schema_url: format!("/agents/{}/schema", a.name()),
+                run_url: format!("/agents/{}/run", a.name()),
             })
             .collect(),
     }))
@@ -89,7 +89,7 @@ fn unknown_agent(name: &str) -> ApiError {
         code: "unknown_agent",
         message: format!("no agent named {name:?}"),
         details: Some(serde_json::json!({
-            "known": agents::AGENTS.iter().map(|a| a.name).collect::<Vec<_>>()
+            "known": agents::AGENTS.iter().map(|a| a.name()).collect::<Vec<_>>()
         })),
     }
 }
@@ -99,7 +99,8 @@ fn unknown_agent(name: &str) -> ApiError {
 #[utoipa::path(get, path = "/agents/{name}/schema", tag = "agents", params(("name" = String, Path)),
     responses((status = 200, body = Object), (status = 404, body = ErrorBody)))]
 async fn agent_schema(Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    agents::schema(&name)
+    agents::agent(&name)
+        .map(|a| a.document())
         .map(Json)
         .ok_or_else(|| unknown_agent(&name))
 }
@@ -130,7 +131,8 @@ pub struct AgentRunResponse {
     #[schema(value_type = Option<Object>)]
     result: Option<Value>,
     error: Option<RunError>,
-    cost_usd: f64,
+    #[schema(value_type = f64)]
+    cost_usd: crate::money::Usd,
     message: Option<String>,
 }
 
@@ -148,7 +150,7 @@ async fn run_agent(
     headers: HeaderMap,
     JsonBody(request): JsonBody<AgentRunRequest>,
 ) -> Result<Response, ApiError> {
-    if agents::spec(&name).is_none() {
+    if agents::agent(&name).is_none() {
         return Err(unknown_agent(&name));
     }
     let submit_request = SubmitRun {

@@ -6,13 +6,12 @@ mod agents;
 mod artifacts;
 pub mod auth;
 mod error;
-mod health;
 pub mod limits;
 pub mod openapi;
 mod runs;
 mod work_orders;
 
-use std::{sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
@@ -30,11 +29,11 @@ use utoipa::OpenApi;
 use utoipa_axum::{router::OpenApiRouter, routes};
 use utoipa_swagger_ui::SwaggerUi;
 
-pub use health::ToolCheck;
-
 use crate::{
     artifacts::ArtifactStore,
     config::{Config, Cors},
+    health::{ToolCheck, ToolStatus},
+    module::{Modules, Observers},
     store::SharedStore,
     workflows::Catalog,
 };
@@ -47,8 +46,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub started: Instant,
     pub artifacts: ArtifactStore,
-    /// ffmpeg's availability for `/health`, probed at start and refreshed at most once a minute.
-    pub ffmpeg: ToolCheck,
+    /// What the tenants plugged in: their tool checks and the observers of their runs.
+    pub tenants: Tenants,
     /// The deployment's bearer tokens.
     pub tokens: auth::Tokens,
     /// Per-process caps on long-lived requests, and the shared watchers of runs.
@@ -62,7 +61,7 @@ impl AppState {
         catalog: Arc<Catalog>,
         config: Arc<Config>,
         artifacts: ArtifactStore,
-        ffmpeg: ToolCheck,
+        tenants: Tenants,
     ) -> Self {
         Self {
             tokens: auth::Tokens::new(
@@ -75,7 +74,30 @@ impl AppState {
             config,
             started: Instant::now(),
             artifacts,
-            ffmpeg,
+            tenants,
+        }
+    }
+}
+
+/// What the HTTP core takes from the tenants, without naming one.
+#[derive(Clone, Default)]
+pub struct Tenants {
+    /// Tools for `/health`, by name: probed at start and refreshed at most once a minute.
+    pub tools: Arc<[(&'static str, ToolCheck)]>,
+    /// Told of the changes the API makes to runs (cancel, resume).
+    pub observers: Observers,
+}
+
+impl Tenants {
+    /// Starts the tenants' tool checks and gathers their observers.
+    pub async fn of(modules: &Modules) -> Self {
+        let mut tools = Vec::new();
+        for module in modules.iter() {
+            tools.extend(module.tool_checks().await);
+        }
+        Self {
+            tools: tools.into(),
+            observers: Observers::of(modules),
         }
     }
 }
@@ -92,7 +114,7 @@ impl AppState {
         (name = "ops", description = "Health, queues and metrics")
     ),
     // Event streams carry these (documented per event by `openapi::document`).
-    components(schemas(crate::store::RunEvent, work_orders::LogEntry))
+    components(schemas(crate::store::RunEvent, work_orders::LogEntry, ToolStatus))
 )]
 struct ApiDoc;
 
@@ -194,9 +216,11 @@ struct Health {
     /// Why the process is unhealthy (absent when healthy).
     #[serde(skip_serializing_if = "Option::is_none")]
     reason: Option<String>,
-    /// Whether ffmpeg (the mock media providers and the editor need it) can be run, as last
-    /// probed (at start-up, then at most once a minute).
-    ffmpeg: health::ToolStatus,
+    /// Each tool the tenants need (the studio's `ffmpeg`), by name: whether it can be run, as
+    /// last probed (at start-up, then at most once a minute).
+    #[serde(flatten)]
+    #[schema(additional_properties)]
+    tools: BTreeMap<&'static str, ToolStatus>,
 }
 
 /// Liveness and store reachability. Never requires a token, and never starts a process.
@@ -226,7 +250,12 @@ async fn health(State(state): State<AppState>) -> Response {
         backend: state.store.backend_name(),
         uptime_secs: state.started.elapsed().as_secs(),
         reason,
-        ffmpeg: state.ffmpeg.status(),
+        tools: state
+            .tenants
+            .tools
+            .iter()
+            .map(|(name, check)| (*name, check.status()))
+            .collect(),
     };
     (status, Json(body)).into_response()
 }

@@ -181,7 +181,7 @@ pub(super) async fn submit(
     }
     let budget_usd = request
         .budget_usd
-        .map(crate::money::Dollars::as_f64)
+        .map(crate::money::Dollars::usd)
         .or_else(|| workflow.default_budget(&inputs));
     let request_hash = key
         .as_ref()
@@ -220,7 +220,7 @@ async fn submit_run(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(RunDoc::new(run, true))).into_response())
+    Ok((status, Json(RunDoc::full(run))).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -321,7 +321,7 @@ async fn list_runs(
         .then(|| runs.last().map(|r| r.id.to_string()))
         .flatten();
     Ok(Json(RunList {
-        runs: runs.into_iter().map(|r| RunDoc::new(r, false)).collect(),
+        runs: runs.into_iter().map(RunDoc::summary).collect(),
         total,
         next_cursor,
     }))
@@ -334,7 +334,7 @@ async fn get_run(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::new(load_run(&state, &id).await?, true)))
+    Ok(Json(RunDoc::full(load_run(&state, &id).await?)))
 }
 
 /// Server-Sent Events of a run's progress, from the start (or after `Last-Event-ID`); the stream
@@ -435,23 +435,22 @@ async fn cancel_run(
 ) -> Result<Json<RunDoc>, ApiError> {
     let id = parse_run_id(&id)?;
     let run = state.store.request_cancel(id).await?;
-    refresh_metadata(&state, &run).await;
-    Ok(Json(RunDoc::new(run, true)))
+    observe(&state, &run).await;
+    Ok(Json(RunDoc::full(run)))
 }
 
-/// Keeps a studio run's `metadata.json` in step with a change the API made (cancel, resume).
-async fn refresh_metadata(state: &AppState, run: &RunRecord) {
-    let keeps = state
-        .catalog
-        .get(run.kind, &run.name)
-        .is_some_and(|w| w.keeps_metadata());
-    if keeps {
-        if let Err(error) =
-            crate::status::write_metadata(&state.store, &state.artifacts, run.id).await
-        {
-            tracing::warn!(run.id = %run.id, error = %error, "could not update metadata.json");
-        }
-    }
+/// Tells the tenants' observers of a change the API made (cancel, resume).
+async fn observe(state: &AppState, run: &RunRecord) {
+    let change = crate::module::RunChange {
+        run: run.id,
+        store: &state.store,
+        artifacts: &state.artifacts,
+    };
+    state
+        .tenants
+        .observers
+        .notify(run.kind, &run.name, &change)
+        .await;
 }
 
 /// `POST /runs/{id}/resume`.
@@ -551,10 +550,10 @@ async fn resume(
     };
     let changes = ResumeChanges {
         inputs,
-        budget_usd: request.budget_usd.map(crate::money::Dollars::as_f64),
+        budget_usd: request.budget_usd.map(crate::money::Dollars::usd),
     };
     let run = state.store.resume(run.id, from, changes).await?;
-    refresh_metadata(state, &run).await;
+    observe(state, &run).await;
     Ok(run)
 }
 
@@ -567,9 +566,8 @@ async fn resume_run(
     Path(id): Path<String>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::new(
+    Ok(Json(RunDoc::full(
         resume(&state, &id, request, None).await?,
-        true,
     )))
 }
 
@@ -712,7 +710,7 @@ async fn workflow_status(
     State(state): State<AppState>,
     Path(run_id): Path<String>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::new(load_run(&state, &run_id).await?, true)))
+    Ok(Json(RunDoc::full(load_run(&state, &run_id).await?)))
 }
 
 /// Resumes a workflow run from `from_stage` (default `auto`).
@@ -725,8 +723,7 @@ async fn resume_workflow(
     Path((name, run_id)): Path<(String, String)>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::new(
+    Ok(Json(RunDoc::full(
         resume(&state, &run_id, request, Some(&name)).await?,
-        true,
     )))
 }

@@ -70,7 +70,8 @@ pub struct WorkOrderDoc {
     pull_request: Option<Value>,
     commit: Option<String>,
     error: Option<RunError>,
-    cost_usd: f64,
+    #[schema(value_type = f64)]
+    cost_usd: crate::money::Usd,
     created_at: DateTime<Utc>,
     updated_at: DateTime<Utc>,
     finished_at: Option<DateTime<Utc>>,
@@ -204,7 +205,8 @@ pub struct StepDoc {
     /// The coding agent's session, turns and cost (agent steps only).
     session_id: Option<String>,
     turns: Option<u64>,
-    cost_usd: f64,
+    #[schema(value_type = f64)]
+    cost_usd: crate::money::Usd,
     error: Option<RunError>,
     #[schema(value_type = Option<Object>)]
     output: Option<Value>,

@@ -389,7 +389,7 @@ async fn an_inserted_run_reads_back_as_it_was_answered(backend: Backend) {
     let store = app.store().await;
     let new = || NewRun {
         inputs: json!({"topic": "tides", "ratio": 0.25, "tags": ["a", "b"], "n": 3}),
-        budget_usd: Some(2.5),
+        budget_usd: Some(stagecraft::money::Usd::from_micros(2_500_000)),
         stage_names: vec!["draft".to_owned(), "polish".to_owned()],
         idempotency_key: Some(format!("key-{}", uuid::Uuid::new_v4())),
         reuse: true,

@@ -9,7 +9,7 @@ use std::{
 
 use futures::{StreamExt, stream};
 use serde_json::{Value, json};
-use stagecraft::store::{NewRun, RunFilter, RunStatus, RunStore, redis::RedisStore};
+use stagecraft::store::{RunFilter, RunStatus, RunStore, redis::RedisStore};
 
 use crate::support::{Backend, RedisServer, TestApp, noop_run, stage};
 
@@ -319,103 +319,6 @@ async fn chaos_random_worker_kills_and_a_redis_restart_lose_nothing() {
         "chaos: {RUNS} runs, {kills} worker kills, 1 Redis restart, {repeats} repeated stage executions, \
          executions per stage: {executions_per_stage:?}, {:.1} s",
         started.elapsed().as_secs_f64()
-    );
-}
-
-/// The Redis claim starts a run's first open stage itself (one write less per run); starting it
-/// again answers the same attempt, giving it back unrun takes the attempt back, and runs the
-/// worker must check first (a budget) are claimed without a start.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_starts_the_first_open_stage_exactly_once() {
-    use stagecraft::{
-        ids::WorkerId,
-        store::{StageOutcome, StageStatus},
-    };
-    let app = TestApp::new(Backend::Redis);
-    let store = open_store(&app).await;
-    let queues = ["workflows".to_owned()];
-    let worker = WorkerId::from("w-1".to_owned());
-    let ttl = Duration::from_secs(30);
-    let kinds = |events: &[stagecraft::store::RunEvent]| {
-        events.iter().map(|e| e.kind).collect::<Vec<_>>()
-    };
-
-    let id = store.insert_run(noop_run()).await.expect("insert").0.id;
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
-    assert_eq!(claimed.len(), 1);
-    assert_eq!(claimed[0].started, Some((0, 1)));
-    assert!(!claimed[0].recovered);
-    assert_eq!(claimed[0].run.stages[0].status, StageStatus::Running);
-    assert_eq!(claimed[0].run.stages[0].attempts, 1);
-    assert_eq!(claimed[0].run.current_stage.as_deref(), Some("noop"));
-    let lease = claimed[0].lease.clone();
-    // Starting the stage the claim started answers its attempt and writes nothing more.
-    assert_eq!(store.start_stage(&lease, 0).await.expect("start"), 1);
-    let events = store.events_after(id, 0, 100).await.expect("events");
-    assert_eq!(
-        kinds(&events),
-        ["run_queued", "run_started", "stage_started"]
-    );
-    // A second start is a new attempt, as on any store.
-    assert_eq!(store.start_stage(&lease, 0).await.expect("start"), 2);
-
-    // Given back unrun, the claim's attempt is taken back.
-    let id = store.insert_run(noop_run()).await.expect("insert").0.id;
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
-    assert_eq!(claimed[0].started, Some((0, 1)));
-    store
-        .end_attempt(&claimed[0].lease, 0, StageOutcome::Unstarted)
-        .await
-        .expect("give back");
-    let run = store.get_run(id).await.expect("get").expect("run");
-    assert_eq!(run.status, RunStatus::Queued);
-    assert_eq!(run.stages[0].status, StageStatus::Pending);
-    assert_eq!(run.stages[0].attempts, 0);
-    assert_eq!(run.stages[0].started_at, None);
-    assert_eq!(run.worker.as_deref(), Some("w-1"));
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
-    assert_eq!(claimed[0].started, Some((0, 1)));
-    assert!(claimed[0].lease.fence.0 > 1);
-
-    // A run whose lease expired mid-stage is recovered, and its next attempt counted.
-    let short = Duration::from_millis(50);
-    let id = store.insert_run(noop_run()).await.expect("insert").0.id;
-    let claimed = store
-        .claim(&queues, &worker, short, 4)
-        .await
-        .expect("claim");
-    assert_eq!(claimed[0].started, Some((0, 1)));
-    tokio::time::sleep(Duration::from_millis(120)).await;
-    assert_eq!(store.sweep_expired_leases().await.expect("sweep"), [id]);
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
-    assert_eq!(claimed[0].started, Some((0, 2)));
-    assert!(claimed[0].recovered);
-
-    // A run with a budget is checked by the worker before its stage starts.
-    let id = store
-        .insert_run(NewRun {
-            budget_usd: Some(1.0),
-            ..noop_run()
-        })
-        .await
-        .expect("insert")
-        .0
-        .id;
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
-    assert_eq!(claimed[0].started, None);
-    assert_eq!(claimed[0].run.stages[0].status, StageStatus::Pending);
-    assert_eq!(claimed[0].run.budget_usd, Some(1.0));
-    assert_eq!(
-        store
-            .start_stage(&claimed[0].lease, 0)
-            .await
-            .expect("start"),
-        1
-    );
-    let events = store.events_after(id, 0, 100).await.expect("events");
-    assert_eq!(
-        kinds(&events),
-        ["run_queued", "run_started", "stage_started"]
     );
 }
 

@@ -205,7 +205,7 @@ mod tests {
         let checkpoint = StageCheckpoint {
             output: json!({}),
             artifacts: Vec::new(),
-            cost_usd: 0.0,
+            cost_usd: stagecraft_core::money::Usd::ZERO,
             run_result: Some(json!({})),
             reused_from: None,
         };

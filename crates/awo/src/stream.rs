@@ -3,8 +3,9 @@
 //! Invariant: parsing never fails. A line that is not JSON, or JSON of an unknown shape, is kept
 //! as a raw entry and the lines after it are still read.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use stagecraft_core::money::Usd;
 
 /// One line of the stream, as the API shows it (`GET /agent-work-orders/{id}/logs`).
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -22,7 +23,8 @@ pub struct Outcome {
     pub session_id: Option<String>,
     pub model: Option<String>,
     pub turns: Option<u32>,
-    pub cost_usd: f64,
+    #[schema(value_type = f64)]
+    pub cost_usd: Usd,
     pub duration_ms: Option<u64>,
     /// The final result text.
     pub result: Option<String>,
@@ -123,11 +125,13 @@ pub fn parse(stream: &str) -> (Vec<Entry>, Outcome) {
                     .get("num_turns")
                     .and_then(Value::as_u64)
                     .map(|n| n as u32);
+                // Read exactly; a cost no amount can hold counts as none (a negative one is
+                // refused by the engine with the stage's output).
                 outcome.cost_usd = value
                     .get("total_cost_usd")
                     .or_else(|| value.get("cost_usd"))
-                    .and_then(Value::as_f64)
-                    .unwrap_or(0.0);
+                    .and_then(|cost| Usd::deserialize(cost).ok())
+                    .unwrap_or_default();
                 outcome.duration_ms = value.get("duration_ms").and_then(Value::as_u64);
                 outcome.result = value
                     .get("result")
@@ -168,7 +172,7 @@ this is not json {
         assert_eq!(outcome.session_id.as_deref(), Some("sess-1"));
         assert_eq!(outcome.model.as_deref(), Some("claude-sonnet"));
         assert_eq!(outcome.turns, Some(3));
-        assert!((outcome.cost_usd - 0.0421).abs() < 1e-9);
+        assert_eq!(outcome.cost_usd, Usd::from_micros(42_100));
         assert_eq!(outcome.result.as_deref(), Some("Plan written to PLAN.md"));
         assert!(!outcome.is_error);
         assert_eq!(outcome.malformed_lines, 1);

@@ -21,6 +21,7 @@ use super::{
 };
 use stagecraft_core::{
     engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
+    money::Usd,
     schema::InputSchema,
     store::ProviderMode,
     store::RunKind,
@@ -172,7 +173,7 @@ fn render(template: &str, values: &[(&str, &str)]) -> String {
     out
 }
 
-fn output<T: Serialize>(value: &T, cost_usd: f64) -> Result<StageOutput, StageError> {
+fn output<T: Serialize>(value: &T, cost_usd: Usd) -> Result<StageOutput, StageError> {
     Ok(StageOutput {
         output: serde_json::to_value(value)
             .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?,
@@ -227,7 +228,7 @@ impl Stage for Sandbox {
         );
         output(
             &json!({"path": dir, "branch": branch, "base_commit": base, "sandbox_type": "git_branch"}),
-            0.0,
+            Usd::ZERO,
         )
     }
 }
@@ -237,7 +238,7 @@ struct AgentStepOutput {
     step: String,
     session_id: Option<String>,
     turns: Option<u32>,
-    cost_usd: f64,
+    cost_usd: Usd,
     result: Option<String>,
     subtype: Option<String>,
     malformed_lines: u32,
@@ -324,7 +325,7 @@ impl Stage for AgentStep {
         tools.log(
             &id,
             &format!(
-                "{}: agent finished: {} turns, ${:.4}, {}",
+                "{}: agent finished: {} turns, ${}, {}",
                 self.step,
                 outcome.turns.unwrap_or(0),
                 outcome.cost_usd,
@@ -431,7 +432,10 @@ impl Stage for Commit {
                 .await?;
             if head != base {
                 // Committed before a crash: the commit is ours.
-                return output(&json!({"commit": head, "already_committed": true}), 0.0);
+                return output(
+                    &json!({"commit": head, "already_committed": true}),
+                    Usd::ZERO,
+                );
             }
             return Err(StageError::fatal(
                 "nothing_to_commit",
@@ -455,7 +459,10 @@ impl Stage for Commit {
             .run_git(&dir, &["rev-parse", "HEAD"], &ctx.cancel)
             .await?;
         tools.log(&id, &format!("commit: {head}"));
-        output(&json!({"commit": head, "already_committed": false}), 0.0)
+        output(
+            &json!({"commit": head, "already_committed": false}),
+            Usd::ZERO,
+        )
     }
 }
 
@@ -478,7 +485,7 @@ impl Stage for Push {
         // Pushing the same commit again is a no-op: safe to repeat.
         let head = tools.push(&dir, &url, &branch, &ctx.cancel).await?;
         tools.log(&id, &format!("push: {branch} at {head}"));
-        output(&json!({"branch": branch, "commit": head}), 0.0)
+        output(&json!({"branch": branch, "commit": head}), Usd::ZERO)
     }
 }
 
@@ -518,7 +525,7 @@ impl Stage for PullRequest {
                 let existing: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
                 return output(
                     &json!({"number": existing["number"], "url": existing["url"], "existing": true, "mock": true}),
-                    0.0,
+                    Usd::ZERO,
                 );
             }
             let pr = json!({"number": 1, "url": format!("mock://pull-requests/{branch}"), "title": title,
@@ -530,14 +537,14 @@ impl Stage for PullRequest {
             tools.log(&id, "pull_request: recorded by mock hosting");
             return output(
                 &json!({"number": 1, "url": pr["url"], "existing": false, "mock": true}),
-                0.0,
+                Usd::ZERO,
             );
         }
         if let Some((number, pr_url)) = tools.find_pull_request(&url, &branch, &ctx.cancel).await? {
             tools.log(&id, &format!("pull_request: found #{number} {pr_url}"));
             return output(
                 &json!({"number": number, "url": pr_url, "existing": true, "mock": false}),
-                0.0,
+                Usd::ZERO,
             );
         }
         let body_file = outputs.join("pull_request_body.md");
@@ -548,7 +555,7 @@ impl Stage for PullRequest {
         tools.log(&id, &format!("pull_request: opened #{number} {pr_url}"));
         output(
             &json!({"number": number, "url": pr_url, "existing": false, "mock": false}),
-            0.0,
+            Usd::ZERO,
         )
     }
 }

@@ -97,7 +97,7 @@ impl fmt::Display for WorkerId {
 /// The fencing token of a lease. It grows by one every time a run is claimed, so a worker
 /// that lost its lease holds a smaller token than the current owner and every write it
 /// attempts is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct FenceToken(pub i64);
 

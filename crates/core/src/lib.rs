@@ -7,14 +7,17 @@
 //! - [`schema`]: the JSON Schemas of run inputs, enforced exactly as published.
 //! - [`workflows`]: the [`workflows::Workflow`] trait, the catalogue, and the built-in `demo` and
 //!   `noop` workflows.
-//! - [`module`]: the seam tenants (the studio, agent work orders) plug into.
+//! - [`module`]: the seam tenants (the studio, agent work orders) plug into: their workflows,
+//!   housekeeping, tool checks, and observers of their runs' changes.
 //! - [`engine`]: executes one claimed run stage by stage: leases, retries, checkpoints, cancel.
 //! - [`queue`]: delivers runs to apalis workers and sweeps expired leases and old runs.
-//! - [`status`]: the run status document (and `metadata.json`).
+//! - [`status`]: the run status document.
+//! - [`health`]: tool checks for `/health`, probed in the background.
 //! - [`artifacts`]: files stages write, atomically and durably, under one root.
 //! - [`process`]: the one place subprocesses are spawned, each with a cleared environment.
 //! - [`secrets`]: hides secret values and token shapes in everything kept or shown.
-//! - [`money`]: budgets, to the micro-dollar.
+//! - [`money`]: costs and budgets, exact to the micro-dollar.
+//! - [`settings`]: reading a deployment's variables; each crate reads its own section.
 //! - [`metrics`], [`clock`]: process plumbing.
 //! - `testing` (feature `testing`): the conformance suite every store crate runs.
 //!
@@ -23,6 +26,7 @@
 pub mod artifacts;
 pub mod clock;
 pub mod engine;
+pub mod health;
 pub mod ids;
 pub mod metrics;
 pub mod module;
@@ -31,6 +35,7 @@ pub mod process;
 pub mod queue;
 pub mod schema;
 pub mod secrets;
+pub mod settings;
 pub mod status;
 pub mod store;
 #[cfg(feature = "testing")]

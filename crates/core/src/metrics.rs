@@ -13,7 +13,7 @@ const STAGE_BUCKETS: [f64; 12] = [
 ];
 
 /// Metric families: name, type, help.
-const FAMILIES: [(&str, &str, &str); 6] = [
+const FAMILIES: [(&str, &str, &str); 7] = [
     (
         "stagecraft_runs_finished_total",
         "counter",
@@ -35,6 +35,11 @@ const FAMILIES: [(&str, &str, &str); 6] = [
         "Runs a worker stopped because its lease was no longer current.",
     ),
     (
+        "stagecraft_store_failures_total",
+        "counter",
+        "Runs a worker stopped because a store write failed (the lease then expires).",
+    ),
+    (
         "stagecraft_stage_executions_total",
         "counter",
         "Stage attempts executed, by stage.",
@@ -45,6 +50,25 @@ const FAMILIES: [(&str, &str, &str); 6] = [
         "Duration of stage attempts.",
     ),
 ];
+
+/// How a run finished, as the `outcome` label of `stagecraft_runs_finished_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl RunOutcome {
+    /// The label's value: frozen, dashboards select on it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
 
 /// Counts not yet flushed to the store: plain counters by sample name (`family{labels}`), and
 /// stage durations as one histogram per stage, expanded into samples only when taken (a worker
@@ -76,11 +100,18 @@ impl Metrics {
         }
     }
 
-    pub fn run_finished(&self, outcome: &str) {
+    pub fn run_finished(&self, outcome: RunOutcome) {
         self.add(
-            format!("stagecraft_runs_finished_total{{outcome=\"{outcome}\"}}"),
+            format!(
+                "stagecraft_runs_finished_total{{outcome=\"{}\"}}",
+                outcome.as_str()
+            ),
             1.0,
         );
+    }
+
+    pub fn store_failed(&self) {
+        self.add("stagecraft_store_failures_total".to_owned(), 1.0);
     }
 
     pub fn retry_scheduled(&self) {

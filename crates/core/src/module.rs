@@ -8,7 +8,13 @@ use std::{sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 
-use crate::{artifacts::ArtifactStore, store::SharedStore, workflows::Catalog};
+use crate::{
+    artifacts::ArtifactStore,
+    health::ToolCheck,
+    ids::RunId,
+    store::{RunKind, SharedStore},
+    workflows::Catalog,
+};
 
 /// What the sweeper gives a tenant's housekeeping.
 pub struct Housekeeping<'a> {
@@ -35,7 +41,63 @@ pub trait Module: Send + Sync {
     async fn housekeeping(&self, _work: &Housekeeping<'_>) -> usize {
         0
     }
+
+    /// The tools the tenant needs, each started (probed once) here and reported by `/health`
+    /// under its name.
+    async fn tool_checks(&self) -> Vec<(&'static str, ToolCheck)> {
+        Vec::new()
+    }
+
+    /// What the tenant does when one of its runs changes, if anything.
+    fn observer(&self) -> Option<Arc<dyn RunObserver>> {
+        None
+    }
 }
 
 /// The tenants of a process.
 pub type Modules = Arc<[Arc<dyn Module>]>;
+
+/// A change to a run: a stage started or committed, the run's execution ended in a worker, or
+/// the API cancelled or resumed it. The observer reads the run as it now is from `store`.
+pub struct RunChange<'a> {
+    pub run: RunId,
+    pub store: &'a SharedStore,
+    pub artifacts: &'a ArtifactStore,
+}
+
+/// A tenant's reaction to changes of its runs (the studio keeps each run's `metadata.json`).
+#[async_trait]
+pub trait RunObserver: Send + Sync {
+    /// Whether changes to runs of this kind and name concern the observer; asked once per
+    /// execution and per API change, so it must be cheap.
+    fn watches(&self, kind: RunKind, name: &str) -> bool;
+
+    /// Reacts to a change. A failure is the observer's to log: it never fails the run.
+    async fn changed(&self, change: &RunChange<'_>);
+}
+
+/// The observers of a process's tenants.
+#[derive(Clone, Default)]
+pub struct Observers(Arc<[Arc<dyn RunObserver>]>);
+
+impl Observers {
+    pub fn of(modules: &[Arc<dyn Module>]) -> Self {
+        Self(modules.iter().filter_map(|m| m.observer()).collect())
+    }
+
+    /// The observers a run of this kind and name concerns (usually none: no allocation).
+    pub fn watching(&self, kind: RunKind, name: &str) -> Vec<Arc<dyn RunObserver>> {
+        self.0
+            .iter()
+            .filter(|o| o.watches(kind, name))
+            .cloned()
+            .collect()
+    }
+
+    /// Tells every observer concerned that the run changed.
+    pub async fn notify(&self, kind: RunKind, name: &str, change: &RunChange<'_>) {
+        for observer in self.watching(kind, name) {
+            observer.changed(change).await;
+        }
+    }
+}

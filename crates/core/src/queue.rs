@@ -153,11 +153,7 @@ impl ClaimBackend {
 async fn release_unstarted(store: &SharedStore, buffer: VecDeque<Claimed>) {
     for claimed in buffer {
         let first_open = claimed.run.first_open_stage().unwrap_or(0);
-        let outcome = if claimed.started.is_some() {
-            StageOutcome::Unstarted
-        } else {
-            StageOutcome::Abandoned
-        };
+        let outcome = StageOutcome::Abandoned;
         if let Err(error) = store.end_attempt(&claimed.lease, first_open, outcome).await {
             warn!(run.id = %claimed.run.id, error = %error, "releasing an unstarted run failed; its lease will expire");
         }
@@ -326,7 +322,7 @@ async fn keep_presence(
             .map(|r| r.iter().map(ToString::to_string).collect())
             .unwrap_or_default();
         let info = WorkerInfo {
-            id: engine.worker.to_string(),
+            id: engine.worker.clone(),
             queues: queues.clone(),
             concurrency: concurrency as u32,
             started_at,

@@ -1,65 +1,13 @@
-//! The run status document: what `GET /runs/{id}` and `GET /workflows/status/{id}` answer, and
-//! what studio runs keep in `runs/{id}/metadata.json`.
+//! The run status document: what `GET /runs/{id}` and `GET /workflows/status/{id}` answer.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
 use crate::{
-    artifacts::ArtifactStore,
-    ids::RunId,
-    store::{
-        Progress, ProviderMode, RunError, RunKind, RunRecord, RunStatus, SharedStore, StageStatus,
-    },
+    money::Usd,
+    store::{Progress, ProviderMode, RunError, RunKind, RunRecord, RunStatus, StageStatus},
 };
-
-/// Writes the run's status document to `runs/{id}/metadata.json` (studio runs keep it current:
-/// the worker after every stage start, checkpoint and ending, the API after cancel and resume).
-///
-/// Invariant: `metadata.json` moves forward only. The document carries `event_seq`, the run's
-/// event-log position it was read at (one snapshot with the run), and is written only over an
-/// older one, under a lock shared by every writer of the host, so two writers racing (a
-/// worker's checkpoint, an API's cancel) can never leave the older state on disk.
-pub async fn write_metadata(
-    store: &SharedStore,
-    artifacts: &ArtifactStore,
-    run_id: RunId,
-) -> Result<(), String> {
-    let run = store
-        .get_run(run_id)
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("run {run_id} not found"))?;
-    let event_seq = run.event_seq;
-    let document = Metadata {
-        document: RunDoc::new(run, true),
-        event_seq,
-    };
-    let bytes = serde_json::to_vec_pretty(&document).map_err(|e| e.to_string())?;
-    artifacts
-        .write_newer(
-            &format!("runs/{run_id}/metadata.json"),
-            bytes,
-            event_seq,
-            |written| {
-                serde_json::from_slice::<Value>(written)
-                    .ok()
-                    .and_then(|v| v.get("event_seq").and_then(Value::as_i64))
-            },
-        )
-        .await
-        .map(drop)
-        .map_err(|e| e.to_string())
-}
-
-/// `metadata.json`: the status document and the event-log position it shows.
-#[derive(Serialize)]
-struct Metadata {
-    #[serde(flatten)]
-    document: RunDoc,
-    /// The sequence number of the run's last event when the document was read.
-    event_seq: i64,
-}
 
 /// One stage in the status document.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -69,7 +17,8 @@ pub struct StageDoc {
     pub attempts: u32,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub cost_usd: f64,
+    #[schema(value_type = f64)]
+    pub cost_usd: Usd,
     pub artifacts: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
@@ -97,10 +46,12 @@ pub struct RunDoc {
     /// Absent in listings.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stages: Option<Vec<StageDoc>>,
-    pub cost_usd: f64,
+    #[schema(value_type = f64)]
+    pub cost_usd: Usd,
     /// True when mock providers did the work: `cost_usd` is what live providers would charge.
     pub cost_simulated: bool,
-    pub budget_usd: Option<f64>,
+    #[schema(value_type = Option<f64>)]
+    pub budget_usd: Option<Usd>,
     #[schema(value_type = Option<Object>)]
     pub result: Option<Value>,
     pub error: Option<RunError>,
@@ -116,7 +67,17 @@ pub struct RunDoc {
 }
 
 impl RunDoc {
-    pub fn new(run: RunRecord, with_stages: bool) -> Self {
+    /// The whole document, stages included.
+    pub fn full(run: RunRecord) -> Self {
+        Self::new(run, true)
+    }
+
+    /// The document as listings show it, without its stages.
+    pub fn summary(run: RunRecord) -> Self {
+        Self::new(run, false)
+    }
+
+    fn new(run: RunRecord, with_stages: bool) -> Self {
         let last_completed_stage = run.last_completed_stage().map(str::to_owned);
         let reused_stages = run
             .stages

@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use crate::{
     ids::{FenceToken, RunId, WorkerId},
+    money::Usd,
     store::{
         Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, ResumeChanges,
         ReusableCheckpoint, RunError, RunFilter, RunKind, RunStatus, SharedStore, StageCheckpoint,
@@ -106,12 +107,8 @@ async fn claim_one(store: &SharedStore, ttl: Duration) -> Claimed {
     claimed.remove(0)
 }
 
-/// Starts the claimed run's first open stage (unless the claim started it) and answers its
-/// index and attempt number.
+/// Starts the claimed run's first open stage and answers its index and attempt number.
 async fn start(store: &SharedStore, claimed: &Claimed) -> (usize, u32) {
-    if let Some(started) = claimed.started {
-        return started;
-    }
     let stage = claimed.run.first_open_stage().expect("an open stage");
     let attempt = store
         .start_stage(&claimed.lease, stage)
@@ -143,7 +140,7 @@ fn checkpoint(result: Option<Value>) -> StageCheckpoint {
     StageCheckpoint {
         output: json!({"done": true}),
         artifacts: vec![],
-        cost_usd: 0.0,
+        cost_usd: Usd::ZERO,
         run_result: result,
         reused_from: None,
     }
@@ -257,7 +254,7 @@ pub async fn a_stage_records_each_step_once_and_commits_the_run(store: &SharedSt
     let step = StepRecord {
         key: "step-0".into(),
         output: json!({"text": "hello"}),
-        cost_usd: 0.25,
+        cost_usd: Usd::from_micros(250_000),
         artifacts: vec![],
     };
     let progress = Progress { done: 1, total: 2 };
@@ -271,11 +268,7 @@ pub async fn a_stage_records_each_step_once_and_commits_the_run(store: &SharedSt
     assert_eq!(steps.len(), 1, "a step is recorded once");
     assert_eq!(steps[0].output, json!({"text": "hello"}));
     let running = store.get_run(id).await.expect("get").expect("run");
-    assert!(
-        (running.cost_usd - 0.25).abs() < 1e-9,
-        "{}",
-        running.cost_usd
-    );
+    assert_eq!(running.cost_usd, Usd::from_micros(250_000));
     assert_eq!(running.stages[0].status, StageStatus::Running);
     store
         .commit_stage(
@@ -327,7 +320,7 @@ pub async fn a_stale_lease_is_refused_by_every_write(store: &SharedStore) {
         let step = StepRecord {
             key: "k".into(),
             output: json!(null),
-            cost_usd: 0.0,
+            cost_usd: Usd::ZERO,
             artifacts: vec![],
         };
         let progress = Progress { done: 1, total: 1 };
@@ -775,7 +768,7 @@ pub async fn a_reusable_checkpoint_is_found_while_its_run_exists(store: &SharedS
 
 pub async fn workers_are_listed_while_they_beat(store: &SharedStore) {
     let info = WorkerInfo {
-        id: "host:1:worker-a".into(),
+        id: WorkerId::from("host:1:worker-a".to_owned()),
         queues: queues(),
         concurrency: 4,
         started_at: chrono::Utc::now(),

@@ -19,6 +19,7 @@ use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
 use stagecraft_core::{
     ids::{FenceToken, RunId, WorkerId},
+    money::Usd,
     store::{
         self as core_store, Claimed, FromStage, Lease, MAX_STAGES, NewRun, Progress, ProviderMode,
         QueueDepth, ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind,
@@ -106,6 +107,49 @@ pub struct RedisStore {
     retention: Duration,
     /// The connection blocking waits use, opened on first use and replaced after an error.
     blocking: std::sync::Arc<Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    /// Stages the claim started, not yet handed to the engine: see [`Prestarted`].
+    prestarted: std::sync::Arc<Prestarted>,
+}
+
+/// The claim starts a run's first open stage itself, saving the worker a round trip per run.
+/// The engine does not know: its `start_stage` is answered here, from memory, and a stage given
+/// back before the engine started it has the claim's attempt taken back. Only this process
+/// holds the lease, so nothing else can start the stage meanwhile. Entries of leases lost
+/// without a word are dropped after [`PRESTART_FORGET_AFTER`].
+#[derive(Default)]
+struct Prestarted(std::sync::Mutex<HashMap<Lease, (usize, u32, std::time::Instant)>>);
+
+/// How long a claim's start is remembered for a lease the engine never came back to.
+const PRESTART_FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+impl Prestarted {
+    fn insert(&self, lease: &Lease, stage: usize, attempt: u32) {
+        if let Ok(mut map) = self.0.lock() {
+            if map.len() >= 1024 {
+                map.retain(|_, (.., at)| at.elapsed() < PRESTART_FORGET_AFTER);
+            }
+            let at = std::time::Instant::now();
+            map.insert(lease.clone(), (stage, attempt, at));
+        }
+    }
+
+    /// The claim's start of `stage` under `lease`, forgotten as it is answered.
+    fn take(&self, lease: &Lease, stage: usize) -> Option<u32> {
+        let mut map = self.0.lock().ok()?;
+        match map.get(lease) {
+            Some(&(started, attempt, _)) if started == stage => {
+                map.remove(lease);
+                Some(attempt)
+            }
+            _ => None,
+        }
+    }
+
+    /// Forgets the lease's entry: the stage it names, which nobody started since the claim.
+    fn forget(&self, lease: &Lease) -> Option<usize> {
+        let mut map = self.0.lock().ok()?;
+        map.remove(lease).map(|(stage, ..)| stage)
+    }
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -201,6 +245,7 @@ impl RedisStore {
             batches,
             retention,
             blocking: Default::default(),
+            prestarted: Default::default(),
         })
     }
 
@@ -467,6 +512,18 @@ fn number(map: &Fields<'_>, field: &str) -> f64 {
     map.get(field).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
+/// An amount kept in micro-dollars under `field`, plus what a hash written before that kept in
+/// dollars under `legacy`.
+fn money(map: &Fields<'_>, field: &str, legacy: &str) -> Usd {
+    let micros = map.get(field).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let dollars = map
+        .get(legacy)
+        .and_then(|v| v.parse::<f64>().ok())
+        .and_then(Usd::from_dollars)
+        .unwrap_or_default();
+    Usd::from_micros(micros) + dollars
+}
+
 fn parse_json<T: serde::de::DeserializeOwned>(
     map: &Fields<'_>,
     field: &str,
@@ -499,7 +556,7 @@ fn run_from_maps(run: &Fields<'_>, stages: &[Fields<'_>]) -> StoreResult<RunReco
                 attempts: number(stage, "attempts") as u32,
                 started_at: millis(stage, "started_at"),
                 finished_at: millis(stage, "finished_at"),
-                cost_usd: number(stage, "cost_usd"),
+                cost_usd: money(stage, "cost_micros", "cost_usd"),
                 artifacts: parse_json(stage, "artifacts")?.unwrap_or_default(),
                 output: parse_json(stage, "output")?,
                 error: parse_json(stage, "error")?,
@@ -524,13 +581,17 @@ fn run_from_maps(run: &Fields<'_>, stages: &[Fields<'_>]) -> StoreResult<RunReco
         inputs: parse_json(run, "inputs")?.unwrap_or(Value::Null),
         status: RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
-        provider_mode: if run.get("provider_mode") == Some("live") {
-            ProviderMode::Live
-        } else {
-            ProviderMode::Mock
+        provider_mode: {
+            let mode = field("provider_mode")?;
+            ProviderMode::parse(&mode)
+                .ok_or_else(|| StoreError::Corrupt(format!("provider mode {mode}")))?
         },
-        budget_usd: run.get("budget_usd").and_then(|v| v.parse().ok()),
-        cost_usd: number(run, "cost_usd"),
+        budget_usd: match (run.get("budget_micros"), run.get("budget_usd")) {
+            (Some(micros), _) if !micros.is_empty() => micros.parse().ok().map(Usd::from_micros),
+            (_, Some(dollars)) => dollars.parse().ok().and_then(Usd::from_dollars),
+            _ => None,
+        },
+        cost_usd: money(run, "cost_micros", "cost_usd"),
         current_stage: run.get("current_stage").map(str::to_owned),
         result: parse_json(run, "result")?,
         error: parse_json(run, "error")?,
@@ -640,7 +701,9 @@ impl RunStore for RedisStore {
             run.queue.clone(),
             run.inputs.to_string(),
             run.provider_mode.as_str().to_owned(),
-            run.budget_usd.map(|b| b.to_string()).unwrap_or_default(),
+            run.budget_usd
+                .map(|b| b.micros().to_string())
+                .unwrap_or_default(),
             run.idempotency_key.clone().unwrap_or_default(),
             run.request_hash.clone().unwrap_or_default(),
             if run.reuse { "1" } else { "0" }.to_owned(),
@@ -794,17 +857,18 @@ impl RunStore for RedisStore {
                 RunId::parse(id).ok_or_else(|| StoreError::Corrupt(format!("claimed id {id}")))?;
             let run = run_from_hash(hash)?
                 .ok_or_else(|| StoreError::Corrupt(format!("claimed run {id} has no hash")))?;
+            let lease = Lease {
+                run_id: id,
+                worker: worker.clone(),
+                fence: FenceToken(*fence),
+            };
+            if let Ok(stage) = usize::try_from(*started) {
+                self.prestarted.insert(&lease, stage, *attempt);
+            }
             claimed.push(Claimed {
-                lease: Lease {
-                    run_id: id,
-                    worker: worker.clone(),
-                    fence: FenceToken(*fence),
-                },
+                lease,
                 run,
                 recovered: *recovered == 1,
-                started: usize::try_from(*started)
-                    .ok()
-                    .map(|index| (index, *attempt)),
                 asked,
             });
         }
@@ -819,6 +883,9 @@ impl RunStore for RedisStore {
     }
 
     async fn start_stage(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
+        if let Some(attempt) = self.prestarted.take(lease, stage) {
+            return Ok(attempt);
+        }
         Ok(self
             .fenced("start_stage", lease, vec![stage.to_string()])
             .await? as u32)
@@ -850,7 +917,7 @@ impl RunStore for RedisStore {
             stage.to_string(),
             step.key.clone(),
             json_text(step),
-            step.cost_usd.to_string(),
+            step.cost_usd.micros().to_string(),
             progress.done.to_string(),
             progress.total.to_string(),
         ];
@@ -865,12 +932,13 @@ impl RunStore for RedisStore {
         stage: usize,
         checkpoint: StageCheckpoint,
     ) -> StoreResult<()> {
+        self.prestarted.forget(lease);
         let commit = kernel::commit(&checkpoint);
         let mut args = vec![
             stage.to_string(),
             checkpoint.output.to_string(),
             json_text(&checkpoint.artifacts),
-            checkpoint.cost_usd.to_string(),
+            checkpoint.cost_usd.micros().to_string(),
             checkpoint
                 .run_result
                 .map(|r| r.to_string())
@@ -898,6 +966,8 @@ impl RunStore for RedisStore {
         outcome: StageOutcome,
     ) -> StoreResult<()> {
         let end = kernel::attempt_end(&outcome);
+        let prestarted = self.prestarted.forget(lease);
+        let unstarted = prestarted == Some(stage) && matches!(outcome, StageOutcome::Abandoned);
         let millis =
             |delay: Option<Duration>| delay.map(|d| d.as_millis().to_string()).unwrap_or_default();
         let mut args = vec![
@@ -909,14 +979,9 @@ impl RunStore for RedisStore {
             if end.stage_finished { "1" } else { "0" }.to_owned(),
             millis(end.next_attempt_in),
             millis(end.due_in),
-            // The claim's start of a stage that never ran is not counted: this store's own
-            // bookkeeping, beside the decision.
-            if matches!(outcome, StageOutcome::Unstarted) {
-                "1"
-            } else {
-                "0"
-            }
-            .to_owned(),
+            // A stage the claim started and the worker gives back unrun: the claim's attempt is
+            // not counted (this store's own bookkeeping, beside the decision).
+            if unstarted { "1" } else { "0" }.to_owned(),
         ];
         event_args(&mut args, &end.events);
         self.fenced("end_attempt", lease, args).await?;
@@ -925,7 +990,12 @@ impl RunStore for RedisStore {
 
     async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()> {
         let (status, event) = kernel::run_failed(&error);
-        let mut args = vec![json_text(&error), status.as_str().to_owned()];
+        let unstarted = self.prestarted.forget(lease);
+        let mut args = vec![
+            json_text(&error),
+            status.as_str().to_owned(),
+            unstarted.map(|stage| stage.to_string()).unwrap_or_default(),
+        ];
         event_args(&mut args, &[event]);
         self.fenced("fail_run", lease, args).await?;
         Ok(())
@@ -981,7 +1051,7 @@ impl RunStore for RedisStore {
                 .unwrap_or_default(),
             changes
                 .budget_usd
-                .map(|budget| budget.to_string())
+                .map(|budget| budget.micros().to_string())
                 .unwrap_or_default(),
             status.as_str().to_owned(),
         ];
@@ -1184,7 +1254,7 @@ impl RunStore for RedisStore {
         let key = self.key(&format!("worker:{}", worker.id));
         redis::pipe()
             .atomic()
-            .zadd(self.key("workers"), &worker.id, now_ms)
+            .zadd(self.key("workers"), worker.id.as_str(), now_ms)
             .set(&key, json_text(&info))
             .pexpire(&key, (2 * WORKER_STALE_AFTER.as_millis()) as i64)
             .query_async::<()>(&mut conn)
@@ -1193,11 +1263,11 @@ impl RunStore for RedisStore {
         Ok(())
     }
 
-    async fn unregister_worker(&self, id: &str) -> StoreResult<()> {
+    async fn unregister_worker(&self, id: &WorkerId) -> StoreResult<()> {
         let mut conn = self.conn.clone();
         redis::pipe()
             .atomic()
-            .zrem(self.key("workers"), id)
+            .zrem(self.key("workers"), id.as_str())
             .del(self.key(&format!("worker:{id}")))
             .query_async::<()>(&mut conn)
             .await

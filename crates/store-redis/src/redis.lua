@@ -59,7 +59,9 @@ local function sf(i)
     f = {
       name = p .. 'name', status = p .. 'status', attempts = p .. 'attempts',
       started_at = p .. 'started_at', finished_at = p .. 'finished_at', output = p .. 'output',
-      artifacts = p .. 'artifacts', cost_usd = p .. 'cost_usd', error = p .. 'error',
+      artifacts = p .. 'artifacts', cost = p .. 'cost_micros', error = p .. 'error',
+      -- Costs written in dollars before they were kept in micro-dollars.
+      legacy_cost = p .. 'cost_usd',
       next_attempt_at = p .. 'next_attempt_at', progress_done = p .. 'progress_done',
       progress_total = p .. 'progress_total', reused_from = p .. 'reused_from',
     }
@@ -219,11 +221,12 @@ local function events_in(id, stage, n, ...)
   if #list > 0 then redis.call('RPUSH', k_events(id), unpack(list)) end
 end
 
--- Adds a cost to a stage and its run, skipping the commands when there is nothing to add.
-local function add_cost(r, f, amount)
-  if tonumber(amount) ~= 0 then
-    redis.call('HINCRBYFLOAT', r, f.cost_usd, amount)
-    redis.call('HINCRBYFLOAT', r, 'cost_usd', amount)
+-- Adds a cost in micro-dollars to a stage and its run (integers: sums are exact), skipping the
+-- commands when there is nothing to add.
+local function add_cost(r, f, micros)
+  if micros ~= '0' then
+    redis.call('HINCRBY', r, f.cost, micros)
+    redis.call('HINCRBY', r, 'cost_micros', micros)
   end
 end
 
@@ -247,7 +250,7 @@ end
 
 -- Gives up the run's lease (and a stage start its claim made).
 local function release(id)
-  redis.call('HSET', k_run(id), 'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
+  redis.call('HSET', k_run(id), 'lease_owner', '', 'lease_expires_at', '')
   lease(id, false)
 end
 
@@ -296,14 +299,14 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, request_hash,
   -- Hot fields first (see the top). `next` is the first stage without a checkpoint.
   local fields = { 'status', RS.queued, 'fence', '0', 'lease_owner', '', 'lease_expires_at', '',
     'next', '0', 'stages', n, 'queue', q, 'updated_at', NOW, 'cancel_requested', '0',
-    'budget_usd', budget, 'reuse', reuse, 'prestarted', '', 'current_stage', '', 'worker', '', 'result', '' }
+    'budget_micros', budget, 'reuse', reuse, 'current_stage', '', 'worker', '', 'result', '' }
   for i = 0, count - 1 do
     local f = sf(i)
     append(fields, f.name, rest[i + 1], f.status, SS.pending, f.attempts, '0', f.started_at, '',
       f.finished_at, '', f.output, '', f.artifacts, '')
   end
   append(fields, 'finished_at', '', 'id', id, 'kind', kind, 'name', name, 'inputs', inputs,
-    'provider_mode', mode, 'cost_usd', '0', 'created_at', NOW, 'available_at', NOW,
+    'provider_mode', mode, 'cost_micros', '0', 'created_at', NOW, 'available_at', NOW,
     'idempotency_key', idem, 'request_hash', request_hash)
   redis.call('HSET', k_run(id), unpack(fields))
   added[#added + 1] = id
@@ -321,7 +324,7 @@ local function claim_one(worker, expires, run_started, q, id)
   local r = k_run(id)
   -- Most runs start at stage 0: read its fields in the same command.
   local v = redis.call('HMGET', r, 'status', 'fence', 'next', 'stages', 'cancel_requested',
-    'budget_usd', 'reuse', 's0:name', 's0:status', 's0:attempts')
+    'budget_micros', 'reuse', 's0:name', 's0:status', 's0:attempts', 'budget_usd')
   if not v[1] then return nil end
   local fence = str(tonumber(v[2]) + 1)
   local idx, n = tonumber(v[3]), tonumber(v[4])
@@ -334,12 +337,11 @@ local function claim_one(worker, expires, run_started, q, id)
   local recovered = status == SS.running and 1 or 0
   local data = run_started .. fence .. '}'
   local attempt = 0
-  if idx < n and v[5] ~= '1' and (v[6] or '') == '' and v[7] ~= '1' then
+  if idx < n and v[5] ~= '1' and (v[6] or '') == '' and (v[11] or '') == '' and v[7] ~= '1' then
     local f = sf(idx)
     attempt = tonumber(attempts or '0') + 1
     redis.call('HSET', r, 'status', RS.running, 'fence', fence, 'lease_owner', worker,
-      'lease_expires_at', expires, 'updated_at', NOW, 'prestarted', fence .. ':' .. idx,
-      'current_stage', name, 'worker', worker, f.status, SS.running, f.attempts, str(attempt),
+      'lease_expires_at', expires, 'updated_at', NOW, 'current_stage', name, 'worker', worker, f.status, SS.running, f.attempts, str(attempt),
       f.started_at, NOW)
     lease(id, expires)
     move(id, q, v[1], RS.running)
@@ -453,23 +455,18 @@ function OPS.heartbeat(id, fence, owner, ttl)
   return tonumber(v[3])
 end
 
--- start_stage id fence owner idx: the attempt number. A stage the claim started already
--- answers that attempt.
+-- start_stage id fence owner idx: the attempt number. (A stage the claim started is answered by
+-- the client without calling this.)
 function OPS.start_stage(id, fence, owner, idx)
   local f = sf(idx)
-  local v = fenced(id, fence, owner, 'prestarted', f.name, f.attempts, f.finished_at, f.error,
-    f.next_attempt_at)
+  local v = fenced(id, fence, owner, f.name, f.attempts, f.finished_at, f.error, f.next_attempt_at)
   if not v then return -1 end
   local r = k_run(id)
-  if v[3] == fence .. ':' .. idx then
-    redis.call('HSET', r, 'prestarted', '')
-    return tonumber(v[5])
-  end
-  local name, attempts = v[4], tonumber(v[5] or '0') + 1
+  local name, attempts = v[3], tonumber(v[4] or '0') + 1
   -- The claim made the run 'running'; only the current stage changes.
   redis.call('HSET', r, f.attempts, str(attempts), f.status, SS.running, f.started_at, NOW,
     'current_stage', name, 'updated_at', NOW)
-  clear_attempt(r, f, v[6], v[7], v[8])
+  clear_attempt(r, f, v[5], v[6], v[7])
   event(id, EV.stage_started, name, '{"attempt":' .. str(attempts) .. '}')
   return attempts
 end
@@ -505,7 +502,7 @@ function OPS.commit(id, fence, owner, idx, output, artifacts, cost, result, reus
       f.finished_at, NOW, f.output, output, f.artifacts, artifacts)
   else
     redis.call('HSET', r, 'status', run_status, 'lease_owner', '', 'lease_expires_at', '',
-      'next', next_idx, 'updated_at', NOW, 'prestarted', '', 'current_stage', '', f.status,
+      'next', next_idx, 'updated_at', NOW, 'current_stage', '', f.status,
       SS.completed, f.finished_at, NOW, 'finished_at', NOW, f.output, output, f.artifacts,
       artifacts, 'result', result)
     lease(id, false)
@@ -548,12 +545,12 @@ function OPS.end_attempt(id, fence, owner, idx, stage_status, run_status, stage_
   return 1
 end
 
--- fail_run id fence owner error run_status events (a stage the claim started is given back
--- unrun)
-function OPS.fail_run(id, fence, owner, err, run_status, ...)
-  local v = fenced(id, fence, owner, 'prestarted')
+-- fail_run id fence owner error run_status unstart_idx events: with unstart_idx, the stage the
+-- claim started is given back unrun ('' when there is none).
+function OPS.fail_run(id, fence, owner, err, run_status, unstart_idx, ...)
+  local v = fenced(id, fence, owner)
   if not v then return -1 end
-  local idx = string.match(v[3] or '', '^' .. fence .. ':(%d+)$')
+  local idx = tonumber(unstart_idx)
   if idx then
     local f = sf(idx)
     local attempts = tonumber(redis.call('HGET', k_run(id), f.attempts) or '1')
@@ -621,7 +618,7 @@ function OPS.resume(id, expected, from_text, forget, inputs, budget, run_status,
       -- The stage keeps its memoised steps, and with them their cost and progress.
       redis.call('HDEL', r, f.output, f.error, f.next_attempt_at, f.reused_from)
     else
-      redis.call('HDEL', r, f.cost_usd, f.artifacts, f.output, f.error, f.progress_done,
+      redis.call('HDEL', r, f.cost, f.legacy_cost, f.artifacts, f.output, f.error, f.progress_done,
         f.progress_total, f.next_attempt_at, f.reused_from)
     end
     if forget == '1' then
@@ -633,9 +630,12 @@ function OPS.resume(id, expected, from_text, forget, inputs, budget, run_status,
   end
   redis.call('HDEL', r, 'result', 'error')
   redis.call('HSET', r, 'cancel_requested', '0', 'next', str(from), 'current_stage', '',
-    'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
+    'lease_owner', '', 'lease_expires_at', '')
   if inputs ~= '' then redis.call('HSET', r, 'inputs', inputs) end
-  if budget ~= '' then redis.call('HSET', r, 'budget_usd', budget) end
+  if budget ~= '' then
+    redis.call('HSET', r, 'budget_micros', budget)
+    redis.call('HDEL', r, 'budget_usd')
+  end
   lease(id, false)
   set_status(id, run_status, status, q)
   enqueue(id, now, q)
@@ -653,7 +653,7 @@ function OPS.expire(id, expires, run_status, requeue, ...)
     if not v[1] or v[1] ~= RS.running then lease(id, false) end
     return 0
   end
-  redis.call('HSET', r, 'lease_owner', '', 'lease_expires_at', '', 'prestarted', '')
+  redis.call('HSET', r, 'lease_owner', '', 'lease_expires_at', '')
   lease(id, false)
   set_status(id, run_status, v[1], v[3])
   if requeue == '1' then enqueue(id, now, v[3]) end

@@ -1,5 +1,6 @@
-//! The core's store conformance suite, on one `redis-server` for the whole test binary (on a
-//! free loopback port, stopped when the binary exits), with a key prefix of its own per case.
+//! The core's store conformance suite, and what only this store does, on one `redis-server` for
+//! the whole test binary (on a free loopback port, stopped when the binary exits), with a key
+//! prefix of its own per case.
 
 use std::{
     process::{Command, Stdio},
@@ -7,7 +8,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use stagecraft_core::testing::Fixture;
+use stagecraft_core::{
+    ids::{RunId, WorkerId},
+    money::Usd,
+    store::{NewRun, ProviderMode, RunKind, RunStatus, SharedStore, StageOutcome, StageStatus},
+    testing::Fixture,
+};
 use stagecraft_store_redis::RedisStore;
 
 /// The server's URL. A watchdog shell stops the server when this test binary exits.
@@ -68,3 +74,151 @@ fn uuid_like() -> String {
 }
 
 stagecraft_core::store_conformance!(open);
+
+/// A one-stage run on `queue` (each part of a test its own, so earlier runs stay out of its claims).
+fn noop_run(queue: &str) -> NewRun {
+    NewRun {
+        id: RunId::generate(),
+        kind: RunKind::Workflow,
+        name: "noop".into(),
+        queue: queue.into(),
+        inputs: serde_json::json!({}),
+        provider_mode: ProviderMode::Mock,
+        budget_usd: None,
+        stage_names: vec!["noop".into()],
+        idempotency_key: None,
+        request_hash: None,
+        reuse: false,
+    }
+}
+
+/// The claim starts a run's first open stage itself (one round trip less per run), unseen by
+/// the engine: starting it answers the claim's attempt without another write, a second start
+/// is a new attempt, giving it back unrun takes the attempt back, and runs the worker must
+/// check first (a budget) are claimed without a start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_starts_the_first_open_stage_exactly_once() {
+    let store: SharedStore = open().await.store;
+    let queues = ["first".to_owned()];
+    let worker = WorkerId::from("w-1".to_owned());
+    let ttl = Duration::from_secs(30);
+    let kinds = |events: &[stagecraft_core::store::RunEvent]| {
+        events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>()
+    };
+
+    let id = store
+        .insert_run(noop_run(&queues[0]))
+        .await
+        .expect("insert")
+        .0
+        .id;
+    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert!(!claimed[0].recovered);
+    assert_eq!(claimed[0].run.stages[0].status, StageStatus::Running);
+    assert_eq!(claimed[0].run.stages[0].attempts, 1);
+    assert_eq!(claimed[0].run.current_stage.as_deref(), Some("noop"));
+    let lease = claimed[0].lease.clone();
+    // A stranger's lease (same run and fence, another worker) is not answered from memory.
+    let stranger = stagecraft_core::store::Lease {
+        worker: WorkerId::from("w-2".to_owned()),
+        ..lease.clone()
+    };
+    assert!(store.start_stage(&stranger, 0).await.is_err());
+    assert_eq!(store.start_stage(&lease, 0).await.expect("start"), 1);
+    let events = store.events_after(id, 0, 100).await.expect("events");
+    assert_eq!(
+        kinds(&events),
+        ["run_queued", "run_started", "stage_started"]
+    );
+    assert_eq!(store.start_stage(&lease, 0).await.expect("start"), 2);
+
+    // Given back unrun, the claim's attempt is taken back.
+    let queues = ["given-back".to_owned()];
+    let id = store
+        .insert_run(noop_run(&queues[0]))
+        .await
+        .expect("insert")
+        .0
+        .id;
+    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+    store
+        .end_attempt(&claimed[0].lease, 0, StageOutcome::Abandoned)
+        .await
+        .expect("give back");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.status, RunStatus::Queued);
+    assert_eq!(run.stages[0].status, StageStatus::Pending);
+    assert_eq!(run.stages[0].attempts, 0);
+    assert_eq!(run.stages[0].started_at, None);
+    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+    assert_eq!(claimed[0].run.stages[0].attempts, 1);
+    assert!(claimed[0].lease.fence.0 > 1);
+    // Abandoned after it ran, the attempt counts.
+    assert_eq!(
+        store
+            .start_stage(&claimed[0].lease, 0)
+            .await
+            .expect("start"),
+        1
+    );
+    store
+        .end_attempt(&claimed[0].lease, 0, StageOutcome::Abandoned)
+        .await
+        .expect("abandon");
+    let run = store.get_run(id).await.expect("get").expect("run");
+    assert_eq!(run.stages[0].attempts, 1);
+
+    // A run whose lease expired mid-stage is recovered, and its next attempt counted.
+    let queues = ["expired".to_owned()];
+    let id = store
+        .insert_run(noop_run(&queues[0]))
+        .await
+        .expect("insert")
+        .0
+        .id;
+    let short = Duration::from_millis(50);
+    store
+        .claim(&queues, &worker, short, 4)
+        .await
+        .expect("claim");
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(store.sweep_expired_leases().await.expect("sweep"), [id]);
+    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+    assert!(claimed[0].recovered);
+    assert_eq!(
+        store
+            .start_stage(&claimed[0].lease, 0)
+            .await
+            .expect("start"),
+        2
+    );
+
+    // A run with a budget is checked by the worker before its stage starts.
+    let queues = ["budget".to_owned()];
+    let budget = Some(Usd::from_micros(1_000_000));
+    let id = store
+        .insert_run(NewRun {
+            budget_usd: budget,
+            ..noop_run(&queues[0])
+        })
+        .await
+        .expect("insert")
+        .0
+        .id;
+    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+    assert_eq!(claimed[0].run.stages[0].status, StageStatus::Pending);
+    assert_eq!(claimed[0].run.budget_usd, budget);
+    assert_eq!(
+        store
+            .start_stage(&claimed[0].lease, 0)
+            .await
+            .expect("start"),
+        1
+    );
+    let events = store.events_after(id, 0, 100).await.expect("events");
+    assert_eq!(
+        kinds(&events),
+        ["run_queued", "run_started", "stage_started"]
+    );
+}

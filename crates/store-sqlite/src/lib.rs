@@ -21,6 +21,7 @@ use tokio::sync::Notify;
 use stagecraft_core::{
     clock::{Millis, SharedClock},
     ids::{FenceToken, RunId, WorkerId},
+    money::Usd,
     store::{
         self as core_store, Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, QueueDepth,
         ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition,
@@ -506,13 +507,13 @@ fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
         inputs: parse_json(Some(row.try_get("inputs").db()?), "inputs")?.unwrap_or(Value::Null),
         status: RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
-        provider_mode: if mode == "live" {
-            ProviderMode::Live
-        } else {
-            ProviderMode::Mock
-        },
-        budget_usd: row.try_get("budget_usd").db()?,
-        cost_usd: row.try_get("cost_usd").db()?,
+        provider_mode: ProviderMode::parse(&mode)
+            .ok_or_else(|| StoreError::Corrupt(format!("provider mode {mode}")))?,
+        budget_usd: row
+            .try_get::<Option<i64>, _>("budget_micros")
+            .db()?
+            .map(Usd::from_micros),
+        cost_usd: Usd::from_micros(row.try_get("cost_micros").db()?),
         current_stage: row.try_get("current_stage").db()?,
         result: parse_json(row.try_get("result").db()?, "result")?,
         error: parse_json(row.try_get("error").db()?, "error")?,
@@ -548,7 +549,7 @@ fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
             .try_get::<Option<i64>, _>("finished_at")
             .db()?
             .map(to_datetime),
-        cost_usd: row.try_get("cost_usd").db()?,
+        cost_usd: Usd::from_micros(row.try_get("cost_micros").db()?),
         artifacts: parse_json(Some(row.try_get("artifacts").db()?), "artifacts")?
             .unwrap_or_default(),
         output: parse_json(row.try_get("output").db()?, "output")?,
@@ -590,7 +591,7 @@ async fn reset_stages_from(
         from
     };
     sqlx::query(
-        "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, cost_usd = 0, \
+        "UPDATE stages SET status = 'pending', attempts = 0, started_at = NULL, finished_at = NULL, cost_micros = 0, \
          artifacts = '[]', output = NULL, error = NULL, progress_done = NULL, progress_total = NULL, \
          next_attempt_at = NULL, reused_from = NULL WHERE run_id = ? AND idx >= ?",
     )
@@ -659,7 +660,7 @@ impl RunStore for SqliteStore {
 
     async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
         let rows = sqlx::query(
-            "SELECT key, output, cost_usd, artifacts FROM steps WHERE run_id = ? AND stage_idx = ? ORDER BY created_at",
+            "SELECT key, output, cost_micros, artifacts FROM steps WHERE run_id = ? AND stage_idx = ? ORDER BY created_at",
         )
         .bind(run.to_string())
         .bind(stage as i64)
@@ -671,7 +672,7 @@ impl RunStore for SqliteStore {
                     key: row.try_get("key").db()?,
                     output: parse_json(Some(row.try_get("output").db()?), "step output")?
                         .unwrap_or(Value::Null),
-                    cost_usd: row.try_get("cost_usd").db()?,
+                    cost_usd: Usd::from_micros(row.try_get("cost_micros").db()?),
                     artifacts: parse_json(Some(row.try_get("artifacts").db()?), "step artifacts")?
                         .unwrap_or_default(),
                 })
@@ -823,8 +824,8 @@ impl RunStore for SqliteStore {
         detached(async move { store.worker_heartbeat_now(&worker).await }).await
     }
 
-    async fn unregister_worker(&self, id: &str) -> StoreResult<()> {
-        let (store, id) = (self.clone(), id.to_owned());
+    async fn unregister_worker(&self, id: &WorkerId) -> StoreResult<()> {
+        let (store, id) = (self.clone(), id.as_str().to_owned());
         detached(async move {
             let mut tx = store.begin().await?;
             sqlx::query("DELETE FROM workers WHERE id = ?")
@@ -852,7 +853,7 @@ impl RunStore for SqliteStore {
         rows.iter()
             .map(|row| {
                 Ok(WorkerInfo {
-                    id: row.try_get("id").db()?,
+                    id: WorkerId::from(row.try_get::<String, _>("id").db()?),
                     queues: parse_json(Some(row.try_get("queues").db()?), "worker queues")?
                         .unwrap_or_default(),
                     concurrency: row.try_get::<i64, _>("concurrency").db()? as u32,
@@ -999,7 +1000,7 @@ impl SqliteStore {
             "INSERT INTO workers (id, queues, concurrency, started_at, heartbeat_at, running) VALUES (?, ?, ?, ?, ?, ?) \
              ON CONFLICT (id) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, running = excluded.running",
         )
-        .bind(&worker.id)
+        .bind(worker.id.as_str())
         .bind(json_text(&worker.queues))
         .bind(i64::from(worker.concurrency))
         .bind(worker.started_at.timestamp_millis())
@@ -1040,7 +1041,7 @@ impl SqliteStore {
             }
         }
         sqlx::query(
-            "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, budget_usd, available_at, \
+            "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, budget_micros, available_at, \
              idempotency_key, idempotency_hash, created_at, updated_at, reuse) \
              VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)",
         )
@@ -1050,7 +1051,7 @@ impl SqliteStore {
         .bind(&run.queue)
         .bind(run.inputs.to_string())
         .bind(run.provider_mode.as_str())
-        .bind(run.budget_usd)
+        .bind(run.budget_usd.map(Usd::micros))
         .bind(now)
         .bind(&run.idempotency_key)
         .bind(&run.request_hash)
@@ -1176,7 +1177,6 @@ impl SqliteStore {
                 },
                 run,
                 recovered,
-                started: None,
                 asked,
             });
         }
@@ -1238,14 +1238,14 @@ impl SqliteStore {
         let now = self.now();
         let mut tx = self.begin_fenced(lease).await?;
         let inserted = sqlx::query(
-            "INSERT INTO steps (run_id, stage_idx, key, output, cost_usd, artifacts, created_at) \
+            "INSERT INTO steps (run_id, stage_idx, key, output, cost_micros, artifacts, created_at) \
              VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
         )
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
         .bind(&step.key)
         .bind(step.output.to_string())
-        .bind(step.cost_usd)
+        .bind(step.cost_usd.micros())
         .bind(json_text(&step.artifacts))
         .bind(now)
         .execute(&mut *tx)
@@ -1254,10 +1254,10 @@ impl SqliteStore {
         .rows_affected();
         if inserted == 1 {
             let name: String = sqlx::query(
-                "UPDATE stages SET cost_usd = cost_usd + ?, progress_done = ?, progress_total = ? \
+                "UPDATE stages SET cost_micros = cost_micros + ?, progress_done = ?, progress_total = ? \
                  WHERE run_id = ? AND idx = ? RETURNING name",
             )
-            .bind(step.cost_usd)
+            .bind(step.cost_usd.micros())
             .bind(i64::from(progress.done))
             .bind(i64::from(progress.total))
             .bind(lease.run_id.to_string())
@@ -1270,8 +1270,8 @@ impl SqliteStore {
             })?
             .try_get("name")
             .db()?;
-            sqlx::query("UPDATE runs SET cost_usd = cost_usd + ? WHERE id = ?")
-                .bind(step.cost_usd)
+            sqlx::query("UPDATE runs SET cost_micros = cost_micros + ? WHERE id = ?")
+                .bind(step.cost_usd.micros())
                 .bind(lease.run_id.to_string())
                 .execute(&mut *tx)
                 .await
@@ -1300,7 +1300,7 @@ impl SqliteStore {
         let mut tx = self.begin().await?;
         // The fence check, the run's cost and (when it completes) its end: one statement.
         let fenced = sqlx::query(
-            "UPDATE runs SET updated_at = ?1, cost_usd = cost_usd + ?2, \
+            "UPDATE runs SET updated_at = ?1, cost_micros = cost_micros + ?2, \
              status = CASE WHEN ?7 THEN ?8 ELSE status END, \
              result = CASE WHEN ?7 THEN ?3 ELSE result END, \
              error = CASE WHEN ?7 THEN NULL ELSE error END, \
@@ -1311,7 +1311,7 @@ impl SqliteStore {
              WHERE id = ?4 AND fence = ?5 AND lease_owner = ?6",
         )
         .bind(now)
-        .bind(checkpoint.cost_usd)
+        .bind(checkpoint.cost_usd.micros())
         .bind(checkpoint.run_result.as_ref().map(Value::to_string))
         .bind(lease.run_id.to_string())
         .bind(lease.fence.0)
@@ -1327,14 +1327,14 @@ impl SqliteStore {
         }
         let name: String = sqlx::query(
             "UPDATE stages SET status = ?, finished_at = ?, output = ?, artifacts = ?, \
-             cost_usd = cost_usd + ?, error = NULL, next_attempt_at = NULL, reused_from = ? \
+             cost_micros = cost_micros + ?, error = NULL, next_attempt_at = NULL, reused_from = ? \
              WHERE run_id = ? AND idx = ? RETURNING name",
         )
         .bind(StageStatus::Completed.as_str())
         .bind(now)
         .bind(checkpoint.output.to_string())
         .bind(json_text(&checkpoint.artifacts))
-        .bind(checkpoint.cost_usd)
+        .bind(checkpoint.cost_usd.micros())
         .bind(checkpoint.reused_from.map(|id| id.to_string()))
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
@@ -1495,14 +1495,14 @@ impl SqliteStore {
         let updated = sqlx::query(
             "UPDATE runs SET status = ?, available_at = ?, updated_at = ?, result = NULL, error = NULL, \
              finished_at = NULL, cancel_requested = 0, current_stage = NULL, lease_owner = NULL, lease_expires_at = NULL, \
-             inputs = COALESCE(?, inputs), budget_usd = COALESCE(?, budget_usd) \
+             inputs = COALESCE(?, inputs), budget_micros = COALESCE(?, budget_micros) \
              WHERE id = ? AND status = ?",
         )
         .bind(status.as_str())
         .bind(now)
         .bind(now)
         .bind(changes.inputs.as_ref().map(|inputs| inputs.to_string()))
-        .bind(changes.budget_usd)
+        .bind(changes.budget_usd.map(Usd::micros))
         .bind(id.to_string())
         .bind(run.status.as_str())
         .execute(&mut *tx)

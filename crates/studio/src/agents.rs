@@ -20,6 +20,7 @@ use stagecraft_core::{
     artifacts::ArtifactStore,
     engine::{StageError, StepDone},
     ids::RunId,
+    money::Usd,
     schema::InputSchema,
     store::ProviderMode,
     workflows::{InputError, parse_inputs},
@@ -27,6 +28,8 @@ use stagecraft_core::{
 
 /// Simulated prices: what the live providers charge (per token, second or character).
 pub mod pricing {
+    use stagecraft_core::money::Usd;
+
     /// Anthropic Messages API, Claude Sonnet: dollars per input and output token.
     pub const TEXT_INPUT_PER_TOKEN: f64 = 3.0 / 1_000_000.0;
     pub const TEXT_OUTPUT_PER_TOKEN: f64 = 15.0 / 1_000_000.0;
@@ -43,17 +46,17 @@ pub mod pricing {
     pub const MUSIC_MODEL: &str = "elevenlabs/music_v1";
 
     /// The cost of a text call, from its prompt and answer sizes (about four characters a token).
-    pub fn text(prompt_chars: usize, answer_chars: usize) -> f64 {
+    pub fn text(prompt_chars: usize, answer_chars: usize) -> Usd {
         let tokens = |chars: usize| chars.div_ceil(4) as f64;
-        round(
-            tokens(prompt_chars) * TEXT_INPUT_PER_TOKEN
-                + tokens(answer_chars) * TEXT_OUTPUT_PER_TOKEN,
-        )
+        usd(tokens(prompt_chars) * TEXT_INPUT_PER_TOKEN
+            + tokens(answer_chars) * TEXT_OUTPUT_PER_TOKEN)
     }
 
-    /// Costs are kept to a hundredth of a cent.
-    pub fn round(usd: f64) -> f64 {
-        (usd * 10_000.0).round() / 10_000.0
+    /// A price list's amount (rate times quantity), charged to a hundredth of a cent as the
+    /// providers bill it; an amount no price can reach (NaN, beyond an `i64` of micro-dollars)
+    /// is charged as nothing rather than wrap.
+    pub fn usd(dollars: f64) -> Usd {
+        Usd::from_dollars((dollars * 10_000.0).round() / 10_000.0).unwrap_or_default()
     }
 }
 
@@ -89,7 +92,7 @@ impl AgentEnv {
         agent: &str,
         provider: &str,
         what: &str,
-        cost_usd: f64,
+        cost_usd: Usd,
     ) -> Result<(), StageError> {
         if self.mode == ProviderMode::Live {
             // Only local tools run in live mode without a live provider of their own.
@@ -110,7 +113,7 @@ impl AgentEnv {
         agent: &str,
         provider: &str,
         what: &str,
-        cost_usd: f64,
+        cost_usd: Usd,
         simulated: bool,
     ) -> Result<(), StageError> {
         let line = json!({
@@ -136,7 +139,9 @@ impl AgentEnv {
         input: &impl Serialize,
         check: impl Fn(&T) -> Result<(), String>,
     ) -> Result<StepDone<T>, StageError> {
-        let output = output_schema(agent).unwrap_or_default();
+        let output = self::agent(agent)
+            .map(|a| a.output_schema())
+            .unwrap_or_default();
         let input = serde_json::to_value(input).unwrap_or(Value::Null);
         let (value, usage, calls) = self
             .live
@@ -199,16 +204,55 @@ const COLOURS: [&str; 6] = [
     "0x1f3b57", "0x3a1f57", "0x1f5740", "0x57401f", "0x571f2e", "0x2e3a3a",
 ];
 
-/// An agent's input: a type whose JSON Schema (with its limits) is published and enforced,
-/// and whose cost is known before the agent runs.
-pub trait AgentInput: DeserializeOwned + Serialize + ToSchema {
+/// A live provider an agent calls; its key must be set before a live run is accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Provider {
+    /// The text model (Anthropic).
+    Text,
+    /// Video generation (Runway).
+    Video,
+    /// Text to speech (ElevenLabs or OpenAI, as `SPEECH_PROVIDER` says).
+    Speech,
+    /// Music (ElevenLabs).
+    Music,
+}
+
+/// A studio agent: typed input and output (whose JSON Schemas, with their limits, are published
+/// and enforced), its cost before it runs, and the live providers it needs. Every item is
+/// required, so an agent cannot be registered without an estimate or its live requirements;
+/// [`AGENTS`] registers it in one line.
+pub trait Agent: Send + Sync + 'static {
+    const NAME: &'static str;
+    const DESCRIPTION: &'static str;
+    /// Bumped when the agent's behaviour changes: part of what makes a checkpoint reusable.
+    const VERSION: u32;
+    /// The providers it calls in live mode.
+    const LIVE: &'static [Provider];
+    type Input: DeserializeOwned + Serialize + ToSchema + Send;
+    type Output: DeserializeOwned + Serialize + ToSchema + Send;
+
     /// What running the agent on this input costs (simulated in mock mode, the price list's
     /// estimate live): checked against the run's remaining budget before the agent runs.
-    fn estimate(&self) -> f64;
+    fn estimate(input: &Self::Input) -> Usd;
+
+    fn run(
+        env: AgentEnv,
+        input: Self::Input,
+    ) -> impl std::future::Future<Output = Result<StepDone<Self::Output>, StageError>> + Send;
+}
+
+/// Runs agent `A` as a memoised step of a stage, its estimate checked against the budget first.
+pub async fn step<A: Agent>(
+    ctx: &mut stagecraft_core::engine::StageContext,
+    key: &str,
+    env: AgentEnv,
+    input: A::Input,
+) -> Result<A::Output, StageError> {
+    ctx.step(key, A::estimate(&input), A::run(env, input)).await
 }
 
 /// Checks inputs against the input type's published schema, then reads them.
-fn parse<I: AgentInput>(inputs: &Value) -> Result<I, InputError> {
+fn parse<I: DeserializeOwned + ToSchema>(inputs: &Value) -> Result<I, InputError> {
     let mut inputs = inputs.clone();
     InputSchema::of::<I>().check(&mut inputs)?;
     parse_inputs(&inputs)
@@ -224,8 +268,8 @@ pub struct ProducerInput {
     #[schema(min_length = 1, max_length = 2000)]
     pub user_request: String,
     /// Dollars for the whole production (a number from 0 to 1000000).
-    #[schema(minimum = 0, maximum = 1000000)]
-    pub total_budget: f64,
+    #[schema(value_type = f64, minimum = 0, maximum = 1000000)]
+    pub total_budget: Usd,
     /// Pilots to try (default 2).
     #[serde(default)]
     #[schema(minimum = 1, maximum = 4)]
@@ -240,9 +284,26 @@ pub struct ProducerInput {
     pub num_scenes: Option<u32>,
 }
 
-impl AgentInput for ProducerInput {
-    fn estimate(&self) -> f64 {
-        producer_cost(self)
+/// The `producer` agent.
+pub struct Producer;
+
+impl Agent for Producer {
+    const NAME: &'static str = "producer";
+    const DESCRIPTION: &'static str = "Plans pilot strategies for a request within a total budget.";
+    const VERSION: u32 = 1;
+    const LIVE: &'static [Provider] = &[Provider::Text];
+    type Input = ProducerInput;
+    type Output = ProducerOutput;
+
+    fn estimate(input: &ProducerInput) -> Usd {
+        producer_cost(input)
+    }
+
+    async fn run(
+        env: AgentEnv,
+        input: ProducerInput,
+    ) -> Result<StepDone<ProducerOutput>, StageError> {
+        producer(env, input).await
     }
 }
 
@@ -250,10 +311,11 @@ impl AgentInput for ProducerInput {
 #[serde(deny_unknown_fields)]
 pub struct ProducerOutput {
     pub pilots: Vec<PilotStrategy>,
-    pub total_budget: f64,
+    #[schema(value_type = f64)]
+    pub total_budget: Usd,
 }
 
-fn producer_cost(input: &ProducerInput) -> f64 {
+fn producer_cost(input: &ProducerInput) -> Usd {
     let pilots = input.num_pilots.unwrap_or(2) as usize;
     pricing::text(900 + input.user_request.len(), 650 * pilots)
 }
@@ -287,7 +349,7 @@ pub async fn producer(
     let cost = producer_cost(&input);
     env.provider_call("producer", pricing::TEXT_MODEL, "plan pilots", cost)
         .await?;
-    let per_pilot = pricing::round(input.total_budget / f64::from(pilots));
+    let per_pilot = pricing::usd(input.total_budget.dollars() / f64::from(pilots));
     let request = input.user_request.trim();
     let strategies = (0..pilots)
         .map(|i| {
@@ -305,7 +367,7 @@ pub async fn producer(
                 test_scenes: scenes.min(2),
                 budget_usd: per_pilot,
                 rationale: format!(
-                    "Tests whether a {tone} treatment with {style} carries the idea within ${per_pilot:.2}."
+                    "Tests whether a {tone} treatment with {style} carries the idea within ${per_pilot}."
                 ),
             }
         })
@@ -342,9 +404,26 @@ pub struct ScriptWriterInput {
     pub visual_style: Option<String>,
 }
 
-impl AgentInput for ScriptWriterInput {
-    fn estimate(&self) -> f64 {
-        script_writer_cost(&ScriptRequest::all(self.clone()))
+/// The `script_writer` agent.
+pub struct ScriptWriter;
+
+impl Agent for ScriptWriter {
+    const NAME: &'static str = "script_writer";
+    const DESCRIPTION: &'static str = "Writes the scenes of a video concept.";
+    const VERSION: u32 = 1;
+    const LIVE: &'static [Provider] = &[Provider::Text];
+    type Input = ScriptWriterInput;
+    type Output = ScriptWriterOutput;
+
+    fn estimate(input: &ScriptWriterInput) -> Usd {
+        script_writer_cost(&ScriptRequest::all(input.clone()))
+    }
+
+    async fn run(
+        env: AgentEnv,
+        input: ScriptWriterInput,
+    ) -> Result<StepDone<ScriptWriterOutput>, StageError> {
+        script_writer(env, ScriptRequest::all(input)).await
     }
 }
 
@@ -388,7 +467,7 @@ pub struct ScriptWriterOutput {
 }
 
 /// What writing these scenes costs.
-pub fn script_writer_cost(request: &ScriptRequest) -> f64 {
+pub fn script_writer_cost(request: &ScriptRequest) -> Usd {
     pricing::text(
         700 + request.plan.video_concept.len(),
         420 * request.scene_numbers.len(),
@@ -478,14 +557,31 @@ pub struct VideoGeneratorInput {
     pub version: Option<u32>,
 }
 
-impl AgentInput for VideoGeneratorInput {
-    fn estimate(&self) -> f64 {
-        video_cost(self)
+/// The `video_generator` agent.
+pub struct VideoGenerator;
+
+impl Agent for VideoGenerator {
+    const NAME: &'static str = "video_generator";
+    const DESCRIPTION: &'static str = "Generates the video of one scene.";
+    const VERSION: u32 = 1;
+    const LIVE: &'static [Provider] = &[Provider::Video];
+    type Input = VideoGeneratorInput;
+    type Output = VideoClip;
+
+    fn estimate(input: &VideoGeneratorInput) -> Usd {
+        video_cost(input)
+    }
+
+    async fn run(
+        env: AgentEnv,
+        input: VideoGeneratorInput,
+    ) -> Result<StepDone<VideoClip>, StageError> {
+        video_generator(env, input).await
     }
 }
 
-fn video_cost(input: &VideoGeneratorInput) -> f64 {
-    pricing::round(input.scene.duration_secs * pricing::VIDEO_PER_SECOND)
+fn video_cost(input: &VideoGeneratorInput) -> Usd {
+    pricing::usd(input.scene.duration_secs * pricing::VIDEO_PER_SECOND)
 }
 
 pub async fn video_generator(
@@ -547,7 +643,7 @@ async fn live_video(
 ) -> Result<StepDone<VideoClip>, StageError> {
     let scene = &input.scene;
     let version = input.version.unwrap_or(1);
-    let cost = pricing::round(scene.duration_secs * env.live.settings().video_price);
+    let cost = pricing::usd(scene.duration_secs * env.live.settings().video_price);
     let model = format!("runway/{}", env.live.settings().runway_model);
     let task_file = env.run_path(&format!(
         "provider_tasks/video_scene_{}_v{version}.json",
@@ -632,19 +728,36 @@ pub struct AudioGeneratorInput {
     pub duration_secs: Option<f64>,
 }
 
-impl AgentInput for AudioGeneratorInput {
-    fn estimate(&self) -> f64 {
-        audio_cost(self)
+/// The `audio_generator` agent.
+pub struct AudioGenerator;
+
+impl Agent for AudioGenerator {
+    const NAME: &'static str = "audio_generator";
+    const DESCRIPTION: &'static str = "Generates a voiceover from a script, or music from a brief.";
+    const VERSION: u32 = 1;
+    const LIVE: &'static [Provider] = &[Provider::Speech];
+    type Input = AudioGeneratorInput;
+    type Output = AudioTrack;
+
+    fn estimate(input: &AudioGeneratorInput) -> Usd {
+        audio_cost(input)
+    }
+
+    async fn run(
+        env: AgentEnv,
+        input: AudioGeneratorInput,
+    ) -> Result<StepDone<AudioTrack>, StageError> {
+        audio_generator(env, input).await
     }
 }
 
-fn audio_cost(input: &AudioGeneratorInput) -> f64 {
+fn audio_cost(input: &AudioGeneratorInput) -> Usd {
     match input.kind.unwrap_or(AudioKind::Voiceover) {
         AudioKind::Voiceover => {
-            pricing::round(input.script.chars().count() as f64 * pricing::SPEECH_PER_CHARACTER)
+            pricing::usd(input.script.chars().count() as f64 * pricing::SPEECH_PER_CHARACTER)
         }
         AudioKind::Music => {
-            pricing::round(input.duration_secs.unwrap_or(30.0) * pricing::MUSIC_PER_SECOND)
+            pricing::usd(input.duration_secs.unwrap_or(30.0) * pricing::MUSIC_PER_SECOND)
         }
     }
 }
@@ -713,7 +826,7 @@ async fn live_audio(
         AudioKind::Voiceover => {
             let made = env.live.speech(&input.script, &target, &env.cancel).await?;
             let cost = input.script.chars().count() as f64 * settings.speech_price / 1000.0;
-            (made, pricing::round(cost))
+            (made, pricing::usd(cost))
         }
         AudioKind::Music => {
             let seconds = input.duration_secs.unwrap_or(30.0);
@@ -721,7 +834,7 @@ async fn live_audio(
                 .live
                 .music(&input.script, seconds, &target, &env.cancel)
                 .await?;
-            (made, pricing::round(seconds * settings.music_price))
+            (made, pricing::usd(seconds * settings.music_price))
         }
     };
     env.ledger("audio_generator", &provider, kind.as_str(), cost, false)
@@ -763,13 +876,27 @@ pub struct QaVerifierInput {
     pub expected_duration_secs: Option<f64>,
 }
 
-impl AgentInput for QaVerifierInput {
-    fn estimate(&self) -> f64 {
-        qa_cost(self)
+/// The `qa_verifier` agent.
+pub struct QaVerifier;
+
+impl Agent for QaVerifier {
+    const NAME: &'static str = "qa_verifier";
+    const DESCRIPTION: &'static str = "Checks a video's streams, resolution and duration.";
+    const VERSION: u32 = 1;
+    const LIVE: &'static [Provider] = &[];
+    type Input = QaVerifierInput;
+    type Output = QaReport;
+
+    fn estimate(input: &QaVerifierInput) -> Usd {
+        qa_cost(input)
+    }
+
+    async fn run(env: AgentEnv, input: QaVerifierInput) -> Result<StepDone<QaReport>, StageError> {
+        qa_verifier(env, input).await
     }
 }
 
-fn qa_cost(_input: &QaVerifierInput) -> f64 {
+fn qa_cost(_input: &QaVerifierInput) -> Usd {
     pricing::text(1200, 300)
 }
 
@@ -780,7 +907,7 @@ pub async fn qa_verifier(
     let path = existing_file(&env, "video", &input.video)?;
     // Live, QA is local work (ffprobe) and costs nothing; mock mode bills a simulated review.
     let cost = if env.mode == ProviderMode::Live {
-        0.0
+        Usd::ZERO
     } else {
         qa_cost(&input)
     };
@@ -858,9 +985,24 @@ pub struct CriticInput {
     pub user_request: Option<String>,
 }
 
-impl AgentInput for CriticInput {
-    fn estimate(&self) -> f64 {
-        critic_cost(self)
+/// The `critic` agent.
+pub struct Critic;
+
+impl Agent for Critic {
+    const NAME: &'static str = "critic";
+    const DESCRIPTION: &'static str =
+        "Scores pilot results and approves the best one above a threshold.";
+    const VERSION: u32 = 1;
+    const LIVE: &'static [Provider] = &[Provider::Text];
+    type Input = CriticInput;
+    type Output = CriticOutput;
+
+    fn estimate(input: &CriticInput) -> Usd {
+        critic_cost(input)
+    }
+
+    async fn run(env: AgentEnv, input: CriticInput) -> Result<StepDone<CriticOutput>, StageError> {
+        critic(env, input).await
     }
 }
 
@@ -873,7 +1015,7 @@ pub struct CriticOutput {
     pub threshold: f64,
 }
 
-fn critic_cost(input: &CriticInput) -> f64 {
+fn critic_cost(input: &CriticInput) -> Usd {
     pricing::text(1500 + 900 * input.pilots.len(), 500 * input.pilots.len())
 }
 
@@ -988,9 +1130,23 @@ pub struct EditorClip {
     pub video: String,
 }
 
-impl AgentInput for EditorInput {
-    fn estimate(&self) -> f64 {
-        editor_cost(self)
+/// The `editor` agent.
+pub struct Editor;
+
+impl Agent for Editor {
+    const NAME: &'static str = "editor";
+    const DESCRIPTION: &'static str = "Builds edit candidates and renders the final cut.";
+    const VERSION: u32 = 1;
+    const LIVE: &'static [Provider] = &[];
+    type Input = EditorInput;
+    type Output = EditorOutput;
+
+    fn estimate(input: &EditorInput) -> Usd {
+        editor_cost(input)
+    }
+
+    async fn run(env: AgentEnv, input: EditorInput) -> Result<StepDone<EditorOutput>, StageError> {
+        editor(env, input).await
     }
 }
 
@@ -1002,7 +1158,7 @@ pub struct EditorOutput {
     pub final_cut: FinalCut,
 }
 
-fn editor_cost(input: &EditorInput) -> f64 {
+fn editor_cost(input: &EditorInput) -> Usd {
     pricing::text(1200 + 300 * input.clips.len(), 900)
 }
 
@@ -1090,7 +1246,7 @@ pub async fn editor(
     };
     // Live, the edit is local work (ffmpeg) and costs nothing; mock mode bills a simulated plan.
     let cost = if env.mode == ProviderMode::Live {
-        0.0
+        Usd::ZERO
     } else {
         editor_cost(&input)
     };
@@ -1141,55 +1297,117 @@ pub async fn editor(
 // ----------------------------------------------------------------------------------------------
 // The registry: what the API lists, documents and runs by name.
 
-/// One agent as the API knows it.
-#[derive(Debug, Clone, Copy)]
-pub struct AgentSpec {
-    pub name: &'static str,
-    pub description: &'static str,
-    /// Bumped when the agent's behaviour changes: part of what makes a checkpoint reusable.
-    pub version: u32,
-}
-
-pub const AGENTS: [AgentSpec; 7] = [
-    AgentSpec {
-        name: "producer",
-        description: "Plans pilot strategies for a request within a total budget.",
-        version: 1,
-    },
-    AgentSpec {
-        name: "script_writer",
-        description: "Writes the scenes of a video concept.",
-        version: 1,
-    },
-    AgentSpec {
-        name: "video_generator",
-        description: "Generates the video of one scene.",
-        version: 1,
-    },
-    AgentSpec {
-        name: "audio_generator",
-        description: "Generates a voiceover from a script, or music from a brief.",
-        version: 1,
-    },
-    AgentSpec {
-        name: "critic",
-        description: "Scores pilot results and approves the best one above a threshold.",
-        version: 1,
-    },
-    AgentSpec {
-        name: "qa_verifier",
-        description: "Checks a video's streams, resolution and duration.",
-        version: 1,
-    },
-    AgentSpec {
-        name: "editor",
-        description: "Builds edit candidates and renders the final cut.",
-        version: 1,
-    },
+/// Every agent, one line each.
+pub const AGENTS: &[&dyn AnyAgent] = &[
+    &Registered::<Producer>::NEW,
+    &Registered::<ScriptWriter>::NEW,
+    &Registered::<VideoGenerator>::NEW,
+    &Registered::<AudioGenerator>::NEW,
+    &Registered::<Critic>::NEW,
+    &Registered::<QaVerifier>::NEW,
+    &Registered::<Editor>::NEW,
 ];
 
-pub fn spec(name: &str) -> Option<AgentSpec> {
-    AGENTS.iter().find(|a| a.name == name).copied()
+/// The agent of that name.
+pub fn agent(name: &str) -> Option<&'static dyn AnyAgent> {
+    AGENTS.iter().copied().find(|a| a.name() == name)
+}
+
+/// An [`Agent`] as the registry holds it: by name, on JSON inputs.
+pub trait AnyAgent: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn description(&self) -> &'static str;
+    fn version(&self) -> u32;
+    fn live(&self) -> &'static [Provider];
+    /// The schema its inputs are checked against (the one [`AnyAgent::document`] publishes).
+    fn input_schema(&self) -> InputSchema;
+    /// The schema of its output (what a live model must answer).
+    fn output_schema(&self) -> InputSchema;
+    /// Its input and output schema (references point into `components.schemas`).
+    fn document(&self) -> Value;
+    /// Checks inputs (strict: unknown fields are refused), naming the offending field.
+    fn validate(&self, inputs: &Value) -> Result<(), InputError>;
+    /// What running it on these inputs will cost; refused inputs are an error, never a free
+    /// estimate.
+    fn estimate(&self, inputs: &Value) -> Result<Usd, InputError>;
+    fn run<'a>(
+        &'a self,
+        env: AgentEnv,
+        inputs: &'a Value,
+    ) -> futures::future::BoxFuture<'a, Result<StepDone<Value>, StageError>>;
+}
+
+/// The registry's handle on agent `A`.
+pub struct Registered<A>(std::marker::PhantomData<A>);
+
+impl<A> Registered<A> {
+    pub const NEW: Self = Self(std::marker::PhantomData);
+}
+
+impl<A: Agent> AnyAgent for Registered<A> {
+    fn name(&self) -> &'static str {
+        A::NAME
+    }
+
+    fn description(&self) -> &'static str {
+        A::DESCRIPTION
+    }
+
+    fn version(&self) -> u32 {
+        A::VERSION
+    }
+
+    fn live(&self) -> &'static [Provider] {
+        A::LIVE
+    }
+
+    fn input_schema(&self) -> InputSchema {
+        InputSchema::of::<A::Input>()
+    }
+
+    fn output_schema(&self) -> InputSchema {
+        InputSchema::of::<A::Output>()
+    }
+
+    fn document(&self) -> Value {
+        let (inputs, mut components) = schema_of::<A::Input>();
+        let (outputs, more) = schema_of::<A::Output>();
+        components.extend(more);
+        json!({
+            "agent": A::NAME,
+            "description": A::DESCRIPTION,
+            "version": A::VERSION,
+            "inputs": inputs,
+            "outputs": outputs,
+            "components": {"schemas": components},
+        })
+    }
+
+    fn validate(&self, inputs: &Value) -> Result<(), InputError> {
+        parse::<A::Input>(inputs).map(drop)
+    }
+
+    fn estimate(&self, inputs: &Value) -> Result<Usd, InputError> {
+        parse::<A::Input>(inputs).map(|input| A::estimate(&input))
+    }
+
+    fn run<'a>(
+        &'a self,
+        env: AgentEnv,
+        inputs: &'a Value,
+    ) -> futures::future::BoxFuture<'a, Result<StepDone<Value>, StageError>> {
+        Box::pin(async move {
+            let input = parse::<A::Input>(inputs)
+                .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
+            let done = A::run(env, input).await?;
+            Ok(StepDone {
+                output: serde_json::to_value(&done.output)
+                    .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?,
+                cost_usd: done.cost_usd,
+                artifacts: done.artifacts,
+            })
+        })
+    }
 }
 
 /// The JSON Schema of a type, with the schemas it refers to under `components.schemas`.
@@ -1206,128 +1424,6 @@ fn schema_of<T: ToSchema>() -> (Value, serde_json::Map<String, Value>) {
     )
 }
 
-fn document<I: ToSchema, O: ToSchema>(spec: AgentSpec) -> Value {
-    let (inputs, mut components) = schema_of::<I>();
-    let (outputs, more) = schema_of::<O>();
-    components.extend(more);
-    json!({
-        "agent": spec.name,
-        "description": spec.description,
-        "version": spec.version,
-        "inputs": inputs,
-        "outputs": outputs,
-        "components": {"schemas": components},
-    })
-}
-
-/// The schema an agent's inputs are checked against (the one `schema` publishes).
-pub fn input_schema(name: &str) -> Option<InputSchema> {
-    Some(match name {
-        "producer" => InputSchema::of::<ProducerInput>(),
-        "script_writer" => InputSchema::of::<ScriptWriterInput>(),
-        "video_generator" => InputSchema::of::<VideoGeneratorInput>(),
-        "audio_generator" => InputSchema::of::<AudioGeneratorInput>(),
-        "critic" => InputSchema::of::<CriticInput>(),
-        "qa_verifier" => InputSchema::of::<QaVerifierInput>(),
-        "editor" => InputSchema::of::<EditorInput>(),
-        _ => return None,
-    })
-}
-
-/// The schema of an agent's output (what a live model must answer).
-pub fn output_schema(name: &str) -> Option<InputSchema> {
-    Some(match name {
-        "producer" => InputSchema::of::<ProducerOutput>(),
-        "script_writer" => InputSchema::of::<ScriptWriterOutput>(),
-        "video_generator" => InputSchema::of::<VideoClip>(),
-        "audio_generator" => InputSchema::of::<AudioTrack>(),
-        "critic" => InputSchema::of::<CriticOutput>(),
-        "qa_verifier" => InputSchema::of::<QaReport>(),
-        "editor" => InputSchema::of::<EditorOutput>(),
-        _ => return None,
-    })
-}
-
-/// The input and output schema of an agent (references point into `components.schemas`).
-pub fn schema(name: &str) -> Option<Value> {
-    let spec = spec(name)?;
-    Some(match name {
-        "producer" => document::<ProducerInput, ProducerOutput>(spec),
-        "script_writer" => document::<ScriptWriterInput, ScriptWriterOutput>(spec),
-        "video_generator" => document::<VideoGeneratorInput, VideoClip>(spec),
-        "audio_generator" => document::<AudioGeneratorInput, AudioTrack>(spec),
-        "critic" => document::<CriticInput, CriticOutput>(spec),
-        "qa_verifier" => document::<QaVerifierInput, QaReport>(spec),
-        "editor" => document::<EditorInput, EditorOutput>(spec),
-        _ => return None,
-    })
-}
-
-fn unknown(name: &str) -> InputError {
-    InputError {
-        field: "agent".to_owned(),
-        message: format!("no agent named {name:?}"),
-    }
-}
-
-/// Checks an agent's inputs (strict: unknown fields are refused), naming the offending field.
-pub fn validate(name: &str, inputs: &Value) -> Result<(), InputError> {
-    match name {
-        "producer" => parse::<ProducerInput>(inputs).map(drop),
-        "script_writer" => parse::<ScriptWriterInput>(inputs).map(drop),
-        "video_generator" => parse::<VideoGeneratorInput>(inputs).map(drop),
-        "audio_generator" => parse::<AudioGeneratorInput>(inputs).map(drop),
-        "critic" => parse::<CriticInput>(inputs).map(drop),
-        "qa_verifier" => parse::<QaVerifierInput>(inputs).map(drop),
-        "editor" => parse::<EditorInput>(inputs).map(drop),
-        _ => Err(unknown(name)),
-    }
-}
-
-fn bad_input(error: InputError) -> StageError {
-    StageError::fatal("invalid_input", error.to_string())
-}
-
-/// What running the agent on these inputs will cost (for the budget check); refused inputs
-/// are an error, never a free estimate.
-pub fn estimate(name: &str, inputs: &Value) -> Result<f64, InputError> {
-    match name {
-        "producer" => parse::<ProducerInput>(inputs).map(|i| i.estimate()),
-        "script_writer" => parse::<ScriptWriterInput>(inputs).map(|i| i.estimate()),
-        "video_generator" => parse::<VideoGeneratorInput>(inputs).map(|i| i.estimate()),
-        "audio_generator" => parse::<AudioGeneratorInput>(inputs).map(|i| i.estimate()),
-        "critic" => parse::<CriticInput>(inputs).map(|i| i.estimate()),
-        "qa_verifier" => parse::<QaVerifierInput>(inputs).map(|i| i.estimate()),
-        "editor" => parse::<EditorInput>(inputs).map(|i| i.estimate()),
-        _ => Err(unknown(name)),
-    }
-}
-
-fn erase<T: Serialize>(done: StepDone<T>) -> Result<StepDone<Value>, StageError> {
-    Ok(StepDone {
-        output: serde_json::to_value(&done.output)
-            .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?,
-        cost_usd: done.cost_usd,
-        artifacts: done.artifacts,
-    })
-}
-
-/// Runs an agent by name on JSON inputs.
-pub async fn run(name: &str, env: AgentEnv, inputs: &Value) -> Result<StepDone<Value>, StageError> {
-    match name {
-        "producer" => erase(producer(env, parse(inputs).map_err(bad_input)?).await?),
-        "script_writer" => {
-            erase(script_writer(env, ScriptRequest::all(parse(inputs).map_err(bad_input)?)).await?)
-        }
-        "video_generator" => erase(video_generator(env, parse(inputs).map_err(bad_input)?).await?),
-        "audio_generator" => erase(audio_generator(env, parse(inputs).map_err(bad_input)?).await?),
-        "critic" => erase(critic(env, parse(inputs).map_err(bad_input)?).await?),
-        "qa_verifier" => erase(qa_verifier(env, parse(inputs).map_err(bad_input)?).await?),
-        "editor" => erase(editor(env, parse(inputs).map_err(bad_input)?).await?),
-        _ => Err(bad_input(unknown(name))),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1342,11 +1438,15 @@ mod tests {
     #[test]
     fn every_agent_has_a_schema_naming_its_inputs() {
         for agent in AGENTS {
-            let schema = schema(agent.name).expect("schema");
-            assert!(schema["inputs"]["properties"].is_object(), "{}", agent.name);
-            assert!(schema["outputs"].is_object(), "{}", agent.name);
+            let schema = agent.document();
+            assert!(
+                schema["inputs"]["properties"].is_object(),
+                "{}",
+                agent.name()
+            );
+            assert!(schema["outputs"].is_object(), "{}", agent.name());
         }
-        let producer = schema("producer").expect("schema");
+        let producer = Registered::<Producer>::NEW.document();
         let required = producer["inputs"]["required"].as_array().expect("required");
         assert!(required.contains(&json!("user_request")));
         assert!(required.contains(&json!("total_budget")));
@@ -1354,6 +1454,7 @@ mod tests {
 
     #[test]
     fn wrong_inputs_name_the_field() {
+        let validate = |name: &str, inputs: &Value| agent(name).expect("agent").validate(inputs);
         let error = validate(
             "producer",
             &json!({"user_request": "x", "total_budget": "lots"}),
@@ -1379,6 +1480,6 @@ mod tests {
     #[test]
     fn text_costs_follow_the_token_prices() {
         // 4,000 characters in (1,000 tokens) and 4,000 out: $0.003 + $0.015.
-        assert!((pricing::text(4000, 4000) - 0.018).abs() < 1e-9);
+        assert_eq!(pricing::text(4000, 4000), Usd::from_micros(18_000));
     }
 }

@@ -3,7 +3,8 @@
 //! - `model.rs`: what agents exchange (strategies, scenes, clips, tracks, evaluations, cuts);
 //! - `agents.rs`: the seven agents, their schemas, simulated prices and the mock providers;
 //! - `media.rs`: ffmpeg and ffprobe (scene videos, speech, music, the final cut, QA);
-//! - `workflows.rs`: `full_production`, `pilot_only`, `audio_only` and one-agent runs.
+//! - `workflows.rs`: `full_production`, `pilot_only`, `audio_only` and one-agent runs;
+//! - `metadata.rs`: each workflow run's `metadata.json`, kept current by observing its changes.
 //!
 //! Invariant: agents never run in the API process; the API submits runs and workers execute them.
 //! Invariant: every agent call in a workflow is a memoised step whose estimated cost is checked
@@ -12,6 +13,7 @@
 pub mod agents;
 pub mod live;
 pub mod media;
+pub mod metadata;
 pub mod model;
 pub mod settings;
 pub mod workflows;
@@ -22,7 +24,8 @@ pub use settings::{LiveSettings, StudioSettings};
 use stagecraft_core::{
     artifacts::ArtifactStore,
     engine::StageContext,
-    module::{Housekeeping, Module},
+    health::ToolCheck,
+    module::{Housekeeping, Module, RunObserver},
     workflows::Catalog,
 };
 
@@ -66,7 +69,7 @@ fn register(catalog: &mut Catalog, studio: &Arc<Studio>) {
     catalog.add(Arc::new(workflows::StudioWorkflow::pilot_only(&studio)));
     catalog.add(Arc::new(workflows::StudioWorkflow::audio_only(&studio)));
     for agent in agents::AGENTS {
-        catalog.add(Arc::new(workflows::StudioWorkflow::agent(&studio, agent)));
+        catalog.add(Arc::new(workflows::StudioWorkflow::agent(&studio, *agent)));
     }
 }
 
@@ -127,6 +130,22 @@ impl Module for StudioModule {
             Some(artifacts) => clean_categories(artifacts, work.gone_runs).await,
             None => 0,
         }
+    }
+
+    async fn tool_checks(&self) -> Vec<(&'static str, ToolCheck)> {
+        let media = self.studio.media.clone();
+        let ffmpeg = ToolCheck::start(move || {
+            let media = media.clone();
+            async move { media.check().await }
+        })
+        .await;
+        vec![("ffmpeg", ffmpeg)]
+    }
+
+    fn observer(&self) -> Option<Arc<dyn RunObserver>> {
+        Some(Arc::new(metadata::MetadataObserver {
+            workflows: workflows::WORKFLOWS,
+        }))
     }
 }
 

@@ -11,7 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
-use crate::settings::LiveSettings;
+use crate::settings::{LiveSettings, SpeechProvider};
 use stagecraft_core::engine::StageError;
 
 /// The largest JSON answer read from a provider.
@@ -271,7 +271,7 @@ impl Http {
         cancel: &CancellationToken,
     ) -> Result<String, StageError> {
         let settings = &self.settings;
-        let (provider, response) = if settings.speech_provider == "openai" {
+        let (provider, response) = if settings.speech_provider == SpeechProvider::OpenAi {
             let key = required_key(
                 &settings.openai_key,
                 "OPENAI_API_KEY is not set; SPEECH_PROVIDER=openai needs it",
@@ -412,10 +412,10 @@ impl Http {
     }
 
     /// The dollars a text call cost, from its usage and the configured prices.
-    pub fn text_cost(&self, usage: Usage) -> f64 {
+    pub fn text_cost(&self, usage: Usage) -> stagecraft_core::money::Usd {
         let cost = usage.input_tokens as f64 * self.settings.text_input_price / 1e6
             + usage.output_tokens as f64 * self.settings.text_output_price / 1e6;
-        (cost * 1e6).round() / 1e6
+        stagecraft_core::money::Usd::from_dollars(cost).unwrap_or_default()
     }
 
     /// Asks the text model for a JSON object of type `T` (described by `schema`), checks it, and
@@ -658,7 +658,7 @@ pub async fn check(settings: &LiveSettings) -> Vec<String> {
     });
     lines.push(format!(
         "speech provider in use: {}",
-        settings.speech_provider
+        settings.speech_provider.as_str()
     ));
     lines
 }

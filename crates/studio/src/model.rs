@@ -2,6 +2,7 @@
 //! Every type is part of an agent's input or output schema (`GET /agents/{name}/schema`).
 
 use serde::{Deserialize, Serialize};
+use stagecraft_core::money::Usd;
 use utoipa::ToSchema;
 
 /// One pilot the producer plans: a take on the request, tried on a few test scenes first.
@@ -28,8 +29,8 @@ pub struct PilotStrategy {
     #[schema(minimum = 0, maximum = 50)]
     pub test_scenes: u32,
     /// What the producer allocates to this pilot, test scenes and completion together.
-    #[schema(minimum = 0, maximum = 1000000)]
-    pub budget_usd: f64,
+    #[schema(value_type = f64, minimum = 0, maximum = 1000000)]
+    pub budget_usd: Usd,
     #[schema(max_length = 4000)]
     pub rationale: String,
 }
@@ -70,8 +71,8 @@ pub struct VideoClip {
     pub duration_secs: f64,
     #[schema(max_length = 200)]
     pub provider: String,
-    #[schema(minimum = 0, maximum = 1000000)]
-    pub cost_usd: f64,
+    #[schema(value_type = f64, minimum = 0, maximum = 1000000)]
+    pub cost_usd: Usd,
     /// True when a mock provider made it: the cost is what the live provider would charge.
     pub simulated: bool,
 }
@@ -104,8 +105,8 @@ pub struct AudioTrack {
     pub duration_secs: f64,
     #[schema(max_length = 200)]
     pub provider: String,
-    #[schema(minimum = 0, maximum = 1000000)]
-    pub cost_usd: f64,
+    #[schema(value_type = f64, minimum = 0, maximum = 1000000)]
+    pub cost_usd: Usd,
     pub simulated: bool,
 }
 

@@ -20,6 +20,7 @@ use super::{
 use stagecraft_core::{
     engine::{RetryPolicy, Stage, StageContext, StageError, StageOutput},
     ids::RunId,
+    money::Usd,
     schema::InputSchema,
     store::{RunKind, StageStatus},
     workflows::{InputError, Workflow, parse_inputs, queues},
@@ -34,8 +35,8 @@ pub struct ProductionInputs {
     pub user_request: String,
     /// Dollars for the whole production (a number from 0 to 1000000); also the run's budget unless
     /// `budget_usd` is given.
-    #[schema(minimum = 0, maximum = 1000000)]
-    pub total_budget: f64,
+    #[schema(value_type = f64, minimum = 0, maximum = 1000000)]
+    pub total_budget: Usd,
     /// Pilots to try (default 2).
     #[serde(default)]
     #[schema(minimum = 1, maximum = 4)]
@@ -117,7 +118,7 @@ fn output<T: Serialize>(value: &T) -> Result<StageOutput, StageError> {
     Ok(StageOutput {
         output: serde_json::to_value(value)
             .map_err(|e| StageError::fatal("invalid_output", e.to_string()))?,
-        cost_usd: 0.0,
+        cost_usd: Usd::ZERO,
     })
 }
 
@@ -135,12 +136,8 @@ async fn write_json<T: Serialize>(
 
 /// The reuse key of a studio stage: the versions of the agents it calls, the inputs that matter
 /// to it and everything before it (see `StageContext::fingerprint`).
-fn reuse_key(ctx: &StageContext, agents_used: &[&str], ignores_threshold: bool) -> Option<String> {
-    let version = agents_used
-        .iter()
-        .filter_map(|name| agents::spec(name))
-        .map(|spec| spec.version)
-        .sum();
+fn reuse_key(ctx: &StageContext, versions: &[u32], ignores_threshold: bool) -> Option<String> {
+    let version = versions.iter().sum();
     let mut inputs = ctx.inputs.clone();
     if ignores_threshold {
         if let Some(map) = inputs.as_object_mut() {
@@ -210,7 +207,7 @@ impl Stage for Planning {
     }
 
     fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
-        reuse_key(ctx, &["producer"], true)
+        reuse_key(ctx, &[Producer::VERSION], true)
     }
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
@@ -219,9 +216,7 @@ impl Stage for Planning {
         let env = self.0.env(ctx);
         let input = inputs.producer_input();
         ctx.set_step_total(1);
-        let planned: ProducerOutput = ctx
-            .step("producer", input.estimate(), agents::producer(env, input))
-            .await?;
+        let planned: ProducerOutput = agents::step::<Producer>(ctx, "producer", env, input).await?;
         for pilot in &planned.pilots {
             write_json(
                 ctx,
@@ -241,7 +236,7 @@ impl Stage for Pilots {
     }
 
     fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
-        reuse_key(ctx, &["script_writer", "video_generator"], true)
+        reuse_key(ctx, &[ScriptWriter::VERSION, VideoGenerator::VERSION], true)
     }
 
     fn retry_policy(&self) -> Option<RetryPolicy> {
@@ -271,13 +266,13 @@ impl Stage for Pilots {
                     scene: scene.clone(),
                     version: Some(strategy.version),
                 };
-                let clip: VideoClip = ctx
-                    .step(
-                        &format!("{pid}/scene_{}/video", scene.scene_number),
-                        input.estimate(),
-                        agents::video_generator(env.clone(), input),
-                    )
-                    .await?;
+                let clip: VideoClip = agents::step::<VideoGenerator>(
+                    ctx,
+                    &format!("{pid}/scene_{}/video", scene.scene_number),
+                    env.clone(),
+                    input,
+                )
+                .await?;
                 videos.push(clip);
             }
             results.push(PilotResult {
@@ -320,26 +315,15 @@ async fn soundtrack(
         kind: Some(AudioKind::Voiceover),
         duration_secs: None,
     };
-    let voiceover: AudioTrack = ctx
-        .step(
-            "voiceover",
-            input.estimate(),
-            agents::audio_generator(env.clone(), input),
-        )
-        .await?;
+    let voiceover: AudioTrack =
+        agents::step::<AudioGenerator>(ctx, "voiceover", env.clone(), input).await?;
     let total: f64 = scenes.iter().map(|s| s.duration_secs).sum();
     let input = AudioGeneratorInput {
         script: brief,
         kind: Some(AudioKind::Music),
         duration_secs: Some(total.clamp(1.0, 600.0)),
     };
-    let music: AudioTrack = ctx
-        .step(
-            "music",
-            input.estimate(),
-            agents::audio_generator(env, input),
-        )
-        .await?;
+    let music: AudioTrack = agents::step::<AudioGenerator>(ctx, "music", env, input).await?;
     Ok((voiceover, music))
 }
 
@@ -368,7 +352,7 @@ impl Stage for Evaluation {
     }
 
     fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
-        reuse_key(ctx, &["qa_verifier", "critic"], false)
+        reuse_key(ctx, &[QaVerifier::VERSION, Critic::VERSION], false)
     }
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
@@ -387,13 +371,13 @@ impl Stage for Evaluation {
                     video: clip.path.clone(),
                     expected_duration_secs: Some(scene.duration_secs),
                 };
-                let report: QaReport = ctx
-                    .step(
-                        &format!("{pid}/scene_{}/qa", clip.scene_number),
-                        input.estimate(),
-                        agents::qa_verifier(env.clone(), input),
-                    )
-                    .await?;
+                let report: QaReport = agents::step::<QaVerifier>(
+                    ctx,
+                    &format!("{pid}/scene_{}/qa", clip.scene_number),
+                    env.clone(),
+                    input,
+                )
+                .await?;
                 reports.push(report);
             }
             pilot.qa = reports.clone().into();
@@ -406,13 +390,8 @@ impl Stage for Evaluation {
             user_request: Some(inputs.user_request.clone()),
         };
         // The threshold is part of the key: changing it and resuming asks the critic again.
-        let verdict: CriticOutput = ctx
-            .step(
-                &format!("critic@{threshold}"),
-                input.estimate(),
-                agents::critic(env, input),
-            )
-            .await?;
+        let verdict: CriticOutput =
+            agents::step::<Critic>(ctx, &format!("critic@{threshold}"), env, input).await?;
         for evaluation in &verdict.evaluations {
             let document = json!({"evaluation": evaluation, "qa": qa.get(&evaluation.pilot_id)});
             write_json(
@@ -453,7 +432,11 @@ impl Stage for Completion {
     fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
         reuse_key(
             ctx,
-            &["script_writer", "video_generator", "audio_generator"],
+            &[
+                ScriptWriter::VERSION,
+                VideoGenerator::VERSION,
+                AudioGenerator::VERSION,
+            ],
             false,
         )
     }
@@ -498,13 +481,13 @@ impl Stage for Completion {
                     scene: scene.clone(),
                     version: Some(strategy.version),
                 };
-                let clip: VideoClip = ctx
-                    .step(
-                        &format!("scene_{}/video", scene.scene_number),
-                        input.estimate(),
-                        agents::video_generator(env.clone(), input),
-                    )
-                    .await?;
+                let clip: VideoClip = agents::step::<VideoGenerator>(
+                    ctx,
+                    &format!("scene_{}/video", scene.scene_number),
+                    env.clone(),
+                    input,
+                )
+                .await?;
                 videos.push(clip);
             }
             scenes.extend(script.scenes);
@@ -533,7 +516,7 @@ impl Stage for Editing {
     }
 
     fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
-        reuse_key(ctx, &["editor"], false)
+        reuse_key(ctx, &[Editor::VERSION], false)
     }
 
     fn retry_policy(&self) -> Option<RetryPolicy> {
@@ -557,9 +540,7 @@ impl Stage for Editing {
             voiceover: Some(done.voiceover.path.clone()),
             music: Some(done.music.path.clone()),
         };
-        let cut: EditorOutput = ctx
-            .step("editor", input.estimate(), agents::editor(env, input))
-            .await?;
+        let cut: EditorOutput = agents::step::<Editor>(ctx, "editor", env, input).await?;
         output(&cut)
     }
 }
@@ -611,7 +592,7 @@ impl Stage for AudioForRun {
     }
 
     fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
-        reuse_key(ctx, &["audio_generator"], false)
+        reuse_key(ctx, &[AudioGenerator::VERSION], false)
     }
 
     fn retry_policy(&self) -> Option<RetryPolicy> {
@@ -648,17 +629,17 @@ impl Stage for AudioForRun {
 /// One agent as a one-stage run (`POST /agents/{name}/run`).
 struct AgentStage {
     studio: Arc<Studio>,
-    agent: AgentSpec,
+    agent: &'static dyn AnyAgent,
 }
 
 #[async_trait]
 impl Stage for AgentStage {
     fn name(&self) -> &'static str {
-        self.agent.name
+        self.agent.name()
     }
 
     fn reuse_key(&self, ctx: &StageContext) -> Option<String> {
-        reuse_key(ctx, &[self.agent.name], false)
+        reuse_key(ctx, &[self.agent.version()], false)
     }
 
     fn retry_policy(&self) -> Option<RetryPolicy> {
@@ -668,24 +649,26 @@ impl Stage for AgentStage {
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let env = self.studio.env(ctx);
         let inputs = ctx.inputs.clone();
-        let name = self.agent.name;
+        let agent = self.agent;
         ctx.set_step_total(1);
-        let estimate = agents::estimate(name, &inputs)
+        let estimate = agent
+            .estimate(&inputs)
             .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
         let result: Value = ctx
-            .step(name, estimate, async move {
-                agents::run(name, env, &inputs).await
-            })
+            .step(agent.name(), estimate, agent.run(env, &inputs))
             .await?;
         Ok(StageOutput {
             output: result,
-            cost_usd: 0.0,
+            cost_usd: Usd::ZERO,
         })
     }
 }
 
 // ----------------------------------------------------------------------------------------------
 // Workflows
+
+/// The studio's multi-stage workflows (each keeps `metadata.json`).
+pub const WORKFLOWS: &[&str] = &["full_production", "pilot_only", "audio_only"];
 
 /// A studio workflow: named stages over shared inputs.
 pub struct StudioWorkflow {
@@ -702,7 +685,7 @@ pub struct StudioWorkflow {
 enum InputsKind {
     Production,
     Audio,
-    Agent(&'static str),
+    Agent(&'static dyn AnyAgent),
 }
 
 impl StudioWorkflow {
@@ -752,18 +735,18 @@ impl StudioWorkflow {
         }
     }
 
-    pub fn agent(studio: &Arc<Studio>, agent: AgentSpec) -> Self {
+    pub fn agent(studio: &Arc<Studio>, agent: &'static dyn AnyAgent) -> Self {
         Self {
             studio: studio.clone(),
             kind: RunKind::Agent,
-            name: agent.name,
-            description: agent.description,
+            name: agent.name(),
+            description: agent.description(),
             queue: queues::AGENTS,
             stages: vec![Box::new(AgentStage {
                 studio: studio.clone(),
                 agent,
             })],
-            inputs: InputsKind::Agent(agent.name),
+            inputs: InputsKind::Agent(agent),
         }
     }
 }
@@ -793,34 +776,24 @@ impl Workflow for StudioWorkflow {
         match self.inputs {
             InputsKind::Production => InputSchema::of::<ProductionInputs>(),
             InputsKind::Audio => InputSchema::of::<AudioInputs>(),
-            InputsKind::Agent(name) => agents::input_schema(name).unwrap_or_default(),
+            InputsKind::Agent(agent) => agent.input_schema(),
         }
     }
 
-    fn keeps_metadata(&self) -> bool {
-        self.kind == RunKind::Workflow
-    }
-
     fn check_live(&self) -> Result<(), (&'static str, String)> {
+        use agents::Provider::{Music, Speech, Text, Video};
+        let needed: &[agents::Provider] = match self.inputs {
+            InputsKind::Agent(agent) => agent.live(),
+            InputsKind::Production if self.name == "pilot_only" => &[Text, Video],
+            InputsKind::Production => &[Text, Video, Speech, Music],
+            InputsKind::Audio => &[Speech, Music],
+        };
         let live = &self.studio.settings.live;
-        let speech_key = if live.speech_provider == "openai" {
-            ("OPENAI_API_KEY", live.openai_key.is_some())
-        } else {
-            ("ELEVENLABS_API_KEY", live.elevenlabs_key.is_some())
-        };
-        let text = ("ANTHROPIC_API_KEY", live.anthropic_key.is_some());
-        let video = ("RUNWAY_API_KEY", live.runway_key.is_some());
-        let music = ("ELEVENLABS_API_KEY", live.elevenlabs_key.is_some());
-        let needed: Vec<(&str, bool)> = match self.inputs {
-            InputsKind::Agent("producer" | "script_writer" | "critic") => vec![text],
-            InputsKind::Agent("video_generator") => vec![video],
-            InputsKind::Agent("audio_generator") => vec![speech_key],
-            InputsKind::Agent(_) => Vec::new(),
-            InputsKind::Production if self.name == "pilot_only" => vec![text, video],
-            InputsKind::Production => vec![text, video, speech_key, music],
-            InputsKind::Audio => vec![speech_key, music],
-        };
-        match needed.iter().find(|(_, set)| !set) {
+        let missing = needed
+            .iter()
+            .map(|provider| live.key_for(*provider))
+            .find(|(_, set)| !set);
+        match missing {
             Some((variable, _)) => Err((
                 "missing_key",
                 format!(
@@ -832,9 +805,11 @@ impl Workflow for StudioWorkflow {
         }
     }
 
-    fn default_budget(&self, inputs: &Value) -> Option<f64> {
+    fn default_budget(&self, inputs: &Value) -> Option<Usd> {
         match self.inputs {
-            InputsKind::Production => inputs.get("total_budget").and_then(Value::as_f64),
+            InputsKind::Production => inputs
+                .get("total_budget")
+                .and_then(|budget| Usd::deserialize(budget).ok()),
             _ => None,
         }
     }

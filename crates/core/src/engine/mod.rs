@@ -11,6 +11,7 @@ mod stage;
 
 use std::{
     collections::{BTreeMap, HashMap},
+    ops::ControlFlow,
     sync::Arc,
     time::Duration,
 };
@@ -21,14 +22,18 @@ pub use stage::{Stage, StageContext, StageError, StageOutput, StepDone};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
+use serde_json::Value;
+
 use crate::{
     artifacts::ArtifactStore,
-    ids::WorkerId,
-    metrics::Metrics,
+    ids::{RunId, WorkerId},
+    metrics::{Metrics, RunOutcome},
+    module::{Observers, RunChange, RunObserver},
+    money::Usd,
     secrets::Scrubber,
     store::{
-        Claimed, Lease, ReusableCheckpoint, RunError, SharedStore, StageCheckpoint, StageOutcome,
-        StageStatus, StoreError,
+        Claimed, Lease, ReusableCheckpoint, RunError, RunRecord, SharedStore, StageCheckpoint,
+        StageOutcome, StageStatus, StoreError,
     },
     workflows::{Catalog, Workflow},
 };
@@ -48,13 +53,15 @@ pub struct Engine {
     pub settings: EngineSettings,
     pub worker: WorkerId,
     pub metrics: Arc<Metrics>,
+    /// The tenants' reactions to changes of their runs.
+    pub observers: Observers,
     /// Fired when the process begins to stop: no new stage starts, runs are released between
     /// stages.
     pub stopping: CancellationToken,
     /// Fired when the grace period is over: running stages are abandoned and released.
     pub abandon: CancellationToken,
     /// Runs this process is executing now, reported with the worker's heartbeat.
-    pub running: std::sync::Mutex<std::collections::BTreeSet<crate::ids::RunId>>,
+    pub running: std::sync::Mutex<std::collections::BTreeSet<RunId>>,
     /// Hides the deployment's secrets in every error and output the engine stores or logs.
     pub scrubber: Scrubber,
 }
@@ -67,8 +74,35 @@ pub enum Ending {
     Failed,
     Cancelled,
     Released,
+    /// The store refused the lease's fencing token: another worker owns the run now.
     LeaseLost,
+    /// A store write failed; the lease will expire and the sweeper re-queue the run.
+    StoreFailed,
 }
+
+/// One run's execution in this process: what passes from one stage to the next.
+struct Execution<'a> {
+    lease: Lease,
+    run: RunRecord,
+    workflow: Arc<dyn Workflow>,
+    /// Outputs of the stages so far, by stage name.
+    previous: BTreeMap<String, Value>,
+    cancel: &'a CancellationToken,
+    lease_lost: &'a CancellationToken,
+    watchers: &'a [Arc<dyn RunObserver>],
+    /// Called once the last stage has run, just before its commit (in a mutex only so that
+    /// the execution can be shared across awaits).
+    stages_done: std::sync::Mutex<Option<Box<dyn FnOnce() + Send + 'a>>>,
+}
+
+impl Execution<'_> {
+    fn is_last(&self, index: usize) -> bool {
+        index + 1 == self.run.stages.len()
+    }
+}
+
+/// What the loop does after a stage.
+type Next = ControlFlow<Ending>;
 
 impl Engine {
     /// Executes a claimed run until it completes, fails, waits for a retry, is cancelled or
@@ -82,12 +116,11 @@ impl Engine {
             if let Ok(mut running) = self.running.lock() {
                 running.insert(run_id);
             }
-            let lease = claimed.lease.clone();
             let cancel = CancellationToken::new();
             let lease_lost = CancellationToken::new();
             let heartbeat = tokio::spawn(keep_lease(
                 self.store.clone(),
-                lease.clone(),
+                claimed.lease.clone(),
                 (claimed.asked, self.settings.lease_ttl),
                 cancel.clone(),
                 lease_lost.clone(),
@@ -95,54 +128,67 @@ impl Engine {
             if claimed.recovered {
                 self.metrics.lease_recovered();
             }
-            let workflow = self.catalog.get(claimed.run.kind, &claimed.run.name);
-            let keeps_metadata = workflow.as_ref().is_some_and(|w| w.keeps_metadata());
-            let mut stages_done: Option<Box<dyn FnOnce() + Send + '_>> =
-                Some(Box::new(stages_done));
-            let ending = self
-                .execute_stages(
-                    claimed,
-                    workflow,
-                    &cancel,
-                    &lease_lost,
-                    keeps_metadata,
-                    &mut stages_done,
-                )
-                .await;
+            let watchers = self.observers.watching(claimed.run.kind, &claimed.run.name);
+            let ending = match self.runnable(claimed).await {
+                Ok((lease, run, workflow)) => {
+                    let mut execution = Execution {
+                        lease,
+                        run,
+                        workflow,
+                        previous: BTreeMap::new(),
+                        cancel: &cancel,
+                        lease_lost: &lease_lost,
+                        watchers: &watchers,
+                        stages_done: std::sync::Mutex::new(Some(Box::new(stages_done))),
+                    };
+                    self.execute_stages(&mut execution).await
+                }
+                Err(ending) => ending,
+            };
             heartbeat.abort();
-            if keeps_metadata && ending != Ending::LeaseLost {
-                self.refresh_metadata(run_id).await;
-            }
-            if ending == Ending::LeaseLost {
-                self.metrics.fencing_rejected();
-                warn!("lease lost; this worker stopped executing the run");
-            }
-            if let Ok(mut running) = self.running.lock() {
-                running.remove(&run_id);
-            }
-            info!(ending = ?ending, "run execution ended");
+            self.finish(run_id, ending, &watchers).await;
             ending
         }
         .instrument(span)
         .await
     }
 
-    async fn execute_stages(
+    /// The bookkeeping after an execution ended, whatever ended it.
+    async fn finish(&self, run_id: RunId, ending: Ending, watchers: &[Arc<dyn RunObserver>]) {
+        match ending {
+            Ending::LeaseLost => {
+                self.metrics.fencing_rejected();
+                warn!("lease lost; this worker stopped executing the run");
+            }
+            Ending::StoreFailed => self.metrics.store_failed(),
+            _ => self.notify(watchers, run_id).await,
+        }
+        if let Ok(mut running) = self.running.lock() {
+            running.remove(&run_id);
+        }
+        info!(ending = ?ending, "run execution ended");
+    }
+
+    async fn notify(&self, watchers: &[Arc<dyn RunObserver>], run: RunId) {
+        let change = RunChange {
+            run,
+            store: &self.store,
+            artifacts: &self.artifacts,
+        };
+        for observer in watchers {
+            observer.changed(&change).await;
+        }
+    }
+
+    /// The claimed run with its workflow, or the ending when it must not run here: its
+    /// workflow is unknown to this worker or changed shape since submission, or a cancel was
+    /// requested while it waited.
+    async fn runnable(
         &self,
         claimed: Claimed,
-        workflow: Option<Arc<dyn Workflow>>,
-        cancel: &CancellationToken,
-        lease_lost: &CancellationToken,
-        keeps_metadata: bool,
-        stages_done: &mut Option<Box<dyn FnOnce() + Send + '_>>,
-    ) -> Ending {
-        let Claimed {
-            lease,
-            mut run,
-            mut started,
-            ..
-        } = claimed;
-        let Some(workflow) = workflow else {
+    ) -> Result<(Lease, RunRecord, Arc<dyn Workflow>), Ending> {
+        let Claimed { lease, run, .. } = claimed;
+        let Some(workflow) = self.catalog.get(run.kind, &run.name) else {
             let error = RunError {
                 code: "unknown_workflow".to_owned(),
                 message: format!(
@@ -151,16 +197,15 @@ impl Engine {
                     run.name
                 ),
             };
-            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
+            return Err(self.settle(self.store.fail_run(&lease, error).await, Ending::Failed));
         };
         if run.cancel_requested {
             let first_open = run.first_open_stage().unwrap_or(0);
-            return self.settle(
-                self.store
-                    .end_attempt(&lease, first_open, StageOutcome::Cancelled)
-                    .await,
-                Ending::Cancelled,
-            );
+            let written = self
+                .store
+                .end_attempt(&lease, first_open, StageOutcome::Cancelled)
+                .await;
+            return Err(self.settle(written, Ending::Cancelled));
         }
         let stages = workflow.stages();
         let same_shape = stages.len() == run.stages.len()
@@ -169,237 +214,41 @@ impl Engine {
                 .zip(&run.stages)
                 .all(|(stage, record)| stage.name() == record.name);
         if !same_shape {
+            let stored: Vec<&str> = run.stages.iter().map(|s| s.name.as_str()).collect();
             let error = RunError {
                 code: "workflow_changed".to_owned(),
                 message: format!(
                     "the stages of {} changed since this run was submitted (stored: {}; now: {})",
                     run.name,
-                    run.stages
-                        .iter()
-                        .map(|s| s.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    stored.join(", "),
                     workflow.stage_names().join(", ")
                 ),
             };
-            return self.settle(self.store.fail_run(&lease, error).await, Ending::Failed);
+            return Err(self.settle(self.store.fail_run(&lease, error).await, Ending::Failed));
         }
-        let mut previous = BTreeMap::new();
-        for (index, stage) in stages.iter().enumerate() {
-            let record = &run.stages[index];
+        Ok((lease, run, workflow))
+    }
+
+    /// Runs every stage without a checkpoint, in order.
+    async fn execute_stages(&self, ex: &mut Execution<'_>) -> Ending {
+        let workflow = ex.workflow.clone();
+        for (index, stage) in workflow.stages().iter().enumerate() {
+            let record = &ex.run.stages[index];
             if record.status == StageStatus::Completed {
-                previous.insert(
-                    record.name.clone(),
-                    record.output.clone().unwrap_or_default(),
-                );
+                let output = record.output.clone().unwrap_or_default();
+                ex.previous.insert(record.name.clone(), output);
                 continue;
             }
             if self.stopping.is_cancelled() {
-                let outcome = if started.is_some_and(|(i, _)| i == index) {
-                    StageOutcome::Unstarted
-                } else {
-                    StageOutcome::Abandoned
-                };
-                return self.settle(
-                    self.store.end_attempt(&lease, index, outcome).await,
-                    Ending::Released,
-                );
+                let written = self
+                    .store
+                    .end_attempt(&ex.lease, index, StageOutcome::Abandoned)
+                    .await;
+                return self.settle(written, Ending::Released);
             }
-            // Steps exist only where progress was recorded: skip the read for fresh stages.
-            let memo: HashMap<_, _> = if record.progress.is_some() {
-                match self.store.steps(run.id, index).await {
-                    Ok(steps) => steps.into_iter().map(|s| (s.key.clone(), s)).collect(),
-                    Err(error) => return self.store_failure(error),
-                }
-            } else {
-                HashMap::new()
-            };
-            let mut ctx = StageContext {
-                run_id: run.id,
-                stage_name: stage.name(),
-                stage_index: index,
-                attempt: 0,
-                inputs: run.inputs.clone(),
-                provider_mode: run.provider_mode,
-                previous: previous.clone(),
-                cancel: cancel.clone(),
-                store: self.store.clone(),
-                lease: lease.clone(),
-                artifacts: self.artifacts.clone(),
-                memo,
-                step_total: 0,
-                written: Vec::new(),
-                new_step_cost_usd: 0.0,
-                budget_usd: run.budget_usd,
-                spent_before_usd: run.cost_usd,
-                scrubber: self.scrubber.clone(),
-            };
-            let reuse_key = stage.reuse_key(&ctx);
-            if let (true, Some(key)) = (run.reuse, &reuse_key) {
-                if let Some(found) = self.reusable(run.id, key).await {
-                    if let Err(error) = self.start_stage(&lease, index, &mut started).await {
-                        return self.store_failure(error);
-                    }
-                    let is_last = index + 1 == stages.len();
-                    previous.insert(stage.name().to_owned(), found.output.clone());
-                    let checkpoint = StageCheckpoint {
-                        output: found.output.clone(),
-                        artifacts: found.artifacts.clone(),
-                        cost_usd: 0.0,
-                        run_result: is_last.then(|| workflow.result(&previous)),
-                        reused_from: Some(found.run_id),
-                    };
-                    if is_last && let Some(done) = stages_done.take() {
-                        done();
-                    }
-                    if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
-                        return self.store_failure(error);
-                    }
-                    info!(stage.name = stage.name(), reused_from = %found.run_id, "stage reused an earlier run's checkpoint");
-                    self.offer_for_reuse(key, run.id, stage.name(), found.output, found.artifacts)
-                        .await;
-                    if is_last {
-                        self.metrics.run_finished("completed");
-                        return Ending::Completed;
-                    }
-                    if keeps_metadata {
-                        self.refresh_metadata(run.id).await;
-                    }
-                    continue;
-                }
-            }
-            if let Some(budget) = run.budget_usd {
-                let estimate = stage.estimated_cost_usd(&ctx);
-                if run.cost_usd + estimate > budget + f64::EPSILON {
-                    let error = RunError {
-                        code: "budget_exceeded".to_owned(),
-                        message: format!(
-                            "stage {} is estimated at ${estimate:.2} but only ${:.2} of the ${budget:.2} budget remains",
-                            stage.name(),
-                            (budget - run.cost_usd).max(0.0)
-                        ),
-                    };
-                    return self.settle(
-                        self.store
-                            .end_attempt(&lease, index, StageOutcome::Fail { error })
-                            .await,
-                        Ending::Failed,
-                    );
-                }
-            }
-            ctx.attempt = match self.start_stage(&lease, index, &mut started).await {
-                Ok(attempt) => attempt,
-                Err(error) => return self.store_failure(error),
-            };
-            if keeps_metadata {
-                self.refresh_metadata(run.id).await;
-            }
-            let policy = stage.retry_policy().unwrap_or(self.settings.default_retry);
-            let started = std::time::Instant::now();
-            info!(
-                stage.name = stage.name(),
-                attempt = ctx.attempt,
-                "stage started"
-            );
-            let attempt = std::panic::AssertUnwindSafe(tokio::time::timeout(
-                policy.timeout,
-                stage.run(&mut ctx),
-            ))
-            .catch_unwind();
-            let result = tokio::select! {
-                result = attempt => match result {
-                    Ok(Ok(result)) => result,
-                    Ok(Err(_elapsed)) => Err(StageError::retryable(format!("stage timed out after {} s", policy.timeout.as_secs_f64()))),
-                    Err(_panic) => Err(StageError::fatal("stage_panicked", format!("stage {} panicked", stage.name()))),
-                },
-                () = cancel.cancelled() => Err(StageError::Cancelled),
-                () = lease_lost.cancelled() => return Ending::LeaseLost,
-                () = self.abandon.cancelled() => {
-                    warn!(stage.name = stage.name(), "grace period over; abandoning the stage");
-                    return self.settle(self.store.end_attempt(&lease, index, StageOutcome::Abandoned).await, Ending::Released);
-                }
-            };
-            let elapsed = started.elapsed();
-            self.metrics.observe_stage(stage.name(), elapsed);
-            match self.vet(stage.name(), result) {
-                Ok(done) => {
-                    let is_last = index + 1 == stages.len();
-                    previous.insert(stage.name().to_owned(), done.output.clone());
-                    let run_result = is_last.then(|| workflow.result(&previous));
-                    let artifacts = ctx.artifacts();
-                    let offered = reuse_key
-                        .as_ref()
-                        .map(|key| (key.clone(), done.output.clone(), artifacts.clone()));
-                    let checkpoint = StageCheckpoint {
-                        output: done.output,
-                        artifacts,
-                        cost_usd: done.cost_usd,
-                        run_result,
-                        reused_from: None,
-                    };
-                    if is_last && let Some(done) = stages_done.take() {
-                        done();
-                    }
-                    if let Err(error) = self.store.commit_stage(&lease, index, checkpoint).await {
-                        return self.store_failure(error);
-                    }
-                    if let Some((key, output, artifacts)) = offered {
-                        self.offer_for_reuse(&key, run.id, stage.name(), output, artifacts)
-                            .await;
-                    }
-                    if keeps_metadata && !is_last {
-                        self.refresh_metadata(run.id).await;
-                    }
-                    run.cost_usd += done.cost_usd + ctx.new_step_cost_usd;
-                    info!(
-                        stage.name = stage.name(),
-                        duration_ms = elapsed.as_millis() as u64,
-                        "stage completed"
-                    );
-                    if is_last {
-                        self.metrics.run_finished("completed");
-                        return Ending::Completed;
-                    }
-                }
-                Err(StageError::Retryable(message)) if policy.allows_another_after(ctx.attempt) => {
-                    let delay = policy.delay_after(ctx.attempt, &mut rand::rng());
-                    warn!(stage.name = stage.name(), attempt = ctx.attempt, delay_ms = delay.as_millis() as u64, error = %message, "stage failed; retry scheduled");
-                    self.metrics.retry_scheduled();
-                    let error = RunError {
-                        code: "stage_error".to_owned(),
-                        message,
-                    };
-                    return self.settle(
-                        self.store
-                            .end_attempt(&lease, index, StageOutcome::Retry { error, delay })
-                            .await,
-                        Ending::RetryScheduled,
-                    );
-                }
-                Err(StageError::Retryable(message)) => {
-                    let error = RunError {
-                        code: "attempts_exhausted".to_owned(),
-                        message: format!(
-                            "stage {} failed {} times; last error: {message}",
-                            stage.name(),
-                            ctx.attempt
-                        ),
-                    };
-                    return self.fail(&lease, index, error).await;
-                }
-                Err(StageError::Fatal { code, message }) => {
-                    return self.fail(&lease, index, RunError { code, message }).await;
-                }
-                Err(StageError::Cancelled) => {
-                    self.metrics.run_finished("cancelled");
-                    return self.settle(
-                        self.store
-                            .end_attempt(&lease, index, StageOutcome::Cancelled)
-                            .await,
-                        Ending::Cancelled,
-                    );
-                }
-                Err(StageError::LeaseLost(_)) => return Ending::LeaseLost,
+            if let ControlFlow::Break(ending) = self.execute_stage(ex, index, stage.as_ref()).await
+            {
+                return ending;
             }
         }
         // Every stage had a checkpoint yet the run was not completed: the last commit completes
@@ -409,7 +258,267 @@ impl Engine {
             code: "inconsistent_state".to_owned(),
             message: "every stage has a checkpoint but the run was not completed".to_owned(),
         };
-        self.settle(self.store.fail_run(&lease, error).await, Ending::Failed)
+        self.settle(self.store.fail_run(&ex.lease, error).await, Ending::Failed)
+    }
+
+    /// One stage: reused from an earlier run's checkpoint when allowed, refused when over
+    /// budget, else attempted and its result concluded.
+    async fn execute_stage(&self, ex: &mut Execution<'_>, index: usize, stage: &dyn Stage) -> Next {
+        let mut ctx = match self.context(ex, index, stage).await {
+            Ok(ctx) => ctx,
+            Err(error) => return ControlFlow::Break(self.store_failure(error)),
+        };
+        let reuse_key = stage.reuse_key(&ctx);
+        if let (true, Some(key)) = (ex.run.reuse, &reuse_key)
+            && let Some(found) = self.reusable(ex.run.id, key).await
+        {
+            return self.reuse(ex, index, stage, key, found).await;
+        }
+        if let Some(budget) = ex.run.budget_usd {
+            let estimate = stage.estimated_cost_usd(&ctx);
+            let remaining = (budget - ex.run.cost_usd).max(Usd::ZERO);
+            if estimate > remaining {
+                let error = RunError {
+                    code: "budget_exceeded".to_owned(),
+                    message: format!(
+                        "stage {} is estimated at ${estimate} but only ${remaining} of the ${budget} budget remains",
+                        stage.name(),
+                    ),
+                };
+                return ControlFlow::Break(self.fail(&ex.lease, index, error).await);
+            }
+        }
+        ctx.attempt = self.start_stage(ex, index).await?;
+        let policy = stage.retry_policy().unwrap_or(self.settings.default_retry);
+        let started = std::time::Instant::now();
+        info!(
+            stage.name = stage.name(),
+            attempt = ctx.attempt,
+            "stage started"
+        );
+        let result = self.attempt(ex, index, stage, &mut ctx, &policy).await?;
+        let elapsed = started.elapsed();
+        self.metrics.observe_stage(stage.name(), elapsed);
+        let done = match self.vet(stage.name(), result) {
+            Ok(done) => done,
+            Err(error) => {
+                return ControlFlow::Break(
+                    self.conclude(ex, index, stage, &ctx, &policy, error).await,
+                );
+            }
+        };
+        let artifacts = ctx.artifacts();
+        ex.run.cost_usd += done.cost_usd + ctx.new_step_cost_usd;
+        let checkpoint = StageCheckpoint {
+            output: done.output,
+            artifacts,
+            cost_usd: done.cost_usd,
+            run_result: None,
+            reused_from: None,
+        };
+        let next = self.commit(ex, index, stage, checkpoint, reuse_key).await;
+        info!(
+            stage.name = stage.name(),
+            duration_ms = elapsed.as_millis() as u64,
+            "stage completed"
+        );
+        next
+    }
+
+    /// The context a stage's attempt runs in, its memoised steps read when it has any.
+    async fn context(
+        &self,
+        ex: &Execution<'_>,
+        index: usize,
+        stage: &dyn Stage,
+    ) -> Result<StageContext, StoreError> {
+        let run = &ex.run;
+        // Steps exist only where progress was recorded: skip the read for fresh stages.
+        let memo: HashMap<_, _> = if run.stages[index].progress.is_some() {
+            let steps = self.store.steps(run.id, index).await?;
+            steps.into_iter().map(|s| (s.key.clone(), s)).collect()
+        } else {
+            HashMap::new()
+        };
+        Ok(StageContext {
+            run_id: run.id,
+            stage_name: stage.name(),
+            stage_index: index,
+            attempt: 0,
+            inputs: run.inputs.clone(),
+            provider_mode: run.provider_mode,
+            previous: ex.previous.clone(),
+            cancel: ex.cancel.clone(),
+            store: self.store.clone(),
+            lease: ex.lease.clone(),
+            artifacts: self.artifacts.clone(),
+            memo,
+            step_total: 0,
+            written: Vec::new(),
+            new_step_cost_usd: Usd::ZERO,
+            budget_usd: run.budget_usd,
+            spent_before_usd: run.cost_usd,
+            scrubber: self.scrubber.clone(),
+        })
+    }
+
+    /// Completes a stage with an earlier run's checkpoint, at no cost.
+    async fn reuse(
+        &self,
+        ex: &mut Execution<'_>,
+        index: usize,
+        stage: &dyn Stage,
+        key: &str,
+        found: ReusableCheckpoint,
+    ) -> Next {
+        self.start_stage(ex, index).await?;
+        let checkpoint = StageCheckpoint {
+            output: found.output,
+            artifacts: found.artifacts,
+            cost_usd: Usd::ZERO,
+            run_result: None,
+            reused_from: Some(found.run_id),
+        };
+        info!(stage.name = stage.name(), reused_from = %found.run_id, "stage reused an earlier run's checkpoint");
+        self.commit(ex, index, stage, checkpoint, Some(key.to_owned()))
+            .await
+    }
+
+    /// Starts the stage's attempt and tells the observers.
+    async fn start_stage(&self, ex: &Execution<'_>, index: usize) -> ControlFlow<Ending, u32> {
+        match self.store.start_stage(&ex.lease, index).await {
+            Ok(attempt) => {
+                self.notify(ex.watchers, ex.run.id).await;
+                ControlFlow::Continue(attempt)
+            }
+            Err(error) => ControlFlow::Break(self.store_failure(error)),
+        }
+    }
+
+    /// Commits a stage's checkpoint (the run's result with the last one, which completes the
+    /// run), then offers it for reuse under `reuse_key`.
+    async fn commit(
+        &self,
+        ex: &mut Execution<'_>,
+        index: usize,
+        stage: &dyn Stage,
+        mut checkpoint: StageCheckpoint,
+        reuse_key: Option<String>,
+    ) -> Next {
+        let is_last = ex.is_last(index);
+        ex.previous
+            .insert(stage.name().to_owned(), checkpoint.output.clone());
+        if is_last {
+            checkpoint.run_result = Some(ex.workflow.result(&ex.previous));
+            let done = ex.stages_done.lock().ok().and_then(|mut d| d.take());
+            if let Some(done) = done {
+                done();
+            }
+        }
+        let offered = reuse_key.map(|key| {
+            let offer = ReusableCheckpoint {
+                run_id: ex.run.id,
+                stage: stage.name().to_owned(),
+                output: checkpoint.output.clone(),
+                artifacts: checkpoint.artifacts.clone(),
+            };
+            (key, offer)
+        });
+        if let Err(error) = self.store.commit_stage(&ex.lease, index, checkpoint).await {
+            return ControlFlow::Break(self.store_failure(error));
+        }
+        if let Some((key, offer)) = offered {
+            // A failure only costs a future reuse.
+            if let Err(error) = self.store.record_reusable(&key, &offer).await {
+                warn!(error = %error, "offering the checkpoint for reuse failed");
+            }
+        }
+        if is_last {
+            self.metrics.run_finished(RunOutcome::Completed);
+            return ControlFlow::Break(Ending::Completed);
+        }
+        self.notify(ex.watchers, ex.run.id).await;
+        ControlFlow::Continue(())
+    }
+
+    /// One attempt of the stage, bounded by its timeout; a panic is a fatal error. Breaks when
+    /// the lease is lost or the grace period ends first.
+    async fn attempt(
+        &self,
+        ex: &Execution<'_>,
+        index: usize,
+        stage: &dyn Stage,
+        ctx: &mut StageContext,
+        policy: &RetryPolicy,
+    ) -> ControlFlow<Ending, Result<StageOutput, StageError>> {
+        let attempt =
+            std::panic::AssertUnwindSafe(tokio::time::timeout(policy.timeout, stage.run(ctx)))
+                .catch_unwind();
+        let result = tokio::select! {
+            result = attempt => match result {
+                Ok(Ok(result)) => result,
+                Ok(Err(_elapsed)) => Err(StageError::retryable(format!("stage timed out after {} s", policy.timeout.as_secs_f64()))),
+                Err(_panic) => Err(StageError::fatal("stage_panicked", format!("stage {} panicked", stage.name()))),
+            },
+            () = ex.cancel.cancelled() => Err(StageError::Cancelled),
+            () = ex.lease_lost.cancelled() => return ControlFlow::Break(Ending::LeaseLost),
+            () = self.abandon.cancelled() => {
+                warn!(stage.name = stage.name(), "grace period over; abandoning the stage");
+                let written = self.store.end_attempt(&ex.lease, index, StageOutcome::Abandoned).await;
+                return ControlFlow::Break(self.settle(written, Ending::Released));
+            }
+        };
+        ControlFlow::Continue(result)
+    }
+
+    /// What a failed attempt means: a retry later, a failed run, or a cancelled one.
+    async fn conclude(
+        &self,
+        ex: &Execution<'_>,
+        index: usize,
+        stage: &dyn Stage,
+        ctx: &StageContext,
+        policy: &RetryPolicy,
+        error: StageError,
+    ) -> Ending {
+        let lease = &ex.lease;
+        match error {
+            StageError::Retryable(message) if policy.allows_another_after(ctx.attempt) => {
+                let delay = policy.delay_after(ctx.attempt, &mut rand::rng());
+                warn!(stage.name = stage.name(), attempt = ctx.attempt, delay_ms = delay.as_millis() as u64, error = %message, "stage failed; retry scheduled");
+                self.metrics.retry_scheduled();
+                let error = RunError {
+                    code: "stage_error".to_owned(),
+                    message,
+                };
+                let outcome = StageOutcome::Retry { error, delay };
+                let written = self.store.end_attempt(lease, index, outcome).await;
+                self.settle(written, Ending::RetryScheduled)
+            }
+            StageError::Retryable(message) => {
+                let error = RunError {
+                    code: "attempts_exhausted".to_owned(),
+                    message: format!(
+                        "stage {} failed {} times; last error: {message}",
+                        stage.name(),
+                        ctx.attempt
+                    ),
+                };
+                self.fail(lease, index, error).await
+            }
+            StageError::Fatal { code, message } => {
+                self.fail(lease, index, RunError { code, message }).await
+            }
+            StageError::Cancelled => {
+                self.metrics.run_finished(RunOutcome::Cancelled);
+                let written = self
+                    .store
+                    .end_attempt(lease, index, StageOutcome::Cancelled)
+                    .await;
+                self.settle(written, Ending::Cancelled)
+            }
+            StageError::LeaseLost(_) => Ending::LeaseLost,
+        }
     }
 
     /// What a stage handed back, made fit to store: nothing is stored or logged before its
@@ -420,12 +529,10 @@ impl Engine {
         result: Result<StageOutput, StageError>,
     ) -> Result<StageOutput, StageError> {
         match result {
-            Ok(done) if !(done.cost_usd.is_finite() && done.cost_usd >= 0.0) => {
-                Err(StageError::fatal(
-                    "invalid_cost",
-                    format!("stage {stage} reported a cost of {}", done.cost_usd),
-                ))
-            }
+            Ok(done) if done.cost_usd.is_negative() => Err(StageError::fatal(
+                "invalid_cost",
+                format!("stage {stage} reported a cost of {}", done.cost_usd),
+            )),
             Ok(mut done) => {
                 self.scrubber.scrub_json(&mut done.output);
                 Ok(done)
@@ -444,7 +551,7 @@ impl Engine {
     /// An earlier run's checkpoint for `key`, made this run's own: its files linked into this
     /// run's directory (no bytes copied) and its output pointing at them. `None` when there is
     /// none, it is this run's, or any of its files is gone.
-    async fn reusable(&self, run_id: crate::ids::RunId, key: &str) -> Option<ReusableCheckpoint> {
+    async fn reusable(&self, run_id: RunId, key: &str) -> Option<ReusableCheckpoint> {
         let found = match self.store.find_reusable(key).await {
             Ok(Some(found)) if found.run_id != run_id => found,
             Ok(_) => return None,
@@ -481,51 +588,9 @@ impl Engine {
         })
     }
 
-    /// Offers a committed checkpoint to later runs; a failure only costs a future reuse.
-    async fn offer_for_reuse(
-        &self,
-        key: &str,
-        run_id: crate::ids::RunId,
-        stage: &str,
-        output: serde_json::Value,
-        artifacts: Vec<String>,
-    ) {
-        let checkpoint = ReusableCheckpoint {
-            run_id,
-            stage: stage.to_owned(),
-            output,
-            artifacts,
-        };
-        if let Err(error) = self.store.record_reusable(key, &checkpoint).await {
-            warn!(error = %error, "offering the checkpoint for reuse failed");
-        }
-    }
-
-    /// Rewrites the run's `metadata.json`; a failure is logged, never fatal to the run.
-    async fn refresh_metadata(&self, run_id: crate::ids::RunId) {
-        if let Err(error) =
-            crate::status::write_metadata(&self.store, &self.artifacts, run_id).await
-        {
-            warn!(error = %error, "could not update metadata.json");
-        }
-    }
-
-    /// Starts a stage, unless the claim started it already: then answers that attempt.
-    async fn start_stage(
-        &self,
-        lease: &Lease,
-        index: usize,
-        started: &mut Option<(usize, u32)>,
-    ) -> Result<u32, StoreError> {
-        match started.take() {
-            Some((i, attempt)) if i == index => Ok(attempt),
-            _ => self.store.start_stage(lease, index).await,
-        }
-    }
-
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {
         warn!(stage.index = index, error.code = %error.code, error = %error.message, "run failed");
-        self.metrics.run_finished("failed");
+        self.metrics.run_finished(RunOutcome::Failed);
         self.settle(
             self.store
                 .end_attempt(lease, index, StageOutcome::Fail { error })
@@ -549,7 +614,7 @@ impl Engine {
             StoreError::FenceRejected { .. } => Ending::LeaseLost,
             other => {
                 warn!(error = %other, "store write failed; the lease will expire and the run be re-queued");
-                Ending::LeaseLost
+                Ending::StoreFailed
             }
         }
     }

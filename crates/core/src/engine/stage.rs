@@ -11,6 +11,7 @@ use super::RetryPolicy;
 use crate::{
     artifacts::{ArtifactError, ArtifactStore},
     ids::RunId,
+    money::Usd,
     store::{Lease, Progress, ProviderMode, SharedStore, StepRecord, StoreError},
 };
 
@@ -67,7 +68,7 @@ impl From<ArtifactError> for StageError {
 pub struct StageOutput {
     pub output: Value,
     /// Cost incurred outside memoised steps (steps record their own).
-    pub cost_usd: f64,
+    pub cost_usd: Usd,
 }
 
 /// One named step of a workflow.
@@ -83,8 +84,8 @@ pub trait Stage: Send + Sync {
 
     /// What the stage is expected to cost, checked against the run's remaining budget before
     /// it starts.
-    fn estimated_cost_usd(&self, _ctx: &StageContext) -> f64 {
-        0.0
+    fn estimated_cost_usd(&self, _ctx: &StageContext) -> Usd {
+        Usd::ZERO
     }
 
     /// A key under which this stage's checkpoint may be reused by another run whose stage has
@@ -116,11 +117,11 @@ pub struct StageContext {
     pub(super) step_total: u32,
     pub(super) written: Vec<String>,
     /// Cost of the steps this attempt completed (already added to the run's ledger).
-    pub(super) new_step_cost_usd: f64,
+    pub(super) new_step_cost_usd: Usd,
     /// The run's budget, if it has one.
-    pub budget_usd: Option<f64>,
+    pub budget_usd: Option<Usd>,
     /// What the run had spent when this attempt started, memoised steps included.
-    pub(super) spent_before_usd: f64,
+    pub(super) spent_before_usd: Usd,
     /// Hides secrets in step outputs before they are stored.
     pub(super) scrubber: crate::secrets::Scrubber,
 }
@@ -129,7 +130,7 @@ pub struct StageContext {
 #[derive(Debug, Clone)]
 pub struct StepDone<T> {
     pub output: T,
-    pub cost_usd: f64,
+    pub cost_usd: Usd,
     pub artifacts: Vec<String>,
 }
 
@@ -157,10 +158,10 @@ impl StageContext {
         &mut self,
         key: &str,
         output: &T,
-        cost_usd: f64,
+        cost_usd: Usd,
         artifacts: Vec<String>,
     ) -> Result<(), StageError> {
-        if !(cost_usd.is_finite() && cost_usd >= 0.0) {
+        if cost_usd.is_negative() {
             return Err(StageError::fatal(
                 "invalid_cost",
                 format!("step {key} reported a cost of {cost_usd}"),
@@ -237,7 +238,7 @@ impl StageContext {
     }
 
     /// What the run has spent so far, this attempt's steps included.
-    pub fn spent_usd(&self) -> f64 {
+    pub fn spent_usd(&self) -> Usd {
         self.spent_before_usd + self.new_step_cost_usd
     }
 
@@ -248,7 +249,7 @@ impl StageContext {
     pub async fn step<T, F>(
         &mut self,
         key: &str,
-        estimate_usd: f64,
+        estimate_usd: Usd,
         work: F,
     ) -> Result<T, StageError>
     where
@@ -259,14 +260,13 @@ impl StageContext {
             return Ok(done);
         }
         if let Some(budget) = self.budget_usd {
-            let remaining = budget - self.spent_usd();
-            if estimate_usd > remaining + 1e-9 {
+            let remaining = (budget - self.spent_usd()).max(Usd::ZERO);
+            if estimate_usd > remaining {
                 return Err(StageError::fatal(
                     "budget_exceeded",
                     format!(
-                        "step {key} of stage {} is estimated at ${estimate_usd:.2} but only ${:.2} of the ${budget:.2} budget remains; raise budget_usd and resume",
+                        "step {key} of stage {} is estimated at ${estimate_usd} but only ${remaining} of the ${budget} budget remains; raise budget_usd and resume",
                         self.stage_name,
-                        remaining.max(0.0)
                     ),
                 ));
             }

@@ -237,7 +237,7 @@ pub fn attempt_end(outcome: &StageOutcome) -> AttemptEnd {
             due_in: None,
             events: vec![Event::of_stage(EventKind::RunCancelled, json!({}))],
         },
-        StageOutcome::Abandoned | StageOutcome::Unstarted => AttemptEnd {
+        StageOutcome::Abandoned => AttemptEnd {
             stage: StageStatus::Pending,
             run: RunStatus::Queued,
             stage_error: None,

@@ -21,6 +21,7 @@ use serde_json::Value;
 use crate::{
     clock::Millis,
     ids::{FenceToken, RunId, WorkerId},
+    money::Usd,
 };
 
 /// Failures of the run store.
@@ -75,6 +76,14 @@ impl ProviderMode {
         match self {
             Self::Mock => "mock",
             Self::Live => "live",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "mock" => Some(Self::Mock),
+            "live" => Some(Self::Live),
+            _ => None,
         }
     }
 }
@@ -213,7 +222,7 @@ pub struct NewRun {
     pub queue: String,
     pub inputs: Value,
     pub provider_mode: ProviderMode,
-    pub budget_usd: Option<f64>,
+    pub budget_usd: Option<Usd>,
     pub stage_names: Vec<String>,
     /// The submission's `Idempotency-Key`, scoped by the route family it came through.
     pub idempotency_key: Option<String>,
@@ -233,7 +242,8 @@ pub struct StageRecord {
     pub attempts: u32,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
-    pub cost_usd: f64,
+    #[schema(value_type = f64)]
+    pub cost_usd: Usd,
     /// Paths relative to the artifact root.
     pub artifacts: Vec<String>,
     pub output: Option<Value>,
@@ -255,8 +265,8 @@ pub struct RunRecord {
     pub inputs: Value,
     pub status: RunStatus,
     pub provider_mode: ProviderMode,
-    pub budget_usd: Option<f64>,
-    pub cost_usd: f64,
+    pub budget_usd: Option<Usd>,
+    pub cost_usd: Usd,
     pub current_stage: Option<String>,
     pub result: Option<Value>,
     pub error: Option<RunError>,
@@ -311,7 +321,7 @@ impl RunRecord {
             status: RunStatus::Queued,
             provider_mode: run.provider_mode,
             budget_usd: run.budget_usd,
-            cost_usd: 0.0,
+            cost_usd: Usd::ZERO,
             current_stage: None,
             result: None,
             error: None,
@@ -332,7 +342,7 @@ impl RunRecord {
                     attempts: 0,
                     started_at: None,
                     finished_at: None,
-                    cost_usd: 0.0,
+                    cost_usd: Usd::ZERO,
                     artifacts: Vec::new(),
                     output: None,
                     error: None,
@@ -346,7 +356,7 @@ impl RunRecord {
 }
 
 /// The right of one worker to execute one run, until `expires`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Lease {
     pub run_id: RunId,
     pub worker: WorkerId,
@@ -360,11 +370,6 @@ pub struct Claimed {
     pub run: RunRecord,
     /// True when the run was taken over after a lease expired or a worker stopped.
     pub recovered: bool,
-    /// The stage the claim started already, with its attempt number: a store may start the
-    /// first open stage in the claim itself (one write less per run). The engine then does not
-    /// start it again, and gives it back with [`StageOutcome::Unstarted`] if it does not run it
-    /// (`fail_run` gives it back by itself).
-    pub started: Option<(usize, u32)>,
     /// When the claim was asked for: the store set the lease's expiry after this moment, so
     /// the lease lasts at least its time to live from here (the worker counts from it).
     pub asked: tokio::time::Instant,
@@ -375,7 +380,7 @@ pub struct Claimed {
 pub struct StepRecord {
     pub key: String,
     pub output: Value,
-    pub cost_usd: f64,
+    pub cost_usd: Usd,
     pub artifacts: Vec<String>,
 }
 
@@ -384,7 +389,7 @@ pub struct StepRecord {
 pub struct StageCheckpoint {
     pub output: Value,
     pub artifacts: Vec<String>,
-    pub cost_usd: f64,
+    pub cost_usd: Usd,
     /// Set on the last stage: the run's result, which completes the run.
     pub run_result: Option<Value>,
     /// Set when the checkpoint was taken from an earlier run.
@@ -412,9 +417,6 @@ pub enum StageOutcome {
     Cancelled,
     /// The worker is stopping: the run goes back to the queue as it is.
     Abandoned,
-    /// A stage the claim started is given back before it ran: as `Abandoned`, and the attempt
-    /// the claim counted is taken back.
-    Unstarted,
 }
 
 /// Where a resume starts.
@@ -430,7 +432,7 @@ pub enum FromStage {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResumeChanges {
     pub inputs: Option<Value>,
-    pub budget_usd: Option<f64>,
+    pub budget_usd: Option<Usd>,
 }
 
 /// Filters of the run listing.
@@ -476,7 +478,8 @@ pub struct QueueDepth {
 /// A live worker process, as registered in the store.
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerInfo {
-    pub id: String,
+    #[schema(value_type = String)]
+    pub id: WorkerId,
     pub queues: Vec<String>,
     pub concurrency: u32,
     pub started_at: DateTime<Utc>,
@@ -603,7 +606,7 @@ pub trait RunStore: Send + Sync + 'static {
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()>;
 
     /// Removes a worker that stopped cleanly.
-    async fn unregister_worker(&self, id: &str) -> StoreResult<()>;
+    async fn unregister_worker(&self, id: &WorkerId) -> StoreResult<()>;
 
     /// Workers whose last heartbeat is within [`WORKER_STALE_AFTER`]; forgets older ones.
     async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>>;

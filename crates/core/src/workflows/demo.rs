@@ -26,6 +26,7 @@ use serde_json::{Value, json};
 use super::{InputError, Workflow, parse_inputs, queues};
 use crate::{
     engine::{Stage, StageContext, StageError, StageOutput},
+    money::Usd,
     schema::InputSchema,
     store::RunKind,
 };
@@ -51,7 +52,7 @@ struct DemoInputs {
     #[serde(default)]
     fatal: Option<String>,
     #[serde(default)]
-    cost_usd: f64,
+    cost_usd: Usd,
 }
 
 impl DemoInputs {
@@ -69,7 +70,7 @@ impl DemoInputs {
         if self.steps > MAX_STEPS {
             return Err(invalid("steps", format!("must be at most {MAX_STEPS}")));
         }
-        if !(self.cost_usd >= 0.0 && self.cost_usd <= MAX_COST_USD) {
+        if self.cost_usd.is_negative() || self.cost_usd.dollars() > MAX_COST_USD {
             return Err(invalid(
                 "cost_usd",
                 format!("must be between 0 and {MAX_COST_USD}"),
@@ -182,8 +183,8 @@ impl Stage for DemoStage {
         self.name
     }
 
-    fn estimated_cost_usd(&self, ctx: &StageContext) -> f64 {
-        inputs_of(ctx).map(|i| i.cost_usd).unwrap_or(0.0)
+    fn estimated_cost_usd(&self, ctx: &StageContext) -> Usd {
+        inputs_of(ctx).map(|i| i.cost_usd).unwrap_or_default()
     }
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
@@ -235,7 +236,8 @@ impl Stage for DemoStage {
                     .artifact_store()
                     .write(&path, body.to_string().into_bytes())
                     .await?;
-                ctx.complete_step(&key, &body, 0.0, vec![path]).await?;
+                ctx.complete_step(&key, &body, Usd::ZERO, vec![path])
+                    .await?;
             }
         } else {
             let until = tokio::time::Instant::now() + Duration::from_millis(inputs.sleep_ms);

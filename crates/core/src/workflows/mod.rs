@@ -75,11 +75,6 @@ pub trait Workflow: Send + Sync {
             .unwrap_or(Value::Null)
     }
 
-    /// Whether runs keep `runs/{id}/metadata.json` current with their status document.
-    fn keeps_metadata(&self) -> bool {
-        false
-    }
-
     /// Whether runs may use live providers (`provider_mode: live`) in this deployment: a
     /// missing key or provider is refused at submission, with an error code and a message
     /// naming what to set.
@@ -88,7 +83,7 @@ pub trait Workflow: Send + Sync {
     }
 
     /// The budget a run gets when its submission names none.
-    fn default_budget(&self, _inputs: &Value) -> Option<f64> {
+    fn default_budget(&self, _inputs: &Value) -> Option<crate::money::Usd> {
         None
     }
 

@@ -71,7 +71,7 @@ impl Stage for NoopStage {
     async fn run(&self, _ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         Ok(StageOutput {
             output: json!({}),
-            cost_usd: 0.0,
+            cost_usd: crate::money::Usd::ZERO,
         })
     }
 }

@@ -1,6 +1,7 @@
-//! `/health`: liveness, store reachability and the media tools, cheap enough to poll.
+//! The tools a tenant needs (the studio's ffmpeg), as `/health` reports them, cheap enough to
+//! poll.
 //!
-//! Invariant: a `/health` request never spawns a process. ffmpeg is probed once at start-up and
+//! Invariant: a `/health` request never spawns a process. A tool is probed once at start-up and
 //! again at most once a minute, in the background, when a request finds the answer older.
 
 use std::{
