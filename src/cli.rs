@@ -20,11 +20,12 @@ use crate::{
     http::{self, AppState},
     ids::WorkerId,
     metrics::Metrics,
-    module::Observers,
+    module::{Modules, Observers},
     queue::{self, ClaimSettings},
     shutdown,
     store::{SharedStore, redis::RedisStore, sqlite::SqliteStore},
     telemetry,
+    workflows::Catalog,
     workflows::queues,
 };
 
@@ -329,7 +330,6 @@ fn guard_role(config: &Config, role: &Role) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// ffmpeg's availability for `/health`: probed now, then at most once a minute.
 /// Binds the API's address and says where it listens.
 async fn bind_api(config: &Config, backend: &str) -> anyhow::Result<TcpListener> {
     let address = std::net::SocketAddr::new(config.host, config.port);
@@ -343,52 +343,34 @@ async fn bind_api(config: &Config, backend: &str) -> anyhow::Result<TcpListener>
     Ok(listener)
 }
 
+/// What every role of a process shares.
+struct Process {
+    config: Arc<Config>,
+    store: SharedStore,
+    artifacts: ArtifactStore,
+    modules: Modules,
+    catalog: Arc<Catalog>,
+    tasks: tokio::task::JoinSet<anyhow::Result<()>>,
+}
+
 async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
-    let serves_api = matches!(role, Role::Api | Role::Dev { .. });
     guard_role(&config, &role)?;
     let shutdown = shutdown::on_signal().context("installing signal handlers")?;
-    let store = open_store(&config).await?;
-    let artifacts =
-        ArtifactStore::open(&config.artifact_dir).context("opening the artifact directory")?;
     let modules = crate::modules::modules(&config);
-    let catalog = Arc::new(crate::modules::catalog(&modules));
-    let metrics = Arc::new(Metrics::default());
-    let config = Arc::new(config);
-    let mut tasks = tokio::task::JoinSet::new();
-
+    let mut process = Process {
+        store: open_store(&config).await?,
+        artifacts: ArtifactStore::open(&config.artifact_dir)
+            .context("opening the artifact directory")?,
+        catalog: Arc::new(crate::modules::catalog(&modules)),
+        modules,
+        config: Arc::new(config),
+        tasks: tokio::task::JoinSet::new(),
+    };
     let sweeper_stop = CancellationToken::new();
-    tasks.spawn({
-        let store = store.clone();
-        let (interval, retention, artifacts, modules, stop) = (
-            config.sweep_interval,
-            config.run_retention,
-            Some(artifacts.clone()),
-            modules.clone(),
-            sweeper_stop.clone(),
-        );
-        async move {
-            queue::run_sweeper(store, interval, retention, artifacts, modules, stop).await;
-            Ok(())
-        }
-    });
-
-    if serves_api {
-        let state = AppState::new(
-            store.clone(),
-            catalog.clone(),
-            config.clone(),
-            artifacts.clone(),
-            http::Tenants::of(&modules).await,
-        );
-        let listener = bind_api(&config, store.backend_name()).await?;
-        let stop = shutdown.clone();
-        tasks.spawn(async move {
-            http::serve(listener, state, stop)
-                .await
-                .context("serving HTTP")
-        });
+    process.spawn_sweeper(sweeper_stop.clone());
+    if matches!(role, Role::Api | Role::Dev { .. }) {
+        process.spawn_api(shutdown.clone()).await?;
     }
-
     let workers = match role {
         Role::Api => None,
         Role::Worker {
@@ -400,44 +382,11 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
         }
     };
     if let Some((queues, concurrency, role_name)) = workers {
-        for queue in &queues {
-            if !queues::ALL.contains(&queue.as_str()) {
-                anyhow::bail!(
-                    "unknown queue {queue:?}; queues are {}",
-                    queues::ALL.join(", ")
-                );
-            }
-        }
-        let engine = Arc::new(Engine {
-            store: store.clone(),
-            catalog: catalog.clone(),
-            artifacts: artifacts.clone(),
-            settings: EngineSettings {
-                lease_ttl: config.lease_ttl,
-                default_retry: config.default_retry,
-            },
-            worker: WorkerId::for_this_process(role_name),
-            metrics: metrics.clone(),
-            observers: Observers::of(&modules),
-            stopping: CancellationToken::new(),
-            abandon: CancellationToken::new(),
-            running: Default::default(),
-            scrubber: config.scrubber(),
-        });
-        let settings = ClaimSettings {
-            queues,
-            lease_ttl: config.lease_ttl,
-            poll_interval: config.poll_interval,
-        };
-        let (stop, grace) = (shutdown.clone(), config.shutdown_grace);
-        tasks.spawn(
-            async move { queue::run_workers(engine, settings, concurrency, stop, grace).await },
-        );
+        process.spawn_workers(queues, concurrency, role_name, shutdown.clone())?;
     }
-
     // Wait for the roles to end (they end after the shutdown signal); the first error wins.
     let mut outcome = Ok(());
-    while let Some(joined) = tasks.join_next().await {
+    while let Some(joined) = process.tasks.join_next().await {
         let result = joined.map_err(anyhow::Error::from).and_then(|r| r);
         if let Err(error) = result {
             tracing::error!(error = ?error, "a role failed; stopping the process");
@@ -452,6 +401,80 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     }
     info!("stopped");
     outcome
+}
+
+impl Process {
+    /// Expired leases, old runs and the tenants' housekeeping, in every role.
+    fn spawn_sweeper(&mut self, stop: CancellationToken) {
+        let store = self.store.clone();
+        let (interval, retention) = (self.config.sweep_interval, self.config.run_retention);
+        let (artifacts, modules) = (Some(self.artifacts.clone()), self.modules.clone());
+        self.tasks.spawn(async move {
+            queue::run_sweeper(store, interval, retention, artifacts, modules, stop).await;
+            Ok(())
+        });
+    }
+
+    /// The HTTP API, with the tenants' routes, tool checks and observers.
+    async fn spawn_api(&mut self, stop: CancellationToken) -> anyhow::Result<()> {
+        let state = AppState::new(
+            self.store.clone(),
+            self.catalog.clone(),
+            self.config.clone(),
+            self.artifacts.clone(),
+            http::Tenants::of(&self.modules, crate::modules::apis()).await,
+        );
+        let listener = bind_api(&self.config, self.store.backend_name()).await?;
+        self.tasks.spawn(async move {
+            http::serve(listener, state, stop)
+                .await
+                .context("serving HTTP")
+        });
+        Ok(())
+    }
+
+    /// Workers on `queues`, `concurrency` runs at once.
+    fn spawn_workers(
+        &mut self,
+        queues: Vec<String>,
+        concurrency: usize,
+        role_name: &str,
+        stop: CancellationToken,
+    ) -> anyhow::Result<()> {
+        if let Some(queue) = queues.iter().find(|q| !queues::ALL.contains(&q.as_str())) {
+            anyhow::bail!(
+                "unknown queue {queue:?}; queues are {}",
+                queues::ALL.join(", ")
+            );
+        }
+        let config = &self.config;
+        let engine = Arc::new(Engine {
+            store: self.store.clone(),
+            catalog: self.catalog.clone(),
+            artifacts: self.artifacts.clone(),
+            settings: EngineSettings {
+                lease_ttl: config.lease_ttl,
+                default_retry: config.default_retry,
+            },
+            worker: WorkerId::for_this_process(role_name),
+            metrics: Arc::new(Metrics::default()),
+            observers: Observers::of(&self.modules),
+            stopping: CancellationToken::new(),
+            abandon: CancellationToken::new(),
+            running: Default::default(),
+            scrubber: config.scrubber(),
+        });
+        let settings = ClaimSettings {
+            queues,
+            lease_ttl: config.lease_ttl,
+            poll_interval: config.poll_interval,
+        };
+        let grace = config.shutdown_grace;
+        self.tasks.spawn(async move {
+            queue::run_workers(engine, settings, concurrency, stop, grace).await
+        });
+        Ok(())
+    }
 }
 
 pub use crate::announce;

@@ -16,7 +16,8 @@
 //! This crate's own modules:
 //! - [`config`]: every environment variable, read once, typed.
 //! - [`modules`]: which tenants a process runs.
-//! - [`http`]: the axum API, its errors and its OpenAPI document.
+//! - [`http`]: the axum API core (runs, artifacts, ops), its errors and its OpenAPI document.
+//! - [`tenants`]: the tenants' routes (`/agents`, `/agent-work-orders`) behind one interface.
 //! - [`cli`], [`client`], [`ops`]: the `stagecraft` command, its HTTP client, and the operator
 //!   commands that read the store directly.
 //! - [`telemetry`], [`shutdown`]: process plumbing.
@@ -43,3 +44,4 @@ pub mod modules;
 pub mod ops;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tenants;

@@ -1,4 +1,5 @@
-//! Which tenants a process runs: the studio and agent work orders, each with its settings.
+//! Which tenants a process runs: the studio and agent work orders, each with its settings and
+//! its part of the HTTP API. The one place that lists them.
 
 use std::sync::Arc;
 
@@ -19,4 +20,9 @@ pub fn modules(config: &Config) -> Modules {
 /// The catalogue of this deployment: the core's workflows and its tenants'.
 pub fn catalog(modules: &Modules) -> Catalog {
     Catalog::of(modules)
+}
+
+/// The tenants' parts of the HTTP API.
+pub fn apis() -> std::sync::Arc<[std::sync::Arc<dyn crate::tenants::TenantApi>]> {
+    crate::tenants::apis()
 }

@@ -95,49 +95,11 @@ fn runs_table(runs: &[RunRecord], total: u64) -> String {
     )
 }
 
+/// `stagecraft inspect …`: prints what the store holds, as tables or (with `--json`) JSON.
 pub async fn inspect(store: &dyn RunStore, what: Inspect, as_json: bool) -> anyhow::Result<()> {
     let text = match what {
-        Inspect::Queues => {
-            let depths = store.queue_depths().await?;
-            if as_json {
-                serde_json::to_string_pretty(&json!({"queues": depths}))?
-            } else {
-                let rows = depths
-                    .iter()
-                    .map(|d| {
-                        vec![
-                            d.queue.clone(),
-                            d.status.as_str().to_owned(),
-                            d.count.to_string(),
-                        ]
-                    })
-                    .collect();
-                table(&["queue", "status", "runs"], rows)
-            }
-        }
-        Inspect::Workers => {
-            let workers = store.list_workers().await?;
-            if as_json {
-                serde_json::to_string_pretty(&json!({"workers": workers}))?
-            } else {
-                let rows = workers
-                    .iter()
-                    .map(|w| {
-                        vec![
-                            w.id.to_string(),
-                            w.queues.join(","),
-                            w.concurrency.to_string(),
-                            w.last_heartbeat.format("%H:%M:%S").to_string(),
-                            w.running.join(","),
-                        ]
-                    })
-                    .collect();
-                table(
-                    &["worker", "queues", "concurrency", "heartbeat", "running"],
-                    rows,
-                )
-            }
-        }
+        Inspect::Queues => queues(store, as_json).await?,
+        Inspect::Workers => workers(store, as_json).await?,
         Inspect::Runs { status, limit } => {
             let status = match status {
                 Some(s) => {
@@ -145,93 +107,140 @@ pub async fn inspect(store: &dyn RunStore, what: Inspect, as_json: bool) -> anyh
                 }
                 None => None,
             };
-            let (runs, total) = list(store, status, limit).await?;
-            if as_json {
-                serde_json::to_string_pretty(
-                    &json!({"runs": runs.iter().map(summary).collect::<Vec<_>>(), "total": total}),
-                )?
-            } else {
-                runs_table(&runs, total)
-            }
+            runs(store, status, limit, as_json).await?
         }
-        Inspect::Dead { limit } => {
-            let (runs, total) = list(store, Some(RunStatus::Failed), limit).await?;
-            if as_json {
-                serde_json::to_string_pretty(
-                    &json!({"runs": runs.iter().map(summary).collect::<Vec<_>>(), "total": total}),
-                )?
-            } else {
-                runs_table(&runs, total)
-            }
-        }
-        Inspect::Run { run_id } => {
-            let id = parse_id(&run_id)?;
-            let run = store
-                .get_run(id)
-                .await?
-                .with_context(|| format!("run {id} not found"))?;
-            let events = store.events_after(id, 0, 10_000).await?;
-            if as_json {
-                let mut doc = summary(&run);
-                doc["inputs"] = run.inputs.clone();
-                doc["stages"] = serde_json::to_value(&run.stages)?;
-                doc["result"] = run.result.clone().unwrap_or_default();
-                doc["events"] = serde_json::to_value(&events)?;
-                serde_json::to_string_pretty(&doc)?
-            } else {
-                let mut out = format!(
-                    "run {}  {} {}  status {}  cost ${:.4}  worker {}\n",
-                    run.id,
-                    run.kind.as_str(),
-                    run.name,
-                    run.status.as_str(),
-                    run.cost_usd,
-                    run.worker.as_deref().unwrap_or("-")
-                );
-                if let Some(error) = &run.error {
-                    let _ = writeln!(out, "error {}: {}", error.code, error.message);
-                }
-                let rows = run
-                    .stages
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.name.clone(),
-                            s.status.as_str().to_owned(),
-                            s.attempts.to_string(),
-                            format!("{:.4}", s.cost_usd),
-                            s.progress
-                                .map(|p| format!("{}/{}", p.done, p.total))
-                                .unwrap_or_default(),
-                            s.artifacts.len().to_string(),
-                        ]
-                    })
-                    .collect();
-                out.push_str(&table(
-                    &["stage", "status", "attempts", "cost", "steps", "artifacts"],
-                    rows,
-                ));
-                let _ = writeln!(out, "\nevents:");
-                for event in events {
-                    let _ = writeln!(
-                        out,
-                        "  {:>4}  {}  {:<16} {:<10} {}",
-                        event.seq,
-                        event.at.format("%H:%M:%S%.3f"),
-                        event.kind,
-                        event.stage.unwrap_or_default(),
-                        event.data
-                    );
-                }
-                out
-            }
-        }
+        Inspect::Dead { limit } => runs(store, Some(RunStatus::Failed), limit, as_json).await?,
+        Inspect::Run { run_id } => run(store, &run_id, as_json).await?,
     };
     print!("{text}");
     if !text.ends_with('\n') {
         println!();
     }
     Ok(())
+}
+
+/// Dollars rounded to cents, as operators read them (the store keeps micro-dollars).
+fn cents(usd: crate::money::Usd) -> String {
+    format!("${:.2}", usd.dollars())
+}
+
+async fn queues(store: &dyn RunStore, as_json: bool) -> anyhow::Result<String> {
+    let depths = store.queue_depths().await?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&json!({"queues": depths}))?);
+    }
+    let rows = depths
+        .iter()
+        .map(|d| {
+            vec![
+                d.queue.clone(),
+                d.status.as_str().to_owned(),
+                d.count.to_string(),
+            ]
+        })
+        .collect();
+    Ok(table(&["queue", "status", "runs"], rows))
+}
+
+async fn workers(store: &dyn RunStore, as_json: bool) -> anyhow::Result<String> {
+    let workers = store.list_workers().await?;
+    if as_json {
+        return Ok(serde_json::to_string_pretty(&json!({"workers": workers}))?);
+    }
+    let rows = workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.to_string(),
+                w.queues.join(","),
+                w.concurrency.to_string(),
+                w.last_heartbeat.format("%H:%M:%S").to_string(),
+                w.running.join(","),
+            ]
+        })
+        .collect();
+    Ok(table(
+        &["worker", "queues", "concurrency", "heartbeat", "running"],
+        rows,
+    ))
+}
+
+async fn runs(
+    store: &dyn RunStore,
+    status: Option<RunStatus>,
+    limit: u32,
+    as_json: bool,
+) -> anyhow::Result<String> {
+    let (runs, total) = list(store, status, limit).await?;
+    if as_json {
+        let runs: Vec<_> = runs.iter().map(summary).collect();
+        return Ok(serde_json::to_string_pretty(
+            &json!({"runs": runs, "total": total}),
+        )?);
+    }
+    Ok(runs_table(&runs, total))
+}
+
+async fn run(store: &dyn RunStore, run_id: &str, as_json: bool) -> anyhow::Result<String> {
+    let id = parse_id(run_id)?;
+    let run = store
+        .get_run(id)
+        .await?
+        .with_context(|| format!("run {id} not found"))?;
+    let events = store.events_after(id, 0, 10_000).await?;
+    if as_json {
+        let mut doc = summary(&run);
+        doc["inputs"] = run.inputs.clone();
+        doc["stages"] = serde_json::to_value(&run.stages)?;
+        doc["result"] = run.result.clone().unwrap_or_default();
+        doc["events"] = serde_json::to_value(&events)?;
+        return Ok(serde_json::to_string_pretty(&doc)?);
+    }
+    let mut out = format!(
+        "run {}  {} {}  status {}  cost {}  worker {}\n",
+        run.id,
+        run.kind.as_str(),
+        run.name,
+        run.status.as_str(),
+        cents(run.cost_usd),
+        run.worker.as_deref().unwrap_or("-")
+    );
+    if let Some(error) = &run.error {
+        let _ = writeln!(out, "error {}: {}", error.code, error.message);
+    }
+    let rows = run
+        .stages
+        .iter()
+        .map(|s| {
+            vec![
+                s.name.clone(),
+                s.status.as_str().to_owned(),
+                s.attempts.to_string(),
+                cents(s.cost_usd),
+                s.progress
+                    .map(|p| format!("{}/{}", p.done, p.total))
+                    .unwrap_or_default(),
+                s.artifacts.len().to_string(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &["stage", "status", "attempts", "cost", "steps", "artifacts"],
+        rows,
+    ));
+    let _ = writeln!(out, "\nevents:");
+    for event in events {
+        let _ = writeln!(
+            out,
+            "  {:>4}  {}  {:<16} {:<10} {}",
+            event.seq,
+            event.at.format("%H:%M:%S%.3f"),
+            event.kind,
+            event.stage.unwrap_or_default(),
+            event.data
+        );
+    }
+    Ok(out)
 }
 
 /// Re-queues a failed (or cancelled) run from its first stage without a checkpoint.

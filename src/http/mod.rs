@@ -2,14 +2,12 @@
 //!
 //! Invariant: http never runs stages. It validates, stores and reads runs; workers execute them.
 
-mod agents;
 mod artifacts;
 pub mod auth;
 mod error;
 pub mod limits;
 pub mod openapi;
-mod runs;
-mod work_orders;
+pub(crate) mod runs;
 
 use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
@@ -35,6 +33,7 @@ use crate::{
     health::{ToolCheck, ToolStatus},
     module::{Modules, Observers},
     store::SharedStore,
+    tenants::TenantApi,
     workflows::Catalog,
 };
 
@@ -80,8 +79,10 @@ impl AppState {
 }
 
 /// What the HTTP core takes from the tenants, without naming one.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Tenants {
+    /// Their routes and OpenAPI additions.
+    pub apis: Arc<[Arc<dyn TenantApi>]>,
     /// Tools for `/health`, by name: probed at start and refreshed at most once a minute.
     pub tools: Arc<[(&'static str, ToolCheck)]>,
     /// Told of the changes the API makes to runs (cancel, resume).
@@ -89,13 +90,14 @@ pub struct Tenants {
 }
 
 impl Tenants {
-    /// Starts the tenants' tool checks and gathers their observers.
-    pub async fn of(modules: &Modules) -> Self {
+    /// Starts the tenants' tool checks and gathers their observers, beside their APIs.
+    pub async fn of(modules: &Modules, apis: Arc<[Arc<dyn TenantApi>]>) -> Self {
         let mut tools = Vec::new();
         for module in modules.iter() {
             tools.extend(module.tool_checks().await);
         }
         Self {
+            apis,
             tools: tools.into(),
             observers: Observers::of(modules),
         }
@@ -108,29 +110,28 @@ impl Tenants {
     tags(
         (name = "runs", description = "Submit, watch, cancel and resume runs of any kind"),
         (name = "workflows", description = "Multi-stage workflow runs"),
-        (name = "agents", description = "The studio agents: schemas and one-agent runs"),
         (name = "artifacts", description = "Files runs produced"),
-        (name = "work orders", description = "Agent work orders: a coding agent on a git branch, up to a pull request"),
         (name = "ops", description = "Health, queues and metrics")
     ),
     // Event streams carry these (documented per event by `openapi::document`).
-    components(schemas(crate::store::RunEvent, work_orders::LogEntry, ToolStatus))
+    components(schemas(crate::store::RunEvent, ToolStatus))
 )]
 struct ApiDoc;
 
 /// The whole API as a router, apart from any socket, so tests and `dev` can serve it.
 pub fn app(state: AppState) -> Router {
-    let (router, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health))
         .routes(routes!(root))
         .routes(routes!(queues))
         .routes(routes!(metrics))
         .routes(routes!(workers))
         .merge(runs::routes())
-        .merge(agents::routes())
-        .merge(artifacts::routes())
-        .merge(work_orders::routes())
-        .split_for_parts();
+        .merge(artifacts::routes());
+    for tenant in state.tenants.apis.iter() {
+        api = api.merge(tenant.routes());
+    }
+    let (router, openapi) = api.split_for_parts();
     let body_limit = state.config.max_body_bytes;
     let router = router
         .merge(SwaggerUi::new("/docs").external_url_unchecked(
@@ -140,6 +141,7 @@ pub fn app(state: AppState) -> Router {
                 &state.catalog,
                 &state.tokens,
                 state.config.provider_mode,
+                &state.tenants.apis,
             ),
         ))
         .fallback(|| async { ApiError::not_found("no such route") })

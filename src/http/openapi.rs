@@ -26,6 +26,10 @@ use crate::{
     workflows::{Catalog, Workflow},
 };
 
+use std::sync::Arc;
+
+use crate::tenants::TenantApi;
+
 const ERROR_BODY: &str = "#/components/schemas/ErrorBody";
 
 /// The document of this deployment, from the one utoipa generated.
@@ -34,19 +38,23 @@ pub fn document(
     catalog: &Catalog,
     tokens: &Tokens,
     default_mode: ProviderMode,
+    tenants: &[Arc<dyn TenantApi>],
 ) -> Value {
     let mut doc = serde_json::to_value(generated).unwrap_or_else(|_| json!({}));
     add_input_components(&mut doc, catalog);
     specialise_submissions(&mut doc, catalog, default_mode);
     specialise_per_workflow(&mut doc, catalog, default_mode);
-    constrain_shared_bodies(&mut doc, catalog, default_mode);
+    constrain_shared_bodies(&mut doc);
     document_event_streams(&mut doc);
+    for tenant in tenants {
+        tenant.document(&mut doc, catalog, default_mode);
+    }
     document_common_answers(&mut doc, tokens);
     doc
 }
 
 /// Runs `change` on the document's `paths`.
-fn with_paths(doc: &mut Value, change: impl FnOnce(&mut Map<String, Value>)) {
+pub(crate) fn with_paths(doc: &mut Value, change: impl FnOnce(&mut Map<String, Value>)) {
     let mut paths = match doc["paths"].take() {
         Value::Object(paths) => paths,
         _ => Map::new(),
@@ -74,7 +82,10 @@ fn add_input_components(doc: &mut Value, catalog: &Catalog) {
 /// `provider_mode` as this workflow may be asked for it here (`live` only with its keys), and
 /// whether it must be given: when the deployment's default is `live` but this workflow lacks
 /// its keys, only an explicit `mock` can run.
-fn provider_mode_field(workflow: &dyn Workflow, default_mode: ProviderMode) -> (Value, bool) {
+pub(crate) fn provider_mode_field(
+    workflow: &dyn Workflow,
+    default_mode: ProviderMode,
+) -> (Value, bool) {
     let live = workflow.check_live().is_ok();
     if default_mode == ProviderMode::Live && !live {
         return (
@@ -95,7 +106,7 @@ fn provider_mode_field(workflow: &dyn Workflow, default_mode: ProviderMode) -> (
     )
 }
 
-fn budget_schema() -> Value {
+pub(crate) fn budget_schema() -> Value {
     json!({"type": ["number", "null"], "minimum": 0, "maximum": crate::money::MAX_BUDGET_USD,
            "description": "Dollars, kept to the nearest micro-dollar. The run fails with `budget_exceeded` rather than start a stage that would exceed this."})
 }
@@ -309,32 +320,13 @@ fn set_parameter_schema(operation: &mut Value, name: &str, schema: Value) {
 }
 
 /// Limits of the bodies and parameters every deployment shares.
-fn constrain_shared_bodies(doc: &mut Value, catalog: &Catalog, default_mode: ProviderMode) {
+fn constrain_shared_bodies(doc: &mut Value) {
     let schemas = &mut doc["components"]["schemas"];
     for name in ["ResumeRequest"] {
         if schemas[name].is_object() {
             schemas[name]["properties"]["from_stage"] = json!({"type": ["string", "null"], "minLength": 1, "maxLength": 64,
                 "description": "`auto` (default: the first stage without a checkpoint) or a stage name of the run"});
             schemas[name]["properties"]["budget_usd"] = budget_schema();
-        }
-    }
-    if let Some(order) = catalog.of_kind(RunKind::WorkOrder).next() {
-        let inputs = order.input_schema().schema;
-        let create = &mut schemas["CreateWorkOrder"]["properties"];
-        if create.is_object() {
-            // This deployment's URL rule and the request's limits, as the work order checks them.
-            create["repository_url"] = inputs["properties"]["repository_url"].clone();
-            create["user_request"] = inputs["properties"]["user_request"].clone();
-            create["budget_usd"] = budget_schema();
-            let (mode, mode_required) = provider_mode_field(order.as_ref(), default_mode);
-            create["provider_mode"] = mode;
-            if mode_required {
-                if let Some(required) = schemas["CreateWorkOrder"]["required"].as_array_mut() {
-                    required.push(json!("provider_mode"));
-                } else {
-                    schemas["CreateWorkOrder"]["required"] = json!(["provider_mode"]);
-                }
-            }
         }
     }
     let idempotency = json!({"type": "string", "minLength": 1, "maxLength": 200,
@@ -372,16 +364,6 @@ fn document_event_streams(doc: &mut Value) {
             "retry": {"type": "integer"}
         }
     });
-    let log_entry = json!({
-        "type": "object", "required": ["data", "event"],
-        "properties": {
-            "event": {"type": "string", "enum": ["entry"]},
-            "data": {"type": "string", "contentMediaType": "application/json",
-                     "contentSchema": {"$ref": "#/components/schemas/LogEntry"}},
-            "id": {"type": "string"},
-            "retry": {"type": "integer"}
-        }
-    });
     with_paths(doc, |paths| {
         if let Some(get) = paths
             .get_mut("/runs/{id}/events")
@@ -391,12 +373,6 @@ fn document_event_streams(doc: &mut Value) {
                 "description": "the run's events, one per message, until the run has finished",
                 "content": {"text/event-stream": {"schema": run_event}}
             });
-        }
-        if let Some(get) = paths
-            .get_mut("/agent-work-orders/{id}/logs")
-            .and_then(|p| p.get_mut("get"))
-        {
-            get["responses"]["200"]["content"]["text/event-stream"] = json!({"schema": log_entry});
         }
     });
 }

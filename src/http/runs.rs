@@ -62,7 +62,7 @@ pub struct SubmitRun {
     pub reuse: bool,
 }
 
-pub(super) fn empty_object() -> Value {
+pub(crate) fn empty_object() -> Value {
     Value::Object(Default::default())
 }
 
@@ -82,7 +82,7 @@ async fn load_run(state: &AppState, id: &str) -> Result<RunRecord, ApiError> {
 /// The route families idempotency keys are scoped by: the same key sent to two of them names
 /// two different runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Family {
+pub(crate) enum Family {
     Runs,
     Agents,
     Workflows,
@@ -140,7 +140,7 @@ fn request_hash(name: &str, inputs: &Value, request: &SubmitRun) -> String {
 
 /// Validates and stores a run. Answers the record and whether it was created now (false when
 /// the idempotency key was already used).
-pub(super) async fn submit(
+pub(crate) async fn submit(
     state: &AppState,
     mut request: SubmitRun,
     headers: &HeaderMap,
@@ -684,7 +684,7 @@ async fn run_workflow(
 
 /// The run once it has finished, or as it is when `SYNC_WAIT_SECS` have passed. The caller
 /// holds one of the process's `MAX_SYNC_WAITS` slots (taken before the run was submitted).
-pub(super) async fn wait_until_finished(
+pub(crate) async fn wait_until_finished(
     state: &AppState,
     run: RunRecord,
 ) -> Result<RunRecord, ApiError> {

@@ -39,120 +39,122 @@ pub struct Outcome {
 pub fn parse(stream: &str) -> (Vec<Entry>, Outcome) {
     let mut entries = Vec::new();
     let mut outcome = Outcome::default();
-    for line in stream.lines() {
-        let line = line.trim();
-        if line.is_empty() {
-            continue;
-        }
+    for line in stream.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let Ok(value) = serde_json::from_str::<Value>(line) else {
             outcome.malformed_lines += 1;
-            entries.push(Entry {
-                kind: "raw".to_owned(),
-                text: line.chars().take(2000).collect(),
-            });
+            entries.push(raw(line));
             continue;
         };
         if let Some(session) = value.get("session_id").and_then(Value::as_str) {
             outcome.session_id.get_or_insert_with(|| session.to_owned());
         }
         match value.get("type").and_then(Value::as_str) {
-            Some("system") => {
-                if let Some(model) = value.get("model").and_then(Value::as_str) {
-                    outcome.model = Some(model.to_owned());
-                }
-                entries.push(Entry {
-                    kind: "system".to_owned(),
-                    text: format!(
-                        "{} (model {})",
-                        value
-                            .get("subtype")
-                            .and_then(Value::as_str)
-                            .unwrap_or("system"),
-                        outcome.model.as_deref().unwrap_or("?")
-                    ),
-                });
-            }
-            Some(kind @ ("assistant" | "user")) => {
-                let content = value
-                    .pointer("/message/content")
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
-                for part in content {
-                    match part.get("type").and_then(Value::as_str) {
-                        Some("text") => entries.push(Entry {
-                            kind: kind.to_owned(),
-                            text: part
-                                .get("text")
-                                .and_then(Value::as_str)
-                                .unwrap_or_default()
-                                .to_owned(),
-                        }),
-                        Some("tool_use") => entries.push(Entry {
-                            kind: "tool_use".to_owned(),
-                            text: format!(
-                                "{} {}",
-                                part.get("name").and_then(Value::as_str).unwrap_or("tool"),
-                                part.get("input").map(Value::to_string).unwrap_or_default()
-                            ),
-                        }),
-                        Some("tool_result") => entries.push(Entry {
-                            kind: "tool_result".to_owned(),
-                            text: match part.get("content") {
-                                Some(Value::String(text)) => text.clone(),
-                                Some(other) => other.to_string(),
-                                None => String::new(),
-                            },
-                        }),
-                        _ => {}
-                    }
-                }
-            }
-            Some("result") => {
-                outcome.subtype = value
-                    .get("subtype")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                outcome.is_error = value
-                    .get("is_error")
-                    .and_then(Value::as_bool)
-                    .unwrap_or(false)
-                    || outcome
-                        .subtype
-                        .as_deref()
-                        .is_some_and(|s| s.starts_with("error"));
-                outcome.turns = value
-                    .get("num_turns")
-                    .and_then(Value::as_u64)
-                    .map(|n| n as u32);
-                // Read exactly; a cost no amount can hold counts as none (a negative one is
-                // refused by the engine with the stage's output).
-                outcome.cost_usd = value
-                    .get("total_cost_usd")
-                    .or_else(|| value.get("cost_usd"))
-                    .and_then(|cost| Usd::deserialize(cost).ok())
-                    .unwrap_or_default();
-                outcome.duration_ms = value.get("duration_ms").and_then(Value::as_u64);
-                outcome.result = value
-                    .get("result")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                entries.push(Entry {
-                    kind: "result".to_owned(),
-                    text: format!(
-                        "{}: {}",
-                        outcome.subtype.as_deref().unwrap_or("result"),
-                        outcome.result.as_deref().unwrap_or_default()
-                    ),
-                });
-            }
-            _ => entries.push(Entry {
-                kind: "raw".to_owned(),
-                text: line.chars().take(2000).collect(),
-            }),
+            Some("system") => entries.push(system(&value, &mut outcome)),
+            Some(kind @ ("assistant" | "user")) => entries.extend(message(kind, &value)),
+            Some("result") => entries.push(result(&value, &mut outcome)),
+            _ => entries.push(raw(line)),
         }
     }
     (entries, outcome)
+}
+
+/// A line kept as it came (cut to 2,000 characters): not JSON, or of an unknown type.
+fn raw(line: &str) -> Entry {
+    Entry {
+        kind: "raw".to_owned(),
+        text: line.chars().take(2000).collect(),
+    }
+}
+
+fn text_of<'a>(value: &'a Value, field: &str) -> Option<&'a str> {
+    value.get(field).and_then(Value::as_str)
+}
+
+/// The session's start: which model runs.
+fn system(value: &Value, outcome: &mut Outcome) -> Entry {
+    if let Some(model) = text_of(value, "model") {
+        outcome.model = Some(model.to_owned());
+    }
+    Entry {
+        kind: "system".to_owned(),
+        text: format!(
+            "{} (model {})",
+            text_of(value, "subtype").unwrap_or("system"),
+            outcome.model.as_deref().unwrap_or("?")
+        ),
+    }
+}
+
+/// An assistant or user message: one entry per text, tool call or tool result in it.
+fn message(kind: &str, value: &Value) -> Vec<Entry> {
+    let Some(content) = value.pointer("/message/content").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let entry = |kind: &str, text: String| Entry {
+        kind: kind.to_owned(),
+        text,
+    };
+    content
+        .iter()
+        .filter_map(|part| match text_of(part, "type") {
+            Some("text") => Some(entry(
+                kind,
+                text_of(part, "text").unwrap_or_default().to_owned(),
+            )),
+            Some("tool_use") => Some(entry(
+                "tool_use",
+                format!(
+                    "{} {}",
+                    text_of(part, "name").unwrap_or("tool"),
+                    part.get("input").map(Value::to_string).unwrap_or_default()
+                ),
+            )),
+            Some("tool_result") => Some(entry(
+                "tool_result",
+                match part.get("content") {
+                    Some(Value::String(text)) => text.clone(),
+                    Some(other) => other.to_string(),
+                    None => String::new(),
+                },
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The run's end: its subtype, turns, cost and final text.
+fn result(value: &Value, outcome: &mut Outcome) -> Entry {
+    outcome.subtype = text_of(value, "subtype").map(str::to_owned);
+    let errored = outcome
+        .subtype
+        .as_deref()
+        .is_some_and(|s| s.starts_with("error"));
+    outcome.is_error = value
+        .get("is_error")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+        || errored;
+    outcome.turns = value
+        .get("num_turns")
+        .and_then(Value::as_u64)
+        .map(|n| n as u32);
+    // Read exactly; a cost no amount can hold counts as none (a negative one is refused by the
+    // engine with the stage's output).
+    outcome.cost_usd = value
+        .get("total_cost_usd")
+        .or_else(|| value.get("cost_usd"))
+        .and_then(|cost| Usd::deserialize(cost).ok())
+        .unwrap_or_default();
+    outcome.duration_ms = value.get("duration_ms").and_then(Value::as_u64);
+    outcome.result = text_of(value, "result").map(str::to_owned);
+    Entry {
+        kind: "result".to_owned(),
+        text: format!(
+            "{}: {}",
+            outcome.subtype.as_deref().unwrap_or("result"),
+            outcome.result.as_deref().unwrap_or_default()
+        ),
+    }
 }
 
 #[cfg(test)]

@@ -3,8 +3,7 @@
 //! a fresh, empty store.
 //!
 //! The cases speak only through [`RunStore`]: what a caller (the engine, the API, the sweeper)
-//! may rely on, whichever store it has. A store may start a claimed run's first open stage in
-//! the claim itself ([`Claimed::started`]); the cases accept both ways.
+//! may rely on, whichever store it has.
 
 use std::{any::Any, time::Duration};
 

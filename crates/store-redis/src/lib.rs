@@ -489,11 +489,11 @@ fn text(value: &RedisValue) -> Option<&str> {
 }
 
 /// Set fields of a hash (or of one stage in it), borrowed from the reply. Found by a scan: a
-/// run has a few dozen fields, and building a map of owned strings cost more than the scans.
+/// run has a few dozen fields, too few for a map of owned strings to pay for itself.
 #[derive(Default)]
-struct Fields<'a>(Vec<(&'a str, &'a str)>);
+struct HashFields<'a>(Vec<(&'a str, &'a str)>);
 
-impl<'a> Fields<'a> {
+impl<'a> HashFields<'a> {
     fn get(&self, name: &str) -> Option<&'a str> {
         self.0
             .iter()
@@ -502,19 +502,19 @@ impl<'a> Fields<'a> {
     }
 }
 
-fn millis(map: &Fields<'_>, field: &str) -> Option<DateTime<Utc>> {
+fn millis(map: &HashFields<'_>, field: &str) -> Option<DateTime<Utc>> {
     map.get(field)
         .and_then(|v| v.parse::<f64>().ok())
         .map(|v| to_datetime(v as i64))
 }
 
-fn number(map: &Fields<'_>, field: &str) -> f64 {
+fn number(map: &HashFields<'_>, field: &str) -> f64 {
     map.get(field).and_then(|v| v.parse().ok()).unwrap_or(0.0)
 }
 
 /// An amount kept in micro-dollars under `field`, plus what a hash written before that kept in
 /// dollars under `legacy`.
-fn money(map: &Fields<'_>, field: &str, legacy: &str) -> Usd {
+fn money(map: &HashFields<'_>, field: &str, legacy: &str) -> Usd {
     let micros = map.get(field).and_then(|v| v.parse().ok()).unwrap_or(0);
     let dollars = map
         .get(legacy)
@@ -525,7 +525,7 @@ fn money(map: &Fields<'_>, field: &str, legacy: &str) -> Usd {
 }
 
 fn parse_json<T: serde::de::DeserializeOwned>(
-    map: &Fields<'_>,
+    map: &HashFields<'_>,
     field: &str,
 ) -> StoreResult<Option<T>> {
     match map.get(field) {
@@ -536,7 +536,7 @@ fn parse_json<T: serde::de::DeserializeOwned>(
     }
 }
 
-fn run_from_maps(run: &Fields<'_>, stages: &[Fields<'_>]) -> StoreResult<RunRecord> {
+fn run_from_maps(run: &HashFields<'_>, stages: &[HashFields<'_>]) -> StoreResult<RunRecord> {
     let field = |name: &str| {
         run.get(name)
             .map(str::to_owned)
@@ -619,8 +619,8 @@ fn run_from_hash(hash: &RedisValue) -> StoreResult<Option<RunRecord>> {
     if items.is_empty() {
         return Ok(None);
     }
-    let mut run = Fields(Vec::with_capacity(items.len() / 2));
-    let mut stages: Vec<Fields<'_>> = Vec::new();
+    let mut run = HashFields(Vec::with_capacity(items.len() / 2));
+    let mut stages: Vec<HashFields<'_>> = Vec::new();
     for pair in items.chunks(2) {
         let [field, value] = pair else { continue };
         let (Some(field), Some(value)) = (text(field), text(value)) else {
@@ -638,7 +638,7 @@ fn run_from_hash(hash: &RedisValue) -> StoreResult<Option<RunRecord>> {
             }
             Some((index, name)) => {
                 if stages.len() <= index {
-                    stages.resize_with(index + 1, Fields::default);
+                    stages.resize_with(index + 1, HashFields::default);
                 }
                 stages[index].0.push((name, value));
             }
@@ -656,7 +656,7 @@ fn run_from_hash(hash: &RedisValue) -> StoreResult<Option<RunRecord>> {
         )));
     }
     if stages.len() < declared {
-        stages.resize_with(declared, Fields::default);
+        stages.resize_with(declared, HashFields::default);
     }
     run_from_maps(&run, &stages).map(Some)
 }

@@ -5,14 +5,14 @@
 -- It is loaded as a Redis function library (FUNCTION LOAD; the store adds the `#!lua` line and
 -- registers `batch` under a name carrying a hash of this text, so versions side by side never
 -- replace each other). A library's body runs once, at load: its helpers and caches live across
--- calls, and a call only runs `batch`. (As a script, every call re-created them all, which cost
--- about as much as two runs' worth of work.) Per-call state is reset at the start of each call.
+-- calls, and a call only runs `batch`, so nothing is rebuilt per call. Per-call state is reset at
+-- the start of each call.
 --
 -- One call carries a batch of operations: args[1] is the key prefix, args[2] 'batch', then for
 -- each operation its name, its argument count and its arguments. The answer holds one result per
 -- operation, in order. Batching lets many concurrent runs share one call, and the indexes
 -- (status sets, counts, leases, wake lists) are written once per call at its end instead of once
--- per run: that is what lets one Redis core serve thousands of runs a second.
+-- per run, so their cost is shared by every run of the batch.
 --
 -- A run is one hash; its stages' fields are in it as `s{index}:{field}`. The fields the hot
 -- operations read and write come first and always exist (empty when unset: an empty field means
@@ -30,19 +30,19 @@
 -- sweeps and purges take a limit.
 
 -- Set at the start of each call: the key prefix and the server's time (ms, and as text).
-local P, now, NOW, EV_HEAD
+local PREFIX, now, NOW, EV_HEAD
 -- Arguments of redis.call are passed as strings: Redis formats a Lua number with printf on every
 -- use, which costs more than the command itself.
 local function str(n) return string.format('%d', n) end
 
-local function k_run(id) return P .. 'run:' .. id end
-local function k_steps(id) return P .. 'run:' .. id .. ':steps' end
-local function k_events(id) return P .. 'run:' .. id .. ':events' end
-local function k_due(q) return P .. 'queue:' .. q .. ':due' end
-local function k_wake(q) return P .. 'queue:' .. q .. ':wake' end
-local function k_status(s) return P .. 'status:' .. s end
+local function k_run(id) return PREFIX .. 'run:' .. id end
+local function k_steps(id) return PREFIX .. 'run:' .. id .. ':steps' end
+local function k_events(id) return PREFIX .. 'run:' .. id .. ':events' end
+local function k_due(q) return PREFIX .. 'queue:' .. q .. ':due' end
+local function k_wake(q) return PREFIX .. 'queue:' .. q .. ':wake' end
+local function k_status(s) return PREFIX .. 'status:' .. s end
 local K_ALL, K_LEASES, K_COUNTS, K_FINISHED
-local function k_idem(key) return P .. 'idempotency:' .. key end
+local function k_idem(key) return PREFIX .. 'idempotency:' .. key end
 
 local FINISHED = { [RS.completed] = true, [RS.failed] = true, [RS.cancelled] = true }
 -- The first element of the answer of an operation that failed (the store reads it).
@@ -52,7 +52,7 @@ local WAKE_CAP = 64
 
 -- The field names of stage `i`, built once per stage index (kept across calls).
 local STAGE_FIELDS = {}
-local function sf(i)
+local function stage_fields(i)
   local f = STAGE_FIELDS[i]
   if not f then
     local p = 's' .. i .. ':'
@@ -194,7 +194,7 @@ end
 -- An event as stored: its sequence number is its position in the run's list (1-based), so it
 -- needs no counter of its own. `stage` is a name or nil.
 local STAGE_JSON = {} -- stage name -> its JSON string, encoded once per call
-local function ev(kind, stage, data)
+local function event_entry(kind, stage, data)
   if stage and stage ~= '' then
     local json = STAGE_JSON[stage]
     if not json then
@@ -207,7 +207,7 @@ local function ev(kind, stage, data)
 end
 
 local function event(id, kind, stage, data)
-  redis.call('RPUSH', k_events(id), ev(kind, stage, data))
+  redis.call('RPUSH', k_events(id), event_entry(kind, stage, data))
 end
 
 -- Appends the events the store decided: `n`, then the kind, whether it names the stage (1|0)
@@ -216,7 +216,7 @@ local function events_in(id, stage, n, ...)
   local a, list = { ... }, {}
   for j = 0, tonumber(n) - 1 do
     local kind, on_stage, data = a[3 * j + 1], a[3 * j + 2], a[3 * j + 3]
-    list[#list + 1] = ev(kind, on_stage == '1' and stage or nil, data)
+    list[#list + 1] = event_entry(kind, on_stage == '1' and stage or nil, data)
   end
   if #list > 0 then redis.call('RPUSH', k_events(id), unpack(list)) end
 end
@@ -301,7 +301,7 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, request_hash,
     'next', '0', 'stages', n, 'queue', q, 'updated_at', NOW, 'cancel_requested', '0',
     'budget_micros', budget, 'reuse', reuse, 'current_stage', '', 'worker', '', 'result', '' }
   for i = 0, count - 1 do
-    local f = sf(i)
+    local f = stage_fields(i)
     append(fields, f.name, rest[i + 1], f.status, SS.pending, f.attempts, '0', f.started_at, '',
       f.finished_at, '', f.output, '', f.artifacts, '')
   end
@@ -330,7 +330,7 @@ local function claim_one(worker, expires, run_started, q, id)
   local idx, n = tonumber(v[3]), tonumber(v[4])
   local name, status, attempts = v[8], v[9], v[10]
   if idx ~= 0 and idx < n then
-    local f = sf(idx)
+    local f = stage_fields(idx)
     local s = redis.call('HMGET', r, f.name, f.status, f.attempts)
     name, status, attempts = s[1], s[2], s[3]
   end
@@ -338,7 +338,7 @@ local function claim_one(worker, expires, run_started, q, id)
   local data = run_started .. fence .. '}'
   local attempt = 0
   if idx < n and v[5] ~= '1' and (v[6] or '') == '' and (v[11] or '') == '' and v[7] ~= '1' then
-    local f = sf(idx)
+    local f = stage_fields(idx)
     attempt = tonumber(attempts or '0') + 1
     redis.call('HSET', r, 'status', RS.running, 'fence', fence, 'lease_owner', worker,
       'lease_expires_at', expires, 'updated_at', NOW, 'current_stage', name, 'worker', worker, f.status, SS.running, f.attempts, str(attempt),
@@ -347,8 +347,8 @@ local function claim_one(worker, expires, run_started, q, id)
     move(id, q, v[1], RS.running)
     -- A retry's error and due time stay on the stage until its next attempt starts.
     if v[1] == RS.retrying then redis.call('HDEL', r, f.error, f.next_attempt_at) end
-    redis.call('RPUSH', k_events(id), ev(EV.run_started, nil, data),
-      ev(EV.stage_started, name, '{"attempt":' .. str(attempt) .. '}'))
+    redis.call('RPUSH', k_events(id), event_entry(EV.run_started, nil, data),
+      event_entry(EV.stage_started, name, '{"attempt":' .. str(attempt) .. '}'))
   else
     idx = -1
     redis.call('HSET', r, 'status', RS.running, 'fence', fence, 'lease_owner', worker,
@@ -410,7 +410,7 @@ function OPS.claim(worker, ttl, max_text, ...)
     if not ok then
       local message = type(one) == 'table' and one.err or tostring(one)
       redis.log(redis.LOG_WARNING, 'stagecraft: run ' .. id .. ' quarantined: ' .. tostring(message))
-      redis.pcall('ZADD', P .. 'quarantine', NOW, id)
+      redis.pcall('ZADD', PREFIX .. 'quarantine', NOW, id)
     elseif one then
       local c = #claimed
       claimed[c + 1], claimed[c + 2], claimed[c + 3], claimed[c + 4], claimed[c + 5] =
@@ -458,7 +458,7 @@ end
 -- start_stage id fence owner idx: the attempt number. (A stage the claim started is answered by
 -- the client without calling this.)
 function OPS.start_stage(id, fence, owner, idx)
-  local f = sf(idx)
+  local f = stage_fields(idx)
   local v = fenced(id, fence, owner, f.name, f.attempts, f.finished_at, f.error, f.next_attempt_at)
   if not v then return -1 end
   local r = k_run(id)
@@ -473,7 +473,7 @@ end
 
 -- record_step id fence owner idx key step_json cost done total events: 0 when known already
 function OPS.record_step(id, fence, owner, idx, key, step, cost, done, total, ...)
-  local f = sf(idx)
+  local f = stage_fields(idx)
   local v = fenced(id, fence, owner, f.name)
   if not v then return -1 end
   if redis.call('HSETNX', k_steps(id), idx .. ':' .. key, step) == 0 then return 0 end
@@ -489,7 +489,7 @@ end
 -- the checkpoint came from another run). A stage's error and retry time were cleared when its
 -- attempt started, and a run in progress has no error, so there is nothing to delete.
 function OPS.commit(id, fence, owner, idx, output, artifacts, cost, result, reused_from, run_status, ...)
-  local f = sf(idx)
+  local f = stage_fields(idx)
   local v = fenced(id, fence, owner, 'status', 'queue', f.name)
   if not v then return -1 end
   local r = k_run(id)
@@ -519,7 +519,7 @@ end
 -- unstart 1, a stage the claim started is given back before it ran: its attempt is not counted.
 function OPS.end_attempt(id, fence, owner, idx, stage_status, run_status, stage_error, run_error,
                          stage_finished, next_attempt, due, unstart, ...)
-  local f = sf(idx)
+  local f = stage_fields(idx)
   local v = fenced(id, fence, owner, 'status', 'queue', f.name, f.attempts)
   if not v then return -1 end
   local r = k_run(id)
@@ -552,7 +552,7 @@ function OPS.fail_run(id, fence, owner, err, run_status, unstart_idx, ...)
   if not v then return -1 end
   local idx = tonumber(unstart_idx)
   if idx then
-    local f = sf(idx)
+    local f = stage_fields(idx)
     local attempts = tonumber(redis.call('HGET', k_run(id), f.attempts) or '1')
     redis.call('HSET', k_run(id), f.status, SS.pending, f.attempts, str(math.max(attempts - 1, 0)),
       f.started_at, '', 'current_stage', '')
@@ -568,7 +568,7 @@ end
 local function stage_statuses(r, n)
   if n == 0 then return {} end
   local fields = {}
-  for i = 0, n - 1 do fields[i + 1] = sf(i).status end
+  for i = 0, n - 1 do fields[i + 1] = stage_fields(i).status end
   return redis.call('HMGET', r, unpack(fields))
 end
 
@@ -586,7 +586,7 @@ function OPS.cancel(id, expected, at_once, run_status, ...)
     redis.call('HSET', r, 'cancel_requested', '1')
     for i, stage_status in ipairs(stage_statuses(r, tonumber(v[3] or '0'))) do
       if stage_status == SS.retrying then
-        local f = sf(i - 1)
+        local f = stage_fields(i - 1)
         redis.call('HSET', r, f.status, SS.cancelled, f.finished_at, NOW)
         redis.call('HDEL', r, f.next_attempt_at)
       end
@@ -612,7 +612,7 @@ function OPS.resume(id, expected, from_text, forget, inputs, budget, run_status,
   local steps = {}
   if forget == '1' then steps = redis.call('HKEYS', k_steps(id)) end
   for i = from, n - 1 do
-    local f = sf(i)
+    local f = stage_fields(i)
     redis.call('HSET', r, f.status, SS.pending, f.attempts, '0', f.started_at, '', f.finished_at, '')
     if i == from and forget ~= '1' then
       -- The stage keeps its memoised steps, and with them their cost and progress.
@@ -639,7 +639,7 @@ function OPS.resume(id, expected, from_text, forget, inputs, budget, run_status,
   lease(id, false)
   set_status(id, run_status, status, q)
   enqueue(id, now, q)
-  events_in(id, redis.call('HGET', r, sf(from).name), ...)
+  events_in(id, redis.call('HGET', r, stage_fields(from).name), ...)
   return 'ok'
 end
 
@@ -685,12 +685,12 @@ end
 
 -- The library's one function: runs a batch of operations (see the top).
 local function batch(_, args)
-  P = args[1]
+  PREFIX = args[1]
   local t = redis.call('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
   NOW = str(now)
   EV_HEAD = '{"at":' .. NOW .. ',"kind":"'
-  K_ALL, K_LEASES, K_COUNTS, K_FINISHED = P .. 'runs', P .. 'leases', P .. 'counts', P .. 'finished'
+  K_ALL, K_LEASES, K_COUNTS, K_FINISHED = PREFIX .. 'runs', PREFIX .. 'leases', PREFIX .. 'counts', PREFIX .. 'finished'
   forget()
   STAGE_JSON = {}
   if args[2] ~= 'batch' then return redis.error_reply('expected a batch of operations') end

@@ -493,6 +493,33 @@ async fn read_run(conn: &mut sqlx::SqliteConnection, id: RunId) -> StoreResult<O
     Ok(Some(run))
 }
 
+/// The `run_started` events of runs just claimed, in one statement.
+async fn record_run_started(
+    conn: &mut sqlx::SqliteConnection,
+    runs: &[RunRecord],
+    worker: &WorkerId,
+    now: i64,
+) -> StoreResult<()> {
+    let started: Vec<Value> = runs
+        .iter()
+        .map(|run| {
+            let event = kernel::run_started(worker.as_str(), run.fence);
+            json!({"run_id": run.id.to_string(), "kind": event.kind.as_str(), "data": event.data})
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO events (run_id, at, kind, stage, data) \
+         SELECT json_extract(value, '$.run_id'), ?1, json_extract(value, '$.kind'), NULL, \
+         json_extract(value, '$.data') FROM json_each(?2)",
+    )
+    .bind(now)
+    .bind(Value::Array(started).to_string())
+    .execute(conn)
+    .await
+    .db()?;
+    Ok(())
+}
+
 fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
     let id: String = row.try_get("id").db()?;
     let kind: String = row.try_get("kind").db()?;
@@ -1129,58 +1156,51 @@ impl SqliteStore {
             .iter()
             .map(run_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        let started: Vec<Value> = runs
-            .iter()
-            .map(|run| {
-                let event = kernel::run_started(worker.as_str(), run.fence);
-                json!({"run_id": run.id.to_string(), "kind": event.kind.as_str(), "data": event.data})
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO events (run_id, at, kind, stage, data) \
-             SELECT json_extract(value, '$.run_id'), ?1, json_extract(value, '$.kind'), NULL, \
-             json_extract(value, '$.data') FROM json_each(?2)",
-        )
-        .bind(now)
-        .bind(Value::Array(started).to_string())
-        .execute(&mut *tx)
-        .await
-        .db()?;
+        record_run_started(&mut tx, &runs, worker, now).await?;
         tx.commit().await.db()?;
         runs.sort_by_key(|run| run.id);
+        let mut stages_by_run = self.stages_of(&runs).await?;
+        let claimed = runs
+            .into_iter()
+            .map(|mut run| {
+                run.stages = stages_by_run.remove(&run.id).unwrap_or_default();
+                let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
+                Claimed {
+                    lease: Lease {
+                        run_id: run.id,
+                        worker: worker.clone(),
+                        fence: run.fence,
+                    },
+                    run,
+                    recovered,
+                    asked,
+                }
+            })
+            .collect();
+        Ok(claimed)
+    }
+
+    /// The stages of these runs, read in one query.
+    async fn stages_of(&self, runs: &[RunRecord]) -> StoreResult<HashMap<RunId, Vec<StageRecord>>> {
         let ids: Vec<String> = runs.iter().map(|run| run.id.to_string()).collect();
         let stage_rows = sqlx::query(
             "SELECT * FROM stages WHERE run_id IN (SELECT value FROM json_each(?)) ORDER BY run_id, idx",
         )
         .bind(json_text(&ids))
         .fetch_all(&self.pool)
-        .await.db()?;
-        let mut stages_by_run: HashMap<String, Vec<StageRecord>> = HashMap::new();
+        .await
+        .db()?;
+        let mut stages_by_run: HashMap<RunId, Vec<StageRecord>> = HashMap::new();
         for row in &stage_rows {
             let run_id: String = row.try_get("run_id").db()?;
+            let run_id = RunId::parse(&run_id)
+                .ok_or_else(|| StoreError::Corrupt(format!("stage of run {run_id}")))?;
             stages_by_run
                 .entry(run_id)
                 .or_default()
                 .push(stage_from_row(row)?);
         }
-        let mut claimed = Vec::with_capacity(runs.len());
-        for mut run in runs {
-            run.stages = stages_by_run
-                .remove(&run.id.to_string())
-                .unwrap_or_default();
-            let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
-            claimed.push(Claimed {
-                lease: Lease {
-                    run_id: run.id,
-                    worker: worker.clone(),
-                    fence: run.fence,
-                },
-                run,
-                recovered,
-                asked,
-            });
-        }
-        Ok(claimed)
+        Ok(stages_by_run)
     }
 
     async fn start_stage_now(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {

@@ -72,7 +72,7 @@ pub struct AgentEnv {
     /// Added to every mock provider call.
     pub latency: Duration,
     /// The live providers (used when `mode` is live).
-    pub live: super::live::Http,
+    pub live: super::live::Providers,
 }
 
 impl AgentEnv {
@@ -1053,37 +1053,7 @@ pub async fn critic(
     let evaluations: Vec<PilotEvaluation> = input
         .pilots
         .iter()
-        .map(|pilot| {
-            let strategy = &pilot.strategy;
-            let seed = seed_of(&[
-                &strategy.pilot_id,
-                &strategy.concept,
-                &strategy.visual_style,
-            ]);
-            let qa_failures = pilot.qa.iter().filter(|q| !q.passed).count();
-            let mut score = 0.55 + (seed % 40) as f64 / 100.0;
-            if qa_failures > 0 {
-                score -= 0.3;
-            }
-            let score = (score.clamp(0.0, 1.0) * 100.0).round() / 100.0;
-            let approved = score >= threshold && qa_failures == 0 && !pilot.videos.is_empty();
-            PilotEvaluation {
-                pilot_id: strategy.pilot_id.clone(),
-                score,
-                approved,
-                strengths: vec![format!("the {} tone suits the request", strategy.tone).into()]
-                    .into(),
-                weaknesses: if qa_failures > 0 {
-                    vec![format!("{qa_failures} test scene(s) failed QA").into()].into()
-                } else {
-                    vec![format!("{} may need tighter pacing", strategy.visual_style).into()].into()
-                },
-                notes: format!(
-                    "{} scored {score:.2} against a threshold of {threshold:.2}.",
-                    strategy.pilot_id
-                ),
-            }
-        })
+        .map(|pilot| mock_evaluation(pilot, threshold))
         .collect();
     let approved_pilot = evaluations
         .iter()
@@ -1099,6 +1069,39 @@ pub async fn critic(
         cost_usd: cost,
         artifacts: Vec::new(),
     })
+}
+
+/// The mock critic's judgement of one pilot: a score seeded by its strategy, lowered when a
+/// test scene failed QA.
+fn mock_evaluation(pilot: &PilotResult, threshold: f64) -> PilotEvaluation {
+    let strategy = &pilot.strategy;
+    let seed = seed_of(&[
+        &strategy.pilot_id,
+        &strategy.concept,
+        &strategy.visual_style,
+    ]);
+    let qa_failures = pilot.qa.iter().filter(|q| !q.passed).count();
+    let mut score = 0.55 + (seed % 40) as f64 / 100.0;
+    if qa_failures > 0 {
+        score -= 0.3;
+    }
+    let score = (score.clamp(0.0, 1.0) * 100.0).round() / 100.0;
+    let approved = score >= threshold && qa_failures == 0 && !pilot.videos.is_empty();
+    PilotEvaluation {
+        pilot_id: strategy.pilot_id.clone(),
+        score,
+        approved,
+        strengths: vec![format!("the {} tone suits the request", strategy.tone).into()].into(),
+        weaknesses: if qa_failures > 0 {
+            vec![format!("{qa_failures} test scene(s) failed QA").into()].into()
+        } else {
+            vec![format!("{} may need tighter pacing", strategy.visual_style).into()].into()
+        },
+        notes: format!(
+            "{} scored {score:.2} against a threshold of {threshold:.2}.",
+            strategy.pilot_id
+        ),
+    }
 }
 
 // ----------------------------------------------------------------------------------------------

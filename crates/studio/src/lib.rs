@@ -34,7 +34,7 @@ use stagecraft_core::{
 pub struct Studio {
     pub settings: StudioSettings,
     pub media: media::Media,
-    pub live: live::Http,
+    pub live: live::Providers,
 }
 
 impl Studio {
@@ -42,7 +42,7 @@ impl Studio {
         Self {
             settings: settings.clone(),
             media: media::Media::new(settings),
-            live: live::Http::new(&settings.live),
+            live: live::Providers::new(&settings.live),
         }
     }
 

@@ -1,6 +1,6 @@
 //! Live providers: real HTTP APIs behind the same agents, steps and budgets as the mock ones.
 //!
-//! Invariant: every live request goes through [`Http::send`]: a timeout per request, 429 and 5xx
+//! Invariant: every live request goes through [`Providers::send`]: a timeout per request, 429 and 5xx
 //! retried after `retry-after` (or a growing backoff) up to `PROVIDER_MAX_RETRIES`, other 4xx
 //! answers permanent (`StageError::Fatal`), and a key never appears in an error, log or ledger.
 
@@ -30,7 +30,7 @@ pub struct Usage {
 
 /// The HTTP side shared by live providers.
 #[derive(Debug, Clone)]
-pub struct Http {
+pub struct Providers {
     client: reqwest::Client,
     settings: LiveSettings,
 }
@@ -63,7 +63,7 @@ fn retry_delay(response: &reqwest::Response, attempt: u32) -> Duration {
         .min(Duration::from_secs(60))
 }
 
-impl Http {
+impl Providers {
     pub fn new(settings: &LiveSettings) -> Self {
         Self {
             client: reqwest::Client::builder()

@@ -99,7 +99,8 @@ fn audio_inputs(inputs: &Value) -> Result<(AudioInputs, RunId), InputError> {
     Ok((parsed, id))
 }
 
-fn typed<T: DeserializeOwned>(value: Option<&Value>, what: &str) -> Result<T, StageError> {
+/// The output of an earlier stage of the run (`what` names it in the error), read as `T`.
+fn stage_output<T: DeserializeOwned>(value: Option<&Value>, what: &str) -> Result<T, StageError> {
     let value = value.ok_or_else(|| {
         StageError::fatal(
             "missing_checkpoint",
@@ -244,7 +245,7 @@ impl Stage for Pilots {
     }
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
-        let planned: ProducerOutput = typed(ctx.previous.get("planning"), "planning")?;
+        let planned: ProducerOutput = stage_output(ctx.previous.get("planning"), "planning")?;
         let env = self.0.env(ctx);
         let total: u32 = planned.pilots.iter().map(|p| 1 + p.test_scenes).sum();
         ctx.set_step_total(total);
@@ -358,7 +359,7 @@ impl Stage for Evaluation {
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
         let inputs = production_inputs(&ctx.inputs)
             .map_err(|e| StageError::fatal("invalid_input", e.to_string()))?;
-        let mut pilots: PilotsOutput = typed(ctx.previous.get("pilots"), "pilots")?;
+        let mut pilots: PilotsOutput = stage_output(ctx.previous.get("pilots"), "pilots")?;
         let env = self.0.env(ctx);
         let videos: u32 = pilots.pilots.iter().map(|p| p.videos.len() as u32).sum();
         ctx.set_step_total(videos + 1);
@@ -446,8 +447,8 @@ impl Stage for Completion {
     }
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
-        let pilots: PilotsOutput = typed(ctx.previous.get("pilots"), "pilots")?;
-        let verdict: EvaluationOutput = typed(ctx.previous.get("evaluation"), "evaluation")?;
+        let pilots: PilotsOutput = stage_output(ctx.previous.get("pilots"), "pilots")?;
+        let verdict: EvaluationOutput = stage_output(ctx.previous.get("evaluation"), "evaluation")?;
         let approved = verdict.approved_pilot.clone().unwrap_or_default();
         let pilot = pilots
             .pilots
@@ -524,7 +525,7 @@ impl Stage for Editing {
     }
 
     async fn run(&self, ctx: &mut StageContext) -> Result<StageOutput, StageError> {
-        let done: CompletionOutput = typed(ctx.previous.get("completion"), "completion")?;
+        let done: CompletionOutput = stage_output(ctx.previous.get("completion"), "completion")?;
         let env = self.0.env(ctx);
         ctx.set_step_total(1);
         let input = EditorInput {

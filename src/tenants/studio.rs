@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{
+use super::TenantApi;
+use crate::http::{
     ApiError, AppState, ErrorBody, JsonBody,
     runs::{Family, SubmitRun, submit, wait_until_finished},
 };
@@ -21,11 +22,20 @@ use crate::{
     studio::agents,
 };
 
-pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(list_agents))
-        .routes(routes!(agent_schema))
-        .routes(routes!(run_agent))
+/// The studio's routes.
+pub struct StudioApi;
+
+#[derive(utoipa::OpenApi)]
+#[openapi(tags((name = "agents", description = "The studio agents: schemas and one-agent runs")))]
+struct StudioDoc;
+
+impl TenantApi for StudioApi {
+    fn routes(&self) -> OpenApiRouter<AppState> {
+        OpenApiRouter::with_openapi(<StudioDoc as utoipa::OpenApi>::openapi())
+            .routes(routes!(list_agents))
+            .routes(routes!(agent_schema))
+            .routes(routes!(run_agent))
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -109,7 +119,7 @@ async fn agent_schema(Path(name): Path<String>) -> Result<Json<Value>, ApiError>
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentRunRequest {
-    #[serde(default = "super::runs::empty_object")]
+    #[serde(default = "crate::http::runs::empty_object")]
     #[schema(value_type = Object)]
     pub inputs: Value,
     /// Answer at once with the run id instead of waiting (`run_async` is accepted too).

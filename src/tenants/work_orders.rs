@@ -16,8 +16,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::{
+use super::TenantApi;
+use crate::http::{
     ApiError, AppState, ErrorBody, JsonBody,
+    openapi::{budget_schema, provider_mode_field, with_paths},
     runs::{Family, SubmitRun, submit},
 };
 use crate::{
@@ -29,14 +31,77 @@ use crate::{
     config::ProviderMode,
     ids::RunId,
     store::{RunError, RunFilter, RunKind, RunRecord, RunStatus, StageStatus},
+    workflows::Catalog,
 };
 
-pub fn routes() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new()
-        .routes(routes!(create_work_order, list_work_orders))
-        .routes(routes!(get_work_order))
-        .routes(routes!(work_order_steps))
-        .routes(routes!(work_order_logs))
+/// The work orders' routes.
+pub struct WorkOrdersApi;
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    tags((name = "work orders", description = "Agent work orders: a coding agent on a git branch, up to a pull request")),
+    // The log stream carries these (documented per message by `document`).
+    components(schemas(LogEntry))
+)]
+struct WorkOrdersDoc;
+
+impl TenantApi for WorkOrdersApi {
+    fn routes(&self) -> OpenApiRouter<AppState> {
+        OpenApiRouter::with_openapi(<WorkOrdersDoc as utoipa::OpenApi>::openapi())
+            .routes(routes!(create_work_order, list_work_orders))
+            .routes(routes!(get_work_order))
+            .routes(routes!(work_order_steps))
+            .routes(routes!(work_order_logs))
+    }
+
+    fn document(&self, doc: &mut Value, catalog: &Catalog, default_mode: ProviderMode) {
+        constrain_create(doc, catalog, default_mode);
+        let log_entry = json!({
+            "type": "object", "required": ["data", "event"],
+            "properties": {
+                "event": {"type": "string", "enum": ["entry"]},
+                "data": {"type": "string", "contentMediaType": "application/json",
+                         "contentSchema": {"$ref": "#/components/schemas/LogEntry"}},
+                "id": {"type": "string"},
+                "retry": {"type": "integer"}
+            }
+        });
+        with_paths(doc, |paths| {
+            if let Some(get) = paths
+                .get_mut("/agent-work-orders/{id}/logs")
+                .and_then(|p| p.get_mut("get"))
+            {
+                get["responses"]["200"]["content"]["text/event-stream"] =
+                    json!({"schema": log_entry});
+            }
+        });
+    }
+}
+
+/// `CreateWorkOrder` as this deployment checks it: its URL rule, the request's limits, and
+/// whether `provider_mode` must be given.
+fn constrain_create(doc: &mut Value, catalog: &Catalog, default_mode: ProviderMode) {
+    let Some(order) = catalog.of_kind(RunKind::WorkOrder).next() else {
+        return;
+    };
+    let inputs = order.input_schema().schema;
+    let schema = &mut doc["components"]["schemas"]["CreateWorkOrder"];
+    if !schema["properties"].is_object() {
+        return;
+    }
+    let create = &mut schema["properties"];
+    create["repository_url"] = inputs["properties"]["repository_url"].clone();
+    create["user_request"] = inputs["properties"]["user_request"].clone();
+    create["budget_usd"] = budget_schema();
+    let (mode, mode_required) = provider_mode_field(order.as_ref(), default_mode);
+    create["provider_mode"] = mode;
+    if mode_required {
+        if let Some(required) = schema["required"].as_array_mut() {
+            required.push(json!("provider_mode"));
+        } else {
+            schema["required"] = json!(["provider_mode"]);
+        }
+    }
 }
 
 /// `POST /agent-work-orders`.
