@@ -26,7 +26,6 @@ use crate::{
     store::{SharedStore, redis::RedisStore, sqlite::SqliteStore},
     telemetry,
     workflows::Catalog,
-    workflows::queues,
 };
 
 #[derive(Debug, Parser)]
@@ -49,8 +48,8 @@ pub enum Command {
     Serve,
     /// Execute runs from the queues.
     Worker {
-        /// Comma-separated queues to take runs from.
-        #[arg(long, value_delimiter = ',', default_values_t = queues::ALL.map(String::from))]
+        /// Comma-separated queues to take runs from (default: every queue of the deployment).
+        #[arg(long, value_delimiter = ',')]
         queues: Vec<String>,
         /// Runs executed at once (default: WORKER_CONCURRENCY).
         #[arg(long)]
@@ -110,7 +109,7 @@ pub enum Command {
     /// Look into the store directly (no API needed): queues, workers, runs, one run, dead runs.
     Inspect {
         #[command(subcommand)]
-        what: Inspect,
+        what: crate::ops::Inspect,
         /// Print JSON instead of a table.
         #[arg(long, global = true)]
         json: bool,
@@ -135,28 +134,6 @@ pub enum Command {
 pub enum Providers {
     /// Report each live provider: key set or not, and whether its API answers with that key.
     Check,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Inspect {
-    /// Runs by queue and status.
-    Queues,
-    /// Live worker processes.
-    Workers,
-    /// Runs, newest first.
-    Runs {
-        #[arg(long)]
-        status: Option<String>,
-        #[arg(long, default_value_t = 20)]
-        limit: u32,
-    },
-    /// One run: its status document and events.
-    Run { run_id: String },
-    /// Failed runs (attempts exhausted or permanent errors), which `retry` re-queues.
-    Dead {
-        #[arg(long, default_value_t = 50)]
-        limit: u32,
-    },
 }
 
 /// Entry point of the binary.
@@ -309,23 +286,6 @@ fn guard_role(config: &Config, role: &Role) -> anyhow::Result<()> {
         if let Err(error) = nix::sys::prctl::set_dumpable(false) {
             tracing::warn!(error = %error, "could not make the process non-dumpable");
         }
-        let orders = match role {
-            Role::Worker { queues, .. } => queues.iter().any(|q| q == queues::WORK_ORDERS),
-            _ => true,
-        };
-        if orders {
-            match crate::awo::tools::agent_isolation(&config.awo) {
-                Err(refusal) => {
-                    tracing::warn!("live work orders will fail on this worker: {refusal}")
-                }
-                Ok(None) => tracing::warn!(
-                    "this worker is not root, so a live coding agent runs as its own user and \
-                     could read what the worker holds; acceptable on a developer's machine only \
-                     (production refuses it: run the worker as root with AWO_AGENT_USER)"
-                ),
-                Ok(Some(_)) => {}
-            }
-        }
     }
     Ok(())
 }
@@ -377,9 +337,7 @@ async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
             queues,
             concurrency,
         } => Some((queues, concurrency, "worker")),
-        Role::Dev { concurrency } => {
-            Some((queues::ALL.map(String::from).to_vec(), concurrency, "dev"))
-        }
+        Role::Dev { concurrency } => Some((Vec::new(), concurrency, "dev")),
     };
     if let Some((queues, concurrency, role_name)) = workers {
         process.spawn_workers(queues, concurrency, role_name, shutdown.clone())?;
@@ -441,11 +399,19 @@ impl Process {
         role_name: &str,
         stop: CancellationToken,
     ) -> anyhow::Result<()> {
-        if let Some(queue) = queues.iter().find(|q| !queues::ALL.contains(&q.as_str())) {
-            anyhow::bail!(
-                "unknown queue {queue:?}; queues are {}",
-                queues::ALL.join(", ")
-            );
+        let known = self.catalog.queues();
+        let queues = if queues.is_empty() {
+            crate::modules::default_queues()
+        } else {
+            queues
+        };
+        if let Some(queue) = queues.iter().find(|q| !known.contains(&q.as_str())) {
+            anyhow::bail!("unknown queue {queue:?}; queues are {}", known.join(", "));
+        }
+        for module in self.modules.iter() {
+            for warning in module.worker_warnings(&queues) {
+                tracing::warn!("{warning}");
+            }
         }
         let config = &self.config;
         let engine = Arc::new(Engine {

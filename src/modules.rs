@@ -17,12 +17,37 @@ pub fn modules(config: &Config) -> Modules {
     ])
 }
 
+/// The queues a worker serves when `--queues` names none, in the order workers report them.
+pub fn default_queues() -> Vec<String> {
+    [
+        crate::studio::workflows::AGENTS_QUEUE,
+        crate::workflows::queues::WORKFLOWS,
+        crate::awo::workflows::WORK_ORDERS_QUEUE,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The catalogue of this deployment: the core's workflows and its tenants'.
 pub fn catalog(modules: &Modules) -> Catalog {
     Catalog::of(modules)
 }
 
 /// The tenants' parts of the HTTP API.
-pub fn apis() -> std::sync::Arc<[std::sync::Arc<dyn crate::tenants::TenantApi>]> {
+pub fn apis() -> std::sync::Arc<[std::sync::Arc<dyn crate::http::TenantApi>]> {
     crate::tenants::apis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_queues_are_every_queue_of_the_catalogue() {
+        let config = Config::from_lookup(|_| None).expect("defaults");
+        let catalog = catalog(&modules(&config));
+        let mut defaults = default_queues();
+        defaults.sort();
+        assert_eq!(defaults, catalog.queues());
+    }
 }

@@ -7,10 +7,32 @@ use anyhow::Context;
 use serde_json::json;
 
 use crate::{
-    cli::Inspect,
     ids::RunId,
     store::{FromStage, ResumeChanges, RunFilter, RunRecord, RunStatus, RunStore},
 };
+
+/// What `stagecraft inspect` shows.
+#[derive(Debug, clap::Subcommand)]
+pub enum Inspect {
+    /// Runs by queue and status.
+    Queues,
+    /// Live worker processes.
+    Workers,
+    /// Runs, newest first.
+    Runs {
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One run: its status document and events.
+    Run { run_id: String },
+    /// Failed runs (attempts exhausted or permanent errors), which `retry` re-queues.
+    Dead {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
 
 fn parse_id(text: &str) -> anyhow::Result<RunId> {
     RunId::parse(text).with_context(|| format!("{text:?} is not a run id"))

@@ -33,7 +33,6 @@ use crate::{
     health::{ToolCheck, ToolStatus},
     module::{Modules, Observers},
     store::SharedStore,
-    tenants::TenantApi,
     workflows::Catalog,
 };
 
@@ -75,6 +74,22 @@ impl AppState {
             artifacts,
             tenants,
         }
+    }
+}
+
+/// A tenant's part of the HTTP API.
+pub trait TenantApi: Send + Sync {
+    /// Its routes, with their OpenAPI paths, tags and component schemas.
+    fn routes(&self) -> OpenApiRouter<AppState>;
+
+    /// Adds what the derived OpenAPI document cannot say (this deployment's limits, event
+    /// stream payloads) to the document served at `/openapi.json`.
+    fn document(
+        &self,
+        _doc: &mut serde_json::Value,
+        _catalog: &Catalog,
+        _default_mode: crate::store::ProviderMode,
+    ) {
     }
 }
 

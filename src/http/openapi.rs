@@ -28,7 +28,7 @@ use crate::{
 
 use std::sync::Arc;
 
-use crate::tenants::TenantApi;
+use super::TenantApi;
 
 const ERROR_BODY: &str = "#/components/schemas/ErrorBody";
 

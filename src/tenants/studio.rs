@@ -11,9 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::TenantApi;
 use crate::http::{
-    ApiError, AppState, ErrorBody, JsonBody,
+    ApiError, AppState, ErrorBody, JsonBody, TenantApi,
     runs::{Family, SubmitRun, submit, wait_until_finished},
 };
 use crate::{

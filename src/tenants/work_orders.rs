@@ -16,9 +16,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use utoipa_axum::{router::OpenApiRouter, routes};
 
-use super::TenantApi;
 use crate::http::{
-    ApiError, AppState, ErrorBody, JsonBody,
+    ApiError, AppState, ErrorBody, JsonBody, TenantApi,
     openapi::{budget_schema, provider_mode_field, with_paths},
     runs::{Family, SubmitRun, submit},
 };

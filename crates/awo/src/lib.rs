@@ -48,6 +48,24 @@ impl Module for WorkOrdersModule {
         "work_orders"
     }
 
+    fn worker_warnings(&self, queues: &[String]) -> Vec<String> {
+        if !queues.iter().any(|q| q == workflows::WORK_ORDERS_QUEUE) {
+            return Vec::new();
+        }
+        match tools::agent_isolation(&self.orders.tools.settings) {
+            Err(refusal) => vec![format!(
+                "live work orders will fail on this worker: {refusal}"
+            )],
+            Ok(None) => vec![
+                "this worker is not root, so a live coding agent runs as its own user and could \
+                 read what the worker holds; acceptable on a developer's machine only \
+                 (production refuses it: run the worker as root with AWO_AGENT_USER)"
+                    .to_owned(),
+            ],
+            Ok(Some(_)) => Vec::new(),
+        }
+    }
+
     /// Adds the work-order workflows to a catalogue.
     fn register(&self, catalog: &mut Catalog) {
         for kind in [

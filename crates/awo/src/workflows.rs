@@ -25,8 +25,11 @@ use stagecraft_core::{
     schema::InputSchema,
     store::ProviderMode,
     store::RunKind,
-    workflows::{InputError, Workflow, parse_inputs, queues},
+    workflows::{InputError, Workflow, parse_inputs},
 };
+
+/// The queue of work orders; `worker --queues work_orders` serves them.
+pub const WORK_ORDERS_QUEUE: &str = "work_orders";
 
 const PLAN_TEMPLATE: &str = include_str!("commands/plan.md");
 const IMPLEMENT_TEMPLATE: &str = include_str!("commands/implement.md");
@@ -614,7 +617,7 @@ impl Workflow for WorkOrderWorkflow {
     }
 
     fn queue(&self) -> &'static str {
-        queues::WORK_ORDERS
+        WORK_ORDERS_QUEUE
     }
 
     fn stages(&self) -> &[Box<dyn Stage>] {

@@ -9,6 +9,8 @@
 //!   `noop` workflows.
 //! - [`module`]: the seam tenants (the studio, agent work orders) plug into: their workflows,
 //!   housekeeping, tool checks, and observers of their runs' changes.
+//! - [`stage`], [`retry`]: what a workflow's stages are (`Stage`, the `StageContext` they run in,
+//!   their errors and outputs) and their retry policy.
 //! - [`engine`]: executes one claimed run stage by stage: leases, retries, checkpoints, cancel.
 //! - [`queue`]: delivers runs to apalis workers and sweeps expired leases and old runs.
 //! - [`status`]: the run status document.
@@ -33,9 +35,11 @@ pub mod module;
 pub mod money;
 pub mod process;
 pub mod queue;
+pub mod retry;
 pub mod schema;
 pub mod secrets;
 pub mod settings;
+pub mod stage;
 pub mod status;
 pub mod store;
 #[cfg(feature = "testing")]

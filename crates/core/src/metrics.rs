@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
 
-use crate::store::{QueueDepth, WorkerInfo};
+use crate::store::{QueueDepth, RunStatus, WorkerInfo};
 
 /// Upper bounds of the stage duration histogram, in seconds.
 const STAGE_BUCKETS: [f64; 12] = [
@@ -219,7 +219,7 @@ pub fn render(counters: &[(String, f64)], depths: &[QueueDepth], workers: &[Work
     let _ = writeln!(out, "# TYPE stagecraft_queue_depth gauge");
     let mut waiting: BTreeMap<&str, u64> = BTreeMap::new();
     for depth in depths {
-        if matches!(depth.status.as_str(), "queued" | "retrying") {
+        if matches!(depth.status, RunStatus::Queued | RunStatus::Retrying) {
             *waiting.entry(depth.queue.as_str()).or_default() += depth.count;
         }
     }

@@ -48,6 +48,12 @@ pub trait Module: Send + Sync {
         Vec::new()
     }
 
+    /// What a worker taking runs from `queues` should be told at start: a tool it lacks, an
+    /// isolation it cannot give.
+    fn worker_warnings(&self, _queues: &[String]) -> Vec<String> {
+        Vec::new()
+    }
+
     /// What the tenant does when one of its runs changes, if anything.
     fn observer(&self) -> Option<Arc<dyn RunObserver>> {
         None
@@ -99,5 +105,16 @@ impl Observers {
         for observer in self.watching(kind, name) {
             observer.changed(change).await;
         }
+    }
+}
+
+impl Catalog {
+    /// The core's own workflows and those of each tenant.
+    pub fn of(modules: &[Arc<dyn Module>]) -> Self {
+        let mut catalog = Self::with_builtins();
+        for module in modules {
+            module.register(&mut catalog);
+        }
+        catalog
     }
 }

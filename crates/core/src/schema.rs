@@ -18,7 +18,13 @@
 
 use serde_json::{Map, Value};
 
-use crate::workflows::InputError;
+/// Inputs that do not fit a workflow, naming the offending field.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct InputError {
+    pub field: String,
+    pub message: String,
+}
 
 /// The keywords [`InputSchema::check`] understands; anything else in a published input schema
 /// is a mistake (see the module invariant).

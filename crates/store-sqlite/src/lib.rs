@@ -4,29 +4,32 @@
 //! the fence check, so two processes can never both believe they own a run, and the checks of
 //! SQLite's single writer keep claims atomic without any row locks.
 
+mod group;
+mod rows;
+
 use std::{collections::HashMap, str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use group::{GroupCommit, WriteTx};
+use rows::{json_text, parse_json, read_run, run_from_row, stage_from_row};
 use serde_json::{Value, json};
 use sqlx::{
-    Row, Sqlite,
+    Row,
     sqlite::{
-        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-        SqliteSynchronous,
+        SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
 };
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::Notify;
 
 use stagecraft_core::{
     clock::{Millis, SharedClock},
-    ids::{FenceToken, RunId, WorkerId},
+    ids::{RunId, WorkerId},
     money::Usd,
     store::{
-        self as core_store, Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, QueueDepth,
-        ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition,
-        RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus,
-        StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, kernel, to_datetime,
+        self as core_store, Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges,
+        ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord,
+        RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord,
+        StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, kernel, to_datetime,
     },
 };
 
@@ -144,293 +147,6 @@ impl SqliteStore {
     }
 }
 
-/// Group commit: the write operations of this process share one SQLite transaction on one
-/// connection, taking turns through a fair async mutex, and the transaction commits when no
-/// further operation is waiting (or after [`MAX_GROUP`] operations). Each operation's
-/// `commit()` returns only once the transaction holding its changes is committed, so a caller
-/// that sees `Ok` has a durable write, as with a transaction of its own; the group pays for one
-/// `BEGIN`/`COMMIT` and one WAL commit instead of one each.
-///
-/// Invariant: one operation's failure never fails another's. Each operation runs inside a
-/// savepoint of the shared transaction: an operation that gives up (`rollback()`: not found, a
-/// conflict, a stale fence) or fails part-way (dropped on an error after some of its writes) has
-/// its own savepoint rolled back, and the rest of the group commits as if it had never run. Only
-/// when SQLite itself cannot undo a savepoint or commit is the whole group rolled back, and every
-/// operation in it gets the error.
-struct GroupCommit {
-    state: Arc<tokio::sync::Mutex<GroupState>>,
-    /// Operations waiting for their turn; the last one of a burst commits.
-    queued: Arc<AtomicUsize>,
-    /// Wakes the flusher, which commits a transaction left open by an operation whose successor
-    /// was cancelled while it waited, or undoes an operation dropped part-way.
-    flush: Arc<Notify>,
-}
-
-impl std::fmt::Debug for GroupCommit {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("GroupCommit")
-            .field("queued", &self.queued)
-            .finish()
-    }
-}
-
-/// Most operations in one transaction.
-const MAX_GROUP: usize = 64;
-
-struct GroupState {
-    conn: Option<sqlx::pool::PoolConnection<Sqlite>>,
-    pool: SqlitePool,
-    open: bool,
-    /// Operations in the open transaction, waiting for its outcome.
-    waiters: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
-    /// The last operation ended part-way: its savepoint is still open and must be rolled back
-    /// before anything else runs.
-    undo: bool,
-    /// The transaction cannot be trusted any more: roll everything back.
-    poisoned: bool,
-}
-
-impl GroupState {
-    async fn connection(&mut self) -> StoreResult<&mut sqlx::SqliteConnection> {
-        if self.conn.is_none() {
-            self.conn = Some(self.pool.acquire().await.db()?);
-        }
-        match self.conn.as_mut() {
-            Some(conn) => Ok(&mut **conn),
-            None => Err(StoreError::Unavailable("no connection".to_owned())),
-        }
-    }
-
-    /// Runs a statement of the group's own bookkeeping; a failure poisons the transaction.
-    async fn control(&mut self, statement: &'static str) -> bool {
-        let done = match self.connection().await {
-            Ok(conn) => sqlx::raw_sql(statement).execute(conn).await.is_ok(),
-            Err(_) => false,
-        };
-        if !done {
-            self.poisoned = true;
-        }
-        done
-    }
-
-    /// Rolls back the savepoint of an operation that ended part-way, if there is one.
-    async fn undo_pending(&mut self) {
-        if self.undo {
-            if self.open {
-                self.control("ROLLBACK TO op; RELEASE op").await;
-            }
-            // Cleared only once done: an interrupted rollback is tried again.
-            self.undo = false;
-        }
-    }
-
-    /// Ends the open transaction (commit, or rollback when poisoned) and tells every waiter.
-    async fn finish(&mut self) {
-        self.undo_pending().await;
-        if !self.open {
-            self.poisoned = false;
-            return;
-        }
-        let statement = if self.poisoned { "ROLLBACK" } else { "COMMIT" };
-        let outcome = match self.connection().await {
-            Ok(conn) => sqlx::raw_sql(statement)
-                .execute(conn)
-                .await
-                .map(|_| ())
-                .map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
-        let outcome = match (self.poisoned, outcome) {
-            (true, _) => Err("the store could not keep this write apart from a failed one; nothing of the group was written".to_owned()),
-            (false, outcome) => outcome,
-        };
-        if outcome.is_err() {
-            // The connection's state is unknown (a failed COMMIT may leave its transaction
-            // open, holding the write lock): close it rather than return it to the pool, and
-            // start over with a fresh one.
-            if let Some(conn) = self.conn.take() {
-                let _ = conn.close().await;
-            }
-        }
-        for waiter in self.waiters.drain(..) {
-            let _ = waiter.send(outcome.clone());
-        }
-        self.open = false;
-        self.poisoned = false;
-    }
-}
-
-impl GroupCommit {
-    async fn start(pool: SqlitePool) -> StoreResult<Arc<Self>> {
-        let writes = Arc::new(Self {
-            state: Arc::new(tokio::sync::Mutex::new(GroupState {
-                conn: None,
-                pool,
-                open: false,
-                waiters: Vec::new(),
-                undo: false,
-                poisoned: false,
-            })),
-            queued: Arc::new(AtomicUsize::new(0)),
-            flush: Arc::new(Notify::new()),
-        });
-        let state = Arc::downgrade(&writes.state);
-        let flush = writes.flush.clone();
-        tokio::spawn(async move {
-            loop {
-                flush.notified().await;
-                let Some(state) = state.upgrade() else { return };
-                // Behind every operation already queued (the mutex is fair).
-                let mut state = state.lock().await;
-                if state.open {
-                    state.finish().await;
-                }
-            }
-        });
-        Ok(writes)
-    }
-
-    async fn begin(&self) -> StoreResult<WriteTx> {
-        struct Queued<'a>(&'a AtomicUsize);
-        impl Drop for Queued<'_> {
-            fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
-            }
-        }
-        self.queued.fetch_add(1, Ordering::SeqCst);
-        let guard = {
-            let _queued = Queued(&self.queued);
-            self.state.clone().lock_owned().await
-        };
-        let mut tx = WriteTx {
-            guard: Some(guard),
-            queued: self.queued.clone(),
-            flush: self.flush.clone(),
-            savepoint: false,
-        };
-        let state = tx.state();
-        state.undo_pending().await;
-        if state.poisoned {
-            state.finish().await;
-        }
-        if !state.open {
-            let conn = state.connection().await?;
-            if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
-                state.conn = None;
-                return Err(store_error(error));
-            }
-            state.open = true;
-        }
-        if !state.control("SAVEPOINT op").await {
-            return Err(StoreError::Unavailable(
-                "the store could not open a savepoint".to_owned(),
-            ));
-        }
-        tx.savepoint = true;
-        Ok(tx)
-    }
-}
-
-/// One operation's turn in the shared write transaction, inside its own savepoint.
-struct WriteTx {
-    guard: Option<tokio::sync::OwnedMutexGuard<GroupState>>,
-    /// Operations waiting for their turn after this one.
-    queued: Arc<AtomicUsize>,
-    flush: Arc<Notify>,
-    /// This operation's savepoint is open (dropping the turn then undoes its changes).
-    savepoint: bool,
-}
-
-impl WriteTx {
-    fn state(&mut self) -> &mut GroupState {
-        self.guard
-            .as_mut()
-            .expect("a write transaction holds its turn until it ends")
-    }
-
-    fn others_waiting(&self) -> bool {
-        self.queued.load(Ordering::SeqCst) > 0
-    }
-
-    /// Commits this operation's changes: now if nobody else is waiting, otherwise together with
-    /// the operations that follow. Returns once they are durable.
-    async fn commit(mut self) -> Result<(), sqlx::Error> {
-        self.savepoint = false;
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        let waiting = self.others_waiting();
-        let state = self.state();
-        state.control("RELEASE op").await;
-        state.waiters.push(sender);
-        if !waiting || state.waiters.len() >= MAX_GROUP {
-            state.finish().await;
-        } else {
-            self.flush.notify_one();
-        }
-        drop(self.guard.take());
-        match receiver.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(sqlx::Error::Protocol(message)),
-            Err(_) => Err(sqlx::Error::Protocol(
-                "the write transaction was abandoned".to_owned(),
-            )),
-        }
-    }
-
-    /// Ends a turn whose fenced first statement matched nothing: the lease is not current.
-    async fn refuse(self, lease: &Lease) -> StoreError {
-        // Only this operation's savepoint is undone; the group goes on.
-        let _ = self.rollback().await;
-        StoreError::FenceRejected {
-            run_id: lease.run_id,
-            fence: lease.fence,
-        }
-    }
-
-    /// Gives up this operation: its own changes (if any) are undone, the group's are kept.
-    async fn rollback(mut self) -> Result<(), sqlx::Error> {
-        self.savepoint = false;
-        let state = self.state();
-        state.control("ROLLBACK TO op; RELEASE op").await;
-        if state.waiters.is_empty() && state.open {
-            state.finish().await;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for WriteTx {
-    fn drop(&mut self) {
-        if let Some(mut guard) = self.guard.take() {
-            if self.savepoint {
-                // Ended part-way: whatever it changed is undone before the next operation.
-                guard.undo = true;
-            }
-            if guard.open {
-                self.flush.notify_one();
-            }
-        }
-    }
-}
-
-impl std::ops::Deref for WriteTx {
-    type Target = sqlx::SqliteConnection;
-    fn deref(&self) -> &Self::Target {
-        self.guard
-            .as_ref()
-            .and_then(|g| g.conn.as_deref())
-            .expect("an open write transaction has a connection")
-    }
-}
-
-impl std::ops::DerefMut for WriteTx {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        self.guard
-            .as_mut()
-            .and_then(|g| g.conn.as_deref_mut())
-            .expect("an open write transaction has a connection")
-    }
-}
-
 /// Appends one of the kernel's events; `stage` is the name of the stage the change is about,
 /// which the event names when it is on that stage.
 async fn insert_event(
@@ -450,47 +166,6 @@ async fn insert_event(
         .await
         .db()?;
     Ok(())
-}
-
-fn json_text(value: &impl serde::Serialize) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
-}
-
-fn parse_json<T: serde::de::DeserializeOwned>(
-    text: Option<String>,
-    what: &str,
-) -> StoreResult<Option<T>> {
-    match text {
-        None => Ok(None),
-        Some(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| StoreError::Corrupt(format!("{what}: {e}"))),
-    }
-}
-
-/// A run with its stages and the sequence number of its last event, read on `conn` (a read
-/// transaction, or a write transaction that may hold it uncommitted).
-async fn read_run(conn: &mut sqlx::SqliteConnection, id: RunId) -> StoreResult<Option<RunRecord>> {
-    let row = sqlx::query(
-        "SELECT *, (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = runs.id) AS event_seq \
-         FROM runs WHERE id = ?",
-    )
-    .bind(id.to_string())
-    .fetch_optional(&mut *conn)
-    .await.db()?;
-    let Some(row) = row else { return Ok(None) };
-    let mut run = run_from_row(&row)?;
-    run.event_seq = row.try_get("event_seq").db()?;
-    let stages = sqlx::query("SELECT * FROM stages WHERE run_id = ? ORDER BY idx")
-        .bind(id.to_string())
-        .fetch_all(&mut *conn)
-        .await
-        .db()?;
-    run.stages = stages
-        .iter()
-        .map(stage_from_row)
-        .collect::<StoreResult<_>>()?;
-    Ok(Some(run))
 }
 
 /// The `run_started` events of runs just claimed, in one statement.
@@ -518,82 +193,6 @@ async fn record_run_started(
     .await
     .db()?;
     Ok(())
-}
-
-fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
-    let id: String = row.try_get("id").db()?;
-    let kind: String = row.try_get("kind").db()?;
-    let status: String = row.try_get("status").db()?;
-    let mode: String = row.try_get("provider_mode").db()?;
-    Ok(RunRecord {
-        id: RunId::parse(&id).ok_or_else(|| StoreError::Corrupt(format!("run id {id}")))?,
-        kind: RunKind::parse(&kind)
-            .ok_or_else(|| StoreError::Corrupt(format!("run kind {kind}")))?,
-        name: row.try_get("name").db()?,
-        queue: row.try_get("queue").db()?,
-        inputs: parse_json(Some(row.try_get("inputs").db()?), "inputs")?.unwrap_or(Value::Null),
-        status: RunStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?,
-        provider_mode: ProviderMode::parse(&mode)
-            .ok_or_else(|| StoreError::Corrupt(format!("provider mode {mode}")))?,
-        budget_usd: row
-            .try_get::<Option<i64>, _>("budget_micros")
-            .db()?
-            .map(Usd::from_micros),
-        cost_usd: Usd::from_micros(row.try_get("cost_micros").db()?),
-        current_stage: row.try_get("current_stage").db()?,
-        result: parse_json(row.try_get("result").db()?, "result")?,
-        error: parse_json(row.try_get("error").db()?, "error")?,
-        worker: row.try_get("worker").db()?,
-        fence: FenceToken(row.try_get("fence").db()?),
-        cancel_requested: row.try_get::<i64, _>("cancel_requested").db()? != 0,
-        created_at: to_datetime(row.try_get("created_at").db()?),
-        updated_at: to_datetime(row.try_get("updated_at").db()?),
-        finished_at: row
-            .try_get::<Option<i64>, _>("finished_at")
-            .db()?
-            .map(to_datetime),
-        reuse: row.try_get::<i64, _>("reuse").db()? != 0,
-        stages: Vec::new(),
-        event_seq: 0,
-    })
-}
-
-fn stage_from_row(row: &SqliteRow) -> StoreResult<StageRecord> {
-    let status: String = row.try_get("status").db()?;
-    let done: Option<i64> = row.try_get("progress_done").db()?;
-    let total: Option<i64> = row.try_get("progress_total").db()?;
-    Ok(StageRecord {
-        name: row.try_get("name").db()?,
-        status: StageStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("stage status {status}")))?,
-        attempts: row.try_get::<i64, _>("attempts").db()? as u32,
-        started_at: row
-            .try_get::<Option<i64>, _>("started_at")
-            .db()?
-            .map(to_datetime),
-        finished_at: row
-            .try_get::<Option<i64>, _>("finished_at")
-            .db()?
-            .map(to_datetime),
-        cost_usd: Usd::from_micros(row.try_get("cost_micros").db()?),
-        artifacts: parse_json(Some(row.try_get("artifacts").db()?), "artifacts")?
-            .unwrap_or_default(),
-        output: parse_json(row.try_get("output").db()?, "output")?,
-        error: parse_json(row.try_get("error").db()?, "error")?,
-        progress: match (done, total) {
-            (Some(done), Some(total)) => Some(Progress {
-                done: done as u32,
-                total: total as u32,
-            }),
-            _ => None,
-        },
-        next_attempt_at: row
-            .try_get::<Option<i64>, _>("next_attempt_at")
-            .db()?
-            .map(to_datetime),
-        reused_from: row.try_get("reused_from").db()?,
-    })
 }
 
 /// Resets stages from `from` on to pending for a resume. With `keep_steps`, stage `from` keeps
@@ -1641,7 +1240,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use stagecraft_core::clock::SystemClock;
+    use stagecraft_core::{clock::SystemClock, ids::FenceToken, store::ProviderMode};
 
     async fn store(dir: &tempfile::TempDir) -> SqliteStore {
         let url = sqlite_url_for(&dir.path().join("s.db"));

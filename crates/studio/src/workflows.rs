@@ -668,6 +668,9 @@ impl Stage for AgentStage {
 // ----------------------------------------------------------------------------------------------
 // Workflows
 
+/// The queue of one-agent runs.
+pub const AGENTS_QUEUE: &str = "agents";
+
 /// The studio's multi-stage workflows (each keeps `metadata.json`).
 pub const WORKFLOWS: &[&str] = &["full_production", "pilot_only", "audio_only"];
 
@@ -742,7 +745,7 @@ impl StudioWorkflow {
             kind: RunKind::Agent,
             name: agent.name(),
             description: agent.description(),
-            queue: queues::AGENTS,
+            queue: AGENTS_QUEUE,
             stages: vec![Box::new(AgentStage {
                 studio: studio.clone(),
                 agent,

@@ -6,9 +6,6 @@
 //! releases the run, so a crash during the backoff loses nothing and holds no worker slot.
 //! Invariant: the engine stops touching a run the moment the store refuses its fencing token.
 
-mod retry;
-mod stage;
-
 use std::{
     collections::{BTreeMap, HashMap},
     ops::ControlFlow,
@@ -16,9 +13,11 @@ use std::{
     time::Duration,
 };
 
+pub use crate::{
+    retry::RetryPolicy,
+    stage::{Stage, StageContext, StageError, StageOutput, StepDone},
+};
 use futures::FutureExt;
-pub use retry::RetryPolicy;
-pub use stage::{Stage, StageContext, StageError, StageOutput, StepDone};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 

@@ -25,9 +25,9 @@ use serde_json::{Value, json};
 
 use super::{InputError, Workflow, parse_inputs, queues};
 use crate::{
-    engine::{Stage, StageContext, StageError, StageOutput},
     money::Usd,
     schema::InputSchema,
+    stage::{Stage, StageContext, StageError, StageOutput},
     store::RunKind,
 };
 

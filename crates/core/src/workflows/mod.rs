@@ -11,23 +11,16 @@ use std::{collections::BTreeMap, sync::Arc};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{engine::Stage, schema::InputSchema, store::RunKind};
+use crate::{schema::InputSchema, stage::Stage, store::RunKind};
 
-/// Queue names. Workers subscribe to these with `--queues`.
+/// The core's queue name. Every workflow names its queue (tenants name their own); a process's
+/// queues are those of its catalogue ([`Catalog::queues`]), and workers subscribe to some of them
+/// with `--queues`.
 pub mod queues {
-    pub const AGENTS: &str = "agents";
     pub const WORKFLOWS: &str = "workflows";
-    pub const WORK_ORDERS: &str = "work_orders";
-    pub const ALL: [&str; 3] = [AGENTS, WORKFLOWS, WORK_ORDERS];
 }
 
-/// Inputs that do not fit a workflow, naming the offending field.
-#[derive(Debug, Clone, thiserror::Error)]
-#[error("{field}: {message}")]
-pub struct InputError {
-    pub field: String,
-    pub message: String,
-}
+pub use crate::schema::InputError;
 
 /// Parses inputs into a typed struct, naming the field that does not fit.
 pub fn parse_inputs<T: DeserializeOwned>(inputs: &Value) -> Result<T, InputError> {
@@ -99,14 +92,11 @@ pub struct Catalog {
 }
 
 impl Catalog {
-    /// The core's own workflows (`demo`, `noop`) and those of each tenant.
-    pub fn of(modules: &[Arc<dyn crate::module::Module>]) -> Self {
+    /// The core's own workflows: `demo` and `noop`.
+    pub fn with_builtins() -> Self {
         let mut catalog = Self::default();
         catalog.add(Arc::new(demo::Demo::new()));
         catalog.add(Arc::new(noop::Noop::new()));
-        for module in modules {
-            module.register(&mut catalog);
-        }
         catalog
     }
 
@@ -125,6 +115,14 @@ impl Catalog {
     /// Every workflow, by kind and name.
     pub fn all(&self) -> impl Iterator<Item = &Arc<dyn Workflow>> {
         self.workflows.values()
+    }
+
+    /// The queues of the catalogue's workflows, sorted, each once.
+    pub fn queues(&self) -> Vec<&'static str> {
+        let mut queues: Vec<&'static str> = self.workflows.values().map(|w| w.queue()).collect();
+        queues.sort_unstable();
+        queues.dedup();
+        queues
     }
 
     pub fn of_kind(&self, kind: RunKind) -> impl Iterator<Item = &Arc<dyn Workflow>> {

@@ -6,8 +6,8 @@ use serde_json::json;
 
 use super::{Workflow, queues};
 use crate::{
-    engine::{Stage, StageContext, StageError, StageOutput},
     schema::InputSchema,
+    stage::{Stage, StageContext, StageError, StageOutput},
     store::RunKind,
 };
 

@@ -7,7 +7,7 @@ use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use super::RetryPolicy;
+use crate::retry::RetryPolicy;
 use crate::{
     artifacts::{ArtifactError, ArtifactStore},
     ids::RunId,
@@ -110,20 +110,20 @@ pub struct StageContext {
     pub previous: BTreeMap<String, Value>,
     /// Fired when the run is cancelled; long work should stop at the next chance.
     pub cancel: CancellationToken,
-    pub(super) store: SharedStore,
-    pub(super) lease: Lease,
-    pub(super) artifacts: ArtifactStore,
-    pub(super) memo: HashMap<String, StepRecord>,
-    pub(super) step_total: u32,
-    pub(super) written: Vec<String>,
+    pub(crate) store: SharedStore,
+    pub(crate) lease: Lease,
+    pub(crate) artifacts: ArtifactStore,
+    pub(crate) memo: HashMap<String, StepRecord>,
+    pub(crate) step_total: u32,
+    pub(crate) written: Vec<String>,
     /// Cost of the steps this attempt completed (already added to the run's ledger).
-    pub(super) new_step_cost_usd: Usd,
+    pub(crate) new_step_cost_usd: Usd,
     /// The run's budget, if it has one.
     pub budget_usd: Option<Usd>,
     /// What the run had spent when this attempt started, memoised steps included.
-    pub(super) spent_before_usd: Usd,
+    pub(crate) spent_before_usd: Usd,
     /// Hides secrets in step outputs before they are stored.
-    pub(super) scrubber: crate::secrets::Scrubber,
+    pub(crate) scrubber: crate::secrets::Scrubber,
 }
 
 /// What a step's work hands back: its output, what it cost and the files it wrote.
