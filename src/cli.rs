@@ -1,5 +1,5 @@
 //! The `stagecraft` command: process roles (`serve`, `worker`, `dev`, `migrate`) and client
-//! commands that talk to the API (`submit`, `status`, `runs`, `cancel`, `resume`).
+//! commands that talk to the API (`submit`, `status`, `runs`, `cancel`, `resume`, `watch`).
 
 use std::{sync::Arc, time::Duration};
 
@@ -24,7 +24,7 @@ use crate::{
     queue::{self, ClaimSettings},
     shutdown,
     store::{SharedStore, redis::RedisStore, sqlite::SqliteStore},
-    telemetry,
+    telemetry, watch,
     workflows::Catalog,
 };
 
@@ -86,6 +86,20 @@ pub enum Command {
         /// Wait until the run finishes and print its final status.
         #[arg(long)]
         wait: bool,
+        /// Follow the run live (as `watch` does) and exit with its outcome.
+        #[arg(long, conflicts_with = "wait")]
+        follow: bool,
+        /// With --follow: print the run's events as JSON lines.
+        #[arg(long, requires = "follow")]
+        json: bool,
+    },
+    /// Follow a run live until it finishes: exits 0 when it completed, 1 when it failed, 2 when
+    /// it was cancelled, 130 when detached with Ctrl-C, 3 on an error.
+    Watch {
+        run_id: String,
+        /// Print the run's events as JSON lines.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a run's status document.
     Status { run_id: String },
@@ -455,6 +469,8 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
             provider_mode,
             idempotency_key,
             wait,
+            follow,
+            json,
         } => {
             let inputs: Value =
                 serde_json::from_str(&inputs).context("--inputs is not valid JSON")?;
@@ -472,12 +488,19 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
             let (_, run) = client
                 .call(reqwest::Method::POST, "/runs", Some(&body), &headers)
                 .await?;
+            let id = run["run_id"].as_str().unwrap_or_default().to_owned();
+            if follow {
+                exit_after_watching(client, &id, json).await;
+            }
             if wait {
-                let id = run["run_id"].as_str().unwrap_or_default().to_owned();
                 wait_for(client, &id).await?
             } else {
                 run
             }
+        }
+        Command::Watch { run_id, json } => {
+            watch::check_run_id(&run_id)?;
+            exit_after_watching(client, &run_id, json).await
         }
         Command::Status { run_id } => client.get(&format!("/runs/{run_id}")).await?,
         Command::Health => client.get("/health").await?,
@@ -518,6 +541,19 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&printed)?);
     Ok(())
+}
+
+/// Follows the run, then ends the process with the status that says how the run ended.
+async fn exit_after_watching(client: &Client, run_id: &str, json: bool) -> ! {
+    let code = match watch::watch(client, run_id, watch::Mode::pick(json)).await {
+        Ok(end) => end.exit_code(),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            watch::ERROR_EXIT
+        }
+    };
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    std::process::exit(code)
 }
 
 async fn wait_for(client: &Client, run_id: &str) -> anyhow::Result<Value> {

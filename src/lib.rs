@@ -19,7 +19,7 @@
 //! - [`http`]: the axum API core (runs, artifacts, ops), its errors and its OpenAPI document.
 //! - [`tenants`]: the tenants' routes (`/agents`, `/agent-work-orders`) behind one interface.
 //! - [`cli`], [`client`], [`ops`]: the `stagecraft` command, its HTTP client, and the operator
-//!   commands that read the store directly.
+//!   commands that read the store directly; [`watch`]: a run followed live in the terminal.
 //! - [`telemetry`], [`shutdown`]: process plumbing.
 
 pub use stagecraft_awo as awo;
@@ -45,3 +45,4 @@ pub mod ops;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tenants;
+pub mod watch;

@@ -220,7 +220,7 @@ async fn submit_run(
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(RunDoc::full(run))).into_response())
+    Ok((status, Json(run_doc(&state, run))).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -334,7 +334,20 @@ async fn get_run(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::full(load_run(&state, &id).await?)))
+    Ok(Json(run_doc(&state, load_run(&state, &id).await?)))
+}
+
+/// The whole status document of a run, each stage with the attempts its retry policy allows.
+pub(crate) fn run_doc(state: &AppState, run: RunRecord) -> RunDoc {
+    let workflow = state.catalog.get(run.kind, &run.name);
+    let mut doc = RunDoc::full(run);
+    if let (Some(workflow), Some(stages)) = (workflow, doc.stages.as_mut()) {
+        for (doc, stage) in stages.iter_mut().zip(workflow.stages()) {
+            let policy = stage.retry_policy().unwrap_or(state.config.default_retry);
+            doc.max_attempts = Some(policy.max_attempts);
+        }
+    }
+    doc
 }
 
 /// Server-Sent Events of a run's progress, from the start (or after `Last-Event-ID`); the stream
@@ -436,7 +449,7 @@ async fn cancel_run(
     let id = parse_run_id(&id)?;
     let run = state.store.request_cancel(id).await?;
     observe(&state, &run).await;
-    Ok(Json(RunDoc::full(run)))
+    Ok(Json(run_doc(&state, run)))
 }
 
 /// Tells the tenants' observers of a change the API made (cancel, resume).
@@ -566,7 +579,8 @@ async fn resume_run(
     Path(id): Path<String>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::full(
+    Ok(Json(run_doc(
+        &state,
         resume(&state, &id, request, None).await?,
     )))
 }
@@ -710,7 +724,7 @@ async fn workflow_status(
     State(state): State<AppState>,
     Path(run_id): Path<String>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::full(load_run(&state, &run_id).await?)))
+    Ok(Json(run_doc(&state, load_run(&state, &run_id).await?)))
 }
 
 /// Resumes a workflow run from `from_stage` (default `auto`).
@@ -723,7 +737,8 @@ async fn resume_workflow(
     Path((name, run_id)): Path<(String, String)>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
-    Ok(Json(RunDoc::full(
+    Ok(Json(run_doc(
+        &state,
         resume(&state, &run_id, request, Some(&name)).await?,
     )))
 }

@@ -11,4 +11,5 @@ mod redis_scale;
 mod security;
 mod studio;
 mod support;
+mod watch;
 mod work_orders;

@@ -15,6 +15,9 @@ pub struct StageDoc {
     pub name: String,
     pub status: StageStatus,
     pub attempts: u32,
+    /// Attempts the stage may take before the run fails (its retry policy), where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
     pub started_at: Option<DateTime<Utc>>,
     pub finished_at: Option<DateTime<Utc>>,
     #[schema(value_type = f64)]
@@ -92,6 +95,7 @@ impl RunDoc {
                     name: s.name,
                     status: s.status,
                     attempts: s.attempts,
+                    max_attempts: None,
                     started_at: s.started_at,
                     finished_at: s.finished_at,
                     cost_usd: s.cost_usd,
