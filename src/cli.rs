@@ -156,9 +156,8 @@ pub fn main() -> anyhow::Result<()> {
     let config = Config::from_env()?;
     let runtime = match &cli.command {
         // A worker's stages wait on I/O (providers, subprocesses, the store), so one thread
-        // serves its whole concurrency, and runs reach every core through more processes. On a
-        // multi-threaded runtime each run's futures hop between threads and wake each other up
-        // across them, which costs a short run more than its own work.
+        // serves its whole concurrency, and runs reach every core through more processes; on
+        // one thread a run's futures never hop between threads or wake each other across them.
         Command::Worker { threads, .. } => match threads.unwrap_or(config.worker_threads).max(1) {
             1 => tokio::runtime::Builder::new_current_thread(),
             threads => {
@@ -472,15 +471,7 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
             follow,
             json,
         } => {
-            let inputs: Value =
-                serde_json::from_str(&inputs).context("--inputs is not valid JSON")?;
-            let mut body = json!({"kind": kind, "name": name, "inputs": inputs});
-            if let Some(budget) = budget_usd {
-                body["budget_usd"] = json!(budget);
-            }
-            if let Some(mode) = provider_mode {
-                body["provider_mode"] = json!(mode);
-            }
+            let body = submission(&kind, &name, &inputs, budget_usd, provider_mode)?;
             let headers: Vec<(&str, String)> = idempotency_key
                 .map(|k| ("idempotency-key", k))
                 .into_iter()
@@ -541,6 +532,25 @@ async fn run_client(client: &Client, command: Command) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string_pretty(&printed)?);
     Ok(())
+}
+
+/// The body of `POST /runs` for `stagecraft submit`.
+fn submission(
+    kind: &str,
+    name: &str,
+    inputs: &str,
+    budget_usd: Option<f64>,
+    provider_mode: Option<String>,
+) -> anyhow::Result<Value> {
+    let inputs: Value = serde_json::from_str(inputs).context("--inputs is not valid JSON")?;
+    let mut body = json!({"kind": kind, "name": name, "inputs": inputs});
+    if let Some(budget) = budget_usd {
+        body["budget_usd"] = json!(budget);
+    }
+    if let Some(mode) = provider_mode {
+        body["provider_mode"] = json!(mode);
+    }
+    Ok(body)
 }
 
 /// Follows the run, then ends the process with the status that says how the run ended.

@@ -530,14 +530,11 @@ pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &
         .expect("commit first");
     let second = store.start_stage(&claimed.lease, 1).await.expect("start");
     assert_eq!(second, 1);
+    let failed = StageOutcome::Fail {
+        error: error("broken"),
+    };
     store
-        .end_attempt(
-            &claimed.lease,
-            1,
-            StageOutcome::Fail {
-                error: error("broken"),
-            },
-        )
+        .end_attempt(&claimed.lease, 1, failed)
         .await
         .expect("fail");
     assert!(matches!(

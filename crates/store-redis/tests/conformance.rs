@@ -92,27 +92,40 @@ fn noop_run(queue: &str) -> NewRun {
     }
 }
 
-/// The claim starts a run's first open stage itself (one round trip less per run), unseen by
-/// the engine: starting it answers the claim's attempt without another write, a second start
-/// is a new attempt, giving it back unrun takes the attempt back, and runs the worker must
-/// check first (a budget) are claimed without a start.
+// The claim starts a run's first open stage itself (one round trip less per run), unseen by the
+// engine: the cases below pin down what that must never change.
+
+const TTL: Duration = Duration::from_secs(30);
+
+fn worker() -> WorkerId {
+    WorkerId::from("w-1".to_owned())
+}
+
+fn kinds(events: &[stagecraft_core::store::RunEvent]) -> Vec<&'static str> {
+    events.iter().map(|e| e.kind.as_str()).collect()
+}
+
+/// A fresh store with one run inserted on its own queue: the store, the run and its queue.
+async fn one_run(budget: Option<Usd>) -> (SharedStore, RunId, [String; 1]) {
+    let store: SharedStore = open().await.store;
+    let queues = ["only".to_owned()];
+    let run = NewRun {
+        budget_usd: budget,
+        ..noop_run(&queues[0])
+    };
+    let id = store.insert_run(run).await.expect("insert").0.id;
+    (store, id, queues)
+}
+
+/// Starting the stage the claim started answers its attempt without another write, and only to
+/// the lease holder; a second start is a new attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_starts_the_first_open_stage_exactly_once() {
-    let store: SharedStore = open().await.store;
-    let queues = ["first".to_owned()];
-    let worker = WorkerId::from("w-1".to_owned());
-    let ttl = Duration::from_secs(30);
-    let kinds = |events: &[stagecraft_core::store::RunEvent]| {
-        events.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>()
-    };
-
-    let id = store
-        .insert_run(noop_run(&queues[0]))
+    let (store, id, queues) = one_run(None).await;
+    let claimed = store
+        .claim(&queues, &worker(), TTL, 4)
         .await
-        .expect("insert")
-        .0
-        .id;
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+        .expect("claim");
     assert_eq!(claimed.len(), 1);
     assert!(!claimed[0].recovered);
     assert_eq!(claimed[0].run.stages[0].status, StageStatus::Running);
@@ -132,18 +145,19 @@ async fn a_claim_starts_the_first_open_stage_exactly_once() {
         ["run_queued", "run_started", "stage_started"]
     );
     assert_eq!(store.start_stage(&lease, 0).await.expect("start"), 2);
+}
 
-    // Given back unrun, the claim's attempt is taken back.
-    let queues = ["given-back".to_owned()];
-    let id = store
-        .insert_run(noop_run(&queues[0]))
+/// Given back unrun, the claim's attempt is taken back; abandoned after it ran, it counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stage_given_back_unrun_has_its_attempt_taken_back() {
+    let (store, id, queues) = one_run(None).await;
+    let claimed = store
+        .claim(&queues, &worker(), TTL, 4)
         .await
-        .expect("insert")
-        .0
-        .id;
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+        .expect("claim");
+    let give_back = StageOutcome::Abandoned;
     store
-        .end_attempt(&claimed[0].lease, 0, StageOutcome::Abandoned)
+        .end_attempt(&claimed[0].lease, 0, give_back)
         .await
         .expect("give back");
     let run = store.get_run(id).await.expect("get").expect("run");
@@ -151,71 +165,53 @@ async fn a_claim_starts_the_first_open_stage_exactly_once() {
     assert_eq!(run.stages[0].status, StageStatus::Pending);
     assert_eq!(run.stages[0].attempts, 0);
     assert_eq!(run.stages[0].started_at, None);
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+    let claimed = store
+        .claim(&queues, &worker(), TTL, 4)
+        .await
+        .expect("claim");
     assert_eq!(claimed[0].run.stages[0].attempts, 1);
     assert!(claimed[0].lease.fence.0 > 1);
-    // Abandoned after it ran, the attempt counts.
-    assert_eq!(
-        store
-            .start_stage(&claimed[0].lease, 0)
-            .await
-            .expect("start"),
-        1
-    );
-    store
-        .end_attempt(&claimed[0].lease, 0, StageOutcome::Abandoned)
-        .await
-        .expect("abandon");
+    let lease = &claimed[0].lease;
+    assert_eq!(store.start_stage(lease, 0).await.expect("start"), 1);
+    let abandon = StageOutcome::Abandoned;
+    store.end_attempt(lease, 0, abandon).await.expect("abandon");
     let run = store.get_run(id).await.expect("get").expect("run");
     assert_eq!(run.stages[0].attempts, 1);
+}
 
-    // A run whose lease expired mid-stage is recovered, and its next attempt counted.
-    let queues = ["expired".to_owned()];
-    let id = store
-        .insert_run(noop_run(&queues[0]))
-        .await
-        .expect("insert")
-        .0
-        .id;
+/// A run whose lease expired mid-stage is recovered, and its next attempt counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_claim_is_recovered_with_its_next_attempt() {
+    let (store, id, queues) = one_run(None).await;
     let short = Duration::from_millis(50);
     store
-        .claim(&queues, &worker, short, 4)
+        .claim(&queues, &worker(), short, 4)
         .await
         .expect("claim");
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(store.sweep_expired_leases().await.expect("sweep"), [id]);
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
-    assert!(claimed[0].recovered);
-    assert_eq!(
-        store
-            .start_stage(&claimed[0].lease, 0)
-            .await
-            .expect("start"),
-        2
-    );
-
-    // A run with a budget is checked by the worker before its stage starts.
-    let queues = ["budget".to_owned()];
-    let budget = Some(Usd::from_micros(1_000_000));
-    let id = store
-        .insert_run(NewRun {
-            budget_usd: budget,
-            ..noop_run(&queues[0])
-        })
+    let claimed = store
+        .claim(&queues, &worker(), TTL, 4)
         .await
-        .expect("insert")
-        .0
-        .id;
-    let claimed = store.claim(&queues, &worker, ttl, 4).await.expect("claim");
+        .expect("claim");
+    assert!(claimed[0].recovered);
+    let lease = &claimed[0].lease;
+    assert_eq!(store.start_stage(lease, 0).await.expect("start"), 2);
+}
+
+/// A run with a budget is checked by the worker before its stage starts: no start in the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_with_a_budget_is_claimed_without_a_start() {
+    let budget = Some(Usd::from_micros(1_000_000));
+    let (store, id, queues) = one_run(budget).await;
+    let claimed = store
+        .claim(&queues, &worker(), TTL, 4)
+        .await
+        .expect("claim");
     assert_eq!(claimed[0].run.stages[0].status, StageStatus::Pending);
     assert_eq!(claimed[0].run.budget_usd, budget);
-    assert_eq!(
-        store
-            .start_stage(&claimed[0].lease, 0)
-            .await
-            .expect("start"),
-        1
-    );
+    let lease = &claimed[0].lease;
+    assert_eq!(store.start_stage(lease, 0).await.expect("start"), 1);
     let events = store.events_after(id, 0, 100).await.expect("events");
     assert_eq!(
         kinds(&events),
