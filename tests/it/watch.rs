@@ -34,7 +34,7 @@ fn stdout(output: &Output) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watch_follows_runs_to_their_end_and_exits_with_their_outcome() {
+async fn watch_prints_each_event_piped_or_as_json_and_exits_zero_for_a_completed_run() {
     let app = TestApp::started(Backend::Sqlite);
     let url = app.base_url.clone();
 
@@ -72,6 +72,12 @@ async fn watch_follows_runs_to_their_end_and_exits_with_their_outcome() {
         .collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     assert_eq!(events.last().expect("events")["kind"], "run_completed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_exits_with_the_outcome_and_ctrl_c_detaches() {
+    let app = TestApp::started(Backend::Sqlite);
+    let url = app.base_url.clone();
 
     // A run that fails: 1.
     let failed = app.submit_demo(json!({"fatal": "two"})).await;
@@ -137,6 +143,14 @@ async fn watch_follows_runs_to_their_end_and_exits_with_their_outcome() {
     assert_eq!(status, 200);
     let output = watching.await.expect("joined");
     assert_eq!(output.status.code(), Some(2), "{}", stdout(&output));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_exits_three_when_it_cannot_watch_and_follows_a_submission_on_a_terminal() {
+    let app = TestApp::started(Backend::Sqlite);
+    let url = app.base_url.clone();
+    let id = app.submit_demo(json!({"sleep_ms": 10})).await;
+    app.wait_status(&id, "completed", WAIT).await;
 
     // No such run, or no API: 3, with the reason.
     let unknown = "01936f0e-0000-7000-8000-000000000000";
