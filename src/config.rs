@@ -74,7 +74,7 @@ use std::{
 
 use secrecy::{ExposeSecret, SecretString};
 pub use stagecraft_core::settings::ConfigError;
-use stagecraft_core::settings::Vars;
+use stagecraft_core::settings::{Vars, process_env};
 
 pub use stagecraft_awo::settings::{AgentUser, AwoSettings};
 pub use stagecraft_core::store::ProviderMode;
@@ -222,7 +222,7 @@ impl Config {
         let file: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
             .map(|lines| lines.filter_map(Result::ok).collect())
             .unwrap_or_default();
-        Self::from_lookup(|name| std::env::var(name).ok().or_else(|| file.get(name).cloned()))
+        Self::from_lookup(|name| process_env(name).or_else(|| file.get(name).cloned()))
     }
 
     /// Refuses to serve the API open to anyone: in production or on a non-loopback address, an

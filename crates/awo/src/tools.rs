@@ -946,18 +946,20 @@ pub fn mock_stream(session: &str, step: &str, summary: &str) -> String {
 
 #[cfg(test)]
 mod tests {
+    use stagecraft_core::settings::{Vars, process_env};
+
     use super::*;
     use crate::url::UrlPolicy;
 
     fn tools(data: &Path) -> Tools {
-        let path = std::env::var("PATH").unwrap_or_default();
+        let base_env = Vars::new(&process_env).environment(&["PATH"]);
         let settings = AwoSettings {
             data_dir: data.to_path_buf(),
             allowed_schemes: vec!["https".into(), "http".into()],
             allowed_hosts: vec!["github.com".into(), "evil.example".into()],
             git_hosts: vec!["github.com".into()],
             github_token: Some(SecretString::from("ghp_scopedTOKEN0123456789".to_owned())),
-            base_env: std::sync::Arc::new(vec![("PATH".into(), path)]),
+            base_env,
             ..AwoSettings::default()
         };
         Tools::new(&settings, Scrubber::default())

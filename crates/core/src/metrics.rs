@@ -198,11 +198,27 @@ impl Metrics {
 /// The Prometheus text exposition of the deployment.
 pub fn render(counters: &[(String, f64)], depths: &[QueueDepth], workers: &[WorkerInfo]) -> String {
     let mut out = String::new();
-    let _ = writeln!(
+    render_gauges(&mut out, depths, workers);
+    for (family, kind, help) in FAMILIES {
+        render_family(&mut out, (family, kind, help), counters);
+    }
+    out
+}
+
+fn header(out: &mut String, family: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {family} {help}");
+    let _ = writeln!(out, "# TYPE {family} {kind}");
+}
+
+/// The gauges read from the store at scrape time: runs by queue and status, waiting runs by
+/// queue, live workers.
+fn render_gauges(out: &mut String, depths: &[QueueDepth], workers: &[WorkerInfo]) {
+    header(
         out,
-        "# HELP stagecraft_runs Runs in the store, by queue and status."
+        "stagecraft_runs",
+        "gauge",
+        "Runs in the store, by queue and status.",
     );
-    let _ = writeln!(out, "# TYPE stagecraft_runs gauge");
     for depth in depths {
         let _ = writeln!(
             out,
@@ -212,11 +228,12 @@ pub fn render(counters: &[(String, f64)], depths: &[QueueDepth], workers: &[Work
             depth.count
         );
     }
-    let _ = writeln!(
+    header(
         out,
-        "# HELP stagecraft_queue_depth Runs waiting to be claimed (queued or retrying), by queue."
+        "stagecraft_queue_depth",
+        "gauge",
+        "Runs waiting to be claimed (queued or retrying), by queue.",
     );
-    let _ = writeln!(out, "# TYPE stagecraft_queue_depth gauge");
     let mut waiting: BTreeMap<&str, u64> = BTreeMap::new();
     for depth in depths {
         if matches!(depth.status, RunStatus::Queued | RunStatus::Retrying) {
@@ -226,36 +243,42 @@ pub fn render(counters: &[(String, f64)], depths: &[QueueDepth], workers: &[Work
     for (queue, count) in waiting {
         let _ = writeln!(out, "stagecraft_queue_depth{{queue=\"{queue}\"}} {count}");
     }
-    let _ = writeln!(
+    header(
         out,
-        "# HELP stagecraft_workers_live Worker processes with a recent heartbeat."
+        "stagecraft_workers_live",
+        "gauge",
+        "Worker processes with a recent heartbeat.",
     );
-    let _ = writeln!(out, "# TYPE stagecraft_workers_live gauge");
     let _ = writeln!(out, "stagecraft_workers_live {}", workers.len());
-    for (family, kind, help) in FAMILIES {
-        let _ = writeln!(out, "# HELP {family} {help}");
-        let _ = writeln!(out, "# TYPE {family} {kind}");
-        let mut any = false;
-        for (sample, value) in counters {
-            let name = sample.split('{').next().unwrap_or(sample);
-            let belongs = name == family
-                || (kind == "histogram"
-                    && name.starts_with(family)
-                    && name[family.len()..].starts_with('_'));
-            if belongs {
-                any = true;
-                let _ = writeln!(out, "{sample} {value}");
-            }
-        }
-        let unlabelled = !matches!(
-            family,
-            "stagecraft_runs_finished_total" | "stagecraft_stage_executions_total"
-        );
-        if !any && kind == "counter" && unlabelled {
-            let _ = writeln!(out, "{family} 0");
+}
+
+/// One family of the counters workers flushed (a histogram's samples are its `_bucket`, `_sum`
+/// and `_count`); an unlabelled counter nobody incremented yet is shown as 0.
+fn render_family(
+    out: &mut String,
+    (family, kind, help): (&str, &str, &str),
+    counters: &[(String, f64)],
+) {
+    header(out, family, kind, help);
+    let mut any = false;
+    for (sample, value) in counters {
+        let name = sample.split('{').next().unwrap_or(sample);
+        let belongs = name == family
+            || (kind == "histogram"
+                && name.starts_with(family)
+                && name[family.len()..].starts_with('_'));
+        if belongs {
+            any = true;
+            let _ = writeln!(out, "{sample} {value}");
         }
     }
-    out
+    let unlabelled = !matches!(
+        family,
+        "stagecraft_runs_finished_total" | "stagecraft_stage_executions_total"
+    );
+    if !any && kind == "counter" && unlabelled {
+        let _ = writeln!(out, "{family} 0");
+    }
 }
 
 #[cfg(test)]

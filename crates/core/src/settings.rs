@@ -33,6 +33,11 @@ pub fn unset(_: &str) -> Option<String> {
     None
 }
 
+/// This process's environment, the one place it is read (the application adds `.env`).
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
+}
+
 impl Vars<'_> {
     pub fn string(&self, name: &str) -> Option<String> {
         (self.lookup)(name)
