@@ -186,7 +186,8 @@ mod tests {
     use stagecraft_core::{
         clock::SystemClock,
         ids::{RunId, WorkerId},
-        store::{NewRun, ProviderMode, RunKind, SharedStore, StageCheckpoint},
+        store::{NewRun, RunKind, SharedStore, StageCheckpoint},
+        testing::workflow_run,
     };
     use stagecraft_store_sqlite::{SqliteStore, sqlite_url_for};
 
@@ -196,15 +197,7 @@ mod tests {
             .insert_run(NewRun {
                 id,
                 kind: RunKind::WorkOrder,
-                name: "plan_only".into(),
-                queue: "work_orders".into(),
-                inputs: json!({}),
-                provider_mode: ProviderMode::Mock,
-                budget_usd: None,
-                stage_names: vec!["sandbox".into()],
-                idempotency_key: None,
-                request_hash: None,
-                reuse: false,
+                ..workflow_run("plan_only", "work_orders", &["sandbox"])
             })
             .await
             .expect("insert");

@@ -66,19 +66,28 @@ macro_rules! store_conformance {
 const QUEUE: &str = "conformance";
 
 /// A run of `stages` on the suite's queue.
-fn new_run(stages: &[&str]) -> NewRun {
+/// A mock workflow run named `name` on `queue` with these stages and empty inputs, without a
+/// budget, an idempotency key or reuse: what store tests insert (`..` overrides the rest).
+pub fn workflow_run(name: &str, queue: &str, stages: &[&str]) -> NewRun {
     NewRun {
         id: RunId::generate(),
         kind: RunKind::Workflow,
-        name: "conformance".into(),
-        queue: QUEUE.into(),
-        inputs: json!({"n": 1}),
+        name: name.into(),
+        queue: queue.into(),
+        inputs: json!({}),
         provider_mode: ProviderMode::Mock,
         budget_usd: None,
         stage_names: stages.iter().map(|s| (*s).to_owned()).collect(),
         idempotency_key: None,
         request_hash: None,
         reuse: false,
+    }
+}
+
+fn new_run(stages: &[&str]) -> NewRun {
+    NewRun {
+        inputs: json!({"n": 1}),
+        ..workflow_run("conformance", QUEUE, stages)
     }
 }
 

@@ -11,8 +11,8 @@ use std::{
 use stagecraft_core::{
     ids::{RunId, WorkerId},
     money::Usd,
-    store::{NewRun, ProviderMode, RunKind, RunStatus, SharedStore, StageOutcome, StageStatus},
-    testing::Fixture,
+    store::{NewRun, RunStatus, SharedStore, StageOutcome, StageStatus},
+    testing::{Fixture, workflow_run},
 };
 use stagecraft_store_redis::RedisStore;
 
@@ -77,19 +77,7 @@ stagecraft_core::store_conformance!(open);
 
 /// A one-stage run on `queue` (each part of a test its own, so earlier runs stay out of its claims).
 fn noop_run(queue: &str) -> NewRun {
-    NewRun {
-        id: RunId::generate(),
-        kind: RunKind::Workflow,
-        name: "noop".into(),
-        queue: queue.into(),
-        inputs: serde_json::json!({}),
-        provider_mode: ProviderMode::Mock,
-        budget_usd: None,
-        stage_names: vec!["noop".into()],
-        idempotency_key: None,
-        request_hash: None,
-        reuse: false,
-    }
+    workflow_run("noop", queue, &["noop"])
 }
 
 // The claim starts a run's first open stage itself (one round trip less per run), unseen by the

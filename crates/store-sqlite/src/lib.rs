@@ -1237,10 +1237,9 @@ async fn detached<T: Send + 'static>(
 #[cfg(test)]
 mod tests {
     use futures::future::join_all;
-    use serde_json::json;
 
     use super::*;
-    use stagecraft_core::{clock::SystemClock, ids::FenceToken, store::ProviderMode};
+    use stagecraft_core::{clock::SystemClock, ids::FenceToken};
 
     async fn store(dir: &tempfile::TempDir) -> SqliteStore {
         let url = sqlite_url_for(&dir.path().join("s.db"));
@@ -1252,16 +1251,7 @@ mod tests {
     fn new_run(id: RunId) -> NewRun {
         NewRun {
             id,
-            kind: RunKind::Workflow,
-            name: "noop".into(),
-            queue: "workflows".into(),
-            inputs: json!({}),
-            provider_mode: ProviderMode::Mock,
-            budget_usd: None,
-            stage_names: vec!["noop".into()],
-            idempotency_key: None,
-            request_hash: None,
-            reuse: false,
+            ..stagecraft_core::testing::workflow_run("noop", "workflows", &["noop"])
         }
     }
 

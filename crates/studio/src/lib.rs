@@ -153,14 +153,13 @@ impl Module for StudioModule {
 mod tests {
     use std::sync::Arc;
 
-    use serde_json::json;
-
     use super::*;
     use stagecraft_core::{
         artifacts::clean_gone_runs,
         clock::SystemClock,
         ids::RunId,
-        store::{NewRun, ProviderMode, RunKind, SharedStore},
+        store::{NewRun, SharedStore},
+        testing::workflow_run,
     };
     use stagecraft_store_sqlite::{SqliteStore, sqlite_url_for};
 
@@ -178,16 +177,7 @@ mod tests {
         store
             .insert_run(NewRun {
                 id: kept,
-                kind: RunKind::Workflow,
-                name: "noop".into(),
-                queue: "workflows".into(),
-                inputs: json!({}),
-                provider_mode: ProviderMode::Mock,
-                budget_usd: None,
-                stage_names: vec!["noop".into()],
-                idempotency_key: None,
-                request_hash: None,
-                reuse: false,
+                ..workflow_run("noop", "workflows", &["noop"])
             })
             .await
             .expect("insert");
