@@ -114,11 +114,11 @@ async fn follow(client: &Client, run_id: &str, mode: Mode) -> anyhow::Result<End
                     return Err(error.context("the run's event stream stayed down"));
                 }
                 view.note(&format!("stream interrupted ({error:#}); reconnecting"));
-                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
-        // The stream ends when the run has finished; read the run to be sure.
+        // The stream ends when the run has finished; read the run to be sure, and wait a little
+        // before opening it again otherwise (a server that keeps closing it is not hammered).
         if let Ok(doc) = client.get(&path).await {
             view.update(doc);
             view.draw();
@@ -127,6 +127,7 @@ async fn follow(client: &Client, run_id: &str, mode: Mode) -> anyhow::Result<End
                 return Ok(end);
             }
         }
+        tokio::time::sleep(backoff).await;
     }
 }
 
@@ -184,11 +185,10 @@ pub struct Message {
 /// Takes the first complete message off `buffer` (messages end with a blank line; comments,
 /// such as keep-alives, are skipped).
 pub fn next_message(buffer: &mut String) -> Option<Message> {
+    if buffer.contains('\r') {
+        *buffer = buffer.replace("\r\n", "\n");
+    }
     loop {
-        let normalized = buffer.replace("\r\n", "\n");
-        if normalized.len() != buffer.len() {
-            *buffer = normalized;
-        }
         let end = buffer.find("\n\n")?;
         let block: String = buffer.drain(..end + 2).collect();
         let mut message = Message::default();
