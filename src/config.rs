@@ -31,6 +31,7 @@
 //! | `API_TOKEN` | unset | bearer token every route but `/health` requires (an empty value counts as unset) |
 //! | `API_TOKEN_READONLY` | unset | a second bearer token that may use `GET` routes only |
 //! | `ALLOW_UNAUTHENTICATED` | `false` | lets `serve`/`dev` start without `API_TOKEN` in production or on a non-loopback address |
+//! | `CONSOLE_SECURE_COOKIE` | `true` in production | marks the console's session cookie `Secure` (sent over HTTPS only) |
 //! | `CORS_ORIGINS` | unset | comma-separated origins allowed by CORS; `*` allows any origin (without credentials) |
 //! | `MAX_EVENT_STREAMS`, `MAX_SYNC_WAITS` | `1000`, `256` | open event streams and synchronous waits one API process serves at once |
 //! | `RUN_RETENTION_DAYS` | `7` | finished runs are deleted this long after they finish |
@@ -103,6 +104,8 @@ pub struct Config {
     pub env: Environment,
     /// Reported by `/health`; development defaults to true.
     pub debug: bool,
+    /// Whether the console's session cookie is `Secure` (HTTPS only).
+    pub console_secure_cookie: bool,
     /// The `tracing` filter directive.
     pub log_level: String,
     /// How log lines are written.
@@ -332,6 +335,7 @@ impl Config {
             api_token,
             api_token_readonly,
             allow_unauthenticated: vars.flag("ALLOW_UNAUTHENTICATED", false)?,
+            console_secure_cookie: vars.flag("CONSOLE_SECURE_COOKIE", !development)?,
             cors: parse_cors(vars.string("CORS_ORIGINS"))?,
             max_event_streams: vars.parse_in("MAX_EVENT_STREAMS", 1000, 1, 100_000)? as usize,
             max_sync_waits: vars.parse_in("MAX_SYNC_WAITS", 256, 1, 100_000)? as usize,

@@ -17,6 +17,7 @@
 //! - [`config`]: every environment variable, read once, typed.
 //! - [`modules`]: which tenants a process runs.
 //! - [`http`]: the axum API core (runs, artifacts, ops), its errors and its OpenAPI document.
+//! - [`console`]: the operator console at `/ui`, compiled in, using the public API only.
 //! - [`tenants`]: the tenants' routes (`/agents`, `/agent-work-orders`) behind one interface.
 //! - [`cli`], [`client`], [`ops`]: the `stagecraft` command, its HTTP client, and the operator
 //!   commands that read the store directly; [`watch`]: a run followed live in the terminal.
@@ -39,6 +40,7 @@ pub mod store {
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod modules;
 pub mod ops;

@@ -87,7 +87,8 @@ async fn list(
         limit: limit.clamp(1, 500),
         ..RunFilter::default()
     };
-    Ok(store.list_runs(&filter).await?)
+    let page = store.list_runs(&filter).await?;
+    Ok((page.runs, page.total))
 }
 
 fn runs_table(runs: &[RunRecord], total: u64) -> String {

@@ -15,6 +15,7 @@ use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
+use crate::store::{Actor, ActorChannel, ActorRole};
 
 /// What a caller is allowed to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,17 +97,77 @@ pub fn bearer(request: &Request) -> Option<&str> {
         .filter(|token| !token.is_empty())
 }
 
-/// Routes anyone may call.
+/// The cookie the console's login sets: the token itself, `HttpOnly` and `SameSite=Strict`,
+/// accepted in place of the bearer header (so every API process accepts it, with no session
+/// state); a change made with it also needs the [`CSRF_HEADER`].
+pub const SESSION_COOKIE: &str = "stagecraft_session";
+
+/// The header a change authorised by the session cookie carries: [`csrf_token`] of the token.
+pub const CSRF_HEADER: &str = "x-csrf-token";
+
+/// The CSRF token that goes with a session's token: a digest only the holder of the token (or
+/// a page the console served to it) knows.
+pub fn csrf_token(token: &str) -> String {
+    let digest = Sha256::digest(format!("stagecraft-csrf:{token}").as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The token of the session cookie, if the request has one.
+pub fn session(request: &Request) -> Option<&str> {
+    request
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, token)| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+/// Routes anyone may call: health, preflights, and the console's login page and assets.
 fn is_public(request: &Request) -> bool {
-    request.uri().path() == "/health" || request.method() == Method::OPTIONS
+    let path = request.uri().path();
+    path == "/health"
+        || request.method() == Method::OPTIONS
+        || path == crate::console::LOGIN
+        || path.starts_with(crate::console::ASSETS)
 }
 
 fn reads_only(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD)
 }
 
-/// The middleware: lets a request through when its token allows it, with its [`Role`] in the
-/// request's extensions.
+/// Whether a request is a browser finding its way to the console (a page, not the API).
+fn is_navigation(request: &Request) -> bool {
+    let path = request.uri().path();
+    reads_only(request.method())
+        && (path == crate::console::HOME
+            || path.starts_with("/ui/")
+            || (path == "/" && accepts_html(request)))
+}
+
+/// Whether the client prefers HTML (a browser) to JSON.
+pub fn accepts_html(request: &Request) -> bool {
+    request
+        .headers()
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"))
+}
+
+fn channel_of(request: &Request) -> ActorChannel {
+    if request.uri().path().starts_with(crate::console::HOME) {
+        ActorChannel::Console
+    } else {
+        ActorChannel::Api
+    }
+}
+
+/// The middleware: lets a request through when its token (bearer header, or the console's
+/// session cookie with its CSRF header for changes) allows it, with its [`Role`] and
+/// [`Actor`] in the request's extensions.
 pub async fn require_token(
     State(state): State<AppState>,
     mut req: Request,
@@ -114,18 +175,55 @@ pub async fn require_token(
 ) -> Response {
     let tokens = &state.tokens;
     if !tokens.required() || is_public(&req) {
+        let actor = Actor {
+            role: ActorRole::Anonymous,
+            via: channel_of(&req),
+        };
         req.extensions_mut().insert(Role::Full);
+        req.extensions_mut().insert(actor);
         return next.run(req).await;
     }
-    match bearer(&req).and_then(|token| tokens.role_of(token)) {
+    let (presented, via) = match (bearer(&req), session(&req)) {
+        (Some(token), _) => (Some(token), ActorChannel::Api),
+        (None, Some(token)) => (Some(token), ActorChannel::Console),
+        (None, None) => (None, ActorChannel::Api),
+    };
+    let role = presented.and_then(|token| tokens.role_of(token));
+    let csrf_ok = via != ActorChannel::Console
+        || reads_only(req.method())
+        || presented.is_some_and(|token| {
+            req.headers()
+                .get(CSRF_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|sent| {
+                    same(
+                        &digest(sent.as_bytes()),
+                        &digest(csrf_token(token).as_bytes()),
+                    )
+                })
+        });
+    match role {
         Some(Role::ReadOnly) if !reads_only(req.method()) => ApiError::Forbidden(
             "the read-only token may only read; this request needs API_TOKEN".to_owned(),
         )
         .into_response(),
+        Some(_) if !csrf_ok => ApiError::Forbidden(format!(
+            "a change made with the console's session needs its {CSRF_HEADER} header"
+        ))
+        .into_response(),
         Some(role) => {
             req.extensions_mut().insert(role);
+            let role_name = match role {
+                Role::Full => ActorRole::Operator,
+                Role::ReadOnly => ActorRole::ReadOnly,
+            };
+            req.extensions_mut().insert(Actor {
+                role: role_name,
+                via,
+            });
             next.run(req).await
         }
+        None if is_navigation(&req) => crate::console::to_login(&req),
         None => ApiError::Unauthorized.into_response(),
     }
 }

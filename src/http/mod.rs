@@ -6,6 +6,7 @@ mod artifacts;
 pub mod auth;
 mod error;
 pub mod limits;
+mod list;
 pub mod openapi;
 pub(crate) mod runs;
 
@@ -91,6 +92,12 @@ pub trait TenantApi: Send + Sync {
         _default_mode: crate::store::ProviderMode,
     ) {
     }
+
+    /// A script the console loads to show what is specific to this tenant's runs (see
+    /// `console.js`: `Stagecraft.panels.register`). It reads the public API only.
+    fn console_script(&self) -> Option<&'static str> {
+        None
+    }
 }
 
 /// What the HTTP core takes from the tenants, without naming one.
@@ -129,7 +136,7 @@ impl Tenants {
         (name = "ops", description = "Health, queues and metrics")
     ),
     // Event streams carry these (documented per event by `openapi::document`).
-    components(schemas(crate::store::RunEvent, ToolStatus))
+    components(schemas(crate::store::RunEvent, ToolStatus, crate::store::Actor))
 )]
 struct ApiDoc;
 
@@ -139,8 +146,10 @@ pub fn app(state: AppState) -> Router {
         .routes(routes!(health))
         .routes(routes!(root))
         .routes(routes!(queues))
+        .routes(routes!(queue_history))
         .routes(routes!(metrics))
         .routes(routes!(workers))
+        .merge(list::routes())
         .merge(runs::routes())
         .merge(artifacts::routes());
     for tenant in state.tenants.apis.iter() {
@@ -159,6 +168,7 @@ pub fn app(state: AppState) -> Router {
                 &state.tenants.apis,
             ),
         ))
+        .merge(crate::console::routes(&state))
         .fallback(|| async { ApiError::not_found("no such route") })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -277,9 +287,17 @@ async fn health(State(state): State<AppState>) -> Response {
     (status, Json(body)).into_response()
 }
 
-/// Name, version and where to go next.
-#[utoipa::path(get, path = "/", tag = "ops", responses((status = 200, body = Object)))]
-async fn root() -> Json<serde_json::Value> {
+/// Name, version and where to go next. A browser (`Accept: text/html`) is sent to the console.
+#[utoipa::path(get, path = "/", tag = "ops", responses((status = 200, body = Object),
+    (status = 303, description = "a browser, sent to the console at `/ui`")))]
+async fn root(headers: axum::http::HeaderMap) -> Response {
+    let browser = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|accept| accept.contains("text/html"));
+    if browser {
+        return axum::response::Redirect::to(crate::console::HOME).into_response();
+    }
     Json(serde_json::json!({
         "name": "Stagecraft",
         "version": env!("CARGO_PKG_VERSION"),
@@ -294,14 +312,18 @@ async fn root() -> Json<serde_json::Value> {
             "queues": "/queues",
             "workers": "/workers",
             "metrics": "/metrics",
-            "health": "/health"
+            "health": "/health",
+            "console": crate::console::HOME
         }
     }))
+    .into_response()
 }
 
 #[derive(Serialize, utoipa::ToSchema)]
 struct Queues {
     queues: Vec<crate::store::QueueDepth>,
+    /// The longest-waiting due run of each queue that has one.
+    waiting: Vec<crate::store::QueueWait>,
 }
 
 /// Runs by queue and status.
@@ -309,6 +331,66 @@ struct Queues {
 async fn queues(State(state): State<AppState>) -> Result<Json<Queues>, ApiError> {
     Ok(Json(Queues {
         queues: state.store.queue_depths().await?,
+        waiting: state.store.oldest_waiting().await?,
+    }))
+}
+
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+struct HistoryQuery {
+    /// `hour` (default) or `day`: how far back.
+    #[param(value_type = Option<Window>)]
+    window: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+enum Window {
+    Hour,
+    Day,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+struct QueueHistory {
+    window: Window,
+    since: chrono::DateTime<chrono::Utc>,
+    /// Runs finished per queue and minute, oldest first; minutes without any are left out.
+    minutes: Vec<crate::store::Throughput>,
+}
+
+/// Throughput per queue over the last hour or day: runs finished per minute, by outcome, kept in
+/// the store (a day and an hour of minutes).
+#[utoipa::path(get, path = "/queues/history", tag = "ops", params(HistoryQuery),
+    responses((status = 200, body = QueueHistory), (status = 422, body = ErrorBody)))]
+async fn queue_history(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<HistoryQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<QueueHistory>, ApiError> {
+    let axum::extract::Query(query) = query.map_err(|e| ApiError::Invalid {
+        code: "invalid_query",
+        message: e.body_text(),
+        details: None,
+    })?;
+    let (window, span) = match query
+        .window
+        .as_deref()
+        .map(crate::schema::without_final_line_break)
+    {
+        None | Some("hour") => (Window::Hour, chrono::Duration::hours(1)),
+        Some("day") => (Window::Day, chrono::Duration::days(1)),
+        Some(other) => {
+            return Err(ApiError::Invalid {
+                code: "invalid_query",
+                message: format!("unknown window {other:?}; expected hour or day"),
+                details: Some(serde_json::json!({"field": "window"})),
+            });
+        }
+    };
+    let since = chrono::Utc::now() - span;
+    Ok(Json(QueueHistory {
+        window,
+        since,
+        minutes: state.store.throughput(since).await?,
     }))
 }
 

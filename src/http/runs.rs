@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 
 use axum::{
-    Json,
+    Extension, Json,
     extract::{Path, Query, State},
     http::{HeaderMap, StatusCode},
     response::{
@@ -21,16 +21,17 @@ pub use crate::status::RunDoc;
 use crate::{
     config::ProviderMode,
     ids::RunId,
-    store::{FromStage, NewRun, ResumeChanges, RunError, RunFilter, RunKind, RunRecord, RunStatus},
+    status::ResumePreview,
+    store::{Actor, FromStage, NewRun, ResumeChanges, RunError, RunKind, RunRecord, RunStatus},
 };
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(submit_run, list_runs))
         .routes(routes!(get_run))
         .routes(routes!(run_events))
         .routes(routes!(cancel_run))
         .routes(routes!(resume_run))
+        .routes(routes!(resume_preview))
         .routes(routes!(list_workflows))
         .routes(routes!(run_workflow))
         .routes(routes!(workflow_status))
@@ -209,7 +210,7 @@ pub(crate) async fn submit(
     responses((status = 201, body = RunDoc), (status = 200, body = RunDoc, description = "idempotent replay"),
               (status = 400, body = ErrorBody), (status = 404, body = ErrorBody), (status = 413, body = ErrorBody),
               (status = 422, body = ErrorBody)))]
-async fn submit_run(
+pub(super) async fn submit_run(
     State(state): State<AppState>,
     headers: HeaderMap,
     JsonBody(request): JsonBody<SubmitRun>,
@@ -221,110 +222,6 @@ async fn submit_run(
         StatusCode::OK
     };
     Ok((status, Json(run_doc(&state, run))).into_response())
-}
-
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct ListQuery {
-    /// Only runs of this kind.
-    #[param(value_type = Option<RunKind>)]
-    kind: Option<String>,
-    /// Only runs with this status.
-    #[param(value_type = Option<RunStatus>)]
-    status: Option<String>,
-    /// Only runs of this workflow or agent.
-    #[param(min_length = 1, max_length = 200)]
-    name: Option<String>,
-    /// Page size (default 50).
-    #[param(minimum = 1, maximum = 500)]
-    limit: Option<u32>,
-    /// `next_cursor` of the previous page.
-    #[param(
-        pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
-    )]
-    cursor: Option<String>,
-}
-
-#[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct RunList {
-    runs: Vec<RunDoc>,
-    /// How many runs match the filters in all.
-    total: u64,
-    /// Pass as `cursor` for the next page; absent on the last page.
-    next_cursor: Option<String>,
-}
-
-/// Lists runs, newest first.
-#[utoipa::path(get, path = "/runs", tag = "runs", params(ListQuery),
-    responses((status = 200, body = RunList), (status = 422, body = ErrorBody)))]
-async fn list_runs(
-    State(state): State<AppState>,
-    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<RunList>, ApiError> {
-    let Query(query) = query.map_err(|e| ApiError::Invalid {
-        code: "invalid_query",
-        message: e.body_text(),
-        details: None,
-    })?;
-    let invalid = |field: &str, message: String| ApiError::Invalid {
-        code: "invalid_query",
-        message,
-        details: Some(serde_json::json!({"field": field})),
-    };
-    let kind = match query.kind.as_deref() {
-        None => None,
-        Some(k) => Some(RunKind::parse(k).ok_or_else(|| {
-            invalid(
-                "kind",
-                format!("unknown kind {k:?}; expected agent, workflow or work_order"),
-            )
-        })?),
-    };
-    let status = match query.status.as_deref() {
-        None => None,
-        Some(s) => Some(
-            RunStatus::parse(s)
-                .ok_or_else(|| invalid("status", format!("unknown status {s:?}")))?,
-        ),
-    };
-    let before = match query.cursor.as_deref() {
-        None => None,
-        Some(c) => Some(
-            RunId::parse(crate::schema::without_final_line_break(c))
-                .ok_or_else(|| invalid("cursor", "cursor is not a run id".to_owned()))?,
-        ),
-    };
-    if let Some(name) = &query.name {
-        if name.is_empty() || name.chars().count() > MAX_NAME {
-            return Err(invalid(
-                "name",
-                format!("name must be 1 to {MAX_NAME} characters"),
-            ));
-        }
-    }
-    let limit = query.limit.unwrap_or(50);
-    if !(1..=500).contains(&limit) {
-        return Err(invalid(
-            "limit",
-            "limit must be between 1 and 500".to_owned(),
-        ));
-    }
-    let filter = RunFilter {
-        kind,
-        status,
-        name: query.name,
-        before,
-        limit,
-    };
-    let (runs, total) = state.store.list_runs(&filter).await?;
-    let next_cursor = (runs.len() == limit as usize)
-        .then(|| runs.last().map(|r| r.id.to_string()))
-        .flatten();
-    Ok(Json(RunList {
-        runs: runs.into_iter().map(RunDoc::summary).collect(),
-        total,
-        next_cursor,
-    }))
 }
 
 /// The status document of one run.
@@ -444,16 +341,17 @@ impl Follow {
     responses((status = 200, body = RunDoc), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody)))]
 async fn cancel_run(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
 ) -> Result<Json<RunDoc>, ApiError> {
     let id = parse_run_id(&id)?;
-    let run = state.store.request_cancel(id).await?;
+    let run = state.store.request_cancel(id, actor).await?;
     observe(&state, &run).await;
     Ok(Json(run_doc(&state, run)))
 }
 
 /// Tells the tenants' observers of a change the API made (cancel, resume).
-async fn observe(state: &AppState, run: &RunRecord) {
+pub(super) async fn observe(state: &AppState, run: &RunRecord) {
     let change = crate::module::RunChange {
         run: run.id,
         store: &state.store,
@@ -520,7 +418,7 @@ fn patched_inputs(
 
 async fn resume(
     state: &AppState,
-    id: &str,
+    (id, actor): (&str, Actor),
     request: ResumeRequest,
     expected_name: Option<&str>,
 ) -> Result<RunRecord, ApiError> {
@@ -532,25 +430,7 @@ async fn resume(
             )));
         }
     }
-    let from = match request.from_stage.as_deref() {
-        None | Some("auto") => FromStage::Auto,
-        Some(stage) if stage.is_empty() || stage.chars().count() > MAX_STAGE_NAME => {
-            return Err(ApiError::invalid(
-                format!("from_stage must be 1 to {MAX_STAGE_NAME} characters"),
-                Some("from_stage"),
-            ));
-        }
-        Some(stage) if run.stage_index(stage).is_some() => FromStage::Named(stage.to_owned()),
-        // The stages are the run's own: naming another's is a conflict with this run's state.
-        Some(stage) => {
-            let names: Vec<&str> = run.stages.iter().map(|s| s.name.as_str()).collect();
-            return Err(ApiError::Conflict {
-                code: "invalid_from_stage",
-                message: format!("run {} has no stage {stage:?}", run.id),
-                details: Some(serde_json::json!({"field": "from_stage", "stages": names})),
-            });
-        }
-    };
+    let from = from_stage(&run, request.from_stage.as_deref())?;
     let inputs = match request.inputs {
         None => None,
         Some(Value::Object(patch)) => Some(patched_inputs(state, &run, patch, expected_name)?),
@@ -564,6 +444,7 @@ async fn resume(
     let changes = ResumeChanges {
         inputs,
         budget_usd: request.budget_usd.map(crate::money::Dollars::usd),
+        actor,
     };
     let run = state.store.resume(run.id, from, changes).await?;
     observe(state, &run).await;
@@ -576,13 +457,77 @@ async fn resume(
               (status = 422, body = ErrorBody)))]
 async fn resume_run(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path(id): Path<String>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
     Ok(Json(run_doc(
         &state,
-        resume(&state, &id, request, None).await?,
+        resume(&state, (&id, actor), request, None).await?,
     )))
+}
+
+/// Which stage a resume starts from: `auto` (or none), or one of the run's own stages.
+fn from_stage(run: &RunRecord, asked: Option<&str>) -> Result<FromStage, ApiError> {
+    match asked {
+        None | Some("auto") => Ok(FromStage::Auto),
+        Some(stage) if stage.is_empty() || stage.chars().count() > MAX_STAGE_NAME => {
+            Err(ApiError::invalid(
+                format!("from_stage must be 1 to {MAX_STAGE_NAME} characters"),
+                Some("from_stage"),
+            ))
+        }
+        Some(stage) if run.stage_index(stage).is_some() => Ok(FromStage::Named(stage.to_owned())),
+        // The stages are the run's own: naming another's is a conflict with this run's state.
+        Some(stage) => {
+            let names: Vec<&str> = run.stages.iter().map(|s| s.name.as_str()).collect();
+            Err(ApiError::Conflict {
+                code: "invalid_from_stage",
+                message: format!("run {} has no stage {stage:?}", run.id),
+                details: Some(serde_json::json!({"field": "from_stage", "stages": names})),
+            })
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PreviewQuery {
+    /// `auto` (default) or a stage name, as for `POST /runs/{id}/resume`.
+    #[param(min_length = 1, max_length = 64)]
+    from_stage: Option<String>,
+}
+
+/// What resuming a run would redo, before resuming it: the stages that run again, the memoised
+/// steps kept or forgotten, what they cost last time, and the budget. Changes nothing.
+#[utoipa::path(get, path = "/runs/{id}/resume-preview", tag = "runs",
+    params(("id" = String, Path), PreviewQuery),
+    responses((status = 200, body = ResumePreview), (status = 404, body = ErrorBody), (status = 409, body = ErrorBody),
+              (status = 422, body = ErrorBody)))]
+async fn resume_preview(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<PreviewQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<ResumePreview>, ApiError> {
+    let Query(query) = query.map_err(|e| ApiError::Invalid {
+        code: "invalid_query",
+        message: e.body_text(),
+        details: None,
+    })?;
+    let run = load_run(&state, &id).await?;
+    let asked = query
+        .from_stage
+        .as_deref()
+        .map(crate::schema::without_final_line_break);
+    let from = from_stage(&run, asked)?;
+    let start = crate::store::resume_start(&run, &from)?;
+    let kept_steps = match from {
+        FromStage::Auto if run.stages[start].progress.is_some() => {
+            state.store.steps(run.id, start).await?
+        }
+        _ => Vec::new(),
+    };
+    Ok(Json(ResumePreview::of(&run, start, &from, &kept_steps)))
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -734,11 +679,12 @@ async fn workflow_status(
               (status = 422, body = ErrorBody)))]
 async fn resume_workflow(
     State(state): State<AppState>,
+    Extension(actor): Extension<Actor>,
     Path((name, run_id)): Path<(String, String)>,
     JsonBody(request): JsonBody<ResumeRequest>,
 ) -> Result<Json<RunDoc>, ApiError> {
     Ok(Json(run_doc(
         &state,
-        resume(&state, &run_id, request, Some(&name)).await?,
+        resume(&state, (&run_id, actor), request, Some(&name)).await?,
     )))
 }

@@ -53,6 +53,10 @@ impl TenantApi for WorkOrdersApi {
             .routes(routes!(work_order_logs))
     }
 
+    fn console_script(&self) -> Option<&'static str> {
+        Some(include_str!("work_orders.js"))
+    }
+
     fn document(&self, doc: &mut Value, catalog: &Catalog, default_mode: ProviderMode) {
         constrain_create(doc, catalog, default_mode);
         let log_entry = json!({
@@ -228,12 +232,10 @@ pub struct WorkOrderList {
 async fn list_work_orders(State(state): State<AppState>) -> Result<Json<WorkOrderList>, ApiError> {
     let filter = RunFilter {
         kind: Some(RunKind::WorkOrder),
-        status: None,
-        name: None,
-        before: None,
         limit: 100,
+        ..RunFilter::default()
     };
-    let (runs, total) = state.store.list_runs(&filter).await?;
+    let crate::store::RunPage { runs, total, .. } = state.store.list_runs(&filter).await?;
     Ok(Json(WorkOrderList {
         agent_work_orders: runs.iter().map(WorkOrderDoc::new).collect(),
         total,

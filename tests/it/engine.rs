@@ -343,14 +343,15 @@ async fn runs_listed_by_status_page_newest_first(backend: Backend) {
     let list = |status, name: Option<&str>, before, limit| {
         let store = store.clone();
         let filter = RunFilter {
-            kind: None,
             status: Some(status),
             name: name.map(str::to_owned),
             before,
             limit,
+            ..RunFilter::default()
         };
         async move {
-            let (runs, total) = store.list_runs(&filter).await.expect("list");
+            let stagecraft::store::RunPage { runs, total, .. } =
+                store.list_runs(&filter).await.expect("list");
             (runs.iter().map(|r| r.id).collect::<Vec<_>>(), total)
         }
     };

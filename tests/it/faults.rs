@@ -56,7 +56,9 @@ async fn unknown_cancels_fail_alone_in_the_store(backend: Backend) {
             async move {
                 match op {
                     Op::Cancel => {
-                        let answer = store.request_cancel(RunId::generate()).await;
+                        let answer = store
+                            .request_cancel(RunId::generate(), stagecraft::store::Actor::default())
+                            .await;
                         ("cancel", matches!(answer, Err(StoreError::NotFound(_))))
                     }
                     Op::Submit => ("submit", store.insert_run(noop_run()).await.is_ok()),
@@ -83,23 +85,25 @@ async fn unknown_cancels_fail_alone_in_the_store(backend: Backend) {
         let failed = outcomes.iter().filter(|(k, ok)| *k == kind && !ok).count();
         assert_eq!(failed, 0, "{failed} {kind}s failed");
     }
-    let (_, completed) = store
+    let completed = store
         .list_runs(&RunFilter {
             status: Some(RunStatus::Completed),
             limit: 1,
             ..RunFilter::default()
         })
         .await
-        .expect("list");
+        .expect("list")
+        .total;
     assert_eq!(completed, commits as u64, "a worker commit was lost");
-    let (_, queued) = store
+    let queued = store
         .list_runs(&RunFilter {
             status: Some(RunStatus::Queued),
             limit: 1,
             ..RunFilter::default()
         })
         .await
-        .expect("list");
+        .expect("list")
+        .total;
     assert_eq!(queued, 1500, "a submit was lost");
 }
 
@@ -180,14 +184,15 @@ async fn a_key_of_the_wrong_type_fails_only_its_own_operation_in_a_batch() {
         }
     }
     // Every healthy run is listed, counted and claimable.
-    let (_, total) = store
+    let total = store
         .list_runs(&RunFilter {
             status: Some(RunStatus::Queued),
             limit: 1,
             ..RunFilter::default()
         })
         .await
-        .expect("list");
+        .expect("list")
+        .total;
     assert!(total >= 390, "queued runs indexed: {total}");
     let depths = store.queue_depths().await.expect("depths");
     let queued: u64 = depths

@@ -32,12 +32,17 @@ pub struct ArtifactStore {
 
 impl ArtifactStore {
     /// Creates the root directory if needed.
+    /// The store rooted at `root`, created if missing. A relative root is made absolute
+    /// first: paths handed to tools that run elsewhere (an ffmpeg concat list in a temporary
+    /// directory) must not depend on the process's working directory.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, ArtifactError> {
         let root = root.into();
-        std::fs::create_dir_all(&root).map_err(|source| ArtifactError::Io {
+        let io = |source| ArtifactError::Io {
             path: root.display().to_string(),
             source,
-        })?;
+        };
+        std::fs::create_dir_all(&root).map_err(io)?;
+        let root = std::path::absolute(&root).map_err(io)?;
         Ok(Self { root })
     }
 
@@ -350,6 +355,16 @@ mod tests {
             store.resolve("runs/x/a.json").expect("safe"),
             PathBuf::from("/srv/artifacts/runs/x/a.json")
         );
+    }
+
+    #[test]
+    fn a_relative_root_is_made_absolute() {
+        // Tools given these paths (ffmpeg's concat lists) run from other directories.
+        let name = format!("target/artifact-root-test-{}", std::process::id());
+        let store = ArtifactStore::open(&name).expect("open");
+        assert!(store.root().is_absolute(), "{}", store.root().display());
+        assert!(store.root().ends_with(&name));
+        let _ = std::fs::remove_dir_all(&name);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,17 @@ impl RunId {
         Self(Uuid::now_v7())
     }
 
+    /// The lowest id a run created at `at` (or later) can have: ids are UUIDv7, whose first
+    /// 48 bits are the creation time in milliseconds, so ids sort by creation time.
+    pub fn first_at(at: chrono::DateTime<chrono::Utc>) -> Self {
+        let millis = u64::try_from(at.timestamp_millis()).unwrap_or(0) & 0xFFFF_FFFF_FFFF;
+        let mut bytes = [0u8; 16];
+        bytes[..6].copy_from_slice(&millis.to_be_bytes()[2..]);
+        bytes[6] = 0x70;
+        bytes[8] = 0x80;
+        Self(Uuid::from_bytes(bytes))
+    }
+
     /// A run id in its one written form, the hyphenated UUID (`0193…-…`, 36 characters).
     pub fn parse(text: &str) -> Option<Self> {
         let hyphens = [8, 13, 18, 23];

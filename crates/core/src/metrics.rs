@@ -5,7 +5,9 @@
 
 use std::{collections::BTreeMap, fmt::Write, sync::Mutex, time::Duration};
 
-use crate::store::{QueueDepth, RunStatus, WorkerInfo};
+use chrono::{DateTime, Utc};
+
+use crate::store::{QueueDepth, RunStatus, Throughput, WorkerInfo};
 
 /// Upper bounds of the stage duration histogram, in seconds.
 const STAGE_BUCKETS: [f64; 12] = [
@@ -82,6 +84,8 @@ pub struct Metrics {
 struct Pending {
     counters: BTreeMap<String, f64>,
     stages: BTreeMap<String, StageHistogram>,
+    /// Finished runs by queue and minute (milliseconds of its start).
+    throughput: BTreeMap<(String, i64), Throughput>,
 }
 
 /// Observations of one stage: how many fell in each bucket (not cumulative), their sum and count.
@@ -99,7 +103,25 @@ impl Metrics {
         }
     }
 
-    pub fn run_finished(&self, outcome: RunOutcome) {
+    /// A run of `queue` finished at `at`: counted by outcome, and in the queue's history.
+    pub fn run_finished(&self, queue: &str, outcome: RunOutcome, at: DateTime<Utc>) {
+        let at = at.timestamp_millis();
+        let minute = at - at.rem_euclid(60_000);
+        if let Ok(mut pending) = self.pending.lock() {
+            let count = pending
+                .throughput
+                .entry((queue.to_owned(), minute))
+                .or_insert_with(|| Throughput {
+                    queue: queue.to_owned(),
+                    minute: crate::store::to_datetime(minute),
+                    ..Throughput::default()
+                });
+            match outcome {
+                RunOutcome::Completed => count.completed += 1,
+                RunOutcome::Failed => count.failed += 1,
+                RunOutcome::Cancelled => count.cancelled += 1,
+            }
+        }
         self.add(
             format!(
                 "stagecraft_runs_finished_total{{outcome=\"{}\"}}",
@@ -150,7 +172,12 @@ impl Metrics {
         let Ok(mut pending) = self.pending.lock() else {
             return Vec::new();
         };
-        let Pending { counters, stages } = std::mem::take(&mut *pending);
+        let Pending {
+            counters,
+            stages,
+            throughput,
+        } = std::mem::take(&mut *pending);
+        pending.throughput = throughput;
         drop(pending);
         let mut samples: Vec<(String, f64)> = counters.into_iter().collect();
         for (stage, histogram) in stages {
@@ -185,6 +212,36 @@ impl Metrics {
             ));
         }
         samples
+    }
+
+    /// Takes the finished runs by queue and minute counted since the last call.
+    pub fn take_throughput(&self) -> Vec<Throughput> {
+        self.pending
+            .lock()
+            .map(|mut pending| {
+                std::mem::take(&mut pending.throughput)
+                    .into_values()
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Puts history back after a failed flush, so none is lost.
+    pub fn restore_throughput(&self, counts: Vec<Throughput>) {
+        if let Ok(mut pending) = self.pending.lock() {
+            for count in counts {
+                let key = (count.queue.clone(), count.minute.timestamp_millis());
+                let entry = pending.throughput.entry(key).or_insert_with(|| Throughput {
+                    completed: 0,
+                    failed: 0,
+                    cancelled: 0,
+                    ..count.clone()
+                });
+                entry.completed += count.completed;
+                entry.failed += count.failed;
+                entry.cancelled += count.cancelled;
+            }
+        }
     }
 
     /// Puts counts back after a failed flush, so none is lost.

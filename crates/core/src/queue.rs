@@ -334,6 +334,11 @@ async fn keep_presence(
             warn!(error = %error, "flushing metrics failed; keeping them for the next try");
             engine.metrics.restore(deltas);
         }
+        let finished = engine.metrics.take_throughput();
+        if let Err(error) = engine.store.add_throughput(&finished).await {
+            warn!(error = %error, "flushing the queues' history failed; keeping it for the next try");
+            engine.metrics.restore_throughput(finished);
+        }
         if stopping {
             if let Err(error) = engine.store.unregister_worker(&info.id).await {
                 warn!(error = %error, "unregistering the worker failed; it will age out");

@@ -133,3 +133,101 @@ impl RunDoc {
         }
     }
 }
+
+/// What resuming a run would do, computed from the run as stored (`GET /runs/{id}/resume-preview`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ResumePreview {
+    pub run_id: String,
+    /// The stage the resume starts from.
+    pub from_stage: String,
+    /// Every stage of the run, in order, with what the resume does to it.
+    pub stages: Vec<StagePreview>,
+    /// What the stages redone cost when they last ran: the estimate of redoing them with the
+    /// same inputs, less the memoised steps kept. Stages that never ran are not in it (see
+    /// `stages_never_run`).
+    #[schema(value_type = f64)]
+    pub estimated_cost_usd: Usd,
+    /// Stages to run that have no earlier cost to estimate from.
+    pub stages_never_run: Vec<String>,
+    /// What the run has spent so far; a resume keeps it.
+    #[schema(value_type = f64)]
+    pub spent_usd: Usd,
+    #[schema(value_type = Option<f64>)]
+    pub budget_usd: Option<Usd>,
+    /// Whether the spent money plus the estimate exceeds the budget (raise it when resuming).
+    pub over_budget: bool,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct StagePreview {
+    pub name: String,
+    /// Its status now.
+    pub status: StageStatus,
+    /// Whether the resume runs it again (its checkpoint, if any, is discarded).
+    pub redo: bool,
+    /// Memoised steps that stay recorded and are not paid again.
+    pub steps_kept: u32,
+    #[schema(value_type = f64)]
+    pub steps_kept_cost_usd: Usd,
+    /// What the stage cost when it last ran (0 when it never ran).
+    #[schema(value_type = f64)]
+    pub last_cost_usd: Usd,
+}
+
+impl ResumePreview {
+    /// The preview of resuming `run` from stage `start`; `kept_steps` are the memoised steps
+    /// of that stage a resume from `auto` keeps.
+    pub fn of(
+        run: &RunRecord,
+        start: usize,
+        from: &crate::store::FromStage,
+        kept_steps: &[crate::store::StepRecord],
+    ) -> Self {
+        let keeps_steps = matches!(from, crate::store::FromStage::Auto);
+        let mut estimated = Usd::ZERO;
+        let mut never_run = Vec::new();
+        let stages = run
+            .stages
+            .iter()
+            .enumerate()
+            .map(|(index, stage)| {
+                let redo = index >= start;
+                let (steps_kept, steps_kept_cost) = if redo && keeps_steps && index == start {
+                    (
+                        kept_steps.len() as u32,
+                        kept_steps.iter().fold(Usd::ZERO, |sum, s| sum + s.cost_usd),
+                    )
+                } else {
+                    (0, Usd::ZERO)
+                };
+                if redo {
+                    if stage.cost_usd == Usd::ZERO && stage.started_at.is_none() {
+                        never_run.push(stage.name.clone());
+                    } else {
+                        estimated += (stage.cost_usd - steps_kept_cost).max(Usd::ZERO);
+                    }
+                }
+                StagePreview {
+                    name: stage.name.clone(),
+                    status: stage.status,
+                    redo,
+                    steps_kept,
+                    steps_kept_cost_usd: steps_kept_cost,
+                    last_cost_usd: stage.cost_usd,
+                }
+            })
+            .collect();
+        Self {
+            run_id: run.id.to_string(),
+            from_stage: run.stages[start].name.clone(),
+            stages,
+            estimated_cost_usd: estimated,
+            stages_never_run: never_run,
+            spent_usd: run.cost_usd,
+            budget_usd: run.budget_usd,
+            over_budget: run
+                .budget_usd
+                .is_some_and(|budget| run.cost_usd + estimated > budget),
+        }
+    }
+}

@@ -13,9 +13,9 @@ use crate::{
     ids::{FenceToken, RunId, WorkerId},
     money::Usd,
     store::{
-        Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, ResumeChanges,
-        ReusableCheckpoint, RunError, RunFilter, RunKind, RunStatus, SharedStore, StageCheckpoint,
-        StageOutcome, StageStatus, StepRecord, StoreError, WorkerInfo,
+        Actor, Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, ResumeChanges,
+        ReusableCheckpoint, RunError, RunFilter, RunKind, RunPage, RunStatus, SharedStore,
+        StageCheckpoint, StageOutcome, StageStatus, StepRecord, StoreError, WorkerInfo,
     },
 };
 
@@ -50,6 +50,9 @@ macro_rules! store_conformance {
             a_reusable_checkpoint_is_found_while_its_run_exists,
             workers_are_listed_while_they_beat,
             counters_add_up,
+            the_listing_filters_by_queue_time_error_and_inputs,
+            changes_name_their_actor,
+            throughput_and_waiting_are_kept_per_queue,
         );
     };
     (@cases $open:path; $($case:ident),* $(,)?) => {
@@ -204,7 +207,11 @@ pub async fn an_idempotency_key_answers_the_same_run_or_a_conflict(store: &Share
         Err(StoreError::IdempotencyConflict(id)) => assert_eq!(id, first.id),
         other => panic!("a different request under the same key: {other:?}"),
     }
-    let (listed, total) = store
+    let RunPage {
+        runs: listed,
+        total,
+        ..
+    } = store
         .list_runs(&RunFilter {
             limit: 10,
             ..RunFilter::default()
@@ -462,7 +469,10 @@ pub async fn fail_run_fails_a_claimed_run(store: &SharedStore) {
 
 pub async fn cancel_ends_a_queued_run_at_once_and_flags_a_running_one(store: &SharedStore) {
     let queued = submit(store, &["only"]).await;
-    let cancelled = store.request_cancel(queued).await.expect("cancel");
+    let cancelled = store
+        .request_cancel(queued, Actor::default())
+        .await
+        .expect("cancel");
     assert_eq!(cancelled.status, RunStatus::Cancelled);
     assert!(cancelled.finished_at.is_some());
     assert_eq!(status(store, queued).await, RunStatus::Cancelled);
@@ -471,7 +481,10 @@ pub async fn cancel_ends_a_queued_run_at_once_and_flags_a_running_one(store: &Sh
     let claimed = claim_one(store, Duration::from_secs(30)).await;
     assert_eq!(claimed.run.id, running);
     let (stage, _) = start(store, &claimed).await;
-    let flagged = store.request_cancel(running).await.expect("cancel");
+    let flagged = store
+        .request_cancel(running, Actor::default())
+        .await
+        .expect("cancel");
     assert_eq!(flagged.status, RunStatus::Running);
     assert!(flagged.cancel_requested);
     assert!(
@@ -494,11 +507,13 @@ pub async fn cancel_ends_a_queued_run_at_once_and_flags_a_running_one(store: &Sh
     );
 
     assert!(matches!(
-        store.request_cancel(running).await,
+        store.request_cancel(running, Actor::default()).await,
         Err(StoreError::Conflict(_))
     ));
     assert!(matches!(
-        store.request_cancel(RunId::generate()).await,
+        store
+            .request_cancel(RunId::generate(), Actor::default())
+            .await,
         Err(StoreError::NotFound(_))
     ));
 }
@@ -563,6 +578,7 @@ pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &
             ResumeChanges {
                 inputs: Some(json!({"n": 2})),
                 budget_usd: None,
+                actor: Actor::default(),
             },
         )
         .await
@@ -645,7 +661,10 @@ pub async fn a_run_swept_while_a_cancel_was_requested_is_cancelled(store: &Share
     let ttl = Duration::from_millis(300);
     let claimed = claim_one(store, ttl).await;
     start(store, &claimed).await;
-    store.request_cancel(id).await.expect("cancel");
+    store
+        .request_cancel(id, Actor::default())
+        .await
+        .expect("cancel");
     tokio::time::sleep(ttl * 3).await;
     store.sweep_expired_leases().await.expect("sweep");
     let run = store.get_run(id).await.expect("get").expect("run");
@@ -655,7 +674,10 @@ pub async fn a_run_swept_while_a_cancel_was_requested_is_cancelled(store: &Share
 
 pub async fn finished_runs_past_retention_are_purged(store: &SharedStore) {
     let finished = submit(store, &["only"]).await;
-    store.request_cancel(finished).await.expect("cancel");
+    store
+        .request_cancel(finished, Actor::default())
+        .await
+        .expect("cancel");
     let waiting = submit(store, &["only"]).await;
     assert_eq!(
         store
@@ -711,21 +733,26 @@ pub async fn the_listing_filters_and_pages_newest_first(store: &SharedStore) {
     for _ in 0..5 {
         ids.push(submit(store, &["only"]).await);
     }
-    store.request_cancel(ids[0]).await.expect("cancel");
+    store
+        .request_cancel(ids[0], Actor::default())
+        .await
+        .expect("cancel");
     let page = |before: Option<RunId>, status: Option<RunStatus>| RunFilter {
         status,
         before,
         limit: 2,
         ..RunFilter::default()
     };
-    let (first, total) = store.list_runs(&page(None, None)).await.expect("list");
+    let RunPage {
+        runs: first, total, ..
+    } = store.list_runs(&page(None, None)).await.expect("list");
     assert_eq!(total, 5);
     assert_eq!(
         first.iter().map(|r| r.id).collect::<Vec<_>>(),
         [ids[4], ids[3]],
         "newest first"
     );
-    let (second, _) = store
+    let RunPage { runs: second, .. } = store
         .list_runs(&page(Some(ids[3]), None))
         .await
         .expect("list");
@@ -733,7 +760,11 @@ pub async fn the_listing_filters_and_pages_newest_first(store: &SharedStore) {
         second.iter().map(|r| r.id).collect::<Vec<_>>(),
         [ids[2], ids[1]]
     );
-    let (cancelled, total) = store
+    let RunPage {
+        runs: cancelled,
+        total,
+        ..
+    } = store
         .list_runs(&page(None, Some(RunStatus::Cancelled)))
         .await
         .expect("list");
@@ -758,7 +789,10 @@ pub async fn a_reusable_checkpoint_is_found_while_its_run_exists(store: &SharedS
         Some(offered)
     );
     assert_eq!(store.find_reusable("other-key").await.expect("find"), None);
-    store.request_cancel(id).await.expect("cancel");
+    store
+        .request_cancel(id, Actor::default())
+        .await
+        .expect("cancel");
     tokio::time::sleep(Duration::from_millis(50)).await;
     store
         .purge_finished(Duration::from_millis(10))
@@ -805,4 +839,193 @@ pub async fn counters_add_up(store: &SharedStore) {
         counters,
         [("a_total".to_owned(), 5.0), ("b_total".to_owned(), 1.0)]
     );
+}
+
+/// A run of `name` on `queue` with these inputs.
+async fn insert_on(store: &SharedStore, (name, queue): (&str, &str), inputs: Value) -> RunId {
+    let run = NewRun {
+        inputs,
+        ..workflow_run(name, queue, &["only"])
+    };
+    store.insert_run(run).await.expect("insert").0.id
+}
+
+fn ids_of(page: &RunPage) -> Vec<RunId> {
+    page.runs.iter().map(|r| r.id).collect()
+}
+
+pub async fn the_listing_filters_by_queue_time_error_and_inputs(store: &SharedStore) {
+    let a = insert_on(
+        store,
+        ("alpha", "q1"),
+        json!({"topic": "Rust Lifetimes", "n": 41}),
+    )
+    .await;
+    let b = insert_on(
+        store,
+        ("beta", "q2"),
+        json!({"topic": "tide pools", "tags": ["ocean"]}),
+    )
+    .await;
+    let c = insert_on(store, ("alpha", "q2"), json!({"topic": "rusty nails"})).await;
+    let list = |filter: RunFilter| async move {
+        store
+            .list_runs(&RunFilter {
+                limit: 10,
+                ..filter
+            })
+            .await
+            .expect("list")
+    };
+    let by_queue = list(RunFilter {
+        queue: Some("q2".into()),
+        ..RunFilter::default()
+    })
+    .await;
+    assert_eq!(ids_of(&by_queue), [c, b]);
+    assert_eq!(by_queue.total, 2);
+    let named = list(RunFilter {
+        name: Some("alpha".into()),
+        queue: Some("q2".into()),
+        ..RunFilter::default()
+    })
+    .await;
+    assert_eq!(ids_of(&named), [c]);
+    // Inside a value, in any case; nested values too; never a key.
+    for (text, expected) in [
+        ("rust", vec![c, a]),
+        ("LIFETIME", vec![a]),
+        ("ocean", vec![b]),
+        ("topic", vec![]),
+    ] {
+        let found = list(RunFilter {
+            input_text: Some(text.into()),
+            ..RunFilter::default()
+        })
+        .await;
+        assert_eq!(ids_of(&found), expected, "searching {text:?}");
+    }
+    // A time range is a range of ids: from `since` (inclusive) up to `until` (exclusive).
+    let middle = list(RunFilter {
+        since: Some(b),
+        until: Some(c),
+        ..RunFilter::default()
+    })
+    .await;
+    assert_eq!(ids_of(&middle), [b]);
+    assert_eq!(middle.total, 1);
+    // Cost and error code: fail `a` with a code.
+    let claimed = store
+        .claim(&["q1".to_owned()], &worker(), Duration::from_secs(30), 1)
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    let (stage, _) = start(store, &claimed[0]).await;
+    store
+        .end_attempt(
+            &claimed[0].lease,
+            stage,
+            StageOutcome::Fail {
+                error: error("budget_exceeded"),
+            },
+        )
+        .await
+        .expect("fail");
+    let failed = list(RunFilter {
+        error_code: Some("budget_exceeded".into()),
+        ..RunFilter::default()
+    })
+    .await;
+    assert_eq!(ids_of(&failed), [a]);
+    let none = list(RunFilter {
+        error_code: Some("other".into()),
+        ..RunFilter::default()
+    })
+    .await;
+    assert!(none.runs.is_empty() && none.total == 0);
+    let costly = list(RunFilter {
+        min_cost: Usd::from_dollars(0.01),
+        ..RunFilter::default()
+    })
+    .await;
+    assert!(costly.runs.is_empty(), "no run has spent anything");
+    let cheap = list(RunFilter {
+        max_cost: Some(Usd::ZERO),
+        ..RunFilter::default()
+    })
+    .await;
+    assert_eq!(cheap.total, 3);
+}
+
+pub async fn changes_name_their_actor(store: &SharedStore) {
+    use crate::store::{ActorChannel, ActorRole};
+    let actor = Actor {
+        role: ActorRole::Operator,
+        via: ActorChannel::Console,
+    };
+    let id = submit(store, &["only"]).await;
+    store.request_cancel(id, actor).await.expect("cancel");
+    let changes = ResumeChanges {
+        actor,
+        ..ResumeChanges::default()
+    };
+    store
+        .resume(id, FromStage::Auto, changes)
+        .await
+        .expect("resume");
+    let events = store.events_after(id, 0, 100).await.expect("events");
+    for kind in ["run_cancelled", "run_resumed"] {
+        let event = events
+            .iter()
+            .find(|e| e.kind == kind)
+            .unwrap_or_else(|| panic!("a {kind} event"));
+        assert_eq!(
+            event.data["actor"],
+            json!({"role": "operator", "via": "console"}),
+            "{kind}"
+        );
+    }
+}
+
+pub async fn throughput_and_waiting_are_kept_per_queue(store: &SharedStore) {
+    let now = chrono::Utc::now();
+    let minute = |ago: i64| {
+        let at = (now - chrono::Duration::minutes(ago)).timestamp_millis();
+        crate::store::to_datetime(at - at.rem_euclid(60_000))
+    };
+    let count = |queue: &str, at, completed, failed| crate::store::Throughput {
+        queue: queue.into(),
+        minute: at,
+        completed,
+        failed,
+        cancelled: 0,
+    };
+    store
+        .add_throughput(&[count("q1", minute(3), 2, 1), count("q2", minute(1), 5, 0)])
+        .await
+        .expect("add");
+    store
+        .add_throughput(&[count("q1", minute(3), 1, 0), count("q1", minute(90), 7, 0)])
+        .await
+        .expect("add");
+    let hour = store
+        .throughput(now - chrono::Duration::hours(1))
+        .await
+        .expect("history");
+    assert_eq!(
+        hour,
+        [count("q1", minute(3), 3, 1), count("q2", minute(1), 5, 0)],
+        "the last hour, oldest minute first, counts added up"
+    );
+    let day = store
+        .throughput(now - chrono::Duration::days(1))
+        .await
+        .expect("history");
+    assert_eq!(day.len(), 3);
+    assert!(store.oldest_waiting().await.expect("waiting").is_empty());
+    submit(store, &["only"]).await;
+    submit(store, &["only"]).await;
+    let waiting = store.oldest_waiting().await.expect("waiting");
+    assert_eq!(waiting.len(), 1);
+    assert_eq!(waiting[0].queue, QUEUE);
 }

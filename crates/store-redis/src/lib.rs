@@ -21,11 +21,11 @@ use stagecraft_core::{
     ids::{FenceToken, RunId, WorkerId},
     money::Usd,
     store::{
-        self as core_store, Claimed, FromStage, Lease, MAX_STAGES, NewRun, Progress, ProviderMode,
-        QueueDepth, ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind,
-        RunPosition, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord,
-        StageStatus, StepRecord, StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, kernel,
-        to_datetime,
+        self as core_store, Actor, Claimed, FromStage, Lease, MAX_STAGES, NewRun, Progress,
+        ProviderMode, QueueDepth, QueueWait, ResumeChanges, ReusableCheckpoint, RunError, RunEvent,
+        RunFacts, RunFilter, RunKind, RunPage, RunPosition, RunRecord, RunStatus, RunStore,
+        ScanExtent, StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord,
+        StoreError, StoreResult, Throughput, WORKER_STALE_AFTER, WorkerInfo, kernel, to_datetime,
     },
 };
 
@@ -89,6 +89,8 @@ fn event_args(args: &mut Vec<String>, events: &[kernel::Event]) {
 
 /// Runs deleted per purge call, at most.
 const BATCH: usize = 500;
+
+const HOUR_MS: i64 = 3_600_000;
 /// How often a read-decide-apply change (cancel) is tried again when the run changed between
 /// its read and its write.
 const CHANGED_RETRIES: usize = 3;
@@ -307,6 +309,15 @@ impl RedisStore {
     fn key(&self, suffix: &str) -> String {
         format!("{}{suffix}", self.prefix)
     }
+
+    /// The hash of one queue's finished runs in the hour holding `at` (milliseconds), by
+    /// minute and outcome; it expires after [`core_store::THROUGHPUT_KEPT`] and an hour.
+    fn throughput_key(&self, queue: &str, at: i64) -> String {
+        self.key(&format!(
+            "throughput:{queue}:{}",
+            at - at.rem_euclid(HOUR_MS)
+        ))
+    }
 }
 
 /// Where a listing's run ids come from, newest first.
@@ -317,26 +328,168 @@ enum RunIds {
     Listed(Vec<String>),
 }
 
+/// The fields a bounded scan of the run list reads, in this order.
+const SCAN_FIELDS: [&str; 7] = [
+    "kind",
+    "name",
+    "queue",
+    "cost_micros",
+    "cost_usd",
+    "error",
+    "inputs",
+];
+
+impl RedisStore {
+    /// The runs of these ids that still exist, in order.
+    async fn runs_by_id(&self, ids: &[String]) -> StoreResult<Vec<RunRecord>> {
+        let mut runs = Vec::with_capacity(ids.len());
+        for id in ids.iter().filter_map(|id| RunId::parse(id)) {
+            if let Some(run) = self.get_run(id).await? {
+                runs.push(run);
+            }
+        }
+        Ok(runs)
+    }
+
+    /// A page of the runs the filter admits, checked one by one from `cursor` down, newest
+    /// first: Redis has no index for these filters, so one page examines at most
+    /// [`core_store::SCAN_LIMIT`] runs, in batches (Redis is never blocked by one long call),
+    /// and says how far it looked.
+    async fn scan_runs(
+        &self,
+        conn: &mut ConnectionManager,
+        ids: &RunIds,
+        range: &IdRange,
+        mut cursor: Option<String>,
+        filter: &RunFilter,
+    ) -> StoreResult<RunPage> {
+        let limit = filter.limit as usize;
+        let fields = if filter.input_text.is_some() {
+            &SCAN_FIELDS[..]
+        } else {
+            &SCAN_FIELDS[..SCAN_FIELDS.len() - 1]
+        };
+        let (mut examined, mut total, mut complete) = (0u64, 0u64, false);
+        let mut matched = Vec::new();
+        while examined < core_store::SCAN_LIMIT {
+            let want = BATCH.min((core_store::SCAN_LIMIT - examined) as usize);
+            let batch = ids.page(conn, cursor.as_deref(), range, want).await?;
+            let mut pipe = redis::pipe();
+            for id in &batch {
+                pipe.cmd("HMGET")
+                    .arg(self.key(&format!("run:{id}")))
+                    .arg(fields);
+            }
+            let values: Vec<Vec<Option<String>>> = if batch.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(conn).await.db()?
+            };
+            for (id, values) in batch.iter().zip(&values) {
+                examined += 1;
+                if facts_admitted(filter, values) {
+                    total += 1;
+                    if matched.len() < limit {
+                        matched.push(id.clone());
+                    }
+                }
+            }
+            cursor = batch.last().cloned().or(cursor);
+            if batch.len() < want {
+                complete = true;
+                break;
+            }
+        }
+        Ok(RunPage {
+            runs: self.runs_by_id(&matched).await?,
+            total,
+            scan: Some(ScanExtent {
+                examined,
+                complete,
+                last: cursor.as_deref().and_then(RunId::parse),
+            }),
+        })
+    }
+}
+
+/// Whether the filter admits a run of these [`SCAN_FIELDS`] values (a run deleted meanwhile
+/// has none and is left out).
+fn facts_admitted(filter: &RunFilter, values: &[Option<String>]) -> bool {
+    let get = |index: usize| values.get(index).and_then(Option::as_deref);
+    let Some(name) = get(1) else { return false };
+    let cost = Usd::from_micros(get(3).and_then(|v| v.parse().ok()).unwrap_or(0))
+        + get(4)
+            .and_then(|v| v.parse::<f64>().ok())
+            .and_then(Usd::from_dollars)
+            .unwrap_or_default();
+    let error: Option<RunError> = get(5).and_then(|text| serde_json::from_str(text).ok());
+    let inputs: Option<Value> = get(6).and_then(|text| serde_json::from_str(text).ok());
+    filter.admits(&RunFacts {
+        kind: get(0).and_then(RunKind::parse),
+        name,
+        queue: get(2).unwrap_or_default(),
+        cost_usd: cost,
+        error_code: error.as_ref().map(|e| e.code.as_str()),
+        inputs: inputs.as_ref(),
+    })
+}
+
+/// A range of run ids (of creation times): from `since` (inclusive) to `until` (exclusive).
+#[derive(Debug, Default)]
+struct IdRange {
+    since: Option<String>,
+    until: Option<String>,
+}
+
+impl IdRange {
+    fn holds(&self, id: &str) -> bool {
+        self.since.as_deref().is_none_or(|since| id >= since)
+            && self.until.as_deref().is_none_or(|until| id < until)
+    }
+}
+
 impl RunIds {
-    async fn count(&self, conn: &mut ConnectionManager) -> StoreResult<u64> {
+    async fn count(&self, conn: &mut ConnectionManager, range: &IdRange) -> StoreResult<u64> {
         Ok(match self {
-            RunIds::Set(key) => conn.zcard(key).await.db()?,
-            RunIds::Listed(ids) => ids.len() as u64,
+            RunIds::Set(key) => redis::cmd("ZLEXCOUNT")
+                .arg(key)
+                .arg(
+                    range
+                        .since
+                        .as_deref()
+                        .map_or_else(|| "-".to_owned(), |id| format!("[{id}")),
+                )
+                .arg(
+                    range
+                        .until
+                        .as_deref()
+                        .map_or_else(|| "+".to_owned(), |id| format!("({id}")),
+                )
+                .query_async(conn)
+                .await
+                .db()?,
+            RunIds::Listed(ids) => ids.iter().filter(|id| range.holds(id)).count() as u64,
         })
     }
 
-    /// Up to `count` ids older than `before` (all when `None`), newest first.
+    /// Up to `count` ids older than `before` (all when `None`) and in `range`, newest first.
     async fn page(
         &self,
         conn: &mut ConnectionManager,
         before: Option<&str>,
+        range: &IdRange,
         count: usize,
     ) -> StoreResult<Vec<String>> {
         Ok(match self {
             RunIds::Set(key) => redis::cmd("ZREVRANGEBYLEX")
                 .arg(key)
                 .arg(before.map_or_else(|| "+".to_owned(), |id| format!("({id}")))
-                .arg("-")
+                .arg(
+                    range
+                        .since
+                        .as_deref()
+                        .map_or_else(|| "-".to_owned(), |id| format!("[{id}")),
+                )
                 .arg("LIMIT")
                 .arg(0)
                 .arg(count)
@@ -345,7 +498,7 @@ impl RunIds {
                 .db()?,
             RunIds::Listed(ids) => ids
                 .iter()
-                .filter(|id| before.is_none_or(|before| id.as_str() < before))
+                .filter(|id| before.is_none_or(|before| id.as_str() < before) && range.holds(id))
                 .take(count)
                 .cloned()
                 .collect(),
@@ -734,7 +887,7 @@ impl RunStore for RedisStore {
         run_from_hash(&hash)
     }
 
-    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage> {
         let mut conn = self.conn.clone();
         let ids = match filter.status {
             // Running runs are the lease index; they have no status set of their own. There
@@ -747,65 +900,29 @@ impl RunStore for RedisStore {
             Some(status) => RunIds::Set(self.key(&format!("status:{}", status.as_str()))),
             None => RunIds::Set(self.key("runs")),
         };
-        let before = filter.before.map(|id| id.to_string());
-        let limit = filter.limit as usize;
-        let filtered = filter.kind.is_some() || filter.name.is_some();
-        if !filtered {
-            let total = ids.count(&mut conn).await?;
-            let page = ids.page(&mut conn, before.as_deref(), limit).await?;
-            let mut runs = Vec::with_capacity(page.len());
-            for id in page.iter().filter_map(|id| RunId::parse(id)) {
-                if let Some(run) = self.get_run(id).await? {
-                    runs.push(run);
-                }
-            }
-            return Ok((runs, total));
+        let range = IdRange {
+            since: filter.since.map(|id| id.to_string()),
+            until: filter.until.map(|id| id.to_string()),
+        };
+        let cursor = match (filter.before, filter.until) {
+            (Some(before), Some(until)) => Some(before.min(until)),
+            (before, until) => before.or(until),
         }
-        // Kind and name filters scan the ids page by page (an ops query, not a hot path), so
-        // Redis is never blocked by one long call.
-        let mut total = 0u64;
-        let mut page_ids = Vec::new();
-        let mut cursor: Option<String> = None;
-        loop {
-            let page = ids.page(&mut conn, cursor.as_deref(), BATCH).await?;
-            let Some(last) = page.last() else { break };
-            cursor = Some(last.clone());
-            let mut pipe = redis::pipe();
-            for id in &page {
-                pipe.cmd("HMGET")
-                    .arg(self.key(&format!("run:{id}")))
-                    .arg("kind")
-                    .arg("name");
-            }
-            let fields: Vec<(Option<String>, Option<String>)> =
-                pipe.query_async(&mut conn).await.db()?;
-            for (id, (kind, name)) in page.iter().zip(fields) {
-                let kind_ok = filter
-                    .kind
-                    .is_none_or(|k| kind.as_deref() == Some(k.as_str()));
-                let name_ok = filter
-                    .name
-                    .as_ref()
-                    .is_none_or(|n| name.as_ref() == Some(n));
-                if kind_ok && name_ok {
-                    total += 1;
-                    let after_cursor = before.as_deref().is_none_or(|before| id.as_str() < before);
-                    if after_cursor && page_ids.len() < limit {
-                        page_ids.push(id.clone());
-                    }
-                }
-            }
-            if page.len() < BATCH {
-                break;
-            }
+        .map(|id| id.to_string());
+        if filter.narrows_beyond_status() {
+            return self
+                .scan_runs(&mut conn, &ids, &range, cursor, filter)
+                .await;
         }
-        let mut runs = Vec::with_capacity(page_ids.len());
-        for id in page_ids.iter().filter_map(|id| RunId::parse(id)) {
-            if let Some(run) = self.get_run(id).await? {
-                runs.push(run);
-            }
-        }
-        Ok((runs, total))
+        let total = ids.count(&mut conn, &range).await?;
+        let page = ids
+            .page(&mut conn, cursor.as_deref(), &range, filter.limit as usize)
+            .await?;
+        Ok(RunPage {
+            runs: self.runs_by_id(&page).await?,
+            total,
+            scan: None,
+        })
     }
 
     async fn claim(
@@ -1001,12 +1118,12 @@ impl RunStore for RedisStore {
         Ok(())
     }
 
-    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord> {
+    async fn request_cancel(&self, id: RunId, actor: Actor) -> StoreResult<RunRecord> {
         // Read, decide, and apply only to the run as it was read: a run whose status changed
         // in between is read and decided again.
         for _ in 0..CHANGED_RETRIES {
             let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
-            let (at_once, status, events) = match kernel::cancel(id, run.status)? {
+            let (at_once, status, events) = match kernel::cancel(id, run.status, actor)? {
                 kernel::Cancel::Now { run, event } => ("1", run.as_str(), vec![event]),
                 kernel::Cancel::Requested { event } => ("0", "", vec![event]),
             };
@@ -1038,7 +1155,7 @@ impl RunStore for RedisStore {
         let run = self.get_run(id).await?.ok_or(StoreError::NotFound(id))?;
         let from_idx = core_store::resume_start(&run, &from)?;
         let forget = matches!(from, FromStage::Named(_));
-        let (status, event) = kernel::resumed(&run.stages[from_idx].name);
+        let (status, event) = kernel::resumed(&run.stages[from_idx].name, changes.actor);
         let mut args = vec![
             id.to_string(),
             run.status.as_str().to_owned(),
@@ -1225,6 +1342,121 @@ impl RunStore for RedisStore {
                 })
             })
             .collect())
+    }
+
+    async fn oldest_waiting(&self) -> StoreResult<Vec<QueueWait>> {
+        let mut conn = self.conn.clone();
+        let mut queues: Vec<String> = self
+            .queue_depths()
+            .await?
+            .into_iter()
+            .filter(|d| matches!(d.status, RunStatus::Queued | RunStatus::Retrying))
+            .map(|d| d.queue)
+            .collect();
+        queues.dedup();
+        if queues.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for queue in &queues {
+            pipe.cmd("ZRANGE")
+                .arg(self.key(&format!("queue:{queue}:due")))
+                .arg(0)
+                .arg(0)
+                .arg("WITHSCORES");
+        }
+        let oldest: Vec<Vec<(String, i64)>> = pipe.query_async(&mut conn).await.db()?;
+        Ok(queues
+            .into_iter()
+            .zip(oldest)
+            .filter_map(|(queue, first)| {
+                let (_, due) = first.into_iter().next()?;
+                Some(QueueWait {
+                    queue,
+                    oldest_due_at: to_datetime(due),
+                })
+            })
+            .collect())
+    }
+
+    async fn add_throughput(&self, counts: &[Throughput]) -> StoreResult<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let kept = core_store::THROUGHPUT_KEPT.as_millis() as i64 + HOUR_MS;
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for count in counts {
+            let minute = count.minute.timestamp_millis();
+            let key = self.throughput_key(&count.queue, minute);
+            for (outcome, n) in [
+                ("completed", count.completed),
+                ("failed", count.failed),
+                ("cancelled", count.cancelled),
+            ] {
+                if n > 0 {
+                    pipe.hincr(&key, format!("{minute}:{outcome}"), n).ignore();
+                }
+            }
+            pipe.pexpire(&key, kept).ignore();
+            pipe.sadd(self.key("throughput:queues"), &count.queue)
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.db()
+    }
+
+    async fn throughput(&self, since: DateTime<Utc>) -> StoreResult<Vec<Throughput>> {
+        let mut conn = self.conn.clone();
+        let queues: Vec<String> = conn.smembers(self.key("throughput:queues")).await.db()?;
+        let now = server_millis(&mut conn).await?;
+        let since = since.timestamp_millis();
+        let first_hour = since - since.rem_euclid(HOUR_MS);
+        let mut keys = Vec::new();
+        for queue in &queues {
+            let mut hour = first_hour;
+            while hour <= now {
+                keys.push((queue, self.throughput_key(queue, hour)));
+                hour += HOUR_MS;
+            }
+        }
+        let mut pipe = redis::pipe();
+        for (_, key) in &keys {
+            pipe.hgetall(key);
+        }
+        let hours: Vec<HashMap<String, u64>> = if keys.is_empty() {
+            Vec::new()
+        } else {
+            pipe.query_async(&mut conn).await.db()?
+        };
+        let mut minutes: std::collections::BTreeMap<(i64, &str), Throughput> = Default::default();
+        for ((queue, _), fields) in keys.iter().zip(hours) {
+            for (field, n) in fields {
+                let Some((minute, outcome)) = field.split_once(':') else {
+                    continue;
+                };
+                let Ok(minute) = minute.parse::<i64>() else {
+                    continue;
+                };
+                if minute < since {
+                    continue;
+                }
+                let entry = minutes
+                    .entry((minute, queue.as_str()))
+                    .or_insert_with(|| Throughput {
+                        queue: (*queue).clone(),
+                        minute: to_datetime(minute),
+                        ..Throughput::default()
+                    });
+                match outcome {
+                    "completed" => entry.completed += n,
+                    "failed" => entry.failed += n,
+                    "cancelled" => entry.cancelled += n,
+                    _ => {}
+                }
+            }
+        }
+        Ok(minutes.into_values().collect())
     }
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {

@@ -10,11 +10,12 @@ mod rows;
 use std::{collections::HashMap, str::FromStr, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use group::{GroupCommit, WriteTx};
 use rows::{json_text, parse_json, read_run, run_from_row, stage_from_row};
 use serde_json::{Value, json};
 use sqlx::{
-    Row,
+    QueryBuilder, Row,
     sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
     },
@@ -26,10 +27,11 @@ use stagecraft_core::{
     ids::{RunId, WorkerId},
     money::Usd,
     store::{
-        self as core_store, Claimed, FromStage, Lease, NewRun, Progress, QueueDepth, ResumeChanges,
-        ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind, RunPosition, RunRecord,
-        RunStatus, RunStore, StageCheckpoint, StageOutcome, StageRecord, StageStatus, StepRecord,
-        StoreError, StoreResult, WORKER_STALE_AFTER, WorkerInfo, kernel, to_datetime,
+        self as core_store, Actor, Claimed, FromStage, Lease, NewRun, Progress, QueueDepth,
+        QueueWait, ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind,
+        RunPage, RunPosition, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome,
+        StageRecord, StageStatus, StepRecord, StoreError, StoreResult, Throughput,
+        WORKER_STALE_AFTER, WorkerInfo, kernel, to_datetime,
     },
 };
 
@@ -247,36 +249,30 @@ impl RunStore for SqliteStore {
         Ok(run)
     }
 
-    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)> {
-        let kind = filter.kind.map(RunKind::as_str);
-        let status = filter.status.map(RunStatus::as_str);
-        let total: i64 = sqlx::query(
-            "SELECT COUNT(*) AS n FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
-             AND (?3 IS NULL OR name = ?3)",
-        )
-        .bind(kind)
-        .bind(status)
-        .bind(&filter.name)
-        .fetch_one(&self.pool)
-        .await.db()?
-        .try_get("n").db()?;
-        let rows = sqlx::query(
-            "SELECT * FROM runs WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR status = ?2) \
-             AND (?3 IS NULL OR name = ?3) AND (?4 IS NULL OR id < ?4) ORDER BY id DESC LIMIT ?5",
-        )
-        .bind(kind)
-        .bind(status)
-        .bind(&filter.name)
-        .bind(filter.before.map(|id| id.to_string()))
-        .bind(i64::from(filter.limit))
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage> {
+        let mut count = QueryBuilder::new("SELECT COUNT(*) AS n FROM runs");
+        filtered(&mut count, filter, false);
+        let total: i64 = count
+            .build()
+            .fetch_one(&self.pool)
+            .await
+            .db()?
+            .try_get("n")
+            .db()?;
+        let mut page = QueryBuilder::new("SELECT * FROM runs");
+        filtered(&mut page, filter, true);
+        page.push(" ORDER BY id DESC LIMIT ")
+            .push_bind(i64::from(filter.limit));
+        let rows = page.build().fetch_all(&self.pool).await.db()?;
         let runs = rows
             .iter()
             .map(run_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        Ok((runs, total as u64))
+        Ok(RunPage {
+            runs,
+            total: total as u64,
+            scan: None,
+        })
     }
 
     async fn heartbeat(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
@@ -429,6 +425,55 @@ impl RunStore for SqliteStore {
             .collect()
     }
 
+    async fn oldest_waiting(&self) -> StoreResult<Vec<QueueWait>> {
+        // One index seek per queue and status (`runs_due`).
+        let rows = sqlx::query(
+            "SELECT queue, MIN(available_at) AS due FROM runs WHERE status IN ('queued', 'retrying') \
+             GROUP BY queue ORDER BY queue",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .db()?;
+        rows.iter()
+            .map(|row| {
+                Ok(QueueWait {
+                    queue: row.try_get("queue").db()?,
+                    oldest_due_at: to_datetime(row.try_get("due").db()?),
+                })
+            })
+            .collect()
+    }
+
+    async fn add_throughput(&self, counts: &[Throughput]) -> StoreResult<()> {
+        let (store, counts) = (self.clone(), counts.to_vec());
+        detached(async move { store.add_throughput_now(&counts).await }).await
+    }
+
+    async fn throughput(&self, since: DateTime<Utc>) -> StoreResult<Vec<Throughput>> {
+        let rows = sqlx::query(
+            "SELECT queue, minute, completed, failed, cancelled FROM throughput WHERE minute >= ? \
+             ORDER BY minute, queue",
+        )
+        .bind(since.timestamp_millis())
+        .fetch_all(&self.pool)
+        .await
+        .db()?;
+        rows.iter()
+            .map(|row| {
+                let count = |column: &str| -> StoreResult<u64> {
+                    Ok(row.try_get::<i64, _>(column).db()?.max(0) as u64)
+                };
+                Ok(Throughput {
+                    queue: row.try_get("queue").db()?,
+                    minute: to_datetime(row.try_get("minute").db()?),
+                    completed: count("completed")?,
+                    failed: count("failed")?,
+                    cancelled: count("cancelled")?,
+                })
+            })
+            .collect()
+    }
+
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
         let rows = sqlx::query("SELECT queue, status, COUNT(*) AS n FROM runs GROUP BY queue, status ORDER BY queue, status")
             .fetch_all(&self.pool)
@@ -563,9 +608,9 @@ impl RunStore for SqliteStore {
         detached(async move { store.fail_run_now(&lease, error).await }).await
     }
 
-    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord> {
+    async fn request_cancel(&self, id: RunId, actor: Actor) -> StoreResult<RunRecord> {
         let store = self.clone();
-        detached(async move { store.request_cancel_now(id).await }).await
+        detached(async move { store.request_cancel_now(id, actor).await }).await
     }
 
     async fn resume(
@@ -1036,7 +1081,7 @@ impl SqliteStore {
         Ok(())
     }
 
-    async fn request_cancel_now(&self, id: RunId) -> StoreResult<RunRecord> {
+    async fn request_cancel_now(&self, id: RunId, actor: Actor) -> StoreResult<RunRecord> {
         let now = self.now();
         let mut tx = self.begin().await?;
         let row = sqlx::query("SELECT status FROM runs WHERE id = ?")
@@ -1048,7 +1093,7 @@ impl SqliteStore {
         let status: String = row.try_get("status").db()?;
         let status = RunStatus::parse(&status)
             .ok_or_else(|| StoreError::Corrupt(format!("run status {status}")))?;
-        let decided = match kernel::cancel(id, status) {
+        let decided = match kernel::cancel(id, status, actor) {
             Ok(decided) => decided,
             Err(refused) => {
                 tx.rollback().await.db()?;
@@ -1110,7 +1155,7 @@ impl SqliteStore {
         let mut tx = self.begin().await?;
         // The status check again, inside the write lock: a concurrent resume may have won.
         let from_name = run.stages[from_idx].name.clone();
-        let (status, event) = kernel::resumed(&from_name);
+        let (status, event) = kernel::resumed(&from_name, changes.actor);
         let updated = sqlx::query(
             "UPDATE runs SET status = ?, available_at = ?, updated_at = ?, result = NULL, error = NULL, \
              finished_at = NULL, cancel_requested = 0, current_stage = NULL, lease_owner = NULL, lease_expires_at = NULL, \
@@ -1208,6 +1253,36 @@ impl SqliteStore {
         Ok(recovered)
     }
 
+    async fn add_throughput_now(&self, counts: &[Throughput]) -> StoreResult<()> {
+        if counts.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.begin().await?;
+        for count in counts {
+            sqlx::query(
+                "INSERT INTO throughput (queue, minute, completed, failed, cancelled) VALUES (?, ?, ?, ?, ?) \
+                 ON CONFLICT (queue, minute) DO UPDATE SET completed = completed + excluded.completed, \
+                 failed = failed + excluded.failed, cancelled = cancelled + excluded.cancelled",
+            )
+            .bind(&count.queue)
+            .bind(count.minute.timestamp_millis())
+            .bind(count.completed as i64)
+            .bind(count.failed as i64)
+            .bind(count.cancelled as i64)
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        }
+        let kept = i64::try_from(core_store::THROUGHPUT_KEPT.as_millis()).unwrap_or(i64::MAX);
+        sqlx::query("DELETE FROM throughput WHERE minute < ?")
+            .bind(self.now().saturating_sub(kept))
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        tx.commit().await.db()?;
+        Ok(())
+    }
+
     async fn add_counters_now(&self, deltas: &[(String, f64)]) -> StoreResult<()> {
         if deltas.is_empty() {
             return Ok(());
@@ -1222,6 +1297,56 @@ impl SqliteStore {
         }
         tx.commit().await.db()?;
         Ok(())
+    }
+}
+
+/// Adds the listing's filters to `query` as a `WHERE` clause naming only the filters set, so
+/// the planner picks the index of the narrowest one; `with_cursor` adds the page's cursor.
+fn filtered(query: &mut QueryBuilder<sqlx::Sqlite>, filter: &RunFilter, with_cursor: bool) {
+    let mut clause = " WHERE ";
+    let mut and = |query: &mut QueryBuilder<sqlx::Sqlite>| {
+        query.push(clause);
+        clause = " AND ";
+    };
+    for (column, value) in [
+        ("kind", filter.kind.map(RunKind::as_str).map(str::to_owned)),
+        ("status", filter.status.map(|s| s.as_str().to_owned())),
+        ("name", filter.name.clone()),
+        ("queue", filter.queue.clone()),
+        ("json_extract(error, '$.code')", filter.error_code.clone()),
+    ] {
+        if let Some(value) = value {
+            and(query);
+            query.push(column).push(" = ").push_bind(value);
+        }
+    }
+    if let Some(since) = filter.since {
+        and(query);
+        query.push("id >= ").push_bind(since.to_string());
+    }
+    if let Some(until) = filter.until {
+        and(query);
+        query.push("id < ").push_bind(until.to_string());
+    }
+    if let Some(before) = filter.before.filter(|_| with_cursor) {
+        and(query);
+        query.push("id < ").push_bind(before.to_string());
+    }
+    if let Some(min) = filter.min_cost {
+        and(query);
+        query.push("cost_micros >= ").push_bind(min.micros());
+    }
+    if let Some(max) = filter.max_cost {
+        and(query);
+        query.push("cost_micros <= ").push_bind(max.micros());
+    }
+    if let Some(text) = &filter.input_text {
+        // One phrase of the trigram index: the text anywhere inside one value.
+        and(query);
+        query
+            .push("id IN (SELECT run_id FROM run_search WHERE rowid IN (SELECT rowid FROM run_search_index WHERE run_search_index MATCH ")
+            .push_bind(format!("\"{}\"", text.replace('"', "\"\"")))
+            .push("))");
     }
 }
 
@@ -1264,13 +1389,14 @@ mod tests {
         assert!(results.iter().all(Result::is_ok));
         // A fresh store on the same file sees every acknowledged write.
         let reopened = super::tests::store(&dir).await;
-        let (_, total) = reopened
+        let total = reopened
             .list_runs(&RunFilter {
                 limit: 1,
                 ..RunFilter::default()
             })
             .await
-            .expect("list");
+            .expect("list")
+            .total;
         assert_eq!(total, 300);
     }
 

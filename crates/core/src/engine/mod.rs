@@ -112,6 +112,7 @@ impl Engine {
         let span = info_span!("run", run.id = %claimed.run.id, run.name = %claimed.run.name, fence = claimed.lease.fence.0);
         async move {
             let run_id = claimed.run.id;
+            let queue = claimed.run.queue.clone();
             if let Ok(mut running) = self.running.lock() {
                 running.insert(run_id);
             }
@@ -145,7 +146,7 @@ impl Engine {
                 Err(ending) => ending,
             };
             heartbeat.abort();
-            self.finish(run_id, ending, &watchers).await;
+            self.finish((run_id, &queue), ending, &watchers).await;
             ending
         }
         .instrument(span)
@@ -153,7 +154,22 @@ impl Engine {
     }
 
     /// The bookkeeping after an execution ended, whatever ended it.
-    async fn finish(&self, run_id: RunId, ending: Ending, watchers: &[Arc<dyn RunObserver>]) {
+    async fn finish(
+        &self,
+        (run_id, queue): (RunId, &str),
+        ending: Ending,
+        watchers: &[Arc<dyn RunObserver>],
+    ) {
+        let outcome = match ending {
+            Ending::Completed => Some(RunOutcome::Completed),
+            Ending::Failed => Some(RunOutcome::Failed),
+            Ending::Cancelled => Some(RunOutcome::Cancelled),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            self.metrics
+                .run_finished(queue, outcome, chrono::Utc::now());
+        }
         match ending {
             Ending::LeaseLost => {
                 self.metrics.fencing_rejected();
@@ -433,7 +449,6 @@ impl Engine {
             }
         }
         if is_last {
-            self.metrics.run_finished(RunOutcome::Completed);
             return ControlFlow::Break(Ending::Completed);
         }
         self.notify(ex.watchers, ex.run.id).await;
@@ -509,7 +524,6 @@ impl Engine {
                 self.fail(lease, index, RunError { code, message }).await
             }
             StageError::Cancelled => {
-                self.metrics.run_finished(RunOutcome::Cancelled);
                 let written = self
                     .store
                     .end_attempt(lease, index, StageOutcome::Cancelled)
@@ -589,7 +603,6 @@ impl Engine {
 
     async fn fail(&self, lease: &Lease, index: usize, error: RunError) -> Ending {
         warn!(stage.index = index, error.code = %error.code, error = %error.message, "run failed");
-        self.metrics.run_finished(RunOutcome::Failed);
         self.settle(
             self.store
                 .end_attempt(lease, index, StageOutcome::Fail { error })

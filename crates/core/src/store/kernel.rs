@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::{
-    Progress, RunError, RunStatus, StageCheckpoint, StageOutcome, StageStatus, StepRecord,
+    Actor, Progress, RunError, RunStatus, StageCheckpoint, StageOutcome, StageStatus, StepRecord,
     StoreError, StoreResult,
 };
 use crate::ids::{FenceToken, RunId};
@@ -269,14 +269,14 @@ pub enum Cancel {
     Requested { event: Event },
 }
 
-pub fn cancel(id: RunId, status: RunStatus) -> StoreResult<Cancel> {
+pub fn cancel(id: RunId, status: RunStatus, actor: Actor) -> StoreResult<Cancel> {
     match status {
         RunStatus::Queued | RunStatus::Retrying => Ok(Cancel::Now {
             run: RunStatus::Cancelled,
-            event: Event::of_run(EventKind::RunCancelled, json!({})),
+            event: Event::of_run(EventKind::RunCancelled, json!({"actor": actor})),
         }),
         RunStatus::Running => Ok(Cancel::Requested {
-            event: Event::of_run(EventKind::CancelRequested, json!({})),
+            event: Event::of_run(EventKind::CancelRequested, json!({"actor": actor})),
         }),
         finished => Err(StoreError::Conflict(format!(
             "run {id} is already {}; only queued, retrying or running runs can be cancelled",
@@ -285,11 +285,14 @@ pub fn cancel(id: RunId, status: RunStatus) -> StoreResult<Cancel> {
     }
 }
 
-/// A finished run was queued again from stage `from_stage`.
-pub fn resumed(from_stage: &str) -> (RunStatus, Event) {
+/// A finished run was queued again from stage `from_stage`, at `actor`'s request.
+pub fn resumed(from_stage: &str, actor: Actor) -> (RunStatus, Event) {
     (
         RunStatus::Queued,
-        Event::of_stage(EventKind::RunResumed, json!({"from_stage": from_stage})),
+        Event::of_stage(
+            EventKind::RunResumed,
+            json!({"from_stage": from_stage, "actor": actor}),
+        ),
     )
 }
 
@@ -373,11 +376,11 @@ mod tests {
     fn only_unfinished_runs_can_be_cancelled() {
         let id = RunId::generate();
         assert!(matches!(
-            cancel(id, RunStatus::Queued),
+            cancel(id, RunStatus::Queued, Actor::default()),
             Ok(Cancel::Now { .. })
         ));
         assert!(matches!(
-            cancel(id, RunStatus::Running),
+            cancel(id, RunStatus::Running, Actor::default()),
             Ok(Cancel::Requested { .. })
         ));
         for status in [
@@ -385,7 +388,10 @@ mod tests {
             RunStatus::Failed,
             RunStatus::Cancelled,
         ] {
-            assert!(matches!(cancel(id, status), Err(StoreError::Conflict(_))));
+            assert!(matches!(
+                cancel(id, status, Actor::default()),
+                Err(StoreError::Conflict(_))
+            ));
         }
     }
 }

@@ -428,22 +428,186 @@ pub enum FromStage {
     Named(String),
 }
 
-/// What a resume changes besides the stages: new inputs (the whole object) and a new budget.
+/// What a resume changes besides the stages: new inputs (the whole object) and a new budget,
+/// and who asked.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ResumeChanges {
     pub inputs: Option<Value>,
     pub budget_usd: Option<Usd>,
+    pub actor: Actor,
 }
 
-/// Filters of the run listing.
+/// Who asked for a change to a run (a cancel, a resume), named in the event it appends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Actor {
+    /// The caller's role: `operator` (the full `API_TOKEN`), `read_only`, `anonymous` (a deployment without
+    /// tokens) or `local` (a command run beside the store).
+    pub role: ActorRole,
+    /// Through what: `api` (a bearer token), `console` (the console's session) or `cli`.
+    pub via: ActorChannel,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ActorRole {
+    Operator,
+    /// The read-only token (which can change nothing; named for completeness).
+    ReadOnly,
+    Anonymous,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ActorChannel {
+    Api,
+    Console,
+    Cli,
+}
+
+impl Default for Actor {
+    /// A command run beside the store.
+    fn default() -> Self {
+        Self {
+            role: ActorRole::Local,
+            via: ActorChannel::Cli,
+        }
+    }
+}
+
+/// Filters of the run listing. Every filter narrows; none set lists every run.
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     pub kind: Option<RunKind>,
     pub status: Option<RunStatus>,
     pub name: Option<String>,
-    /// Only runs older than this one (the cursor of the previous page).
+    pub queue: Option<String>,
+    /// Only runs older than this one: the cursor of the previous page.
     pub before: Option<RunId>,
+    /// Only runs at least as new as this one (the start of a time range: run ids grow with
+    /// their creation time, see [`RunId::first_at`]).
+    pub since: Option<RunId>,
+    /// Only runs older than this one (the end of a time range).
+    pub until: Option<RunId>,
+    /// Only runs that cost at least this much.
+    pub min_cost: Option<Usd>,
+    /// Only runs that cost at most this much.
+    pub max_cost: Option<Usd>,
+    /// Only runs that failed with this error code.
+    pub error_code: Option<String>,
+    /// Only runs with this text inside a value of their inputs ([`MIN_SEARCH_CHARS`] or more).
+    pub input_text: Option<String>,
     pub limit: u32,
+}
+
+impl RunFilter {
+    /// Whether a filter beyond status and the id range is set (the ones a store may have to
+    /// check run by run).
+    pub fn narrows_beyond_status(&self) -> bool {
+        self.kind.is_some()
+            || self.name.is_some()
+            || self.queue.is_some()
+            || self.min_cost.is_some()
+            || self.max_cost.is_some()
+            || self.error_code.is_some()
+            || self.input_text.is_some()
+    }
+
+    /// Whether a run passes the filters (the id range and status apart, which stores read
+    /// from their indexes).
+    pub fn admits(&self, run: &RunFacts<'_>) -> bool {
+        self.kind.is_none_or(|k| run.kind == Some(k))
+            && self.name.as_deref().is_none_or(|n| run.name == n)
+            && self.queue.as_deref().is_none_or(|q| run.queue == q)
+            && self.min_cost.is_none_or(|c| run.cost_usd >= c)
+            && self.max_cost.is_none_or(|c| run.cost_usd <= c)
+            && self
+                .error_code
+                .as_deref()
+                .is_none_or(|code| run.error_code == Some(code))
+            && self.input_text.as_ref().is_none_or(|text| {
+                run.inputs
+                    .is_some_and(|inputs| inputs_contain(inputs, text))
+            })
+    }
+}
+
+/// What [`RunFilter::admits`] looks at, as a store that checks runs one by one reads it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunFacts<'a> {
+    pub kind: Option<RunKind>,
+    pub name: &'a str,
+    pub queue: &'a str,
+    pub cost_usd: Usd,
+    pub error_code: Option<&'a str>,
+    /// Read only when the filter searches the inputs.
+    pub inputs: Option<&'a Value>,
+}
+
+/// Fewest characters an input search may have.
+pub const MIN_SEARCH_CHARS: usize = 3;
+
+/// Whether a string or number inside `inputs` contains `text` (case-insensitively, as the
+/// stores' indexes match).
+pub fn inputs_contain(inputs: &Value, text: &str) -> bool {
+    let needle = text.to_lowercase();
+    fn walk(value: &Value, needle: &str) -> bool {
+        match value {
+            Value::String(s) => s.to_lowercase().contains(needle),
+            Value::Number(n) => n.to_string().contains(needle),
+            Value::Array(items) => items.iter().any(|v| walk(v, needle)),
+            Value::Object(map) => map.values().any(|v| walk(v, needle)),
+            Value::Bool(_) | Value::Null => false,
+        }
+    }
+    walk(inputs, &needle)
+}
+
+/// A page of the run listing.
+#[derive(Debug, Clone, Default)]
+pub struct RunPage {
+    pub runs: Vec<RunRecord>,
+    /// Runs matching the filters in all, when the store could count them; a store that checks
+    /// runs one by one counts the matches among the runs it examined.
+    pub total: u64,
+    /// When the store checked runs one by one and stopped before the end: how many it
+    /// examined, and the id to continue after.
+    pub scan: Option<ScanExtent>,
+}
+
+/// How far a bounded scan looked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanExtent {
+    pub examined: u64,
+    /// Whether every candidate run was examined.
+    pub complete: bool,
+    /// The last run examined: the next page continues after it.
+    pub last: Option<RunId>,
+}
+
+/// Most runs a store that cannot index a filter examines for one page.
+pub const SCAN_LIMIT: u64 = 20_000;
+
+/// Runs finished in one queue in one minute, by outcome.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Throughput {
+    pub queue: String,
+    /// The start of the minute.
+    pub minute: DateTime<Utc>,
+    pub completed: u64,
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+/// How long stores keep throughput history.
+pub const THROUGHPUT_KEPT: Duration = Duration::from_secs(25 * 3600);
+
+/// The oldest run waiting in a queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct QueueWait {
+    pub queue: String,
+    /// When the longest-waiting run became due (its submission, or the end of its backoff).
+    pub oldest_due_at: DateTime<Utc>,
 }
 
 /// One entry of a run's event log, as streamed by `GET /runs/{id}/events`.
@@ -515,7 +679,7 @@ pub trait RunStore: Send + Sync + 'static {
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>>;
 
     /// Runs matching the filter, newest first, without their stages, and how many match in all.
-    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<(Vec<RunRecord>, u64)>;
+    async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage>;
 
     /// Claims up to `max` of the oldest due runs of these queues, each with a new lease and a
     /// larger fence, oldest first.
@@ -564,7 +728,7 @@ pub trait RunStore: Send + Sync + 'static {
     async fn fail_run(&self, lease: &Lease, error: RunError) -> StoreResult<()>;
 
     /// Cancels a queued run at once; flags a running one for its worker to stop.
-    async fn request_cancel(&self, id: RunId) -> StoreResult<RunRecord>;
+    async fn request_cancel(&self, id: RunId, actor: Actor) -> StoreResult<RunRecord>;
 
     /// Re-queues a finished run from a stage, keeping the checkpoints before it.
     /// `changes` replace the run's inputs or budget in the same write.
@@ -601,6 +765,16 @@ pub trait RunStore: Send + Sync + 'static {
     async fn run_positions(&self, runs: &[RunId]) -> StoreResult<Vec<RunPosition>>;
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>>;
+
+    /// The longest-waiting due run of each queue that has one.
+    async fn oldest_waiting(&self) -> StoreResult<Vec<QueueWait>>;
+
+    /// Adds finished runs to the per-minute history of their queues, dropping minutes older
+    /// than [`THROUGHPUT_KEPT`].
+    async fn add_throughput(&self, counts: &[Throughput]) -> StoreResult<()>;
+
+    /// The per-minute history since `since`, oldest minute first.
+    async fn throughput(&self, since: DateTime<Utc>) -> StoreResult<Vec<Throughput>>;
 
     /// Registers a worker process or refreshes its heartbeat and current runs.
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()>;
