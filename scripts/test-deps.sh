@@ -14,6 +14,9 @@ declare -A needed=(
   [docker-compose]=docker-compose
   [shellcheck]=shellcheck
   [python3]=python3
+  # The console's tests drive a headless Chromium over WebDriver.
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
 )
 
 missing=()

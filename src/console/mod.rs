@@ -30,6 +30,11 @@ use crate::http::{
 pub const HOME: &str = "/ui";
 /// The login page, reachable without a token.
 pub const LOGIN: &str = "/ui/login";
+/// Clears the session cookie, whoever asks.
+pub const LOGOUT: &str = "/ui/logout";
+/// What the console's script asks about its caller (JSON: a 401 without a session, never the
+/// login page).
+pub const SESSION: &str = "/ui/session";
 /// The console's static files, reachable without a token (they hold no data).
 pub const ASSETS: &str = "/ui/assets/";
 
@@ -53,8 +58,8 @@ pub fn routes(state: &AppState) -> Router<AppState> {
         .route("/ui/runs/{id}", get(page))
         .route("/ui/queues", get(page))
         .route(LOGIN, get(login_page).post(login))
-        .route("/ui/logout", axum::routing::post(logout))
-        .route("/ui/session", get(session))
+        .route(LOGOUT, axum::routing::post(logout))
+        .route(SESSION, get(session))
         .route(
             "/ui/assets/{name}",
             get(move |path, headers| asset(assets.clone(), path, headers)),

@@ -126,12 +126,14 @@ pub fn session(request: &Request) -> Option<&str> {
         .filter(|token| !token.is_empty())
 }
 
-/// Routes anyone may call: health, preflights, and the console's login page and assets.
+/// Routes anyone may call: health, preflights, and the console's login and logout (which only
+/// sets or clears the cookie) and assets.
 fn is_public(request: &Request) -> bool {
     let path = request.uri().path();
     path == "/health"
         || request.method() == Method::OPTIONS
         || path == crate::console::LOGIN
+        || path == crate::console::LOGOUT
         || path.starts_with(crate::console::ASSETS)
 }
 
@@ -143,6 +145,7 @@ fn reads_only(method: &Method) -> bool {
 fn is_navigation(request: &Request) -> bool {
     let path = request.uri().path();
     reads_only(request.method())
+        && path != crate::console::SESSION
         && (path == crate::console::HOME
             || path.starts_with("/ui/")
             || (path == "/" && accepts_html(request)))
@@ -157,8 +160,14 @@ pub fn accepts_html(request: &Request) -> bool {
         .is_some_and(|accept| accept.contains("text/html"))
 }
 
+/// Through what an anonymous caller (a deployment without tokens) came: the console's
+/// requests say so in a header, which is only a label (it grants nothing).
 fn channel_of(request: &Request) -> ActorChannel {
-    if request.uri().path().starts_with(crate::console::HOME) {
+    let console = request
+        .headers()
+        .get("x-stagecraft-client")
+        .is_some_and(|v| v.as_bytes() == b"console");
+    if console || request.uri().path().starts_with(crate::console::HOME) {
         ActorChannel::Console
     } else {
         ActorChannel::Api

@@ -21,7 +21,7 @@
             ui.api("/agent-work-orders/" + id + "/steps"),
           ]);
           finished = ["completed", "failed", "cancelled"].includes(order.status);
-          stepper.replaceChildren(...history.steps.map((step) => h("li", { class: "step s-" + step.status, dataset: { step: step.step } },
+          ui.put(stepper, ...history.steps.map((step) => h("li", { class: "step s-" + step.status, dataset: { step: step.step } },
             h("div", { class: "step-name" }, step.step.replace("_", " ")),
             badge(step.status),
             h("div", { class: "muted small" },
@@ -30,13 +30,13 @@
             step.error ? h("div", { class: "bad small" }, step.error.code) : null)));
           const pr = order.pull_request || {};
           const link = (url) => (typeof url !== "string" ? "—" : /^https?:\/\//.test(url) ? h("a", { href: url, rel: "noopener noreferrer", target: "_blank" }, url) : url);
-          facts.replaceChildren(
+          ui.put(facts,
             h("dt", {}, "Repository"), h("dd", {}, order.repository_url),
             h("dt", {}, "Branch"), h("dd", { class: "mono" }, order.branch_name || "—"),
             h("dt", {}, "Commit"), h("dd", { class: "mono", id: "work-order-commit" }, order.commit || "—"),
             h("dt", {}, "Pull request"), h("dd", { id: "work-order-pr" }, link(pr.url || pr.html_url)),
             h("dt", {}, "Request"), h("dd", {}, order.user_request));
-        } catch (e) { facts.replaceChildren(h("dd", { class: "bad" }, e.message)); }
+        } catch (e) { ui.put(facts, h("dd", { class: "bad" }, e.message)); }
       }
       function follow() {
         const source = new EventSource("/agent-work-orders/" + id + "/logs");

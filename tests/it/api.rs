@@ -644,4 +644,159 @@ crate::conformance!(
     workflow_routes_run_sync_and_async,
     the_cli_submits_waits_lists_and_resumes,
     operators_see_queues_workers_dead_runs_and_metrics,
+    the_run_list_filters_searches_and_acts_in_bulk,
 );
+
+/// Run ids of a run list answer, in order.
+fn listed(body: &Value) -> Vec<String> {
+    body["runs"]
+        .as_array()
+        .expect("runs")
+        .iter()
+        .map(|r| r["run_id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+async fn the_run_list_filters_searches_and_acts_in_bulk(backend: Backend) {
+    let app = TestApp::new(backend).with_api();
+    let lighthouse = app.submit_demo(json!({"cost_usd": 0.31337})).await;
+    let before_second = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let harbour = app.submit_demo(json!({"cost_usd": 0.4242})).await;
+    let fatal = app.submit_demo(json!({"fatal": "one"})).await;
+    // No worker yet: all three wait.
+    let (status, body) = app.get("/runs?q=31337").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(listed(&body), [lighthouse.as_str()]);
+    let (_, body) = app
+        .get(&format!(
+            "/runs?created_after={}",
+            urlencode(&before_second)
+        ))
+        .await;
+    assert_eq!(listed(&body), [fatal.as_str(), harbour.as_str()]);
+    let (_, body) = app
+        .get(&format!(
+            "/runs?created_before={}&status=queued",
+            urlencode(&before_second)
+        ))
+        .await;
+    assert_eq!(listed(&body), [lighthouse.as_str()]);
+    let (_, body) = app.get("/runs?queue=workflows&limit=2").await;
+    assert_eq!(listed(&body), [fatal.as_str(), harbour.as_str()]);
+    let cursor = body["next_cursor"].as_str().expect("cursor").to_owned();
+    let (_, body) = app
+        .get(&format!("/runs?queue=workflows&limit=2&cursor={cursor}"))
+        .await;
+    assert_eq!(listed(&body), [lighthouse.as_str()]);
+    for bad in [
+        "q=ab",
+        "created_after=yesterday",
+        "min_cost_usd=-1",
+        "queue=",
+    ] {
+        let (status, body) = app.get(&format!("/runs?{bad}")).await;
+        assert_eq!(status, 422, "{bad}: {body}");
+    }
+
+    // Bulk: a dry run counts, changes nothing; then the change, named in each run's events.
+    let cancel = json!({"action": "cancel", "filter": {"q": "4242"}});
+    let (status, dry) = app.post("/runs/bulk", &cancel).await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(
+        (dry["dry_run"].as_bool(), dry["changed"].as_u64()),
+        (Some(true), Some(1))
+    );
+    assert_eq!(app.run(&harbour).await["status"], "queued");
+    let mut real = cancel.clone();
+    real["dry_run"] = json!(false);
+    let (_, done) = app.post("/runs/bulk", &real).await;
+    assert_eq!(done["changed"], 1, "{done}");
+    assert_eq!(app.run(&harbour).await["status"], "cancelled");
+    let events = app.events(&harbour).await;
+    let cancelled = events
+        .iter()
+        .find(|e| e["kind"] == "run_cancelled")
+        .expect("event");
+    assert_eq!(
+        cancelled["data"]["actor"],
+        json!({"role": "anonymous", "via": "api"})
+    );
+
+    // The failed run: found by error code, grouped, previewed and retried.
+    let mut app = app;
+    app.start_worker();
+    app.wait_status(&fatal, "failed", Duration::from_secs(30))
+        .await;
+    app.wait_status(&lighthouse, "completed", Duration::from_secs(30))
+        .await;
+    let (_, costly) = app.get("/runs?min_cost_usd=0.9&max_cost_usd=1").await;
+    assert_eq!(
+        listed(&costly),
+        [lighthouse.as_str()],
+        "three stages at $0.31337"
+    );
+    let (_, failed) = app.get("/runs?status=failed").await;
+    let code = failed["runs"][0]["error"]["code"]
+        .as_str()
+        .expect("code")
+        .to_owned();
+    let (_, by_code) = app.get(&format!("/runs?error_code={code}")).await;
+    assert_eq!(listed(&by_code), [fatal.as_str()]);
+    let (_, groups) = app.get("/failures").await;
+    assert_eq!(groups["groups"][0]["code"], code.as_str(), "{groups}");
+    assert_eq!(groups["groups"][0]["latest_run_id"], fatal.as_str());
+    let (status, preview) = app.get(&format!("/runs/{fatal}/resume-preview")).await;
+    assert_eq!(status, 200, "{preview}");
+    assert_eq!(preview["from_stage"], "one");
+    let redo: Vec<&str> = preview["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .filter(|s| s["redo"] == true)
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(redo, ["one", "two", "three"]);
+    let (status, _) = app
+        .get(&format!(
+            "/runs/{lighthouse}/resume-preview?from_stage=three"
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let (status, _) = app
+        .get(&format!(
+            "/runs/{lighthouse}/resume-preview?from_stage=nope"
+        ))
+        .await;
+    assert_eq!(status, 409);
+    let retry = json!({"action": "retry", "filter": {"status": "failed"}, "dry_run": false});
+    let (_, done) = app.post("/runs/bulk", &retry).await;
+    assert_eq!(done["changed"], 1, "{done}");
+    app.wait_status(&fatal, "failed", Duration::from_secs(30))
+        .await;
+
+    // Throughput per queue, kept in the store; the oldest waiting run per queue.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, history) = app.get("/queues/history?window=day").await;
+        let finished: u64 = history["minutes"]
+            .as_array()
+            .expect("minutes")
+            .iter()
+            .map(|m| m["completed"].as_u64().unwrap_or(0) + m["failed"].as_u64().unwrap_or(0))
+            .sum();
+        if finished >= 3 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "history: {history}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let (status, _) = app.get("/queues/history?window=week").await;
+    assert_eq!(status, 422);
+    let (_, queues) = app.get("/queues").await;
+    assert!(queues["waiting"].is_array(), "{queues}");
+}
+
+fn urlencode(text: &str) -> String {
+    text.replace('+', "%2B").replace(':', "%3A")
+}

@@ -1,6 +1,7 @@
 //! Stagecraft's integration tests: real processes, a real SQLite file, the real HTTP server.
 
 mod api;
+mod console;
 mod durability;
 mod engine;
 mod faults;

@@ -58,12 +58,18 @@
   function runLink(id, label) { return h("a", { href: "/ui/runs/" + encodeURIComponent(id), class: "mono" }, label || shortId(id)); }
   Object.assign(Stagecraft, { money, seconds, ago, when, badge, runLink });
 
+  // Replaces a node's children, leaving out the absent ones (null, undefined, false).
+  function put(node, ...children) {
+    node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  }
+  Stagecraft.put = put;
+
   function clearPage() {
     state.timers.forEach(clearInterval);
     state.timers = [];
     state.streams.forEach((s) => s.close());
     state.streams = [];
-    app.replaceChildren();
+    put(app);
   }
 
   function every(ms, fn) {
@@ -80,7 +86,9 @@
   }
 
   async function api(path, options = {}) {
-    const headers = { Accept: "application/json" };
+    // The header names the console in the run's events (the session cookie already does
+    // when the deployment has tokens; it grants nothing).
+    const headers = { Accept: "application/json", "X-Stagecraft-Client": "console" };
     if (options.body !== undefined) headers["Content-Type"] = "application/json";
     if (options.method && options.method !== "GET" && state.session && state.session.csrf) {
       headers["X-CSRF-Token"] = state.session.csrf;
@@ -207,27 +215,27 @@
     if (!canChange()) return null;
     const out = h("div", { class: "bulk-result", id: "bulk-result" });
     const ask = (action) => async () => {
-      out.replaceChildren("Counting…");
+      put(out, "Counting…");
       try {
         const body = { action, filter: apiFilters(filters), dry_run: true };
         const dry = await api("/runs/bulk", { method: "POST", body });
         const verb = action === "cancel" ? "cancel" : "retry";
         const confirm = h("button", { class: "danger", id: "bulk-confirm", onclick: async () => {
-          out.replaceChildren("Working…");
+          put(out, "Working…");
           try {
             const done = await api("/runs/bulk", { method: "POST", body: Object.assign({}, body, { dry_run: false }) });
-            out.replaceChildren(`${done.changed} runs ${verb === "cancel" ? "cancelled" : "resumed"}` +
+            put(out, `${done.changed} runs ${verb === "cancel" ? "cancelled" : "resumed"}` +
               (done.failed.length ? `, ${done.failed.length} failed` : "") + (done.more ? " (more remain: run again)" : ""));
             refreshList();
           } catch (e) { failure(e); }
         } }, `Yes, ${verb} ${dry.changed}`);
-        out.replaceChildren(
+        put(out,
           h("span", { id: "bulk-count" }, `${dry.changed} of ${dry.matched} matching runs would be ${verb === "cancel" ? "cancelled" : "retried"}` +
             (dry.skipped ? ` (${dry.skipped} skipped: not ${verb === "cancel" ? "unfinished" : "failed or cancelled"})` : "") +
             (dry.more ? " — more than one request's worth" : "") + ". "),
           dry.changed > 0 ? confirm : null,
-          h("button", { class: "plain", onclick: () => out.replaceChildren() }, "Never mind"));
-      } catch (e) { failure(e); out.replaceChildren(); }
+          h("button", { class: "plain", onclick: () => put(out) }, "Never mind"));
+      } catch (e) { failure(e); put(out); }
     };
     return h("div", { class: "bulk" },
       h("span", { class: "muted" }, "For every run matching these filters: "),
@@ -247,24 +255,24 @@
       h("tbody"));
     const summary = h("p", { class: "muted", id: "summary" });
     const pager = h("div", { class: "pager" });
-    app.replaceChildren(h("h1", {}, "Runs"), filterForm(filters), bulkPanel(filters), summary, table, pager);
+    put(app, h("h1", {}, "Runs"), filterForm(filters), bulkPanel(filters), summary, table, pager);
     refreshList = async () => {
       const query = new URLSearchParams(apiFilters(filters));
       query.set("limit", "50");
       if (cursor) query.set("cursor", cursor);
       try {
         const list = await api("/runs?" + query.toString());
-        table.tBodies[0].replaceChildren(...list.runs.map(runRow));
+        put(table.tBodies[0], ...list.runs.map(runRow));
         if (!list.runs.length) table.tBodies[0].append(h("tr", {}, h("td", { colspan: 8, class: "muted" }, "No runs match.")));
-        summary.replaceChildren(
-          `${list.total} run${list.total === 1 ? "" : "s"} match`,
+        put(summary,
+          `${list.total} run${list.total === 1 ? " matches" : "s match"}`,
           list.scan ? ` among the ${list.scan.examined} examined${list.scan.complete ? "" : " so far (this store checks runs one by one; the next page searches on)"}` : "",
           ".");
-        pager.replaceChildren(
+        put(pager, ...[
           cursor ? h("a", { href: "/ui?" + new URLSearchParams(filters).toString(), onclick: (e) => { e.preventDefault(); navigate(filters); } }, "⟵ Newest") : null,
-          list.next_cursor ? h("a", { id: "next-page", href: "#", onclick: (e) => { e.preventDefault(); navigate(Object.assign({}, filters, { cursor: list.next_cursor })); } }, "Older ⟶") : null);
+          list.next_cursor ? h("a", { id: "next-page", href: "#", onclick: (e) => { e.preventDefault(); navigate(Object.assign({}, filters, { cursor: list.next_cursor })); } }, "Older ⟶") : null].filter(Boolean));
       } catch (e) {
-        if (e.status !== 401) summary.replaceChildren(h("span", { class: "bad" }, e.message));
+        if (e.status !== 401) put(summary, h("span", { class: "bad" }, e.message));
       }
     };
     await refreshList();
@@ -440,7 +448,7 @@
     const budget = h("input", { id: "resume-budget", type: "number", min: 0, step: "any", placeholder: run.budget_usd === null || run.budget_usd === undefined ? "no budget" : String(run.budget_usd) });
     const out = h("div", { id: "resume-preview" });
     const preview = async () => {
-      out.replaceChildren("Working out what would be redone…");
+      put(out, "Working out what would be redone…");
       try {
         const p = await api(`/runs/${encodeURIComponent(run.run_id)}/resume-preview?from_stage=${encodeURIComponent(from.value)}`);
         const redo = p.stages.filter((s) => s.redo);
@@ -453,7 +461,7 @@
             reload(true);
           } catch (e) { failure(e); }
         } }, `Resume from ${p.from_stage}`);
-        out.replaceChildren(
+        put(out,
           h("p", {}, `Will redo ${redo.length} stage${redo.length === 1 ? "" : "s"}: `, h("strong", { id: "redo-stages" }, redo.map((s) => s.name).join(", ")),
             ". Kept: ", p.stages.filter((s) => !s.redo).map((s) => s.name).join(", ") || "nothing", "."),
           h("ul", {}, redo.map((s) => h("li", {}, `${s.name}: last cost ${money(s.last_cost_usd)}`,
@@ -463,7 +471,7 @@
             `. Spent so far ${money(p.spent_usd)}` + (p.budget_usd !== null && p.budget_usd !== undefined ? ` of ${money(p.budget_usd)}.` : ".")),
           p.over_budget ? h("p", { class: "bad" }, "That exceeds the budget: raise it above before resuming.") : null,
           go);
-      } catch (e) { out.replaceChildren(h("span", { class: "bad" }, e.message)); }
+      } catch (e) { put(out, h("span", { class: "bad" }, e.message)); }
     };
     return h("div", { class: "resume" },
       h("label", {}, "Resume from ", from), " ",
@@ -505,7 +513,7 @@
     const panels = h("div", { id: "panels" });
     const log = h("table", { class: "events", id: "events" },
       h("thead", {}, h("tr", {}, ["#", "Time", "Event", "Stage", "Details"].map((t) => h("th", {}, t)))), h("tbody"));
-    app.replaceChildren(header, body, panels, h("section", {}, h("h2", {}, "Events ", h("span", { class: "muted small", id: "live" }, "")), log));
+    put(app, header, body, panels, h("section", {}, h("h2", {}, "Events ", h("span", { class: "muted small", id: "live" }, "")), log));
     let actionsNode = null;
     let artifactsShown = "";
 
@@ -516,12 +524,12 @@
           api("/workers").then((w) => w.workers).catch(() => []),
         ]);
       } catch (e) {
-        if (e.status === 404) { app.replaceChildren(h("h1", {}, "No such run"), h("p", {}, id)); stop(); return; }
+        if (e.status === 404) { put(app, h("h1", {}, "No such run"), h("p", {}, id)); stop(); return; }
         failure(e);
         return;
       }
       document.title = `${run.name} · ${run.status} · Stagecraft`;
-      header.replaceChildren(
+      put(header,
         h("h1", {}, run.name, " ", badge(run.status)),
         h("p", { class: "muted" }, h("span", { class: "mono" }, run.run_id), ` · ${run.kind} · ${run.provider_mode} providers · created ${when(run.created_at)}`,
           run.finished_at ? ` · finished ${when(run.finished_at)}` : "", run.worker ? ` · worker ${run.worker}` : ""),
@@ -537,11 +545,11 @@
         artifacts = artifactsSection(run);
         artifactsShown = artifactKey;
       }
-      body.replaceChildren(actionsNode, h("h2", {}, "Stages"), waterfall(run, events, workers), artifacts || "");
+      put(body, actionsNode, h("h2", {}, "Stages"), waterfall(run, events, workers), artifacts || "");
       for (const panel of registered) {
         if (panel.matches(run) && !panels.dataset.rendered) {
           panels.dataset.rendered = "1";
-          panels.append(panel.render(run, { api, h, money, seconds, ago, when, badge, runLink, every, stream: (s) => state.streams.push(s) }));
+          panels.append(panel.render(run, { api, h, put, money, seconds, ago, when, badge, runLink, every, stream: (s) => state.streams.push(s) }));
         } else if (panel.matches(run) && panel.update) {
           panel.update(run);
         }
@@ -638,7 +646,7 @@
     const queuesBox = h("div", { id: "queues" });
     const workersBox = h("div", { id: "workers" });
     const failuresBox = h("div", { id: "failures" });
-    app.replaceChildren(h("h1", {}, "Queues & workers"), queuesBox, h("h2", {}, "Live workers"), workersBox,
+    put(app, h("h1", {}, "Queues & workers"), queuesBox, h("h2", {}, "Live workers"), workersBox,
       h("h2", {}, "Failures in the last day, by error code"), failuresBox);
     async function refresh() {
       try {
@@ -651,7 +659,7 @@
         const count = (queue, status) => (queues.queues.find((q) => q.queue === queue && q.status === status) || { count: 0 }).count;
         const sum = (queue, since) => day.minutes.filter((m) => m.queue === queue && Date.parse(m.minute) >= since)
           .reduce((a, m) => a + m.completed + m.failed + m.cancelled, 0);
-        queuesBox.replaceChildren(h("table", { class: "queues" },
+        put(queuesBox, h("table", { class: "queues" },
           h("thead", {}, h("tr", {}, ["Queue", "Queued", "Running", "Retrying", "Oldest waiting", "Done last hour", "Done last day", "Per 10 min, last day"].map((t) => h("th", {}, t)))),
           h("tbody", {}, names.map((queue) => {
             const waiting = queues.waiting.find((w) => w.queue === queue);
@@ -667,13 +675,13 @@
               h("td", { class: "num" }, sum(queue, daySince)),
               h("td", {}, spark(points, max)));
           }))));
-        workersBox.replaceChildren(workers.workers.length ? h("table", { class: "workers" },
+        put(workersBox, workers.workers.length ? h("table", { class: "workers" },
           h("thead", {}, h("tr", {}, ["Worker", "Queues", "Slots", "Running", "Heartbeat", "Started"].map((t) => h("th", {}, t)))),
           h("tbody", {}, workers.workers.map((w) => h("tr", {},
             h("td", { class: "mono" }, w.id), h("td", {}, w.queues.join(", ")), h("td", { class: "num" }, w.concurrency),
             h("td", {}, w.running.length ? w.running.map((id) => [runLink(id), " "]) : "idle"),
             h("td", {}, ago(w.last_heartbeat)), h("td", {}, when(w.started_at)))))) : h("p", { class: "muted" }, "No live workers."));
-        failuresBox.replaceChildren(failures.groups.length ? h("table", { class: "failures" },
+        put(failuresBox, failures.groups.length ? h("table", { class: "failures" },
           h("thead", {}, h("tr", {}, ["Error code", "Runs", "Workflows and agents", "Latest"].map((t) => h("th", {}, t)))),
           h("tbody", {}, failures.groups.map((g) => h("tr", {},
             h("td", {}, h("a", { href: "/ui?status=failed&error_code=" + encodeURIComponent(g.code) }, h("code", {}, g.code))),
@@ -707,7 +715,7 @@
       return;
     }
     const who = document.getElementById("who");
-    who.replaceChildren(state.session.role === "read_only" ? h("span", { class: "badge ro" }, "read-only") : "",
+    put(who, state.session.role === "read_only" ? h("span", { class: "badge ro" }, "read-only") : "",
       state.session.token_required ? h("form", { method: "post", action: "/ui/logout", class: "inline" }, h("button", { class: "plain" }, "Sign out")) : "");
     window.addEventListener("popstate", route);
     await route();

@@ -18,6 +18,8 @@ use nix::{
 use serde_json::{Value, json};
 use tempfile::TempDir;
 
+pub mod browser;
+
 /// Which store a deployment under test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
@@ -307,9 +309,33 @@ impl TestApp {
         (proc, rx)
     }
 
+    /// `stagecraft dev`: the API and its workers in one process, as a newcomer runs it.
+    pub fn start_dev(&mut self) {
+        self.start_listening("dev", &["dev"]);
+    }
+
+    /// Sends `Authorization: Bearer {token}` with every request of the helpers.
+    pub fn with_bearer(mut self, token: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::AUTHORIZATION,
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        self.http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .default_headers(headers)
+            .build()
+            .expect("client");
+        self
+    }
+
     /// Starts (or restarts) the API and waits until it answers.
     pub fn start_api(&mut self) {
-        let (proc, first_line) = self.spawn("api", &["serve"]);
+        self.start_listening("api", &["serve"]);
+    }
+
+    fn start_listening(&mut self, name: &str, args: &[&str]) {
+        let (proc, first_line) = self.spawn(name, args);
         let line = first_line
             .recv_timeout(Duration::from_secs(20))
             .ok()
