@@ -697,6 +697,36 @@ pub async fn finished_runs_past_retention_are_purged(store: &SharedStore) {
     );
     assert!(store.get_run(finished).await.expect("get").is_none());
     assert!(store.get_run(waiting).await.expect("get").is_some());
+    // Gone from every listing too, counts included.
+    for filter in [
+        RunFilter::default(),
+        RunFilter {
+            name: Some("conformance".into()),
+            ..RunFilter::default()
+        },
+        RunFilter {
+            queue: Some(QUEUE.into()),
+            ..RunFilter::default()
+        },
+        RunFilter {
+            kind: Some(RunKind::Workflow),
+            ..RunFilter::default()
+        },
+    ] {
+        let page = store
+            .list_runs(&RunFilter {
+                limit: 10,
+                ..filter.clone()
+            })
+            .await
+            .expect("list");
+        assert_eq!(
+            page.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+            [waiting],
+            "{filter:?}"
+        );
+        assert_eq!(page.total, 1, "{filter:?}");
+    }
 }
 
 pub async fn events_page_in_order_and_positions_say_where_they_end(store: &SharedStore) {

@@ -240,7 +240,7 @@ impl RedisStore {
             library,
             prefix.to_owned(),
         ));
-        Ok(Self {
+        let store = Self {
             client,
             conn,
             prefix: prefix.to_owned(),
@@ -248,7 +248,61 @@ impl RedisStore {
             retention,
             blocking: Default::default(),
             prestarted: Default::default(),
-        })
+        };
+        store.index_listing().await?;
+        Ok(store)
+    }
+
+    /// Adds runs stored before the listing's kind, name and queue indexes existed to them,
+    /// once per deployment (a marker key says it was done), in batches.
+    async fn index_listing(&self) -> StoreResult<()> {
+        let mut conn = self.conn.clone();
+        let marker = self.key("by:indexed");
+        if conn.exists::<_, bool>(&marker).await.db()? {
+            return Ok(());
+        }
+        let mut cursor: Option<String> = None;
+        loop {
+            let ids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                .arg(self.key("runs"))
+                .arg(
+                    cursor
+                        .as_deref()
+                        .map_or_else(|| "-".to_owned(), |id| format!("({id}")),
+                )
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(BATCH)
+                .query_async(&mut conn)
+                .await
+                .db()?;
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
+            let mut pipe = redis::pipe();
+            for id in &ids {
+                pipe.cmd("HMGET")
+                    .arg(self.key(&format!("run:{id}")))
+                    .arg(&["kind", "name", "queue"]);
+            }
+            let fields: Vec<Vec<Option<String>>> = pipe.query_async(&mut conn).await.db()?;
+            let mut add = redis::pipe();
+            for (id, values) in ids.iter().zip(fields) {
+                for (field, value) in ["kind", "name", "queue"].iter().zip(values) {
+                    if let Some(value) = value {
+                        add.zadd(self.key(&format!("by:{field}:{value}")), id, 0)
+                            .ignore();
+                    }
+                }
+            }
+            add.query_async::<()>(&mut conn).await.db()?;
+            cursor = Some(last);
+            if ids.len() < BATCH {
+                break;
+            }
+        }
+        conn.set::<_, _, ()>(&marker, "1").await.db()
     }
 
     pub fn prefix(&self) -> &str {
@@ -351,20 +405,56 @@ impl RedisStore {
         Ok(runs)
     }
 
-    /// A page of the runs the filter admits, checked one by one from `cursor` down, newest
-    /// first: Redis has no index for these filters, so one page examines at most
-    /// [`core_store::SCAN_LIMIT`] runs, in batches (Redis is never blocked by one long call),
-    /// and says how far it looked.
+    /// The indexes holding the runs the filter asks for (every run's when it names none).
+    async fn indexes_of(
+        &self,
+        conn: &mut ConnectionManager,
+        filter: &RunFilter,
+    ) -> StoreResult<Vec<RunIds>> {
+        let mut indexes = Vec::new();
+        match filter.status {
+            // Running runs are the lease index; they have no status set of their own. There
+            // are at most as many as the workers' slots, so they are read whole and sorted.
+            Some(RunStatus::Running) => {
+                let mut ids: Vec<String> = conn.zrange(self.key("leases"), 0, -1).await.db()?;
+                ids.sort_unstable_by(|a, b| b.cmp(a));
+                indexes.push(RunIds::Listed(ids));
+            }
+            Some(status) => {
+                indexes.push(RunIds::Set(
+                    self.key(&format!("status:{}", status.as_str())),
+                ));
+            }
+            None => {}
+        }
+        let by = [
+            ("kind", filter.kind.map(|k| k.as_str().to_owned())),
+            ("name", filter.name.clone()),
+            ("queue", filter.queue.clone()),
+        ];
+        for (field, value) in by {
+            if let Some(value) = value {
+                indexes.push(RunIds::Set(self.key(&format!("by:{field}:{value}"))));
+            }
+        }
+        if indexes.is_empty() {
+            indexes.push(RunIds::Set(self.key("runs")));
+        }
+        Ok(indexes)
+    }
+
+    /// A page of the runs the filter admits, read from the driving index from `cursor` down,
+    /// newest first, each checked against the other indexes and, where the filter needs it,
+    /// its fields. One page examines at most [`core_store::SCAN_LIMIT`] runs, in batches (Redis
+    /// is never blocked by one long call), and says how far it looked.
     async fn scan_runs(
         &self,
         conn: &mut ConnectionManager,
-        ids: &RunIds,
-        range: &IdRange,
+        scan: Scan<'_>,
         mut cursor: Option<String>,
-        filter: &RunFilter,
     ) -> StoreResult<RunPage> {
-        let limit = filter.limit as usize;
-        let fields = if filter.input_text.is_some() {
+        let limit = scan.filter.limit as usize;
+        let fields = if scan.filter.input_text.is_some() {
             &SCAN_FIELDS[..]
         } else {
             &SCAN_FIELDS[..SCAN_FIELDS.len() - 1]
@@ -373,21 +463,37 @@ impl RedisStore {
         let mut matched = Vec::new();
         while examined < core_store::SCAN_LIMIT {
             let want = BATCH.min((core_store::SCAN_LIMIT - examined) as usize);
-            let batch = ids.page(conn, cursor.as_deref(), range, want).await?;
+            let batch = scan
+                .driver
+                .page(conn, cursor.as_deref(), scan.range, want)
+                .await?;
+            if batch.is_empty() {
+                complete = true;
+                break;
+            }
             let mut pipe = redis::pipe();
             for id in &batch {
-                pipe.cmd("HMGET")
-                    .arg(self.key(&format!("run:{id}")))
-                    .arg(fields);
+                for other in scan.others {
+                    other.queue_membership(&mut pipe, id);
+                }
+                if scan.checks_fields {
+                    pipe.cmd("HMGET")
+                        .arg(self.key(&format!("run:{id}")))
+                        .arg(fields);
+                }
             }
-            let values: Vec<Vec<Option<String>>> = if batch.is_empty() {
+            let answers: Vec<RedisValue> = if scan.others.is_empty() && !scan.checks_fields {
                 Vec::new()
             } else {
                 pipe.query_async(conn).await.db()?
             };
-            for (id, values) in batch.iter().zip(&values) {
+            let per_id = scan.others.len() + usize::from(scan.checks_fields);
+            for (i, id) in batch.iter().enumerate() {
                 examined += 1;
-                if facts_admitted(filter, values) {
+                let answers = answers
+                    .get(i * per_id..(i + 1) * per_id)
+                    .unwrap_or_default();
+                if scan.admits(id, answers) {
                     total += 1;
                     if matched.len() < limit {
                         matched.push(id.clone());
@@ -409,6 +515,46 @@ impl RedisStore {
                 last: cursor.as_deref().and_then(RunId::parse),
             }),
         })
+    }
+}
+
+/// One scan of the run list: the index it reads, the ones it checks, and the filter.
+struct Scan<'a> {
+    driver: &'a RunIds,
+    others: &'a [RunIds],
+    range: &'a IdRange,
+    filter: &'a RunFilter,
+    checks_fields: bool,
+}
+
+impl Scan<'_> {
+    /// Whether run `id` passes, from the answers of its membership checks (one per other
+    /// index) and, last, its fields.
+    fn admits(&self, id: &str, answers: &[RedisValue]) -> bool {
+        let in_others = self
+            .others
+            .iter()
+            .zip(answers)
+            .all(|(other, answer)| other.holds(id, answer));
+        if !in_others {
+            return false;
+        }
+        if !self.checks_fields {
+            return true;
+        }
+        let values: Vec<Option<String>> = match answers.last() {
+            Some(RedisValue::Array(items)) => items.iter().map(text_of).collect(),
+            _ => return false,
+        };
+        facts_admitted(self.filter, &values)
+    }
+}
+
+fn text_of(value: &RedisValue) -> Option<String> {
+    match value {
+        RedisValue::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        RedisValue::SimpleString(text) => Some(text.clone()),
+        _ => None,
     }
 }
 
@@ -449,6 +595,26 @@ impl IdRange {
 }
 
 impl RunIds {
+    /// Adds the check of whether `id` is in this index to `pipe` (nothing for a listed one).
+    fn queue_membership(&self, pipe: &mut redis::Pipeline, id: &str) {
+        match self {
+            RunIds::Set(key) => {
+                pipe.cmd("ZSCORE").arg(key).arg(id);
+            }
+            RunIds::Listed(_) => {
+                pipe.cmd("ECHO").arg("listed");
+            }
+        }
+    }
+
+    /// Whether `id` is in this index, from the answer of [`Self::queue_membership`].
+    fn holds(&self, id: &str, answer: &RedisValue) -> bool {
+        match self {
+            RunIds::Set(_) => !matches!(answer, RedisValue::Nil),
+            RunIds::Listed(ids) => ids.iter().any(|listed| listed == id),
+        }
+    }
+
     async fn count(&self, conn: &mut ConnectionManager, range: &IdRange) -> StoreResult<u64> {
         Ok(match self {
             RunIds::Set(key) => redis::cmd("ZLEXCOUNT")
@@ -889,17 +1055,6 @@ impl RunStore for RedisStore {
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage> {
         let mut conn = self.conn.clone();
-        let ids = match filter.status {
-            // Running runs are the lease index; they have no status set of their own. There
-            // are at most as many as the workers' slots, so they are read whole and sorted.
-            Some(RunStatus::Running) => {
-                let mut ids: Vec<String> = conn.zrange(self.key("leases"), 0, -1).await.db()?;
-                ids.sort_unstable_by(|a, b| b.cmp(a));
-                RunIds::Listed(ids)
-            }
-            Some(status) => RunIds::Set(self.key(&format!("status:{}", status.as_str()))),
-            None => RunIds::Set(self.key("runs")),
-        };
         let range = IdRange {
             since: filter.since.map(|id| id.to_string()),
             until: filter.until.map(|id| id.to_string()),
@@ -909,20 +1064,36 @@ impl RunStore for RedisStore {
             (before, until) => before.or(until),
         }
         .map(|id| id.to_string());
-        if filter.narrows_beyond_status() {
-            return self
-                .scan_runs(&mut conn, &ids, &range, cursor, filter)
-                .await;
+        let mut indexes = self.indexes_of(&mut conn, filter).await?;
+        // The index with the fewest ids in the range drives; the others are checked per id.
+        let mut sizes = Vec::with_capacity(indexes.len());
+        for index in &indexes {
+            sizes.push(index.count(&mut conn, &range).await?);
         }
-        let total = ids.count(&mut conn, &range).await?;
-        let page = ids
-            .page(&mut conn, cursor.as_deref(), &range, filter.limit as usize)
-            .await?;
-        Ok(RunPage {
-            runs: self.runs_by_id(&page).await?,
-            total,
-            scan: None,
-        })
+        let smallest = (0..indexes.len()).min_by_key(|&i| sizes[i]).unwrap_or(0);
+        let driver = indexes.swap_remove(smallest);
+        let checks_fields = filter.min_cost.is_some()
+            || filter.max_cost.is_some()
+            || filter.error_code.is_some()
+            || filter.input_text.is_some();
+        if indexes.is_empty() && !checks_fields {
+            let page = driver
+                .page(&mut conn, cursor.as_deref(), &range, filter.limit as usize)
+                .await?;
+            return Ok(RunPage {
+                runs: self.runs_by_id(&page).await?,
+                total: sizes[smallest],
+                scan: None,
+            });
+        }
+        let scan = Scan {
+            driver: &driver,
+            others: &indexes,
+            range: &range,
+            filter,
+            checks_fields,
+        };
+        self.scan_runs(&mut conn, scan, cursor).await
     }
 
     async fn claim(

@@ -41,6 +41,8 @@ local function k_events(id) return PREFIX .. 'run:' .. id .. ':events' end
 local function k_due(q) return PREFIX .. 'queue:' .. q .. ':due' end
 local function k_wake(q) return PREFIX .. 'queue:' .. q .. ':wake' end
 local function k_status(s) return PREFIX .. 'status:' .. s end
+-- The listing's indexes of run ids by kind, name and queue (all scored 0: ordered by id).
+local function k_by(field, value) return PREFIX .. 'by:' .. field .. ':' .. value end
 local K_ALL, K_LEASES, K_COUNTS, K_FINISHED
 local function k_idem(key) return PREFIX .. 'idempotency:' .. key end
 
@@ -79,12 +81,13 @@ local moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}
 local leases = {}     -- run id -> lease expiry, or false when the lease is gone
 local lease_ids = {}
 local added = {}      -- runs created by this call
+local listed = {}     -- listing index key -> {'0', id, '0', id, ...} of the runs created
 local wakes = {}      -- queue -> runs that became due now
 
 -- Forgets the index changes recorded so far (written, or left by a call that failed).
 local function forget()
   moved, moved_ids, moved_q, moved_old, moved_new = {}, {}, {}, {}, {}
-  leases, lease_ids, added, wakes = {}, {}, {}, {}
+  leases, lease_ids, added, wakes, listed = {}, {}, {}, {}, {}
 end
 
 -- Records a status change for the status sets, the counts and the finished index.
@@ -178,6 +181,7 @@ local function flush()
       members[#members + 1] = id
     end
     redis.call('ZADD', K_ALL, unpack(members))
+    for key, pairs_ in pairs(listed) do redis.call('ZADD', key, unpack(pairs_)) end
   end
   for q, n in pairs(wakes) do
     local tokens = {}
@@ -310,6 +314,9 @@ function OPS.insert(id, kind, name, q, inputs, mode, budget, idem, request_hash,
     'idempotency_key', idem, 'request_hash', request_hash)
   redis.call('HSET', k_run(id), unpack(fields))
   added[#added + 1] = id
+  push_to(listed, k_by('kind', kind), '0', id)
+  push_to(listed, k_by('name', name), '0', id)
+  push_to(listed, k_by('queue', q), '0', id)
   move(id, q, nil, RS.queued)
   redis.call('ZADD', k_due(q), NOW, id)
   wake(q)
@@ -667,11 +674,14 @@ function OPS.purge(cutoff, limit)
   local ids = redis.call('ZRANGEBYSCORE', K_FINISHED, '-inf', cutoff, 'LIMIT', '0', limit)
   for _, run_id in ipairs(ids) do
     local r = k_run(run_id)
-    local v = redis.call('HMGET', r, 'status', 'queue', 'idempotency_key')
+    local v = redis.call('HMGET', r, 'status', 'queue', 'idempotency_key', 'kind', 'name')
     if v[1] then
       redis.call('ZREM', k_status(v[1]), run_id)
       redis.call('HINCRBY', K_COUNTS, v[2] .. ':' .. v[1], -1)
+      redis.call('ZREM', k_by('queue', v[2]), run_id)
     end
+    if v[4] then redis.call('ZREM', k_by('kind', v[4]), run_id) end
+    if v[5] then redis.call('ZREM', k_by('name', v[5]), run_id) end
     if v[3] and v[3] ~= '' then redis.call('DEL', k_idem(v[3])) end
     redis.call('DEL', r, k_steps(run_id), k_events(run_id))
     redis.call('ZREM', K_ALL, run_id)

@@ -11,7 +11,7 @@ use std::{
 use stagecraft_core::{
     ids::{RunId, WorkerId},
     money::Usd,
-    store::{NewRun, RunStatus, SharedStore, StageOutcome, StageStatus},
+    store::{NewRun, RunStatus, RunStore, SharedStore, StageOutcome, StageStatus},
     testing::{Fixture, workflow_run},
 };
 use stagecraft_store_redis::RedisStore;
@@ -205,4 +205,54 @@ async fn a_run_with_a_budget_is_claimed_without_a_start() {
         kinds(&events),
         ["run_queued", "run_started", "stage_started"]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_stored_before_the_listing_indexes_are_indexed_when_the_store_opens() {
+    let prefix = format!("backfill-{}", uuid_like());
+    let open = || RedisStore::open(server(), &prefix, Duration::from_secs(86_400));
+    let store = open().await.expect("open");
+    let mut ids = Vec::new();
+    for name in ["alpha", "beta", "alpha"] {
+        let (run, _) = store
+            .insert_run(workflow_run(name, "q", &["only"]))
+            .await
+            .expect("insert");
+        ids.push(run.id);
+    }
+    // As a deployment from before the indexes: without them and without the marker.
+    let client = redis::Client::open(server()).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connection");
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}by:*"))
+        .query_async(&mut conn)
+        .await
+        .expect("keys");
+    assert!(
+        keys.len() >= 4,
+        "kind, two names, queue and the marker: {keys:?}"
+    );
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(&mut conn)
+        .await
+        .expect("del");
+    drop(store);
+    let store = open().await.expect("reopen");
+    let page = store
+        .list_runs(&stagecraft_core::store::RunFilter {
+            name: Some("alpha".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        page.runs.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [ids[2], ids[0]]
+    );
+    assert_eq!(page.total, 2);
 }
