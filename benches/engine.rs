@@ -7,7 +7,8 @@
 //! BENCH_ONLY=sqlite|redis runs one backend, BENCH_ONLY=redis-drain only the Redis drain;
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
 //! BENCH_ONLY=streams measures only submissions beside open event streams (BENCH_STREAMS, 500;
-//! BENCH_STREAM_SUBMITS, 3000) on both stores.
+//! BENCH_STREAM_SUBMITS, 3000) on both stores. BENCH_ONLY=list measures only the run list with
+//! BENCH_LIST_RUNS (1,000,000) stored runs on both stores (`engine/list.rs`).
 //!
 //! - drain: N one-stage `noop` runs already queued, then 1 and then 2 worker processes
 //!   (concurrency 16); runs/s until all are completed, and on Redis the CPU time per run of
@@ -47,6 +48,9 @@ use stagecraft::{
         sqlite::SqliteStore,
     },
 };
+
+#[path = "engine/list.rs"]
+mod list;
 
 const BIN: &str = env!("CARGO_BIN_EXE_stagecraft");
 
@@ -1019,6 +1023,9 @@ async fn main() {
     }
     if only.is_empty() || only == "redis" {
         redis_section(repeats, false).await;
+    }
+    if only.is_empty() || only == "list" {
+        list::section().await;
     }
     if only == "redis-drain" {
         redis_section(repeats, true).await;

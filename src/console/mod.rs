@@ -130,7 +130,8 @@ async fn asset(assets: Assets, Path(name): Path<String>, headers: HeaderMap) -> 
     secure(response)
 }
 
-/// The headers every console answer carries: its own scripts only, no framing, no referrer.
+/// The headers every console answer carries: its own scripts only, no framing, no referrer to
+/// other sites.
 fn secure(mut response: Response) -> Response {
     let headers = response.headers_mut();
     headers.insert(
@@ -279,11 +280,19 @@ struct LoginForm {
 /// Most bytes of a token the login form takes.
 const MAX_TOKEN: usize = 4096;
 
+/// How long a browser keeps its session (then it asks for the token again).
+const SESSION_SECS: u64 = 12 * 3600;
+
+/// One login checked at a time per process, and a failed one holds the turn for a while: a
+/// guesser gets a few tries a second however many connections it opens.
+static LOGIN_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Checks the token and keeps it in the session cookie. A wrong one answers the form again,
 /// after a pause that makes guessing slow.
 async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Response {
     let next = next_page(form.next.as_deref()).to_owned();
     let token = form.token.trim();
+    let _turn = LOGIN_TURN.lock().await;
     let valid = token.len() <= MAX_TOKEN
         && token.bytes().all(|b| b.is_ascii_graphic())
         && state.tokens.role_of(token).is_some();
@@ -295,8 +304,9 @@ async fn login(State(state): State<AppState>, Form(form): Form<LoginForm>) -> Re
         );
     }
     let cookie = format!(
-        "{}={token}; Path=/; HttpOnly; SameSite=Strict{}",
+        "{}={}; Path=/; HttpOnly; SameSite=Strict; Max-Age={SESSION_SECS}{}",
         auth::SESSION_COOKIE,
+        auth::session_value(token),
         if state.config.console_secure_cookie {
             "; Secure"
         } else {
@@ -338,7 +348,7 @@ async fn session(State(state): State<AppState>, request: Request) -> Response {
         .get::<Role>()
         .copied()
         .unwrap_or(Role::Full);
-    let csrf = auth::session(&request).map(auth::csrf_token);
+    let csrf = auth::session(&request).map(|token| auth::csrf_token(&token));
     let body = Session {
         role: match role {
             Role::Full => "full",

@@ -9,6 +9,7 @@ use axum::{
     Json,
     body::Body,
     extract::{Path, Request, State},
+    http::{HeaderValue, header},
     response::{IntoResponse, Response},
 };
 use serde::Serialize;
@@ -286,5 +287,48 @@ async fn serve(state: &AppState, relative: &str, request: Request) -> Result<Res
         .oneshot(request)
         .await
         .map_err(|e| internal(format!("serving {relative}: {e}")))?;
-    Ok(response.map(Body::new).into_response())
+    Ok(contained(response.map(Body::new).into_response()))
+}
+
+/// Content types a browser may show in place: media, raster images, plain text and JSON.
+/// Anything else (HTML, SVG, XML…) is served as a download.
+fn shown_in_place(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or_default().trim();
+    essence.starts_with("video/")
+        || essence.starts_with("audio/")
+        || matches!(
+            essence,
+            "image/png"
+                | "image/jpeg"
+                | "image/gif"
+                | "image/webp"
+                | "text/plain"
+                | "application/json"
+        )
+}
+
+/// A file a run wrote is data, never a page: it runs no script and cannot act with the
+/// caller's session (the console shares this origin), whatever it holds.
+fn contained(mut response: Response) -> Response {
+    let in_place = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(shown_in_place);
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox; default-src 'none'; media-src 'self'; img-src 'self'"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if !in_place {
+        headers.insert(
+            header::CONTENT_DISPOSITION,
+            HeaderValue::from_static("attachment"),
+        );
+    }
+    response
 }

@@ -112,26 +112,40 @@ pub fn csrf_token(token: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The token of the session cookie, if the request has one.
-pub fn session(request: &Request) -> Option<&str> {
-    request
+/// The session cookie's value for a token: the token in hexadecimal, so any token fits a
+/// cookie.
+pub fn session_value(token: &str) -> String {
+    token.bytes().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The token of the session cookie, if the request has one (the last one sent: a cookie
+/// planted by another host comes first only with a longer path).
+pub fn session(request: &Request) -> Option<String> {
+    let value = request
         .headers()
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .find(|(name, _)| *name == SESSION_COOKIE)
-        .map(|(_, token)| token.trim())
-        .filter(|token| !token.is_empty())
+        .filter(|(name, _)| *name == SESSION_COOKIE)
+        .map(|(_, value)| value.trim())
+        .next_back()?;
+    if value.is_empty() || value.len() % 2 != 0 || value.len() > 2 * 4096 {
+        return None;
+    }
+    let bytes = (0..value.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(value.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
 }
 
-/// Routes anyone may call: health, preflights, and the console's login and logout (which only
-/// sets or clears the cookie) and assets.
+/// Routes anyone may call: health, and the console's login and logout (which only set or clear
+/// the cookie) and assets. CORS preflights are answered before this check, by the CORS layer.
 fn is_public(request: &Request) -> bool {
     let path = request.uri().path();
     path == "/health"
-        || request.method() == Method::OPTIONS
         || path == crate::console::LOGIN
         || path == crate::console::LOGOUT
         || path.starts_with(crate::console::ASSETS)
@@ -174,6 +188,46 @@ fn channel_of(request: &Request) -> ActorChannel {
     }
 }
 
+/// Whether a browser sent this request from another site: its `Sec-Fetch-Site` says so, or
+/// (from a browser without it) its `Origin` names another host than the one it asks, or is
+/// opaque. An origin CORS allows
+/// (`CORS_ORIGINS`) is not another site.
+fn cross_site(request: &Request, cors: &crate::config::Cors) -> bool {
+    let header_text = |name: header::HeaderName| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    let origin = header_text(header::ORIGIN);
+    let allowed = origin.is_some_and(|origin| match cors {
+        crate::config::Cors::Off => false,
+        crate::config::Cors::Any => true,
+        crate::config::Cors::Origins(list) => list.iter().any(|o| o == origin),
+    });
+    if allowed {
+        return false;
+    }
+    // Browsers that send `Sec-Fetch-Site` say where the request comes from; `Origin` is the
+    // word of older ones (and is "null" under a strict referrer policy).
+    match header_text(header::HeaderName::from_static("sec-fetch-site")) {
+        Some("cross-site" | "same-site") => return true,
+        Some(_) => return false,
+        None => {}
+    }
+    match origin {
+        None => false,
+        Some(origin) => {
+            let host = header_text(header::HOST).unwrap_or_default();
+            let origin_host = origin
+                .strip_prefix("http://")
+                .or_else(|| origin.strip_prefix("https://"));
+            origin_host != Some(host)
+        }
+    }
+}
+
 /// The middleware: lets a request through when its token (bearer header, or the console's
 /// session cookie with its CSRF header for changes) allows it, with its [`Role`] and
 /// [`Actor`] in the request's extensions.
@@ -182,59 +236,99 @@ pub async fn require_token(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let tokens = &state.tokens;
-    if !tokens.required() || is_public(&req) {
-        let actor = Actor {
-            role: ActorRole::Anonymous,
-            via: channel_of(&req),
-        };
-        req.extensions_mut().insert(Role::Full);
-        req.extensions_mut().insert(actor);
-        return next.run(req).await;
-    }
-    let (presented, via) = match (bearer(&req), session(&req)) {
-        (Some(token), _) => (Some(token), ActorChannel::Api),
-        (None, Some(token)) => (Some(token), ActorChannel::Console),
-        (None, None) => (None, ActorChannel::Api),
-    };
-    let role = presented.and_then(|token| tokens.role_of(token));
-    let csrf_ok = via != ActorChannel::Console
-        || reads_only(req.method())
-        || presented.is_some_and(|token| {
-            req.headers()
-                .get(CSRF_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .is_some_and(|sent| {
-                    same(
-                        &digest(sent.as_bytes()),
-                        &digest(csrf_token(token).as_bytes()),
-                    )
-                })
-        });
-    match role {
-        Some(Role::ReadOnly) if !reads_only(req.method()) => ApiError::Forbidden(
-            "the read-only token may only read; this request needs API_TOKEN".to_owned(),
-        )
-        .into_response(),
-        Some(_) if !csrf_ok => ApiError::Forbidden(format!(
-            "a change made with the console's session needs its {CSRF_HEADER} header"
-        ))
-        .into_response(),
-        Some(role) => {
+    match admit(&state, &req) {
+        Ok((role, actor)) => {
             req.extensions_mut().insert(role);
-            let role_name = match role {
-                Role::Full => ActorRole::Operator,
-                Role::ReadOnly => ActorRole::ReadOnly,
-            };
-            req.extensions_mut().insert(Actor {
-                role: role_name,
-                via,
-            });
+            req.extensions_mut().insert(actor);
             next.run(req).await
         }
-        None if is_navigation(&req) => crate::console::to_login(&req),
-        None => ApiError::Unauthorized.into_response(),
+        Err(refusal) => *refusal,
     }
+}
+
+/// Who the request is from, or the answer that refuses it.
+fn admit(state: &AppState, req: &Request) -> Result<(Role, Actor), Box<Response>> {
+    let tokens = &state.tokens;
+    let changes = !reads_only(req.method());
+    // A change from another site's page: refused unless it carries a bearer token, which that
+    // site cannot have (without tokens, or with the session cookie, the browser would lend it
+    // the caller's authority).
+    if changes && bearer(req).is_none() && cross_site(req, &state.config.cors) {
+        return Err(Box::new(
+            ApiError::Forbidden(
+                "a change from another site's page needs a bearer token".to_owned(),
+            )
+            .into_response(),
+        ));
+    }
+    if !tokens.required() || is_public(req) {
+        let actor = Actor {
+            role: ActorRole::Anonymous,
+            via: channel_of(req),
+        };
+        return Ok((Role::Full, actor));
+    }
+    let presented = match (bearer(req), session(req)) {
+        (Some(token), _) => Some((token.to_owned(), ActorChannel::Api)),
+        (None, Some(token)) => Some((token, ActorChannel::Console)),
+        (None, None) => None,
+    };
+    let Some((token, via)) = presented else {
+        return Err(Box::new(refuse_anonymous(req)));
+    };
+    let role = match tokens.role_of(&token) {
+        Some(role) => role,
+        None => return Err(Box::new(refuse_anonymous(req))),
+    };
+    if changes && role == Role::ReadOnly {
+        return Err(Box::new(
+            ApiError::Forbidden(
+                "the read-only token may only read; this request needs API_TOKEN".to_owned(),
+            )
+            .into_response(),
+        ));
+    }
+    if changes && via == ActorChannel::Console && !csrf_matches(req, &token) {
+        return Err(Box::new(
+            ApiError::Forbidden(format!(
+                "a change made with the console's session needs its {CSRF_HEADER} header"
+            ))
+            .into_response(),
+        ));
+    }
+    let role_name = match role {
+        Role::Full => ActorRole::Operator,
+        Role::ReadOnly => ActorRole::ReadOnly,
+    };
+    Ok((
+        role,
+        Actor {
+            role: role_name,
+            via,
+        },
+    ))
+}
+
+/// A request without a valid token: a browser finding the console is sent to its login page.
+fn refuse_anonymous(req: &Request) -> Response {
+    if is_navigation(req) {
+        crate::console::to_login(req)
+    } else {
+        ApiError::Unauthorized.into_response()
+    }
+}
+
+/// Whether the request's CSRF header is the one that goes with `token`.
+fn csrf_matches(req: &Request, token: &str) -> bool {
+    req.headers()
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|sent| {
+            same(
+                &digest(sent.as_bytes()),
+                &digest(csrf_token(token).as_bytes()),
+            )
+        })
 }
 
 #[cfg(test)]

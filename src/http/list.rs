@@ -42,13 +42,25 @@ pub struct Filters {
     #[schema(value_type = Option<RunStatus>)]
     pub status: Option<String>,
     /// Only runs of this workflow or agent.
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: Option<String>,
     /// Only runs of this queue.
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub queue: Option<String>,
     /// Only runs that failed with this error code (e.g. `budget_exceeded`).
-    #[schema(min_length = 1, max_length = 200)]
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub error_code: Option<String>,
     /// Only runs created at or after this time (RFC 3339).
     #[schema(value_type = Option<DateTime<Utc>>)]
@@ -65,7 +77,11 @@ pub struct Filters {
     /// Only runs with this text (3 to 200 characters, any case) inside a string or number of
     /// their inputs. SQLite answers from an index; Redis examines at most 20,000 runs per page
     /// and says so in `scan`.
-    #[schema(min_length = 3, max_length = 200, pattern = "^[^\\x00-\\x1f]*$")]
+    #[schema(
+        min_length = 3,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub q: Option<String>,
 }
 
@@ -77,12 +93,13 @@ fn invalid(field: &str, message: String) -> ApiError {
     }
 }
 
-/// A text filter: 1 to 200 characters (at least `min`), no control characters.
+/// A text filter: `min` to 200 characters without control characters (as documented: a final
+/// line break is let through and dropped, as the document's `$` allows it).
 fn text(field: &str, value: Option<String>, min: usize) -> Result<Option<String>, ApiError> {
     let Some(value) = value else { return Ok(None) };
-    let value = crate::schema::without_final_line_break(&value).to_owned();
     let chars = value.chars().count();
-    if chars < min.max(1) || chars > MAX_TEXT || value.chars().any(char::is_control) {
+    let kept = value.strip_suffix('\n').unwrap_or(&value);
+    if chars < min.max(1) || chars > MAX_TEXT || kept.chars().any(char::is_control) {
         return Err(invalid(
             field,
             format!(
@@ -91,7 +108,7 @@ fn text(field: &str, value: Option<String>, min: usize) -> Result<Option<String>
             ),
         ));
     }
-    Ok(Some(value))
+    Ok(Some(kept.to_owned()))
 }
 
 fn time(field: &str, value: Option<String>) -> Result<Option<RunId>, ApiError> {
@@ -144,6 +161,7 @@ impl Filters {
             max_cost: cost("max_cost_usd", self.max_cost_usd)?,
             before,
             limit,
+            uncounted: false,
         })
     }
 }
@@ -155,11 +173,23 @@ pub struct ListQuery {
     kind: Option<String>,
     #[param(value_type = Option<RunStatus>)]
     status: Option<String>,
-    #[param(min_length = 1, max_length = 200)]
+    #[param(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     name: Option<String>,
-    #[param(min_length = 1, max_length = 200)]
+    #[param(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     queue: Option<String>,
-    #[param(min_length = 1, max_length = 200)]
+    #[param(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     error_code: Option<String>,
     #[param(value_type = Option<DateTime<Utc>>)]
     created_after: Option<String>,
@@ -170,7 +200,11 @@ pub struct ListQuery {
     #[param(minimum = 0, maximum = 1000000)]
     max_cost_usd: Option<f64>,
     /// Text inside a string or number of the inputs (see [`Filters`]).
-    #[param(min_length = 3, max_length = 200, pattern = "^[^\\x00-\\x1f]*$")]
+    #[param(
+        min_length = 3,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     q: Option<String>,
     /// Page size (default 50).
     #[param(minimum = 1, maximum = 500)]
@@ -341,17 +375,21 @@ pub struct BulkFailure {
 
 const MAX_BULK: u32 = 1000;
 const BULK_PAGE: u32 = 200;
+/// Most pages one bulk call reads (5,000 runs).
+const BULK_PAGES: usize = 25;
 const LISTED_FAILURES: usize = 20;
 
 /// Cancels or retries every run the filter matches (at most `max_runs` per call), or with
 /// `dry_run` (the default) counts what would change. Each change is the same as the single
-/// run's route and names the caller in the run's event log.
+/// run's route and names the caller in the run's event log. One call reads at most 5,000
+/// runs; `more` says when to call again.
 #[utoipa::path(post, path = "/runs/bulk", tag = "runs", request_body = BulkRequest,
-    responses((status = 200, body = BulkResult), (status = 422, body = ErrorBody)))]
+    responses((status = 200, body = BulkResult), (status = 422, body = ErrorBody),
+              (status = 503, body = ErrorBody, description = "the store is unavailable or busy; nothing more was changed")))]
 async fn bulk(
     State(state): State<AppState>,
     Extension(actor): Extension<Actor>,
-    JsonBody(request): JsonBody<BulkRequest>,
+    JsonBody(mut request): JsonBody<BulkRequest>,
 ) -> Result<Json<BulkResult>, ApiError> {
     let max = request.max_runs.unwrap_or(MAX_BULK);
     if !(1..=MAX_BULK).contains(&max) {
@@ -360,7 +398,7 @@ async fn bulk(
             Some("max_runs"),
         ));
     }
-    let mut filter = request.filter.into_filter(None, BULK_PAGE)?;
+    let filter = std::mem::take(&mut request.filter).into_filter(None, BULK_PAGE)?;
     let mut result = BulkResult {
         action: request.action,
         dry_run: request.dry_run,
@@ -371,45 +409,90 @@ async fn bulk(
         more: false,
         scan_complete: true,
     };
-    let mut first = true;
+    // Each status the action applies to is walked on its own index, so no page is spent on
+    // runs it would skip; the runs of other statuses are only counted.
+    let mut pages_left = BULK_PAGES;
+    for status in RunStatus::ALL {
+        if filter.status.is_some_and(|asked| asked != status) {
+            continue;
+        }
+        let mut walk = RunFilter {
+            status: Some(status),
+            ..filter.clone()
+        };
+        if !request.action.applies_to(status) {
+            walk.limit = 1;
+            let page = state.store.list_runs(&walk).await?;
+            result.matched += page.total;
+            result.skipped += page.total;
+            continue;
+        }
+        let bound = (&mut result, &mut pages_left);
+        let done = act_on(&state, (&request, max, actor), walk, bound).await?;
+        if !done {
+            result.more = true;
+            break;
+        }
+    }
+    Ok(Json(result))
+}
+
+/// Acts on the runs of one walk page by page; answers whether it reached the end.
+async fn act_on(
+    state: &AppState,
+    (request, max, actor): (&BulkRequest, u32, Actor),
+    mut walk: RunFilter,
+    (result, pages_left): (&mut BulkResult, &mut usize),
+) -> Result<bool, ApiError> {
     loop {
-        let page = state.store.list_runs(&filter).await?;
-        if first {
-            result.matched = page.total;
-            first = false;
+        if *pages_left == 0 || result.changed >= u64::from(max) {
+            return Ok(false);
+        }
+        *pages_left -= 1;
+        let page = state.store.list_runs(&walk).await?;
+        if !walk.uncounted {
+            result.matched += page.total;
+            walk.uncounted = true;
         }
         if let Some(scan) = &page.scan {
             result.scan_complete &= scan.complete;
         }
         for run in &page.runs {
-            if !request.action.applies_to(run.status) {
-                result.skipped += 1;
-                continue;
-            }
             if result.changed >= u64::from(max) {
-                result.more = true;
-                return Ok(Json(result));
+                return Ok(false);
             }
             if request.dry_run {
                 result.changed += 1;
                 continue;
             }
-            match apply(&state, request.action, run.id, actor).await {
+            match apply(state, request.action, run.id, actor).await {
                 Ok(()) => result.changed += 1,
-                Err(error) if result.failed.len() < LISTED_FAILURES => {
-                    result.failed.push(BulkFailure {
-                        run_id: run.id.to_string(),
-                        message: error.to_string(),
-                    });
+                Err(error @ (StoreError::Busy(_) | StoreError::Unavailable(_))) => {
+                    return Err(error.into());
                 }
-                Err(_) => {}
+                Err(error) => {
+                    if result.failed.len() < LISTED_FAILURES {
+                        result.failed.push(BulkFailure {
+                            run_id: run.id.to_string(),
+                            message: public_message(&error),
+                        });
+                    }
+                }
             }
         }
-        let next = run_list_cursor(&page, filter.limit);
-        match next {
-            Some(cursor) => filter.before = Some(cursor),
-            None => return Ok(Json(result)),
+        match run_list_cursor(&page, walk.limit) {
+            Some(cursor) => walk.before = Some(cursor),
+            None => return Ok(true),
         }
+    }
+}
+
+/// What a client may read of a failed change: a conflict's reason, never a store's internals.
+fn public_message(error: &StoreError) -> String {
+    match error {
+        StoreError::Conflict(message) => message.clone(),
+        StoreError::NotFound(id) => format!("run {id} not found"),
+        _ => "internal error".to_owned(),
     }
 }
 
@@ -492,6 +575,7 @@ async fn failures(
         status: Some(RunStatus::Failed),
         since: Some(since),
         limit: 500,
+        uncounted: true,
         ..RunFilter::default()
     };
     let mut groups: Vec<FailureGroup> = Vec::new();

@@ -371,11 +371,7 @@ async fn queue_history(
         message: e.body_text(),
         details: None,
     })?;
-    let (window, span) = match query
-        .window
-        .as_deref()
-        .map(crate::schema::without_final_line_break)
-    {
+    let (window, span) = match query.window.as_deref() {
         None | Some("hour") => (Window::Hour, chrono::Duration::hours(1)),
         Some("day") => (Window::Day, chrono::Duration::days(1)),
         Some(other) => {

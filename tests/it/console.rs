@@ -323,7 +323,7 @@ async fn with_tokens_only_the_login_form_renders_and_read_only_changes_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_session_cookie_is_the_bearer_token_with_a_csrf_header_for_changes() {
+async fn the_session_cookie_stands_for_the_token_and_changes_need_csrf_and_this_site() {
     let mut app = TestApp::new(Backend::Sqlite)
         .with_env("API_TOKEN", FULL)
         .with_bearer(FULL);
@@ -370,6 +370,42 @@ async fn the_session_cookie_is_the_bearer_token_with_a_csrf_header_for_changes()
     };
     assert_eq!(cancel(None).await.expect("cancel").status(), 403);
     assert_eq!(cancel(Some("0000")).await.expect("cancel").status(), 403);
+    // From another site's page, even with the cookie and its CSRF header: refused.
+    for (name, value) in [
+        ("sec-fetch-site", "cross-site"),
+        ("origin", "http://elsewhere.example"),
+    ] {
+        let forged = http
+            .post(app.url(&format!("/runs/{id}/cancel")))
+            .header("cookie", &session)
+            .header("x-csrf-token", &csrf)
+            .header(name, value)
+            .send()
+            .await
+            .expect("cancel");
+        assert_eq!(forged.status(), 403, "{name}: {value}");
+    }
+    let elsewhere_login = http
+        .post(app.url("/ui/login"))
+        .header("sec-fetch-site", "cross-site")
+        .form(&[("token", FULL)])
+        .send()
+        .await
+        .expect("login");
+    assert_eq!(
+        elsewhere_login.status(),
+        403,
+        "no login planted from elsewhere"
+    );
+    // A bearer token is never another site's: a client with it may call from anywhere.
+    let with_bearer = http
+        .get(app.url(&format!("/runs/{id}")))
+        .bearer_auth(FULL)
+        .header("origin", "http://elsewhere.example")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(with_bearer.status(), 200);
     let status = cancel(Some(&csrf)).await.expect("cancel").status();
     assert!(status == 200 || status == 409, "{status}");
     // The assets and the login page need no token; the console's pages send browsers there.
@@ -388,4 +424,38 @@ async fn the_session_cookie_is_the_bearer_token_with_a_csrf_header_for_changes()
         redirected.headers()["location"],
         "/ui/login?next=/ui/queues"
     );
+    // The cookie expires, and keeps any token intact.
+    assert!(cookie.contains("Max-Age="), "{cookie}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_another_sites_page_cannot_change_runs() {
+    let app = TestApp::new(Backend::Sqlite).with_api();
+    let id = app.submit_demo(json!({"sleep_ms": 60_000})).await;
+    let http = reqwest::Client::new();
+    let forged = http
+        .post(app.url(&format!("/runs/{id}/cancel")))
+        .header("sec-fetch-site", "cross-site")
+        .header("origin", "http://elsewhere.example")
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(forged.status(), 403);
+    let forged_bulk = http
+        .post(app.url("/runs/bulk"))
+        .header("origin", "http://elsewhere.example")
+        .body(r#"{"action":"cancel","dry_run":false}"#)
+        .send()
+        .await
+        .expect("bulk");
+    assert_eq!(forged_bulk.status(), 403);
+    assert_eq!(app.run(&id).await["status"], "queued");
+    // The console's own page (same origin) and tools that send no origin (curl) may.
+    let own = http
+        .post(app.url(&format!("/runs/{id}/cancel")))
+        .header("sec-fetch-site", "same-origin")
+        .send()
+        .await
+        .expect("cancel");
+    assert_eq!(own.status(), 200);
 }

@@ -250,15 +250,19 @@ impl RunStore for SqliteStore {
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage> {
-        let mut count = QueryBuilder::new("SELECT COUNT(*) AS n FROM runs");
-        filtered(&mut count, filter, false);
-        let total: i64 = count
-            .build()
-            .fetch_one(&self.pool)
-            .await
-            .db()?
-            .try_get("n")
-            .db()?;
+        let total: i64 = if filter.uncounted {
+            0
+        } else {
+            let mut count = QueryBuilder::new("SELECT COUNT(*) AS n FROM runs");
+            filtered(&mut count, filter, false);
+            count
+                .build()
+                .fetch_one(&self.pool)
+                .await
+                .db()?
+                .try_get("n")
+                .db()?
+        };
         let mut page = QueryBuilder::new("SELECT * FROM runs");
         filtered(&mut page, filter, true);
         page.push(" ORDER BY id DESC LIMIT ")
@@ -1313,7 +1317,11 @@ fn filtered(query: &mut QueryBuilder<sqlx::Sqlite>, filter: &RunFilter, with_cur
         ("status", filter.status.map(|s| s.as_str().to_owned())),
         ("name", filter.name.clone()),
         ("queue", filter.queue.clone()),
-        ("json_extract(error, '$.code')", filter.error_code.clone()),
+        // With `error IS NOT NULL`, the clause is the partial index `runs_error_code`'s.
+        (
+            "error IS NOT NULL AND json_extract(error, '$.code')",
+            filter.error_code.clone(),
+        ),
     ] {
         if let Some(value) = value {
             and(query);
@@ -1341,8 +1349,13 @@ fn filtered(query: &mut QueryBuilder<sqlx::Sqlite>, filter: &RunFilter, with_cur
         query.push("cost_micros <= ").push_bind(max.micros());
     }
     if let Some(text) = &filter.input_text {
-        // One phrase of the trigram index: the text anywhere inside one value.
         and(query);
+        // The trigram index finds three characters or more; shorter text matches nothing.
+        if text.chars().count() < core_store::MIN_SEARCH_CHARS {
+            query.push("0");
+            return;
+        }
+        // One phrase of the trigram index: the text anywhere inside one value.
         query
             .push("id IN (SELECT run_id FROM run_search WHERE rowid IN (SELECT rowid FROM run_search_index WHERE run_search_index MATCH ")
             .push_bind(format!("\"{}\"", text.replace('"', "\"\"")))

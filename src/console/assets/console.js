@@ -280,12 +280,16 @@
   }
 
   // ---------- one run ----------
+  // A stored artifact path as its URL; null for one that could point elsewhere.
   function artifactUrl(path) {
-    return "/artifacts/" + path.split("/").map(encodeURIComponent).join("/");
+    const parts = String(path).split("/");
+    if (parts.some((p) => p === "" || p === "." || p === "..")) return null;
+    return "/artifacts/" + parts.map(encodeURIComponent).join("/");
   }
 
   function player(path) {
     const url = artifactUrl(path);
+    if (!url) return null;
     const ext = (path.split(".").pop() || "").toLowerCase();
     if (["mp4", "webm", "mov", "m4v"].includes(ext)) {
       return h("video", { controls: true, preload: "metadata", src: url, class: "media", dataset: { artifact: path } });
@@ -419,6 +423,7 @@
     const items = [];
     for (const stage of run.stages || []) {
       for (const path of stage.artifacts || []) {
+        if (!artifactUrl(path)) continue;
         items.push(h("figure", { class: "artifact" },
           player(path),
           h("figcaption", {}, h("a", { href: artifactUrl(path) }, path.split("/").pop()),
@@ -702,7 +707,11 @@
     document.querySelectorAll("[data-nav]").forEach((a) => a.classList.toggle("here",
       (a.dataset.nav === "queues" && path === "/ui/queues") || (a.dataset.nav === "runs" && path !== "/ui/queues")));
     const match = path.match(/^\/ui\/runs\/([^/]+)$/);
-    if (match) return runPage(decodeURIComponent(match[1]));
+    if (match) {
+      let id = match[1];
+      try { id = decodeURIComponent(id); } catch (_) { /* shown as written: no such run */ }
+      return runPage(id);
+    }
     if (path === "/ui/queues") return queuesPage();
     return listPage();
   }

@@ -498,6 +498,9 @@ pub struct RunFilter {
     /// Only runs with this text inside a value of their inputs ([`MIN_SEARCH_CHARS`] or more).
     pub input_text: Option<String>,
     pub limit: u32,
+    /// The caller needs no total (a later page of a walk through the list): stores that count
+    /// by reading may skip it and answer 0.
+    pub uncounted: bool,
 }
 
 impl RunFilter {
@@ -586,7 +589,7 @@ pub struct ScanExtent {
 }
 
 /// Most runs a store that cannot index a filter examines for one page.
-pub const SCAN_LIMIT: u64 = 20_000;
+pub const SCAN_LIMIT: u64 = 10_000;
 
 /// Runs finished in one queue in one minute, by outcome.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
