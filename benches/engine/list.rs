@@ -62,7 +62,8 @@ async fn load(store: &Arc<dyn RunStore>, total: usize) -> Loaded {
                 }
                 let (kind, name) = kind_and_name(i);
                 // Spread over every name: one in a hundred fails, one in twenty is cancelled.
-                let doomed_run = i.wrapping_mul(7919) % 100 == 7;
+                // (By blocks of twenty consecutive runs, which hold every name.)
+                let doomed_run = (i / 20) % 100 == 7;
                 let queue = if doomed_run { "doomed" } else { "workflows" };
                 let run = NewRun {
                     id: RunId::generate(),
@@ -78,7 +79,7 @@ async fn load(store: &Arc<dyn RunStore>, total: usize) -> Loaded {
                     reuse: false,
                 };
                 let id = store.insert_run(run).await.expect("insert").0.id;
-                if !doomed_run && i.wrapping_mul(104_729) % 20 == 3 {
+                if (i / 20) % 20 == 3 {
                     if let Ok(mut cancel) = cancel.lock() {
                         cancel.push(id);
                     }
@@ -103,7 +104,20 @@ async fn load(store: &Arc<dyn RunStore>, total: usize) -> Loaded {
                 .expect("cancel");
         })
         .await;
-    let doomed = doomed.into_inner().unwrap_or_default().len();
+    fail_doomed(store, doomed.into_inner().unwrap_or_default().len()).await;
+    eprintln!(
+        "  stored {total} runs in {:.0} s",
+        started.elapsed().as_secs_f64()
+    );
+    let marks = marks.into_inner().unwrap_or_default();
+    let mut times = marks.values().copied();
+    let from = times.next().unwrap_or_else(Utc::now);
+    let to = times.next().unwrap_or_else(Utc::now);
+    Loaded { window: (from, to) }
+}
+
+/// Claims the runs of the `doomed` queue and fails them with an error code.
+async fn fail_doomed(store: &Arc<dyn RunStore>, doomed: usize) {
     let worker = WorkerId::from("bench-list".to_owned());
     let mut failed = 0;
     while failed < doomed {
@@ -130,15 +144,6 @@ async fn load(store: &Arc<dyn RunStore>, total: usize) -> Loaded {
             })
             .await;
     }
-    eprintln!(
-        "  stored {total} runs in {:.0} s",
-        started.elapsed().as_secs_f64()
-    );
-    let marks = marks.into_inner().unwrap_or_default();
-    let mut times = marks.values().copied();
-    let from = times.next().unwrap_or_else(Utc::now);
-    let to = times.next().unwrap_or_else(Utc::now);
-    Loaded { window: (from, to) }
 }
 
 /// p50 and p95 (ms) of `samples` requests of one page.

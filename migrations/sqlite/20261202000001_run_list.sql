@@ -1,7 +1,10 @@
 -- The run list at scale: a page filtered by status, kind, name, queue or error code (alone or
--- with a time range, which is a range of run ids) is an index range scan, newest first.
+-- with a time range, which is a range of run ids), or by status with kind or name, is an index
+-- range scan, newest first.
 DROP INDEX runs_name;
 CREATE INDEX runs_status_id ON runs (status, id);
+CREATE INDEX runs_status_kind_id ON runs (status, kind, id);
+CREATE INDEX runs_status_name_id ON runs (status, name, id);
 CREATE INDEX runs_kind_id ON runs (kind, id);
 CREATE INDEX runs_name_id ON runs (name, id);
 CREATE INDEX runs_queue_id ON runs (queue, id);

@@ -25,7 +25,7 @@
             h("div", { class: "step-name" }, step.step.replace("_", " ")),
             badge(step.status),
             h("div", { class: "muted small" },
-              step.turns !== null && step.turns !== undefined ? `${step.turns} turns · ` : "",
+              step.turns !== null && step.turns !== undefined ? `${step.turns} turn${step.turns === 1 ? "" : "s"} · ` : "",
               money(step.cost_usd)),
             step.error ? h("div", { class: "bad small" }, step.error.code) : null)));
           const pr = order.pull_request || {};

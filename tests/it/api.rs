@@ -698,32 +698,7 @@ async fn the_run_list_filters_searches_and_acts_in_bulk(backend: Backend) {
         let (status, body) = app.get(&format!("/runs?{bad}")).await;
         assert_eq!(status, 422, "{bad}: {body}");
     }
-
-    // Bulk: a dry run counts, changes nothing; then the change, named in each run's events.
-    let cancel = json!({"action": "cancel", "filter": {"q": "4242"}});
-    let (status, dry) = app.post("/runs/bulk", &cancel).await;
-    assert_eq!(status, 200, "{dry}");
-    assert_eq!(
-        (dry["dry_run"].as_bool(), dry["changed"].as_u64()),
-        (Some(true), Some(1))
-    );
-    assert_eq!(app.run(&harbour).await["status"], "queued");
-    let mut real = cancel.clone();
-    real["dry_run"] = json!(false);
-    let (_, done) = app.post("/runs/bulk", &real).await;
-    assert_eq!(done["changed"], 1, "{done}");
-    assert_eq!(app.run(&harbour).await["status"], "cancelled");
-    let events = app.events(&harbour).await;
-    let cancelled = events
-        .iter()
-        .find(|e| e["kind"] == "run_cancelled")
-        .expect("event");
-    assert_eq!(
-        cancelled["data"]["actor"],
-        json!({"role": "anonymous", "via": "api"})
-    );
-
-    // The failed run: found by error code, grouped, previewed and retried.
+    bulk_cancel_counts_first_then_names_its_actor(&app, &harbour).await;
     let mut app = app;
     app.start_worker();
     app.wait_status(&fatal, "failed", Duration::from_secs(30))
@@ -736,16 +711,52 @@ async fn the_run_list_filters_searches_and_acts_in_bulk(backend: Backend) {
         [lighthouse.as_str()],
         "three stages at $0.31337"
     );
+    a_failed_run_is_found_grouped_previewed_and_retried(&app, &fatal, &lighthouse).await;
+    finished_runs_make_the_queues_history(&app).await;
+}
+
+/// Bulk: a dry run counts, changes nothing; then the change, named in the run's events.
+async fn bulk_cancel_counts_first_then_names_its_actor(app: &TestApp, harbour: &str) {
+    let cancel = json!({"action": "cancel", "filter": {"q": "4242"}});
+    let (status, dry) = app.post("/runs/bulk", &cancel).await;
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(
+        (dry["dry_run"].as_bool(), dry["changed"].as_u64()),
+        (Some(true), Some(1))
+    );
+    assert_eq!(app.run(harbour).await["status"], "queued");
+    let mut real = cancel.clone();
+    real["dry_run"] = json!(false);
+    let (_, done) = app.post("/runs/bulk", &real).await;
+    assert_eq!(done["changed"], 1, "{done}");
+    assert_eq!(app.run(harbour).await["status"], "cancelled");
+    let events = app.events(harbour).await;
+    let cancelled = events
+        .iter()
+        .find(|e| e["kind"] == "run_cancelled")
+        .expect("event");
+    assert_eq!(
+        cancelled["data"]["actor"],
+        json!({"role": "anonymous", "via": "api"})
+    );
+}
+
+/// The failed run: found by error code, grouped, previewed and retried.
+async fn a_failed_run_is_found_grouped_previewed_and_retried(
+    app: &TestApp,
+    fatal: &str,
+    lighthouse: &str,
+) {
     let (_, failed) = app.get("/runs?status=failed").await;
     let code = failed["runs"][0]["error"]["code"]
         .as_str()
         .expect("code")
         .to_owned();
     let (_, by_code) = app.get(&format!("/runs?error_code={code}")).await;
-    assert_eq!(listed(&by_code), [fatal.as_str()]);
+    assert_eq!(listed(&by_code), [fatal]);
     let (_, groups) = app.get("/failures").await;
     assert_eq!(groups["groups"][0]["code"], code.as_str(), "{groups}");
-    assert_eq!(groups["groups"][0]["latest_run_id"], fatal.as_str());
+    assert_eq!(groups["groups"][0]["latest_run_id"], fatal);
     let (status, preview) = app.get(&format!("/runs/{fatal}/resume-preview")).await;
     assert_eq!(status, 200, "{preview}");
     assert_eq!(preview["from_stage"], "one");
@@ -772,10 +783,12 @@ async fn the_run_list_filters_searches_and_acts_in_bulk(backend: Backend) {
     let retry = json!({"action": "retry", "filter": {"status": "failed"}, "dry_run": false});
     let (_, done) = app.post("/runs/bulk", &retry).await;
     assert_eq!(done["changed"], 1, "{done}");
-    app.wait_status(&fatal, "failed", Duration::from_secs(30))
+    app.wait_status(fatal, "failed", Duration::from_secs(30))
         .await;
+}
 
-    // Throughput per queue, kept in the store; the oldest waiting run per queue.
+/// Throughput per queue, kept in the store; the oldest waiting run per queue.
+async fn finished_runs_make_the_queues_history(app: &TestApp) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let (_, history) = app.get("/queues/history?window=day").await;

@@ -106,7 +106,23 @@ async fn a_studio_run_is_followed_played_and_resumed_from_editing() {
         "the run page was never reloaded"
     );
 
-    // The final cut plays in place (its metadata comes through HTTP ranges).
+    final_cut_plays_in_place(&browser).await;
+    browser.screenshot("run-completed").await;
+    resume_from_editing_redoes_only_editing(&browser, &app, &id).await;
+
+    // Queues and workers: the queue's throughput, the live worker.
+    browser.goto(&app.url("/ui/queues")).await;
+    browser
+        .wait_for("tr[data-queue='workflows']", Duration::from_secs(15))
+        .await;
+    browser
+        .wait_for("#workers table", Duration::from_secs(15))
+        .await;
+    browser.screenshot("queues").await;
+}
+
+/// The final cut plays in place (its metadata comes through HTTP ranges).
+async fn final_cut_plays_in_place(browser: &Browser) {
     let video = "document.querySelector(\"video[data-artifact$='final/final.mp4']\")";
     browser
         .wait_until(
@@ -121,9 +137,10 @@ async fn a_studio_run_is_followed_played_and_resumed_from_editing() {
         .as_f64()
         .expect("duration");
     assert!(duration > 1.0, "the final cut lasts {duration} s");
-    browser.screenshot("run-completed").await;
+}
 
-    // Resume from editing: first what it redoes and costs, then only that is redone.
+/// Resume from editing: first what it redoes and costs, then only that is redone.
+async fn resume_from_editing_redoes_only_editing(browser: &Browser, app: &TestApp, id: &str) {
     browser
         .eval(
             "document.getElementById('resume-from').value = 'editing';",
@@ -152,7 +169,7 @@ async fn a_studio_run_is_followed_played_and_resumed_from_editing() {
     browser
         .wait_until("the resumed run completes", RUN_COMPLETED, LONG)
         .await;
-    let events = app.events(&id).await;
+    let events = app.events(id).await;
     assert_eq!(started_after_resume(&events), ["editing"]);
     let resumed = events
         .iter()
@@ -162,16 +179,6 @@ async fn a_studio_run_is_followed_played_and_resumed_from_editing() {
         resumed["data"]["actor"],
         json!({"role": "anonymous", "via": "console"})
     );
-
-    // Queues and workers: the queue's throughput, the live worker.
-    browser.goto(&app.url("/ui/queues")).await;
-    browser
-        .wait_for("tr[data-queue='workflows']", Duration::from_secs(15))
-        .await;
-    browser
-        .wait_for("#workers table", Duration::from_secs(15))
-        .await;
-    browser.screenshot("queues").await;
 }
 
 /// A demo run whose first stage works for a minute.
@@ -228,6 +235,28 @@ async fn sign_in(browser: &Browser, token: &str) {
     browser.click("button[type='submit']").await;
 }
 
+/// Without a session: the login form and nothing else, on every console page.
+async fn only_the_login_form_without_a_session(browser: &Browser, app: &TestApp, id: &str) {
+    for page in ["/ui", &format!("/ui/runs/{id}"), "/ui/queues"] {
+        browser.goto(&app.url(page)).await;
+        browser
+            .wait_for("form.login", Duration::from_secs(10))
+            .await;
+        assert!(browser.url().await.contains("/ui/login"), "{page}");
+        assert!(
+            !browser.exists("#app").await,
+            "{page} rendered without a token"
+        );
+        assert!(!browser.text_of("body").await.contains(id));
+    }
+    browser.screenshot("login").await;
+    assert_eq!(
+        page_fetch(browser, "/ui/session", "GET", json!({})).await,
+        401
+    );
+    assert_eq!(page_fetch(browser, "/runs", "GET", json!({})).await, 401);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tokens_only_the_login_form_renders_and_read_only_changes_nothing() {
     let mut app = TestApp::new(Backend::Sqlite)
@@ -240,25 +269,7 @@ async fn with_tokens_only_the_login_form_renders_and_read_only_changes_nothing()
         .await;
     let browser = Browser::start().await;
 
-    // Without a session: the login form and nothing else.
-    for page in ["/ui", &format!("/ui/runs/{id}"), "/ui/queues"] {
-        browser.goto(&app.url(page)).await;
-        browser
-            .wait_for("form.login", Duration::from_secs(10))
-            .await;
-        assert!(browser.url().await.contains("/ui/login"), "{page}");
-        assert!(
-            !browser.exists("#app").await,
-            "{page} rendered without a token"
-        );
-        assert!(!browser.text_of("body").await.contains(&id));
-    }
-    browser.screenshot("login").await;
-    assert_eq!(
-        page_fetch(&browser, "/ui/session", "GET", json!({})).await,
-        401
-    );
-    assert_eq!(page_fetch(&browser, "/runs", "GET", json!({})).await, 401);
+    only_the_login_form_without_a_session(&browser, &app, &id).await;
 
     // A wrong token answers the form again.
     sign_in(&browser, "not-the-token").await;
@@ -322,17 +333,8 @@ async fn with_tokens_only_the_login_form_renders_and_read_only_changes_nothing()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_session_cookie_stands_for_the_token_and_changes_need_csrf_and_this_site() {
-    let mut app = TestApp::new(Backend::Sqlite)
-        .with_env("API_TOKEN", FULL)
-        .with_bearer(FULL);
-    app.start_api();
-    let id = app.submit_demo(json!({})).await;
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client");
+/// Signs in with the full token through the login form; answers the `Set-Cookie` header.
+async fn signed_in_over_http(http: &reqwest::Client, app: &TestApp) -> String {
     let login = http
         .post(app.url("/ui/login"))
         .form(&[("token", FULL), ("next", "https://elsewhere.example/")])
@@ -345,40 +347,28 @@ async fn the_session_cookie_stands_for_the_token_and_changes_need_csrf_and_this_
         .to_str()
         .expect("cookie")
         .to_owned();
-    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/"] {
+    for attribute in ["HttpOnly", "SameSite=Strict", "Path=/", "Max-Age="] {
         assert!(cookie.contains(attribute), "{cookie}");
     }
-    let session = cookie.split(';').next().expect("pair").to_owned();
-    let get = |path: &str| http.get(app.url(path)).header("cookie", &session).send();
-    assert_eq!(get("/runs").await.expect("runs").status(), 200);
-    let body: Value = get("/ui/session")
-        .await
-        .expect("session")
-        .json()
-        .await
-        .expect("json");
-    assert_eq!(body["role"], "full");
-    let csrf = body["csrf"].as_str().expect("csrf").to_owned();
-    let cancel = |csrf: Option<&str>| {
-        let mut request = http
-            .post(app.url(&format!("/runs/{id}/cancel")))
-            .header("cookie", &session);
-        if let Some(csrf) = csrf {
-            request = request.header("x-csrf-token", csrf);
-        }
-        request.send()
-    };
-    assert_eq!(cancel(None).await.expect("cancel").status(), 403);
-    assert_eq!(cancel(Some("0000")).await.expect("cancel").status(), 403);
-    // From another site's page, even with the cookie and its CSRF header: refused.
+    cookie
+}
+
+/// From another site's page, even with the session cookie and its CSRF header, a change is
+/// refused, and so is a login; a bearer token is never another site's.
+async fn changes_from_elsewhere_are_refused(
+    http: &reqwest::Client,
+    app: &TestApp,
+    id: &str,
+    (session, csrf): (&str, &str),
+) {
     for (name, value) in [
         ("sec-fetch-site", "cross-site"),
         ("origin", "http://elsewhere.example"),
     ] {
         let forged = http
             .post(app.url(&format!("/runs/{id}/cancel")))
-            .header("cookie", &session)
-            .header("x-csrf-token", &csrf)
+            .header("cookie", session)
+            .header("x-csrf-token", csrf)
             .header(name, value)
             .send()
             .await
@@ -406,6 +396,43 @@ async fn the_session_cookie_stands_for_the_token_and_changes_need_csrf_and_this_
         .await
         .expect("get");
     assert_eq!(with_bearer.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_session_cookie_stands_for_the_token_and_changes_need_csrf_and_this_site() {
+    let mut app = TestApp::new(Backend::Sqlite)
+        .with_env("API_TOKEN", FULL)
+        .with_bearer(FULL);
+    app.start_api();
+    let id = app.submit_demo(json!({})).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client");
+    let cookie = signed_in_over_http(&http, &app).await;
+    let session = cookie.split(';').next().expect("pair").to_owned();
+    let get = |path: &str| http.get(app.url(path)).header("cookie", &session).send();
+    assert_eq!(get("/runs").await.expect("runs").status(), 200);
+    let body: Value = get("/ui/session")
+        .await
+        .expect("session")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(body["role"], "full");
+    let csrf = body["csrf"].as_str().expect("csrf").to_owned();
+    let cancel = |csrf: Option<&str>| {
+        let mut request = http
+            .post(app.url(&format!("/runs/{id}/cancel")))
+            .header("cookie", &session);
+        if let Some(csrf) = csrf {
+            request = request.header("x-csrf-token", csrf);
+        }
+        request.send()
+    };
+    assert_eq!(cancel(None).await.expect("cancel").status(), 403);
+    assert_eq!(cancel(Some("0000")).await.expect("cancel").status(), 403);
+    changes_from_elsewhere_are_refused(&http, &app, &id, (&session, &csrf)).await;
     let status = cancel(Some(&csrf)).await.expect("cancel").status();
     assert!(status == 200 || status == 409, "{status}");
     // The assets and the login page need no token; the console's pages send browsers there.
@@ -424,8 +451,6 @@ async fn the_session_cookie_stands_for_the_token_and_changes_need_csrf_and_this_
         redirected.headers()["location"],
         "/ui/login?next=/ui/queues"
     );
-    // The cookie expires, and keeps any token intact.
-    assert!(cookie.contains("Max-Age="), "{cookie}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,4 +483,60 @@ async fn without_tokens_another_sites_page_cannot_change_runs() {
         .await
         .expect("cancel");
     assert_eq!(own.status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_work_order_shows_its_steps_commit_pull_request_and_agent_output() {
+    let (app, url) = crate::work_orders::setup(TestApp::new(Backend::Sqlite));
+    let mut app = app;
+    app.start_dev();
+    let id = crate::work_orders::create(
+        &app,
+        json!({"repository_url": url, "sandbox_type": "git_branch",
+               "workflow_type": "agent_workflow_plan", "user_request": "Add a greeting"}),
+    )
+    .await;
+    let browser = Browser::start().await;
+    browser.goto(&app.url(&format!("/ui/runs/{id}"))).await;
+    browser
+        .wait_until(
+            "the stepper reaches the pull request",
+            "return !!document.querySelector(\"#work-order-steps li[data-step='pull_request'] [data-status='completed']\")",
+            LONG,
+        )
+        .await;
+    let steps = browser
+        .eval(
+            "return [...document.querySelectorAll('#work-order-steps li')].map(li => li.dataset.step);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(
+        steps,
+        json!([
+            "sandbox",
+            "plan",
+            "implement",
+            "commit",
+            "push",
+            "pull_request"
+        ])
+    );
+    browser
+        .wait_until(
+            "the commit and the pull request show",
+            "const c = document.getElementById('work-order-commit'); \
+             const p = document.getElementById('work-order-pr'); \
+             return !!c && /^[0-9a-f]{7,}/.test(c.innerText) && !!p && p.innerText.includes('pull-requests');",
+            Duration::from_secs(30),
+        )
+        .await;
+    browser
+        .wait_until(
+            "the agent's output shows",
+            "const t = document.getElementById('work-order-log'); return !!t && t.innerText.includes('[plan]');",
+            Duration::from_secs(30),
+        )
+        .await;
+    browser.screenshot("work-order").await;
 }

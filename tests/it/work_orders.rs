@@ -104,7 +104,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 
 /// A deployment whose work orders may use file URLs, with a bare remote holding one commit, and
 /// the stand-ins installed; answers the remote's URL.
-fn setup(app: TestApp) -> (TestApp, String) {
+pub(crate) fn setup(app: TestApp) -> (TestApp, String) {
     let root = app.dir.path().to_path_buf();
     let remote = root.join("remote.git");
     git(
@@ -195,7 +195,7 @@ fn calls(app: &TestApp, tool: &str) -> Vec<String> {
         .collect()
 }
 
-async fn create(app: &TestApp, body: Value) -> String {
+pub(crate) async fn create(app: &TestApp, body: Value) -> String {
     let (status, created) = app.post("/agent-work-orders", &body).await;
     assert_eq!(status, 201, "{created}");
     created["agent_work_order_id"]

@@ -898,15 +898,7 @@ pub async fn the_listing_filters_by_queue_time_error_and_inputs(store: &SharedSt
     )
     .await;
     let c = insert_on(store, ("alpha", "q2"), json!({"topic": "rusty nails"})).await;
-    let list = |filter: RunFilter| async move {
-        store
-            .list_runs(&RunFilter {
-                limit: 10,
-                ..filter
-            })
-            .await
-            .expect("list")
-    };
+    let list = |filter| list_of(store, filter);
     let by_queue = list(RunFilter {
         queue: Some("q2".into()),
         ..RunFilter::default()
@@ -944,7 +936,24 @@ pub async fn the_listing_filters_by_queue_time_error_and_inputs(store: &SharedSt
     .await;
     assert_eq!(ids_of(&middle), [b]);
     assert_eq!(middle.total, 1);
-    // Cost and error code: fail `a` with a code.
+    listing_by_error_and_cost(store, a).await;
+}
+
+/// A page of ten under `filter`.
+async fn list_of(store: &SharedStore, filter: RunFilter) -> RunPage {
+    store
+        .list_runs(&RunFilter {
+            limit: 10,
+            ..filter
+        })
+        .await
+        .expect("list")
+}
+
+/// Fails `a` (the one run of queue `q1`, of three stored) with a code, then finds it by that
+/// code, and the three by what they cost.
+async fn listing_by_error_and_cost(store: &SharedStore, a: RunId) {
+    let list = |filter| list_of(store, filter);
     let claimed = store
         .claim(&["q1".to_owned()], &worker(), Duration::from_secs(30), 1)
         .await
