@@ -75,7 +75,7 @@ pub struct Filters {
     #[schema(minimum = 0, maximum = 1000000)]
     pub max_cost_usd: Option<f64>,
     /// Only runs with this text (3 to 200 characters, any case) inside a string or number of
-    /// their inputs. SQLite answers from an index; Redis examines at most 20,000 runs per page
+    /// their inputs. SQLite answers from an index; Redis examines at most 10,000 runs per page
     /// and says so in `scan`.
     #[schema(
         min_length = 3,
