@@ -342,12 +342,32 @@ pub struct BulkRequest {
     #[serde(default = "yes")]
     pub dry_run: bool,
     /// Most runs to change in this request (default 1000); call again for the rest.
-    #[schema(minimum = 1, maximum = 1000)]
-    pub max_runs: Option<u32>,
+    #[schema(value_type = Option<u32>, minimum = 1, maximum = 1000)]
+    #[serde(default, deserialize_with = "whole_number")]
+    pub max_runs: Option<u64>,
 }
 
 fn yes() -> bool {
     true
+}
+
+/// A whole number as JSON Schema's `integer` has it: `3` and `3.0` alike (a fraction, a
+/// negative or a huge number is refused).
+fn whole_number<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u64>, D::Error> {
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    if let Some(whole) = number.as_u64() {
+        return Ok(Some(whole));
+    }
+    match number.as_f64() {
+        Some(value) if value.fract() == 0.0 && (0.0..=1e15).contains(&value) => {
+            Ok(Some(value as u64))
+        }
+        _ => Err(serde::de::Error::custom("expected a whole number")),
+    }
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -391,8 +411,8 @@ async fn bulk(
     Extension(actor): Extension<Actor>,
     JsonBody(mut request): JsonBody<BulkRequest>,
 ) -> Result<Json<BulkResult>, ApiError> {
-    let max = request.max_runs.unwrap_or(MAX_BULK);
-    if !(1..=MAX_BULK).contains(&max) {
+    let max = request.max_runs.unwrap_or(u64::from(MAX_BULK));
+    if !(1..=u64::from(MAX_BULK)).contains(&max) {
         return Err(ApiError::invalid(
             format!("max_runs must be between 1 and {MAX_BULK}"),
             Some("max_runs"),
@@ -440,12 +460,12 @@ async fn bulk(
 /// Acts on the runs of one walk page by page; answers whether it reached the end.
 async fn act_on(
     state: &AppState,
-    (request, max, actor): (&BulkRequest, u32, Actor),
+    (request, max, actor): (&BulkRequest, u64, Actor),
     mut walk: RunFilter,
     (result, pages_left): (&mut BulkResult, &mut usize),
 ) -> Result<bool, ApiError> {
     loop {
-        if *pages_left == 0 || result.changed >= u64::from(max) {
+        if *pages_left == 0 || result.changed >= max {
             return Ok(false);
         }
         *pages_left -= 1;
@@ -458,7 +478,7 @@ async fn act_on(
             result.scan_complete &= scan.complete;
         }
         for run in &page.runs {
-            if result.changed >= u64::from(max) {
+            if result.changed >= max {
                 return Ok(false);
             }
             if request.dry_run {

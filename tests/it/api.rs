@@ -717,7 +717,8 @@ async fn the_run_list_filters_searches_and_acts_in_bulk(backend: Backend) {
 
 /// Bulk: a dry run counts, changes nothing; then the change, named in the run's events.
 async fn bulk_cancel_counts_first_then_names_its_actor(app: &TestApp, harbour: &str) {
-    let cancel = json!({"action": "cancel", "filter": {"q": "4242"}});
+    // `max_runs` is a JSON Schema integer: 1.0 is one.
+    let cancel = json!({"action": "cancel", "filter": {"q": "4242"}, "max_runs": 1.0});
     let (status, dry) = app.post("/runs/bulk", &cancel).await;
     assert_eq!(status, 200, "{dry}");
     assert_eq!(
