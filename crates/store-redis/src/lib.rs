@@ -495,7 +495,11 @@ impl RedisStore {
                     .unwrap_or_default();
                 if scan.admits(id, answers) {
                     total += 1;
-                    if matched.len() < limit {
+                    let on_page = scan
+                        .page_before
+                        .as_deref()
+                        .is_none_or(|before| id.as_str() < before);
+                    if on_page && matched.len() < limit {
                         matched.push(id.clone());
                     }
                 }
@@ -525,6 +529,8 @@ struct Scan<'a> {
     range: &'a IdRange,
     filter: &'a RunFilter,
     checks_fields: bool,
+    /// The page holds only runs older than this one (the cursor), wherever the scan starts.
+    page_before: Option<String>,
 }
 
 impl Scan<'_> {
@@ -1086,14 +1092,19 @@ impl RunStore for RedisStore {
                 scan: None,
             });
         }
+        // A driving index small enough to read whole is read from the top of the range, so the
+        // total counts every match (the page still starts after the cursor).
+        let whole = sizes[smallest] <= core_store::SCAN_LIMIT;
         let scan = Scan {
             driver: &driver,
             others: &indexes,
             range: &range,
             filter,
             checks_fields,
+            page_before: cursor.clone(),
         };
-        self.scan_runs(&mut conn, scan, cursor).await
+        let start = if whole { range.until.clone() } else { cursor };
+        self.scan_runs(&mut conn, scan, start).await
     }
 
     async fn claim(
