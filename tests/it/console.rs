@@ -202,6 +202,14 @@ async fn cancel_from_the_console_stops_a_running_run() {
             Duration::from_secs(30),
         )
         .await;
+    browser
+        .wait_until(
+            "the worker's heartbeat and the lease's expiry show",
+            "const row = document.querySelector(\"tr[data-stage='one']\"); \
+             return !!row && row.innerText.includes('heartbeat') && row.innerText.includes('lease expires in');",
+            Duration::from_secs(30),
+        )
+        .await;
     browser.click("#cancel").await;
     browser
         .wait_until(

@@ -63,6 +63,9 @@ pub struct RunDoc {
     pub updated_at: DateTime<Utc>,
     pub finished_at: Option<DateTime<Utc>>,
     pub worker: Option<String>,
+    /// While the run is leased: when its lease expires unless its worker beats again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease_expires_at: Option<DateTime<Utc>>,
     pub artifacts_url: String,
     /// Whether stages may reuse earlier runs' checkpoints, and which did.
     pub reuse: bool,
@@ -127,6 +130,9 @@ impl RunDoc {
             updated_at: run.updated_at,
             finished_at: run.finished_at,
             worker: run.worker,
+            lease_expires_at: run
+                .lease_expires_at
+                .filter(|_| run.status == RunStatus::Running),
             artifacts_url: format!("/artifacts/runs/{}", run.id),
             reuse: run.reuse,
             reused_stages,

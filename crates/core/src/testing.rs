@@ -252,6 +252,16 @@ pub async fn a_claim_takes_each_due_run_once_with_a_larger_fence(store: &SharedS
     claimed.sort();
     ids.sort();
     assert_eq!(claimed, ids, "each run once, the oldest first");
+    // A leased run says until when; a waiting one has no lease.
+    let leased = store.get_run(ids[0]).await.expect("get").expect("run");
+    let expires = leased.lease_expires_at.expect("a lease expiry");
+    let left = expires - chrono::Utc::now();
+    assert!(
+        left > chrono::Duration::seconds(20) && left <= chrono::Duration::seconds(31),
+        "{left:?}"
+    );
+    let waiting = store.get_run(other.id).await.expect("get").expect("run");
+    assert_eq!(waiting.lease_expires_at, None);
     for c in first.iter().chain(&second) {
         assert!(c.lease.fence > FenceToken(0));
         assert!(!c.recovered);

@@ -922,6 +922,7 @@ fn run_from_maps(run: &HashFields<'_>, stages: &[HashFields<'_>]) -> StoreResult
         error: parse_json(run, "error")?,
         worker: run.get("worker").map(str::to_owned),
         fence: FenceToken(number(run, "fence") as i64),
+        lease_expires_at: millis(run, "lease_expires_at"),
         cancel_requested: run.get("cancel_requested") == Some("1"),
         created_at: millis(run, "created_at").unwrap_or_default(),
         updated_at: millis(run, "updated_at").unwrap_or_default(),

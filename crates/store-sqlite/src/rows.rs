@@ -85,6 +85,10 @@ pub(crate) fn run_from_row(row: &SqliteRow) -> StoreResult<RunRecord> {
         error: parse_json(row.try_get("error").db()?, "error")?,
         worker: row.try_get("worker").db()?,
         fence: FenceToken(row.try_get("fence").db()?),
+        lease_expires_at: row
+            .try_get::<Option<i64>, _>("lease_expires_at")
+            .db()?
+            .map(to_datetime),
         cancel_requested: row.try_get::<i64, _>("cancel_requested").db()? != 0,
         created_at: to_datetime(row.try_get("created_at").db()?),
         updated_at: to_datetime(row.try_get("updated_at").db()?),

@@ -53,6 +53,10 @@
     const d = new Date(time);
     return d.toLocaleString();
   }
+  function leaseLeft(time) {
+    const left = Date.parse(time) - Date.now();
+    return left >= 0 ? "expires in " + seconds(left) : "expired " + seconds(-left) + " ago";
+  }
   function shortId(id) { return id ? id.slice(0, 8) + "…" + id.slice(-4) : ""; }
   function badge(status) { return h("span", { class: "badge s-" + status, dataset: { status } }, status); }
   function runLink(id, label) { return h("a", { href: "/ui/runs/" + encodeURIComponent(id), class: "mono" }, label || shortId(id)); }
@@ -408,7 +412,8 @@
         h("td", { class: "num" }, money(stage.cost_usd)),
         h("td", {}, stage.progress ? `${stage.progress.done} of ${stage.progress.total}` : "—"),
         h("td", { class: "wide" }, bars,
-          live ? h("div", { class: "muted" }, `worker ${holder.id} · heartbeat ${ago(holder.last_heartbeat)}`) : null,
+          live ? h("div", { class: "muted" }, `worker ${holder.id} · heartbeat ${ago(holder.last_heartbeat)}` +
+            (run.lease_expires_at ? ` · lease ${leaseLeft(run.lease_expires_at)}` : "")) : null,
           stage.next_attempt_at ? h("div", { class: "muted" }, `next attempt ${when(stage.next_attempt_at)}`) : null,
           stage.error ? h("div", { class: "bad" }, h("code", {}, stage.error.code), " ", stage.error.message) : null,
           retries.length ? h("ul", { class: "retries" }, retries) : null,

@@ -272,6 +272,8 @@ pub struct RunRecord {
     pub error: Option<RunError>,
     pub worker: Option<String>,
     pub fence: FenceToken,
+    /// While the run is leased: when its lease expires unless its worker beats again.
+    pub lease_expires_at: Option<DateTime<Utc>>,
     pub cancel_requested: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -332,6 +334,7 @@ impl RunRecord {
             updated_at: at,
             finished_at: None,
             reuse: run.reuse,
+            lease_expires_at: None,
             event_seq: 0,
             stages: run
                 .stage_names
