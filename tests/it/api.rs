@@ -660,6 +660,8 @@ fn listed(body: &Value) -> Vec<String> {
 async fn the_run_list_filters_searches_and_acts_in_bulk(backend: Backend) {
     let app = TestApp::new(backend).with_api();
     let lighthouse = app.submit_demo(json!({"cost_usd": 0.31337})).await;
+    // Run ids carry their creation time to the millisecond: a boundary strictly between.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let before_second = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     tokio::time::sleep(Duration::from_millis(5)).await;
     let harbour = app.submit_demo(json!({"cost_usd": 0.4242})).await;
