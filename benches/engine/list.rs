@@ -1,7 +1,8 @@
 //! The console's run list with many stored runs (BENCH_LIST_RUNS, default 1,000,000) on both
 //! stores: the time `GET /runs` takes on loopback (the API's answer of a 50-run page, JSON
 //! included) for pages filtered by status, kind, name and time range, alone and with a status,
-//! and the input search. `BENCH_ONLY=list`.
+//! and the input search; and a run's page (its status document and its event stream).
+//! `BENCH_ONLY=list`.
 //!
 //! The runs are stored through the store itself: names and kinds in a fixed mix, one in twenty
 //! cancelled and one in a hundred failed (claimed and failed with an error code), created over
@@ -207,6 +208,7 @@ async fn measure(
     let (_, line) = deployment.spawn(&["serve"]);
     let base = line.trim().rsplit(' ').next().expect("url").to_owned();
     let http = reqwest::Client::new();
+    run_page(&http, &base, rows).await;
     for (label, query) in pages(&loaded) {
         let url = format!("{base}/runs?limit=50&{query}");
         // One request warms the page cache; the samples follow.
@@ -215,6 +217,50 @@ async fn measure(
         rows.entry(label.to_owned())
             .or_default()
             .push(format!("{p50:.1} / {p95:.1} ms ({matched} matched)"));
+    }
+}
+
+/// A run's page among the million: its status document and its (finished) event stream, as
+/// the console's run page reads them.
+async fn run_page(http: &reqwest::Client, base: &str, rows: &mut BTreeMap<String, Vec<String>>) {
+    let page: serde_json::Value = http
+        .get(format!("{base}/runs?status=cancelled&limit=1"))
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    let id = page["runs"][0]["run_id"]
+        .as_str()
+        .expect("a cancelled run")
+        .to_owned();
+    for (label, path) in [
+        ("a run: GET /runs/{id}", format!("{base}/runs/{id}")),
+        (
+            "a run: GET /runs/{id}/events (finished)",
+            format!("{base}/runs/{id}/events"),
+        ),
+    ] {
+        let mut times = Vec::with_capacity(40);
+        for _ in 0..41 {
+            let started = std::time::Instant::now();
+            let response = http.get(&path).send().await.expect("GET");
+            assert!(
+                response.status().is_success(),
+                "{path}: {}",
+                response.status()
+            );
+            response.bytes().await.expect("body");
+            times.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        times.remove(0);
+        times.sort_by(f64::total_cmp);
+        rows.entry(label.to_owned()).or_default().push(format!(
+            "{:.1} / {:.1} ms",
+            percentile(&times, 50.0),
+            percentile(&times, 95.0)
+        ));
     }
 }
 

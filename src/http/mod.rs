@@ -225,7 +225,15 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     let app = app(state).layer(tower_http::trace::TraceLayer::new_for_http());
+    // Answers go out as they are written (an event stream writes in small pieces, which
+    // Nagle's algorithm would hold for the client's delayed acknowledgement, ~40 ms).
+    let listener = listener.tap_io(|connection| {
+        if let Err(error) = connection.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY could not be set on a connection");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await

@@ -269,6 +269,8 @@ async fn run_events(
         .unwrap_or(0);
     let follow = Follow {
         run_id: run.id,
+        // A run finished when it was read has no event past the one it was read at.
+        known_end: run.status.is_finished().then_some(run.event_seq),
         after,
         watch: state.limits.watch(run.id),
         store: state.store.clone(),
@@ -295,6 +297,8 @@ async fn run_events(
 /// One client following a run's events, woken by the process's run watcher.
 struct Follow {
     run_id: RunId,
+    /// The last event of a run that was finished when the stream began.
+    known_end: Option<i64>,
     after: i64,
     watch: tokio::sync::watch::Receiver<super::limits::Watched>,
     store: crate::store::SharedStore,
@@ -314,7 +318,10 @@ impl Follow {
                         self.after = last.seq;
                         return Some(events);
                     }
-                    if seen.finished && seen.last_event.is_some_and(|last| last <= self.after) {
+                    let ended = self.known_end.is_some_and(|end| end <= self.after)
+                        || (seen.finished
+                            && seen.last_event.is_some_and(|last| last <= self.after));
+                    if ended {
                         return None;
                     }
                     true
