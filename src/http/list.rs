@@ -293,12 +293,7 @@ async fn list_runs(
 }
 
 fn run_list(page: RunPage, limit: u32) -> RunList {
-    let full = page.runs.len() == limit as usize;
-    let next_cursor = match (&page.scan, page.runs.last()) {
-        (_, Some(last)) if full => Some(last.id.to_string()),
-        (Some(scan), _) if !scan.complete => scan.last.map(|id| id.to_string()),
-        _ => None,
-    };
+    let next_cursor = run_list_cursor(&page, limit).map(|id| id.to_string());
     RunList {
         runs: page.runs.into_iter().map(RunDoc::summary).collect(),
         total: page.total,
