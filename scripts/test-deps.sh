@@ -51,6 +51,21 @@ install_coding_agent() {
     echo "could not install the coding-agent CLI; the test that runs it will say so"
 }
 
+install_s3_server() {
+  # A real S3-compatible server for the object-storage tests, built from the Rust crate
+  # registry (pinned: the newest release needs a newer compiler than the project's).
+  local version=0.14.1 root=target/tools
+  if "$root/bin/s3s-fs" --version 2>/dev/null | grep -q "$version"; then
+    return 0
+  fi
+  echo "installing the S3-compatible test server s3s-fs $version into $root"
+  CARGO_TARGET_DIR=target/tools-build cargo install --quiet --locked --root "$root" \
+    --features binary "s3s-fs@$version"
+  rm -rf target/tools-build
+}
+
+install_s3_server
+
 if [ "${#missing[@]}" -eq 0 ]; then
   install_coding_agent
   exit 0

@@ -326,14 +326,22 @@ struct Process {
     tasks: tokio::task::JoinSet<anyhow::Result<()>>,
 }
 
+/// The artifact store the configuration names: object storage, or the local directory.
+fn open_artifacts(config: &Config) -> anyhow::Result<ArtifactStore> {
+    match &config.artifact_objects {
+        Some(objects) => ArtifactStore::open_objects(objects, &config.artifact_dir)
+            .context("opening the artifact store (ARTIFACT_STORE_URL)"),
+        None => ArtifactStore::open(&config.artifact_dir).context("opening the artifact directory"),
+    }
+}
+
 async fn serve_role(config: Config, role: Role) -> anyhow::Result<()> {
     guard_role(&config, &role)?;
     let shutdown = shutdown::on_signal().context("installing signal handlers")?;
     let modules = crate::modules::modules(&config);
     let mut process = Process {
         store: open_store(&config).await?,
-        artifacts: ArtifactStore::open(&config.artifact_dir)
-            .context("opening the artifact directory")?,
+        artifacts: open_artifacts(&config)?,
         catalog: Arc::new(crate::modules::catalog(&modules)),
         modules,
         config: Arc::new(config),

@@ -14,7 +14,11 @@
 //! | `LOG_LEVEL` | `info` | a `tracing` filter such as `info` or `stagecraft=debug` |
 //! | `LOG_FORMAT` | `pretty` in development, `json` in production | `pretty` or `json` |
 //! | `PROVIDER_MODE` | `mock` | default provider mode of new runs |
-//! | `ARTIFACT_DIR` | `./artifacts` | root of every file a stage writes |
+//! | `ARTIFACT_DIR` | `./artifacts` | root of every file a stage writes; with `ARTIFACT_STORE_URL`, only the local scratch root of tools' workspaces |
+//! | `ARTIFACT_STORE_URL` | unset (the local directory `ARTIFACT_DIR`) | `s3://bucket/prefix`: artifacts in S3-compatible object storage, shared by every host |
+//! | `AWS_ENDPOINT_URL`, `AWS_REGION` | unset (AWS), `us-east-1` | the S3-compatible server and its region, with `ARTIFACT_STORE_URL` |
+//! | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` | unset | the bucket's credentials (unset: the instance's role) |
+//! | `AWS_ALLOW_HTTP` | `false` | permits a plain-HTTP `AWS_ENDPOINT_URL` (a server on a private network) |
 //! | `DATA_DIR` | `./data` | where the embedded store lives |
 //! | `QUEUE_BACKEND` | `sqlite` | the durable store and queue: `sqlite` or `redis` |
 //! | `REDIS_URL` | `redis://127.0.0.1:6379` | the Redis server, with `QUEUE_BACKEND=redis` |
@@ -82,7 +86,7 @@ pub use stagecraft_core::store::ProviderMode;
 pub use stagecraft_store_sqlite::sqlite_url_for;
 pub use stagecraft_studio::settings::{LiveSettings, SpeechProvider, StudioSettings};
 
-use crate::{engine::RetryPolicy, process::BaseEnv, secrets::Scrubber};
+use crate::{artifacts::ObjectSettings, engine::RetryPolicy, process::BaseEnv, secrets::Scrubber};
 
 /// Variables of this process's environment every subprocess may see.
 const BASE_ENV_VARIABLES: [&str; 9] = [
@@ -112,8 +116,10 @@ pub struct Config {
     pub log_format: LogFormat,
     /// The provider mode a run gets when it does not ask for one.
     pub provider_mode: ProviderMode,
-    /// Root of all artifacts; created at start-up.
+    /// Root of all artifacts, or with `artifact_objects` the scratch root; created at start-up.
     pub artifact_dir: PathBuf,
+    /// The bucket artifacts are kept in, when they are not local (`ARTIFACT_STORE_URL`).
+    pub artifact_objects: Option<ObjectSettings>,
     /// Which durable store carries runs.
     pub backend: BackendKind,
     /// The SQLite database URL.
@@ -267,6 +273,11 @@ impl Config {
             &self.awo.anthropic_api_key,
         ]
         .into_iter()
+        .chain(
+            self.artifact_objects
+                .iter()
+                .flat_map(|o| [&o.secret_access_key, &o.session_token]),
+        )
         .flatten()
         .map(|secret| secret.expose_secret().to_owned())
         .collect();
@@ -314,6 +325,7 @@ impl Config {
             log_format,
             provider_mode,
             artifact_dir: vars.path_or("ARTIFACT_DIR", "./artifacts"),
+            artifact_objects: artifact_objects(&vars)?,
             backend: store.backend,
             database_url: store.database_url,
             redis_url: store.redis_url,
@@ -393,6 +405,43 @@ impl StoreSettings {
             redis_prefix: vars.text("REDIS_KEY_PREFIX", "stagecraft:"),
         })
     }
+}
+
+/// `ARTIFACT_STORE_URL` and the standard `AWS_*` variables of the bucket it names.
+fn artifact_objects(vars: &Vars<'_>) -> Result<Option<ObjectSettings>, ConfigError> {
+    let Some(url) = vars.string("ARTIFACT_STORE_URL") else {
+        return Ok(None);
+    };
+    let Some((bucket, prefix)) = ObjectSettings::parse_url(&url) else {
+        return Err(ConfigError {
+            variable: "ARTIFACT_STORE_URL",
+            value: url,
+            reason: "expected s3://bucket or s3://bucket/prefix (a bucket name of 3 to 63 \
+                     lowercase letters, digits, dots and dashes; a prefix of safe path segments); \
+                     leave it unset to keep artifacts in ARTIFACT_DIR"
+                .to_owned(),
+        });
+    };
+    let endpoint = vars.string("AWS_ENDPOINT_URL");
+    if let Some(endpoint) = &endpoint
+        && !(endpoint.starts_with("https://") || endpoint.starts_with("http://"))
+    {
+        return Err(ConfigError {
+            variable: "AWS_ENDPOINT_URL",
+            value: endpoint.clone(),
+            reason: "expected an http:// or https:// URL".to_owned(),
+        });
+    }
+    Ok(Some(ObjectSettings {
+        bucket,
+        prefix,
+        endpoint,
+        region: vars.string("AWS_REGION"),
+        access_key_id: vars.string("AWS_ACCESS_KEY_ID"),
+        secret_access_key: vars.secret("AWS_SECRET_ACCESS_KEY"),
+        session_token: vars.secret("AWS_SESSION_TOKEN"),
+        allow_http: vars.flag("AWS_ALLOW_HTTP", false)?,
+    }))
 }
 
 /// `API_TOKEN` and `API_TOKEN_READONLY`: the read-only token is a second, weaker token, so it

@@ -7,6 +7,7 @@ mod engine;
 mod faults;
 mod limits;
 mod live;
+mod objects;
 mod packaging;
 mod redis_scale;
 mod security;

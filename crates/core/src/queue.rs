@@ -414,7 +414,8 @@ pub async fn run_sweeper(
     }
 }
 
-/// The artifact directories of runs that are gone, then each tenant's own files.
+/// The artifact directories of runs that are gone, stale workspaces, then each tenant's own
+/// files.
 async fn housekeeping(
     store: &SharedStore,
     retention: Duration,
@@ -429,6 +430,21 @@ async fn housekeeping(
         info!(
             runs = gone_runs.len(),
             "deleted the artifacts of runs past retention"
+        );
+    }
+    // Workspaces of killed processes; a live one is never this old.
+    let stale = match artifacts {
+        Some(artifacts) => {
+            artifacts
+                .clean_scratch(Duration::from_secs(24 * 3600))
+                .await
+        }
+        None => 0,
+    };
+    if stale > 0 {
+        info!(
+            workspaces = stale,
+            "deleted workspaces left by stopped processes"
         );
     }
     let work = crate::module::Housekeeping {

@@ -58,7 +58,10 @@ impl From<ArtifactError> for StageError {
     fn from(error: ArtifactError) -> Self {
         match error {
             ArtifactError::UnsafePath(_) => Self::fatal("unsafe_artifact_path", error.to_string()),
-            ArtifactError::Io { .. } => Self::Retryable(error.to_string()),
+            ArtifactError::TooLarge { .. } => Self::fatal("artifact_too_large", error.to_string()),
+            ArtifactError::Io { .. } | ArtifactError::Object { .. } => {
+                Self::Retryable(error.to_string())
+            }
         }
     }
 }

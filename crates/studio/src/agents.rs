@@ -17,7 +17,7 @@ use super::{
     model::*,
 };
 use stagecraft_core::{
-    artifacts::ArtifactStore,
+    artifacts::{ArtifactError, ArtifactStore, Workspace},
     engine::{StageError, StepDone},
     ids::RunId,
     money::Usd,
@@ -81,8 +81,22 @@ impl AgentEnv {
         format!("runs/{}/{relative}", self.run_id)
     }
 
-    fn absolute(&self, relative: &str) -> Result<PathBuf, StageError> {
-        Ok(self.artifacts.resolve(relative)?)
+    /// Probes the media file a tool wrote for `relative` in `files`, then makes it that
+    /// artifact (uploaded, when the store is remote, before the stage can commit) and lists it
+    /// in `category`.
+    async fn publish(
+        &self,
+        files: &Workspace,
+        relative: &str,
+        category: &str,
+    ) -> Result<MediaInfo, StageError> {
+        let info = self
+            .media
+            .probe(&files.output(relative)?, &self.cancel)
+            .await?;
+        files.publish(relative).await?;
+        self.artifacts.index(category, relative).await?;
+        Ok(info)
     }
 
     /// Records one provider call in the run's ledger (`runs/{id}/provider_calls.jsonl`), after
@@ -160,11 +174,6 @@ impl AgentEnv {
             cost_usd: cost,
             artifacts: Vec::new(),
         })
-    }
-
-    async fn probe(&self, relative: &str) -> Result<MediaInfo, StageError> {
-        let path = self.absolute(relative)?;
-        self.media.probe(&path, &self.cancel).await
     }
 }
 
@@ -607,17 +616,17 @@ pub async fn video_generator(
     .await?;
     let seed = seed_of(&[&scene.visual_prompt, &version.to_string()]);
     let text = format!("{}\n{}", scene.title, scene.description);
+    let files = env.artifacts.workspace()?;
     env.media
         .scene_video(
-            &env.absolute(&relative)?,
+            &files.output(&relative)?,
             &text,
             scene.duration_secs,
             pick(&COLOURS, seed, 0),
             &env.cancel,
         )
         .await?;
-    env.artifacts.index("videos", &relative)?;
-    let info = env.probe(&relative).await?;
+    let info = env.publish(&files, &relative, "videos").await?;
     Ok(StepDone {
         output: VideoClip {
             scene_number: scene.scene_number,
@@ -684,11 +693,11 @@ async fn live_video(
         }
     };
     let url = env.live.wait_video_task(&task_id, &env.cancel).await?;
+    let files = env.artifacts.workspace()?;
     env.live
-        .download(&url, &env.absolute(relative)?, &env.cancel)
+        .download(&url, &files.output(relative)?, &env.cancel)
         .await?;
-    env.artifacts.index("videos", relative)?;
-    let info = env.probe(relative).await?;
+    let info = env.publish(&files, relative, "videos").await?;
     if info.video.is_none() {
         return Err(StageError::fatal(
             "invalid_media",
@@ -772,7 +781,8 @@ pub async fn audio_generator(
     }
     let cost = audio_cost(&input);
     let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
-    let target = env.absolute(&relative)?;
+    let files = env.artifacts.workspace()?;
+    let target = files.output(&relative)?;
     let provider = match kind {
         AudioKind::Voiceover => pricing::SPEECH_MODEL,
         AudioKind::Music => pricing::MUSIC_MODEL,
@@ -797,8 +807,7 @@ pub async fn audio_generator(
                 .await?
         }
     }
-    env.artifacts.index("audio", &relative)?;
-    let info = env.probe(&relative).await?;
+    let info = env.publish(&files, &relative, "audio").await?;
     Ok(StepDone {
         output: AudioTrack {
             kind,
@@ -820,7 +829,8 @@ async fn live_audio(
     kind: AudioKind,
 ) -> Result<StepDone<AudioTrack>, StageError> {
     let relative = env.run_path(&format!("audio/{}.mp3", kind.as_str()));
-    let target = env.absolute(&relative)?;
+    let files = env.artifacts.workspace()?;
+    let target = files.output(&relative)?;
     let settings = env.live.settings();
     let (provider, cost) = match kind {
         AudioKind::Voiceover => {
@@ -839,8 +849,7 @@ async fn live_audio(
     };
     env.ledger("audio_generator", &provider, kind.as_str(), cost, false)
         .await?;
-    env.artifacts.index("audio", &relative)?;
-    let info = env.probe(&relative).await?;
+    let info = env.publish(&files, &relative, "audio").await?;
     if !info.has_audio {
         return Err(StageError::fatal(
             "invalid_media",
@@ -904,7 +913,8 @@ pub async fn qa_verifier(
     env: AgentEnv,
     input: QaVerifierInput,
 ) -> Result<StepDone<QaReport>, StageError> {
-    let path = existing_file(&env, "video", &input.video)?;
+    let files = env.artifacts.workspace()?;
+    let path = existing_file(&files, "video", &input.video).await?;
     // Live, QA is local work (ffprobe) and costs nothing; mock mode bills a simulated review.
     let cost = if env.mode == ProviderMode::Live {
         Usd::ZERO
@@ -950,21 +960,24 @@ pub async fn qa_verifier(
     })
 }
 
-/// A file named in an agent's input: a safe path under the artifact root that exists and is
-/// a regular file (not a symlink).
-fn existing_file(env: &AgentEnv, field: &str, relative: &str) -> Result<PathBuf, StageError> {
-    let path = env.artifacts.resolve(relative).map_err(|_| {
-        StageError::fatal(
-            "invalid_input",
-            format!("inputs.{field}: {relative:?} is not a safe path under the artifact root"),
-        )
-    })?;
-    match env.artifacts.regular_file(relative) {
-        Ok(true) => Ok(path),
-        _ => Err(StageError::fatal(
+/// A file named in an agent's input, on this host's disk in `files`: a safe path of the
+/// artifact store that names a complete file (locally a regular file, not a symlink).
+async fn existing_file(
+    files: &Workspace,
+    field: &str,
+    relative: &str,
+) -> Result<PathBuf, StageError> {
+    match files.input(relative).await {
+        Ok(Some(path)) => Ok(path),
+        Ok(None) => Err(StageError::fatal(
             "invalid_input",
             format!("inputs.{field}: no file {relative:?} in the artifact store"),
         )),
+        Err(ArtifactError::UnsafePath(_)) => Err(StageError::fatal(
+            "invalid_input",
+            format!("inputs.{field}: {relative:?} is not a safe path under the artifact root"),
+        )),
+        Err(error) => Err(error.into()),
     }
 }
 
@@ -1235,16 +1248,17 @@ pub async fn editor(
             "inputs.clips: must name at least one clip",
         ));
     }
+    let files = env.artifacts.workspace()?;
     let mut videos = Vec::with_capacity(clips.len());
     for clip in clips {
-        videos.push(existing_file(&env, "clips.video", &clip.video)?);
+        videos.push(existing_file(&files, "clips.video", &clip.video).await?);
     }
     let voiceover = match &input.voiceover {
-        Some(path) => Some(existing_file(&env, "voiceover", path)?),
+        Some(path) => Some(existing_file(&files, "voiceover", path).await?),
         None => None,
     };
     let music = match &input.music {
-        Some(path) => Some(existing_file(&env, "music", path)?),
+        Some(path) => Some(existing_file(&files, "music", path).await?),
         None => None,
     };
     // Live, the edit is local work (ffmpeg) and costs nothing; mock mode bills a simulated plan.
@@ -1271,15 +1285,14 @@ pub async fn editor(
     let final_path = env.run_path("final/final.mp4");
     env.media
         .final_cut(
-            &env.absolute(&final_path)?,
+            &files.output(&final_path)?,
             &ordered,
             voiceover.as_deref(),
             music.as_deref(),
             &env.cancel,
         )
         .await?;
-    env.artifacts.index("videos", &final_path)?;
-    let info = env.probe(&final_path).await?;
+    let info = env.publish(&files, &final_path, "videos").await?;
     Ok(StepDone {
         output: EditorOutput {
             final_cut: FinalCut {

@@ -74,32 +74,23 @@ fn register(catalog: &mut Catalog, studio: &Arc<Studio>) {
 }
 
 /// Deletes the entries of runs that are gone (their `runs/{id}/` directory was just deleted by
-/// the core) from the `videos/`, `audio/` and `scripts/` categories, on the blocking pool.
-/// Category entries are named `{run_id}_…`: one pass over each category.
+/// the core) from the `videos/`, `audio/` and `scripts/` categories. Category entries are named
+/// `{run_id}_…`: one listing of each category.
 pub async fn clean_categories(artifacts: &ArtifactStore, gone: &[String]) -> usize {
     if gone.is_empty() {
         return 0;
     }
-    let (root, gone) = (artifacts.root().to_path_buf(), gone.to_vec());
-    tokio::task::spawn_blocking(move || {
-        let mut deleted = 0;
-        for category in ["videos", "audio", "scripts"] {
-            let Ok(files) = std::fs::read_dir(root.join(category)) else {
-                continue;
-            };
-            for file in files.flatten() {
-                let file_name = file.file_name().to_string_lossy().into_owned();
-                let owner = file_name.split('_').next().unwrap_or_default();
-                if gone.iter().any(|run| run == owner) && std::fs::remove_file(file.path()).is_ok()
-                {
-                    deleted += 1;
-                }
-            }
-        }
-        deleted
-    })
-    .await
-    .unwrap_or(0)
+    let gone: Arc<[String]> = gone.into();
+    let mut deleted = 0;
+    for category in ["videos", "audio", "scripts"] {
+        let gone = gone.clone();
+        let owned = move |name: &str| {
+            let owner = name.split('_').next().unwrap_or_default();
+            gone.iter().any(|run| run == owner)
+        };
+        deleted += artifacts.remove_files(category, owned).await.unwrap_or(0);
+    }
+    deleted
 }
 
 /// The studio as a tenant of the core.
@@ -188,12 +179,12 @@ mod tests {
                 .write(&path, b"video".to_vec())
                 .await
                 .expect("write");
-            artifacts.index("videos", &path).expect("index");
+            artifacts.index("videos", &path).await.expect("index");
         }
         let gone_runs = clean_gone_runs(&store, &artifacts).await;
         assert_eq!(gone_runs, [gone.to_string()]);
         assert_eq!(clean_categories(&artifacts, &gone_runs).await, 1);
-        let root = artifacts.root();
+        let root = artifacts.local_root().expect("local");
         assert!(root.join(format!("runs/{kept}")).exists());
         assert!(root.join(format!("videos/{kept}_scene_1_v1.mp4")).exists());
         assert!(!root.join(format!("runs/{gone}")).exists());

@@ -341,7 +341,7 @@ async fn write_scenes(
             scene,
         )
         .await?;
-        ctx.artifact_store().index("scripts", &path)?;
+        ctx.artifact_store().index("scripts", &path).await?;
     }
     Ok(())
 }

@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 pub mod browser;
+pub mod s3;
 
 /// Which store a deployment under test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -167,6 +168,8 @@ pub struct TestApp {
     pub base_url: String,
     pub http: reqwest::Client,
     counter: usize,
+    /// Each process gets an `ARTIFACT_DIR` of its own, as on separate hosts.
+    host_per_process: bool,
 }
 
 /// A running process; SIGKILLed on drop if still alive.
@@ -247,11 +250,30 @@ impl TestApp {
                 .build()
                 .expect("client"),
             counter: 0,
+            host_per_process: false,
         }
     }
 
     pub fn with_env(mut self, key: &str, value: &str) -> Self {
+        self.set_env(key, value);
+        self
+    }
+
+    /// Changes a variable for the processes started from now on.
+    pub fn set_env(&mut self, key: &str, value: &str) {
         self.env.insert(key.to_owned(), value.to_owned());
+    }
+
+    /// Artifacts in a bucket of its own on the binary's S3-compatible server; every process
+    /// started from now on also gets a local directory of its own (`ARTIFACT_DIR`, only its
+    /// scratch root then), as processes on different hosts would.
+    pub fn with_object_storage(mut self) -> Self {
+        let server = s3::shared_s3();
+        let bucket = server.bucket();
+        for (key, value) in server.env(&bucket, "stagecraft") {
+            self.set_env(key, &value);
+        }
+        self.host_per_process = true;
         self
     }
 
@@ -282,6 +304,10 @@ impl TestApp {
 
     fn spawn(&mut self, name: &str, args: &[&str]) -> (Proc, std::sync::mpsc::Receiver<String>) {
         self.counter += 1;
+        if self.host_per_process {
+            let own = self.dir.path().join(format!("host-{}", self.counter));
+            self.set_env("ARTIFACT_DIR", &own.display().to_string());
+        }
         let log = self.dir.path().join(format!("{}-{name}.log", self.counter));
         let stderr = std::fs::File::create(&log).expect("log file");
         let mut child = self

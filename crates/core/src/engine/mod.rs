@@ -561,8 +561,8 @@ impl Engine {
         }
     }
 
-    /// An earlier run's checkpoint for `key`, made this run's own: its files linked into this
-    /// run's directory (no bytes copied) and its output pointing at them. `None` when there is
+    /// An earlier run's checkpoint for `key`, made this run's own: its files copied into this
+    /// run's directory (a hard link or a server-side copy: no bytes pass through the worker) and its output pointing at them. `None` when there is
     /// none, it is this run's, or any of its files is gone.
     async fn reusable(&self, run_id: RunId, key: &str) -> Option<ReusableCheckpoint> {
         let found = match self.store.find_reusable(key).await {
@@ -576,7 +576,7 @@ impl Engine {
         let (from, to) = (format!("runs/{}/", found.run_id), format!("runs/{run_id}/"));
         let mut artifacts = Vec::with_capacity(found.artifacts.len());
         for path in &found.artifacts {
-            if !matches!(self.artifacts.regular_file(path), Ok(true)) {
+            if !matches!(self.artifacts.is_file(path).await, Ok(true)) {
                 info!(source = %found.run_id, missing = %path, "a reusable checkpoint's file is gone; running the stage");
                 return None;
             }
@@ -585,8 +585,8 @@ impl Engine {
                 continue;
             };
             let own = format!("{to}{rest}");
-            if let Err(error) = self.artifacts.link(path, &own) {
-                warn!(error = %error, "linking a reused file failed; running the stage");
+            if let Err(error) = self.artifacts.copy(path, &own).await {
+                warn!(error = %error, "copying a reused file failed; running the stage");
                 return None;
             }
             artifacts.push(own);

@@ -1,9 +1,9 @@
 //! The artifact routes (`/artifacts`): categories, listings, and files streamed with their
-//! content type and range support.
+//! content type and range support, from the local directory or from object storage.
 //!
-//! Invariant: a path taken from a request is checked before the disk is touched (single safe
-//! segments; a run file's path has only safe segments) and is served only when it is a regular
-//! file reached without following a symlink; anything else is a 4xx.
+//! Invariant: a path taken from a request is checked before the store is touched (single safe
+//! segments; a run file's path has only safe segments) and is served only when it is a complete
+//! file (locally a regular file reached without following a symlink); anything else is a 4xx.
 
 use axum::{
     Json,
@@ -18,6 +18,8 @@ use tower_http::services::ServeFile;
 use utoipa_axum::{router::OpenApiRouter, routes};
 
 use super::{ApiError, AppState, ErrorBody};
+
+mod object;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -103,51 +105,29 @@ fn not_found(what: String) -> ApiError {
     ApiError::not_found(what)
 }
 
-/// Entries of a directory under the root, without following symlinks; hidden entries (the
-/// temporary files of writes in progress) are left out.
-fn entries(dir: &std::path::Path) -> std::io::Result<Vec<(String, std::fs::Metadata)>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        let meta = std::fs::symlink_metadata(entry.path())?;
-        if meta.file_type().is_symlink() {
-            continue;
-        }
-        out.push((name, meta));
-    }
-    out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
-}
-
-fn io_failure(error: std::io::Error) -> ApiError {
-    internal(format!("reading the artifact directory: {error}"))
+fn store_failure(error: crate::artifacts::ArtifactError) -> ApiError {
+    internal(format!("reading the artifact store: {error}"))
 }
 
 /// The categories at the artifact root (`runs`, `videos`, `audio`, `scripts`) with their counts.
 #[utoipa::path(get, path = "/artifacts", tag = "artifacts", responses((status = 200, body = CategoryList)))]
 async fn list_categories(State(state): State<AppState>) -> Result<Json<CategoryList>, ApiError> {
-    let root = state.artifacts.root().to_path_buf();
-    let categories = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<Category>> {
-        let mut out = Vec::new();
-        for (name, meta) in entries(&root)? {
-            if meta.is_dir() {
-                let count = entries(&root.join(&name))?.len();
-                out.push(Category {
-                    url: format!("/artifacts/{name}"),
-                    name,
-                    count,
-                });
-            }
+    let root = state.artifacts.list("").await.map_err(store_failure)?;
+    let mut categories = Vec::new();
+    for entry in root.unwrap_or_default() {
+        if entry.size.is_none() {
+            let inside = state
+                .artifacts
+                .list(&entry.name)
+                .await
+                .map_err(store_failure)?;
+            categories.push(Category {
+                url: format!("/artifacts/{}", entry.name),
+                count: inside.map_or(0, |entries| entries.len()),
+                name: entry.name,
+            });
         }
-        Ok(out)
-    })
-    .await
-    .map_err(internal)?
-    .map_err(io_failure)?;
+    }
     Ok(Json(CategoryList { categories }))
 }
 
@@ -159,26 +139,27 @@ async fn list_category(
     Path(category): Path<String>,
 ) -> Result<Json<EntryList>, ApiError> {
     let category = segment(&category, "category")?.to_owned();
-    let dir = state.artifacts.root().join(&category);
-    let listed = category.clone();
-    let artifacts = tokio::task::spawn_blocking(move || -> Result<Vec<ArtifactEntry>, ApiError> {
-        match std::fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            _ => return Err(not_found(format!("no artifact category {listed:?}"))),
-        }
-        Ok(entries(&dir)
-            .map_err(io_failure)?
-            .into_iter()
-            .map(|(name, meta)| ArtifactEntry {
-                url: format!("/artifacts/{listed}/{name}"),
-                kind: if meta.is_dir() { "directory" } else { "file" },
-                size: meta.is_file().then_some(meta.len()),
-                name,
-            })
-            .collect())
-    })
-    .await
-    .map_err(internal)??;
+    let Some(entries) = state
+        .artifacts
+        .list(&category)
+        .await
+        .map_err(store_failure)?
+    else {
+        return Err(not_found(format!("no artifact category {category:?}")));
+    };
+    let artifacts = entries
+        .into_iter()
+        .map(|entry| ArtifactEntry {
+            url: format!("/artifacts/{category}/{}", entry.name),
+            kind: if entry.size.is_none() {
+                "directory"
+            } else {
+                "file"
+            },
+            size: entry.size,
+            name: entry.name,
+        })
+        .collect();
     Ok(Json(EntryList {
         category,
         artifacts,
@@ -215,38 +196,22 @@ async fn run_artifacts(
     Path(run_id): Path<String>,
 ) -> Result<Json<RunFiles>, ApiError> {
     let run_id = segment(&run_id, "run_id")?.to_owned();
-    let dir = state.artifacts.root().join("runs").join(&run_id);
-    let id = run_id.clone();
-    let artifacts = tokio::task::spawn_blocking(move || -> Result<Vec<RunFile>, ApiError> {
-        match std::fs::symlink_metadata(&dir) {
-            Ok(meta) if meta.is_dir() => {}
-            _ => return Err(not_found(format!("run {id} has no artifacts"))),
-        }
-        let mut files = Vec::new();
-        let mut pending = vec![String::new()];
-        while let Some(prefix) = pending.pop() {
-            for (name, meta) in entries(&dir.join(&prefix)).map_err(io_failure)? {
-                let path = if prefix.is_empty() {
-                    name
-                } else {
-                    format!("{prefix}/{name}")
-                };
-                if meta.is_dir() {
-                    pending.push(path);
-                } else if meta.is_file() {
-                    files.push(RunFile {
-                        url: format!("/artifacts/runs/{id}/{path}"),
-                        size: meta.len(),
-                        path,
-                    });
-                }
-            }
-        }
-        files.sort_by(|a, b| a.path.cmp(&b.path));
-        Ok(files)
-    })
-    .await
-    .map_err(internal)??;
+    let Some(files) = state
+        .artifacts
+        .list_files(&format!("runs/{run_id}"))
+        .await
+        .map_err(store_failure)?
+    else {
+        return Err(not_found(format!("run {run_id} has no artifacts")));
+    };
+    let artifacts = files
+        .into_iter()
+        .map(|(path, size)| RunFile {
+            url: format!("/artifacts/runs/{run_id}/{path}"),
+            size,
+            path,
+        })
+        .collect();
     Ok(Json(RunFiles { run_id, artifacts }))
 }
 
@@ -263,31 +228,39 @@ async fn run_file(
     serve(&state, &format!("runs/{run_id}/{path}"), request).await
 }
 
+/// Streams a file from wherever the store keeps it: a local file through `ServeFile`, an
+/// object through [`object::serve`]; both answer ranges and conditional requests alike.
 async fn serve(state: &AppState, relative: &str, request: Request) -> Result<Response, ApiError> {
-    let artifacts = state.artifacts.clone();
-    let checked = relative.to_owned();
-    let regular = tokio::task::spawn_blocking(move || artifacts.regular_file(&checked))
-        .await
-        .map_err(internal)?;
-    let path = match regular {
-        Ok(true) => state
-            .artifacts
-            .resolve(relative)
-            .map_err(|_| not_found(format!("no artifact {relative}")))?,
-        Ok(false) => return Err(not_found(format!("no artifact {relative}"))),
-        Err(_) => {
-            return Err(ApiError::Invalid {
-                code: "invalid_path",
-                message: format!("{relative:?} is not a valid artifact path"),
-                details: None,
-            });
+    let invalid = || ApiError::Invalid {
+        code: "invalid_path",
+        message: format!("{relative:?} is not a valid artifact path"),
+        details: None,
+    };
+    let response = match state.artifacts.object(relative).map_err(|_| invalid())? {
+        Some((client, key)) => object::serve(client, key, relative, request).await?,
+        None => {
+            if !state
+                .artifacts
+                .is_file(relative)
+                .await
+                .map_err(|_| invalid())?
+            {
+                return Err(not_found(format!("no artifact {relative}")));
+            }
+            let path = state
+                .artifacts
+                .local_path(relative)
+                .map_err(|_| invalid())?
+                .ok_or_else(|| not_found(format!("no artifact {relative}")))?;
+            ServeFile::new(path)
+                .oneshot(request)
+                .await
+                .map_err(|e| internal(format!("serving {relative}: {e}")))?
+                .map(Body::new)
+                .into_response()
         }
     };
-    let response = ServeFile::new(path)
-        .oneshot(request)
-        .await
-        .map_err(|e| internal(format!("serving {relative}: {e}")))?;
-    Ok(contained(response.map(Body::new).into_response()))
+    Ok(contained(response))
 }
 
 /// Content types a browser may show in place: media, raster images, plain text and JSON.
