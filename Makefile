@@ -115,6 +115,10 @@ test: test-deps ## Run every test (unit and integration, real processes) and a s
 limits: ## Run the largest input of every agent and check a worker stays under 200 MB (minutes)
 	$(CARGO) test --test it -- --ignored --nocapture limits
 
+.PHONY: chaos
+chaos: test-deps ## Measure what a Redis failover loses without durable acknowledgements (three failovers under load)
+	$(CARGO) test --test it -- --ignored --nocapture failover
+
 .PHONY: fuzz
 fuzz: ## Fuzz the API against its OpenAPI document (schemathesis, all checks, default settings)
 	@scripts/fuzz.sh

@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 declare -A needed=(
   [redis-server]=redis-server
   [redis-cli]=redis-tools
+  # The failover tests run a primary, replicas and three sentinels.
+  [redis-sentinel]=redis-sentinel
   [ffmpeg]=ffmpeg
   [ffprobe]=ffmpeg
   [git]=git

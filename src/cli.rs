@@ -23,7 +23,11 @@ use crate::{
     module::{Modules, Observers},
     queue::{self, ClaimSettings},
     shutdown,
-    store::{SharedStore, redis::RedisStore, sqlite::SqliteStore},
+    store::{
+        SharedStore,
+        redis::{RedisOptions, RedisStore},
+        sqlite::SqliteStore,
+    },
     telemetry, watch,
     workflows::Catalog,
 };
@@ -255,11 +259,19 @@ async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
         }
         BackendKind::Redis => {
             let url = config.redis_url.expose_secret();
+            let options = RedisOptions {
+                url: url.to_owned(),
+                sentinel: config.redis_sentinel.clone(),
+                durable_acks: config.redis_durable_acks,
+                ack_timeout: config.redis_ack_timeout,
+            };
             // Redis may still be starting (compose, a restart): keep trying for a while.
             let mut delay = Duration::from_millis(200);
             let deadline = std::time::Instant::now() + Duration::from_secs(60);
             loop {
-                match RedisStore::open(url, &config.redis_prefix, config.run_retention).await {
+                match RedisStore::connect(&options, &config.redis_prefix, config.run_retention)
+                    .await
+                {
                     Ok(store) => return Ok(Arc::new(store)),
                     Err(error) if std::time::Instant::now() < deadline => {
                         tracing::warn!(error = %error, redis = %redact_url(url), "Redis not reachable yet; retrying");

@@ -23,6 +23,9 @@
 //! | `QUEUE_BACKEND` | `sqlite` | the durable store and queue: `sqlite` or `redis` |
 //! | `REDIS_URL` | `redis://127.0.0.1:6379` | the Redis server, with `QUEUE_BACKEND=redis` |
 //! | `REDIS_KEY_PREFIX` | `stagecraft:` | prefix of every Redis key Stagecraft writes |
+//! | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | unset, `stagecraft` | comma-separated `host:port` of the sentinels that name the primary (then `REDIS_URL` gives only its password and database), and the name they monitor it under |
+//! | `REDIS_DURABLE_ACKS` | `0` | replicas that must have every state change before it is acknowledged (`WAIT`); cover every replica Sentinel may promote |
+//! | `REDIS_ACK_TIMEOUT_MS` | `2000` | how long a change waits for those replicas before it is answered as failed (503) |
 //! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file |
 //! | `HOST`, `PORT` | `127.0.0.1`, `8000` | where `serve` and `dev` listen (`PORT=0`: any free port) |
 //! | `WORKER_CONCURRENCY` | `4` | runs one worker process executes at once |
@@ -86,7 +89,10 @@ pub use stagecraft_core::store::ProviderMode;
 pub use stagecraft_store_sqlite::sqlite_url_for;
 pub use stagecraft_studio::settings::{LiveSettings, SpeechProvider, StudioSettings};
 
-use crate::{artifacts::ObjectSettings, engine::RetryPolicy, process::BaseEnv, secrets::Scrubber};
+use crate::{
+    artifacts::ObjectSettings, engine::RetryPolicy, process::BaseEnv, secrets::Scrubber,
+    store::redis::SentinelOptions,
+};
 
 /// Variables of this process's environment every subprocess may see.
 const BASE_ENV_VARIABLES: [&str; 9] = [
@@ -128,6 +134,12 @@ pub struct Config {
     pub redis_url: SecretString,
     /// Prefix of every Redis key.
     pub redis_prefix: String,
+    /// The sentinels that name the Redis primary, when it is found that way.
+    pub redis_sentinel: Option<SentinelOptions>,
+    /// Replicas that must have a change before it is acknowledged.
+    pub redis_durable_acks: u32,
+    /// How long a change waits for them.
+    pub redis_ack_timeout: Duration,
     /// Listen address of the HTTP API.
     pub host: IpAddr,
     /// Listen port of the HTTP API; 0 picks a free one.
@@ -330,6 +342,9 @@ impl Config {
             database_url: store.database_url,
             redis_url: store.redis_url,
             redis_prefix: store.redis_prefix,
+            redis_sentinel: store.sentinel,
+            redis_durable_acks: store.durable_acks,
+            redis_ack_timeout: store.ack_timeout,
             host: vars.parse("HOST", IpAddr::from([127, 0, 0, 1]))?,
             port: vars.parse("PORT", 8000u16)?,
             worker_concurrency: vars.parse_in("WORKER_CONCURRENCY", 4, 1, 1024)? as usize,
@@ -368,6 +383,9 @@ struct StoreSettings {
     database_url: String,
     redis_url: SecretString,
     redis_prefix: String,
+    sentinel: Option<SentinelOptions>,
+    durable_acks: u32,
+    ack_timeout: Duration,
 }
 
 impl StoreSettings {
@@ -403,8 +421,42 @@ impl StoreSettings {
             database_url,
             redis_url: SecretString::from(redis_url),
             redis_prefix: vars.text("REDIS_KEY_PREFIX", "stagecraft:"),
+            sentinel: sentinels(vars)?,
+            durable_acks: vars.parse_in("REDIS_DURABLE_ACKS", 0, 0, 64)? as u32,
+            ack_timeout: vars.millis("REDIS_ACK_TIMEOUT_MS", 2000, 1, 60_000)?,
         })
     }
+}
+
+/// `REDIS_SENTINELS` (each `host:port`) and `REDIS_SENTINEL_MASTER`.
+fn sentinels(vars: &Vars<'_>) -> Result<Option<SentinelOptions>, ConfigError> {
+    let Some(list) = vars.string("REDIS_SENTINELS") else {
+        return Ok(None);
+    };
+    let sentinels: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let valid = |s: &String| {
+        s.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty()
+                && !host.contains(['/', '@', ' '])
+                && port.parse::<u16>().is_ok_and(|p| p > 0)
+        })
+    };
+    if sentinels.is_empty() || !sentinels.iter().all(valid) {
+        return Err(ConfigError {
+            variable: "REDIS_SENTINELS",
+            value: list,
+            reason: "expected a comma-separated list of host:port".to_owned(),
+        });
+    }
+    Ok(Some(SentinelOptions {
+        sentinels,
+        master: vars.text("REDIS_SENTINEL_MASTER", "stagecraft"),
+    }))
 }
 
 /// `ARTIFACT_STORE_URL` and the standard `AWS_*` variables of the bucket it names.
@@ -648,6 +700,55 @@ mod tests {
             .scrub("tok-0123456789 pass-0123456789 rw-0123456789")
             .into_owned();
         assert_eq!(scrubbed, "*** *** ***");
+        let with_bucket = config_from(&[
+            ("ARTIFACT_STORE_URL", "s3://media/stagecraft"),
+            ("AWS_SECRET_ACCESS_KEY", "aws-secret-0123456789"),
+            ("AWS_SESSION_TOKEN", "aws-session-0123456789"),
+        ])
+        .expect("parses");
+        assert_eq!(
+            with_bucket
+                .scrubber()
+                .scrub("aws-secret-0123456789 aws-session-0123456789"),
+            "*** ***"
+        );
+    }
+
+    #[test]
+    fn object_storage_and_sentinel_settings_are_checked() {
+        let config = config_from(&[
+            ("ARTIFACT_STORE_URL", "s3://media-bucket/prod/stagecraft/"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:9000"),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("REDIS_SENTINELS", "10.0.0.1:26379, sentinel-b:26379"),
+            ("REDIS_DURABLE_ACKS", "1"),
+        ])
+        .expect("parses");
+        let objects = config.artifact_objects.expect("objects");
+        assert_eq!(
+            (objects.bucket.as_str(), objects.prefix.as_str()),
+            ("media-bucket", "prod/stagecraft")
+        );
+        assert!(objects.allow_http);
+        let sentinel = config.redis_sentinel.expect("sentinel");
+        assert_eq!(sentinel.sentinels, ["10.0.0.1:26379", "sentinel-b:26379"]);
+        assert_eq!(sentinel.master, "stagecraft");
+        assert_eq!(config.redis_durable_acks, 1);
+        for (variable, value) in [
+            ("ARTIFACT_STORE_URL", "/srv/artifacts"),
+            ("ARTIFACT_STORE_URL", "s3://Bad_Bucket"),
+            ("ARTIFACT_STORE_URL", "s3://bucket/../x"),
+            ("AWS_ENDPOINT_URL", "minio:9000"),
+            ("REDIS_SENTINELS", "sentinel-a"),
+            ("REDIS_SENTINELS", "a:0"),
+            ("REDIS_DURABLE_ACKS", "-1"),
+        ] {
+            let mut pairs = vec![("ARTIFACT_STORE_URL", "s3://media")];
+            pairs.retain(|(k, _)| *k != variable);
+            pairs.push((variable, value));
+            let error = config_from(&pairs).expect_err(value);
+            assert_eq!(error.variable, variable, "{value}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ mod api;
 mod console;
 mod durability;
 mod engine;
+mod failover;
 mod faults;
 mod limits;
 mod live;

@@ -5,15 +5,22 @@
 //! block on a per-queue wake list (`BLPOP`) instead of polling, with the wait capped by the next
 //! due retry. Keys live under one prefix; the README's Redis section lists them.
 //!
-//! Connections: commands go through a `ConnectionManager`, which reconnects by itself after
-//! Redis restarts; blocking waits use a connection of their own so they never hold up commands.
+//! Connections: commands go through a `ConnectionManager` to the primary (`primary.rs`: the
+//! server of `REDIS_URL`, or the one Sentinel names, followed through failovers), which
+//! reconnects by itself after Redis restarts; blocking waits use a connection of their own so
+//! they never hold up commands. With durable acknowledgements (`REDIS_DURABLE_ACKS=N`) every
+//! state change is answered only after `WAIT` says N replicas have it.
 //! Cluster mode is not supported (the script addresses keys it computes).
+
+mod primary;
+
+pub use primary::SentinelOptions;
 
 use std::{collections::HashMap, time::Duration};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use redis::{AsyncCommands, Client, Value as RedisValue, aio::ConnectionManager};
+use redis::{AsyncCommands, Value as RedisValue, aio::ConnectionManager};
 use serde_json::Value;
 use tokio::sync::{Mutex, Semaphore, mpsc, oneshot};
 
@@ -98,17 +105,86 @@ const CHANGED_RETRIES: usize = 3;
 /// their due time, new runs by the wake list).
 const MAX_BLOCK: Duration = Duration::from_secs(1);
 
+/// How to reach Redis and what an acknowledgement means.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `REDIS_URL`: the server, or with Sentinel the password, database and user of the servers.
+    pub url: String,
+    pub sentinel: Option<SentinelOptions>,
+    /// `REDIS_DURABLE_ACKS`: replicas that must have a state change before it is answered (0:
+    /// answered once the primary has it).
+    pub durable_acks: u32,
+    /// How long a change waits for those replicas before it is answered as failed.
+    pub ack_timeout: Duration,
+}
+
+impl RedisOptions {
+    /// One server, no replicas awaited.
+    pub fn direct(url: &str) -> Self {
+        Self {
+            url: url.to_owned(),
+            sentinel: None,
+            durable_acks: 0,
+            ack_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// `WAIT` after every state change, when acknowledgements must be durable.
+#[derive(Debug, Clone, Copy)]
+struct Durable {
+    replicas: u32,
+    timeout: Duration,
+}
+
+impl Durable {
+    /// Appends `WAIT replicas timeout` to a pipeline (nothing when no replica is awaited).
+    fn add_wait(self, pipe: &mut redis::Pipeline) -> bool {
+        if self.replicas == 0 {
+            return false;
+        }
+        pipe.cmd("WAIT")
+            .arg(self.replicas)
+            .arg(self.timeout.as_millis() as u64);
+        true
+    }
+
+    /// `WAIT`'s answer, as the acknowledgement it allows.
+    fn check(self, acknowledged: i64) -> StoreResult<()> {
+        if acknowledged >= i64::from(self.replicas) {
+            Ok(())
+        } else {
+            Err(StoreError::Unavailable(format!(
+                "the change reached {acknowledged} of the {} replicas REDIS_DURABLE_ACKS asks for within {} ms; it may be lost in a failover",
+                self.replicas,
+                self.timeout.as_millis()
+            )))
+        }
+    }
+
+    /// Waits for the replicas after a write made on `conn`.
+    async fn wait(self, conn: &mut ConnectionManager) -> StoreResult<()> {
+        let mut pipe = redis::pipe();
+        if !self.add_wait(&mut pipe) {
+            return Ok(());
+        }
+        let (acknowledged,): (i64,) = pipe.query_async(conn).await.db()?;
+        self.check(acknowledged)
+    }
+}
+
 #[derive(Clone)]
 pub struct RedisStore {
-    client: Client,
-    conn: ConnectionManager,
+    primary: std::sync::Arc<primary::Primary>,
+    durable: Durable,
     prefix: String,
     /// Script operations on their way to [`send_batches`] (bounded: see [`MAX_QUEUED_OPS`]).
     batches: mpsc::Sender<Pending>,
     /// How long finished runs are kept (the store's retention period).
     retention: Duration,
-    /// The connection blocking waits use, opened on first use and replaced after an error.
-    blocking: std::sync::Arc<Mutex<Option<redis::aio::MultiplexedConnection>>>,
+    /// The connection blocking waits use (with the primary it goes to), opened on first use
+    /// and replaced after an error or a failover.
+    blocking: std::sync::Arc<Mutex<Option<(String, redis::aio::MultiplexedConnection)>>>,
     /// Stages the claim started, not yet handed to the engine: see [`Prestarted`].
     prestarted: std::sync::Arc<Prestarted>,
 }
@@ -165,7 +241,15 @@ impl std::fmt::Debug for RedisStore {
 /// Redis's failures as the store reports them: a Redis that cannot be reached is the store being
 /// unavailable (503 and try again), an error answer a Redis error.
 fn store_error(error: redis::RedisError) -> StoreError {
-    let unreachable = error.is_io_error()
+    // A replica that was a primary (READONLY), a primary without the replicas
+    // `min-replicas-to-write` asks for (NOREPLICAS), or one still syncing (MASTERDOWN,
+    // LOADING): the right primary is soon there again.
+    let failing_over = matches!(
+        error.code(),
+        Some("READONLY" | "NOREPLICAS" | "MASTERDOWN" | "LOADING")
+    );
+    let unreachable = failing_over
+        || error.is_io_error()
         || error.is_connection_refusal()
         || error.is_connection_dropped()
         || error.is_timeout()
@@ -174,6 +258,15 @@ fn store_error(error: redis::RedisError) -> StoreError {
         StoreError::Unavailable(error.to_string())
     } else {
         StoreError::Redis(error.to_string())
+    }
+}
+
+/// The same failure once more, for each operation a failed call carried.
+fn again(error: &StoreError) -> StoreError {
+    match error {
+        StoreError::Unavailable(text) => StoreError::Unavailable(text.clone()),
+        StoreError::Corrupt(text) => StoreError::Corrupt(text.clone()),
+        other => StoreError::Redis(other.to_string()),
     }
 }
 
@@ -200,17 +293,23 @@ impl<T> Db<T> for Result<T, redis::RedisError> {
 }
 
 impl RedisStore {
-    /// Connects to Redis. Fails when Redis cannot be reached now; afterwards reconnects by itself.
+    /// Connects to one Redis. Fails when Redis cannot be reached now; afterwards reconnects by
+    /// itself.
     pub async fn open(url: &str, prefix: &str, retention: Duration) -> StoreResult<Self> {
-        let client = Client::open(url).db()?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), config)
-            .await
-            .db()?;
+        Self::connect(&RedisOptions::direct(url), prefix, retention).await
+    }
+
+    /// Connects to the primary `options` name (through Sentinel when given), and follows it
+    /// through failovers from then on.
+    pub async fn connect(
+        options: &RedisOptions,
+        prefix: &str,
+        retention: Duration,
+    ) -> StoreResult<Self> {
+        let library = Library::new();
+        let primary =
+            primary::Primary::open(&options.url, options.sentinel.clone(), &library).await?;
+        let conn = primary.conn();
         // Eviction would silently drop runs. Managed Redis may refuse CONFIG: then say nothing.
         let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
             .arg("GET")
@@ -224,7 +323,6 @@ impl RedisStore {
                 }
             }
         }
-        let library = Library::new();
         if let Err(error) = library.load(&mut conn.clone()).await {
             if error.to_string().to_lowercase().contains("unknown command") {
                 return Err(StoreError::Redis(
@@ -233,16 +331,23 @@ impl RedisStore {
             }
             return Err(store_error(error));
         }
+        let durable = Durable {
+            replicas: options.durable_acks,
+            timeout: options.ack_timeout,
+        };
         let (batches, pending) = mpsc::channel(MAX_QUEUED_OPS);
         tokio::spawn(send_batches(
             pending,
-            conn.clone(),
-            library,
-            prefix.to_owned(),
+            Link {
+                primary: primary.clone(),
+                library,
+                prefix: prefix.to_owned(),
+                durable,
+            },
         ));
         let store = Self {
-            client,
-            conn,
+            primary,
+            durable,
             prefix: prefix.to_owned(),
             batches,
             retention,
@@ -256,7 +361,7 @@ impl RedisStore {
     /// Adds runs stored before the listing's kind, name and queue indexes existed to them,
     /// once per deployment (a marker key says it was done), in batches.
     async fn index_listing(&self) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let marker = self.key("by:indexed");
         if conn.exists::<_, bool>(&marker).await.db()? {
             return Ok(());
@@ -717,6 +822,61 @@ fn op_answer(value: RedisValue) -> StoreResult<RedisValue> {
     }
     Ok(value)
 }
+/// What a batch needs to reach the primary.
+#[derive(Clone)]
+struct Link {
+    primary: std::sync::Arc<primary::Primary>,
+    library: Library,
+    prefix: String,
+    durable: Durable,
+}
+
+impl Link {
+    /// One call of the library with the batch's operations, followed (in the same round trip)
+    /// by `WAIT` when acknowledgements must be durable.
+    async fn send(&self, batch: &[Pending]) -> StoreResult<Vec<RedisValue>> {
+        let mut conn = self.primary.conn();
+        let mut pipe = redis::pipe();
+        let call = pipe
+            .cmd("FCALL")
+            .arg(&self.library.function)
+            .arg(0)
+            .arg(&self.prefix)
+            .arg("batch");
+        for op in batch {
+            call.arg(op.op).arg(op.args.len()).arg(&op.args);
+        }
+        let waits = self.durable.add_wait(&mut pipe);
+        let mut answer: redis::RedisResult<Vec<RedisValue>> = pipe.query_async(&mut conn).await;
+        // A Redis that restarted without its data (or whose functions were flushed), or a new
+        // primary that never had it, lacks the library: load it and repeat the call, which
+        // did nothing.
+        if answer
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("Function not found"))
+        {
+            answer = match self.library.load(&mut conn).await {
+                Ok(()) => pipe.query_async(&mut conn).await,
+                Err(error) => Err(error),
+            };
+        }
+        let mut answers = answer.map_err(store_error)?;
+        if waits {
+            let acknowledged = match answers.pop() {
+                Some(RedisValue::Int(n)) => n,
+                other => {
+                    return Err(StoreError::Corrupt(format!("answer of WAIT: {other:?}")));
+                }
+            };
+            self.durable.check(acknowledged)?;
+        }
+        match answers.pop() {
+            Some(RedisValue::Array(values)) if answers.is_empty() => Ok(values),
+            other => Err(StoreError::Corrupt(format!("answer of FCALL: {other:?}"))),
+        }
+    }
+}
+
 /// Script calls in flight at once; operations issued meanwhile wait and go together.
 const MAX_CALLS_IN_FLIGHT: usize = 4;
 
@@ -730,12 +890,7 @@ struct Pending {
 /// Sends script operations in batches until every store handle is gone: a call takes whatever
 /// operations wait, up to [`MAX_BATCH_OPS`], so an idle store answers one operation at once and
 /// a busy one shares each call (and each index write of the script) among many runs.
-async fn send_batches(
-    mut pending: mpsc::Receiver<Pending>,
-    conn: ConnectionManager,
-    library: Library,
-    prefix: String,
-) {
+async fn send_batches(mut pending: mpsc::Receiver<Pending>, link: Link) {
     let calls = std::sync::Arc::new(Semaphore::new(MAX_CALLS_IN_FLIGHT));
     while let Some(first) = pending.recv().await {
         let Ok(permit) = calls.clone().acquire_owned().await else {
@@ -748,27 +903,9 @@ async fn send_batches(
                 Err(_) => break,
             }
         }
-        let mut conn = conn.clone();
-        let library = library.clone();
-        let prefix = prefix.clone();
+        let link = link.clone();
         tokio::spawn(async move {
-            let mut call = redis::cmd("FCALL");
-            call.arg(&library.function).arg(0).arg(&prefix).arg("batch");
-            for op in &batch {
-                call.arg(op.op).arg(op.args.len()).arg(&op.args);
-            }
-            let mut answer: redis::RedisResult<Vec<RedisValue>> = call.query_async(&mut conn).await;
-            // A Redis that restarted without its data (or whose functions were flushed) has
-            // lost the library: load it again and repeat the call, which did nothing.
-            if answer
-                .as_ref()
-                .is_err_and(|e| e.to_string().contains("Function not found"))
-            {
-                answer = match library.load(&mut conn).await {
-                    Ok(()) => call.query_async(&mut conn).await,
-                    Err(error) => Err(error),
-                };
-            }
+            let answer = link.send(&batch).await;
             drop(permit);
             match answer {
                 Ok(values) if values.len() == batch.len() => {
@@ -784,15 +921,9 @@ async fn send_batches(
                     }
                 }
                 Err(error) => {
-                    let unavailable =
-                        matches!(store_error(error.clone()), StoreError::Unavailable(_));
-                    let text = error.to_string();
+                    link.primary.suspect(&error);
                     for op in batch {
-                        let _ = op.reply.send(Err(if unavailable {
-                            StoreError::Unavailable(text.clone())
-                        } else {
-                            StoreError::Redis(text.clone())
-                        }));
+                        let _ = op.reply.send(Err(again(&error)));
                     }
                 }
             }
@@ -1014,7 +1145,7 @@ impl RunStore for RedisStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let _: String = redis::cmd("PING").query_async(&mut conn).await.db()?;
         Ok(())
     }
@@ -1061,7 +1192,7 @@ impl RunStore for RedisStore {
     }
 
     async fn list_runs(&self, filter: &RunFilter) -> StoreResult<RunPage> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let range = IdRange {
             since: filter.since.map(|id| id.to_string()),
             until: filter.until.map(|id| id.to_string()),
@@ -1120,6 +1251,7 @@ impl RunStore for RedisStore {
             worker.to_string(),
             ttl.as_millis().to_string(),
             max.to_string(),
+            self.primary.fence_floor().to_string(),
         ];
         args.extend(queues.iter().cloned());
         // Five values per claimed run, in one flat list (nested lists cost Redis more).
@@ -1149,7 +1281,7 @@ impl RunStore for RedisStore {
         for (id, ..) in &answer {
             pipe.cmd("HGETALL").arg(self.key(&format!("run:{id}")));
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let hashes: Vec<RedisValue> = pipe.query_async(&mut conn).await.db()?;
         let mut claimed = Vec::with_capacity(answer.len());
         for ((id, fence, started, attempt, recovered), hash) in answer.iter().zip(&hashes) {
@@ -1192,7 +1324,7 @@ impl RunStore for RedisStore {
     }
 
     async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let all: HashMap<String, String> = conn
             .hgetall(self.key(&format!("run:{run}:steps")))
             .await
@@ -1368,7 +1500,7 @@ impl RunStore for RedisStore {
 
     async fn record_reusable(&self, key: &str, checkpoint: &ReusableCheckpoint) -> StoreResult<()> {
         // Kept as long as a finished run is: by then its artifacts may be gone.
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let _: () = conn
             .pset_ex(
                 self.key(&format!("reuse:{key}")),
@@ -1377,11 +1509,11 @@ impl RunStore for RedisStore {
             )
             .await
             .db()?;
-        Ok(())
+        self.durable.wait(&mut conn).await
     }
 
     async fn find_reusable(&self, key: &str) -> StoreResult<Option<ReusableCheckpoint>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let text: Option<String> = conn.get(self.key(&format!("reuse:{key}"))).await.db()?;
         let Some(text) = text else { return Ok(None) };
         let checkpoint: ReusableCheckpoint = serde_json::from_str(&text)
@@ -1396,7 +1528,7 @@ impl RunStore for RedisStore {
     async fn sweep_expired_leases(&self) -> StoreResult<Vec<RunId>> {
         // Read the expired leases, decide each, and apply the decisions only to leases that
         // are still the ones read (a worker may renew or release in between).
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let now = server_millis(&mut conn).await?;
         let ids: Vec<String> = conn
             .zrangebyscore_limit(
@@ -1453,7 +1585,7 @@ impl RunStore for RedisStore {
     }
 
     async fn purge_finished(&self, retention: Duration) -> StoreResult<u64> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let now_ms = server_millis(&mut conn).await?;
         let retention = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
         let cutoff = now_ms.saturating_sub(retention);
@@ -1471,7 +1603,7 @@ impl RunStore for RedisStore {
         after_seq: i64,
         limit: u32,
     ) -> StoreResult<Vec<RunEvent>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let start = after_seq.clamp(0, i64::from(u32::MAX)) as isize;
         let items: Vec<String> = conn
             .lrange(
@@ -1503,7 +1635,7 @@ impl RunStore for RedisStore {
         if runs.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let mut pipe = redis::pipe();
         for id in runs {
             pipe.cmd("LLEN")
@@ -1528,7 +1660,7 @@ impl RunStore for RedisStore {
     }
 
     async fn oldest_waiting(&self) -> StoreResult<Vec<QueueWait>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let mut queues: Vec<String> = self
             .queue_depths()
             .await?
@@ -1566,7 +1698,7 @@ impl RunStore for RedisStore {
         if counts.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let kept = core_store::THROUGHPUT_KEPT.as_millis() as i64 + HOUR_MS;
         let mut pipe = redis::pipe();
         pipe.atomic();
@@ -1590,7 +1722,7 @@ impl RunStore for RedisStore {
     }
 
     async fn throughput(&self, since: DateTime<Utc>) -> StoreResult<Vec<Throughput>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let queues: Vec<String> = conn.smembers(self.key("throughput:queues")).await.db()?;
         let now = server_millis(&mut conn).await?;
         let since = since.timestamp_millis();
@@ -1643,7 +1775,7 @@ impl RunStore for RedisStore {
     }
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let counts: HashMap<String, i64> = conn.hgetall(self.key("counts")).await.db()?;
         let mut depths: Vec<QueueDepth> = counts
             .into_iter()
@@ -1662,7 +1794,7 @@ impl RunStore for RedisStore {
     }
 
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let now_ms = server_millis(&mut conn).await?;
         let mut info = worker.clone();
         info.last_heartbeat = to_datetime(now_ms);
@@ -1679,7 +1811,7 @@ impl RunStore for RedisStore {
     }
 
     async fn unregister_worker(&self, id: &WorkerId) -> StoreResult<()> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         redis::pipe()
             .atomic()
             .zrem(self.key("workers"), id.as_str())
@@ -1691,7 +1823,7 @@ impl RunStore for RedisStore {
     }
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let now_ms = server_millis(&mut conn).await?;
         let cutoff = now_ms - WORKER_STALE_AFTER.as_millis() as i64;
         let stale: Vec<String> = conn
@@ -1722,7 +1854,7 @@ impl RunStore for RedisStore {
         if deltas.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let mut pipe = redis::pipe();
         pipe.atomic();
         for (name, amount) in deltas {
@@ -1737,7 +1869,7 @@ impl RunStore for RedisStore {
     }
 
     async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.primary.conn();
         let all: HashMap<String, f64> = conn.hgetall(self.key("metrics")).await.db()?;
         let mut counters: Vec<_> = all.into_iter().collect();
         counters.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1757,9 +1889,10 @@ impl RunStore for RedisStore {
             }
         };
         let mut guard = self.blocking.lock().await;
-        if guard.is_none() {
-            match self.client.get_multiplexed_async_connection().await {
-                Ok(conn) => *guard = Some(conn),
+        let primary = self.primary.current();
+        if guard.as_ref().is_none_or(|(addr, _)| *addr != primary.addr) {
+            match primary.client.get_multiplexed_async_connection().await {
+                Ok(conn) => *guard = Some((primary.addr.clone(), conn)),
                 Err(_) => {
                     drop(guard);
                     tokio::time::sleep(timeout).await;
@@ -1767,7 +1900,9 @@ impl RunStore for RedisStore {
                 }
             }
         }
-        let Some(conn) = guard.as_mut() else { return };
+        let Some((_, conn)) = guard.as_mut() else {
+            return;
+        };
         let keys: Vec<String> = queues
             .iter()
             .map(|q| self.key(&format!("queue:{q}:wake")))

@@ -327,13 +327,14 @@ end
 -- Claims one due run for `worker`: {id, fence, started, attempt, recovered}, or nil when the
 -- run is gone. Its lease and status are recorded right after its hash is written, so a later
 -- failure (its event list of the wrong type) still leaves it leased, to be recovered.
-local function claim_one(worker, expires, run_started, q, id)
+local function claim_one(worker, expires, run_started, q, id, floor)
   local r = k_run(id)
   -- Most runs start at stage 0: read its fields in the same command.
   local v = redis.call('HMGET', r, 'status', 'fence', 'next', 'stages', 'cancel_requested',
     'budget_micros', 'reuse', 's0:name', 's0:status', 's0:attempts', 'budget_usd')
   if not v[1] then return nil end
-  local fence = str(tonumber(v[2]) + 1)
+  -- Above every token an earlier primary granted (see the floor in OPS.claim).
+  local fence = str(math.max(tonumber(v[2]) + 1, floor))
   local idx, n = tonumber(v[3]), tonumber(v[4])
   local name, status, attempts = v[8], v[9], v[10]
   if idx ~= 0 and idx < n then
@@ -368,13 +369,17 @@ local function claim_one(worker, expires, run_started, q, id)
   return { id, fence, idx, attempt, recovered }
 end
 
--- claim worker ttl_ms max queues...: up to max due runs, oldest first, as
+-- claim worker ttl_ms max floor queues...: up to max due runs, oldest first, as
 -- {id, fence, started, attempt, recovered}. The claim also starts the run's first open stage
 -- (started = its index, attempt = its attempt number; -1 and 0 when it did not) unless a cancel
 -- was requested or the run has a budget or reuses checkpoints: then the worker checks first.
 -- recovered is 1 when that stage was running under an earlier lease.
-function OPS.claim(worker, ttl, max_text, ...)
+-- A new fencing token is at least floor: the Sentinel epoch of the primary the worker found,
+-- shifted left 32 bits, so a token granted under a new primary is above every token granted
+-- under an earlier one, including a grant that was lost with it.
+function OPS.claim(worker, ttl, max_text, floor_text, ...)
   local max = tonumber(max_text)
+  local floor = tonumber(floor_text) or 0
   local expires = str(now + tonumber(ttl))
   local run_started = '{"worker":' .. cjson.encode(worker) .. ',"fence":'
   local queues = { ... }
@@ -413,7 +418,7 @@ function OPS.claim(worker, ttl, max_text, ...)
     push_to(taken, q, id)
     -- A run whose data cannot be read or written (a key of the wrong type) is set aside in the
     -- quarantine set instead of failing the claim of the others or blocking its queue.
-    local ok, one = pcall(claim_one, worker, expires, run_started, q, id)
+    local ok, one = pcall(claim_one, worker, expires, run_started, q, id, floor)
     if not ok then
       local message = type(one) == 'table' and one.err or tostring(one)
       redis.log(redis.LOG_WARNING, 'stagecraft: run ' .. id .. ' quarantined: ' .. tostring(message))

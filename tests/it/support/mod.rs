@@ -20,6 +20,7 @@ use tempfile::TempDir;
 
 pub mod browser;
 pub mod s3;
+pub mod sentinel;
 
 /// Which store a deployment under test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -14,6 +14,7 @@
 //! Every stage attempt and every executed step appends a line to the run's work ledger,
 //! `runs/{run_id}/executions.log`: the record of work actually done (what a paid provider
 //! would have billed), which shows that finished stages and steps are never executed again.
+//! A stage attempt's line is `stage {stage} attempt {n} fence {token}`: the lease it ran under.
 //! A stage without steps also appends `tick {stage} {execution}` every 100 ms while it works,
 //! which shows when an execution was really running.
 
@@ -200,7 +201,10 @@ impl Stage for DemoStage {
             .filter(|line| line.starts_with(&marker))
             .count() as u32;
         ctx.artifact_store()
-            .append_line(&ledger, &format!("{marker} {}", ctx.attempt))
+            .append_line(
+                &ledger,
+                &format!("{marker} {} fence {}", ctx.attempt, ctx.lease().fence),
+            )
             .await?;
         let execution = earlier_executions + 1;
         if inputs.fatal.as_deref() == Some(self.name) {

@@ -1,0 +1,242 @@
+//! Which Redis is the primary, the connection to it, and following it through a failover.
+//!
+//! With `REDIS_URL` alone the primary is that server. With Sentinel (`REDIS_SENTINELS`,
+//! `REDIS_SENTINEL_MASTER`) every process asks the sentinels which server is the primary and
+//! under which **configuration epoch** (Sentinel raises it at every failover, by a vote of a
+//! majority of sentinels), connects there (with `REDIS_URL`'s password and database), checks
+//! that it is a primary (`ROLE`), loads the function library, and from then on asks the
+//! sentinels again every second, and at once after a command failed, switching every new
+//! command (and the blocking waits) to the new primary when it changed.
+//!
+//! The epoch is what keeps fencing tokens unique across a failover: a claim's new token is at
+//! least `epoch << 32` (see [`Primary::fence_floor`]), so a token granted under a new primary
+//! is higher than every token any earlier primary granted, even one whose write was lost with
+//! it.
+
+use std::{
+    sync::{Arc, RwLock, Weak},
+    time::Duration,
+};
+
+use redis::{Client, ConnectionAddr, IntoConnectionInfo, aio::ConnectionManager};
+use stagecraft_core::store::{StoreError, StoreResult};
+use tracing::{info, warn};
+
+use super::{Db, Library, store_error};
+
+/// How to find the primary.
+#[derive(Debug, Clone)]
+pub struct SentinelOptions {
+    /// `host:port` of each sentinel.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary under.
+    pub master: String,
+}
+
+/// The current primary: where it is, the connection to it, and the fence floor its epoch gives.
+#[derive(Clone)]
+pub(crate) struct Current {
+    pub(crate) client: Client,
+    pub(crate) conn: ConnectionManager,
+    /// `host:port`, for logs and to notice a change.
+    pub(crate) addr: String,
+    pub(crate) epoch: i64,
+}
+
+pub(crate) struct Primary {
+    current: RwLock<Current>,
+    sentinel: Option<(SentinelOptions, redis::ConnectionInfo)>,
+    /// Wakes the follower at once (a command failed: maybe the primary moved).
+    nudge: tokio::sync::Notify,
+}
+
+fn manager_config() -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(5)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2))
+}
+
+/// A connection to one server.
+async fn connect(client: &Client) -> StoreResult<ConnectionManager> {
+    ConnectionManager::new_with_config(client.clone(), manager_config())
+        .await
+        .db()
+}
+
+/// What one sentinel says of `master`: its address and configuration epoch, unless it
+/// considers it down.
+async fn ask_sentinel(sentinel: &str, master: &str) -> Option<(String, u16, i64)> {
+    let client = Client::open(format!("redis://{sentinel}")).ok()?;
+    let asked = async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        let fields: Vec<String> = redis::cmd("SENTINEL")
+            .arg("MASTER")
+            .arg(master)
+            .query_async(&mut conn)
+            .await
+            .ok()?;
+        let field = |name: &str| {
+            fields
+                .chunks_exact(2)
+                .find(|pair| pair[0] == name)
+                .map(|pair| pair[1].clone())
+        };
+        let flags = field("flags").unwrap_or_default();
+        if flags.contains("o_down") || flags.contains("s_down") {
+            return None;
+        }
+        Some((
+            field("ip")?,
+            field("port")?.parse().ok()?,
+            field("config-epoch")?.parse().ok()?,
+        ))
+    };
+    tokio::time::timeout(Duration::from_secs(1), asked)
+        .await
+        .ok()
+        .flatten()
+}
+
+impl Primary {
+    /// Connects to the primary (through the sentinels when given) and loads the library there.
+    pub(crate) async fn open(
+        url: &str,
+        sentinel: Option<SentinelOptions>,
+        library: &Library,
+    ) -> StoreResult<Arc<Self>> {
+        let template = url.into_connection_info().db()?;
+        let sentinel = sentinel.map(|s| (s, template));
+        let current = match &sentinel {
+            None => {
+                let client = Client::open(url).db()?;
+                let conn = connect(&client).await?;
+                let addr = client.get_connection_info().addr().to_string();
+                Current {
+                    client,
+                    conn,
+                    addr,
+                    epoch: 0,
+                }
+            }
+            Some((options, template)) => discover(options, template).await?.ok_or_else(|| {
+                StoreError::Unavailable(format!(
+                    "no sentinel of {} names a reachable primary {:?}",
+                    options.sentinels.join(","),
+                    options.master
+                ))
+            })?,
+        };
+        let primary = Arc::new(Self {
+            current: RwLock::new(current),
+            sentinel,
+            nudge: tokio::sync::Notify::new(),
+        });
+        if primary.sentinel.is_some() {
+            tokio::spawn(follow(Arc::downgrade(&primary), library.clone()));
+        }
+        Ok(primary)
+    }
+
+    pub(crate) fn current(&self) -> Current {
+        match self.current.read() {
+            Ok(current) => current.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    pub(crate) fn conn(&self) -> ConnectionManager {
+        self.current().conn
+    }
+
+    /// The lowest fencing token a claim may grant now: above every token of earlier epochs.
+    pub(crate) fn fence_floor(&self) -> i64 {
+        self.current().epoch.saturating_mul(1 << 32)
+    }
+
+    /// Tells the follower a command failed in a way a moved primary would explain.
+    pub(crate) fn suspect(&self, error: &StoreError) {
+        let moved = match error {
+            StoreError::Unavailable(_) => true,
+            StoreError::Redis(text) => text.contains("READONLY"),
+            _ => false,
+        };
+        if moved && self.sentinel.is_some() {
+            self.nudge.notify_one();
+        }
+    }
+}
+
+/// The primary the sentinels name with the highest epoch, connected and checked, or `None`
+/// when none names one that answers as a primary.
+async fn discover(
+    options: &SentinelOptions,
+    template: &redis::ConnectionInfo,
+) -> StoreResult<Option<Current>> {
+    let answers = futures::future::join_all(
+        options
+            .sentinels
+            .iter()
+            .map(|s| ask_sentinel(s, &options.master)),
+    )
+    .await;
+    let Some((host, port, epoch)) = answers.into_iter().flatten().max_by_key(|a| a.2) else {
+        return Ok(None);
+    };
+    let info = template
+        .clone()
+        .set_addr(ConnectionAddr::Tcp(host.clone(), port));
+    let client = Client::open(info).db()?;
+    let mut conn = connect(&client).await?;
+    // A sentinel's view may lag: only a server that says it is a primary is one.
+    let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.db()?;
+    let is_master = matches!(role.first(), Some(redis::Value::BulkString(b)) if b == b"master")
+        || matches!(role.first(), Some(redis::Value::SimpleString(s)) if s == "master");
+    if !is_master {
+        return Ok(None);
+    }
+    Ok(Some(Current {
+        client,
+        conn,
+        addr: format!("{host}:{port}"),
+        epoch,
+    }))
+}
+
+/// Asks the sentinels every second (at once when nudged) and switches to a new primary, with
+/// the library loaded there first, until the store is dropped.
+async fn follow(primary: Weak<Primary>, library: Library) {
+    loop {
+        let Some(strong) = primary.upgrade() else {
+            return;
+        };
+        let Some((options, template)) = strong.sentinel.clone() else {
+            return;
+        };
+        let seen = strong.current();
+        drop(strong);
+        match discover(&options, &template).await {
+            Ok(Some(mut found)) if found.addr != seen.addr || found.epoch > seen.epoch => {
+                if let Err(error) = library.load(&mut found.conn).await {
+                    warn!(error = %store_error(error), primary = %found.addr, "loading the function library on the new primary failed; trying again");
+                } else if let Some(strong) = primary.upgrade() {
+                    info!(from = %seen.addr, to = %found.addr, epoch = found.epoch, "following the new Redis primary");
+                    if let Ok(mut current) = strong.current.write() {
+                        *current = found;
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(error) => warn!(error = %error, "asking the sentinels for the primary failed"),
+        }
+        let Some(strong) = primary.upgrade() else {
+            return;
+        };
+        let nudged = strong.nudge.notified();
+        tokio::select! {
+            () = nudged => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
