@@ -8,7 +8,9 @@
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
 //! BENCH_ONLY=streams measures only submissions beside open event streams (BENCH_STREAMS, 500;
 //! BENCH_STREAM_SUBMITS, 3000) on both stores. BENCH_ONLY=list measures only the run list with
-//! BENCH_LIST_RUNS (1,000,000) stored runs on both stores (`engine/list.rs`).
+//! BENCH_LIST_RUNS (1,000,000) stored runs on both stores (`engine/list.rs`). BENCH_ONLY=scale
+//! measures what scaling out costs: durable acknowledgements on a replicated Redis, and a
+//! studio run with artifacts in object storage (`engine/scale.rs`).
 //!
 //! - drain: N one-stage `noop` runs already queued, then 1 and then 2 worker processes
 //!   (concurrency 16); runs/s until all are completed, and on Redis the CPU time per run of
@@ -51,6 +53,8 @@ use stagecraft::{
 
 #[path = "engine/list.rs"]
 mod list;
+#[path = "engine/scale.rs"]
+mod scale;
 
 const BIN: &str = env!("CARGO_BIN_EXE_stagecraft");
 
@@ -1026,6 +1030,9 @@ async fn main() {
     }
     if only.is_empty() || only == "list" {
         list::section().await;
+    }
+    if only.is_empty() || only == "scale" {
+        scale::section(repeats).await;
     }
     if only == "redis-drain" {
         redis_section(repeats, true).await;

@@ -154,12 +154,14 @@ pub(crate) fn setup(app: TestApp) -> (TestApp, String) {
         .with_env("GH_CLI_PATH", standins.join("gh").to_str().expect("path"))
         .with_env("GITHUB_TOKEN", TOKEN)
         .with_env("ANTHROPIC_API_KEY", ANTHROPIC_KEY)
-        .with_env("OPENAI_API_KEY", OPENAI_KEY);
+        .with_env("OPENAI_API_KEY", OPENAI_KEY)
+        .with_env("AWS_SECRET_ACCESS_KEY", AWS_KEY);
     (app, format!("file://{}", remote.display()))
 }
 
 const ANTHROPIC_KEY: &str = "sk-ant-api03-STAGECRAFTTESTKEY0123456789";
 const OPENAI_KEY: &str = "sk-proj-STAGECRAFTTESTKEY0123456789";
+const AWS_KEY: &str = "aws-secret-STAGECRAFTTESTKEY0123456789";
 
 /// Sets a stand-in's setting (the stand-ins do not inherit the worker's environment).
 fn standin_setting(app: &TestApp, key: &str, value: &str) {
@@ -295,7 +297,14 @@ async fn a_work_order_reaches_a_pushed_branch_and_one_pull_request_and_keeps_the
             env.contains(ANTHROPIC_KEY),
             "the agent needs its key: {env}"
         );
-        for secret in [TOKEN, OPENAI_KEY, "REDIS_URL", "API_TOKEN", "DATA_DIR"] {
+        for secret in [
+            TOKEN,
+            OPENAI_KEY,
+            AWS_KEY,
+            "REDIS_URL",
+            "API_TOKEN",
+            "DATA_DIR",
+        ] {
             assert!(!env.contains(secret), "the agent saw {secret}: {env}");
         }
     }
@@ -311,7 +320,7 @@ async fn a_work_order_reaches_a_pushed_branch_and_one_pull_request_and_keeps_the
         "gh got GH_TOKEN for a repository off the forge hosts: {gh:?}"
     );
     for env in environments(&app, "gh") {
-        for secret in [TOKEN, OPENAI_KEY, ANTHROPIC_KEY] {
+        for secret in [TOKEN, OPENAI_KEY, ANTHROPIC_KEY, AWS_KEY] {
             assert!(!env.contains(secret), "gh saw {secret}: {env}");
         }
     }

@@ -130,36 +130,61 @@ impl RedisOptions {
     }
 }
 
-/// `WAIT` after every state change, when acknowledgements must be durable.
+/// `WAIT` (or `WAITAOF`) after every state change, when acknowledgements must be durable.
 #[derive(Debug, Clone, Copy)]
 struct Durable {
     replicas: u32,
     timeout: Duration,
+    /// The primary keeps an append-only file and knows `WAITAOF` (Redis 7.2 or later): the
+    /// change must then be in the primary's file and the replicas' files, fsynced, not only
+    /// in their memory.
+    aof: bool,
 }
 
 impl Durable {
-    /// Appends `WAIT replicas timeout` to a pipeline (nothing when no replica is awaited).
+    /// Appends `WAIT replicas timeout` (or `WAITAOF 1 replicas timeout`) to a pipeline;
+    /// nothing when no replica is awaited.
     fn add_wait(self, pipe: &mut redis::Pipeline) -> bool {
         if self.replicas == 0 {
             return false;
         }
-        pipe.cmd("WAIT")
-            .arg(self.replicas)
-            .arg(self.timeout.as_millis() as u64);
+        let timeout = self.timeout.as_millis() as u64;
+        if self.aof {
+            pipe.cmd("WAITAOF").arg(1).arg(self.replicas).arg(timeout);
+        } else {
+            pipe.cmd("WAIT").arg(self.replicas).arg(timeout);
+        }
         true
     }
 
-    /// `WAIT`'s answer, as the acknowledgement it allows.
-    fn check(self, acknowledged: i64) -> StoreResult<()> {
-        if acknowledged >= i64::from(self.replicas) {
-            Ok(())
-        } else {
-            Err(StoreError::Unavailable(format!(
-                "the change reached {acknowledged} of the {} replicas REDIS_DURABLE_ACKS asks for within {} ms; it may be lost in a failover",
-                self.replicas,
-                self.timeout.as_millis()
-            )))
+    /// The answer of `WAIT` (a count) or `WAITAOF` (the local and the replicas' counts), as the
+    /// acknowledgement it allows.
+    fn check(self, answer: &RedisValue) -> StoreResult<()> {
+        let (local, acknowledged) = match answer {
+            RedisValue::Int(n) => (1, *n),
+            RedisValue::Array(counts) => match counts.as_slice() {
+                [RedisValue::Int(local), RedisValue::Int(n)] => (*local, *n),
+                _ => {
+                    return Err(StoreError::Corrupt(format!(
+                        "answer of WAITAOF: {answer:?}"
+                    )));
+                }
+            },
+            other => return Err(StoreError::Corrupt(format!("answer of WAIT: {other:?}"))),
+        };
+        if local >= 1 && acknowledged >= i64::from(self.replicas) {
+            return Ok(());
         }
+        let kept = if self.aof {
+            "fsynced to the append-only files of"
+        } else {
+            "reached"
+        };
+        Err(StoreError::Unavailable(format!(
+            "the change was {kept} {acknowledged} of the {} replicas REDIS_DURABLE_ACKS asks for within {} ms; it may be lost in a failover",
+            self.replicas,
+            self.timeout.as_millis()
+        )))
     }
 
     /// Waits for the replicas after a write made on `conn`.
@@ -168,9 +193,34 @@ impl Durable {
         if !self.add_wait(&mut pipe) {
             return Ok(());
         }
-        let (acknowledged,): (i64,) = pipe.query_async(conn).await.db()?;
-        self.check(acknowledged)
+        let (answer,): (RedisValue,) = pipe.query_async(conn).await.db()?;
+        self.check(&answer)
     }
+}
+
+/// Whether the server keeps an append-only file and knows `WAITAOF` (7.2 or later).
+async fn waitaof_available(conn: &mut ConnectionManager) -> bool {
+    let info: String = match redis::cmd("INFO")
+        .arg("server")
+        .arg("persistence")
+        .query_async(conn)
+        .await
+    {
+        Ok(info) => info,
+        Err(_) => return false,
+    };
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+            .map(str::trim)
+    };
+    let version: Vec<u32> = field("redis_version")
+        .unwrap_or_default()
+        .split('.')
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    let recent = version.as_slice() >= [7, 2].as_slice();
+    recent && field("aof_enabled") == Some("1")
 }
 
 #[derive(Clone)]
@@ -334,6 +384,7 @@ impl RedisStore {
         let durable = Durable {
             replicas: options.durable_acks,
             timeout: options.ack_timeout,
+            aof: options.durable_acks > 0 && waitaof_available(&mut conn.clone()).await,
         };
         let (batches, pending) = mpsc::channel(MAX_QUEUED_OPS);
         tokio::spawn(send_batches(
@@ -862,13 +913,8 @@ impl Link {
         }
         let mut answers = answer.map_err(store_error)?;
         if waits {
-            let acknowledged = match answers.pop() {
-                Some(RedisValue::Int(n)) => n,
-                other => {
-                    return Err(StoreError::Corrupt(format!("answer of WAIT: {other:?}")));
-                }
-            };
-            self.durable.check(acknowledged)?;
+            let answer = answers.pop().unwrap_or(RedisValue::Nil);
+            self.durable.check(&answer)?;
         }
         match answers.pop() {
             Some(RedisValue::Array(values)) if answers.is_empty() => Ok(values),
@@ -1923,5 +1969,34 @@ impl RunStore for RedisStore {
             drop(guard);
             tokio::time::sleep(timeout).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_is_acknowledged_only_when_enough_replicas_have_it() {
+        let wait = Durable {
+            replicas: 2,
+            timeout: Duration::from_millis(100),
+            aof: false,
+        };
+        assert!(wait.check(&RedisValue::Int(2)).is_ok());
+        assert!(wait.check(&RedisValue::Int(3)).is_ok());
+        let short = wait.check(&RedisValue::Int(1)).expect_err("one replica");
+        assert!(matches!(short, StoreError::Unavailable(_)), "{short}");
+        let waitaof = Durable { aof: true, ..wait };
+        let counts = |local, replicas| {
+            RedisValue::Array(vec![RedisValue::Int(local), RedisValue::Int(replicas)])
+        };
+        assert!(waitaof.check(&counts(1, 2)).is_ok());
+        assert!(waitaof.check(&counts(0, 2)).is_err(), "not fsynced locally");
+        assert!(waitaof.check(&counts(1, 1)).is_err());
+        assert!(matches!(
+            waitaof.check(&RedisValue::Nil),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 }
