@@ -115,6 +115,10 @@ test: test-deps ## Run every test (unit and integration, real processes) and a s
 limits: ## Run the largest input of every agent and check a worker stays under 200 MB (minutes)
 	$(CARGO) test --test it -- --ignored --nocapture limits
 
+.PHONY: docker-e2e
+docker-e2e: ## Build the images and prove the production stack under a real Docker engine (not part of make test)
+	@scripts/docker-e2e.sh
+
 .PHONY: chaos
 chaos: test-deps ## Measure what a Redis failover loses without durable acknowledgements (three failovers under load)
 	$(CARGO) test --test it -- --ignored --nocapture failover

@@ -168,22 +168,37 @@ impl Primary {
     }
 }
 
-/// The primary the sentinels name with the highest epoch, connected and checked, or `None`
-/// when none names one that answers as a primary.
-async fn discover(
-    options: &SentinelOptions,
-    template: &redis::ConnectionInfo,
-) -> StoreResult<Option<Current>> {
-    let answers = futures::future::join_all(
+/// The primary the sentinels name with the highest epoch: its host, port and epoch.
+async fn ask_sentinels(options: &SentinelOptions) -> Option<(String, u16, i64)> {
+    futures::future::join_all(
         options
             .sentinels
             .iter()
             .map(|s| ask_sentinel(s, &options.master)),
     )
-    .await;
-    let Some((host, port, epoch)) = answers.into_iter().flatten().max_by_key(|a| a.2) else {
-        return Ok(None);
-    };
+    .await
+    .into_iter()
+    .flatten()
+    .max_by_key(|a| a.2)
+}
+
+/// The primary the sentinels name, connected and checked, or `None` when none names one that
+/// answers as a primary.
+async fn discover(
+    options: &SentinelOptions,
+    template: &redis::ConnectionInfo,
+) -> StoreResult<Option<Current>> {
+    match ask_sentinels(options).await {
+        Some(named) => connect_named(template, named).await,
+        None => Ok(None),
+    }
+}
+
+/// A connection to the server a sentinel named, if it says it is a primary.
+async fn connect_named(
+    template: &redis::ConnectionInfo,
+    (host, port, epoch): (String, u16, i64),
+) -> StoreResult<Option<Current>> {
     let info = template
         .clone()
         .set_addr(ConnectionAddr::Tcp(host.clone(), port));
@@ -204,8 +219,9 @@ async fn discover(
     }))
 }
 
-/// Asks the sentinels every second (at once when nudged) and switches to a new primary, with
-/// the library loaded there first, until the store is dropped.
+/// Asks the sentinels every second (at once when nudged) and, when they name another primary
+/// or a later epoch, connects there and switches to it, with the library loaded there first,
+/// until the store is dropped.
 async fn follow(primary: Weak<Primary>, library: Library) {
     loop {
         let Some(strong) = primary.upgrade() else {
@@ -216,8 +232,15 @@ async fn follow(primary: Weak<Primary>, library: Library) {
         };
         let seen = strong.current();
         drop(strong);
-        match discover(&options, &template).await {
-            Ok(Some(mut found)) if found.addr != seen.addr || found.epoch > seen.epoch => {
+        let changed = ask_sentinels(&options).await.filter(|(host, port, epoch)| {
+            format!("{host}:{port}") != seen.addr || *epoch > seen.epoch
+        });
+        let found = match changed {
+            Some(named) => connect_named(&template, named).await,
+            None => Ok(None),
+        };
+        match found {
+            Ok(Some(mut found)) => {
                 if let Err(error) = library.load(&mut found.conn).await {
                     warn!(error = %store_error(error), primary = %found.addr, "loading the function library on the new primary failed; trying again");
                 } else if let Some(strong) = primary.upgrade() {
