@@ -7,7 +7,10 @@
 # submits a studio `full_production` and a work order, SIGKILLs the worker container running
 # the studio run in the middle of `completion`, starts a replacement, and checks that both
 # finish, that no finished stage ran again, and that the API serves the final cut (whole and a
-# byte range). Reports each image's size. The stack is taken down at the end, whatever happens.
+# byte range). Then the high-availability stack (docker-compose.ha.yml: two replicas, three
+# sentinels, durable acknowledgements): runs submitted, the Redis primary SIGKILLed, and every
+# accepted run completes on the replica Sentinel promotes, the API and workers following it.
+# Reports each image's size. The stacks are taken down at the end, whatever happens.
 #
 # Variables: E2E_PORT (18080), E2E_LOCAL_BASE (1), GH_SOURCE (debian: the GitHub CLI from
 # Debian's package, no download from GitHub), E2E_KEEP=1 leaves the stack up for a look.
@@ -42,11 +45,15 @@ EOF
 compose=("${compose_cmd[@]}" -p "$project" -f docker/docker-compose.prod.yml -f docker/docker-compose.e2e.yml
   --env-file "$work/e2e.env" --profile awo)
 
+ha=("${compose_cmd[@]}" -p "$project-ha" -f docker/docker-compose.prod.yml -f docker/docker-compose.ha.yml
+  --env-file "$work/e2e.env")
+
 cleanup() {
   if [ "${E2E_KEEP:-0}" = 1 ]; then
-    echo "the stack is still up: ${compose[*]} down -v"
+    echo "the stacks are still up: ${compose[*]} down -v; ${ha[*]} down -v"
   else
     "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+    "${ha[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
     rm -rf "$work"
   fi
 }
@@ -155,5 +162,50 @@ status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $token
 branch=$(git -C "$work/remote.git" branch --list "wo-$order" | tr -d ' *')
 [ -n "$branch" ] || fail "the work order pushed no branch wo-$order"
 echo "work order pushed $branch to the remote"
+
+say "high availability: the Redis primary killed under load"
+"${compose[@]}" down -v --remove-orphans >/dev/null 2>&1
+"${ha[@]}" up -d --scale worker=2 >/dev/null 2>&1
+for _ in $(seq 1 120); do
+  curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  sleep 1
+done
+submit_demo() {
+  # One run, retried with its idempotency key until accepted; answers its id.
+  for _ in $(seq 1 120); do
+    if answer=$(api -X POST "http://127.0.0.1:$port/runs" -H 'content-type: application/json' \
+      -H "Idempotency-Key: e2e-ha-$1" -d '{"kind": "workflow", "name": "demo", "inputs": {"sleep_ms": 300}}' 2>/dev/null); then
+      echo "$answer" | field 'd["run_id"]'
+      return 0
+    fi
+    sleep 0.5
+  done
+  return 1
+}
+ids=()
+for i in $(seq 1 20); do
+  id=$(submit_demo "$i") || fail "run $i was never accepted: $(curl -s "http://127.0.0.1:$port/health")"
+  ids+=("$id")
+done
+primary=$(docker ps -q --filter "label=com.docker.compose.project=$project-ha" --filter "label=com.docker.compose.service=redis")
+docker kill --signal KILL "$primary" >/dev/null
+echo "killed the Redis primary ($primary) with ${#ids[@]} runs accepted"
+for i in $(seq 21 40); do
+  id=$(submit_demo "$i") || fail "run $i was never accepted after the failover: $(curl -s "http://127.0.0.1:$port/health")"
+  ids+=("$id")
+done
+echo "${#ids[@]} runs accepted in all"
+for _ in $(seq 1 120); do
+  pending=0
+  for id in "${ids[@]}"; do
+    [ "$(api "http://127.0.0.1:$port/runs/$id" | field 'd["status"]')" = completed ] || pending=$((pending + 1))
+  done
+  [ "$pending" -eq 0 ] && break
+  sleep 1
+done
+[ "$pending" -eq 0 ] || fail "$pending accepted runs did not complete after the failover"
+followed=$("${ha[@]}" logs api worker 2>&1 | grep -c "following the new Redis primary" || true)
+[ "$followed" -ge 3 ] || fail "the API and both workers should have followed the new primary ($followed did)"
+echo "every accepted run completed; $followed processes followed the new primary"
 
 say "docker-e2e passed"

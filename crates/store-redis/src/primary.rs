@@ -241,9 +241,13 @@ async fn follow(primary: Weak<Primary>, library: Library) {
         };
         match found {
             Ok(Some(mut found)) => {
+                // A new primary may refuse writes (FUNCTION LOAD too) until a replica has caught
+                // up with it (`min-replicas-to-write`): it is followed anyway, for reads at once,
+                // and the first call that finds the library missing loads it.
                 if let Err(error) = library.load(&mut found.conn).await {
-                    warn!(error = %store_error(error), primary = %found.addr, "loading the function library on the new primary failed; trying again");
-                } else if let Some(strong) = primary.upgrade() {
+                    info!(error = %store_error(error), primary = %found.addr, "the new primary does not take the function library yet; it is loaded on first use");
+                }
+                if let Some(strong) = primary.upgrade() {
                     info!(from = %seen.addr, to = %found.addr, epoch = found.epoch, "following the new Redis primary");
                     if let Ok(mut current) = strong.current.write() {
                         *current = found;
