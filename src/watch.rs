@@ -82,10 +82,14 @@ const REDRAW_EVERY: Duration = Duration::from_millis(250);
 
 /// Follows the run until it finishes or the user detaches.
 pub async fn watch(client: &Client, run_id: &str, mode: Mode) -> anyhow::Result<End> {
+    // Registered now, before anything is printed: a Ctrl-C that follows the first line always
+    // detaches (the handler of `ctrl_c()` is installed only when its future is first polled).
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .context("installing the Ctrl-C handler")?;
     let follow = follow(client, run_id, mode);
     tokio::select! {
         ended = follow => ended,
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupt.recv() => {
             eprintln!(
                 "\ndetached; the run goes on. Watch it again, cancel it or resume it with:\n  \
                  stagecraft watch {run_id}\n  stagecraft cancel {run_id}\n  stagecraft resume {run_id}"
