@@ -115,11 +115,56 @@ async fn failover_under_load(durable_acks: u32) -> Loss {
     app.start_worker();
 
     // Drain: until every accepted run has completed, or is gone (lost with the old primary).
+    let runs = settle(&app, &ids).await;
+    for proc in app.workers.iter_mut().skip(1).chain(app.api.iter_mut()) {
+        assert!(
+            proc.child.try_wait().expect("try_wait").is_none(),
+            "{} exited: {}",
+            proc.name,
+            proc.log_text()
+        );
+    }
+
+    let loss = measure(&app, &ids, &runs, refused.load(Ordering::SeqCst)).await;
+    eprintln!("failover with REDIS_DURABLE_ACKS={durable_acks}: {loss:?}");
+    loss
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_durable_acks_a_primary_killed_mid_drain_loses_no_acknowledged_work() {
+    let loss = failover_under_load(1).await;
+    assert_eq!(loss.lost_runs, 0, "{loss:?}");
+    assert_eq!(loss.unfinished, 0, "{loss:?}");
+    assert_eq!(loss.repeated_attempts, 0, "{loss:?}");
+    assert_eq!(loss.completed_twice, 0, "{loss:?}");
+    assert_eq!(loss.fence_not_rising, 0, "{loss:?}");
+}
+
+/// The loss window without durable acknowledgements, measured (`make chaos`): nothing is
+/// asserted but that no process exits and that fencing holds (no token is granted twice, no
+/// stage completes twice) even when acknowledged writes are lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: make chaos"]
+async fn without_durable_acks_the_loss_of_a_failover_is_measured() {
+    let mut total = Loss::default();
+    for _ in 0..3 {
+        let loss = failover_under_load(0).await;
+        assert_eq!(loss.completed_twice, 0, "{loss:?}");
+        assert_eq!(loss.fence_not_rising, 0, "{loss:?}");
+        total.lost_runs += loss.lost_runs;
+        total.unfinished += loss.unfinished;
+        total.repeated_attempts += loss.repeated_attempts;
+    }
+    eprintln!("three failovers without durable acks: {total:?}");
+}
+
+/// Reads every accepted run until each has completed or is gone (or two minutes passed).
+async fn settle(app: &TestApp, ids: &[String]) -> BTreeMap<String, Value> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let mut runs: BTreeMap<String, Value> = BTreeMap::new();
     loop {
         let mut settled = 0;
-        for id in &ids {
+        for id in ids {
             if runs.get(id).is_some_and(|r| r["status"] == "completed") {
                 settled += 1;
                 continue;
@@ -138,20 +183,21 @@ async fn failover_under_load(durable_acks: u32) -> Loss {
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    for proc in app.workers.iter_mut().skip(1).chain(app.api.iter_mut()) {
-        assert!(
-            proc.child.try_wait().expect("try_wait").is_none(),
-            "{} exited: {}",
-            proc.name,
-            proc.log_text()
-        );
-    }
+    runs
+}
 
+/// What the failover cost, from the runs, their ledgers and their events.
+async fn measure(
+    app: &TestApp,
+    ids: &[String],
+    runs: &BTreeMap<String, Value>,
+    refused: usize,
+) -> Loss {
     let mut loss = Loss {
-        refused_submissions: refused.load(Ordering::SeqCst),
+        refused_submissions: refused,
         ..Loss::default()
     };
-    for id in &ids {
+    for id in ids {
         match runs.get(id) {
             None => loss.lost_runs += 1,
             Some(run) if run["status"] != "completed" => loss.unfinished += 1,
@@ -187,34 +233,5 @@ async fn failover_under_load(durable_acks: u32) -> Loss {
             loss.completed_twice += completed.values().filter(|n| **n > 1).count();
         }
     }
-    eprintln!("failover with REDIS_DURABLE_ACKS={durable_acks}: {loss:?}");
     loss
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_durable_acks_a_primary_killed_mid_drain_loses_no_acknowledged_work() {
-    let loss = failover_under_load(1).await;
-    assert_eq!(loss.lost_runs, 0, "{loss:?}");
-    assert_eq!(loss.unfinished, 0, "{loss:?}");
-    assert_eq!(loss.repeated_attempts, 0, "{loss:?}");
-    assert_eq!(loss.completed_twice, 0, "{loss:?}");
-    assert_eq!(loss.fence_not_rising, 0, "{loss:?}");
-}
-
-/// The loss window without durable acknowledgements, measured (`make chaos`): nothing is
-/// asserted but that no process exits and that fencing holds (no token is granted twice, no
-/// stage completes twice) even when acknowledged writes are lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "a measurement: make chaos"]
-async fn without_durable_acks_the_loss_of_a_failover_is_measured() {
-    let mut total = Loss::default();
-    for _ in 0..3 {
-        let loss = failover_under_load(0).await;
-        assert_eq!(loss.completed_twice, 0, "{loss:?}");
-        assert_eq!(loss.fence_not_rising, 0, "{loss:?}");
-        total.lost_runs += loss.lost_runs;
-        total.unfinished += loss.unfinished;
-        total.repeated_attempts += loss.repeated_attempts;
-    }
-    eprintln!("three failovers without durable acks: {total:?}");
 }

@@ -29,7 +29,12 @@ fn dir(name: &str) -> Entry {
     }
 }
 
-/// Every operation the engine, the studio and the API use, with the same answers.
+fn clip(id: RunId) -> String {
+    format!("runs/{id}/videos/scene_1_v1.mp4")
+}
+
+/// Every operation the engine, the studio and the API use, with the same answers: `kept` is a
+/// stored run, `gone` one that is not.
 async fn exercise(artifacts: &ArtifactStore, store: &SharedStore) {
     let kept = RunId::generate();
     store
@@ -40,8 +45,14 @@ async fn exercise(artifacts: &ArtifactStore, store: &SharedStore) {
         .await
         .expect("insert");
     let gone = RunId::generate();
-    let clip = |id: RunId| format!("runs/{id}/videos/scene_1_v1.mp4");
+    files(artifacts, kept, gone).await;
+    listings(artifacts, kept).await;
+    workspace(artifacts, kept).await;
+    retention(artifacts, store, kept, gone).await;
+}
 
+/// Writes, reads, copies, ledgers and versioned documents; unsafe paths refused.
+async fn files(artifacts: &ArtifactStore, kept: RunId, gone: RunId) {
     // Writes are complete files; reads answer them; missing files are None, not errors.
     for id in [kept, gone] {
         artifacts
@@ -97,8 +108,10 @@ async fn exercise(artifacts: &ArtifactStore, store: &SharedStore) {
             .as_deref(),
         Some("5")
     );
+}
 
-    // Listings: directories and files, sorted; a run's files recursively.
+/// Listings: directories and files, sorted; a run's files recursively.
+async fn listings(artifacts: &ArtifactStore, kept: RunId) {
     assert_eq!(
         artifacts.list("").await.expect("list"),
         Some(vec![dir("runs"), dir("videos")])
@@ -116,8 +129,11 @@ async fn exercise(artifacts: &ArtifactStore, store: &SharedStore) {
             ("videos/scene_1_v1.mp4".to_owned(), 11),
         ])
     );
+}
 
-    // Tools read inputs and publish outputs through a workspace on this host's disk.
+/// Tools read inputs and publish outputs through a workspace on this host's disk.
+async fn workspace(artifacts: &ArtifactStore, kept: RunId) {
+    let copied = format!("runs/{kept}/final/final.mp4");
     let workspace = artifacts.workspace().expect("workspace");
     let input = workspace
         .input(&copied)
@@ -141,8 +157,10 @@ async fn exercise(artifacts: &ArtifactStore, store: &SharedStore) {
             .await
             .expect("published")
     );
+}
 
-    // Retention: a run that is gone loses its directory, the studio its category entries.
+/// Retention: a run that is gone loses its directory, the studio its category entries.
+async fn retention(artifacts: &ArtifactStore, store: &SharedStore, kept: RunId, gone: RunId) {
     assert_eq!(clean_gone_runs(store, artifacts).await, [gone.to_string()]);
     assert!(!artifacts.is_file(&clip(gone)).await.expect("is_file"));
     assert!(artifacts.is_file(&clip(kept)).await.expect("is_file"));
@@ -263,6 +281,36 @@ async fn a_studio_run_spans_hosts_through_object_storage() {
     );
 
     // The final cut, made on one host from scenes made on others, served by the API.
+    let bytes = served_final_cut(&app, &id).await;
+
+    // No host kept a file: every process's own directory holds no run.
+    for entry in std::fs::read_dir(app.dir.path()).expect("dir").flatten() {
+        if entry.file_name().to_string_lossy().starts_with("host-") {
+            assert!(!entry.path().join("runs").exists(), "{:?}", entry.path());
+        }
+    }
+
+    // Reuse copies on the server side: a second run with the same inputs pays nothing.
+    let second = start_workflow(
+        &app,
+        json!({"inputs": inputs, "async": true, "reuse": true}),
+    )
+    .await;
+    let reused = app.wait_status(&second, "completed", LONG).await;
+    assert_eq!(reused["cost_usd"], 0.0, "{reused:#}");
+    let copy = app
+        .http
+        .get(app.url(&format!("/artifacts/runs/{second}/final/final.mp4")))
+        .send()
+        .await
+        .expect("reused final cut");
+    assert_eq!(copy.status(), 200);
+    assert_eq!(copy.bytes().await.expect("bytes"), bytes);
+}
+
+/// The final cut of `id` as the API serves it (checked playable, with ranges and conditional
+/// requests answered).
+async fn served_final_cut(app: &TestApp, id: &str) -> bytes::Bytes {
     let final_url = app.url(&format!("/artifacts/runs/{id}/final/final.mp4"));
     let whole = app.http.get(&final_url).send().await.expect("final cut");
     assert_eq!(whole.status(), 200);
@@ -318,27 +366,5 @@ async fn a_studio_run_spans_hosts_through_object_storage() {
         .expect("outside");
     assert_eq!(outside.status(), 416);
 
-    // No host kept a file: every process's own directory holds no run.
-    for entry in std::fs::read_dir(app.dir.path()).expect("dir").flatten() {
-        if entry.file_name().to_string_lossy().starts_with("host-") {
-            assert!(!entry.path().join("runs").exists(), "{:?}", entry.path());
-        }
-    }
-
-    // Reuse copies on the server side: a second run with the same inputs pays nothing.
-    let second = start_workflow(
-        &app,
-        json!({"inputs": inputs, "async": true, "reuse": true}),
-    )
-    .await;
-    let reused = app.wait_status(&second, "completed", LONG).await;
-    assert_eq!(reused["cost_usd"], 0.0, "{reused:#}");
-    let copy = app
-        .http
-        .get(app.url(&format!("/artifacts/runs/{second}/final/final.mp4")))
-        .send()
-        .await
-        .expect("reused final cut");
-    assert_eq!(copy.status(), 200);
-    assert_eq!(copy.bytes().await.expect("bytes"), bytes);
+    bytes
 }

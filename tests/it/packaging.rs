@@ -45,6 +45,45 @@ fn service_block(compose: &str, name: &str) -> String {
     block.join("\n")
 }
 
+/// High availability on top of the production stack: every process follows the sentinels and
+/// waits for a replica; every Redis node refuses writes without one.
+#[test]
+fn the_high_availability_stack_follows_sentinels_and_waits_for_a_replica() {
+    let (ok, config) = run_with(
+        "docker-compose",
+        &[
+            "-f",
+            "docker/docker-compose.prod.yml",
+            "-f",
+            "docker/docker-compose.ha.yml",
+            "--profile",
+            "awo",
+            "config",
+        ],
+        &[("API_TOKEN", "a-token")],
+    );
+    assert!(ok, "{config}");
+    for service in ["api", "worker", "awo-worker"] {
+        let block = service_block(&config, service);
+        for needed in [
+            "REDIS_SENTINELS: sentinel-1:26379",
+            "REDIS_DURABLE_ACKS: '1'",
+        ] {
+            assert!(block.contains(needed), "{service} lacks {needed}:\n{block}");
+        }
+    }
+    for node in ["redis", "redis-replica-1", "redis-replica-2"] {
+        let block = service_block(&config, node);
+        assert!(block.contains("min-replicas-to-write"), "{node}:\n{block}");
+    }
+    for sentinel in ["sentinel-1", "sentinel-2", "sentinel-3"] {
+        assert!(
+            service_block(&config, sentinel).contains("sentinel monitor stagecraft redis 6379 2"),
+            "{sentinel}"
+        );
+    }
+}
+
 #[test]
 fn compose_files_are_valid_with_the_awo_profile_and_a_scalable_worker() {
     for file in [
@@ -99,41 +138,6 @@ fn compose_files_are_valid_with_the_awo_profile_and_a_scalable_worker() {
         &["-f", "docker/docker-compose.prod.yml", "config", "-q"],
     );
     assert!(!ok && out.contains("API_TOKEN"), "{out}");
-    // High availability on top of it: every process follows the sentinels and waits for a
-    // replica; every Redis node refuses writes without one.
-    let (ok, config) = run_with(
-        "docker-compose",
-        &[
-            "-f",
-            "docker/docker-compose.prod.yml",
-            "-f",
-            "docker/docker-compose.ha.yml",
-            "--profile",
-            "awo",
-            "config",
-        ],
-        &[("API_TOKEN", "a-token")],
-    );
-    assert!(ok, "{config}");
-    for service in ["api", "worker", "awo-worker"] {
-        let block = service_block(&config, service);
-        for needed in [
-            "REDIS_SENTINELS: sentinel-1:26379",
-            "REDIS_DURABLE_ACKS: '1'",
-        ] {
-            assert!(block.contains(needed), "{service} lacks {needed}:\n{block}");
-        }
-    }
-    for node in ["redis", "redis-replica-1", "redis-replica-2"] {
-        let block = service_block(&config, node);
-        assert!(block.contains("min-replicas-to-write"), "{node}:\n{block}");
-    }
-    for sentinel in ["sentinel-1", "sentinel-2", "sentinel-3"] {
-        assert!(
-            service_block(&config, sentinel).contains("sentinel monitor stagecraft redis 6379 2"),
-            "{sentinel}"
-        );
-    }
     // Each secret only where it is needed.
     for file in [
         "docker/docker-compose.yml",
