@@ -1,0 +1,534 @@
+//! The core's store conformance suite, and what only this store does (concurrent claimers and
+//! submissions across processes, wake-ups by notification), each case in a fresh database.
+//!
+//! The server is `STAGECRAFT_TEST_POSTGRES_URL` when it is set (the URL of a database the
+//! tests may create databases from). Each case's database is dropped after it. Otherwise one
+//! `postgres` serves the whole test binary: initialised in a temporary directory, on a free
+//! loopback port, run as the `postgres` user when the tests run as root (PostgreSQL refuses
+//! root), and stopped by a watchdog shell when the binary exits. `initdb` and `postgres` are
+//! looked for on `PATH`, then in `/usr/lib/postgresql/<version>/bin`.
+
+use std::{
+    any::Any,
+    collections::BTreeSet,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use stagecraft_core::{
+    clock::{ManualClock, SystemClock},
+    ids::{RunId, WorkerId},
+    store::{NewRun, RunError, RunStore, SharedStore, StageOutcome, StoreError},
+    testing::{Fixture, workflow_run},
+};
+use stagecraft_store_postgres::PostgresStore;
+
+/// The server the cases create their databases on.
+struct Server {
+    /// A database to connect to for `CREATE DATABASE`.
+    admin_url: String,
+}
+
+fn server() -> &'static Server {
+    static SERVER: OnceLock<Server> = OnceLock::new();
+    SERVER.get_or_init(|| match std::env::var("STAGECRAFT_TEST_POSTGRES_URL") {
+        Ok(url) if !url.trim().is_empty() => Server { admin_url: url },
+        _ => start_postgres(),
+    })
+}
+
+/// A PostgreSQL program: on `PATH`, else of the newest version in `/usr/lib/postgresql`.
+fn binary(name: &str) -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(name))
+            .find(|candidate| candidate.is_file())
+    });
+    let installed = || -> Option<PathBuf> {
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()?
+            .flatten()
+            .filter_map(|entry| {
+                let version = entry.file_name().to_str()?.parse::<u32>().ok()?;
+                Some((version, entry.path().join("bin").join(name)))
+            })
+            .filter(|(_, candidate)| candidate.is_file())
+            .collect();
+        versions.sort();
+        versions.pop().map(|(_, found)| found)
+    };
+    let found = on_path.or_else(installed).unwrap_or_else(|| {
+        panic!(
+            "{name} was found neither on PATH nor in /usr/lib/postgresql/*/bin: install PostgreSQL \
+             (apt-get install postgresql) or set STAGECRAFT_TEST_POSTGRES_URL"
+        )
+    });
+    // Through symlinks (/usr/local/bin/initdb → …/bin/initdb), so initdb finds its postgres.
+    std::fs::canonicalize(&found).unwrap_or(found)
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// A path as one word of a shell command.
+fn quoted(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// A new cluster in `dir/data` (owned by the `postgres` user when the tests run as root, since
+/// PostgreSQL refuses to run as root).
+fn init_cluster(initdb: &Path, dir: &Path, root: bool) -> std::path::PathBuf {
+    let data = dir.join("data");
+    let mut init = if root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(initdb);
+        command
+    } else {
+        Command::new(initdb)
+    };
+    let init = init
+        .arg("-D")
+        .arg(&data)
+        .args([
+            "-U",
+            "postgres",
+            "-A",
+            "trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+            "--no-sync",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("initdb could not be run");
+    assert!(
+        init.status.success(),
+        "initdb failed:\n{}{}",
+        String::from_utf8_lossy(&init.stdout),
+        String::from_utf8_lossy(&init.stderr)
+    );
+    data
+}
+
+/// Initialises a cluster in a temporary directory and starts `postgres` on it, with a watchdog
+/// shell that stops it (and removes the directory) once this test binary has exited.
+fn start_postgres() -> Server {
+    let initdb = binary("initdb");
+    let postgres = Some(initdb.with_file_name("postgres"))
+        .filter(|beside| beside.is_file())
+        .unwrap_or_else(|| binary("postgres"));
+    let root = is_root();
+    let dir = tempfile::Builder::new()
+        .prefix("stagecraft-pg-")
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    if root {
+        let given = Command::new("chown")
+            .arg("postgres:")
+            .arg(&dir)
+            .status()
+            .expect("chown could not be run");
+        assert!(
+            given.success(),
+            "the temporary directory could not be given to the postgres user (is there one?)"
+        );
+    }
+    let data = init_cluster(&initdb, &dir, root);
+    let port = free_port();
+    let log = dir.join("postgres.log");
+    // Stopped (fast shutdown) once the test binary is gone; left with its log if it stopped
+    // by itself while the tests ran.
+    let script = format!(
+        "{run_as}{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
+         -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+         >{log} 2>&1 & r=$!; \
+         while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
+         kill -0 {pid} 2>/dev/null && exit 0; \
+         kill -INT $(head -n 1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
+         kill $r 2>/dev/null; wait $r; rm -rf {dir}",
+        run_as = if root { "runuser -u postgres -- " } else { "" },
+        postgres = quoted(&postgres),
+        data = quoted(&data),
+        dir = quoted(&dir),
+        log = quoted(&log),
+        pid = std::process::id(),
+    );
+    // Not waited for: the watchdog outlives no test binary, and stops the server itself.
+    let watchdog = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sh could not be started");
+    std::mem::forget(watchdog);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "postgres did not start on port {port}:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Server {
+        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+    }
+}
+
+/// A connection to the admin database, once the server accepts them (it may still be starting).
+async fn admin(url: &str) -> PgConnection {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match PgConnection::connect(url).await {
+            Ok(conn) => return conn,
+            Err(error) if Instant::now() >= deadline => {
+                panic!("the test server at {url} does not answer: {error}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+/// The URL of database `name` on the server of `admin_url` (user, host and options kept).
+fn database_url(admin_url: &str, name: &str) -> String {
+    let (base, options) = match admin_url.split_once('?') {
+        Some((base, options)) => (base, Some(options)),
+        None => (admin_url, None),
+    };
+    let authority = base.find("://").map_or(0, |at| at + 3);
+    let server = match base[authority..].find('/') {
+        Some(slash) => &base[..authority + slash],
+        None => base,
+    };
+    match options {
+        Some(options) => format!("{server}/{name}?{options}"),
+        None => format!("{server}/{name}"),
+    }
+}
+
+/// Drops a case's database once the case is over (the server may be the environment's, and
+/// a database copied from `template1` takes several megabytes).
+struct DropDatabase {
+    admin_url: String,
+    name: String,
+}
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        let (url, name) = (self.admin_url.clone(), self.name.clone());
+        // A runtime of its own: drop runs inside the case's runtime, which cannot block on it.
+        let _ = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&url).await {
+                    let _ = sqlx::raw_sql(AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&mut conn)
+                    .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// A new, empty database: its URL, and what must live as long as the case.
+async fn fresh_database() -> (String, Box<dyn Any + Send>) {
+    let server = server();
+    let name = format!("t{}", RunId::generate().to_string().replace('-', ""));
+    let mut conn = admin(&server.admin_url).await;
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("the case's database is created");
+    let _ = conn.close().await;
+    let guard: Box<dyn Any + Send> = Box::new(DropDatabase {
+        admin_url: server.admin_url.clone(),
+        name: name.clone(),
+    });
+    (database_url(&server.admin_url, &name), guard)
+}
+
+async fn open() -> Fixture {
+    let (url, guard) = fresh_database().await;
+    let store = PostgresStore::open(&url, Arc::new(SystemClock))
+        .await
+        .expect("the store opens");
+    Fixture {
+        store: Arc::new(store),
+        guard,
+    }
+}
+
+stagecraft_core::store_conformance!(open);
+
+const TTL: Duration = Duration::from_secs(30);
+
+/// Two stores on one fresh database, as two processes would have.
+async fn two_stores() -> (SharedStore, SharedStore, Box<dyn Any + Send>) {
+    let (url, guard) = fresh_database().await;
+    let one = PostgresStore::open(&url, Arc::new(SystemClock))
+        .await
+        .expect("the store opens");
+    let other = PostgresStore::open(&url, Arc::new(SystemClock))
+        .await
+        .expect("the store opens again");
+    (Arc::new(one), Arc::new(other), guard)
+}
+
+fn noop_run(queue: &str) -> NewRun {
+    workflow_run("noop", queue, &["only"])
+}
+
+#[test]
+fn a_case_database_keeps_the_server_user_and_options() {
+    assert_eq!(
+        database_url("postgres://u:p@h:5432/admin?sslmode=disable", "t1"),
+        "postgres://u:p@h:5432/t1?sslmode=disable"
+    );
+    assert_eq!(database_url("postgres://h", "t1"), "postgres://h/t1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_in_two_processes_take_each_run_once() {
+    let (one, other, _guard) = two_stores().await;
+    let mut ids = Vec::new();
+    for _ in 0..40 {
+        ids.push(one.insert_run(noop_run("race")).await.expect("insert").0.id);
+    }
+    let claimers: Vec<_> = (0..8)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                one.clone()
+            } else {
+                other.clone()
+            };
+            tokio::spawn(async move {
+                let queues = ["race".to_owned()];
+                let worker = WorkerId::from(format!("w-{i}"));
+                let mut mine = Vec::new();
+                loop {
+                    let claimed = store.claim(&queues, &worker, TTL, 3).await.expect("claim");
+                    if claimed.is_empty() {
+                        return mine;
+                    }
+                    mine.extend(claimed.into_iter().map(|c| (c.run.id, c.lease.fence)));
+                }
+            })
+        })
+        .collect();
+    let mut taken = Vec::new();
+    for claimer in claimers {
+        taken.extend(claimer.await.expect("claimer"));
+    }
+    let mut claimed: Vec<RunId> = taken.iter().map(|(id, _)| *id).collect();
+    claimed.sort();
+    ids.sort();
+    assert_eq!(claimed, ids, "every run claimed, none twice");
+    assert!(taken.iter().all(|(_, fence)| fence.0 == 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submissions_with_one_idempotency_key_make_one_run() {
+    let (one, other, _guard) = two_stores().await;
+    let submissions: Vec<_> = (0..8)
+        .map(|i| {
+            let store = if i % 2 == 0 {
+                one.clone()
+            } else {
+                other.clone()
+            };
+            let run = NewRun {
+                idempotency_key: Some("runs:race".into()),
+                request_hash: Some("h".into()),
+                ..noop_run("keys")
+            };
+            tokio::spawn(async move { store.insert_run(run).await })
+        })
+        .collect();
+    let mut created = 0;
+    let mut ids = BTreeSet::new();
+    for submission in submissions {
+        let (run, new) = submission.await.expect("task").expect("insert");
+        created += usize::from(new);
+        ids.insert(run.id);
+    }
+    assert_eq!((created, ids.len()), (1, 1), "one run, answered to all");
+    let conflict = one
+        .insert_run(NewRun {
+            idempotency_key: Some("runs:race".into()),
+            request_hash: Some("other".into()),
+            ..noop_run("keys")
+        })
+        .await;
+    assert!(
+        matches!(conflict, Err(StoreError::IdempotencyConflict(_))),
+        "{conflict:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_queued_by_another_process_wakes_an_idle_worker() {
+    let (waiting, submitting, _guard) = two_stores().await;
+    let queues = vec!["wake".to_owned()];
+    // The first wait sets up LISTEN; nothing is due, so it waits out its poll.
+    waiting.wait_for_work(&queues, Duration::from_secs(1)).await;
+    let wait = {
+        let (waiting, queues) = (waiting.clone(), queues.clone());
+        tokio::spawn(async move {
+            waiting
+                .wait_for_work(&queues, Duration::from_secs(60))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!wait.is_finished(), "nothing is due yet");
+    submitting
+        .insert_run(noop_run("elsewhere"))
+        .await
+        .expect("insert");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !wait.is_finished(),
+        "a run of another queue does not wake it"
+    );
+    submitting
+        .insert_run(noop_run("wake"))
+        .await
+        .expect("insert");
+    tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .expect("woken by the notification, long before the poll ends")
+        .expect("the wait");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_worker_waits_only_until_a_retry_is_due() {
+    let fixture = open().await;
+    let store = fixture.store.clone();
+    let queues = vec!["retry".to_owned()];
+    let worker = WorkerId::from("w".to_owned());
+    store.insert_run(noop_run("retry")).await.expect("insert");
+    let claimed = store.claim(&queues, &worker, TTL, 1).await.expect("claim");
+    let lease = claimed[0].lease.clone();
+    store.start_stage(&lease, 0).await.expect("start");
+    let retry = StageOutcome::Retry {
+        error: RunError {
+            code: "flaky".into(),
+            message: "flaky happened".into(),
+        },
+        delay: Duration::from_millis(700),
+    };
+    store.end_attempt(&lease, 0, retry).await.expect("retry");
+    let started = Instant::now();
+    store.wait_for_work(&queues, Duration::from_secs(60)).await;
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "waited {waited:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        let again = store.claim(&queues, &worker, TTL, 1).await.expect("claim");
+        if !again.is_empty() {
+            assert!(again[0].lease.fence > lease.fence);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the retry is due after the wait");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_expire_by_the_stores_clock_and_their_holders_are_fenced_out() {
+    let (url, _guard) = fresh_database().await;
+    let clock = ManualClock::starting_now();
+    let store = PostgresStore::open(&url, Arc::new(clock.clone()))
+        .await
+        .expect("open");
+    store.insert_run(noop_run("clock")).await.expect("insert");
+    let queues = ["clock".to_owned()];
+    let ttl = Duration::from_secs(10);
+    let first = store
+        .claim(&queues, &WorkerId::from("a".to_owned()), ttl, 1)
+        .await
+        .expect("claim");
+    let lease = first[0].lease.clone();
+    store.start_stage(&lease, 0).await.expect("start");
+    // Within the lease nothing is swept, and a heartbeat extends it.
+    clock.advance(Duration::from_secs(9));
+    assert!(
+        store
+            .sweep_expired_leases()
+            .await
+            .expect("sweep")
+            .is_empty()
+    );
+    store.heartbeat(&lease, ttl).await.expect("heartbeat");
+    clock.advance(Duration::from_secs(9));
+    assert!(
+        store
+            .sweep_expired_leases()
+            .await
+            .expect("sweep")
+            .is_empty()
+    );
+    // Past it, the run is re-queued and taken by another worker with a larger fence.
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(
+        store.sweep_expired_leases().await.expect("sweep"),
+        vec![lease.run_id]
+    );
+    let second = store
+        .claim(&queues, &WorkerId::from("b".to_owned()), ttl, 1)
+        .await
+        .expect("claim");
+    assert!(second[0].lease.fence > lease.fence);
+    assert!(second[0].recovered);
+    let refused = store.heartbeat(&lease, ttl).await;
+    assert!(
+        matches!(refused, Err(StoreError::FenceRejected { .. })),
+        "{refused:?}"
+    );
+    let refused = store.end_attempt(&lease, 0, StageOutcome::Abandoned).await;
+    assert!(
+        matches!(refused, Err(StoreError::FenceRejected { .. })),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_cannot_connect_is_unavailable() {
+    // A port nothing listens on.
+    let url = format!("postgres://postgres@127.0.0.1:{}/postgres", free_port());
+    match PostgresStore::open(&url, Arc::new(SystemClock)).await {
+        Err(StoreError::Unavailable(_)) => {}
+        other => panic!("expected Unavailable, got {:?}", other.map(|_| ())),
+    }
+}
