@@ -25,6 +25,7 @@ use crate::{
     shutdown,
     store::{
         SharedStore,
+        postgres::PostgresStore,
         redis::{RedisOptions, RedisStore},
         sqlite::SqliteStore,
     },
@@ -265,27 +266,44 @@ async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
                 durable_acks: config.redis_durable_acks,
                 ack_timeout: config.redis_ack_timeout,
             };
-            // Redis may still be starting (compose, a restart): keep trying for a while.
-            let mut delay = Duration::from_millis(200);
-            let deadline = std::time::Instant::now() + Duration::from_secs(60);
-            loop {
-                match RedisStore::connect(&options, &config.redis_prefix, config.run_retention)
-                    .await
-                {
-                    Ok(store) => return Ok(Arc::new(store)),
-                    Err(error) if std::time::Instant::now() < deadline => {
-                        tracing::warn!(error = %error, redis = %redact_url(url), "Redis not reachable yet; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(5));
-                    }
-                    Err(error) => {
-                        return Err(anyhow::anyhow!(
-                            "connecting to Redis at {}: {error}",
-                            redact_url(url)
-                        ));
-                    }
-                }
+            let opened = retry_while_starting("Redis", &redact_url(url), || {
+                RedisStore::connect(&options, &config.redis_prefix, config.run_retention)
+            })
+            .await?;
+            Ok(Arc::new(opened))
+        }
+        BackendKind::Postgres => {
+            let url = &config.database_url;
+            let opened = retry_while_starting("PostgreSQL", &redact_url(url), || {
+                PostgresStore::open(url, Arc::new(SystemClock))
+            })
+            .await?;
+            Ok(Arc::new(opened))
+        }
+    }
+}
+
+/// Opens a store whose server may still be starting (compose, a restart): tries again with
+/// growing delays for a minute, then fails naming the server (`shown`, without credentials).
+async fn retry_while_starting<S, F>(
+    what: &str,
+    shown: &str,
+    mut open: impl FnMut() -> F,
+) -> anyhow::Result<S>
+where
+    F: std::future::Future<Output = Result<S, crate::store::StoreError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match open().await {
+            Ok(store) => return Ok(store),
+            Err(error) if std::time::Instant::now() < deadline => {
+                tracing::warn!(error = %error, server = %shown, "{what} not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
             }
+            Err(error) => return Err(anyhow::anyhow!("connecting to {what} at {shown}: {error}")),
         }
     }
 }

@@ -20,13 +20,13 @@
 //! | `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN` | unset | the bucket's credentials (unset: the instance's role) |
 //! | `AWS_ALLOW_HTTP` | `false` | permits a plain-HTTP `AWS_ENDPOINT_URL` (a server on a private network) |
 //! | `DATA_DIR` | `./data` | where the embedded store lives |
-//! | `QUEUE_BACKEND` | `sqlite` | the durable store and queue: `sqlite` or `redis` |
+//! | `QUEUE_BACKEND` | `sqlite`, or `postgres` when `DATABASE_URL` is a `postgres://` URL | the durable store and queue: `sqlite`, `redis` or `postgres` |
 //! | `REDIS_URL` | `redis://127.0.0.1:6379` | the Redis server, with `QUEUE_BACKEND=redis` |
 //! | `REDIS_KEY_PREFIX` | `stagecraft:` | prefix of every Redis key Stagecraft writes |
 //! | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | unset, `stagecraft` | comma-separated `host:port` of the sentinels that name the primary (then `REDIS_URL` gives only its password and database), and the name they monitor it under |
 //! | `REDIS_DURABLE_ACKS` | `0` | replicas that must have every state change before it is acknowledged (`WAIT`); cover every replica Sentinel may promote |
 //! | `REDIS_ACK_TIMEOUT_MS` | `2000` | how long a change waits for those replicas before it is answered as failed (503) |
-//! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file |
+//! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file, or the PostgreSQL database (`postgres://user:password@host:5432/db`; its password is never logged) |
 //! | `HOST`, `PORT` | `127.0.0.1`, `8000` | where `serve` and `dev` listen (`PORT=0`: any free port) |
 //! | `WORKER_CONCURRENCY` | `4` | runs one worker process executes at once |
 //! | `WORKER_THREADS` | `1` | threads of a worker process's async runtime (`1`: one thread runs every run's stages, which wait on I/O) |
@@ -224,6 +224,7 @@ impl Environment {
 pub enum BackendKind {
     Sqlite,
     Redis,
+    Postgres,
 }
 
 impl BackendKind {
@@ -231,6 +232,7 @@ impl BackendKind {
         match self {
             Self::Sqlite => "sqlite",
             Self::Redis => "redis",
+            Self::Postgres => "postgres",
         }
     }
 }
@@ -294,6 +296,7 @@ impl Config {
         .map(|secret| secret.expose_secret().to_owned())
         .collect();
         values.extend(url_password(self.redis_url.expose_secret()));
+        values.extend(url_password(&self.database_url));
         Scrubber::new(values)
     }
 
@@ -390,10 +393,19 @@ struct StoreSettings {
 
 impl StoreSettings {
     fn from_vars(vars: &Vars<'_>, data_dir: &Path) -> Result<Self, ConfigError> {
-        let backend = vars.parse_with("QUEUE_BACKEND", BackendKind::Sqlite, |v| match v {
+        let given_url = vars.string("DATABASE_URL");
+        let postgres_url = given_url.as_deref().is_some_and(is_postgres_url);
+        // Unset, the store follows DATABASE_URL's scheme.
+        let inferred = if postgres_url {
+            BackendKind::Postgres
+        } else {
+            BackendKind::Sqlite
+        };
+        let backend = vars.parse_with("QUEUE_BACKEND", inferred, |v| match v {
             "sqlite" => Ok(BackendKind::Sqlite),
             "redis" => Ok(BackendKind::Redis),
-            _ => Err("expected sqlite or redis".to_owned()),
+            "postgres" | "postgresql" => Ok(BackendKind::Postgres),
+            _ => Err("expected sqlite, redis or postgres".to_owned()),
         })?;
         let redis_url = vars.text("REDIS_URL", "redis://127.0.0.1:6379");
         if !["redis://", "rediss://", "unix://"]
@@ -406,16 +418,7 @@ impl StoreSettings {
                 reason: "expected a redis://, rediss:// or unix:// URL".to_owned(),
             });
         }
-        let database_url = vars
-            .string("DATABASE_URL")
-            .unwrap_or_else(|| sqlite_url_for(&data_dir.join("stagecraft.db")));
-        if !database_url.starts_with("sqlite:") {
-            return Err(ConfigError {
-                variable: "DATABASE_URL",
-                value: database_url,
-                reason: "expected a sqlite: URL".to_owned(),
-            });
-        }
+        let database_url = database_url(backend, given_url, data_dir)?;
         Ok(Self {
             backend,
             database_url,
@@ -425,6 +428,46 @@ impl StoreSettings {
             durable_acks: vars.parse_in("REDIS_DURABLE_ACKS", 0, 0, 64)? as u32,
             ack_timeout: vars.millis("REDIS_ACK_TIMEOUT_MS", 2000, 1, 60_000)?,
         })
+    }
+}
+
+fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
+}
+
+/// `DATABASE_URL` as the store needs it: a `sqlite:` URL (by default the file in `DATA_DIR`)
+/// for SQLite, a `postgres://` URL for PostgreSQL; a URL of the other kind is a contradiction.
+fn database_url(
+    backend: BackendKind,
+    given: Option<String>,
+    data_dir: &Path,
+) -> Result<String, ConfigError> {
+    let refuse = |value: &str, reason: String| ConfigError {
+        variable: "DATABASE_URL",
+        value: redact_url(value),
+        reason,
+    };
+    match (backend, given) {
+        (BackendKind::Postgres, Some(url)) if is_postgres_url(&url) => Ok(url),
+        (BackendKind::Postgres, given) => Err(refuse(
+            given.as_deref().unwrap_or_default(),
+            "QUEUE_BACKEND=postgres needs DATABASE_URL=postgres://user:password@host:5432/database"
+                .to_owned(),
+        )),
+        (backend, Some(url)) if is_postgres_url(&url) => Err(refuse(
+            &url,
+            format!(
+                "a PostgreSQL URL with QUEUE_BACKEND={}: set QUEUE_BACKEND=postgres (or leave it \
+                 unset), or give a sqlite: URL",
+                backend.as_str()
+            ),
+        )),
+        (_, Some(url)) if !url.starts_with("sqlite:") => Err(refuse(
+            &url,
+            "expected a sqlite: or postgres:// URL".to_owned(),
+        )),
+        (_, Some(url)) => Ok(url),
+        (_, None) => Ok(sqlite_url_for(&data_dir.join("stagecraft.db"))),
     }
 }
 

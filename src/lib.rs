@@ -33,6 +33,7 @@ pub use stagecraft_studio as studio;
 /// The run store: the core's model and trait, and the two stores.
 pub mod store {
     pub use stagecraft_core::store::*;
+    pub use stagecraft_store_postgres as postgres;
     pub use stagecraft_store_redis as redis;
     pub use stagecraft_store_sqlite as sqlite;
 }

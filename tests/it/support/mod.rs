@@ -19,6 +19,7 @@ use serde_json::{Value, json};
 use tempfile::TempDir;
 
 pub mod browser;
+pub mod postgres;
 pub mod s3;
 pub mod sentinel;
 
@@ -27,6 +28,7 @@ pub mod sentinel;
 pub enum Backend {
     Sqlite,
     Redis,
+    Postgres,
 }
 
 /// One `redis-server` per test binary, on a free loopback port, in a temporary directory. A
@@ -171,6 +173,8 @@ pub struct TestApp {
     counter: usize,
     /// Each process gets an `ARTIFACT_DIR` of its own, as on separate hosts.
     host_per_process: bool,
+    /// Drops the deployment's PostgreSQL database with it.
+    _database: Option<Box<dyn std::any::Any + Send>>,
 }
 
 /// A running process; SIGKILLed on drop if still alive.
@@ -231,13 +235,27 @@ impl TestApp {
     pub fn new(backend: Backend) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut env = base_env(dir.path());
-        if backend == Backend::Redis {
-            env.insert("QUEUE_BACKEND".into(), "redis".into());
-            env.insert("REDIS_URL".into(), shared_redis().url.clone());
-            env.insert(
-                "REDIS_KEY_PREFIX".into(),
-                format!("t{}:", uuid::Uuid::new_v4().simple()),
-            );
+        let mut database = None;
+        match backend {
+            Backend::Sqlite => {}
+            Backend::Redis => {
+                env.insert("QUEUE_BACKEND".into(), "redis".into());
+                env.insert("REDIS_URL".into(), shared_redis().url.clone());
+                env.insert(
+                    "REDIS_KEY_PREFIX".into(),
+                    format!("t{}:", uuid::Uuid::new_v4().simple()),
+                );
+            }
+            Backend::Postgres => {
+                // A database of its own on the binary's shared server (tests run on a
+                // multi-threaded runtime, which may block here).
+                let (url, guard) = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(postgres::fresh_database())
+                });
+                env.insert("QUEUE_BACKEND".into(), "postgres".into());
+                env.insert("DATABASE_URL".into(), url);
+                database = Some(guard);
+            }
         }
         Self {
             backend,
@@ -252,6 +270,7 @@ impl TestApp {
                 .expect("client"),
             counter: 0,
             host_per_process: false,
+            _database: database,
         }
     }
 
@@ -421,6 +440,14 @@ impl TestApp {
                 .await
                 .expect("redis store"),
             ),
+            Backend::Postgres => Arc::new(
+                stagecraft::store::postgres::PostgresStore::open(
+                    &self.env["DATABASE_URL"],
+                    Arc::new(stagecraft::clock::SystemClock),
+                )
+                .await
+                .expect("postgres store"),
+            ),
         }
     }
 
@@ -579,6 +606,14 @@ macro_rules! conformance {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     super::$name($crate::support::Backend::Redis).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::support::Backend::Postgres).await
                 }
             )*
         }
