@@ -758,6 +758,35 @@ mod tests {
     }
 
     #[test]
+    fn the_store_follows_the_database_url_and_contradictions_stop_start_up() {
+        let url = "postgres://stagecraft:pg-secret-0123@db:5432/stagecraft";
+        let inferred = config_from(&[("DATABASE_URL", url)]).expect("parses");
+        assert_eq!(inferred.backend, BackendKind::Postgres);
+        assert_eq!(inferred.scrubber().scrub("pg-secret-0123"), "***");
+        let named =
+            config_from(&[("QUEUE_BACKEND", "postgres"), ("DATABASE_URL", url)]).expect("parses");
+        assert_eq!(named.backend.as_str(), "postgres");
+        assert_eq!(
+            config_from(&[]).expect("parses").backend,
+            BackendKind::Sqlite
+        );
+        for pairs in [
+            vec![("QUEUE_BACKEND", "postgres")],
+            vec![
+                ("QUEUE_BACKEND", "postgres"),
+                ("DATABASE_URL", "sqlite://x.db"),
+            ],
+            vec![("QUEUE_BACKEND", "sqlite"), ("DATABASE_URL", url)],
+            vec![("QUEUE_BACKEND", "redis"), ("DATABASE_URL", url)],
+            vec![("DATABASE_URL", "mysql://db/x")],
+        ] {
+            let error = config_from(&pairs).expect_err("a contradiction");
+            assert_eq!(error.variable, "DATABASE_URL", "{pairs:?}");
+            assert!(!error.value.contains("pg-secret"), "{error}");
+        }
+    }
+
+    #[test]
     fn object_storage_and_sentinel_settings_are_checked() {
         let config = config_from(&[
             ("ARTIFACT_STORE_URL", "s3://media-bucket/prod/stagecraft/"),

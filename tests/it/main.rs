@@ -10,6 +10,7 @@ mod limits;
 mod live;
 mod objects;
 mod packaging;
+mod postgres;
 mod redis_scale;
 mod security;
 mod studio;

@@ -29,7 +29,9 @@ fn server() -> &'static Server {
     static SERVER: OnceLock<Server> = OnceLock::new();
     SERVER.get_or_init(|| match std::env::var("STAGECRAFT_TEST_POSTGRES_URL") {
         Ok(url) if !url.trim().is_empty() => Server { admin_url: url },
-        _ => start_postgres(),
+        _ => Server {
+            admin_url: PostgresServer::start().admin_url,
+        },
     })
 }
 
@@ -119,72 +121,119 @@ fn init_cluster(initdb: &Path, dir: &Path, root: bool) -> std::path::PathBuf {
     data
 }
 
-/// Initialises a cluster in a temporary directory and starts `postgres` on it, with a watchdog
-/// shell that stops it (and removes the directory) once this test binary has exited.
-fn start_postgres() -> Server {
-    let initdb = binary("initdb");
-    let postgres = Some(initdb.with_file_name("postgres"))
-        .filter(|beside| beside.is_file())
-        .unwrap_or_else(|| binary("postgres"));
-    let root = is_root();
-    let dir = tempfile::Builder::new()
-        .prefix("stagecraft-pg-")
-        .tempdir()
-        .expect("tempdir")
-        .keep();
-    if root {
-        let given = Command::new("chown")
-            .arg("postgres:")
-            .arg(&dir)
-            .status()
-            .expect("chown could not be run");
-        assert!(
-            given.success(),
-            "the temporary directory could not be given to the postgres user (is there one?)"
-        );
+/// A `postgres` of its own: a cluster in a temporary directory, on a free loopback port, that
+/// a test may stop and start again (an outage); a watchdog shell stops it (and removes the
+/// directory) once this test binary has exited.
+pub struct PostgresServer {
+    /// The `postgres` database of the server, to create databases from.
+    pub admin_url: String,
+    pub port: u16,
+    postgres: PathBuf,
+    dir: PathBuf,
+    data: PathBuf,
+    root: bool,
+}
+
+impl PostgresServer {
+    pub fn start() -> Self {
+        let initdb = binary("initdb");
+        let postgres = Some(initdb.with_file_name("postgres"))
+            .filter(|beside| beside.is_file())
+            .unwrap_or_else(|| binary("postgres"));
+        let root = is_root();
+        let dir = tempfile::Builder::new()
+            .prefix("stagecraft-pg-")
+            .tempdir()
+            .expect("tempdir")
+            .keep();
+        if root {
+            let given = Command::new("chown")
+                .arg("postgres:")
+                .arg(&dir)
+                .status()
+                .expect("chown could not be run");
+            assert!(
+                given.success(),
+                "the temporary directory could not be given to the postgres user (is there one?)"
+            );
+        }
+        let data = init_cluster(&initdb, &dir, root);
+        let port = free_port();
+        let server = Self {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            port,
+            postgres,
+            dir,
+            data,
+            root,
+        };
+        server.restart();
+        server
     }
-    let data = init_cluster(&initdb, &dir, root);
-    let port = free_port();
-    let log = dir.join("postgres.log");
-    // Stopped (fast shutdown) once the test binary is gone; left with its log if it stopped
-    // by itself while the tests ran.
-    let script = format!(
-        "{run_as}{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
-         -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
-         >{log} 2>&1 & r=$!; \
-         while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
-         kill -0 {pid} 2>/dev/null && exit 0; \
-         kill -INT $(head -n 1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
-         kill $r 2>/dev/null; wait $r; rm -rf {dir}",
-        run_as = if root { "runuser -u postgres -- " } else { "" },
-        postgres = quoted(&postgres),
-        data = quoted(&data),
-        dir = quoted(&dir),
-        log = quoted(&log),
-        pid = std::process::id(),
-    );
-    // Not waited for: the watchdog outlives no test binary, and stops the server itself.
-    let watchdog = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("sh could not be started");
-    std::mem::forget(watchdog);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "postgres did not start on port {port}:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
+
+    /// Starts the server (again) on its data and port, and waits until it accepts connections.
+    pub fn restart(&self) {
+        let log = self.dir.join("postgres.log");
+        // Stopped (fast shutdown) once the test binary is gone; left with its log if it stopped
+        // (or was stopped) while the tests ran.
+        let script = format!(
+            "{run_as}{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
+             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+             >>{log} 2>&1 & r=$!; \
+             while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
+             kill -0 {pid} 2>/dev/null && exit 0; \
+             kill -INT $(head -n 1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
+             kill $r 2>/dev/null; wait $r; rm -rf {dir}",
+            run_as = if self.root {
+                "runuser -u postgres -- "
+            } else {
+                ""
+            },
+            postgres = quoted(&self.postgres),
+            data = quoted(&self.data),
+            dir = quoted(&self.dir),
+            log = quoted(&log),
+            port = self.port,
+            pid = std::process::id(),
         );
-        std::thread::sleep(Duration::from_millis(50));
+        // Not waited for: the watchdog outlives no test binary, and stops the server itself.
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh could not be started");
+        std::mem::forget(watchdog);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "postgres did not start on port {}:\n{}",
+                self.port,
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
-    Server {
-        admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+
+    /// Stops the server as an operator's restart does (a fast shutdown: open connections are
+    /// closed, nothing committed is lost) and waits until its port is closed.
+    pub fn stop(&self) {
+        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<i32>().ok())
+            .expect("the postmaster's pid");
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(Instant::now() < deadline, "postgres did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -254,19 +303,23 @@ impl Drop for DropDatabase {
 /// A new, empty database: its URL, and what must live as long as the case.
 /// A new empty database on the shared server: its URL, and a guard that drops it.
 pub async fn fresh_database() -> (String, Box<dyn Any + Send>) {
-    let server = server();
+    fresh_database_on(&server().admin_url).await
+}
+
+/// A new empty database on the server of `admin_url`: its URL, and a guard that drops it.
+pub async fn fresh_database_on(admin_url: &str) -> (String, Box<dyn Any + Send>) {
     let name = format!("t{}", uuid_like());
-    let mut conn = admin(&server.admin_url).await;
+    let mut conn = admin(admin_url).await;
     sqlx::raw_sql(AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .execute(&mut conn)
         .await
         .expect("the case's database is created");
     let _ = conn.close().await;
     let guard: Box<dyn Any + Send> = Box::new(DropDatabase {
-        admin_url: server.admin_url.clone(),
+        admin_url: admin_url.to_owned(),
         name: name.clone(),
     });
-    (database_url(&server.admin_url, &name), guard)
+    (database_url(admin_url, &name), guard)
 }
 
 /// A name no other database of the server has.
