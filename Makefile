@@ -21,11 +21,18 @@ help: ## List the targets
 dev: ## Run the API and workers in one process (embedded store, mock providers) on :8000
 	$(CARGO) run --release -- dev
 
+# The store of the Docker stacks: redis, or postgres (make dev-docker STORE=postgres).
+STORE ?= redis
+ifeq ($(STORE),postgres)
+STORE_RUN := QUEUE_BACKEND=postgres DATABASE_URL=postgres://stagecraft:stagecraft@postgres:5432/stagecraft
+STORE_COMPOSE := --profile postgres
+endif
+
 .PHONY: dev-docker
-dev-docker: ## Development stack in Docker: api, scalable workers, redis; rebuilds on change
+dev-docker: ## Development stack in Docker: api, scalable workers, redis (STORE=postgres: PostgreSQL); rebuilds on change
 ifeq ($(ENGINE),yes)
-	@echo "dev-docker: using the Docker engine"
-	$(COMPOSE) up -d --build api worker redis
+	@echo "dev-docker: using the Docker engine, store $(STORE)"
+	$(STORE_RUN) $(COMPOSE) $(STORE_COMPOSE) up -d --build api worker $(STORE)
 else
 	@echo "dev-docker: no Docker engine answers here; run 'make dev' (one process) or 'make dev-awo' (the same topology as local processes)" >&2
 	@exit 1

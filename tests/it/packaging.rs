@@ -84,6 +84,46 @@ fn the_high_availability_stack_follows_sentinels_and_waits_for_a_replica() {
     }
 }
 
+/// Both stacks offer PostgreSQL as a profile, and hand the store's settings to every process.
+#[test]
+fn the_stacks_offer_postgres_as_a_profile() {
+    for file in [
+        "docker/docker-compose.yml",
+        "docker/docker-compose.prod.yml",
+    ] {
+        let (ok, config) = run_with(
+            "docker-compose",
+            &[
+                "-f",
+                file,
+                "--profile",
+                "postgres",
+                "--profile",
+                "awo",
+                "config",
+            ],
+            &[
+                ("API_TOKEN", "a-token"),
+                ("QUEUE_BACKEND", "postgres"),
+                (
+                    "DATABASE_URL",
+                    "postgres://stagecraft:pw@postgres:5432/stagecraft",
+                ),
+                ("POSTGRES_PASSWORD", "pw"),
+            ],
+        );
+        assert!(ok, "{file}: {config}");
+        let postgres = service_block(&config, "postgres");
+        assert!(postgres.contains("pg_isready"), "{file}:\n{postgres}");
+        for service in ["api", "worker", "awo-worker"] {
+            let block = service_block(&config, service);
+            for needed in ["QUEUE_BACKEND: postgres", "DATABASE_URL: postgres://"] {
+                assert!(block.contains(needed), "{file}: {service} lacks {needed}");
+            }
+        }
+    }
+}
+
 #[test]
 fn compose_files_are_valid_with_the_awo_profile_and_a_scalable_worker() {
     for file in [
