@@ -4,7 +4,8 @@
 //!
 //! Sizes: BENCH_RUNS (SQLite drain, default 5000), BENCH_REDIS_RUNS (Redis drain, 20000),
 //! BENCH_SUBMITS (HTTP submits, 10000), BENCH_LATENCY_RUNS (200), BENCH_REPEATS (3).
-//! BENCH_ONLY=sqlite|redis runs one backend, BENCH_ONLY=redis-drain only the Redis drain;
+//! BENCH_ONLY=sqlite|redis|postgres runs one backend (postgres: BENCH_PG_RUNS, 20000, on a
+//! `postgres` the bench starts as the tests do), BENCH_ONLY=redis-drain only the Redis drain;
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
 //! BENCH_ONLY=streams measures only submissions beside open event streams (BENCH_STREAMS, 500;
 //! BENCH_STREAM_SUBMITS, 3000) on both stores. BENCH_ONLY=list measures only the run list with
@@ -46,13 +47,16 @@ use stagecraft::{
     config::{ProviderMode, sqlite_url_for},
     ids::{RunId, WorkerId},
     store::{
-        NewRun, RunKind, RunStatus, RunStore, StageCheckpoint, StageStatus, redis::RedisStore,
-        sqlite::SqliteStore,
+        NewRun, RunKind, RunStatus, RunStore, StageCheckpoint, StageStatus,
+        postgres::PostgresStore, redis::RedisStore, sqlite::SqliteStore,
     },
 };
 
 #[path = "engine/list.rs"]
 mod list;
+/// The tests' PostgreSQL server: one per bench run, a fresh database per deployment.
+#[path = "../tests/it/support/postgres.rs"]
+mod pg_server;
 #[path = "engine/scale.rs"]
 mod scale;
 
@@ -122,6 +126,7 @@ async fn redis_cpu_seconds(server: &RedisServer) -> f64 {
 enum Backend {
     Sqlite,
     Redis,
+    Postgres,
 }
 
 /// A local redis-server for the Redis section.
@@ -172,6 +177,8 @@ impl Drop for RedisServer {
 
 struct Deployment {
     _dir: tempfile::TempDir,
+    /// Drops a PostgreSQL deployment's database with it.
+    _database: Option<Box<dyn std::any::Any + Send>>,
     store: Arc<dyn RunStore>,
     env: Vec<(String, String)>,
     children: Vec<Child>,
@@ -192,6 +199,7 @@ impl Deployment {
             ("PORT".to_owned(), "0".to_owned()),
             ("LOG_LEVEL".to_owned(), "warn".to_owned()),
         ];
+        let mut database = None;
         let store: Arc<dyn RunStore> = match backend {
             Backend::Sqlite => {
                 let url = sqlite_url_for(&dir.path().join("data/stagecraft.db"));
@@ -213,9 +221,21 @@ impl Deployment {
                         .expect("redis"),
                 )
             }
+            Backend::Postgres => {
+                let (url, guard) = pg_server::fresh_database().await;
+                database = Some(guard);
+                env.push(("QUEUE_BACKEND".to_owned(), "postgres".to_owned()));
+                env.push(("DATABASE_URL".to_owned(), url.clone()));
+                Arc::new(
+                    PostgresStore::open(&url, Arc::new(SystemClock))
+                        .await
+                        .expect("postgres"),
+                )
+            }
         };
         Self {
             _dir: dir,
+            _database: database,
             store,
             env,
             children: Vec::new(),
@@ -736,6 +756,7 @@ async fn streams_rows(
                 match backend {
                     Backend::Sqlite => "SQLite",
                     Backend::Redis => "Redis",
+                    Backend::Postgres => "PostgreSQL",
                 }
             ),
             format!(
@@ -794,6 +815,76 @@ async fn sqlite_section(repeats: usize) {
         ),
     );
     print_table(&format!("SQLite backend (medians of {repeats})"), &rows);
+}
+
+/// The PostgreSQL store: drains with one and two workers, submissions, pickup at a steady
+/// rate, and recovery, on one `postgres` (`BENCH_PG_RUNS`, default 20,000 runs per drain).
+async fn postgres_section(repeats: usize) {
+    let runs = env_number("BENCH_PG_RUNS", 20_000);
+    let submits = env_number("BENCH_SUBMITS", 10_000);
+    let mut rows = BTreeMap::new();
+    for (row, workers) in [(0, 1), (1, 2)] {
+        let mut rates = Vec::new();
+        for _ in 0..repeats {
+            rates.push(drain(Backend::Postgres, None, runs, workers).await.rate);
+        }
+        eprintln!("postgres drain with {workers} worker(s): {rates:.0?} runs/s");
+        rows.insert(
+            row,
+            (
+                format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"),
+                format!("{:.0} runs/s", median(&mut rates)),
+            ),
+        );
+    }
+    let (mut rates, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (rate, p50, p99, _) = submit_load(Backend::Postgres, None, submits, 64).await;
+        rates.push(rate);
+        p50s.push(p50);
+        p99s.push(p99);
+    }
+    rows.insert(
+        2,
+        (
+            format!("submit through the API, {submits} POSTs, 64 connections"),
+            format!(
+                "{:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms",
+                median(&mut rates),
+                median(&mut p50s),
+                median(&mut p99s)
+            ),
+        ),
+    );
+    let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
+    for _ in 0..repeats {
+        let (p50, p99, _) = start_latency(Backend::Postgres, None, 1000, 200.0).await;
+        p50s.push(p50);
+        p99s.push(p99);
+    }
+    rows.insert(
+        3,
+        (
+            "submit → stage start at 200 runs/s, 1000 runs".to_owned(),
+            format!(
+                "p50 {:.1} ms, p99 {:.1} ms",
+                median(&mut p50s),
+                median(&mut p99s)
+            ),
+        ),
+    );
+    let mut recoveries = Vec::new();
+    for _ in 0..repeats {
+        recoveries.push(recovery(Backend::Postgres, None).await);
+    }
+    rows.insert(
+        4,
+        (
+            "recovery: SIGKILL → stage restarts elsewhere (lease 10 s, sweep 5 s)".to_owned(),
+            format!("{:.1} s", median(&mut recoveries)),
+        ),
+    );
+    print_table(&format!("PostgreSQL backend (medians of {repeats})"), &rows);
 }
 
 async fn redis_section(repeats: usize, drain_only: bool) {
@@ -1030,6 +1121,9 @@ async fn main() {
     }
     if only.is_empty() || only == "list" {
         list::section().await;
+    }
+    if only.is_empty() || only == "postgres" {
+        postgres_section(repeats).await;
     }
     if only.is_empty() || only == "scale" {
         scale::section(repeats).await;
