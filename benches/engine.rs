@@ -767,16 +767,19 @@ async fn streams_rows(
     );
 }
 
-async fn sqlite_section(repeats: usize) {
-    let runs = env_number("BENCH_RUNS", 5000);
-    let latency_runs = env_number("BENCH_LATENCY_RUNS", 200);
-    let mut rows = BTreeMap::new();
+/// Rows 0 and 1: the drain of `runs` queued noop runs by one and by two worker processes.
+async fn drain_rows(
+    rows: &mut BTreeMap<usize, (String, String)>,
+    backend: Backend,
+    runs: usize,
+    repeats: usize,
+) {
     for (row, workers) in [(0, 1), (1, 2)] {
         let mut rates = Vec::new();
         for _ in 0..repeats {
-            rates.push(drain(Backend::Sqlite, None, runs, workers).await.rate);
+            rates.push(drain(backend, None, runs, workers).await.rate);
         }
-        eprintln!("sqlite drain with {workers} worker(s): {rates:.0?} runs/s");
+        eprintln!("drain with {workers} worker(s): {rates:.0?} runs/s");
         rows.insert(
             row,
             (
@@ -785,6 +788,13 @@ async fn sqlite_section(repeats: usize) {
             ),
         );
     }
+}
+
+async fn sqlite_section(repeats: usize) {
+    let runs = env_number("BENCH_RUNS", 5000);
+    let latency_runs = env_number("BENCH_LATENCY_RUNS", 200);
+    let mut rows = BTreeMap::new();
+    drain_rows(&mut rows, Backend::Sqlite, runs, repeats).await;
     streams_rows(&mut rows, 10, Backend::Sqlite, None, repeats).await;
     let (p50, p99, _) = start_latency(Backend::Sqlite, None, latency_runs, 20.0).await;
     rows.insert(
@@ -823,20 +833,7 @@ async fn postgres_section(repeats: usize) {
     let runs = env_number("BENCH_PG_RUNS", 20_000);
     let submits = env_number("BENCH_SUBMITS", 10_000);
     let mut rows = BTreeMap::new();
-    for (row, workers) in [(0, 1), (1, 2)] {
-        let mut rates = Vec::new();
-        for _ in 0..repeats {
-            rates.push(drain(Backend::Postgres, None, runs, workers).await.rate);
-        }
-        eprintln!("postgres drain with {workers} worker(s): {rates:.0?} runs/s");
-        rows.insert(
-            row,
-            (
-                format!("drain, {runs} queued noop runs, {workers} worker process(es) × 16"),
-                format!("{:.0} runs/s", median(&mut rates)),
-            ),
-        );
-    }
+    drain_rows(&mut rows, Backend::Postgres, runs, repeats).await;
     let (mut rates, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
         let (rate, p50, p99, _) = submit_load(Backend::Postgres, None, submits, 64).await;
