@@ -14,12 +14,7 @@ async fn a_submitted_run_completes_with_the_status_document_of_the_spec(backend:
     assert_eq!(status, 200);
     assert_eq!(health["status"], "healthy");
     assert_eq!(health["mode"], "mock");
-    let expected = match backend {
-        Backend::Sqlite => "sqlite",
-        Backend::Redis => "redis",
-        Backend::Postgres => "postgres",
-    };
-    assert_eq!(health["backend"], expected);
+    assert_eq!(health["backend"], backend.name());
 
     let id = app
         .submit_demo(json!({"sleep_ms": 30, "steps": 2, "cost_usd": 0.25}))

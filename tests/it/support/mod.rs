@@ -31,6 +31,17 @@ pub enum Backend {
     Postgres,
 }
 
+impl Backend {
+    /// The name `/health` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Redis => "redis",
+            Self::Postgres => "postgres",
+        }
+    }
+}
+
 /// One `redis-server` per test binary, on a free loopback port, in a temporary directory. A
 /// watchdog shell stops it when the test binary exits.
 pub struct SharedRedis {
