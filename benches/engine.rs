@@ -132,16 +132,24 @@ enum Backend {
 /// A local redis-server for the Redis section.
 struct RedisServer {
     child: Child,
+    port: u16,
     url: String,
 }
 
 impl RedisServer {
     fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// A server with extra command-line settings (`--replicaof …`), answering before this
+    /// returns.
+    fn start_with(dir: &Path, extra: &[&str]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
             .expect("addr")
             .port();
+        std::fs::create_dir_all(dir).expect("redis dir");
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -153,7 +161,9 @@ impl RedisServer {
                 "--appendonly",
                 "no",
             ])
-            .args(["--maxmemory-policy", "noeviction", "--dir"])
+            .args(["--maxmemory-policy", "noeviction"])
+            .args(extra)
+            .arg("--dir")
             .arg(dir)
             .stdout(Stdio::null())
             .spawn()
@@ -163,7 +173,24 @@ impl RedisServer {
         }
         Self {
             child,
+            port,
             url: format!("redis://127.0.0.1:{port}/0"),
+        }
+    }
+
+    /// A replica of this server, in sync before this returns.
+    fn replica(&self, dir: &Path) -> Self {
+        let primary = self.port.to_string();
+        let replica = Self::start_with(dir, &["--replicaof", "127.0.0.1", &primary]);
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &replica.port.to_string(), "INFO", "replication"])
+                .output()
+                .expect("redis-cli");
+            if String::from_utf8_lossy(&info.stdout).contains("master_link_status:up") {
+                return replica;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 }

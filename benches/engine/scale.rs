@@ -43,47 +43,6 @@ fn wait_listening(port: u16) {
     }
 }
 
-/// A replica of `primary`, in sync before this returns.
-fn replica(primary: &RedisServer, dir: &Path) -> Server {
-    std::fs::create_dir_all(dir).expect("replica dir");
-    let port = free_port();
-    let primary_port = primary.url.rsplit(':').next().unwrap_or_default();
-    let primary_port = primary_port.split('/').next().unwrap_or_default();
-    let child = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ])
-        .args([
-            "--appendonly",
-            "no",
-            "--replicaof",
-            "127.0.0.1",
-            primary_port,
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    wait_listening(port);
-    loop {
-        let info = Command::new("redis-cli")
-            .args(["-p", &port.to_string(), "INFO", "replication"])
-            .output()
-            .expect("redis-cli");
-        if String::from_utf8_lossy(&info.stdout).contains("master_link_status:up") {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Server(child)
-}
-
 /// Runs/s of one worker through `runs` queued noop runs, with `durable_acks` replicas awaited.
 async fn drain(redis: &RedisServer, runs: usize, durable_acks: u32) -> f64 {
     let mut deployment = Deployment::new(Backend::Redis, Some(redis)).await;
@@ -179,7 +138,7 @@ async fn studio_run(redis: &RedisServer, endpoint: Option<&str>) -> f64 {
 pub async fn section(repeats: usize) {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = RedisServer::start(dir.path());
-    let _replica = replica(&redis, &dir.path().join("replica"));
+    let _replica = redis.replica(&dir.path().join("replica"));
     let runs = env_number("BENCH_REDIS_RUNS", 20_000);
     let (mut plain, mut durable, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {

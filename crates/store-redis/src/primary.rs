@@ -155,14 +155,11 @@ impl Primary {
         self.current().epoch.saturating_mul(1 << 32)
     }
 
-    /// Tells the follower a command failed in a way a moved primary would explain.
+    /// Tells the follower a command failed in a way a moved primary would explain (an
+    /// unreachable server, or one that is no longer the primary: `store_error` counts
+    /// `READONLY` and `NOREPLICAS` answers as unavailable).
     pub(crate) fn suspect(&self, error: &StoreError) {
-        let moved = match error {
-            StoreError::Unavailable(_) => true,
-            StoreError::Redis(text) => text.contains("READONLY"),
-            _ => false,
-        };
-        if moved && self.sentinel.is_some() {
+        if matches!(error, StoreError::Unavailable(_)) && self.sentinel.is_some() {
             self.nudge.notify_one();
         }
     }
