@@ -15,7 +15,7 @@ use crate::{
     store::{
         Actor, Claimed, FromStage, Lease, NewRun, Progress, ProviderMode, ResumeChanges,
         ReusableCheckpoint, RunError, RunFilter, RunKind, RunPage, RunStatus, SharedStore,
-        StageCheckpoint, StageOutcome, StageStatus, StepRecord, StoreError, WorkerInfo,
+        StageCheckpoint, StageOutcome, StageStatus, StepRecord, StoreError, WorkerInfo, kernel,
     },
 };
 
@@ -46,6 +46,8 @@ macro_rules! store_conformance {
             a_run_swept_while_a_cancel_was_requested_is_cancelled,
             finished_runs_past_retention_are_purged,
             events_page_in_order_and_positions_say_where_they_end,
+            the_events_written_are_the_kernels,
+            a_claim_over_several_queues_takes_the_earliest_due_first,
             the_listing_filters_and_pages_newest_first,
             a_reusable_checkpoint_is_found_while_its_run_exists,
             workers_are_listed_while_they_beat,
@@ -766,6 +768,101 @@ pub async fn events_page_in_order_and_positions_say_where_they_end(store: &Share
     assert_eq!(positions[0].run_id, id);
     assert!(positions[0].finished);
     assert_eq!(positions[0].last_event_seq, all[all.len() - 1].seq);
+}
+
+/// Every store writes the kernel's events, whatever builds them (a store that fills in what
+/// only it knows, the attempt number or the fence, must write what the kernel would).
+pub async fn the_events_written_are_the_kernels(store: &SharedStore) {
+    let id = submit(store, &["first", "second"]).await;
+    let claimed = claim_one(store, Duration::from_secs(30)).await;
+    let (stage, attempt) = start(store, &claimed).await;
+    let commit = checkpoint(None);
+    store
+        .commit_stage(&claimed.lease, stage, commit.clone())
+        .await
+        .expect("commit");
+    let second = store
+        .start_stage(&claimed.lease, stage + 1)
+        .await
+        .expect("start the second stage");
+    let last = StageCheckpoint {
+        cost_usd: Usd::from_micros(1_500),
+        artifacts: vec!["cut.mp4".to_owned()],
+        ..checkpoint(Some(json!({"answer": 42})))
+    };
+    store
+        .commit_stage(&claimed.lease, stage + 1, last.clone())
+        .await
+        .expect("commit the last stage");
+    let on = |stage: &str, event: kernel::Event| {
+        let named = event.on_stage.then(|| stage.to_owned());
+        (event.kind, named, event.data)
+    };
+    let mut expected = vec![
+        on("", kernel::queued(QUEUE)),
+        on(
+            "",
+            kernel::run_started(claimed.lease.worker.as_str(), claimed.lease.fence),
+        ),
+        on("first", kernel::stage_started(attempt)),
+    ];
+    expected.extend(
+        kernel::commit(&commit)
+            .events
+            .into_iter()
+            .map(|e| on("first", e)),
+    );
+    expected.push(on("second", kernel::stage_started(second)));
+    expected.extend(
+        kernel::commit(&last)
+            .events
+            .into_iter()
+            .map(|e| on("second", e)),
+    );
+    let written: Vec<_> = store
+        .events_after(id, 0, 100)
+        .await
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.kind, e.stage, e.data))
+        .collect();
+    assert_eq!(written, expected);
+}
+
+/// A worker of several queues takes their due runs in order of due time across them.
+pub async fn a_claim_over_several_queues_takes_the_earliest_due_first(store: &SharedStore) {
+    let mut ids = Vec::new();
+    for queue in ["b", "a", "b", "c", "a"] {
+        let run = store
+            .insert_run(workflow_run("noop", queue, &["only"]))
+            .await
+            .expect("insert")
+            .0;
+        ids.push(run.id);
+        // Due times a millisecond apart at least: the order is the submissions'.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let queues = ["a".to_owned(), "b".to_owned()];
+    let mut taken = Vec::new();
+    for _ in 0..3 {
+        let claimed = store
+            .claim(&queues, &worker(), Duration::from_secs(30), 2)
+            .await
+            .expect("claim");
+        taken.push(claimed.iter().map(|c| c.run.id).collect::<Vec<_>>());
+    }
+    let expected = [vec![ids[0], ids[1]], vec![ids[2], ids[4]], vec![]];
+    for (got, want) in taken.iter().zip(&expected) {
+        let (mut got, mut want) = (got.clone(), want.clone());
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "claims of {taken:?}");
+    }
+    assert_eq!(
+        status(store, ids[3]).await,
+        RunStatus::Queued,
+        "queue c is not asked for"
+    );
 }
 
 pub async fn the_listing_filters_and_pages_newest_first(store: &SharedStore) {

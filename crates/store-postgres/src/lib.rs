@@ -56,7 +56,7 @@ use tokio::time::Instant;
 
 use stagecraft_core::{
     clock::{Millis, SharedClock},
-    ids::{RunId, WorkerId},
+    ids::{FenceToken, RunId, WorkerId},
     money::Usd,
     store::{
         self as core_store, Actor, Claimed, FromStage, Lease, NewRun, Progress, QueueDepth,
@@ -89,13 +89,14 @@ const MAX_DRAINED: usize = 1024;
 
 /// Whether a database error's SQLSTATE means the server cannot serve now, and the same request
 /// may succeed shortly: connection exceptions (class 08), too many connections, a server
-/// shutting down or starting up, and the serialization failures and deadlocks PostgreSQL
-/// resolves by aborting one transaction.
+/// shutting down or starting up, a standby that does not accept writes (yet: during a
+/// failover, the address may reach it before its promotion), and the serialization failures
+/// and deadlocks PostgreSQL resolves by aborting one transaction.
 fn transient(sqlstate: &str) -> bool {
     sqlstate.starts_with("08")
         || matches!(
             sqlstate,
-            "53300" | "57P01" | "57P02" | "57P03" | "40001" | "40P01"
+            "53300" | "57P01" | "57P02" | "57P03" | "25006" | "40001" | "40P01"
         )
 }
 
@@ -247,6 +248,46 @@ impl PostgresStore {
     }
 }
 
+/// The kernel's events as the columns of an `UNNEST`: kinds, whether each is about the stage
+/// the change is on, and their data.
+struct EventColumns {
+    kinds: Vec<String>,
+    on_stage: Vec<bool>,
+    data: Vec<String>,
+}
+
+impl EventColumns {
+    fn of(events: &[kernel::Event]) -> Self {
+        Self {
+            kinds: events.iter().map(|e| e.kind.as_str().to_owned()).collect(),
+            on_stage: events.iter().map(|e| e.on_stage).collect(),
+            data: events.iter().map(|e| e.data.to_string()).collect(),
+        }
+    }
+}
+
+impl PostgresStore {
+    /// Why a fenced single-statement write matched nothing: the lease is not current, or (an
+    /// engine defect) the run has no such stage.
+    async fn refused(&self, lease: &Lease, stage: usize) -> StoreError {
+        let stageless = sqlx::query(
+            "SELECT 1 FROM runs WHERE id = $1 \
+             AND NOT EXISTS (SELECT 1 FROM stages WHERE run_id = $1 AND idx = $2)",
+        )
+        .bind(lease.run_id.to_string())
+        .bind(stage as i64)
+        .fetch_optional(&self.pool)
+        .await;
+        match stageless {
+            Ok(Some(_)) => {
+                StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
+            }
+            Ok(None) => fence_rejected(lease),
+            Err(error) => store_error(error),
+        }
+    }
+}
+
 /// Appends one of the kernel's events; `stage` is the name of the stage the change is about,
 /// which the event names when it is on that stage.
 async fn insert_event(
@@ -265,37 +306,6 @@ async fn insert_event(
         .execute(conn)
         .await
         .db()?;
-    Ok(())
-}
-
-/// The `run_started` events of runs just claimed, in one statement.
-async fn record_run_started(
-    conn: &mut PgConnection,
-    runs: &[RunRecord],
-    worker: &WorkerId,
-    now: Millis,
-) -> StoreResult<()> {
-    let mut ids = Vec::with_capacity(runs.len());
-    let mut kinds = Vec::with_capacity(runs.len());
-    let mut data = Vec::with_capacity(runs.len());
-    for run in runs {
-        let event = kernel::run_started(worker.as_str(), run.fence);
-        ids.push(run.id.to_string());
-        kinds.push(event.kind.as_str().to_owned());
-        data.push(event.data.to_string());
-    }
-    sqlx::query(
-        "INSERT INTO events (run_id, at, kind, stage, data) \
-         SELECT started.run_id, $1, started.kind, NULL, started.data \
-         FROM UNNEST($2::text[], $3::text[], $4::text[]) AS started (run_id, kind, data)",
-    )
-    .bind(now)
-    .bind(ids)
-    .bind(kinds)
-    .bind(data)
-    .execute(conn)
-    .await
-    .db()?;
     Ok(())
 }
 
@@ -1038,39 +1048,54 @@ impl PostgresStore {
         if max == 0 || queues.is_empty() {
             return Ok(Vec::new());
         }
-        let mut tx = self.begin().await?;
         // The lease runs from now, after the wait for a connection, never from before it.
         let now = self.now();
-        // Due runs are locked as they are chosen; runs another claimer (or any write) holds
-        // are skipped, and a run claimed since this statement's snapshot no longer matches
-        // once locked (read committed re-checks the row), so no run is claimed twice.
+        // One statement: due runs are locked as they are chosen, the first of each queue in
+        // order of due time from the index of waiting runs (runs another claimer or any write
+        // holds are skipped, and a run claimed since this statement's snapshot no longer
+        // matches once locked: read committed re-checks the row, so no run is claimed twice),
+        // leased with a fence one higher, and each gets the kernel's `run_started` event (its
+        // data, `{"worker", "fence"}`, built here because only the database knows the fence).
         let rows = sqlx::query(concat!(
-            "WITH due AS (SELECT id AS due_id FROM runs \
-             WHERE status IN ('queued', 'retrying') AND available_at <= $3 AND queue = ANY($4) \
-             ORDER BY available_at, id LIMIT $5 FOR NO KEY UPDATE SKIP LOCKED) \
-             UPDATE runs SET status = 'running', lease_owner = $1, worker = $1, lease_expires_at = $2, \
-             fence = fence + 1, updated_at = $3 FROM due WHERE runs.id = due.due_id RETURNING ",
-            run_columns!()
+            "WITH due AS (SELECT waiting.id AS due_id FROM UNNEST($4::text[]) AS wanted (queue), \
+             LATERAL (SELECT id, available_at FROM runs WHERE queue = wanted.queue \
+             AND status IN ('queued', 'retrying') AND available_at <= $3 \
+             ORDER BY available_at, id LIMIT $5 FOR NO KEY UPDATE SKIP LOCKED) AS waiting \
+             ORDER BY waiting.available_at, waiting.id LIMIT $5), \
+             claimed AS (UPDATE runs SET status = 'running', lease_owner = $1, worker = $1, \
+             lease_expires_at = $2, fence = fence + 1, updated_at = $3 \
+             FROM due WHERE runs.id = due.due_id RETURNING runs.*), \
+             logged AS (INSERT INTO events (run_id, at, kind, stage, data) \
+             SELECT claimed.id, $3, $6, NULL, \
+             jsonb_build_object('worker', $1::text, 'fence', claimed.fence)::text FROM claimed) \
+             SELECT ",
+            run_columns!(),
+            " FROM claimed"
         ))
         .bind(worker.as_str())
         .bind(now.saturating_add(millis(ttl)))
         .bind(now)
         .bind(queues)
         .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .fetch_all(&mut *tx)
+        .bind(
+            kernel::run_started(worker.as_str(), FenceToken(0))
+                .kind
+                .as_str(),
+        )
+        .fetch_all(&self.pool)
         .await
         .db()?;
         if rows.is_empty() {
-            let _ = tx.rollback().await;
             return Ok(Vec::new());
         }
+        // Claimed and committed: a row that cannot be read is recovered as a crashed worker's
+        // run is, when its lease expires.
         let mut runs = rows
             .iter()
             .map(run_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        record_run_started(&mut tx, &runs, worker, now).await?;
-        let mut stages_by_run = stages_of(&mut tx, &runs).await?;
-        tx.commit().await.db()?;
+        // The stages cannot change under the new leases (every write to them is fenced).
+        let mut stages_by_run = stages_of(&mut *self.pool.acquire().await.db()?, &runs).await?;
         runs.sort_by_key(|run| run.id);
         let claimed = runs
             .into_iter()
@@ -1093,50 +1118,37 @@ impl PostgresStore {
     }
 
     async fn start_stage_now(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
-        let now = self.now();
-        let mut tx = self.begin().await?;
-        // The fence check and the run's own change in one statement.
-        let fenced = sqlx::query(
-            "UPDATE runs SET status = 'running', updated_at = $1, \
+        // One statement, so one round trip and one commit: the fence check (which locks the
+        // run's row), the run's and the stage's change, and the kernel's `stage_started` event
+        // (its data, `{"attempt": n}`, is built here because only the database knows `n`).
+        let row = sqlx::query(
+            "WITH fenced AS (UPDATE runs SET status = 'running', updated_at = $1, \
              current_stage = (SELECT name FROM stages WHERE run_id = $2 AND idx = $3) \
-             WHERE id = $2 AND fence = $4 AND lease_owner = $5",
+             WHERE id = $2 AND fence = $4 AND lease_owner = $5 \
+             AND EXISTS (SELECT 1 FROM stages WHERE run_id = $2 AND idx = $3) RETURNING id), \
+             started AS (UPDATE stages SET status = $6, attempts = attempts + 1, started_at = $1, \
+             finished_at = NULL, error = NULL, next_attempt_at = NULL \
+             FROM fenced WHERE stages.run_id = fenced.id AND stages.idx = $3 \
+             RETURNING stages.attempts, stages.name), \
+             logged AS (INSERT INTO events (run_id, at, kind, stage, data) \
+             SELECT $2, $1, $7, started.name, jsonb_build_object('attempt', started.attempts)::text \
+             FROM started) \
+             SELECT attempts FROM started",
         )
-        .bind(now)
+        .bind(self.now())
         .bind(lease.run_id.to_string())
         .bind(stage as i64)
         .bind(lease.fence.0)
         .bind(lease.worker.as_str())
-        .execute(&mut *tx)
-        .await
-        .db()?
-        .rows_affected();
-        if fenced != 1 {
-            return Err(refuse(tx, lease).await);
-        }
-        let row = sqlx::query(
-            "UPDATE stages SET status = $1, attempts = attempts + 1, started_at = $2, finished_at = NULL, \
-             error = NULL, next_attempt_at = NULL WHERE run_id = $3 AND idx = $4 RETURNING attempts, name",
-        )
         .bind(StageStatus::Running.as_str())
-        .bind(now)
-        .bind(lease.run_id.to_string())
-        .bind(stage as i64)
-        .fetch_optional(&mut *tx)
+        .bind(kernel::stage_started(0).kind.as_str())
+        .fetch_optional(&self.pool)
         .await
-        .db()?
-        .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?;
-        let attempt = count(row.try_get("attempts").db()?, "stage attempts")?;
-        let name: String = row.try_get("name").db()?;
-        insert_event(
-            &mut tx,
-            lease.run_id,
-            now,
-            &kernel::stage_started(attempt),
-            Some(&name),
-        )
-        .await?;
-        tx.commit().await.db()?;
-        Ok(attempt)
+        .db()?;
+        let Some(row) = row else {
+            return Err(self.refused(lease, stage).await);
+        };
+        count(row.try_get("attempts").db()?, "stage attempts")
     }
 
     async fn record_step_now(
@@ -1206,12 +1218,13 @@ impl PostgresStore {
         stage: usize,
         checkpoint: StageCheckpoint,
     ) -> StoreResult<()> {
-        let now = self.now();
         let commit = kernel::commit(&checkpoint);
-        let mut tx = self.begin().await?;
-        // The fence check, the run's cost and (when it completes) its end: one statement.
-        let fenced = sqlx::query(
-            "UPDATE runs SET updated_at = $1, cost_micros = cost_micros + $2, \
+        let events = EventColumns::of(&commit.events);
+        // One statement, so one round trip and one commit: the fence check (which locks the
+        // run's row), the run's cost and (when it completes) its end, the stage's checkpoint,
+        // and the kernel's events in their order.
+        let row = sqlx::query(
+            "WITH fenced AS (UPDATE runs SET updated_at = $1, cost_micros = cost_micros + $2, \
              status = CASE WHEN $7 THEN $8 ELSE status END, \
              result = CASE WHEN $7 THEN $3 ELSE result END, \
              error = CASE WHEN $7 THEN NULL ELSE error END, \
@@ -1219,9 +1232,19 @@ impl PostgresStore {
              current_stage = CASE WHEN $7 THEN NULL ELSE current_stage END, \
              lease_owner = CASE WHEN $7 THEN NULL ELSE lease_owner END, \
              lease_expires_at = CASE WHEN $7 THEN NULL ELSE lease_expires_at END \
-             WHERE id = $4 AND fence = $5 AND lease_owner = $6",
+             WHERE id = $4 AND fence = $5 AND lease_owner = $6 \
+             AND EXISTS (SELECT 1 FROM stages WHERE run_id = $4 AND idx = $10) RETURNING id), \
+             committed AS (UPDATE stages SET status = $9, finished_at = $1, output = $11, \
+             artifacts = $12, cost_micros = cost_micros + $2, error = NULL, next_attempt_at = NULL, \
+             reused_from = $13 FROM fenced WHERE stages.run_id = fenced.id AND stages.idx = $10 \
+             RETURNING stages.name), \
+             logged AS (INSERT INTO events (run_id, at, kind, stage, data) \
+             SELECT $4, $1, event.kind, CASE WHEN event.on_stage THEN committed.name END, event.data \
+             FROM committed, UNNEST($14::text[], $15::bool[], $16::text[]) WITH ORDINALITY \
+             AS event (kind, on_stage, data, n) ORDER BY event.n) \
+             SELECT name FROM committed",
         )
-        .bind(now)
+        .bind(self.now())
         .bind(checkpoint.cost_usd.micros())
         .bind(checkpoint.run_result.as_ref().map(Value::to_string))
         .bind(lease.run_id.to_string())
@@ -1229,36 +1252,20 @@ impl PostgresStore {
         .bind(lease.worker.as_str())
         .bind(commit.completes_run)
         .bind(RunStatus::Completed.as_str())
-        .execute(&mut *tx)
-        .await
-        .db()?
-        .rows_affected();
-        if fenced != 1 {
-            return Err(refuse(tx, lease).await);
-        }
-        let name: String = sqlx::query(
-            "UPDATE stages SET status = $1, finished_at = $2, output = $3, artifacts = $4, \
-             cost_micros = cost_micros + $5, error = NULL, next_attempt_at = NULL, reused_from = $6 \
-             WHERE run_id = $7 AND idx = $8 RETURNING name",
-        )
         .bind(StageStatus::Completed.as_str())
-        .bind(now)
+        .bind(stage as i64)
         .bind(checkpoint.output.to_string())
         .bind(json_text(&checkpoint.artifacts))
-        .bind(checkpoint.cost_usd.micros())
         .bind(checkpoint.reused_from.map(|id| id.to_string()))
-        .bind(lease.run_id.to_string())
-        .bind(stage as i64)
-        .fetch_optional(&mut *tx)
+        .bind(events.kinds)
+        .bind(events.on_stage)
+        .bind(events.data)
+        .fetch_optional(&self.pool)
         .await
-        .db()?
-        .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
-        .try_get("name")
         .db()?;
-        for event in &commit.events {
-            insert_event(&mut tx, lease.run_id, now, event, Some(&name)).await?;
+        if row.is_none() {
+            return Err(self.refused(lease, stage).await);
         }
-        tx.commit().await.db()?;
         Ok(())
     }
 
@@ -1496,14 +1503,14 @@ impl PostgresStore {
             return Ok(Vec::new());
         }
         let mut tx = self.begin().await?;
-        // Bounded (SWEEP_BATCH); runs another sweeper (or a heartbeat) holds are skipped, and
+        // Bounded (SWEEP_BATCH), from the index of running runs (hence the literal status);
+        // runs another sweeper (or a heartbeat) holds are skipped, and
         // one whose lease was extended since the snapshot no longer matches once locked.
         let expired = sqlx::query(
             "SELECT id, queue, worker, cancel_requested FROM runs \
-             WHERE status = $1 AND lease_expires_at < $2 \
-             ORDER BY lease_expires_at LIMIT $3 FOR NO KEY UPDATE SKIP LOCKED",
+             WHERE status = 'running' AND lease_expires_at < $1 \
+             ORDER BY lease_expires_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
         )
-        .bind(RunStatus::Running.as_str())
         .bind(now)
         .bind(core_store::SWEEP_BATCH as i64)
         .fetch_all(&mut *tx)
@@ -1737,7 +1744,9 @@ mod tests {
             store_error(sqlx::Error::RowNotFound),
             StoreError::Database(_)
         ));
-        assert!(transient("08006") && transient("57P01") && transient("40P01"));
+        assert!(
+            transient("08006") && transient("57P01") && transient("40P01") && transient("25006")
+        );
         assert!(!transient("23505") && !transient("42P01"));
     }
 }
