@@ -6,6 +6,9 @@
 //! binary exits. `initdb` and `postgres` are looked for on `PATH`, then in
 //! `/usr/lib/postgresql/<version>/bin`. Each deployment or case gets a fresh database, dropped
 //! when its guard is.
+//!
+//! For failover tests: a [`PostgresPair`], a primary and its synchronous streaming standby, and
+//! a [`FrontDoor`], the address clients use, which a failover points at the promoted standby.
 
 #![allow(dead_code)]
 
@@ -72,9 +75,72 @@ fn is_root() -> bool {
         .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).trim() == "0")
 }
 
+/// Text as one word of a shell command.
+fn word(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "'\\''"))
+}
+
 /// A path as one word of a shell command.
 fn quoted(path: &Path) -> String {
-    format!("'{}'", path.display().to_string().replace('\'', "'\\''"))
+    word(&path.display().to_string())
+}
+
+/// A PostgreSQL program beside `initdb` (the same installation), else wherever it is found.
+fn tool(name: &str) -> PathBuf {
+    Some(binary("initdb").with_file_name(name))
+        .filter(|beside| beside.is_file())
+        .unwrap_or_else(|| binary(name))
+}
+
+/// `program`, run as the `postgres` user when the tests run as root.
+fn as_postgres(program: &Path, root: bool) -> Command {
+    if root {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// Gives `path` to the `postgres` user (the tests run as root, which PostgreSQL refuses).
+fn give_to_postgres(path: &Path) {
+    let given = Command::new("chown")
+        .arg("postgres:")
+        .arg(path)
+        .status()
+        .expect("chown could not be run");
+    assert!(
+        given.success(),
+        "{} could not be given to the postgres user (is there one?)",
+        path.display()
+    );
+}
+
+/// A new temporary directory, kept (a watchdog or a guard removes it), the `postgres` user's
+/// when the tests run as root.
+fn scratch_dir(prefix: &str, root: bool) -> PathBuf {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir")
+        .keep();
+    if root {
+        give_to_postgres(&dir);
+    }
+    dir
+}
+
+/// The settings of the servers no test crashes: nothing waits for a disk.
+const FAST: [&str; 4] = [
+    "fsync=off",
+    "synchronous_commit=off",
+    "full_page_writes=off",
+    "max_connections=300",
+];
+
+fn settings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|setting| (*setting).to_owned()).collect()
 }
 
 pub fn free_port() -> u16 {
@@ -88,14 +154,7 @@ pub fn free_port() -> u16 {
 /// PostgreSQL refuses to run as root).
 fn init_cluster(initdb: &Path, dir: &Path, root: bool) -> std::path::PathBuf {
     let data = dir.join("data");
-    let mut init = if root {
-        let mut command = Command::new("runuser");
-        command.args(["-u", "postgres", "--"]).arg(initdb);
-        command
-    } else {
-        Command::new(initdb)
-    };
-    let init = init
+    let init = as_postgres(initdb, root)
         .arg("-D")
         .arg(&data)
         .args([
@@ -129,61 +188,65 @@ pub struct PostgresServer {
     pub admin_url: String,
     pub port: u16,
     postgres: PathBuf,
+    /// Where its log and its socket are.
     dir: PathBuf,
     data: PathBuf,
     root: bool,
+    /// Its `-c` settings (besides `listen_addresses`).
+    settings: Vec<String>,
+    /// What the watchdog removes once the test binary has exited (`dir`, or a directory
+    /// holding it).
+    scratch: PathBuf,
 }
 
 impl PostgresServer {
     pub fn start() -> Self {
-        let initdb = binary("initdb");
-        let postgres = Some(initdb.with_file_name("postgres"))
-            .filter(|beside| beside.is_file())
-            .unwrap_or_else(|| binary("postgres"));
         let root = is_root();
-        let dir = tempfile::Builder::new()
-            .prefix("stagecraft-pg-")
-            .tempdir()
-            .expect("tempdir")
-            .keep();
-        if root {
-            let given = Command::new("chown")
-                .arg("postgres:")
-                .arg(&dir)
-                .status()
-                .expect("chown could not be run");
-            assert!(
-                given.success(),
-                "the temporary directory could not be given to the postgres user (is there one?)"
-            );
-        }
-        let data = init_cluster(&initdb, &dir, root);
-        let port = free_port();
-        let server = Self {
-            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-            port,
-            postgres,
-            dir,
-            data,
-            root,
-        };
+        let dir = scratch_dir("stagecraft-pg-", root);
+        let data = init_cluster(&binary("initdb"), &dir, root);
+        let server = Self::on(dir.clone(), data, dir, root, settings(&FAST));
         server.restart();
         server
     }
 
+    /// A server (not started) of the cluster in `data`, on a free port.
+    fn on(
+        dir: PathBuf,
+        data: PathBuf,
+        scratch: PathBuf,
+        root: bool,
+        settings: Vec<String>,
+    ) -> Self {
+        let port = free_port();
+        Self {
+            admin_url: format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            port,
+            postgres: tool("postgres"),
+            dir,
+            data,
+            root,
+            settings,
+            scratch,
+        }
+    }
+
     /// Starts the server (again) on its data and port, and waits until it accepts connections.
     pub fn restart(&self) {
-        let log = self.dir.join("postgres.log");
+        let log = self.log_path();
+        let settings: String = self
+            .settings
+            .iter()
+            .map(|setting| format!(" -c {}", word(setting)))
+            .collect();
         // Stopped (fast shutdown) once the test binary is gone; left with its log if it stopped
         // (or was stopped) while the tests ran.
         let script = format!(
-            "{run_as}{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1 \
-             -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 \
+            "{run_as}{postgres} -D {data} -p {port} -k {dir} -c listen_addresses=127.0.0.1{settings} \
              >>{log} 2>&1 & r=$!; \
              while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
              kill -0 {pid} 2>/dev/null && exit 0; \
              kill -INT $(head -n 1 {data}/postmaster.pid 2>/dev/null) 2>/dev/null; \
-             kill $r 2>/dev/null; wait $r; rm -rf {dir}",
+             kill $r 2>/dev/null; wait $r; rm -rf {scratch}",
             run_as = if self.root {
                 "runuser -u postgres -- "
             } else {
@@ -192,6 +255,7 @@ impl PostgresServer {
             postgres = quoted(&self.postgres),
             data = quoted(&self.data),
             dir = quoted(&self.dir),
+            scratch = quoted(&self.scratch),
             log = quoted(&log),
             port = self.port,
             pid = std::process::id(),
@@ -213,27 +277,342 @@ impl PostgresServer {
                 Instant::now() < deadline,
                 "postgres did not start on port {}:\n{}",
                 self.port,
-                std::fs::read_to_string(&log).unwrap_or_default()
+                self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    /// What the server has logged (for failure messages).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The process id in `postmaster.pid` (the last postmaster's, should it have died).
+    fn postmaster_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<i32>().ok())
+    }
+
+    fn accepts_connections(&self) -> bool {
+        std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+    }
+
     /// Stops the server as an operator's restart does (a fast shutdown: open connections are
     /// closed, nothing committed is lost) and waits until its port is closed.
     pub fn stop(&self) {
-        let pid = std::fs::read_to_string(self.data.join("postmaster.pid"))
-            .ok()
-            .and_then(|text| text.lines().next()?.trim().parse::<i32>().ok())
-            .expect("the postmaster's pid");
+        let pid = self.postmaster_pid().expect("the postmaster's pid");
         let _ = Command::new("kill")
             .args(["-INT", &pid.to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+        while self.accepts_connections() {
             assert!(Instant::now() < deadline, "postgres did not stop");
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// A fast shutdown of the server if it still accepts connections (a killed one is left
+    /// alone: its pid file names a dead process, whose number may be another's by now), waiting
+    /// a while for it to exit. Never panics: guards call it.
+    fn halt(&self) {
+        if !self.accepts_connections() {
+            return;
+        }
+        let Some(pid) = self.postmaster_pid() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-INT", &pid.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        // The postmaster removes its pid file last.
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while self.data.join("postmaster.pid").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The primary's settings: WAL for a standby, and no commit acknowledged before a standby has
+/// flushed it (`*`: whichever standby is connected is the synchronous one). `fsync` stays off:
+/// a SIGKILL loses nothing the kernel holds, and no test crashes the machine.
+const PRIMARY: [&str; 7] = [
+    "fsync=off",
+    "max_connections=300",
+    "wal_level=replica",
+    "max_wal_senders=4",
+    "max_replication_slots=4",
+    "synchronous_commit=on",
+    "synchronous_standby_names=*",
+];
+
+/// The standby's settings: read-only queries while it replays (as a managed standby), and, once
+/// promoted, commits that wait for nobody (it has no standby of its own).
+const STANDBY: [&str; 4] = [
+    "fsync=off",
+    "max_connections=300",
+    "hot_standby=on",
+    "synchronous_commit=on",
+];
+
+/// The name of the standby's replication slot on the primary.
+const SLOT: &str = "stagecraft_standby";
+
+/// A primary and its synchronous streaming standby (made by `pg_basebackup -R` from it), each a
+/// [`PostgresServer`] of a directory they share. A failover test kills the primary
+/// ([`Self::kill9_primary`]) and promotes the standby ([`Self::promote_standby`]): with
+/// synchronous commit, the standby has every commit the primary acknowledged. Dropping the pair
+/// stops what still runs and removes the directory.
+pub struct PostgresPair {
+    pub primary: PostgresServer,
+    pub standby: PostgresServer,
+    dir: PathBuf,
+}
+
+impl PostgresPair {
+    /// Starts both and waits until the standby streams as the synchronous one. Blocks its
+    /// thread while the clusters are made and started.
+    pub async fn start() -> Self {
+        let root = is_root();
+        let dir = scratch_dir("stagecraft-pg-pair-", root);
+        let node_dir = |name: &str| {
+            let node = dir.join(name);
+            std::fs::create_dir(&node).expect("a directory for a server of the pair");
+            if root {
+                give_to_postgres(&node);
+            }
+            node
+        };
+        let (primary_dir, standby_dir) = (node_dir("primary"), node_dir("standby"));
+        let data = init_cluster(&binary("initdb"), &primary_dir, root);
+        allow_replication(&data);
+        let primary = PostgresServer::on(primary_dir, data, dir.clone(), root, settings(&PRIMARY));
+        primary.restart();
+        let data = base_backup(&primary, &standby_dir);
+        let standby = PostgresServer::on(standby_dir, data, dir.clone(), root, settings(&STANDBY));
+        // From here on, dropping the pair (a failed assertion) stops both and removes `dir`.
+        let pair = Self {
+            primary,
+            standby,
+            dir,
+        };
+        pair.standby.restart();
+        pair.wait_synchronous().await;
+        pair
+    }
+
+    /// Waits until the primary names a streaming standby its synchronous one: until then every
+    /// commit on it waits.
+    pub async fn wait_synchronous(&self) {
+        let mut conn = admin(&self.primary.admin_url).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let synchronous: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_replication \
+                 WHERE state = 'streaming' AND sync_state = 'sync'",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_stat_replication is read on the primary");
+            if synchronous > 0 {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the standby did not become the primary's synchronous standby:\n{}",
+                self.standby.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = conn.close().await;
+    }
+
+    /// SIGKILLs the primary's postmaster and every process it started, as the crash of its
+    /// machine would (nothing shuts down, no client is told), and waits until its port is
+    /// closed.
+    pub fn kill9_primary(&self) {
+        let postmaster = self
+            .primary
+            .postmaster_pid()
+            .expect("the primary's postmaster pid");
+        // The postmaster first, so that it does not see its children die and react.
+        let mut doomed = vec![postmaster];
+        doomed.extend(children_of(postmaster));
+        let _ = Command::new("kill")
+            .arg("-9")
+            .args(doomed.iter().map(ToString::to_string))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.primary.accepts_connections() {
+            assert!(
+                Instant::now() < deadline,
+                "the primary still accepts connections after SIGKILL"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Promotes the standby (`pg_promote`, waiting for the end of recovery): it accepts writes
+    /// once this returns.
+    pub async fn promote_standby(&self) {
+        let mut conn = admin(&self.standby.admin_url).await;
+        let promoted: bool = sqlx::query_scalar("SELECT pg_promote(true, 60)")
+            .fetch_one(&mut conn)
+            .await
+            .expect("pg_promote is called on the standby");
+        assert!(
+            promoted,
+            "the standby was not promoted within 60 s:\n{}",
+            self.standby.log()
+        );
+        let _ = conn.close().await;
+    }
+}
+
+impl Drop for PostgresPair {
+    fn drop(&mut self) {
+        self.standby.halt();
+        self.primary.halt();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Lets standbys connect for replication from loopback (initdb's `trust` lines already do;
+/// this says so whatever initdb's template).
+fn allow_replication(data: &Path) {
+    use std::io::Write;
+    let mut hba = std::fs::OpenOptions::new()
+        .append(true)
+        .open(data.join("pg_hba.conf"))
+        .expect("the primary's pg_hba.conf opens");
+    writeln!(hba, "host replication all 127.0.0.1/32 trust").expect("pg_hba.conf is written");
+}
+
+/// A copy of `primary`'s cluster in `dir/data` by `pg_basebackup`, made its streaming standby
+/// (`-R`: `standby.signal` and `primary_conninfo`), on a replication slot of its own so that
+/// the primary keeps the WAL it has not received.
+fn base_backup(primary: &PostgresServer, dir: &Path) -> PathBuf {
+    let data = dir.join("data");
+    let port = primary.port.to_string();
+    let made = as_postgres(&tool("pg_basebackup"), primary.root)
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-D"])
+        .arg(&data)
+        .args(["-R", "-X", "stream", "-C", "-S", SLOT])
+        .args(["--checkpoint=fast", "--no-sync"])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("pg_basebackup could not be run");
+    assert!(
+        made.status.success(),
+        "pg_basebackup failed:\n{}{}\nthe primary's log:\n{}",
+        String::from_utf8_lossy(&made.stdout),
+        String::from_utf8_lossy(&made.stderr),
+        primary.log()
+    );
+    data
+}
+
+/// The processes whose parent is `parent` (from `/proc`).
+fn children_of(parent: i32) -> Vec<i32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+            // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+            let (_, after_comm) = stat.rsplit_once(')')?;
+            let ppid: i32 = after_comm.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent).then_some(pid)
+        })
+        .collect()
+}
+
+/// The address clients use for "the database", as a managed PostgreSQL's virtual IP or DNS
+/// name is: a TCP forwarder on a free loopback port to a server's port that a failover changes.
+/// [`Self::point_at`] closes every connection open through it (as the old primary's going away
+/// does) and sends new ones to the new port. Its tasks run on the runtime it was started on;
+/// dropping it closes it and its connections.
+pub struct FrontDoor {
+    pub port: u16,
+    target: tokio::sync::watch::Sender<u16>,
+}
+
+impl FrontDoor {
+    /// Forwards to `target` (a port of 127.0.0.1) until pointed elsewhere.
+    pub async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("the front door binds a loopback port");
+        let port = listener
+            .local_addr()
+            .expect("the front door's address")
+            .port();
+        let (sender, receiver) = tokio::sync::watch::channel(target);
+        tokio::spawn(admit(listener, receiver));
+        Self {
+            port,
+            target: sender,
+        }
+    }
+
+    /// Closes every open connection and forwards new ones to `port`.
+    pub fn point_at(&self, port: u16) {
+        self.target.send_replace(port);
+    }
+
+    /// The port new connections are forwarded to.
+    pub fn target(&self) -> u16 {
+        *self.target.borrow()
+    }
+
+    /// The `postgres` database through the front door, to create databases from.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+}
+
+/// Accepts connections until the front door is dropped; each is forwarded by a task of its own.
+async fn admit(listener: tokio::net::TcpListener, mut target: tokio::sync::watch::Receiver<u16>) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            changed = target.changed() => match changed {
+                // Pointed elsewhere: the connections' tasks see it too.
+                Ok(()) => continue,
+                // The front door was dropped.
+                Err(_) => return,
+            },
+        };
+        if let Ok((client, _)) = accepted {
+            tokio::spawn(carry(client, target.clone()));
+        }
+    }
+}
+
+/// Forwards one connection both ways to the current target until either side closes it or
+/// the front door is pointed elsewhere (or dropped); then both sockets are closed.
+async fn carry(mut client: tokio::net::TcpStream, mut target: tokio::sync::watch::Receiver<u16>) {
+    let port = *target.borrow_and_update();
+    let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        // Nobody listens there (a dead primary): the client sees its connection closed.
+        return;
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+        _ = target.changed() => {}
     }
 }
 
