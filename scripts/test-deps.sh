@@ -19,6 +19,8 @@ declare -A needed=(
   # The console's tests drive a headless Chromium over WebDriver.
   [chromium]=chromium
   [chromedriver]=chromium-driver
+  # The PostgreSQL store is tested behind a transaction-mode pooler too.
+  [pgbouncer]=pgbouncer
 )
 
 missing=()

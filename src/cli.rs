@@ -25,7 +25,7 @@ use crate::{
     shutdown,
     store::{
         SharedStore,
-        postgres::PostgresStore,
+        postgres::{PostgresOptions, PostgresStore},
         redis::{RedisOptions, RedisStore},
         sqlite::SqliteStore,
     },
@@ -273,9 +273,14 @@ async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
             Ok(Arc::new(opened))
         }
         BackendKind::Postgres => {
-            let url = &config.database_url;
-            let opened = retry_while_starting("PostgreSQL", &redact_url(url), || {
-                PostgresStore::open(url, Arc::new(SystemClock))
+            let options = PostgresOptions {
+                url: config.database_url.clone(),
+                mode: config.database_pool_mode,
+                direct_url: config.database_direct_url.clone(),
+            };
+            let shown = redact_url(&options.url);
+            let opened = retry_while_starting("PostgreSQL", &shown, || {
+                PostgresStore::connect(&options, Arc::new(SystemClock))
             })
             .await?;
             Ok(Arc::new(opened))

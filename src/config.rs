@@ -27,6 +27,8 @@
 //! | `REDIS_DURABLE_ACKS` | `0` | replicas that must have every state change before it is acknowledged (`WAIT`); cover every replica Sentinel may promote |
 //! | `REDIS_ACK_TIMEOUT_MS` | `2000` | how long a change waits for those replicas before it is answered as failed (503) |
 //! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file, or the PostgreSQL database (`postgres://user:password@host:5432/db`; its password is never logged) |
+//! | `DATABASE_POOL_MODE` | `session` | `transaction` when `DATABASE_URL` is a pooler in transaction mode (PgBouncer's `pool_mode = transaction`): statements unprepared, each in a transaction, no `LISTEN` through it |
+//! | `DATABASE_DIRECT_URL` | unset | with `DATABASE_POOL_MODE=transaction`: the database itself, for migrations and idle workers' `LISTEN` (unset: workers poll, and `stagecraft migrate` needs it) |
 //! | `HOST`, `PORT` | `127.0.0.1`, `8000` | where `serve` and `dev` listen (`PORT=0`: any free port) |
 //! | `WORKER_CONCURRENCY` | `4` | runs one worker process executes at once |
 //! | `WORKER_THREADS` | `1` | threads of a worker process's async runtime (`1`: one thread runs every run's stages, which wait on I/O) |
@@ -90,8 +92,11 @@ pub use stagecraft_store_sqlite::sqlite_url_for;
 pub use stagecraft_studio::settings::{LiveSettings, SpeechProvider, StudioSettings};
 
 use crate::{
-    artifacts::ObjectSettings, engine::RetryPolicy, process::BaseEnv, secrets::Scrubber,
-    store::redis::SentinelOptions,
+    artifacts::ObjectSettings,
+    engine::RetryPolicy,
+    process::BaseEnv,
+    secrets::Scrubber,
+    store::{postgres::PoolMode, redis::SentinelOptions},
 };
 
 /// Variables of this process's environment every subprocess may see.
@@ -128,8 +133,13 @@ pub struct Config {
     pub artifact_objects: Option<ObjectSettings>,
     /// Which durable store carries runs.
     pub backend: BackendKind,
-    /// The SQLite database URL.
+    /// The SQLite or PostgreSQL database URL (may carry a password: never log it unredacted).
     pub database_url: String,
+    /// How `database_url` reaches PostgreSQL: directly (or a session-mode pooler) or through a
+    /// transaction-mode pooler.
+    pub database_pool_mode: PoolMode,
+    /// PostgreSQL itself, past a transaction-mode pooler (may carry a password).
+    pub database_direct_url: Option<String>,
     /// The Redis URL (may carry a password: never log it unredacted).
     pub redis_url: SecretString,
     /// Prefix of every Redis key.
@@ -297,6 +307,7 @@ impl Config {
         .collect();
         values.extend(url_password(self.redis_url.expose_secret()));
         values.extend(url_password(&self.database_url));
+        values.extend(self.database_direct_url.as_deref().and_then(url_password));
         Scrubber::new(values)
     }
 
@@ -343,6 +354,8 @@ impl Config {
             artifact_objects: artifact_objects(&vars)?,
             backend: store.backend,
             database_url: store.database_url,
+            database_pool_mode: store.pool_mode,
+            database_direct_url: store.direct_url,
             redis_url: store.redis_url,
             redis_prefix: store.redis_prefix,
             redis_sentinel: store.sentinel,
@@ -384,6 +397,8 @@ impl Config {
 struct StoreSettings {
     backend: BackendKind,
     database_url: String,
+    pool_mode: PoolMode,
+    direct_url: Option<String>,
     redis_url: SecretString,
     redis_prefix: String,
     sentinel: Option<SentinelOptions>,
@@ -419,9 +434,12 @@ impl StoreSettings {
             });
         }
         let database_url = database_url(backend, given_url, data_dir)?;
+        let (pool_mode, direct_url) = pooler(vars, backend)?;
         Ok(Self {
             backend,
             database_url,
+            pool_mode,
+            direct_url,
             redis_url: SecretString::from(redis_url),
             redis_prefix: vars.text("REDIS_KEY_PREFIX", "stagecraft:"),
             sentinel: sentinels(vars)?,
@@ -468,6 +486,45 @@ fn database_url(
         )),
         (_, Some(url)) => Ok(url),
         (_, None) => Ok(sqlite_url_for(&data_dir.join("stagecraft.db"))),
+    }
+}
+
+/// `DATABASE_POOL_MODE` and `DATABASE_DIRECT_URL`: how PostgreSQL is reached. Either set for
+/// another store, or a direct URL without a transaction-mode pooler, is a contradiction.
+fn pooler(
+    vars: &Vars<'_>,
+    backend: BackendKind,
+) -> Result<(PoolMode, Option<String>), ConfigError> {
+    let mode = vars.parse_with("DATABASE_POOL_MODE", PoolMode::Session, |v| match v {
+        "session" => Ok(PoolMode::Session),
+        "transaction" => Ok(PoolMode::Transaction),
+        _ => Err("expected session or transaction".to_owned()),
+    })?;
+    let direct = vars.string("DATABASE_DIRECT_URL");
+    let refuse = |variable: &'static str, value: String, reason: &str| ConfigError {
+        variable,
+        value,
+        reason: reason.to_owned(),
+    };
+    if mode == PoolMode::Transaction && backend != BackendKind::Postgres {
+        return Err(refuse(
+            "DATABASE_POOL_MODE",
+            "transaction".to_owned(),
+            "a pool mode is a PostgreSQL setting: set QUEUE_BACKEND=postgres, or unset it",
+        ));
+    }
+    match direct {
+        Some(url) if !is_postgres_url(&url) => Err(refuse(
+            "DATABASE_DIRECT_URL",
+            redact_url(&url),
+            "expected a postgres:// URL",
+        )),
+        Some(url) if mode != PoolMode::Transaction => Err(refuse(
+            "DATABASE_DIRECT_URL",
+            redact_url(&url),
+            "used only with DATABASE_POOL_MODE=transaction (DATABASE_URL is direct otherwise)",
+        )),
+        direct => Ok((mode, direct)),
     }
 }
 

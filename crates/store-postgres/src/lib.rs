@@ -50,7 +50,9 @@ use rows::{
 use serde_json::Value;
 use sqlx::{
     PgConnection, Postgres, QueryBuilder, Row,
-    postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions},
+    postgres::{
+        PgArguments, PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgQueryResult, PgRow,
+    },
 };
 use tokio::time::Instant;
 
@@ -159,6 +161,85 @@ async fn refuse(tx: Tx, lease: &Lease) -> StoreError {
     fence_rejected(lease)
 }
 
+/// How the store reaches PostgreSQL: directly or through a pooler in session mode (a client
+/// keeps its server connection), or through a pooler in transaction mode (PgBouncer's
+/// `pool_mode = transaction`: a server connection is a client's only for one transaction).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PoolMode {
+    #[default]
+    Session,
+    Transaction,
+}
+
+/// Where and how a [`PostgresStore`] connects.
+#[derive(Debug, Clone, Default)]
+pub struct PostgresOptions {
+    /// `postgres://user:password@host:port/db`: the database, or a pooler in front of it.
+    pub url: String,
+    pub mode: PoolMode,
+    /// With [`PoolMode::Transaction`]: the database itself, not through the pooler, for what
+    /// needs a session (the schema's migrations under their advisory lock, and the `LISTEN`
+    /// connection of idle workers). Without it, idle workers poll and the schema must have
+    /// been migrated already (`stagecraft migrate` with this URL set, from any host).
+    pub direct_url: Option<String>,
+}
+
+/// A statement with its arguments bound.
+type Statement<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+/// Statements as the pool mode allows them. Directly, sqlx prepares each statement once per
+/// connection under a name and reuses it. A transaction-mode pooler hands one server
+/// connection to many clients, whose statement names collide: there, every statement is
+/// unnamed (parsed each time).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Sql {
+    named: bool,
+}
+
+impl Sql {
+    pub(crate) fn query<'q>(self, text: &'static str) -> Statement<'q> {
+        sqlx::query(text).persistent(self.named)
+    }
+}
+
+/// A connection for statements outside a write transaction. Through a transaction-mode pooler
+/// it is a transaction even so: sqlx parses and binds a statement in two exchanges, which the
+/// pooler may send to different server connections unless a transaction pins one.
+enum Session {
+    Direct(sqlx::pool::PoolConnection<Postgres>),
+    Pinned(Tx),
+}
+
+impl Session {
+    /// Ends the session: commits what a pinned one did.
+    async fn done(self) -> StoreResult<()> {
+        match self {
+            Self::Direct(_) => Ok(()),
+            Self::Pinned(tx) => tx.commit().await.db(),
+        }
+    }
+}
+
+impl std::ops::Deref for Session {
+    type Target = PgConnection;
+
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Self::Direct(conn) => conn,
+            Self::Pinned(tx) => tx,
+        }
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Self::Direct(conn) => conn,
+            Self::Pinned(tx) => tx,
+        }
+    }
+}
+
 /// Idle workers' wake-ups: one `LISTEN` connection per store, used by one waiting worker at a
 /// time (a worker process has one claim loop).
 #[derive(Debug, Default)]
@@ -172,35 +253,71 @@ struct Wake {
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
-    /// A pool of one connection, for the `LISTEN` connection alone (reconnected by sqlx).
-    listen_pool: PgPool,
+    sql: Sql,
+    mode: PoolMode,
+    /// A pool of one connection, for the `LISTEN` connection alone (reconnected by sqlx); none
+    /// behind a transaction-mode pooler without a direct URL (idle workers poll).
+    listen_pool: Option<PgPool>,
+    /// The direct URL's options, for migrations behind a transaction-mode pooler.
+    direct: Option<PgConnectOptions>,
     clock: SharedClock,
     wake: Arc<tokio::sync::Mutex<Wake>>,
 }
 
+/// The migrations of `migrations/postgres`.
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
 impl PostgresStore {
-    /// Connects to the database of `database_url` (`postgres://user:password@host:port/db`)
-    /// and brings its schema up to date.
+    /// Connects directly to the database of `database_url`
+    /// (`postgres://user:password@host:port/db`) and brings its schema up to date.
     pub async fn open(database_url: &str, clock: SharedClock) -> StoreResult<Self> {
-        let options = PgConnectOptions::from_str(database_url)
-            .db()?
-            .application_name("stagecraft");
+        let options = PostgresOptions {
+            url: database_url.to_owned(),
+            ..PostgresOptions::default()
+        };
+        Self::connect(&options, clock).await
+    }
+
+    /// Connects as `options` say and brings the schema up to date (behind a transaction-mode
+    /// pooler without a direct URL: checks that it is).
+    pub async fn connect(options: &PostgresOptions, clock: SharedClock) -> StoreResult<Self> {
+        let connect = |url: &str| -> StoreResult<PgConnectOptions> {
+            Ok(PgConnectOptions::from_str(url)
+                .db()?
+                .application_name("stagecraft"))
+        };
+        let pooled = connect(&options.url)?;
+        let direct = match (&options.direct_url, options.mode) {
+            (Some(url), PoolMode::Transaction) => Some(connect(url)?),
+            _ => None,
+        };
         let pool = PgPoolOptions::new()
             .max_connections(MAX_CONNECTIONS)
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.clone())
+            .connect_with(pooled.clone())
             .await
             .db()?;
         // Connected on first wait: API processes never hold it.
-        let listen_pool = PgPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(LISTEN_CONNECT_TIMEOUT)
-            .max_lifetime(None)
-            .idle_timeout(None)
-            .connect_lazy_with(options);
+        let listen_on = match options.mode {
+            PoolMode::Session => Some(pooled),
+            PoolMode::Transaction => direct.clone(),
+        };
+        let listen_pool = listen_on.map(|on| {
+            PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(LISTEN_CONNECT_TIMEOUT)
+                .max_lifetime(None)
+                .idle_timeout(None)
+                .connect_lazy_with(on)
+        });
         let store = Self {
             pool,
+            sql: Sql {
+                named: options.mode == PoolMode::Session,
+            },
+            mode: options.mode,
             listen_pool,
+            direct,
             clock,
             wake: Arc::new(tokio::sync::Mutex::new(Wake::default())),
         };
@@ -209,13 +326,98 @@ impl PostgresStore {
     }
 
     /// Applies the migrations in `migrations/postgres`. Safe to run from several processes at
-    /// once (sqlx holds an advisory lock while it migrates).
+    /// once (sqlx holds a session's advisory lock while it migrates, so behind a
+    /// transaction-mode pooler this runs on the direct URL; without one it only checks that
+    /// every migration was applied).
     pub async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("../../migrations/postgres")
-            .run(&self.pool)
-            .await
-            .db()?;
-        Ok(())
+        match (self.mode, &self.direct) {
+            (PoolMode::Session, _) => MIGRATOR.run(&self.pool).await.db(),
+            (PoolMode::Transaction, Some(direct)) => {
+                let mut conn = sqlx::ConnectOptions::connect(direct).await.db()?;
+                let migrated = MIGRATOR.run(&mut conn).await.db();
+                // The connection is only closed: a failure to say goodbye changes nothing.
+                let _ = sqlx::Connection::close(conn).await;
+                migrated
+            }
+            (PoolMode::Transaction, None) => self.check_migrated().await,
+        }
+    }
+
+    /// Fails unless every migration of this version has been applied.
+    async fn check_migrated(&self) -> StoreResult<()> {
+        let mut session = self.session().await?;
+        let applied = self
+            .sql
+            .query("SELECT version FROM _sqlx_migrations WHERE success")
+            .fetch_all(&mut *session)
+            .await;
+        session.done().await?;
+        let applied: BTreeSet<i64> = match applied {
+            Ok(rows) => rows
+                .iter()
+                .map(|row| row.try_get("version"))
+                .collect::<Result<_, _>>()
+                .db()?,
+            // No table of migrations yet: none applied.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => {
+                BTreeSet::new()
+            }
+            Err(error) => return Err(store_error(error)),
+        };
+        let missing: Vec<String> = MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
+            .map(|m| m.version.to_string())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(StoreError::Migrate(format!(
+            "the schema lacks migrations {}: behind a transaction-mode pooler, run `stagecraft \
+             migrate` with DATABASE_DIRECT_URL (the database itself, not the pooler) set, or set \
+             it for every process",
+            missing.join(", ")
+        )))
+    }
+
+    /// One statement outside a write transaction, on a [`Session`]; its rows.
+    async fn fetch_all(&self, query: Statement<'_>) -> StoreResult<Vec<PgRow>> {
+        let mut session = self.session().await?;
+        let rows = query.fetch_all(&mut *session).await.db()?;
+        session.done().await?;
+        Ok(rows)
+    }
+
+    /// One statement outside a write transaction; its row, if any.
+    async fn fetch_optional(&self, query: Statement<'_>) -> StoreResult<Option<PgRow>> {
+        let mut session = self.session().await?;
+        let row = query.fetch_optional(&mut *session).await.db()?;
+        session.done().await?;
+        Ok(row)
+    }
+
+    /// One statement outside a write transaction; its one row.
+    async fn fetch_one(&self, query: Statement<'_>) -> StoreResult<PgRow> {
+        let mut session = self.session().await?;
+        let row = query.fetch_one(&mut *session).await.db()?;
+        session.done().await?;
+        Ok(row)
+    }
+
+    /// One statement outside a write transaction; what it changed.
+    async fn execute(&self, query: Statement<'_>) -> StoreResult<PgQueryResult> {
+        let mut session = self.session().await?;
+        let done = query.execute(&mut *session).await.db()?;
+        session.done().await?;
+        Ok(done)
+    }
+
+    /// A connection for statements outside a write transaction (see [`Session`]).
+    async fn session(&self) -> StoreResult<Session> {
+        Ok(match self.mode {
+            PoolMode::Session => Session::Direct(self.pool.acquire().await.db()?),
+            PoolMode::Transaction => Session::Pinned(self.begin().await?),
+        })
     }
 
     fn now(&self) -> Millis {
@@ -230,17 +432,19 @@ impl PostgresStore {
     /// its first statement checks the lease and locks the run's row until the transaction ends.
     async fn begin_fenced(&self, lease: &Lease) -> StoreResult<Tx> {
         let mut tx = self.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE runs SET updated_at = $1 WHERE id = $2 AND fence = $3 AND lease_owner = $4",
-        )
-        .bind(self.now())
-        .bind(lease.run_id.to_string())
-        .bind(lease.fence.0)
-        .bind(lease.worker.as_str())
-        .execute(&mut *tx)
-        .await
-        .db()?
-        .rows_affected();
+        let updated = self
+            .sql
+            .query(
+                "UPDATE runs SET updated_at = $1 WHERE id = $2 AND fence = $3 AND lease_owner = $4",
+            )
+            .bind(self.now())
+            .bind(lease.run_id.to_string())
+            .bind(lease.fence.0)
+            .bind(lease.worker.as_str())
+            .execute(&mut *tx)
+            .await
+            .db()?
+            .rows_affected();
         if updated != 1 {
             return Err(refuse(tx, lease).await);
         }
@@ -270,20 +474,23 @@ impl PostgresStore {
     /// Why a fenced single-statement write matched nothing: the lease is not current, or (an
     /// engine defect) the run has no such stage.
     async fn refused(&self, lease: &Lease, stage: usize) -> StoreError {
-        let stageless = sqlx::query(
-            "SELECT 1 FROM runs WHERE id = $1 \
-             AND NOT EXISTS (SELECT 1 FROM stages WHERE run_id = $1 AND idx = $2)",
-        )
-        .bind(lease.run_id.to_string())
-        .bind(stage as i64)
-        .fetch_optional(&self.pool)
-        .await;
+        let stageless = self
+            .fetch_optional(
+                self.sql
+                    .query(
+                        "SELECT 1 FROM runs WHERE id = $1 \
+                         AND NOT EXISTS (SELECT 1 FROM stages WHERE run_id = $1 AND idx = $2)",
+                    )
+                    .bind(lease.run_id.to_string())
+                    .bind(stage as i64),
+            )
+            .await;
         match stageless {
             Ok(Some(_)) => {
                 StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
             }
             Ok(None) => fence_rejected(lease),
-            Err(error) => store_error(error),
+            Err(error) => error,
         }
     }
 }
@@ -291,13 +498,14 @@ impl PostgresStore {
 /// Appends one of the kernel's events; `stage` is the name of the stage the change is about,
 /// which the event names when it is on that stage.
 async fn insert_event(
+    sql: Sql,
     conn: &mut PgConnection,
     run: RunId,
     at: Millis,
     event: &kernel::Event,
     stage: Option<&str>,
 ) -> StoreResult<()> {
-    sqlx::query("INSERT INTO events (run_id, at, kind, stage, data) VALUES ($1, $2, $3, $4, $5)")
+    sql.query("INSERT INTO events (run_id, at, kind, stage, data) VALUES ($1, $2, $3, $4, $5)")
         .bind(run.to_string())
         .bind(at)
         .bind(event.kind.as_str())
@@ -310,8 +518,8 @@ async fn insert_event(
 }
 
 /// Tells idle workers that `queue` may have a run due, when the transaction on `conn` commits.
-async fn notify_queue(conn: &mut PgConnection, queue: &str) -> StoreResult<()> {
-    sqlx::query("SELECT pg_notify($1, $2)")
+async fn notify_queue(sql: Sql, conn: &mut PgConnection, queue: &str) -> StoreResult<()> {
+    sql.query("SELECT pg_notify($1, $2)")
         .bind(WAKE_CHANNEL)
         .bind(queue)
         .execute(conn)
@@ -323,13 +531,14 @@ async fn notify_queue(conn: &mut PgConnection, queue: &str) -> StoreResult<()> {
 /// Resets stages from `from` on to pending for a resume. With `keep_steps`, stage `from` keeps
 /// its memoised steps and what they cost and reported (progress), so they are not redone.
 async fn reset_stages_from(
+    sql: Sql,
     conn: &mut PgConnection,
     run: RunId,
     from: usize,
     keep_steps: bool,
 ) -> StoreResult<()> {
     let first_full_reset = if keep_steps {
-        sqlx::query(
+        sql.query(
             "UPDATE stages SET status = $1, attempts = 0, started_at = NULL, finished_at = NULL, \
              output = NULL, error = NULL, next_attempt_at = NULL, reused_from = NULL \
              WHERE run_id = $2 AND idx = $3",
@@ -344,7 +553,7 @@ async fn reset_stages_from(
     } else {
         from
     };
-    sqlx::query(
+    sql.query(
         "UPDATE stages SET status = $1, attempts = 0, started_at = NULL, finished_at = NULL, \
          cost_micros = 0, artifacts = '[]', output = NULL, error = NULL, progress_done = NULL, \
          progress_total = NULL, next_attempt_at = NULL, reused_from = NULL \
@@ -362,11 +571,13 @@ async fn reset_stages_from(
 /// The run an idempotency key names, answered as the insert answers it: the run as stored, or
 /// [`StoreError::IdempotencyConflict`] when it was asked for with another request.
 async fn run_of_key(
+    sql: Sql,
     conn: &mut PgConnection,
     key: &str,
     request_hash: Option<&str>,
 ) -> StoreResult<Option<RunRecord>> {
-    let existing = sqlx::query("SELECT id, idempotency_hash FROM runs WHERE idempotency_key = $1")
+    let existing = sql
+        .query("SELECT id, idempotency_hash FROM runs WHERE idempotency_key = $1")
         .bind(key)
         .fetch_optional(&mut *conn)
         .await
@@ -379,7 +590,7 @@ async fn run_of_key(
     if hash.is_some() && hash.as_deref() != request_hash {
         return Err(StoreError::IdempotencyConflict(id));
     }
-    read_run(conn, id)
+    read_run(sql, conn, id)
         .await?
         .ok_or(StoreError::NotFound(id))
         .map(Some)
@@ -392,19 +603,20 @@ impl RunStore for PostgresStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.db()?;
+        // One message of the simple protocol: the same directly and through any pooler.
+        sqlx::raw_sql("SELECT 1").execute(&self.pool).await.db()?;
         Ok(())
     }
 
     async fn get_run(&self, id: RunId) -> StoreResult<Option<RunRecord>> {
         // One repeatable-read transaction: the run, its last event and its stages are one
         // snapshot.
-        let mut read = self.pool.begin().await.db()?;
+        let mut read = self.begin().await?;
         sqlx::raw_sql("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *read)
             .await
             .db()?;
-        let run = read_run(&mut read, id).await?;
+        let run = read_run(self.sql, &mut read, id).await?;
         read.commit().await.db()?;
         Ok(run)
     }
@@ -415,20 +627,17 @@ impl RunStore for PostgresStore {
         } else {
             let mut count = QueryBuilder::<Postgres>::new("SELECT COUNT(*) AS n FROM runs");
             filtered(&mut count, filter, false);
-            count
-                .build()
-                .fetch_one(&self.pool)
-                .await
-                .db()?
-                .try_get("n")
-                .db()?
+            let counted = count.build().persistent(self.sql.named);
+            self.fetch_one(counted).await?.try_get("n").db()?
         };
         let mut page =
             QueryBuilder::<Postgres>::new(concat!("SELECT ", run_columns!(), " FROM runs"));
         filtered(&mut page, filter, true);
         page.push(" ORDER BY id DESC LIMIT ")
             .push_bind(i64::from(filter.limit));
-        let rows = page.build().fetch_all(&self.pool).await.db()?;
+        let rows = self
+            .fetch_all(page.build().persistent(self.sql.named))
+            .await?;
         let runs = rows
             .iter()
             .map(run_from_row)
@@ -446,15 +655,13 @@ impl RunStore for PostgresStore {
     }
 
     async fn steps(&self, run: RunId, stage: usize) -> StoreResult<Vec<StepRecord>> {
-        let rows = sqlx::query(
+        let rows = self.fetch_all(self.sql.query(
             "SELECT key, output, cost_micros, artifacts FROM steps WHERE run_id = $1 AND stage_idx = $2 \
              ORDER BY created_at, seq",
         )
         .bind(run.to_string())
         .bind(stage as i64)
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         rows.iter()
             .map(|row| {
                 Ok(StepRecord {
@@ -472,7 +679,7 @@ impl RunStore for PostgresStore {
     async fn record_reusable(&self, key: &str, checkpoint: &ReusableCheckpoint) -> StoreResult<()> {
         let (store, key, checkpoint) = (self.clone(), key.to_owned(), checkpoint.clone());
         detached(async move {
-            sqlx::query(
+            store.execute(store.sql.query(
                 "INSERT INTO reusable (key, run_id, stage, output, artifacts, created_at) \
                  VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (key) DO UPDATE SET run_id = EXCLUDED.run_id, stage = EXCLUDED.stage, \
@@ -484,21 +691,20 @@ impl RunStore for PostgresStore {
             .bind(checkpoint.output.to_string())
             .bind(json_text(&checkpoint.artifacts))
             .bind(store.now())
-            .execute(&store.pool)
-            .await
-            .db()?;
+            ).await?;
             Ok(())
         })
         .await
     }
 
     async fn find_reusable(&self, key: &str) -> StoreResult<Option<ReusableCheckpoint>> {
-        let row =
-            sqlx::query("SELECT run_id, stage, output, artifacts FROM reusable WHERE key = $1")
-                .bind(key)
-                .fetch_optional(&self.pool)
-                .await
-                .db()?;
+        let row = self
+            .fetch_optional(
+                self.sql
+                    .query("SELECT run_id, stage, output, artifacts FROM reusable WHERE key = $1")
+                    .bind(key),
+            )
+            .await?;
         let Some(row) = row else { return Ok(None) };
         Ok(Some(ReusableCheckpoint {
             run_id: run_id(&row.try_get::<String, _>("run_id").db()?)?,
@@ -517,16 +723,14 @@ impl RunStore for PostgresStore {
         // resumed meanwhile is skipped rather than deleted.
         let store = self.clone();
         detached(async move {
-            let deleted = sqlx::query(
+            let deleted = store.execute(store.sql.query(
                 "WITH doomed AS (SELECT id AS doomed_id FROM runs WHERE finished_at IS NOT NULL \
                  AND finished_at < $1 ORDER BY finished_at LIMIT $2 FOR UPDATE SKIP LOCKED) \
                  DELETE FROM runs USING doomed WHERE runs.id = doomed.doomed_id",
             )
             .bind(cutoff)
             .bind(core_store::PURGE_BATCH as i64)
-            .execute(&store.pool)
-            .await
-            .db()?
+            ).await?
             .rows_affected();
             Ok(deleted)
         })
@@ -539,16 +743,14 @@ impl RunStore for PostgresStore {
         after_seq: i64,
         limit: u32,
     ) -> StoreResult<Vec<RunEvent>> {
-        let rows = sqlx::query(
+        let rows = self.fetch_all(self.sql.query(
             "SELECT seq, at, kind, stage, data FROM events WHERE run_id = $1 AND seq > $2 \
              ORDER BY seq LIMIT $3",
         )
         .bind(run.to_string())
         .bind(after_seq)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         rows.iter()
             .map(|row| {
                 Ok(RunEvent {
@@ -570,15 +772,17 @@ impl RunStore for PostgresStore {
 
     async fn run_positions(&self, runs: &[RunId]) -> StoreResult<Vec<RunPosition>> {
         let ids: Vec<String> = runs.iter().map(RunId::to_string).collect();
-        let rows = sqlx::query(
-            "SELECT r.id, r.status, \
+        let rows = self
+            .fetch_all(
+                self.sql
+                    .query(
+                        "SELECT r.id, r.status, \
              (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = r.id) AS last \
              FROM runs r WHERE r.id = ANY($1)",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+                    )
+                    .bind(ids),
+            )
+            .await?;
         rows.iter()
             .map(|row| {
                 let status: String = row.try_get("status").db()?;
@@ -592,13 +796,11 @@ impl RunStore for PostgresStore {
     }
 
     async fn oldest_waiting(&self) -> StoreResult<Vec<QueueWait>> {
-        let rows = sqlx::query(
+        let rows = self.fetch_all(self.sql.query(
             "SELECT queue, MIN(available_at) AS due FROM runs WHERE status IN ('queued', 'retrying') \
              GROUP BY queue ORDER BY queue",
         )
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         rows.iter()
             .map(|row| {
                 Ok(QueueWait {
@@ -615,14 +817,12 @@ impl RunStore for PostgresStore {
     }
 
     async fn throughput(&self, since: DateTime<Utc>) -> StoreResult<Vec<Throughput>> {
-        let rows = sqlx::query(
+        let rows = self.fetch_all(self.sql.query(
             "SELECT queue, minute, completed, failed, cancelled FROM throughput WHERE minute >= $1 \
              ORDER BY minute, queue",
         )
         .bind(since.timestamp_millis())
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         rows.iter()
             .map(|row| {
                 let count = |column: &str| -> StoreResult<u64> {
@@ -640,12 +840,10 @@ impl RunStore for PostgresStore {
     }
 
     async fn queue_depths(&self) -> StoreResult<Vec<QueueDepth>> {
-        let rows = sqlx::query(
+        let rows = self.fetch_all(self.sql.query(
             "SELECT queue, status, COUNT(*) AS n FROM runs GROUP BY queue, status ORDER BY queue, status",
         )
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         // As the SQLite store: a row it cannot read (an unknown status) is left out.
         rows.iter()
             .filter_map(|row| {
@@ -662,7 +860,7 @@ impl RunStore for PostgresStore {
     async fn worker_heartbeat(&self, worker: &WorkerInfo) -> StoreResult<()> {
         let (store, worker) = (self.clone(), worker.clone());
         detached(async move {
-            sqlx::query(
+            store.execute(store.sql.query(
                 "INSERT INTO workers (id, queues, concurrency, started_at, heartbeat_at, running) \
                  VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, running = EXCLUDED.running",
@@ -673,9 +871,7 @@ impl RunStore for PostgresStore {
             .bind(worker.started_at.timestamp_millis())
             .bind(store.now())
             .bind(json_text(&worker.running))
-            .execute(&store.pool)
-            .await
-            .db()?;
+            ).await?;
             Ok(())
         })
         .await
@@ -684,11 +880,14 @@ impl RunStore for PostgresStore {
     async fn unregister_worker(&self, id: &WorkerId) -> StoreResult<()> {
         let (store, id) = (self.clone(), id.as_str().to_owned());
         detached(async move {
-            sqlx::query("DELETE FROM workers WHERE id = $1")
-                .bind(&id)
-                .execute(&store.pool)
-                .await
-                .db()?;
+            store
+                .execute(
+                    store
+                        .sql
+                        .query("DELETE FROM workers WHERE id = $1")
+                        .bind(&id),
+                )
+                .await?;
             Ok(())
         })
         .await
@@ -696,18 +895,18 @@ impl RunStore for PostgresStore {
 
     async fn list_workers(&self) -> StoreResult<Vec<WorkerInfo>> {
         let cutoff = self.now().saturating_sub(millis(WORKER_STALE_AFTER));
-        sqlx::query("DELETE FROM workers WHERE heartbeat_at < $1")
-            .bind(cutoff)
-            .execute(&self.pool)
-            .await
-            .db()?;
-        let rows = sqlx::query(
-            "SELECT id, queues, concurrency, started_at, heartbeat_at, running FROM workers \
-             ORDER BY started_at",
+        self.execute(
+            self.sql
+                .query("DELETE FROM workers WHERE heartbeat_at < $1")
+                .bind(cutoff),
         )
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+        .await?;
+        let rows = self
+            .fetch_all(self.sql.query(
+                "SELECT id, queues, concurrency, started_at, heartbeat_at, running FROM workers \
+             ORDER BY started_at",
+            ))
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(WorkerInfo {
@@ -725,10 +924,12 @@ impl RunStore for PostgresStore {
     }
 
     async fn counters(&self) -> StoreResult<Vec<(String, f64)>> {
-        let rows = sqlx::query("SELECT name, value FROM counters ORDER BY name")
-            .fetch_all(&self.pool)
-            .await
-            .db()?;
+        let rows = self
+            .fetch_all(
+                self.sql
+                    .query("SELECT name, value FROM counters ORDER BY name"),
+            )
+            .await?;
         rows.iter()
             .map(|row| Ok((row.try_get("name").db()?, row.try_get("value").db()?)))
             .collect()
@@ -910,8 +1111,13 @@ impl PostgresStore {
         if wake.listener.is_some() || wake.retry_at.is_some_and(|at| Instant::now() < at) {
             return;
         }
+        // Behind a transaction-mode pooler without a direct URL: never (the pooler would
+        // leave the LISTEN on a server connection other clients then get), so waits poll.
+        let Some(listen_pool) = &self.listen_pool else {
+            return;
+        };
         let connect = async {
-            let mut listener = PgListener::connect_with(&self.listen_pool).await?;
+            let mut listener = PgListener::connect_with(listen_pool).await?;
             listener.listen(WAKE_CHANNEL).await?;
             Ok::<_, sqlx::Error>(listener)
         };
@@ -932,14 +1138,16 @@ impl PostgresStore {
 
     /// When the next run of these queues is (or was) due, by the store's clock.
     async fn next_due(&self, queues: &[String]) -> StoreResult<Option<Millis>> {
-        let row = sqlx::query(
-            "SELECT MIN(available_at) AS due FROM runs \
+        let row = self
+            .fetch_one(
+                self.sql
+                    .query(
+                        "SELECT MIN(available_at) AS due FROM runs \
              WHERE status IN ('queued', 'retrying') AND queue = ANY($1)",
-        )
-        .bind(queues.to_vec())
-        .fetch_one(&self.pool)
-        .await
-        .db()?;
+                    )
+                    .bind(queues.to_vec()),
+            )
+            .await?;
         row.try_get("due").db()
     }
 }
@@ -950,7 +1158,7 @@ impl PostgresStore {
 impl PostgresStore {
     async fn heartbeat_now(&self, lease: &Lease, ttl: Duration) -> StoreResult<bool> {
         // One statement: the fence check and the new expiry, counted from now.
-        let row = sqlx::query(
+        let row = self.fetch_optional(self.sql.query(
             "UPDATE runs SET lease_expires_at = $1 WHERE id = $2 AND fence = $3 AND lease_owner = $4 \
              RETURNING cancel_requested",
         )
@@ -958,9 +1166,7 @@ impl PostgresStore {
         .bind(lease.run_id.to_string())
         .bind(lease.fence.0)
         .bind(lease.worker.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         let Some(row) = row else {
             return Err(fence_rejected(lease));
         };
@@ -970,7 +1176,9 @@ impl PostgresStore {
     async fn insert_run_now(&self, run: NewRun) -> StoreResult<(RunRecord, bool)> {
         let mut tx = self.begin().await?;
         if let Some(key) = &run.idempotency_key {
-            if let Some(existing) = run_of_key(&mut tx, key, run.request_hash.as_deref()).await? {
+            if let Some(existing) =
+                run_of_key(self.sql, &mut tx, key, run.request_hash.as_deref()).await?
+            {
                 tx.commit().await.db()?;
                 return Ok((existing, false));
             }
@@ -978,7 +1186,7 @@ impl PostgresStore {
         let now = self.now();
         // A submission with the same key committed since the check waits for it and inserts
         // nothing (the key's unique index), instead of failing.
-        let inserted = sqlx::query(
+        let inserted = self.sql.query(
             "INSERT INTO runs (id, kind, name, queue, inputs, search_text, status, provider_mode, \
              budget_micros, available_at, idempotency_key, idempotency_hash, created_at, updated_at, reuse) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $10, $10, $13) \
@@ -1004,7 +1212,9 @@ impl PostgresStore {
         if inserted != 1 {
             let existing = match &run.idempotency_key {
                 // Read committed: this statement sees the run that took the key.
-                Some(key) => run_of_key(&mut tx, key, run.request_hash.as_deref()).await?,
+                Some(key) => {
+                    run_of_key(self.sql, &mut tx, key, run.request_hash.as_deref()).await?
+                }
                 None => None,
             };
             let Some(existing) = existing else {
@@ -1016,21 +1226,30 @@ impl PostgresStore {
             tx.commit().await.db()?;
             return Ok((existing, false));
         }
-        sqlx::query(
-            "INSERT INTO stages (run_id, idx, name, status) \
+        self.sql
+            .query(
+                "INSERT INTO stages (run_id, idx, name, status) \
              SELECT $1, stage.n - 1, stage.name, $2 \
              FROM UNNEST($3::text[]) WITH ORDINALITY AS stage (name, n)",
+            )
+            .bind(run.id.to_string())
+            .bind(StageStatus::Pending.as_str())
+            .bind(run.stage_names.clone())
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        insert_event(
+            self.sql,
+            &mut tx,
+            run.id,
+            now,
+            &kernel::queued(&run.queue),
+            None,
         )
-        .bind(run.id.to_string())
-        .bind(StageStatus::Pending.as_str())
-        .bind(run.stage_names.clone())
-        .execute(&mut *tx)
-        .await
-        .db()?;
-        insert_event(&mut tx, run.id, now, &kernel::queued(&run.queue), None).await?;
-        notify_queue(&mut tx, &run.queue).await?;
+        .await?;
+        notify_queue(self.sql, &mut tx, &run.queue).await?;
         // The record as this transaction wrote it: once it is committed, the answer cannot fail.
-        let record = read_run(&mut tx, run.id)
+        let record = read_run(self.sql, &mut tx, run.id)
             .await?
             .ok_or(StoreError::NotFound(run.id))?;
         tx.commit().await.db()?;
@@ -1056,7 +1275,7 @@ impl PostgresStore {
         // matches once locked: read committed re-checks the row, so no run is claimed twice),
         // leased with a fence one higher, and each gets the kernel's `run_started` event (its
         // data, `{"worker", "fence"}`, built here because only the database knows the fence).
-        let rows = sqlx::query(concat!(
+        let rows = self.fetch_all(self.sql.query(concat!(
             "WITH due AS (SELECT waiting.id AS due_id FROM UNNEST($4::text[]) AS wanted (queue), \
              LATERAL (SELECT id, available_at FROM runs WHERE queue = wanted.queue \
              AND status IN ('queued', 'retrying') AND available_at <= $3 \
@@ -1082,9 +1301,7 @@ impl PostgresStore {
                 .kind
                 .as_str(),
         )
-        .fetch_all(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         if rows.is_empty() {
             return Ok(Vec::new());
         }
@@ -1095,7 +1312,9 @@ impl PostgresStore {
             .map(run_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
         // The stages cannot change under the new leases (every write to them is fenced).
-        let mut stages_by_run = stages_of(&mut *self.pool.acquire().await.db()?, &runs).await?;
+        let mut session = self.session().await?;
+        let mut stages_by_run = stages_of(self.sql, &mut session, &runs).await?;
+        session.done().await?;
         runs.sort_by_key(|run| run.id);
         let claimed = runs
             .into_iter()
@@ -1121,7 +1340,7 @@ impl PostgresStore {
         // One statement, so one round trip and one commit: the fence check (which locks the
         // run's row), the run's and the stage's change, and the kernel's `stage_started` event
         // (its data, `{"attempt": n}`, is built here because only the database knows `n`).
-        let row = sqlx::query(
+        let row = self.fetch_optional(self.sql.query(
             "WITH fenced AS (UPDATE runs SET status = 'running', updated_at = $1, \
              current_stage = (SELECT name FROM stages WHERE run_id = $2 AND idx = $3) \
              WHERE id = $2 AND fence = $4 AND lease_owner = $5 \
@@ -1142,9 +1361,7 @@ impl PostgresStore {
         .bind(lease.worker.as_str())
         .bind(StageStatus::Running.as_str())
         .bind(kernel::stage_started(0).kind.as_str())
-        .fetch_optional(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         let Some(row) = row else {
             return Err(self.refused(lease, stage).await);
         };
@@ -1160,7 +1377,7 @@ impl PostgresStore {
     ) -> StoreResult<()> {
         let now = self.now();
         let mut tx = self.begin_fenced(lease).await?;
-        let inserted = sqlx::query(
+        let inserted = self.sql.query(
             "INSERT INTO steps (run_id, stage_idx, key, output, cost_micros, artifacts, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
@@ -1176,7 +1393,7 @@ impl PostgresStore {
         .db()?
         .rows_affected();
         if inserted == 1 {
-            let name: String = sqlx::query(
+            let name: String = self.sql.query(
                 "UPDATE stages SET cost_micros = cost_micros + $1, progress_done = $2, progress_total = $3 \
                  WHERE run_id = $4 AND idx = $5 RETURNING name",
             )
@@ -1193,13 +1410,15 @@ impl PostgresStore {
             })?
             .try_get("name")
             .db()?;
-            sqlx::query("UPDATE runs SET cost_micros = cost_micros + $1 WHERE id = $2")
+            self.sql
+                .query("UPDATE runs SET cost_micros = cost_micros + $1 WHERE id = $2")
                 .bind(step.cost_usd.micros())
                 .bind(lease.run_id.to_string())
                 .execute(&mut *tx)
                 .await
                 .db()?;
             insert_event(
+                self.sql,
                 &mut tx,
                 lease.run_id,
                 now,
@@ -1223,7 +1442,7 @@ impl PostgresStore {
         // One statement, so one round trip and one commit: the fence check (which locks the
         // run's row), the run's cost and (when it completes) its end, the stage's checkpoint,
         // and the kernel's events in their order.
-        let row = sqlx::query(
+        let row = self.fetch_optional(self.sql.query(
             "WITH fenced AS (UPDATE runs SET updated_at = $1, cost_micros = cost_micros + $2, \
              status = CASE WHEN $7 THEN $8 ELSE status END, \
              result = CASE WHEN $7 THEN $3 ELSE result END, \
@@ -1260,9 +1479,7 @@ impl PostgresStore {
         .bind(events.kinds)
         .bind(events.on_stage)
         .bind(events.data)
-        .fetch_optional(&self.pool)
-        .await
-        .db()?;
+        ).await?;
         if row.is_none() {
             return Err(self.refused(lease, stage).await);
         }
@@ -1279,23 +1496,27 @@ impl PostgresStore {
         let end = kernel::attempt_end(&outcome);
         let later = |delay: Option<Duration>| delay.map(|d| now.saturating_add(millis(d)));
         let mut tx = self.begin_fenced(lease).await?;
-        let name: String = sqlx::query(
-            "UPDATE stages SET status = $1, error = $2, finished_at = $3, next_attempt_at = $4 \
+        let name: String = self
+            .sql
+            .query(
+                "UPDATE stages SET status = $1, error = $2, finished_at = $3, next_attempt_at = $4 \
              WHERE run_id = $5 AND idx = $6 RETURNING name",
-        )
-        .bind(end.stage.as_str())
-        .bind(end.stage_error.as_ref().map(json_text))
-        .bind(end.stage_finished.then_some(now))
-        .bind(later(end.next_attempt_in))
-        .bind(lease.run_id.to_string())
-        .bind(stage as i64)
-        .fetch_optional(&mut *tx)
-        .await
-        .db()?
-        .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
-        .try_get("name")
-        .db()?;
-        let queue: String = sqlx::query(
+            )
+            .bind(end.stage.as_str())
+            .bind(end.stage_error.as_ref().map(json_text))
+            .bind(end.stage_finished.then_some(now))
+            .bind(later(end.next_attempt_in))
+            .bind(lease.run_id.to_string())
+            .bind(stage as i64)
+            .fetch_optional(&mut *tx)
+            .await
+            .db()?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
+            })?
+            .try_get("name")
+            .db()?;
+        let queue: String = self.sql.query(
             "UPDATE runs SET status = $1, error = COALESCE($2, error), finished_at = $3, \
              available_at = COALESCE($4, available_at), lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = $5 RETURNING queue",
@@ -1311,12 +1532,12 @@ impl PostgresStore {
         .try_get("queue")
         .db()?;
         for event in &end.events {
-            insert_event(&mut tx, lease.run_id, now, event, Some(&name)).await?;
+            insert_event(self.sql, &mut tx, lease.run_id, now, event, Some(&name)).await?;
         }
         if end.due_in.is_some() {
             // Due now (released) or later (a retry): either way idle workers look again, and
             // a retry bounds their next wait.
-            notify_queue(&mut tx, &queue).await?;
+            notify_queue(self.sql, &mut tx, &queue).await?;
         }
         tx.commit().await.db()?;
         Ok(())
@@ -1326,18 +1547,19 @@ impl PostgresStore {
         let now = self.now();
         let (status, event) = kernel::run_failed(&error);
         let mut tx = self.begin_fenced(lease).await?;
-        sqlx::query(
-            "UPDATE runs SET status = $1, error = $2, finished_at = $3, lease_owner = NULL, \
+        self.sql
+            .query(
+                "UPDATE runs SET status = $1, error = $2, finished_at = $3, lease_owner = NULL, \
              lease_expires_at = NULL WHERE id = $4",
-        )
-        .bind(status.as_str())
-        .bind(json_text(&error))
-        .bind(now)
-        .bind(lease.run_id.to_string())
-        .execute(&mut *tx)
-        .await
-        .db()?;
-        insert_event(&mut tx, lease.run_id, now, &event, None).await?;
+            )
+            .bind(status.as_str())
+            .bind(json_text(&error))
+            .bind(now)
+            .bind(lease.run_id.to_string())
+            .execute(&mut *tx)
+            .await
+            .db()?;
+        insert_event(self.sql, &mut tx, lease.run_id, now, &event, None).await?;
         tx.commit().await.db()?;
         Ok(())
     }
@@ -1346,7 +1568,9 @@ impl PostgresStore {
         let mut tx = self.begin().await?;
         // The run's row is locked before the decision: no claim, sweep or worker write
         // changes its status between the read and the write.
-        let row = sqlx::query("SELECT status FROM runs WHERE id = $1 FOR NO KEY UPDATE")
+        let row = self
+            .sql
+            .query("SELECT status FROM runs WHERE id = $1 FOR NO KEY UPDATE")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await
@@ -1368,42 +1592,43 @@ impl PostgresStore {
         };
         match decided {
             kernel::Cancel::Now { run, event } => {
-                sqlx::query(
-                    "UPDATE runs SET status = $1, cancel_requested = TRUE, finished_at = $2, \
+                self.sql
+                    .query(
+                        "UPDATE runs SET status = $1, cancel_requested = TRUE, finished_at = $2, \
                      updated_at = $2 WHERE id = $3",
-                )
-                .bind(run.as_str())
-                .bind(now)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await
-                .db()?;
-                sqlx::query(
-                    "UPDATE stages SET status = $1, finished_at = $2, next_attempt_at = NULL \
+                    )
+                    .bind(run.as_str())
+                    .bind(now)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .db()?;
+                self.sql
+                    .query(
+                        "UPDATE stages SET status = $1, finished_at = $2, next_attempt_at = NULL \
                      WHERE run_id = $3 AND status = $4",
-                )
-                .bind(StageStatus::Cancelled.as_str())
-                .bind(now)
-                .bind(id.to_string())
-                .bind(StageStatus::Retrying.as_str())
-                .execute(&mut *tx)
-                .await
-                .db()?;
-                insert_event(&mut tx, id, now, &event, None).await?;
+                    )
+                    .bind(StageStatus::Cancelled.as_str())
+                    .bind(now)
+                    .bind(id.to_string())
+                    .bind(StageStatus::Retrying.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .db()?;
+                insert_event(self.sql, &mut tx, id, now, &event, None).await?;
             }
             kernel::Cancel::Requested { event } => {
-                sqlx::query(
-                    "UPDATE runs SET cancel_requested = TRUE, updated_at = $1 WHERE id = $2",
-                )
-                .bind(now)
-                .bind(id.to_string())
-                .execute(&mut *tx)
-                .await
-                .db()?;
-                insert_event(&mut tx, id, now, &event, None).await?;
+                self.sql
+                    .query("UPDATE runs SET cancel_requested = TRUE, updated_at = $1 WHERE id = $2")
+                    .bind(now)
+                    .bind(id.to_string())
+                    .execute(&mut *tx)
+                    .await
+                    .db()?;
+                insert_event(self.sql, &mut tx, id, now, &event, None).await?;
             }
         }
-        let record = read_run(&mut tx, id)
+        let record = read_run(self.sql, &mut tx, id)
             .await?
             .ok_or(StoreError::NotFound(id))?;
         tx.commit().await.db()?;
@@ -1419,7 +1644,9 @@ impl PostgresStore {
         let mut tx = self.begin().await?;
         // Locked first, then read and decided: a concurrent resume waits, then finds the run
         // queued and is refused.
-        let locked = sqlx::query("SELECT id FROM runs WHERE id = $1 FOR NO KEY UPDATE")
+        let locked = self
+            .sql
+            .query("SELECT id FROM runs WHERE id = $1 FOR NO KEY UPDATE")
             .bind(id.to_string())
             .fetch_optional(&mut *tx)
             .await
@@ -1428,7 +1655,7 @@ impl PostgresStore {
             let _ = tx.rollback().await;
             return Err(StoreError::NotFound(id));
         }
-        let run = read_run(&mut tx, id)
+        let run = read_run(self.sql, &mut tx, id)
             .await?
             .ok_or(StoreError::NotFound(id))?;
         let from_idx = match core_store::resume_start(&run, &from) {
@@ -1446,7 +1673,7 @@ impl PostgresStore {
         let forget_steps = matches!(from, FromStage::Named(_));
         let now = self.now();
         let (status, event) = kernel::resumed(&from_name, changes.actor);
-        let updated = sqlx::query(
+        let updated = self.sql.query(
             "UPDATE runs SET status = $1, available_at = $2, updated_at = $2, result = NULL, error = NULL, \
              finished_at = NULL, cancel_requested = FALSE, current_stage = NULL, lease_owner = NULL, \
              lease_expires_at = NULL, inputs = COALESCE($3, inputs), search_text = COALESCE($4, search_text), \
@@ -1469,18 +1696,19 @@ impl PostgresStore {
                 "run {id} changed while resuming; try again"
             )));
         }
-        reset_stages_from(&mut tx, id, from_idx, !forget_steps).await?;
+        reset_stages_from(self.sql, &mut tx, id, from_idx, !forget_steps).await?;
         if forget_steps {
-            sqlx::query("DELETE FROM steps WHERE run_id = $1 AND stage_idx >= $2")
+            self.sql
+                .query("DELETE FROM steps WHERE run_id = $1 AND stage_idx >= $2")
                 .bind(id.to_string())
                 .bind(from_idx as i64)
                 .execute(&mut *tx)
                 .await
                 .db()?;
         }
-        insert_event(&mut tx, id, now, &event, Some(&from_name)).await?;
-        notify_queue(&mut tx, &run.queue).await?;
-        let record = read_run(&mut tx, id)
+        insert_event(self.sql, &mut tx, id, now, &event, Some(&from_name)).await?;
+        notify_queue(self.sql, &mut tx, &run.queue).await?;
+        let record = read_run(self.sql, &mut tx, id)
             .await?
             .ok_or(StoreError::NotFound(id))?;
         tx.commit().await.db()?;
@@ -1490,13 +1718,11 @@ impl PostgresStore {
     async fn sweep_expired_leases_now(&self) -> StoreResult<Vec<RunId>> {
         let now = self.now();
         // Most sweeps find nothing: check with a read before opening a transaction.
-        let expired: bool = sqlx::query(
+        let expired: bool = self.fetch_one(self.sql.query(
             "SELECT EXISTS (SELECT 1 FROM runs WHERE status = 'running' AND lease_expires_at < $1) AS expired",
         )
         .bind(now)
-        .fetch_one(&self.pool)
-        .await
-        .db()?
+        ).await?
         .try_get("expired")
         .db()?;
         if !expired {
@@ -1506,16 +1732,18 @@ impl PostgresStore {
         // Bounded (SWEEP_BATCH), from the index of running runs (hence the literal status);
         // runs another sweeper (or a heartbeat) holds are skipped, and
         // one whose lease was extended since the snapshot no longer matches once locked.
-        let expired = sqlx::query(
-            "SELECT id, queue, worker, cancel_requested FROM runs \
+        let expired = self
+            .sql
+            .query(
+                "SELECT id, queue, worker, cancel_requested FROM runs \
              WHERE status = 'running' AND lease_expires_at < $1 \
              ORDER BY lease_expires_at LIMIT $2 FOR NO KEY UPDATE SKIP LOCKED",
-        )
-        .bind(now)
-        .bind(core_store::SWEEP_BATCH as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .db()?;
+            )
+            .bind(now)
+            .bind(core_store::SWEEP_BATCH as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .db()?;
         let mut recovered = Vec::with_capacity(expired.len());
         let mut woken = BTreeSet::new();
         for row in &expired {
@@ -1527,7 +1755,7 @@ impl PostgresStore {
             let worker: Option<String> = row.try_get("worker").db()?;
             let cancel_requested: bool = row.try_get("cancel_requested").db()?;
             let expiry = kernel::lease_expired(cancel_requested, worker.as_deref());
-            sqlx::query(
+            self.sql.query(
                 "UPDATE runs SET status = $1, updated_at = $2, lease_owner = NULL, lease_expires_at = NULL, \
                  finished_at = CASE WHEN $3 THEN finished_at ELSE $2 END, \
                  available_at = CASE WHEN $3 THEN $2 ELSE available_at END WHERE id = $4",
@@ -1539,14 +1767,14 @@ impl PostgresStore {
             .execute(&mut *tx)
             .await
             .db()?;
-            insert_event(&mut tx, id, now, &expiry.event, None).await?;
+            insert_event(self.sql, &mut tx, id, now, &expiry.event, None).await?;
             if expiry.requeue {
                 recovered.push(id);
                 woken.insert(row.try_get::<String, _>("queue").db()?);
             }
         }
         for queue in &woken {
-            notify_queue(&mut tx, queue).await?;
+            notify_queue(self.sql, &mut tx, queue).await?;
         }
         tx.commit().await.db()?;
         Ok(recovered)
@@ -1560,24 +1788,26 @@ impl PostgresStore {
         counts.sort_by(|a, b| (&a.queue, a.minute).cmp(&(&b.queue, b.minute)));
         let mut tx = self.begin().await?;
         for count in &counts {
-            sqlx::query(
-                "INSERT INTO throughput (queue, minute, completed, failed, cancelled) \
+            self.sql
+                .query(
+                    "INSERT INTO throughput (queue, minute, completed, failed, cancelled) \
                  VALUES ($1, $2, $3, $4, $5) \
                  ON CONFLICT (queue, minute) DO UPDATE SET \
                  completed = throughput.completed + EXCLUDED.completed, \
                  failed = throughput.failed + EXCLUDED.failed, \
                  cancelled = throughput.cancelled + EXCLUDED.cancelled",
-            )
-            .bind(&count.queue)
-            .bind(count.minute.timestamp_millis())
-            .bind(i64::try_from(count.completed).unwrap_or(i64::MAX))
-            .bind(i64::try_from(count.failed).unwrap_or(i64::MAX))
-            .bind(i64::try_from(count.cancelled).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await
-            .db()?;
+                )
+                .bind(&count.queue)
+                .bind(count.minute.timestamp_millis())
+                .bind(i64::try_from(count.completed).unwrap_or(i64::MAX))
+                .bind(i64::try_from(count.failed).unwrap_or(i64::MAX))
+                .bind(i64::try_from(count.cancelled).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
+                .await
+                .db()?;
         }
-        sqlx::query("DELETE FROM throughput WHERE minute < $1")
+        self.sql
+            .query("DELETE FROM throughput WHERE minute < $1")
             .bind(
                 self.now()
                     .saturating_sub(millis(core_store::THROUGHPUT_KEPT)),
@@ -1597,15 +1827,16 @@ impl PostgresStore {
         deltas.sort_by(|a, b| a.0.cmp(&b.0));
         let mut tx = self.begin().await?;
         for (name, amount) in &deltas {
-            sqlx::query(
-                "INSERT INTO counters (name, value) VALUES ($1, $2) \
+            self.sql
+                .query(
+                    "INSERT INTO counters (name, value) VALUES ($1, $2) \
                  ON CONFLICT (name) DO UPDATE SET value = counters.value + EXCLUDED.value",
-            )
-            .bind(name)
-            .bind(*amount)
-            .execute(&mut *tx)
-            .await
-            .db()?;
+                )
+                .bind(name)
+                .bind(*amount)
+                .execute(&mut *tx)
+                .await
+                .db()?;
         }
         tx.commit().await.db()?;
         Ok(())
@@ -1614,19 +1845,21 @@ impl PostgresStore {
 
 /// The stages of these runs, read in one query on `conn`.
 async fn stages_of(
+    sql: Sql,
     conn: &mut PgConnection,
     runs: &[RunRecord],
 ) -> StoreResult<HashMap<RunId, Vec<StageRecord>>> {
     let ids: Vec<String> = runs.iter().map(|run| run.id.to_string()).collect();
-    let stage_rows = sqlx::query(concat!(
-        "SELECT ",
-        stage_columns!(),
-        " FROM stages WHERE run_id = ANY($1) ORDER BY run_id, idx"
-    ))
-    .bind(ids)
-    .fetch_all(&mut *conn)
-    .await
-    .db()?;
+    let stage_rows = sql
+        .query(concat!(
+            "SELECT ",
+            stage_columns!(),
+            " FROM stages WHERE run_id = ANY($1) ORDER BY run_id, idx"
+        ))
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
     let mut stages_by_run: HashMap<RunId, Vec<StageRecord>> = HashMap::new();
     for row in &stage_rows {
         let id = run_id(&row.try_get::<String, _>("run_id").db()?)?;

@@ -13,7 +13,7 @@ use stagecraft_core::{
     },
 };
 
-use crate::Db;
+use crate::{Db, Sql};
 
 pub(crate) fn json_text(value: &impl serde::Serialize) -> String {
     serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
@@ -61,29 +61,35 @@ pub(crate) fn search_text(inputs: &Value) -> String {
 
 /// A run with its stages and the sequence number of its last event, read on `conn` (a
 /// repeatable-read transaction, or a write transaction that holds the run's row).
-pub(crate) async fn read_run(conn: &mut PgConnection, id: RunId) -> StoreResult<Option<RunRecord>> {
-    let row = sqlx::query(concat!(
-        "SELECT ",
-        run_columns!(),
-        ", (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = runs.id) AS event_seq \
+pub(crate) async fn read_run(
+    sql: Sql,
+    conn: &mut PgConnection,
+    id: RunId,
+) -> StoreResult<Option<RunRecord>> {
+    let row = sql
+        .query(concat!(
+            "SELECT ",
+            run_columns!(),
+            ", (SELECT COALESCE(MAX(seq), 0) FROM events e WHERE e.run_id = runs.id) AS event_seq \
          FROM runs WHERE id = $1"
-    ))
-    .bind(id.to_string())
-    .fetch_optional(&mut *conn)
-    .await
-    .db()?;
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await
+        .db()?;
     let Some(row) = row else { return Ok(None) };
     let mut run = run_from_row(&row)?;
     run.event_seq = row.try_get("event_seq").db()?;
-    let stages = sqlx::query(concat!(
-        "SELECT ",
-        stage_columns!(),
-        " FROM stages WHERE run_id = $1 ORDER BY idx"
-    ))
-    .bind(id.to_string())
-    .fetch_all(&mut *conn)
-    .await
-    .db()?;
+    let stages = sql
+        .query(concat!(
+            "SELECT ",
+            stage_columns!(),
+            " FROM stages WHERE run_id = $1 ORDER BY idx"
+        ))
+        .bind(id.to_string())
+        .fetch_all(&mut *conn)
+        .await
+        .db()?;
     run.stages = stages
         .iter()
         .map(stage_from_row)

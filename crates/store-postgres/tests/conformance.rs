@@ -21,7 +21,7 @@ use stagecraft_core::{
     store::{NewRun, RunError, RunStore, SharedStore, StageOutcome, StoreError},
     testing::{Fixture, workflow_run},
 };
-use stagecraft_store_postgres::PostgresStore;
+use stagecraft_store_postgres::{PoolMode, PostgresOptions, PostgresStore};
 
 #[path = "../../../tests/it/support/postgres.rs"]
 mod server;
@@ -40,6 +40,82 @@ async fn open() -> Fixture {
 }
 
 stagecraft_core::store_conformance!(open);
+
+/// A store on `url` (a database of the shared server) through the shared PgBouncer in
+/// transaction mode, with `direct` as its direct URL.
+async fn pooled(url: &str, direct: Option<&str>) -> SharedStore {
+    let options = PostgresOptions {
+        url: server::bouncer().url_of(url),
+        mode: PoolMode::Transaction,
+        direct_url: direct.map(str::to_owned),
+    };
+    let store = PostgresStore::connect(&options, Arc::new(SystemClock))
+        .await
+        .expect("the store opens through the pooler");
+    Arc::new(store)
+}
+
+/// The whole suite again through PgBouncer in transaction mode, migrated and woken up
+/// through the direct URL.
+mod through_a_transaction_pooler {
+    use super::*;
+
+    async fn open() -> Fixture {
+        let (url, guard) = fresh_database().await;
+        Fixture {
+            store: pooled(&url, Some(&url)).await,
+            guard,
+        }
+    }
+
+    stagecraft_core::store_conformance!(open);
+}
+
+/// Without a direct URL a store behind a transaction-mode pooler cannot migrate: it refuses
+/// to start on a schema that lacks a migration, naming the setting that fixes it; once the
+/// schema is migrated, it works, and its idle workers poll (no `LISTEN` through the pooler).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_direct_url_a_pooled_store_needs_a_migrated_schema_and_polls() {
+    let (url, _guard) = fresh_database().await;
+    let options = PostgresOptions {
+        url: server::bouncer().url_of(&url),
+        mode: PoolMode::Transaction,
+        direct_url: None,
+    };
+    match PostgresStore::connect(&options, Arc::new(SystemClock)).await {
+        Err(StoreError::Migrate(message)) => {
+            assert!(message.contains("DATABASE_DIRECT_URL"), "{message}");
+        }
+        other => panic!("expected a migration error, got {:?}", other.map(|_| ())),
+    }
+    let direct = PostgresStore::open(&url, Arc::new(SystemClock))
+        .await
+        .expect("migrated directly");
+    let store = pooled(&url, None).await;
+    let queues = vec!["polled".to_owned()];
+    // Nothing due: the wait is the whole poll.
+    let started = Instant::now();
+    store
+        .wait_for_work(&queues, Duration::from_millis(300))
+        .await;
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    let id = direct
+        .insert_run(noop_run("polled"))
+        .await
+        .expect("insert")
+        .0
+        .id;
+    // Due: the wait returns at once, and the run is claimed through the pooler.
+    let started = Instant::now();
+    store.wait_for_work(&queues, Duration::from_secs(30)).await;
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let worker = WorkerId::from("pooled".to_owned());
+    let claimed = store.claim(&queues, &worker, TTL, 4).await.expect("claim");
+    assert_eq!(
+        claimed.iter().map(|c| c.run.id).collect::<Vec<_>>(),
+        vec![id]
+    );
+}
 
 const TTL: Duration = Duration::from_secs(30);
 
@@ -71,6 +147,23 @@ fn a_case_database_keeps_the_server_user_and_options() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claimers_in_two_processes_take_each_run_once() {
     let (one, other, _guard) = two_stores().await;
+    claimers_take_each_run_once(one, other).await;
+}
+
+/// Behind PgBouncer in transaction mode (four server connections for every client), where
+/// named statements of different clients would collide and a statement's parse and bind could
+/// reach different server connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claimers_through_a_transaction_pooler_take_each_run_once() {
+    let (url, guard) = fresh_database().await;
+    let one = pooled(&url, Some(&url)).await;
+    let other = pooled(&url, None).await;
+    claimers_take_each_run_once(one, other).await;
+    drop(guard);
+}
+
+/// Eight claimers, half on each store, take 40 runs: each exactly once.
+async fn claimers_take_each_run_once(one: SharedStore, other: SharedStore) {
     let mut ids = Vec::new();
     for _ in 0..40 {
         ids.push(one.insert_run(noop_run("race")).await.expect("insert").0.id);

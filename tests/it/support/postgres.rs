@@ -714,3 +714,110 @@ fn uuid_like() -> String {
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
 }
+
+/// A PgBouncer in transaction mode (`pool_mode = transaction`) in front of the shared server,
+/// one per test binary: a server connection is a client's for one transaction only, and a few
+/// server connections serve every client, so clients share them as behind a production pooler.
+pub struct Bouncer {
+    /// The pooler's port on 127.0.0.1.
+    pub port: u16,
+}
+
+/// The shared server's bouncer, started on first use; stopped by a watchdog shell once this
+/// test binary has exited.
+pub fn bouncer() -> &'static Bouncer {
+    static BOUNCER: OnceLock<Bouncer> = OnceLock::new();
+    BOUNCER.get_or_init(|| Bouncer::start(&server().admin_url))
+}
+
+impl Bouncer {
+    fn start(admin_url: &str) -> Self {
+        let (host, port) = host_and_port(admin_url);
+        let root = is_root();
+        let dir = scratch_dir("stagecraft-pgbouncer-", root);
+        let listen = free_port();
+        let user = admin_url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .map_or("postgres", |(user, _)| {
+                user.split(':').next().unwrap_or(user)
+            });
+        // Trust both ways: the test server trusts loopback, and clients name the user.
+        let ini = format!(
+            "[databases]\n* = host={host} port={port}\n\n[pgbouncer]\nlisten_addr = 127.0.0.1\n\
+             listen_port = {listen}\nunix_socket_dir =\nauth_type = trust\nauth_file = {dir}/users.txt\n\
+             pool_mode = transaction\ndefault_pool_size = 4\nmax_client_conn = 1000\n\
+             ignore_startup_parameters = extra_float_digits\nlogfile = {dir}/pgbouncer.log\n",
+            dir = dir.display(),
+        );
+        std::fs::write(dir.join("pgbouncer.ini"), ini).expect("pgbouncer.ini");
+        std::fs::write(dir.join("users.txt"), format!("\"{user}\" \"\"\n")).expect("users.txt");
+        let script = format!(
+            "{pgbouncer} {run_as}{ini} & r=$!; \
+             while kill -0 {pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
+             kill -INT $r 2>/dev/null; wait $r; rm -rf {dir}",
+            pgbouncer = quoted(&pgbouncer_binary()),
+            // PgBouncer refuses to run as root; -u drops to the postgres user first.
+            run_as = if root { "-u postgres " } else { "" },
+            ini = quoted(&dir.join("pgbouncer.ini")),
+            dir = quoted(&dir),
+            pid = std::process::id(),
+        );
+        let watchdog = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("sh could not be started");
+        std::mem::forget(watchdog);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "pgbouncer did not start on port {listen}:\n{}",
+                std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Self { port: listen }
+    }
+
+    /// `database_url` (a database of the shared server) as reached through the pooler.
+    pub fn url_of(&self, database_url: &str) -> String {
+        let (host, port) = host_and_port(database_url);
+        database_url.replacen(
+            &format!("{host}:{port}"),
+            &format!("127.0.0.1:{}", self.port),
+            1,
+        )
+    }
+}
+
+/// `pgbouncer`: on `PATH`, else where Debian installs it.
+fn pgbouncer_binary() -> PathBuf {
+    let on_path = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join("pgbouncer"))
+            .find(|candidate| candidate.is_file())
+    });
+    on_path
+        .or_else(|| Some(PathBuf::from("/usr/sbin/pgbouncer")).filter(|p| p.is_file()))
+        .unwrap_or_else(|| {
+            panic!(
+                "pgbouncer was found neither on PATH nor in /usr/sbin: apt-get install pgbouncer"
+            )
+        })
+}
+
+/// The host and port of a `postgres://user@host:port/db` URL.
+fn host_and_port(url: &str) -> (String, u16) {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, rest)| rest);
+    let authority = rest.split(['/', '?']).next().unwrap_or(rest);
+    match authority.rsplit_once(':') {
+        Some((host, port)) => (host.to_owned(), port.parse().expect("a port")),
+        None => (authority.to_owned(), 5432),
+    }
+}
