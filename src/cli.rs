@@ -303,7 +303,11 @@ where
     loop {
         match open().await {
             Ok(store) => return Ok(store),
-            Err(error) if std::time::Instant::now() < deadline => {
+            // Only a server that cannot be reached (or is starting) is waited for: a refusal
+            // (credentials, a schema to migrate) is final.
+            Err(error @ crate::store::StoreError::Unavailable(_))
+                if std::time::Instant::now() < deadline =>
+            {
                 tracing::warn!(error = %error, server = %shown, "{what} not reachable yet; retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));

@@ -1,6 +1,7 @@
 //! What only the PostgreSQL store has to show: the API and workers riding out a restart of the
 //! database (a server of the test's own), losing no accepted run; and a failover to a
-//! synchronous standby, under load, losing nothing acknowledged.
+//! synchronous standby, under load, losing nothing acknowledged; and the processes behind
+//! PgBouncer in transaction mode.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -15,7 +16,9 @@ use serde_json::{Value, json};
 
 use crate::support::{
     Backend, TestApp,
-    postgres::{FrontDoor, PostgresPair, PostgresServer, fresh_database_on},
+    postgres::{
+        FrontDoor, PostgresPair, PostgresServer, bouncer, fresh_database, fresh_database_on,
+    },
     stage,
 };
 
@@ -386,4 +389,47 @@ fn check_acknowledged(ledger: &[String], events: &[Value], loss: &mut Loss) {
             loss.lost_starts += 1;
         }
     }
+}
+
+/// The processes configured for PgBouncer in transaction mode (`DATABASE_POOL_MODE=transaction`)
+/// with no direct URL: `stagecraft migrate` refuses, naming `DATABASE_DIRECT_URL`, and migrates
+/// with it; then the API and two workers (idle ones polling: no `LISTEN` through the pooler)
+/// run every submitted run to completion through the pooler.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_and_workers_run_behind_a_transaction_mode_pooler() {
+    let (url, _database) = fresh_database().await;
+    let mut app = TestApp::new(Backend::Postgres)
+        .with_env("DATABASE_URL", &bouncer().url_of(&url))
+        .with_env("DATABASE_POOL_MODE", "transaction");
+    let refused = app.command(&["migrate"]).output().expect("migrate runs");
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{said}");
+    assert!(said.contains("DATABASE_DIRECT_URL"), "{said}");
+    let migrated = app
+        .command(&["migrate"])
+        .env("DATABASE_DIRECT_URL", &url)
+        .output()
+        .expect("migrate runs");
+    assert!(
+        migrated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+    app.start_api();
+    app.start_worker();
+    app.start_worker();
+    let (status, health) = app.get("/health").await;
+    assert_eq!(
+        (status, health["backend"].as_str()),
+        (200, Some("postgres"))
+    );
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(app.submit_demo(json!({"sleep_ms": 20 * (i % 3)})).await);
+    }
+    for id in &ids {
+        app.wait_status(id, "completed", Duration::from_secs(60))
+            .await;
+    }
+    assert_all_running(&mut app, "after the runs");
 }
