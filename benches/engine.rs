@@ -5,11 +5,13 @@
 //! Sizes: BENCH_RUNS (SQLite drain, default 5000), BENCH_REDIS_RUNS (Redis drain, 20000),
 //! BENCH_SUBMITS (HTTP submits, 10000), BENCH_LATENCY_RUNS (200), BENCH_REPEATS (3).
 //! BENCH_ONLY=sqlite|redis|postgres runs one backend (postgres: BENCH_PG_RUNS, 20000, on a
-//! `postgres` the bench starts as the tests do), BENCH_ONLY=redis-drain only the Redis drain;
+//! `postgres` the bench starts as the tests do), BENCH_ONLY=redis-drain|postgres-drain only that
+//! store's drains;
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
 //! BENCH_ONLY=streams measures only submissions beside open event streams (BENCH_STREAMS, 500;
 //! BENCH_STREAM_SUBMITS, 3000) on both stores. BENCH_ONLY=list measures only the run list with
-//! BENCH_LIST_RUNS (1,000,000) stored runs on both stores (`engine/list.rs`). BENCH_ONLY=scale
+//! BENCH_LIST_RUNS (1,000,000) stored runs on SQLite, Redis and PostgreSQL (BENCH_LIST_STORES,
+//! e.g. `postgres`, picks some; `engine/list.rs`). BENCH_ONLY=scale
 //! measures what scaling out costs: durable acknowledgements on a replicated Redis, and a
 //! studio run with artifacts in object storage (`engine/scale.rs`).
 //!
@@ -1154,6 +1156,17 @@ async fn main() {
     }
     if only == "redis-drain" {
         redis_section(repeats, true).await;
+    }
+    if only == "postgres-drain" {
+        let mut rows = BTreeMap::new();
+        drain_rows(
+            &mut rows,
+            Backend::Postgres,
+            env_number("BENCH_PG_RUNS", 20_000),
+            repeats,
+        )
+        .await;
+        print_table(&format!("PostgreSQL drains (medians of {repeats})"), &rows);
     }
     if only == "streams" {
         let mut rows = BTreeMap::new();

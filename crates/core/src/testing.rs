@@ -588,7 +588,7 @@ pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &
             id,
             FromStage::Auto,
             ResumeChanges {
-                inputs: Some(json!({"n": 2})),
+                inputs: Some(json!({"n": 2, "note": "amended"})),
                 budget_usd: None,
                 actor: Actor::default(),
             },
@@ -596,7 +596,17 @@ pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &
         .await
         .expect("resume");
     assert_eq!(resumed.status, RunStatus::Queued);
-    assert_eq!(resumed.inputs, json!({"n": 2}));
+    assert_eq!(resumed.inputs, json!({"n": 2, "note": "amended"}));
+    // The input search sees the new inputs.
+    let found = store
+        .list_runs(&RunFilter {
+            input_text: Some("amended".into()),
+            limit: 10,
+            ..RunFilter::default()
+        })
+        .await
+        .expect("search");
+    assert_eq!(found.runs.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
     assert_eq!(resumed.stages[0].status, StageStatus::Completed);
     assert_eq!(resumed.stages[1].status, StageStatus::Pending);
     assert!(resumed.error.is_none() && resumed.finished_at.is_none());

@@ -35,6 +35,8 @@ macro_rules! stage_columns {
 
 mod rows;
 
+pub use rows::search_text;
+
 use std::{
     collections::{BTreeSet, HashMap},
     str::FromStr,
@@ -44,9 +46,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rows::{
-    count, json_text, parse_json, read_run, run_from_row, run_id, search_text, stage_from_row,
-};
+use rows::{count, json_text, parse_json, read_run, run_from_row, run_id, stage_from_row};
 use serde_json::Value;
 use sqlx::{
     PgConnection, Postgres, QueryBuilder, Row,
@@ -1187,9 +1187,9 @@ impl PostgresStore {
         // A submission with the same key committed since the check waits for it and inserts
         // nothing (the key's unique index), instead of failing.
         let inserted = self.sql.query(
-            "INSERT INTO runs (id, kind, name, queue, inputs, search_text, status, provider_mode, \
+            "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, \
              budget_micros, available_at, idempotency_key, idempotency_hash, created_at, updated_at, reuse) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $10, $10, $13) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12) \
              ON CONFLICT (idempotency_key) DO NOTHING",
         )
         .bind(run.id.to_string())
@@ -1197,7 +1197,6 @@ impl PostgresStore {
         .bind(&run.name)
         .bind(&run.queue)
         .bind(run.inputs.to_string())
-        .bind(search_text(&run.inputs))
         .bind(RunStatus::Queued.as_str())
         .bind(run.provider_mode.as_str())
         .bind(run.budget_usd.map(Usd::micros))
@@ -1228,13 +1227,15 @@ impl PostgresStore {
         }
         self.sql
             .query(
-                "INSERT INTO stages (run_id, idx, name, status) \
+                "WITH searchable AS (INSERT INTO run_search (run_id, search_text) VALUES ($1, $4)) \
+             INSERT INTO stages (run_id, idx, name, status) \
              SELECT $1, stage.n - 1, stage.name, $2 \
              FROM UNNEST($3::text[]) WITH ORDINALITY AS stage (name, n)",
             )
             .bind(run.id.to_string())
             .bind(StageStatus::Pending.as_str())
             .bind(run.stage_names.clone())
+            .bind(search_text(&run.inputs))
             .execute(&mut *tx)
             .await
             .db()?;
@@ -1676,13 +1677,12 @@ impl PostgresStore {
         let updated = self.sql.query(
             "UPDATE runs SET status = $1, available_at = $2, updated_at = $2, result = NULL, error = NULL, \
              finished_at = NULL, cancel_requested = FALSE, current_stage = NULL, lease_owner = NULL, \
-             lease_expires_at = NULL, inputs = COALESCE($3, inputs), search_text = COALESCE($4, search_text), \
-             budget_micros = COALESCE($5, budget_micros) WHERE id = $6 AND status = $7",
+             lease_expires_at = NULL, inputs = COALESCE($3, inputs), \
+             budget_micros = COALESCE($4, budget_micros) WHERE id = $5 AND status = $6",
         )
         .bind(status.as_str())
         .bind(now)
         .bind(changes.inputs.as_ref().map(Value::to_string))
-        .bind(changes.inputs.as_ref().map(search_text))
         .bind(changes.budget_usd.map(Usd::micros))
         .bind(id.to_string())
         .bind(run.status.as_str())
@@ -1695,6 +1695,15 @@ impl PostgresStore {
             return Err(StoreError::Conflict(format!(
                 "run {id} changed while resuming; try again"
             )));
+        }
+        if let Some(inputs) = &changes.inputs {
+            self.sql
+                .query("UPDATE run_search SET search_text = $1 WHERE run_id = $2")
+                .bind(search_text(inputs))
+                .bind(id.to_string())
+                .execute(&mut *tx)
+                .await
+                .db()?;
         }
         reset_stages_from(self.sql, &mut tx, id, from_idx, !forget_steps).await?;
         if forget_steps {
@@ -1936,9 +1945,9 @@ fn filtered(query: &mut QueryBuilder<Postgres>, filter: &RunFilter, with_cursor:
             return;
         }
         query
-            .push("search_text ILIKE ")
+            .push("id IN (SELECT run_id FROM run_search WHERE search_text ILIKE ")
             .push_bind(contains_pattern(text))
-            .push(" ESCAPE '\\'");
+            .push(" ESCAPE '\\')");
     }
 }
 
