@@ -260,27 +260,7 @@ impl PostgresServer {
             port = self.port,
             pid = std::process::id(),
         );
-        // Not waited for: the watchdog outlives no test binary, and stops the server itself.
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(&self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sh could not be started");
-        std::mem::forget(watchdog);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "postgres did not start on port {}:\n{}",
-                self.port,
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        watch(&script, &self.dir, self.port, "postgres", || self.log());
     }
 
     fn log_path(&self) -> PathBuf {
@@ -763,24 +743,9 @@ impl Bouncer {
             dir = quoted(&dir),
             pid = std::process::id(),
         );
-        let watchdog = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("sh could not be started");
-        std::mem::forget(watchdog);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", listen)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "pgbouncer did not start on port {listen}:\n{}",
-                std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        watch(&script, &dir, listen, "pgbouncer", || {
+            std::fs::read_to_string(dir.join("pgbouncer.log")).unwrap_or_default()
+        });
         Self { port: listen }
     }
 
@@ -819,5 +784,31 @@ fn host_and_port(url: &str) -> (String, u16) {
     match authority.rsplit_once(':') {
         Some((host, port)) => (host.to_owned(), port.parse().expect("a port")),
         None => (authority.to_owned(), 5432),
+    }
+}
+
+/// Runs `script` (which starts a server, waits while this test binary lives, then stops it) in
+/// `dir` (the server's own, which its user may enter), in a shell not waited for: the watchdog
+/// outlives no test binary and stops the server itself. Returns once the server accepts
+/// connections on `port`; fails with its `log` after 30 s.
+fn watch(script: &str, dir: &Path, port: u16, what: &str, log: impl Fn() -> String) {
+    let watchdog = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("sh could not be started");
+    std::mem::forget(watchdog);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not start on port {port}:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }

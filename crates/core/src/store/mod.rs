@@ -10,6 +10,7 @@
 //! the embedded one, and `stagecraft-store-redis`).
 
 pub mod kernel;
+pub mod stored;
 
 use std::{sync::Arc, time::Duration};
 
