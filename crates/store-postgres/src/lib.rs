@@ -1190,7 +1190,7 @@ impl PostgresStore {
             "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, \
              budget_micros, available_at, idempotency_key, idempotency_hash, created_at, updated_at, reuse) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $9, $9, $12) \
-             ON CONFLICT (idempotency_key) DO NOTHING",
+             ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
         )
         .bind(run.id.to_string())
         .bind(run.kind.as_str())
