@@ -473,3 +473,36 @@ async fn make_dev_awo_runs_the_stack_as_processes_scales_and_stops_cleanly() {
         }
     }
 }
+
+/// The images build their dependencies first from the manifests alone: every crate of the
+/// workspace must be there (its manifest copied, an empty library made), or the build fails
+/// the day a crate is added.
+#[test]
+fn the_images_build_every_crate_of_the_workspace() {
+    let crates: Vec<String> = std::fs::read_dir(Path::new(ROOT).join("crates"))
+        .expect("crates/")
+        .flatten()
+        .filter(|entry| entry.path().join("Cargo.toml").is_file())
+        .filter_map(|entry| entry.file_name().to_str().map(str::to_owned))
+        .collect();
+    assert!(crates.len() >= 5, "{crates:?}");
+    for file in ["docker/Dockerfile.prod", "docker/Dockerfile.awo"] {
+        let text = std::fs::read_to_string(Path::new(ROOT).join(file)).expect("dockerfile");
+        let made = text
+            .lines()
+            .find_map(|line| line.split_once("for crate in ")?.1.split_once("; do"))
+            .map(|(list, _)| list.split_whitespace().collect::<Vec<_>>())
+            .unwrap_or_else(|| panic!("{file} makes no crate libraries"));
+        for name in &crates {
+            let copy = format!("COPY crates/{name}/Cargo.toml crates/{name}/");
+            assert!(
+                text.contains(&copy),
+                "{file} does not copy {name}'s manifest"
+            );
+            assert!(
+                made.contains(&name.as_str()),
+                "{file} does not make {name}'s library"
+            );
+        }
+    }
+}
