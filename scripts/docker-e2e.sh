@@ -10,6 +10,8 @@
 # byte range). Then the high-availability stack (docker-compose.ha.yml: two replicas, three
 # sentinels, durable acknowledgements): runs submitted, the Redis primary SIGKILLed, and every
 # accepted run completes on the replica Sentinel promotes, the API and workers following it.
+# Then the production stack on PostgreSQL (the `postgres` profile): runs submitted, a worker
+# SIGKILLed and the database restarted, and every accepted run completes.
 # Reports each image's size. The stacks are taken down at the end, whatever happens.
 #
 # Variables: E2E_PORT (18080), E2E_LOCAL_BASE (1), GH_SOURCE (debian: the GitHub CLI from
@@ -47,13 +49,16 @@ compose=("${compose_cmd[@]}" -p "$project" -f docker/docker-compose.prod.yml -f 
 
 ha=("${compose_cmd[@]}" -p "$project-ha" -f docker/docker-compose.prod.yml -f docker/docker-compose.ha.yml
   --env-file "$work/e2e.env")
+pg=("${compose_cmd[@]}" -p "$project-pg" -f docker/docker-compose.prod.yml --env-file "$work/pg.env"
+  --profile postgres)
 
 cleanup() {
   if [ "${E2E_KEEP:-0}" = 1 ]; then
-    echo "the stacks are still up: ${compose[*]} down -v; ${ha[*]} down -v"
+    echo "the stacks are still up: ${compose[*]} down -v; ${ha[*]} down -v; ${pg[*]} down -v"
   else
     "${compose[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
     "${ha[@]}" down -v --remove-orphans >/dev/null 2>&1 || true
+    [ -f "$work/pg.env" ] && { "${pg[@]}" down -v --remove-orphans >/dev/null 2>&1 || true; }
     rm -rf "$work"
   fi
 }
@@ -207,5 +212,47 @@ done
 followed=$("${ha[@]}" logs api worker 2>&1 | grep -c "following the new Redis primary" || true)
 [ "$followed" -ge 3 ] || fail "the API and both workers should have followed the new primary ($followed did)"
 echo "every accepted run completed; $followed processes followed the new primary"
+
+say "PostgreSQL: the production stack on the postgres profile, a worker and the database restarted"
+"${ha[@]}" down -v --remove-orphans >/dev/null 2>&1
+pgpass=$(head -c 18 /dev/urandom | od -An -tx1 | tr -d ' \n')
+cat "$work/e2e.env" >"$work/pg.env"
+cat >>"$work/pg.env" <<EOF
+QUEUE_BACKEND=postgres
+POSTGRES_PASSWORD=$pgpass
+DATABASE_URL=postgres://stagecraft:$pgpass@postgres:5432/stagecraft
+EOF
+"${pg[@]}" up -d --scale worker=2 >/dev/null 2>&1
+for _ in $(seq 1 120); do
+  curl -fsS "http://127.0.0.1:$port/health" >/dev/null 2>&1 && break
+  sleep 1
+done
+backend=$(curl -fsS "http://127.0.0.1:$port/health" | field 'd["backend"]') || fail "the API on PostgreSQL never answered /health"
+[ "$backend" = postgres ] || fail "/health names the backend $backend"
+ids=()
+for i in $(seq 1 20); do
+  id=$(submit_demo "pg-$i") || fail "run pg-$i was never accepted"
+  ids+=("$id")
+done
+worker=$(docker ps -q --filter "label=com.docker.compose.project=$project-pg" --filter "label=com.docker.compose.service=worker" | head -n 1)
+docker kill --signal KILL "$worker" >/dev/null
+database=$(docker ps -q --filter "label=com.docker.compose.project=$project-pg" --filter "label=com.docker.compose.service=postgres")
+docker restart "$database" >/dev/null
+echo "killed a worker ($worker) and restarted the database with ${#ids[@]} runs accepted"
+"${pg[@]}" up -d --no-recreate --scale worker=2 worker >/dev/null 2>&1
+for i in $(seq 21 40); do
+  id=$(submit_demo "pg-$i") || fail "run pg-$i was never accepted after the restart: $(curl -s "http://127.0.0.1:$port/health")"
+  ids+=("$id")
+done
+for _ in $(seq 1 120); do
+  pending=0
+  for id in "${ids[@]}"; do
+    [ "$(api "http://127.0.0.1:$port/runs/$id" | field 'd["status"]')" = completed ] || pending=$((pending + 1))
+  done
+  [ "$pending" -eq 0 ] && break
+  sleep 1
+done
+[ "$pending" -eq 0 ] || fail "$pending accepted runs did not complete on PostgreSQL"
+echo "every one of the ${#ids[@]} accepted runs completed on PostgreSQL"
 
 say "docker-e2e passed"

@@ -5,6 +5,9 @@
 #   rust:1.95-slim-bookworm        that root, a C compiler, and this host's Rust toolchain
 #   node:22.11.0-bookworm-slim     that root, Node and npm from the npm registry's packages
 #   redis:7.2.6-alpine             that root and Debian's redis-server and redis-sentinel (7.0)
+#   postgres:16.4-bookworm         that root and Debian's PostgreSQL (15), with an entrypoint that
+#                                  does what the official image's does with POSTGRES_USER,
+#                                  POSTGRES_PASSWORD and POSTGRES_DB
 #
 # This host's extra CA certificates (/usr/local/share/ca-certificates) are copied into each, so
 # that crates, Debian packages and npm packages download inside builds behind a proxy that
@@ -19,6 +22,7 @@ NODE_IMAGE=node:22.11.0-bookworm-slim
 NODE_VERSION=22.11.0
 NPM_VERSION=10.9.0
 REDIS_IMAGE=redis:7.2.6-alpine
+POSTGRES_IMAGE=postgres:16.4-bookworm
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 
 for tool in docker debootstrap npm rustc; do
@@ -117,5 +121,54 @@ EOF
   docker build -q -t "$REDIS_IMAGE" "$context" >/dev/null
 fi
 
+if ! have "$POSTGRES_IMAGE"; then
+  echo "== $POSTGRES_IMAGE (Debian's PostgreSQL under the name compose uses)"
+  context="$work/postgres"
+  mkdir -p "$context"
+  # As the official image does: a new data directory is initialised with POSTGRES_USER and
+  # POSTGRES_PASSWORD (refused without one), POSTGRES_DB is created, other containers connect
+  # with the password (scram-sha-256), and the server runs as the postgres user.
+  cat >"$context/entrypoint.sh" <<'EOF'
+#!/bin/sh
+set -eu
+[ "${1:-}" = postgres ] || exec "$@"
+shift
+bin=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+data=${PGDATA:-/var/lib/postgresql/data}
+user=${POSTGRES_USER:-postgres}
+mkdir -p "$data" /var/run/postgresql
+chown -R postgres:postgres "$data" /var/run/postgresql
+chmod 700 "$data"
+if [ ! -s "$data/PG_VERSION" ]; then
+  [ -n "${POSTGRES_PASSWORD:-}" ] || { echo "POSTGRES_PASSWORD must be set" >&2; exit 1; }
+  pwfile=$(mktemp)
+  printf '%s' "$POSTGRES_PASSWORD" >"$pwfile"
+  chown postgres "$pwfile"
+  runuser -u postgres -- "$bin/initdb" -D "$data" -U "$user" --pwfile="$pwfile" \
+    --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+  rm -f "$pwfile"
+  echo "host all all all scram-sha-256" >>"$data/pg_hba.conf"
+  db=${POSTGRES_DB:-$user}
+  if [ "$db" != postgres ]; then
+    runuser -u postgres -- "$bin/pg_ctl" -D "$data" -o "-c listen_addresses=" -w start >/dev/null
+    runuser -u postgres -- "$bin/psql" -q -U "$user" -d postgres -c "CREATE DATABASE \"$db\""
+    runuser -u postgres -- "$bin/pg_ctl" -D "$data" -m fast -w stop >/dev/null
+  fi
+fi
+exec runuser -u postgres -- "$bin/postgres" -D "$data" -c listen_addresses='*' "$@"
+EOF
+  chmod +x "$context/entrypoint.sh"
+  cat >"$context/Dockerfile" <<EOF
+FROM $DEBIAN_IMAGE
+RUN apt-get update && apt-get install -y --no-install-recommends postgresql postgresql-client \\
+    && rm -rf /var/lib/apt/lists/*
+COPY entrypoint.sh /usr/local/bin/postgres-entrypoint.sh
+STOPSIGNAL SIGINT
+ENTRYPOINT ["/usr/local/bin/postgres-entrypoint.sh"]
+CMD ["postgres"]
+EOF
+  docker build -q -t "$POSTGRES_IMAGE" "$context" >/dev/null
+fi
+
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' |
-  grep -E "^($DEBIAN_IMAGE|$RUST_IMAGE|$NODE_IMAGE|$REDIS_IMAGE) "
+  grep -E "^($DEBIAN_IMAGE|$RUST_IMAGE|$NODE_IMAGE|$REDIS_IMAGE|$POSTGRES_IMAGE) "
