@@ -6,7 +6,7 @@
 //! BENCH_SUBMITS (HTTP submits, 10000), BENCH_LATENCY_RUNS (200), BENCH_REPEATS (3).
 //! BENCH_ONLY=sqlite|redis|postgres runs one backend (postgres: BENCH_PG_RUNS, 20000, on a
 //! `postgres` the bench starts as the tests do), BENCH_ONLY=redis-drain|postgres-drain only that
-//! store's drains;
+//! store's drains, BENCH_ONLY=drains the three stores' drains alternated on the same minutes;
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
 //! BENCH_ONLY=streams measures only submissions beside open event streams (BENCH_STREAMS, 500;
 //! BENCH_STREAM_SUBMITS, 3000) on both stores. BENCH_ONLY=list measures only the run list with
@@ -1131,6 +1131,54 @@ impl PeerMeasures {
     }
 }
 
+/// The three stores' drains alternated on the same minutes, 1 and 2 worker processes each
+/// (`BENCH_ONLY=drains`): the comparison the README's store table gives.
+async fn drains_section(repeats: usize) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(dir.path());
+    let stores = [
+        (Backend::Sqlite, "SQLite", env_number("BENCH_RUNS", 5000)),
+        (
+            Backend::Redis,
+            "Redis",
+            env_number("BENCH_REDIS_RUNS", 20_000),
+        ),
+        (
+            Backend::Postgres,
+            "PostgreSQL",
+            env_number("BENCH_PG_RUNS", 20_000),
+        ),
+    ];
+    let mut rates: BTreeMap<(usize, usize), Vec<f64>> = BTreeMap::new();
+    for _ in 0..repeats {
+        for (i, (backend, _, runs)) in stores.iter().enumerate() {
+            for workers in [1, 2] {
+                let server = matches!(backend, Backend::Redis).then_some(&redis);
+                let drained = drain(*backend, server, *runs, workers).await;
+                rates.entry((i, workers)).or_default().push(drained.rate);
+            }
+        }
+    }
+    let mut rows = BTreeMap::new();
+    for ((i, workers), mut found) in rates {
+        let (_, name, runs) = stores[i];
+        eprintln!("{name} drain with {workers} worker(s): {found:.0?} runs/s");
+        rows.insert(
+            i * 2 + workers - 1,
+            (
+                format!(
+                    "{name}: drain, {runs} queued noop runs, {workers} worker process(es) × 16"
+                ),
+                format!("{:.0} runs/s", median(&mut found)),
+            ),
+        );
+    }
+    print_table(
+        &format!("Drains of the three stores, alternated (medians of {repeats})"),
+        &rows,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let repeats = env_number("BENCH_REPEATS", 3).max(1);
@@ -1156,6 +1204,9 @@ async fn main() {
     }
     if only == "redis-drain" {
         redis_section(repeats, true).await;
+    }
+    if only == "drains" {
+        drains_section(repeats).await;
     }
     if only == "postgres-drain" {
         let mut rows = BTreeMap::new();

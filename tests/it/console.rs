@@ -188,12 +188,31 @@ async fn submit_slow_demo(app: &TestApp) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_from_the_console_stops_a_running_run() {
-    let mut app = TestApp::new(Backend::Sqlite);
+    cancel_from_the_console(Backend::Sqlite).await;
+}
+
+/// The console on the PostgreSQL store: the run list shows the run, its page follows it live
+/// (the lease and the worker's heartbeat), and Cancel stops it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_follows_and_cancels_a_run_on_postgres() {
+    cancel_from_the_console(Backend::Postgres).await;
+}
+
+async fn cancel_from_the_console(backend: Backend) {
+    let mut app = TestApp::new(backend);
     app.start_dev();
     let id = submit_slow_demo(&app).await;
     app.wait_executing(&id, "one", Duration::from_secs(30))
         .await;
     let browser = Browser::start().await;
+    browser.goto(&app.url("/ui")).await;
+    browser
+        .wait_until(
+            "the run list shows the run",
+            &format!("return !!document.querySelector(\"a[href='/ui/runs/{id}']\");"),
+            Duration::from_secs(30),
+        )
+        .await;
     browser.goto(&app.url(&format!("/ui/runs/{id}"))).await;
     browser
         .wait_until(
