@@ -253,9 +253,10 @@ enum Role {
 async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
     match config.backend {
         BackendKind::Sqlite => {
-            let store = SqliteStore::open(&config.database_url, Arc::new(SystemClock))
+            let url = config.database_url.expose_secret();
+            let store = SqliteStore::open(url, Arc::new(SystemClock))
                 .await
-                .with_context(|| format!("opening the store at {}", config.database_url))?;
+                .with_context(|| format!("opening the store at {}", redact_url(url)))?;
             Ok(Arc::new(store))
         }
         BackendKind::Redis => {
@@ -274,9 +275,12 @@ async fn open_store(config: &Config) -> anyhow::Result<SharedStore> {
         }
         BackendKind::Postgres => {
             let options = PostgresOptions {
-                url: config.database_url.clone(),
+                url: config.database_url.expose_secret().to_owned(),
                 mode: config.database_pool_mode,
-                direct_url: config.database_direct_url.clone(),
+                direct_url: config
+                    .database_direct_url
+                    .as_ref()
+                    .map(|url| url.expose_secret().to_owned()),
             };
             let shown = redact_url(&options.url);
             let opened = retry_while_starting("PostgreSQL", &shown, || {

@@ -134,12 +134,12 @@ pub struct Config {
     /// Which durable store carries runs.
     pub backend: BackendKind,
     /// The SQLite or PostgreSQL database URL (may carry a password: never log it unredacted).
-    pub database_url: String,
+    pub database_url: SecretString,
     /// How `database_url` reaches PostgreSQL: directly (or a session-mode pooler) or through a
     /// transaction-mode pooler.
     pub database_pool_mode: PoolMode,
     /// PostgreSQL itself, past a transaction-mode pooler (may carry a password).
-    pub database_direct_url: Option<String>,
+    pub database_direct_url: Option<SecretString>,
     /// The Redis URL (may carry a password: never log it unredacted).
     pub redis_url: SecretString,
     /// Prefix of every Redis key.
@@ -306,8 +306,12 @@ impl Config {
         .map(|secret| secret.expose_secret().to_owned())
         .collect();
         values.extend(url_password(self.redis_url.expose_secret()));
-        values.extend(url_password(&self.database_url));
-        values.extend(self.database_direct_url.as_deref().and_then(url_password));
+        values.extend(url_password(self.database_url.expose_secret()));
+        values.extend(
+            self.database_direct_url
+                .as_ref()
+                .and_then(|url| url_password(url.expose_secret())),
+        );
         Scrubber::new(values)
     }
 
@@ -353,9 +357,9 @@ impl Config {
             artifact_dir: vars.path_or("ARTIFACT_DIR", "./artifacts"),
             artifact_objects: artifact_objects(&vars)?,
             backend: store.backend,
-            database_url: store.database_url,
+            database_url: SecretString::from(store.database_url),
             database_pool_mode: store.pool_mode,
-            database_direct_url: store.direct_url,
+            database_direct_url: store.direct_url.map(SecretString::from),
             redis_url: store.redis_url,
             redis_prefix: store.redis_prefix,
             redis_sentinel: store.sentinel,
@@ -715,7 +719,10 @@ mod tests {
         assert_eq!(config.provider_mode, ProviderMode::Mock);
         assert_eq!(config.backend, BackendKind::Sqlite);
         assert!(config.api_token.is_none());
-        assert_eq!(config.database_url, "sqlite://./data/stagecraft.db");
+        assert_eq!(
+            config.database_url.expose_secret(),
+            "sqlite://./data/stagecraft.db"
+        );
         assert_eq!(config.worker_concurrency, 4);
         assert_eq!(config.worker_threads, 1);
     }

@@ -33,12 +33,24 @@ macro_rules! stage_columns {
     };
 }
 
+/// A stage's columns as the fields of a JSON object (`rows::StoredStage`), for a run's stages
+/// read with it: `json_build_object(stage_fields!())` of `stages s`.
+macro_rules! stage_fields {
+    () => {
+        "'name', s.name, 'status', s.status, 'attempts', s.attempts, 'started_at', s.started_at, \
+         'finished_at', s.finished_at, 'cost_micros', s.cost_micros, 'artifacts', s.artifacts, \
+         'output', s.output, 'error', s.error, 'progress_done', s.progress_done, \
+         'progress_total', s.progress_total, 'next_attempt_at', s.next_attempt_at, \
+         'reused_from', s.reused_from"
+    };
+}
+
 mod rows;
 
 pub use rows::search_text;
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet},
     str::FromStr,
     sync::Arc,
     time::Duration,
@@ -46,7 +58,7 @@ use std::{
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use rows::{count, json_text, parse_json, read_run, run_from_row, run_id, stage_from_row};
+use rows::{claimed_run, count, json_text, parse_json, read_run, run_from_row, run_id};
 use serde_json::Value;
 use sqlx::{
     PgConnection, Postgres, QueryBuilder, Row,
@@ -64,8 +76,8 @@ use stagecraft_core::{
         self as core_store, Actor, Claimed, FromStage, Lease, NewRun, Progress, QueueDepth,
         QueueWait, ResumeChanges, ReusableCheckpoint, RunError, RunEvent, RunFilter, RunKind,
         RunPage, RunPosition, RunRecord, RunStatus, RunStore, StageCheckpoint, StageOutcome,
-        StageRecord, StageStatus, StepRecord, StoreError, StoreResult, Throughput,
-        WORKER_STALE_AFTER, WorkerInfo, kernel, to_datetime,
+        StageStatus, StepRecord, StoreError, StoreResult, Throughput, WORKER_STALE_AFTER,
+        WorkerInfo, kernel, to_datetime,
     },
 };
 
@@ -172,7 +184,7 @@ pub enum PoolMode {
 }
 
 /// Where and how a [`PostgresStore`] connects.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct PostgresOptions {
     /// `postgres://user:password@host:port/db`: the database, or a pooler in front of it.
     pub url: String,
@@ -186,6 +198,16 @@ pub struct PostgresOptions {
 
 /// A statement with its arguments bound.
 type Statement<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
+
+/// Never the URLs: they may carry passwords.
+impl std::fmt::Debug for PostgresOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresOptions")
+            .field("mode", &self.mode)
+            .field("direct_url", &self.direct_url.as_ref().map(|_| "…"))
+            .finish_non_exhaustive()
+    }
+}
 
 /// Statements as the pool mode allows them. Directly, sqlx prepares each statement once per
 /// connection under a name and reuses it. A transaction-mode pooler hands one server
@@ -250,7 +272,7 @@ struct Wake {
 }
 
 /// The PostgreSQL implementation of [`RunStore`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
     sql: Sql,
@@ -262,6 +284,16 @@ pub struct PostgresStore {
     direct: Option<PgConnectOptions>,
     clock: SharedClock,
     wake: Arc<tokio::sync::Mutex<Wake>>,
+}
+
+/// Never the connection options: they carry the password.
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("mode", &self.mode)
+            .field("listens", &self.listen_pool.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// The migrations of `migrations/postgres`.
@@ -343,41 +375,69 @@ impl PostgresStore {
         }
     }
 
-    /// Fails unless every migration of this version has been applied.
+    /// Fails unless the schema is exactly what this version's migrations make, as sqlx's
+    /// migrator would decide: every migration applied, with the same checksum, and none this
+    /// version does not know (a newer schema).
     async fn check_migrated(&self) -> StoreResult<()> {
         let mut session = self.session().await?;
         let applied = self
             .sql
-            .query("SELECT version FROM _sqlx_migrations WHERE success")
+            .query("SELECT version, checksum FROM _sqlx_migrations WHERE success")
             .fetch_all(&mut *session)
             .await;
         session.done().await?;
-        let applied: BTreeSet<i64> = match applied {
+        let applied: BTreeMap<i64, Vec<u8>> = match applied {
             Ok(rows) => rows
                 .iter()
-                .map(|row| row.try_get("version"))
-                .collect::<Result<_, _>>()
+                .map(|row| Ok((row.try_get("version")?, row.try_get("checksum")?)))
+                .collect::<Result<_, sqlx::Error>>()
                 .db()?,
             // No table of migrations yet: none applied.
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P01") => {
-                BTreeSet::new()
+                BTreeMap::new()
             }
             Err(error) => return Err(store_error(error)),
         };
-        let missing: Vec<String> = MIGRATOR
+        let known: BTreeMap<i64, &[u8]> = MIGRATOR
             .iter()
-            .filter(|m| m.migration_type.is_up_migration() && !applied.contains(&m.version))
-            .map(|m| m.version.to_string())
+            .filter(|m| m.migration_type.is_up_migration())
+            .map(|m| (m.version, m.checksum.as_ref()))
             .collect();
-        if missing.is_empty() {
-            return Ok(());
+        let refuse = |what: String| {
+            StoreError::Migrate(format!(
+                "{what}: behind a transaction-mode pooler, run `stagecraft migrate` with \
+                 DATABASE_DIRECT_URL (the database itself, not the pooler) set, or set it for \
+                 every process"
+            ))
+        };
+        if let Some(newer) = applied.keys().find(|v| !known.contains_key(v)) {
+            return Err(StoreError::Migrate(format!(
+                "the schema has migration {newer}, which this version does not know: run the \
+                 version that applied it, or a newer one"
+            )));
         }
-        Err(StoreError::Migrate(format!(
-            "the schema lacks migrations {}: behind a transaction-mode pooler, run `stagecraft \
-             migrate` with DATABASE_DIRECT_URL (the database itself, not the pooler) set, or set \
-             it for every process",
-            missing.join(", ")
-        )))
+        let missing: Vec<String> = known
+            .keys()
+            .filter(|v| !applied.contains_key(v))
+            .map(ToString::to_string)
+            .collect();
+        if !missing.is_empty() {
+            return Err(refuse(format!(
+                "the schema lacks migrations {}",
+                missing.join(", ")
+            )));
+        }
+        let differs = |(version, sum): &(&i64, &&[u8])| {
+            applied
+                .get(*version)
+                .is_some_and(|stored| stored.as_slice() != **sum)
+        };
+        if let Some((changed, _)) = known.iter().find(differs) {
+            return Err(refuse(format!(
+                "migration {changed} was applied with other contents than this version's"
+            )));
+        }
+        Ok(())
     }
 
     /// One statement outside a write transaction, on a [`Session`]; its rows.
@@ -1276,51 +1336,60 @@ impl PostgresStore {
         // matches once locked: read committed re-checks the row, so no run is claimed twice),
         // leased with a fence one higher, and each gets the kernel's `run_started` event (its
         // data, `{"worker", "fence"}`, built here because only the database knows the fence).
-        let rows = self.fetch_all(self.sql.query(concat!(
-            "WITH due AS (SELECT waiting.id AS due_id FROM UNNEST($4::text[]) AS wanted (queue), \
-             LATERAL (SELECT id, available_at FROM runs WHERE queue = wanted.queue \
-             AND status IN ('queued', 'retrying') AND available_at <= $3 \
-             ORDER BY available_at, id LIMIT $5 FOR NO KEY UPDATE SKIP LOCKED) AS waiting \
-             ORDER BY waiting.available_at, waiting.id LIMIT $5), \
-             claimed AS (UPDATE runs SET status = 'running', lease_owner = $1, worker = $1, \
-             lease_expires_at = $2, fence = fence + 1, updated_at = $3 \
-             FROM due WHERE runs.id = due.due_id RETURNING runs.*), \
-             logged AS (INSERT INTO events (run_id, at, kind, stage, data) \
-             SELECT claimed.id, $3, $6, NULL, \
-             jsonb_build_object('worker', $1::text, 'fence', claimed.fence)::text FROM claimed) \
-             SELECT ",
-            run_columns!(),
-            " FROM claimed"
-        ))
-        .bind(worker.as_str())
-        .bind(now.saturating_add(millis(ttl)))
-        .bind(now)
-        .bind(queues)
-        .bind(i64::try_from(max).unwrap_or(i64::MAX))
-        .bind(
-            kernel::run_started(worker.as_str(), FenceToken(0))
-                .kind
-                .as_str(),
-        )
-        ).await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Claimed and committed: a row that cannot be read is recovered as a crashed worker's
-        // run is, when its lease expires.
-        let mut runs = rows
+        let mut queues = queues;
+        queues.sort_unstable();
+        queues.dedup();
+        let rows = self
+            .fetch_all(
+                self.sql
+                    .query(concat!(
+                        "WITH due AS (SELECT waiting.id AS due_id FROM UNNEST($4::text[]) AS wanted (queue), \
+                         LATERAL (SELECT id, available_at FROM runs WHERE queue = wanted.queue \
+                         AND status IN ('queued', 'retrying') AND available_at <= $3 \
+                         ORDER BY available_at, id LIMIT $5 FOR NO KEY UPDATE SKIP LOCKED) AS waiting \
+                         ORDER BY waiting.available_at, waiting.id LIMIT $5), \
+                         claimed AS (UPDATE runs SET status = 'running', lease_owner = $1, worker = $1, \
+                         lease_expires_at = $2, fence = fence + 1, updated_at = $3 \
+                         FROM due WHERE runs.id = due.due_id RETURNING runs.*), \
+                         logged AS (INSERT INTO events (run_id, at, kind, stage, data) \
+                         SELECT claimed.id, $3, $6, NULL, \
+                         jsonb_build_object('worker', $1::text, 'fence', claimed.fence)::text FROM claimed) \
+                         SELECT ",
+                        run_columns!(),
+                        ", (SELECT json_agg(json_build_object(",
+                        stage_fields!(),
+                        ") ORDER BY s.idx) FROM stages s WHERE s.run_id = claimed.id)::text AS stages \
+                         FROM claimed"
+                    ))
+                    .bind(worker.as_str())
+                    .bind(now.saturating_add(millis(ttl)))
+                    .bind(now)
+                    .bind(queues)
+                    .bind(i64::try_from(max).unwrap_or(i64::MAX))
+                    .bind(
+                        kernel::run_started(worker.as_str(), FenceToken(0))
+                            .kind
+                            .as_str(),
+                    ),
+            )
+            .await?;
+        // Claimed and committed, with their stages (which cannot change under the new leases:
+        // every write to them is fenced). A row that cannot be read does not cost the others
+        // their claim: it is left to its lease's expiry, as a crashed worker's run is.
+        let mut runs: Vec<RunRecord> = rows
             .iter()
-            .map(run_from_row)
-            .collect::<StoreResult<Vec<_>>>()?;
-        // The stages cannot change under the new leases (every write to them is fenced).
-        let mut session = self.session().await?;
-        let mut stages_by_run = stages_of(self.sql, &mut session, &runs).await?;
-        session.done().await?;
+            .filter_map(|row| match claimed_run(row) {
+                Ok(run) => Some(run),
+                Err(error) => {
+                    tracing::error!(error = %error, "a claimed run cannot be read; its lease will expire");
+                    None
+                }
+            })
+            .collect();
         runs.sort_by_key(|run| run.id);
         let claimed = runs
             .into_iter()
-            .map(|mut run| {
-                run.stages = stages_by_run.remove(&run.id).unwrap_or_default();
+            .map(|run| {
                 let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
                 Claimed {
                     lease: Lease {
@@ -1698,9 +1767,12 @@ impl PostgresStore {
         }
         if let Some(inputs) = &changes.inputs {
             self.sql
-                .query("UPDATE run_search SET search_text = $1 WHERE run_id = $2")
-                .bind(search_text(inputs))
+                .query(
+                    "INSERT INTO run_search (run_id, search_text) VALUES ($1, $2) \
+                     ON CONFLICT (run_id) DO UPDATE SET search_text = EXCLUDED.search_text",
+                )
                 .bind(id.to_string())
+                .bind(search_text(inputs))
                 .execute(&mut *tx)
                 .await
                 .db()?;
@@ -1850,34 +1922,6 @@ impl PostgresStore {
         tx.commit().await.db()?;
         Ok(())
     }
-}
-
-/// The stages of these runs, read in one query on `conn`.
-async fn stages_of(
-    sql: Sql,
-    conn: &mut PgConnection,
-    runs: &[RunRecord],
-) -> StoreResult<HashMap<RunId, Vec<StageRecord>>> {
-    let ids: Vec<String> = runs.iter().map(|run| run.id.to_string()).collect();
-    let stage_rows = sql
-        .query(concat!(
-            "SELECT ",
-            stage_columns!(),
-            " FROM stages WHERE run_id = ANY($1) ORDER BY run_id, idx"
-        ))
-        .bind(ids)
-        .fetch_all(&mut *conn)
-        .await
-        .db()?;
-    let mut stages_by_run: HashMap<RunId, Vec<StageRecord>> = HashMap::new();
-    for row in &stage_rows {
-        let id = run_id(&row.try_get::<String, _>("run_id").db()?)?;
-        stages_by_run
-            .entry(id)
-            .or_default()
-            .push(stage_from_row(row)?);
-    }
-    Ok(stages_by_run)
 }
 
 /// The `ILIKE` pattern of a text anywhere inside a value: `%`, `_` and `\` in the text match

@@ -99,6 +99,19 @@ pub(crate) fn run_from_row(row: &PgRow) -> StoreResult<RunRecord> {
     .into_record()
 }
 
+/// A run as the claim answers it: `run_columns!` and its stages as one JSON array
+/// (`stage_fields!`) in the column `stages`.
+pub(crate) fn claimed_run(row: &PgRow) -> StoreResult<RunRecord> {
+    let mut run = run_from_row(row)?;
+    let stages: Option<Vec<StoredStage>> = parse_json(row.try_get("stages").db()?, "stages")?;
+    run.stages = stages
+        .unwrap_or_default()
+        .into_iter()
+        .map(StoredStage::into_record)
+        .collect::<StoreResult<_>>()?;
+    Ok(run)
+}
+
 /// A stage as `stage_columns!` selects it.
 pub(crate) fn stage_from_row(row: &PgRow) -> StoreResult<StageRecord> {
     StoredStage {

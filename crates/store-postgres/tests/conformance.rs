@@ -115,6 +115,32 @@ async fn without_a_direct_url_a_pooled_store_needs_a_migrated_schema_and_polls()
         claimed.iter().map(|c| c.run.id).collect::<Vec<_>>(),
         vec![id]
     );
+    // A migration applied with other contents, or one this version does not know (a newer
+    // schema), is refused as sqlx's migrator refuses it.
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("a direct connection");
+    for (tamper, says) in [
+        (
+            "UPDATE _sqlx_migrations SET checksum = '\\x00' \
+             WHERE version = (SELECT MIN(version) FROM _sqlx_migrations)",
+            "other contents",
+        ),
+        (
+            "UPDATE _sqlx_migrations SET version = 99999999999999 \
+             WHERE version = (SELECT MAX(version) FROM _sqlx_migrations)",
+            "does not know",
+        ),
+    ] {
+        sqlx::raw_sql(tamper)
+            .execute(&mut conn)
+            .await
+            .expect("tampered");
+        match PostgresStore::connect(&options, Arc::new(SystemClock)).await {
+            Err(StoreError::Migrate(message)) => assert!(message.contains(says), "{message}"),
+            other => panic!("expected a migration error, got {:?}", other.map(|_| ())),
+        }
+    }
 }
 
 const TTL: Duration = Duration::from_secs(30);
@@ -377,4 +403,40 @@ async fn a_store_that_cannot_connect_is_unavailable() {
         Err(StoreError::Unavailable(_)) => {}
         other => panic!("expected Unavailable, got {:?}", other.map(|_| ())),
     }
+}
+
+/// A claimed run whose row cannot be read (here an unknown kind) costs the others in its batch
+/// nothing: they are answered, and it is left to its lease's expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_answers_the_runs_it_can_read_beside_a_corrupt_one() {
+    let (url, _guard) = fresh_database().await;
+    let store = PostgresStore::open(&url, Arc::new(SystemClock))
+        .await
+        .expect("the store opens");
+    let good = store
+        .insert_run(noop_run("mixed"))
+        .await
+        .expect("insert")
+        .0
+        .id;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("a direct connection");
+    sqlx::raw_sql(
+        "INSERT INTO runs (id, kind, name, queue, inputs, status, provider_mode, available_at, \
+         created_at, updated_at) VALUES ('not-a-run-id', 'bogus', 'noop', 'mixed', '{}', 'queued', \
+         'mock', 0, 0, 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("a corrupt run");
+    let worker = WorkerId::from("w".to_owned());
+    let claimed = store
+        .claim(&["mixed".to_owned()], &worker, TTL, 4)
+        .await
+        .expect("the claim is answered");
+    assert_eq!(
+        claimed.iter().map(|c| c.run.id).collect::<Vec<_>>(),
+        vec![good]
+    );
 }

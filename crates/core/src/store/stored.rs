@@ -101,8 +101,9 @@ impl StoredRun {
     }
 }
 
-/// A row of `stages` as stored.
-#[derive(Debug, Clone)]
+/// A row of `stages` as stored (also as a JSON object of these fields, as a store may read
+/// a run's stages together with the run).
+#[derive(Debug, Clone, serde::Deserialize)]
 pub struct StoredStage {
     pub name: String,
     pub status: String,
