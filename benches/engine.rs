@@ -863,24 +863,11 @@ async fn postgres_section(repeats: usize) {
     let submits = env_number("BENCH_SUBMITS", 10_000);
     let mut rows = BTreeMap::new();
     drain_rows(&mut rows, Backend::Postgres, runs, repeats).await;
-    let (mut rates, mut p50s, mut p99s) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..repeats {
-        let (rate, p50, p99, _) = submit_load(Backend::Postgres, None, submits, 64).await;
-        rates.push(rate);
-        p50s.push(p50);
-        p99s.push(p99);
-    }
     rows.insert(
         2,
-        (
-            format!("submit through the API, {submits} POSTs, 64 connections"),
-            format!(
-                "{:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms",
-                median(&mut rates),
-                median(&mut p50s),
-                median(&mut p99s)
-            ),
-        ),
+        submit_row(Backend::Postgres, None, submits, repeats)
+            .await
+            .0,
     );
     let (mut p50s, mut p99s) = (Vec::new(), Vec::new());
     for _ in 0..repeats {
@@ -913,27 +900,36 @@ async fn postgres_section(repeats: usize) {
     print_table(&format!("PostgreSQL backend (medians of {repeats})"), &rows);
 }
 
-async fn redis_section(repeats: usize, drain_only: bool) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let redis = RedisServer::start(dir.path());
-    let runs = env_number("BENCH_REDIS_RUNS", 20_000);
-    let submits = env_number("BENCH_SUBMITS", 10_000);
-    let latency_runs = env_number("BENCH_LATENCY_RUNS", 200).max(1000);
-    let mut rows = BTreeMap::new();
-    let mut busy_rss = Vec::new();
-    let peer = BullMq::find();
-    let mut paired = PeerMeasures::default();
-    for (row, workers) in [(0, 1), (2, 2)] {
+/// Redis drains with a number of worker processes, each paired with the peer's when it is one.
+struct RedisDrains<'a> {
+    redis: &'a RedisServer,
+    peer: &'a Result<BullMq, String>,
+    runs: usize,
+    workers: usize,
+}
+
+impl RedisDrains<'_> {
+    /// Drains `repeats` times; puts the median rate and the CPU per run in `rows` at `row` and
+    /// `row + 1`, the workers' peak memory in `busy_rss`, the pairs with the peer in `paired`.
+    async fn measure(
+        &self,
+        repeats: usize,
+        rows: &mut BTreeMap<usize, (String, String)>,
+        row: usize,
+        busy_rss: &mut Vec<f64>,
+        paired: &mut PeerMeasures,
+    ) {
+        let (runs, workers) = (self.runs, self.workers);
         let mut rates = Vec::new();
         let mut cpu = CpuPerRun::default();
         for _ in 0..repeats {
-            let drained = drain(Backend::Redis, Some(&redis), runs, workers).await;
+            let drained = drain(Backend::Redis, Some(self.redis), runs, workers).await;
             rates.push(drained.rate);
             busy_rss.push(drained.peak_rss);
             cpu.add(&drained);
             // The peer's protocol is one worker process: paired with Stagecraft's.
-            if let (Ok(peer), 1) = (&peer, workers) {
-                paired.add_drain(&drained, &peer.drain(&redis, runs).await);
+            if let (Ok(peer), 1) = (self.peer, workers) {
+                paired.add_drain(&drained, &peer.drain(self.redis, runs).await);
             }
         }
         eprintln!(
@@ -955,46 +951,55 @@ async fn redis_section(repeats: usize, drain_only: bool) {
             ),
         );
     }
-    if drain_only {
-        print_table(&format!("Redis drain (medians of {repeats})"), &rows);
-        paired.print(&peer, runs, latency_runs);
-        return;
-    }
-    let mut rates = Vec::new();
-    let mut p50s = Vec::new();
-    let mut p99s = Vec::new();
-    let mut api_rss = Vec::new();
+}
+
+/// `POST /runs` from 64 connections, `repeats` times: the table's row (median rate, p50 and
+/// p99), and the API's resident memory after each load.
+async fn submit_row(
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    submits: usize,
+    repeats: usize,
+) -> ((String, String), Vec<f64>) {
+    let (mut rates, mut p50s, mut p99s, mut api_rss) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
-        let (rate, p50, p99, rss) = submit_load(Backend::Redis, Some(&redis), submits, 64).await;
+        let (rate, p50, p99, rss) = submit_load(backend, redis, submits, 64).await;
         rates.push(rate);
         p50s.push(p50);
         p99s.push(p99);
         api_rss.push(rss);
     }
-    eprintln!("redis submit: {rates:.0?} runs/s, p99 {p99s:.1?} ms");
-    rows.insert(
-        4,
-        (
-            format!("submit through the API, {submits} POSTs, 64 connections"),
-            format!(
-                "{:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms",
-                median(&mut rates),
-                median(&mut p50s),
-                median(&mut p99s)
-            ),
+    eprintln!("submit: {rates:.0?} runs/s, p99 {p99s:.1?} ms");
+    let row = (
+        format!("submit through the API, {submits} POSTs, 64 connections"),
+        format!(
+            "{:.0} runs/s, p50 {:.1} ms, p99 {:.1} ms",
+            median(&mut rates),
+            median(&mut p50s),
+            median(&mut p99s)
         ),
     );
-    streams_rows(&mut rows, 20, Backend::Redis, Some(&redis), repeats).await;
-    // Alternated with the peer's pickup, as the drains are.
+    (row, api_rss)
+}
+
+/// Pickup on Redis at a steady 200 runs/s, `repeats` times, each alternated with the peer's
+/// as the drains are: the table's row, and the idle worker's median resident memory.
+async fn redis_pickup_row(
+    redis: &RedisServer,
+    peer: &Result<BullMq, String>,
+    latency_runs: usize,
+    repeats: usize,
+    paired: &mut PeerMeasures,
+) -> ((String, String), f64) {
     let (mut p50s, mut p99s, mut idle_rss) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..repeats {
-        let (p50, p99, rss) =
-            start_latency(Backend::Redis, Some(&redis), latency_runs, 200.0).await;
+        let (p50, p99, rss) = start_latency(Backend::Redis, Some(redis), latency_runs, 200.0).await;
         p50s.push(p50);
         p99s.push(p99);
         idle_rss.push(rss);
-        if let Ok(peer) = &peer {
-            let (p50, p99) = peer.pickup(&redis, latency_runs, 200.0).await;
+        if let Ok(peer) = peer {
+            let (p50, p99) = peer.pickup(redis, latency_runs, 200.0).await;
             paired.pickup_p50.push(p50);
             paired.pickup_p99.push(p99);
         }
@@ -1003,18 +1008,49 @@ async fn redis_section(repeats: usize, drain_only: bool) {
         "redis pickup p99: {p99s:.1?} ms; peer: {:.1?} ms",
         paired.pickup_p99
     );
-    let idle_rss = median(&mut idle_rss);
-    rows.insert(
-        5,
-        (
-            format!("submit → stage start at a steady 200 runs/s, {latency_runs} runs"),
-            format!(
-                "p50 {:.2} ms, p99 {:.2} ms",
-                median(&mut p50s),
-                median(&mut p99s)
-            ),
+    let row = (
+        format!("submit → stage start at a steady 200 runs/s, {latency_runs} runs"),
+        format!(
+            "p50 {:.2} ms, p99 {:.2} ms",
+            median(&mut p50s),
+            median(&mut p99s)
         ),
     );
+    (row, median(&mut idle_rss))
+}
+
+async fn redis_section(repeats: usize, drain_only: bool) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(dir.path());
+    let runs = env_number("BENCH_REDIS_RUNS", 20_000);
+    let submits = env_number("BENCH_SUBMITS", 10_000);
+    let latency_runs = env_number("BENCH_LATENCY_RUNS", 200).max(1000);
+    let mut rows = BTreeMap::new();
+    let mut busy_rss = Vec::new();
+    let peer = BullMq::find();
+    let mut paired = PeerMeasures::default();
+    for (row, workers) in [(0, 1), (2, 2)] {
+        let drains = RedisDrains {
+            redis: &redis,
+            peer: &peer,
+            runs,
+            workers,
+        };
+        drains
+            .measure(repeats, &mut rows, row, &mut busy_rss, &mut paired)
+            .await;
+    }
+    if drain_only {
+        print_table(&format!("Redis drain (medians of {repeats})"), &rows);
+        paired.print(&peer, runs, latency_runs);
+        return;
+    }
+    let (submitted, mut api_rss) = submit_row(Backend::Redis, Some(&redis), submits, repeats).await;
+    rows.insert(4, submitted);
+    streams_rows(&mut rows, 20, Backend::Redis, Some(&redis), repeats).await;
+    let (pickup, idle_rss) =
+        redis_pickup_row(&redis, &peer, latency_runs, repeats, &mut paired).await;
+    rows.insert(5, pickup);
     let (p50, p99) = checkpoint_commit(Backend::Redis, Some(&redis), 2000).await;
     rows.insert(
         6,

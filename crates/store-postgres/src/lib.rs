@@ -588,8 +588,28 @@ async fn notify_queue(sql: Sql, conn: &mut PgConnection, queue: &str) -> StoreRe
     Ok(())
 }
 
+/// Writes what the input search matches for `run`'s new inputs (whether or not a row is there).
+async fn index_inputs(
+    sql: Sql,
+    conn: &mut PgConnection,
+    run: RunId,
+    inputs: &Value,
+) -> StoreResult<()> {
+    sql.query(
+        "INSERT INTO run_search (run_id, search_text) VALUES ($1, $2) \
+         ON CONFLICT (run_id) DO UPDATE SET search_text = EXCLUDED.search_text",
+    )
+    .bind(run.to_string())
+    .bind(search_text(inputs))
+    .execute(conn)
+    .await
+    .db()?;
+    Ok(())
+}
+
 /// Resets stages from `from` on to pending for a resume. With `keep_steps`, stage `from` keeps
-/// its memoised steps and what they cost and reported (progress), so they are not redone.
+/// its memoised steps and what they cost and reported (progress), so they are not redone;
+/// without, the steps of `from` and later are forgotten.
 async fn reset_stages_from(
     sql: Sql,
     conn: &mut PgConnection,
@@ -625,6 +645,14 @@ async fn reset_stages_from(
     .execute(&mut *conn)
     .await
     .db()?;
+    if !keep_steps {
+        sql.query("DELETE FROM steps WHERE run_id = $1 AND stage_idx >= $2")
+            .bind(run.to_string())
+            .bind(from as i64)
+            .execute(&mut *conn)
+            .await
+            .db()?;
+    }
     Ok(())
 }
 
@@ -1269,19 +1297,7 @@ impl PostgresStore {
         .db()?
         .rows_affected();
         if inserted != 1 {
-            let existing = match &run.idempotency_key {
-                // Read committed: this statement sees the run that took the key.
-                Some(key) => {
-                    run_of_key(self.sql, &mut tx, key, run.request_hash.as_deref()).await?
-                }
-                None => None,
-            };
-            let Some(existing) = existing else {
-                return Err(StoreError::Database(format!(
-                    "run {} was neither inserted nor found by its idempotency key",
-                    run.id
-                )));
-            };
+            let existing = self.run_that_took_the_key(&mut tx, &run).await?;
             tx.commit().await.db()?;
             return Ok((existing, false));
         }
@@ -1315,6 +1331,21 @@ impl PostgresStore {
             .ok_or(StoreError::NotFound(run.id))?;
         tx.commit().await.db()?;
         Ok((record, true))
+    }
+
+    /// The run that took `run`'s idempotency key while `run` was being inserted (read
+    /// committed: a statement after the insert sees it).
+    async fn run_that_took_the_key(&self, tx: &mut Tx, run: &NewRun) -> StoreResult<RunRecord> {
+        let existing = match &run.idempotency_key {
+            Some(key) => run_of_key(self.sql, tx, key, run.request_hash.as_deref()).await?,
+            None => None,
+        };
+        existing.ok_or_else(|| {
+            StoreError::Database(format!(
+                "run {} was neither inserted nor found by its idempotency key",
+                run.id
+            ))
+        })
     }
 
     async fn claim_now(
@@ -1373,37 +1404,7 @@ impl PostgresStore {
                     ),
             )
             .await?;
-        // Claimed and committed, with their stages (which cannot change under the new leases:
-        // every write to them is fenced). A row that cannot be read does not cost the others
-        // their claim: it is left to its lease's expiry, as a crashed worker's run is.
-        let mut runs: Vec<RunRecord> = rows
-            .iter()
-            .filter_map(|row| match claimed_run(row) {
-                Ok(run) => Some(run),
-                Err(error) => {
-                    tracing::error!(error = %error, "a claimed run cannot be read; its lease will expire");
-                    None
-                }
-            })
-            .collect();
-        runs.sort_by_key(|run| run.id);
-        let claimed = runs
-            .into_iter()
-            .map(|run| {
-                let recovered = run.stages.iter().any(|s| s.status == StageStatus::Running);
-                Claimed {
-                    lease: Lease {
-                        run_id: run.id,
-                        worker: worker.clone(),
-                        fence: run.fence,
-                    },
-                    run,
-                    recovered,
-                    asked,
-                }
-            })
-            .collect();
-        Ok(claimed)
+        Ok(claims(&rows, worker, asked))
     }
 
     async fn start_stage_now(&self, lease: &Lease, stage: usize) -> StoreResult<u32> {
@@ -1766,27 +1767,9 @@ impl PostgresStore {
             )));
         }
         if let Some(inputs) = &changes.inputs {
-            self.sql
-                .query(
-                    "INSERT INTO run_search (run_id, search_text) VALUES ($1, $2) \
-                     ON CONFLICT (run_id) DO UPDATE SET search_text = EXCLUDED.search_text",
-                )
-                .bind(id.to_string())
-                .bind(search_text(inputs))
-                .execute(&mut *tx)
-                .await
-                .db()?;
+            index_inputs(self.sql, &mut tx, id, inputs).await?;
         }
         reset_stages_from(self.sql, &mut tx, id, from_idx, !forget_steps).await?;
-        if forget_steps {
-            self.sql
-                .query("DELETE FROM steps WHERE run_id = $1 AND stage_idx >= $2")
-                .bind(id.to_string())
-                .bind(from_idx as i64)
-                .execute(&mut *tx)
-                .await
-                .db()?;
-        }
         insert_event(self.sql, &mut tx, id, now, &event, Some(&from_name)).await?;
         notify_queue(self.sql, &mut tx, &run.queue).await?;
         let record = read_run(self.sql, &mut tx, id)
@@ -1922,6 +1905,36 @@ impl PostgresStore {
         tx.commit().await.db()?;
         Ok(())
     }
+}
+
+/// The claims of the runs a claim statement answered, with their stages (which cannot change
+/// under the new leases: every write to them is fenced), oldest id first. Claimed and
+/// committed already, a row that cannot be read does not cost the others their claim: it is
+/// left to its lease's expiry, as a crashed worker's run is.
+fn claims(rows: &[PgRow], worker: &WorkerId, asked: Instant) -> Vec<Claimed> {
+    let mut runs: Vec<RunRecord> = rows
+        .iter()
+        .filter_map(|row| match claimed_run(row) {
+            Ok(run) => Some(run),
+            Err(error) => {
+                tracing::error!(error = %error, "a claimed run cannot be read; its lease will expire");
+                None
+            }
+        })
+        .collect();
+    runs.sort_by_key(|run| run.id);
+    runs.into_iter()
+        .map(|run| Claimed {
+            recovered: run.stages.iter().any(|s| s.status == StageStatus::Running),
+            lease: Lease {
+                run_id: run.id,
+                worker: worker.clone(),
+                fence: run.fence,
+            },
+            run,
+            asked,
+        })
+        .collect()
 }
 
 /// The `ILIKE` pattern of a text anywhere inside a value: `%`, `_` and `\` in the text match
