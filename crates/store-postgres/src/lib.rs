@@ -159,6 +159,18 @@ fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// An engine defect: the leased run has no stage `stage`.
+fn no_stage(lease: &Lease, stage: usize) -> StoreError {
+    StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
+}
+
+/// The stage name a fenced `UPDATE stages … RETURNING name` answered (none: [`no_stage`]).
+fn stage_name(row: Option<PgRow>, lease: &Lease, stage: usize) -> StoreResult<String> {
+    row.ok_or_else(|| no_stage(lease, stage))?
+        .try_get("name")
+        .db()
+}
+
 fn fence_rejected(lease: &Lease) -> StoreError {
     StoreError::FenceRejected {
         run_id: lease.run_id,
@@ -546,9 +558,7 @@ impl PostgresStore {
             )
             .await;
         match stageless {
-            Ok(Some(_)) => {
-                StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
-            }
+            Ok(Some(_)) => no_stage(lease, stage),
             Ok(None) => fence_rejected(lease),
             Err(error) => error,
         }
@@ -1475,12 +1485,8 @@ impl PostgresStore {
             .bind(stage as i64)
             .fetch_optional(&mut *tx)
             .await
-            .db()?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
-            })?
-            .try_get("name")
-            .db()?;
+            .db()
+            .and_then(|row| stage_name(row, lease, stage))?;
             self.sql
                 .query("UPDATE runs SET cost_micros = cost_micros + $1 WHERE id = $2")
                 .bind(step.cost_usd.micros())
@@ -1581,12 +1587,8 @@ impl PostgresStore {
             .bind(stage as i64)
             .fetch_optional(&mut *tx)
             .await
-            .db()?
-            .ok_or_else(|| {
-                StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id))
-            })?
-            .try_get("name")
-            .db()?;
+            .db()
+            .and_then(|row| stage_name(row, lease, stage))?;
         let queue: String = self.sql.query(
             "UPDATE runs SET status = $1, error = COALESCE($2, error), finished_at = $3, \
              available_at = COALESCE($4, available_at), lease_owner = NULL, lease_expires_at = NULL \
