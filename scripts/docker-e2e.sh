@@ -187,6 +187,19 @@ submit_demo() {
   done
   return 1
 }
+uncompleted() {
+  # Waits up to two minutes for these runs to complete; answers how many did not.
+  local left
+  for _ in $(seq 1 120); do
+    left=0
+    for id in "$@"; do
+      [ "$(api "http://127.0.0.1:$port/runs/$id" | field 'd["status"]')" = completed ] || left=$((left + 1))
+    done
+    [ "$left" -eq 0 ] && break
+    sleep 1
+  done
+  echo "$left"
+}
 ids=()
 for i in $(seq 1 20); do
   id=$(submit_demo "$i") || fail "run $i was never accepted: $(curl -s "http://127.0.0.1:$port/health")"
@@ -200,14 +213,7 @@ for i in $(seq 21 40); do
   ids+=("$id")
 done
 echo "${#ids[@]} runs accepted in all"
-for _ in $(seq 1 120); do
-  pending=0
-  for id in "${ids[@]}"; do
-    [ "$(api "http://127.0.0.1:$port/runs/$id" | field 'd["status"]')" = completed ] || pending=$((pending + 1))
-  done
-  [ "$pending" -eq 0 ] && break
-  sleep 1
-done
+pending=$(uncompleted "${ids[@]}")
 [ "$pending" -eq 0 ] || fail "$pending accepted runs did not complete after the failover"
 followed=$("${ha[@]}" logs api worker 2>&1 | grep -c "following the new Redis primary" || true)
 [ "$followed" -ge 3 ] || fail "the API and both workers should have followed the new primary ($followed did)"
@@ -244,14 +250,7 @@ for i in $(seq 21 40); do
   id=$(submit_demo "pg-$i") || fail "run pg-$i was never accepted after the restart: $(curl -s "http://127.0.0.1:$port/health")"
   ids+=("$id")
 done
-for _ in $(seq 1 120); do
-  pending=0
-  for id in "${ids[@]}"; do
-    [ "$(api "http://127.0.0.1:$port/runs/$id" | field 'd["status"]')" = completed ] || pending=$((pending + 1))
-  done
-  [ "$pending" -eq 0 ] && break
-  sleep 1
-done
+pending=$(uncompleted "${ids[@]}")
 [ "$pending" -eq 0 ] || fail "$pending accepted runs did not complete on PostgreSQL"
 echo "every one of the ${#ids[@]} accepted runs completed on PostgreSQL"
 
