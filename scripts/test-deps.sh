@@ -21,6 +21,8 @@ declare -A needed=(
   [chromedriver]=chromium-driver
   # The PostgreSQL store is tested behind a transaction-mode pooler too.
   [pgbouncer]=pgbouncer
+  # The TLS test of the PostgreSQL store makes a CA and a server certificate.
+  [openssl]=openssl
 )
 
 missing=()

@@ -26,9 +26,10 @@
 //! | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | unset, `stagecraft` | comma-separated `host:port` of the sentinels that name the primary (then `REDIS_URL` gives only its password and database), and the name they monitor it under |
 //! | `REDIS_DURABLE_ACKS` | `0` | replicas that must have every state change before it is acknowledged (`WAIT`); cover every replica Sentinel may promote |
 //! | `REDIS_ACK_TIMEOUT_MS` | `2000` | how long a change waits for those replicas before it is answered as failed (503) |
-//! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file, or the PostgreSQL database (`postgres://user:password@host:5432/db`; its password is never logged) |
+//! | `DATABASE_URL` | `sqlite://{DATA_DIR}/stagecraft.db` | the SQLite file, or the PostgreSQL database (`postgres://user:password@host:5432/db`; its password is never logged); TLS with `?sslmode=verify-full&sslrootcert=/path/ca.pem` (and `sslcert`, `sslkey` for a client certificate); any other query parameter is refused |
 //! | `DATABASE_POOL_MODE` | `session` | `transaction` when `DATABASE_URL` is a pooler in transaction mode (PgBouncer's `pool_mode = transaction`): statements unprepared, each in a transaction, no `LISTEN` through it |
 //! | `DATABASE_DIRECT_URL` | unset | with `DATABASE_POOL_MODE=transaction`: the database itself, for migrations and idle workers' `LISTEN` (unset: workers poll, and `stagecraft migrate` needs it) |
+//! | `PGPASSWORD` | unset | PostgreSQL's password when the URLs name none (read by the driver, scrubbed from everything stored or served); the driver reads libpq's other `PG*` variables too (`PGSSLMODE`, `PGSSLROOTCERT`, …) |
 //! | `HOST`, `PORT` | `127.0.0.1`, `8000` | where `serve` and `dev` listen (`PORT=0`: any free port) |
 //! | `WORKER_CONCURRENCY` | `4` | runs one worker process executes at once |
 //! | `WORKER_THREADS` | `1` | threads of a worker process's async runtime (`1`: one thread runs every run's stages, which wait on I/O) |
@@ -140,6 +141,8 @@ pub struct Config {
     pub database_pool_mode: PoolMode,
     /// PostgreSQL itself, past a transaction-mode pooler (may carry a password).
     pub database_direct_url: Option<SecretString>,
+    /// `PGPASSWORD`, which PostgreSQL's driver reads when a URL names no password: scrubbed.
+    pub database_password_env: Option<SecretString>,
     /// The Redis URL (may carry a password: never log it unredacted).
     pub redis_url: SecretString,
     /// Prefix of every Redis key.
@@ -305,12 +308,14 @@ impl Config {
         .flatten()
         .map(|secret| secret.expose_secret().to_owned())
         .collect();
-        values.extend(url_password(self.redis_url.expose_secret()));
-        values.extend(url_password(self.database_url.expose_secret()));
+        let urls = [&self.redis_url, &self.database_url]
+            .into_iter()
+            .chain(&self.database_direct_url);
+        values.extend(urls.flat_map(|url| url_secrets(url.expose_secret())));
         values.extend(
-            self.database_direct_url
-                .as_ref()
-                .and_then(|url| url_password(url.expose_secret())),
+            self.database_password_env
+                .iter()
+                .map(|secret| secret.expose_secret().to_owned()),
         );
         Scrubber::new(values)
     }
@@ -360,6 +365,7 @@ impl Config {
             database_url: SecretString::from(store.database_url),
             database_pool_mode: store.pool_mode,
             database_direct_url: store.direct_url.map(SecretString::from),
+            database_password_env: store.password_env,
             redis_url: store.redis_url,
             redis_prefix: store.redis_prefix,
             redis_sentinel: store.sentinel,
@@ -403,6 +409,7 @@ struct StoreSettings {
     database_url: String,
     pool_mode: PoolMode,
     direct_url: Option<String>,
+    password_env: Option<SecretString>,
     redis_url: SecretString,
     redis_prefix: String,
     sentinel: Option<SentinelOptions>,
@@ -444,6 +451,7 @@ impl StoreSettings {
             database_url,
             pool_mode,
             direct_url,
+            password_env: vars.string("PGPASSWORD").map(SecretString::from),
             redis_url: SecretString::from(redis_url),
             redis_prefix: vars.text("REDIS_KEY_PREFIX", "stagecraft:"),
             sentinel: sentinels(vars)?,
@@ -470,7 +478,10 @@ fn database_url(
         reason,
     };
     match (backend, given) {
-        (BackendKind::Postgres, Some(url)) if is_postgres_url(&url) => Ok(url),
+        (BackendKind::Postgres, Some(url)) if is_postgres_url(&url) => {
+            check_postgres_url("DATABASE_URL", &url)?;
+            Ok(url)
+        }
         (BackendKind::Postgres, given) => Err(refuse(
             given.as_deref().unwrap_or_default(),
             "QUEUE_BACKEND=postgres needs DATABASE_URL=postgres://user:password@host:5432/database"
@@ -528,7 +539,11 @@ fn pooler(
             redact_url(&url),
             "used only with DATABASE_POOL_MODE=transaction (DATABASE_URL is direct otherwise)",
         )),
-        direct => Ok((mode, direct)),
+        Some(url) => {
+            check_postgres_url("DATABASE_DIRECT_URL", &url)?;
+            Ok((mode, Some(url)))
+        }
+        None => Ok((mode, None)),
     }
 }
 
@@ -621,13 +636,128 @@ fn tokens(vars: &Vars<'_>) -> Result<(Option<SecretString>, Option<SecretString>
     }
 }
 
-/// The user info of a URL (`user:password` in `scheme://user:password@host`), the part to hide.
-fn url_password(url: &str) -> Option<String> {
-    let (_, rest) = url.split_once("://")?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    let (user_info, _) = authority.rsplit_once('@')?;
-    let password = user_info.split_once(':').map_or(user_info, |(_, p)| p);
-    (!password.is_empty()).then(|| password.to_owned())
+/// The secrets a URL carries, as written and percent-decoded: the password of its user info
+/// (`user:password` in `scheme://user:password@host`), and the value of any query parameter
+/// that names a password (`?password=…`, which PostgreSQL's driver accepts too).
+fn url_secrets(url: &str) -> Vec<String> {
+    let user_info = url.split_once("://").and_then(|(_, rest)| {
+        let authority = rest.split('/').next().unwrap_or_default();
+        let (user_info, _) = authority.rsplit_once('@')?;
+        // A user name alone is no secret (and scrubbing it would mangle every text naming it).
+        user_info.split_once(':').map(|(_, password)| password)
+    });
+    let query = url
+        .rsplit_once('@')
+        .map_or(url, |(_, after)| after)
+        .split_once('?')
+        .map(|(_, query)| query);
+    let in_query = query
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            names_a_secret(key).then_some(value)
+        });
+    user_info
+        .into_iter()
+        .chain(in_query)
+        .filter(|secret| !secret.is_empty())
+        .flat_map(|secret| [secret.to_owned(), percent_decoded(secret)])
+        .collect()
+}
+
+/// Whether a URL's query parameter holds a secret (`password`, `sslpassword`, …).
+fn names_a_secret(key: &str) -> bool {
+    key.to_ascii_lowercase().contains("password")
+}
+
+/// `%XX` escapes (and a query's `+`) decoded; anything not valid UTF-8 replaced.
+fn percent_decoded(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        let escaped = (bytes[at] == b'%')
+            .then(|| text.get(at + 1..at + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match (escaped, bytes[at]) {
+            (Some(byte), _) => {
+                decoded.push(byte);
+                at += 3;
+            }
+            (None, b'+') => {
+                decoded.push(b' ');
+                at += 1;
+            }
+            (None, byte) => {
+                decoded.push(byte);
+                at += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// The query parameters a PostgreSQL URL may carry: the driver's own (TLS, and where and as
+/// whom to connect). Any other is refused by name: the driver would ignore it (a misspelt
+/// `sslmode` connecting without TLS unnoticed) and log its value.
+const POSTGRES_URL_PARAMETERS: [&str; 18] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+    "statement-cache-capacity",
+];
+
+/// The values of `sslmode`, as libpq names them.
+const SSL_MODES: [&str; 6] = [
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+/// Refuses a PostgreSQL URL whose query the driver would not read as written: an unknown
+/// parameter, or an `sslmode` it does not know.
+fn check_postgres_url(variable: &'static str, url: &str) -> Result<(), ConfigError> {
+    let refuse = |reason: String| ConfigError {
+        variable,
+        value: redact_url(url),
+        reason,
+    };
+    let parsed =
+        reqwest::Url::parse(url).map_err(|error| refuse(format!("not a valid URL: {error}")))?;
+    for (key, value) in parsed.query_pairs() {
+        if !POSTGRES_URL_PARAMETERS.contains(&&*key) {
+            return Err(refuse(format!(
+                "unknown parameter `{key}` (known: {})",
+                POSTGRES_URL_PARAMETERS.join(", ")
+            )));
+        }
+        if matches!(&*key, "sslmode" | "ssl-mode") && !SSL_MODES.contains(&&*value) {
+            return Err(refuse(format!(
+                "sslmode `{value}`: expected {}",
+                SSL_MODES.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// `CORS_ORIGINS`: unset means none, `*` any origin, else a list of origins that must parse.
@@ -670,14 +800,27 @@ fn parse_cors(value: Option<String>) -> Result<Cors, ConfigError> {
     })
 }
 
-/// A URL with any password or user info replaced by `***`, for messages and logs.
+/// A URL with its user info, and the value of any query parameter that names a password,
+/// replaced by `***`, for messages and logs. Everything up to the last `@` counts as user info,
+/// so a password with an unescaped `@`, `/` or `?` is hidden whole.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let (shown, rest) = match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
-            format!("{}://***@{}", &url[..scheme_end], &url[at + 1..])
+            (format!("{}://***@", &url[..scheme_end]), &url[at + 1..])
         }
-        _ => url.to_owned(),
-    }
+        _ => (String::new(), url),
+    };
+    let Some((place, query)) = rest.split_once('?') else {
+        return shown + rest;
+    };
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if names_a_secret(key) => format!("{key}=***"),
+            _ => pair.to_owned(),
+        })
+        .collect();
+    format!("{shown}{place}?{}", query.join("&"))
 }
 
 #[cfg(test)]
@@ -750,6 +893,61 @@ mod tests {
         let error =
             config_from(&[("REDIS_URL", "http://user:hunter2@cache")]).expect_err("must fail");
         assert!(!error.to_string().contains("hunter2"));
+        assert_eq!(
+            redact_url("postgres://db/x?sslmode=require&password=hunter2&sslpassword=k"),
+            "postgres://db/x?sslmode=require&password=***&sslpassword=***"
+        );
+        // An unescaped `?` or `@` in the password: hidden whole.
+        assert_eq!(
+            redact_url("postgres://u:hun?ter@2@db/x"),
+            "postgres://***@db/x"
+        );
+    }
+
+    #[test]
+    fn a_postgres_url_carries_only_what_the_driver_reads_and_its_secrets_are_scrubbed() {
+        let tls = "postgres://app@db:5432/app?sslmode=verify-full&sslrootcert=/etc/ca.pem";
+        config_from(&[("DATABASE_URL", tls)]).expect("TLS settings are known");
+        for (url, named) in [
+            ("postgres://app@db/app?sslmod=require", "sslmod"),
+            ("postgres://app@db/app?sslmode=required", "required"),
+            (
+                "postgres://app@db/app?sslpassword=k-0123456789",
+                "sslpassword",
+            ),
+        ] {
+            let error = config_from(&[("DATABASE_URL", url)]).expect_err(url);
+            assert_eq!(error.variable, "DATABASE_URL");
+            assert!(error.reason.contains(named), "{error}");
+            assert!(!error.to_string().contains("k-0123456789"), "{error}");
+        }
+        let direct = config_from(&[
+            ("DATABASE_URL", "postgres://app:p@bouncer/app"),
+            ("DATABASE_POOL_MODE", "transaction"),
+            (
+                "DATABASE_DIRECT_URL",
+                "postgres://app@db/app?ssl_mode=require",
+            ),
+        ])
+        .expect_err("an unknown parameter");
+        assert_eq!(direct.variable, "DATABASE_DIRECT_URL");
+
+        let config = config_from(&[
+            (
+                "DATABASE_URL",
+                "postgres://app:p%40ss-0123456789@db/app?password=q-0123456789",
+            ),
+            ("PGPASSWORD", "env-0123456789"),
+        ])
+        .expect("parses");
+        let scrubbed = config
+            .scrubber()
+            .scrub("p%40ss-0123456789 p@ss-0123456789 q-0123456789 env-0123456789")
+            .into_owned();
+        assert_eq!(scrubbed, "*** *** *** ***");
+        let no_password = config_from(&[("DATABASE_URL", "postgres://stagecraft@db/stagecraft")])
+            .expect("parses");
+        assert_eq!(no_password.scrubber().scrub("stagecraft"), "stagecraft");
     }
 
     /// Every variable of the module's table (what `from_lookup` reads) is in `.env.example`.

@@ -600,7 +600,7 @@ impl TestApp {
 }
 
 /// Generates one test per backend from `async fn name(backend: Backend)` functions: the
-/// conformance suite both stores must pass.
+/// conformance suite every store must pass.
 #[macro_export]
 macro_rules! conformance {
     ($($name:ident),* $(,)?) => {

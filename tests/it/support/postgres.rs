@@ -209,6 +209,34 @@ impl PostgresServer {
         server
     }
 
+    /// A server that speaks only TLS on TCP (`hostnossl` connections are rejected), with a
+    /// certificate for `127.0.0.1` and `localhost` signed by a CA of the test's own; and the
+    /// files a client needs ([`Certificates`]).
+    pub fn start_tls() -> (Self, Certificates) {
+        let root = is_root();
+        let dir = scratch_dir("stagecraft-pg-tls-", root);
+        let data = init_cluster(&binary("initdb"), &dir, root);
+        let certificates = Certificates::make(&dir, root);
+        let hba = dir.join("pg_hba.conf");
+        std::fs::write(
+            &hba,
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .expect("pg_hba.conf is written");
+        let mut list = settings(&FAST);
+        list.extend([
+            "ssl=on".to_owned(),
+            format!("ssl_cert_file={}", certificates.server_cert.display()),
+            format!("ssl_key_file={}", certificates.server_key.display()),
+            format!("hba_file={}", hba.display()),
+        ]);
+        let server = Self::on(dir.clone(), data, dir, root, list);
+        server.restart();
+        (server, certificates)
+    }
+
     /// A server (not started) of the cluster in `data`, on a free port.
     fn on(
         dir: PathBuf,
@@ -316,6 +344,94 @@ impl PostgresServer {
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.data.join("postmaster.pid").exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The files of a TLS test: a CA of the test's own (`ca`), the server's certificate it signed
+/// (for `127.0.0.1` and `localhost`) and its key, and a second CA that signed nothing
+/// (`other_ca`: a client that trusts only it refuses the server).
+pub struct Certificates {
+    pub ca: PathBuf,
+    pub other_ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl Certificates {
+    /// Makes them in `dir` with `openssl` (P-256 keys, valid for two days); the server's key is
+    /// the `postgres` user's, readable by it alone, as PostgreSQL requires.
+    fn make(dir: &Path, root: bool) -> Self {
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("openssl could not be run (apt-get install openssl)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let key = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        for ca in ["ca", "other-ca"] {
+            let subject = format!("/CN=stagecraft test {ca}");
+            let (key_file, cert_file) = (format!("{ca}.key"), format!("{ca}.pem"));
+            let args = ["-keyout", &key_file, "-out", &cert_file, "-days", "2"];
+            openssl(&[&["req", "-x509"], &key[..], &args, &["-subj", &subject]].concat());
+        }
+        let request = [
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ];
+        openssl(&[&["req", "-new"], &key[..], &request].concat());
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
+             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
+        )
+        .expect("the extensions are written");
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]);
+        let server_key = dir.join("server.key");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&server_key, std::fs::Permissions::from_mode(0o600))
+            .expect("the key is made private");
+        if root {
+            give_to_postgres(&server_key);
+        }
+        Self {
+            ca: dir.join("ca.pem"),
+            other_ca: dir.join("other-ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key,
         }
     }
 }
