@@ -25,6 +25,12 @@ use crate::{Db, store_error};
 /// its own savepoint rolled back, and the rest of the group commits as if it had never run. Only
 /// when SQLite itself cannot undo a savepoint or commit is the whole group rolled back, and every
 /// operation in it gets the error.
+///
+/// The bookkeeping travels with its neighbours, so a group of n operations pays n + 1 round
+/// trips to SQLite's thread for it, not 2n + 2: the first operation's savepoint is opened with
+/// the transaction (`BEGIN IMMEDIATE; SAVEPOINT op`), a committed operation's savepoint is left
+/// open and released by the next operation's (`RELEASE op; SAVEPOINT op`), and the last one's
+/// by the `COMMIT` itself.
 pub(crate) struct GroupCommit {
     state: Arc<tokio::sync::Mutex<GroupState>>,
     /// Operations waiting for their turn; the last one of a burst commits.
@@ -54,6 +60,9 @@ struct GroupState {
     /// The last operation ended part-way: its savepoint is still open and must be rolled back
     /// before anything else runs.
     undo: bool,
+    /// The last operation committed: its savepoint is still open, its changes kept, and the
+    /// next operation's savepoint releases it (or the transaction's end does).
+    held: bool,
     /// The transaction cannot be trusted any more: roll everything back.
     poisoned: bool,
 }
@@ -69,7 +78,7 @@ impl GroupState {
         }
     }
 
-    /// Runs a statement of the group's own bookkeeping; a failure poisons the transaction.
+    /// Runs statements of the group's own bookkeeping; a failure poisons the transaction.
     async fn control(&mut self, statement: &'static str) -> bool {
         let done = match self.connection().await {
             Ok(conn) => sqlx::raw_sql(statement).execute(conn).await.is_ok(),
@@ -95,10 +104,12 @@ impl GroupState {
     /// Ends the open transaction (commit, or rollback when poisoned) and tells every waiter.
     async fn finish(&mut self) {
         self.undo_pending().await;
+        self.held = false;
         if !self.open {
             self.poisoned = false;
             return;
         }
+        // A committed operation's savepoint still open is committed (or undone) with the rest.
         let statement = if self.poisoned { "ROLLBACK" } else { "COMMIT" };
         let outcome = match self.connection().await {
             Ok(conn) => sqlx::raw_sql(statement)
@@ -137,6 +148,7 @@ impl GroupCommit {
                 open: false,
                 waiters: Vec::new(),
                 undo: false,
+                held: false,
                 poisoned: false,
             })),
             queued: Arc::new(AtomicUsize::new(0)),
@@ -183,16 +195,29 @@ impl GroupCommit {
         }
         if !state.open {
             let conn = state.connection().await?;
-            if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE").execute(&mut *conn).await {
-                state.conn = None;
+            if let Err(error) = sqlx::raw_sql("BEGIN IMMEDIATE; SAVEPOINT op")
+                .execute(&mut *conn)
+                .await
+            {
+                // Whether the transaction began is unknown: closing the connection ends it.
+                if let Some(conn) = state.conn.take() {
+                    let _ = conn.close().await;
+                }
                 return Err(store_error(error));
             }
             state.open = true;
-        }
-        if !state.control("SAVEPOINT op").await {
-            return Err(StoreError::Unavailable(
-                "the store could not open a savepoint".to_owned(),
-            ));
+        } else {
+            let statement = if state.held {
+                "RELEASE op; SAVEPOINT op"
+            } else {
+                "SAVEPOINT op"
+            };
+            state.held = false;
+            if !state.control(statement).await {
+                return Err(StoreError::Unavailable(
+                    "the store could not open a savepoint".to_owned(),
+                ));
+            }
         }
         tx.savepoint = true;
         Ok(tx)
@@ -227,7 +252,8 @@ impl WriteTx {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         let waiting = self.others_waiting();
         let state = self.state();
-        state.control("RELEASE op").await;
+        // Released by the next operation's savepoint, or committed with the transaction.
+        state.held = true;
         state.waiters.push(sender);
         if !waiting || state.waiters.len() >= MAX_GROUP {
             state.finish().await;
