@@ -8,6 +8,8 @@
 //! `postgres` the bench starts as the tests do), BENCH_ONLY=redis-drain|postgres-drain only that
 //! store's drains, BENCH_ONLY=drains the three stores' drains alternated on the same minutes;
 //! BENCH_REDIS_STATS=1 prints Redis's per-command statistics after each Redis drain.
+//! BENCH_ONLY=versus alternates this build's drains with another build's (BENCH_PEER_BIN, its
+//! `stagecraft`; BENCH_VERSUS_STORE `sqlite` (default), `redis` or `postgres`): a change's cost.
 //! BENCH_ONLY=streams measures only submissions beside open event streams (BENCH_STREAMS, 500;
 //! BENCH_STREAM_SUBMITS, 3000) on both stores. BENCH_ONLY=list measures only the run list with
 //! BENCH_LIST_RUNS (1,000,000) stored runs on SQLite, Redis and PostgreSQL (BENCH_LIST_STORES,
@@ -211,6 +213,8 @@ struct Deployment {
     store: Arc<dyn RunStore>,
     env: Vec<(String, String)>,
     children: Vec<Child>,
+    /// The `stagecraft` binary its processes run: this build's, or a peer build's.
+    bin: String,
 }
 
 impl Deployment {
@@ -268,12 +272,13 @@ impl Deployment {
             store,
             env,
             children: Vec::new(),
+            bin: BIN.to_owned(),
         }
     }
 
     /// Starts a process and waits for its first line (address or readiness).
     fn spawn(&mut self, args: &[&str]) -> (usize, String) {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(&self.bin)
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
@@ -465,7 +470,19 @@ async fn drain(
     runs: usize,
     workers: usize,
 ) -> Drained {
+    drain_with(BIN, backend, redis, runs, workers).await
+}
+
+/// [`drain`] with the workers of the `stagecraft` binary `bin`.
+async fn drain_with(
+    bin: &str,
+    backend: Backend,
+    redis: Option<&RedisServer>,
+    runs: usize,
+    workers: usize,
+) -> Drained {
     let mut deployment = Deployment::new(backend, redis).await;
+    deployment.bin = bin.to_owned();
     deployment.queue_noops(runs).await;
     let stats = std::env::var_os("BENCH_REDIS_STATS").is_some();
     let mut redis_cpu_before = 0.0;
@@ -1215,6 +1232,65 @@ async fn drains_section(repeats: usize) {
     );
 }
 
+/// This build's drains alternated with another build's on the same minutes
+/// (`BENCH_ONLY=versus`): `BENCH_PEER_BIN` is the other build's `stagecraft`,
+/// `BENCH_VERSUS_STORE` the store (`sqlite`, the default, `redis` or `postgres`). What a change
+/// costs or saves, as the median of the paired ratios.
+async fn versus_section(repeats: usize) {
+    let Ok(peer) = std::env::var("BENCH_PEER_BIN") else {
+        eprintln!("BENCH_ONLY=versus needs BENCH_PEER_BIN, the path of another build's stagecraft");
+        return;
+    };
+    let (backend, name, runs) = match std::env::var("BENCH_VERSUS_STORE").as_deref() {
+        Ok("redis") => (
+            Backend::Redis,
+            "Redis",
+            env_number("BENCH_REDIS_RUNS", 20_000),
+        ),
+        Ok("postgres") => (
+            Backend::Postgres,
+            "PostgreSQL",
+            env_number("BENCH_PG_RUNS", 20_000),
+        ),
+        _ => (Backend::Sqlite, "SQLite", env_number("BENCH_RUNS", 5000)),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = matches!(backend, Backend::Redis).then(|| RedisServer::start(dir.path()));
+    let mut rows = BTreeMap::new();
+    for workers in [1, 2] {
+        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..repeats {
+            let own = drain_with(BIN, backend, redis.as_ref(), runs, workers).await;
+            let peer = drain_with(&peer, backend, redis.as_ref(), runs, workers).await;
+            eprintln!(
+                "{name} drain, {workers} worker(s): this build {:.0}, peer {:.0} runs/s",
+                own.rate, peer.rate
+            );
+            ratios.push(own.rate / peer.rate);
+            ours.push(own.rate);
+            theirs.push(peer.rate);
+        }
+        rows.insert(
+            workers - 1,
+            (
+                format!(
+                    "{name}: drain, {runs} queued noop runs, {workers} worker process(es) × 16"
+                ),
+                format!(
+                    "this build {:.0} runs/s, peer {:.0} runs/s: {:.2}×",
+                    median(&mut ours),
+                    median(&mut theirs),
+                    median(&mut ratios)
+                ),
+            ),
+        );
+    }
+    print_table(
+        &format!("This build against {peer}, alternated (medians of {repeats})"),
+        &rows,
+    );
+}
+
 #[tokio::main]
 async fn main() {
     let repeats = env_number("BENCH_REPEATS", 3).max(1);
@@ -1243,6 +1319,9 @@ async fn main() {
     }
     if only == "drains" {
         drains_section(repeats).await;
+    }
+    if only == "versus" {
+        versus_section(repeats).await;
     }
     if only == "postgres-drain" {
         let mut rows = BTreeMap::new();

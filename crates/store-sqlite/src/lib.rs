@@ -170,6 +170,45 @@ async fn insert_event(
     Ok(())
 }
 
+/// The events of one change of a run, in order and in one statement (one trip to SQLite's
+/// thread, however many the change has); `stage` as for [`insert_event`].
+async fn insert_events(
+    tx: &mut WriteTx,
+    run: RunId,
+    at: Millis,
+    events: &[kernel::Event],
+    stage: Option<&str>,
+) -> StoreResult<()> {
+    let [first, rest @ ..] = events else {
+        return Ok(());
+    };
+    if rest.is_empty() {
+        return insert_event(tx, run, at, first, stage).await;
+    }
+    let rows: Vec<Value> = events
+        .iter()
+        .map(|event| {
+            json!({
+                "kind": event.kind.as_str(),
+                "stage": stage.filter(|_| event.on_stage),
+                "data": event.data.to_string(),
+            })
+        })
+        .collect();
+    sqlx::query(
+        "INSERT INTO events (run_id, at, kind, stage, data) \
+         SELECT ?1, ?2, json_extract(value, '$.kind'), json_extract(value, '$.stage'), \
+         json_extract(value, '$.data') FROM json_each(?3) ORDER BY key",
+    )
+    .bind(run.to_string())
+    .bind(at)
+    .bind(Value::Array(rows).to_string())
+    .execute(&mut **tx)
+    .await
+    .db()?;
+    Ok(())
+}
+
 /// The `run_started` events of runs just claimed, in one statement.
 async fn record_run_started(
     conn: &mut sqlx::SqliteConnection,
@@ -1012,9 +1051,7 @@ impl SqliteStore {
         .ok_or_else(|| StoreError::Corrupt(format!("run {} has no stage {stage}", lease.run_id)))?
         .try_get("name")
         .db()?;
-        for event in &commit.events {
-            insert_event(&mut tx, lease.run_id, now, event, Some(&name)).await?;
-        }
+        insert_events(&mut tx, lease.run_id, now, &commit.events, Some(&name)).await?;
         tx.commit().await.db()?;
         Ok(())
     }
@@ -1057,9 +1094,7 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await
         .db()?;
-        for event in &end.events {
-            insert_event(&mut tx, lease.run_id, now, event, Some(&name)).await?;
-        }
+        insert_events(&mut tx, lease.run_id, now, &end.events, Some(&name)).await?;
         tx.commit().await.db()?;
         self.work_available.notify_waiters();
         Ok(())
