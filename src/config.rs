@@ -21,7 +21,7 @@
 //! | `AWS_ALLOW_HTTP` | `false` | permits a plain-HTTP `AWS_ENDPOINT_URL` (a server on a private network) |
 //! | `DATA_DIR` | `./data` | where the embedded store lives |
 //! | `QUEUE_BACKEND` | `sqlite`, or `postgres` when `DATABASE_URL` is a `postgres://` URL | the durable store and queue: `sqlite`, `redis` or `postgres` |
-//! | `REDIS_URL` | `redis://127.0.0.1:6379` | the Redis server, with `QUEUE_BACKEND=redis` |
+//! | `REDIS_URL` | `redis://127.0.0.1:6379` | the Redis server, with `QUEUE_BACKEND=redis`; `rediss://` for TLS (the certificate checked against the system's CAs, or those of `SSL_CERT_FILE`, and its name) |
 //! | `REDIS_KEY_PREFIX` | `stagecraft:` | prefix of every Redis key Stagecraft writes |
 //! | `REDIS_SENTINELS`, `REDIS_SENTINEL_MASTER` | unset, `stagecraft` | comma-separated `host:port` of the sentinels that name the primary (then `REDIS_URL` gives only its password and database), and the name they monitor it under |
 //! | `REDIS_DURABLE_ACKS` | `0` | replicas that must have every state change before it is acknowledged (`WAIT`); cover every replica Sentinel may promote |

@@ -115,28 +115,23 @@ fn transient(sqlstate: &str) -> bool {
 }
 
 /// Whether a connection's I/O failure may pass: a network's or a server's (refused, reset,
-/// timed out, closed), not a file that cannot be read (a certificate named by `sslrootcert`)
-/// or a TLS handshake that refused the server's certificate (rustls reports it as invalid
-/// data).
+/// timed out, closed; a socket file not there yet), not a TLS handshake that refused the
+/// server's certificate (rustls reports it as invalid data).
 fn transient_io(error: &std::io::Error) -> bool {
-    use std::io::ErrorKind;
-    !matches!(
-        error.kind(),
-        ErrorKind::NotFound
-            | ErrorKind::PermissionDenied
-            | ErrorKind::InvalidData
-            | ErrorKind::InvalidInput
-    )
+    error.kind() != std::io::ErrorKind::InvalidData
 }
 
 /// sqlx's failures as the store reports them: a server that cannot be reached or answers that
 /// it cannot serve now is the store being unavailable (503 and try again), anything else a
 /// database error (including TLS that cannot be set up as the URL asks: a server without TLS,
-/// a certificate that is not trusted, a key that cannot be read; waiting would not change it).
+/// a certificate that is not trusted; waiting would not change it).
 fn store_error(error: sqlx::Error) -> StoreError {
     let unavailable = match &error {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Io(io) => transient_io(io),
+        // The TLS request of a new connection went unanswered: an address that accepts and
+        // closes (a proxy or load balancer whose server is down, a failover under way).
+        sqlx::Error::Protocol(message) => message.contains("SSLRequest"),
         sqlx::Error::Database(db) => db.code().is_some_and(|code| transient(&code)),
         _ => false,
     };
@@ -2065,10 +2060,22 @@ mod tests {
                 std::io::ErrorKind::InvalidData,
                 "invalid peer certificate: UnknownIssuer",
             )),
-            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::NotFound)),
         ] {
             assert!(matches!(store_error(refused), StoreError::Database(_)));
         }
+        assert!(matches!(
+            store_error(sqlx::Error::Protocol(
+                "unexpected response from SSLRequest: 0x00".to_owned()
+            )),
+            StoreError::Unavailable(_)
+        ));
+        // A socket file not there yet: a server still starting.
+        assert!(matches!(
+            store_error(sqlx::Error::Io(std::io::Error::from(
+                std::io::ErrorKind::NotFound
+            ))),
+            StoreError::Unavailable(_)
+        ));
         assert!(
             transient("08006") && transient("57P01") && transient("40P01") && transient("25006")
         );

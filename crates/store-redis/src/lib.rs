@@ -299,16 +299,34 @@ fn store_error(error: redis::RedisError) -> StoreError {
         Some("READONLY" | "NOREPLICAS" | "MASTERDOWN" | "LOADING")
     );
     let unreachable = failing_over
-        || error.is_io_error()
-        || error.is_connection_refusal()
-        || error.is_connection_dropped()
-        || error.is_timeout()
-        || error.is_unrecoverable_error();
+        || (!refused_by_tls(&error)
+            && (error.is_io_error()
+                || error.is_connection_refusal()
+                || error.is_connection_dropped()
+                || error.is_timeout()
+                || error.is_unrecoverable_error()));
     if unreachable {
         StoreError::Unavailable(error.to_string())
     } else {
         StoreError::Redis(error.to_string())
     }
+}
+
+/// Whether an I/O failure is TLS that cannot be set up as `REDIS_URL` asks (a certificate that is
+/// not trusted or names another host: rustls answers invalid data), which waiting would not
+/// change, rather than a network's or a server's failure. (A socket file not there yet is a
+/// server still starting.)
+fn refused_by_tls(error: &redis::RedisError) -> bool {
+    use std::io::ErrorKind;
+    let Some(source) = std::error::Error::source(error) else {
+        return false;
+    };
+    let io = source.downcast_ref::<std::io::Error>().or_else(|| {
+        source
+            .downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>()
+            .and_then(|inner| inner.downcast_ref::<std::io::Error>())
+    });
+    io.is_some_and(|io| io.kind() == ErrorKind::InvalidData)
 }
 
 /// The same failure once more, for each operation a failed call carried.
@@ -1975,6 +1993,24 @@ impl RunStore for RedisStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_network_failure_is_an_outage_and_refused_tls_is_final() {
+        let io = |kind| redis::RedisError::from(std::io::Error::from(kind));
+        for kind in [
+            std::io::ErrorKind::ConnectionRefused,
+            std::io::ErrorKind::ConnectionReset,
+            std::io::ErrorKind::UnexpectedEof,
+            std::io::ErrorKind::NotFound,
+        ] {
+            assert!(matches!(store_error(io(kind)), StoreError::Unavailable(_)));
+        }
+        let untrusted = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "invalid peer certificate: UnknownIssuer",
+        ));
+        assert!(matches!(store_error(untrusted), StoreError::Redis(_)));
+    }
 
     #[test]
     fn a_change_is_acknowledged_only_when_enough_replicas_have_it() {

@@ -65,10 +65,35 @@ async fn connect(client: &Client) -> StoreResult<ConnectionManager> {
         .db()
 }
 
+/// Whether `REDIS_URL` asks for TLS (`rediss://`): then the sentinels and the primary they name
+/// are reached over TLS too.
+fn uses_tls(template: &redis::ConnectionInfo) -> bool {
+    matches!(template.addr(), ConnectionAddr::TcpTls { .. })
+}
+
+/// `template` (its password, database and TLS settings) pointed at `host:port`.
+fn pointed_at(template: &redis::ConnectionInfo, host: &str, port: u16) -> redis::ConnectionInfo {
+    let addr = match template.addr() {
+        ConnectionAddr::TcpTls {
+            insecure,
+            tls_params,
+            ..
+        } => ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: tls_params.clone(),
+        },
+        _ => ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    template.clone().set_addr(addr)
+}
+
 /// What one sentinel says of `master`: its address and configuration epoch, unless it
 /// considers it down.
-async fn ask_sentinel(sentinel: &str, master: &str) -> Option<(String, u16, i64)> {
-    let client = Client::open(format!("redis://{sentinel}")).ok()?;
+async fn ask_sentinel(sentinel: &str, master: &str, tls: bool) -> Option<(String, u16, i64)> {
+    let scheme = if tls { "rediss" } else { "redis" };
+    let client = Client::open(format!("{scheme}://{sentinel}")).ok()?;
     let asked = async {
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
         let fields: Vec<String> = redis::cmd("SENTINEL")
@@ -166,12 +191,12 @@ impl Primary {
 }
 
 /// The primary the sentinels name with the highest epoch: its host, port and epoch.
-async fn ask_sentinels(options: &SentinelOptions) -> Option<(String, u16, i64)> {
+async fn ask_sentinels(options: &SentinelOptions, tls: bool) -> Option<(String, u16, i64)> {
     futures::future::join_all(
         options
             .sentinels
             .iter()
-            .map(|s| ask_sentinel(s, &options.master)),
+            .map(|s| ask_sentinel(s, &options.master, tls)),
     )
     .await
     .into_iter()
@@ -185,7 +210,7 @@ async fn discover(
     options: &SentinelOptions,
     template: &redis::ConnectionInfo,
 ) -> StoreResult<Option<Current>> {
-    match ask_sentinels(options).await {
+    match ask_sentinels(options, uses_tls(template)).await {
         Some(named) => connect_named(template, named).await,
         None => Ok(None),
     }
@@ -196,10 +221,7 @@ async fn connect_named(
     template: &redis::ConnectionInfo,
     (host, port, epoch): (String, u16, i64),
 ) -> StoreResult<Option<Current>> {
-    let info = template
-        .clone()
-        .set_addr(ConnectionAddr::Tcp(host.clone(), port));
-    let client = Client::open(info).db()?;
+    let client = Client::open(pointed_at(template, &host, port)).db()?;
     let mut conn = connect(&client).await?;
     // A sentinel's view may lag: only a server that says it is a primary is one.
     let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(&mut conn).await.db()?;
@@ -229,9 +251,12 @@ async fn follow(primary: Weak<Primary>, library: Library) {
         };
         let seen = strong.current();
         drop(strong);
-        let changed = ask_sentinels(&options).await.filter(|(host, port, epoch)| {
-            format!("{host}:{port}") != seen.addr || *epoch > seen.epoch
-        });
+        let changed =
+            ask_sentinels(&options, uses_tls(&template))
+                .await
+                .filter(|(host, port, epoch)| {
+                    format!("{host}:{port}") != seen.addr || *epoch > seen.epoch
+                });
         let found = match changed {
             Some(named) => connect_named(&template, named).await,
             None => Ok(None),
@@ -262,5 +287,31 @@ async fn follow(primary: Weak<Primary>, library: Library) {
             () = nudged => {}
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_primary_a_sentinel_names_is_reached_as_the_url_says() {
+        let tls = "rediss://:secret@cache:6380/2"
+            .into_connection_info()
+            .expect("a URL");
+        assert!(uses_tls(&tls));
+        let named = pointed_at(&tls, "10.0.0.5", 6381);
+        assert!(matches!(
+            named.addr(),
+            ConnectionAddr::TcpTls { host, port: 6381, insecure: false, .. } if host == "10.0.0.5"
+        ));
+        assert_eq!(named.redis_settings().db(), 2);
+        assert_eq!(named.redis_settings().password(), Some("secret"));
+        let plain = "redis://cache:6379".into_connection_info().expect("a URL");
+        assert!(!uses_tls(&plain));
+        assert_eq!(
+            pointed_at(&plain, "10.0.0.5", 6381).addr(),
+            &ConnectionAddr::Tcp("10.0.0.5".to_owned(), 6381)
+        );
     }
 }

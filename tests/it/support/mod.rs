@@ -20,6 +20,7 @@ use tempfile::TempDir;
 
 pub mod browser;
 pub mod postgres;
+pub use postgres::tls;
 pub mod s3;
 pub mod sentinel;
 
@@ -67,6 +68,8 @@ pub struct RedisServer {
     dir: PathBuf,
     aof: bool,
     child: Option<Child>,
+    /// The server's certificate, key and CA when it speaks only TLS.
+    tls: Option<[PathBuf; 3]>,
 }
 
 pub fn free_port() -> u16 {
@@ -86,20 +89,56 @@ impl RedisServer {
             dir: dir.to_owned(),
             aof,
             child: None,
+            tls: None,
         };
         server.restart();
         server
+    }
+
+    /// A server that speaks only TLS (`rediss://`), with the certificate of `certificates`
+    /// (clients are not asked for one).
+    pub fn start_tls(dir: &Path, certificates: &tls::Certificates) -> Self {
+        let port = free_port();
+        let mut server = Self {
+            port,
+            url: format!("rediss://127.0.0.1:{port}/0"),
+            dir: dir.to_owned(),
+            aof: false,
+            child: None,
+            tls: Some([
+                certificates.server_cert.clone(),
+                certificates.server_key.clone(),
+                certificates.ca.clone(),
+            ]),
+        };
+        server.restart();
+        server
+    }
+
+    /// How the server listens: its plain port, or TLS alone on it.
+    fn listen_flags(&self) -> String {
+        match &self.tls {
+            None => format!("--port {}", self.port),
+            Some([cert, key, ca]) => format!(
+                "--port 0 --tls-port {} --tls-cert-file {} --tls-key-file {} \
+                 --tls-ca-cert-file {} --tls-auth-clients no",
+                self.port,
+                cert.display(),
+                key.display(),
+                ca.display()
+            ),
+        }
     }
 
     /// Starts the server (again, on the same port and data directory) and waits until it answers.
     pub fn restart(&mut self) {
         let appendonly = if self.aof { "yes" } else { "no" };
         let script = format!(
-            "redis-server --port {port} --bind 127.0.0.1 --dir {dir} --save '' --appendonly {appendonly} \
+            "redis-server {listen} --bind 127.0.0.1 --dir {dir} --save '' --appendonly {appendonly} \
              --appendfsync everysec --maxmemory-policy noeviction --protected-mode yes --daemonize no \
              --logfile {dir}/redis.log & r=$!; \
              while kill -0 {test_pid} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; kill $r 2>/dev/null; wait $r",
-            port = self.port,
+            listen = self.listen_flags(),
             dir = self.dir.display(),
             test_pid = std::process::id(),
         );
@@ -125,9 +164,12 @@ impl RedisServer {
 
     /// Stops the server the way an orchestrator does (SIGTERM: it writes its AOF and exits).
     pub fn stop(&mut self) {
-        let _ = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "shutdown"])
-            .output();
+        let mut shutdown = Command::new("redis-cli");
+        shutdown.args(["-p", &self.port.to_string()]);
+        if let Some([_, _, ca]) = &self.tls {
+            shutdown.arg("--tls").arg("--cacert").arg(ca);
+        }
+        let _ = shutdown.arg("shutdown").output();
         if let Some(mut child) = self.child.take() {
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {

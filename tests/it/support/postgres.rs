@@ -22,6 +22,12 @@ use std::{
 
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 
+/// Certificates for the TLS tests (a file beside this one, so the store crate's tests, which
+/// include this file, have it too).
+#[path = "tls.rs"]
+pub mod tls;
+use tls::Certificates;
+
 /// The server the cases create their databases on.
 struct Server {
     /// A database to connect to for `CREATE DATABASE`.
@@ -216,7 +222,11 @@ impl PostgresServer {
         let root = is_root();
         let dir = scratch_dir("stagecraft-pg-tls-", root);
         let data = init_cluster(&binary("initdb"), &dir, root);
-        let certificates = Certificates::make(&dir, root);
+        let certificates = Certificates::make(&dir);
+        if root {
+            // PostgreSQL reads a key only its own user may read.
+            give_to_postgres(&certificates.server_key);
+        }
         let hba = dir.join("pg_hba.conf");
         std::fs::write(
             &hba,
@@ -344,94 +354,6 @@ impl PostgresServer {
         let deadline = Instant::now() + Duration::from_secs(15);
         while self.data.join("postmaster.pid").exists() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-/// The files of a TLS test: a CA of the test's own (`ca`), the server's certificate it signed
-/// (for `127.0.0.1` and `localhost`) and its key, and a second CA that signed nothing
-/// (`other_ca`: a client that trusts only it refuses the server).
-pub struct Certificates {
-    pub ca: PathBuf,
-    pub other_ca: PathBuf,
-    pub server_cert: PathBuf,
-    pub server_key: PathBuf,
-}
-
-impl Certificates {
-    /// Makes them in `dir` with `openssl` (P-256 keys, valid for two days); the server's key is
-    /// the `postgres` user's, readable by it alone, as PostgreSQL requires.
-    fn make(dir: &Path, root: bool) -> Self {
-        let openssl = |args: &[&str]| {
-            let out = Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stdin(Stdio::null())
-                .output()
-                .expect("openssl could not be run (apt-get install openssl)");
-            assert!(
-                out.status.success(),
-                "openssl {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        let key = [
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ];
-        for ca in ["ca", "other-ca"] {
-            let subject = format!("/CN=stagecraft test {ca}");
-            let (key_file, cert_file) = (format!("{ca}.key"), format!("{ca}.pem"));
-            let args = ["-keyout", &key_file, "-out", &cert_file, "-days", "2"];
-            openssl(&[&["req", "-x509"], &key[..], &args, &["-subj", &subject]].concat());
-        }
-        let request = [
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=127.0.0.1",
-        ];
-        openssl(&[&["req", "-new"], &key[..], &request].concat());
-        std::fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n\
-             keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n",
-        )
-        .expect("the extensions are written");
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "server.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "server.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "server.ext",
-        ]);
-        let server_key = dir.join("server.key");
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&server_key, std::fs::Permissions::from_mode(0o600))
-            .expect("the key is made private");
-        if root {
-            give_to_postgres(&server_key);
-        }
-        Self {
-            ca: dir.join("ca.pem"),
-            other_ca: dir.join("other-ca.pem"),
-            server_cert: dir.join("server.pem"),
-            server_key,
         }
     }
 }
