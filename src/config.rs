@@ -636,42 +636,53 @@ fn tokens(vars: &Vars<'_>) -> Result<(Option<SecretString>, Option<SecretString>
     }
 }
 
-/// The secrets a URL carries, as written and percent-decoded: the password of its user info
-/// (`user:password` in `scheme://user:password@host`), and the value of any query parameter
-/// that names a password (`?password=…`, which PostgreSQL's driver accepts too).
+/// The secrets a URL carries, read as the stores' drivers read it (the WHATWG URL parser, as
+/// sqlx and redis-rs use) and as written: the password of its user info
+/// (`scheme://user:password@host`), and the value of any query parameter that names one
+/// (`?password=…`, which PostgreSQL's driver reads; `?pass=…`, Redis's over a socket). A URL
+/// that does not parse has everything between its scheme and its last `@` taken as secret.
 fn url_secrets(url: &str) -> Vec<String> {
-    let user_info = url.split_once("://").and_then(|(_, rest)| {
-        let authority = rest.split('/').next().unwrap_or_default();
-        let (user_info, _) = authority.rsplit_once('@')?;
-        // A user name alone is no secret (and scrubbing it would mangle every text naming it).
-        user_info.split_once(':').map(|(_, password)| password)
-    });
-    let query = url
-        .rsplit_once('@')
-        .map_or(url, |(_, after)| after)
-        .split_once('?')
-        .map(|(_, query)| query);
-    let in_query = query
-        .into_iter()
-        .flat_map(|query| query.split('&'))
-        .filter_map(|pair| {
-            let (key, value) = pair.split_once('=')?;
-            names_a_secret(key).then_some(value)
-        });
-    user_info
-        .into_iter()
-        .chain(in_query)
-        .filter(|secret| !secret.is_empty())
-        .flat_map(|secret| [secret.to_owned(), percent_decoded(secret)])
-        .collect()
+    let mut found = Vec::new();
+    match reqwest::Url::parse(url) {
+        Ok(parsed) => {
+            if let Some(password) = parsed.password() {
+                found.push(password.to_owned());
+                found.push(percent_decoded(password));
+            }
+            found.extend(
+                parsed
+                    .query_pairs()
+                    .filter(|(key, _)| names_a_secret(key))
+                    .map(|(_, value)| value.into_owned()),
+            );
+            // As written, too (the driver decodes it; a text may quote it).
+            found.extend(
+                parsed
+                    .query()
+                    .into_iter()
+                    .flat_map(|query| query.split('&'))
+                    .filter_map(|pair| pair.split_once('='))
+                    .filter(|(key, _)| names_a_secret(&percent_decoded(key)))
+                    .map(|(_, value)| value.to_owned()),
+            );
+        }
+        Err(_) => found.extend(
+            url.split_once("://")
+                .and_then(|(_, rest)| rest.rsplit_once('@'))
+                .map(|(user_info, _)| user_info.to_owned()),
+        ),
+    }
+    found.retain(|secret| !secret.is_empty());
+    found
 }
 
-/// Whether a URL's query parameter holds a secret (`password`, `sslpassword`, …).
+/// Whether a URL's query parameter holds a secret (`password`, `sslpassword`, `pass`, …).
 fn names_a_secret(key: &str) -> bool {
-    key.to_ascii_lowercase().contains("password")
+    let key = key.to_ascii_lowercase();
+    key.contains("pass") || key.contains("pwd") || key.contains("secret") || key.contains("token")
 }
 
-/// `%XX` escapes (and a query's `+`) decoded; anything not valid UTF-8 replaced.
+/// `%XX` escapes decoded (as a URL's user info is); anything not valid UTF-8 replaced.
 fn percent_decoded(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
@@ -680,18 +691,15 @@ fn percent_decoded(text: &str) -> String {
         let escaped = (bytes[at] == b'%')
             .then(|| text.get(at + 1..at + 3))
             .flatten()
+            .filter(|hex| hex.bytes().all(|b| b.is_ascii_hexdigit()))
             .and_then(|hex| u8::from_str_radix(hex, 16).ok());
-        match (escaped, bytes[at]) {
-            (Some(byte), _) => {
+        match escaped {
+            Some(byte) => {
                 decoded.push(byte);
                 at += 3;
             }
-            (None, b'+') => {
-                decoded.push(b' ');
-                at += 1;
-            }
-            (None, byte) => {
-                decoded.push(byte);
+            None => {
+                decoded.push(bytes[at]);
                 at += 1;
             }
         }
@@ -734,30 +742,61 @@ const SSL_MODES: [&str; 6] = [
 ];
 
 /// Refuses a PostgreSQL URL whose query the driver would not read as written: an unknown
-/// parameter, or an `sslmode` it does not know.
+/// parameter, an `sslmode` it does not know, or a certificate or key file that cannot be read.
+/// The refusal shows the URL without its query (a misspelt parameter may hold a secret).
 fn check_postgres_url(variable: &'static str, url: &str) -> Result<(), ConfigError> {
     let refuse = |reason: String| ConfigError {
         variable,
-        value: redact_url(url),
+        value: without_query(&redact_url(url)),
         reason,
     };
     let parsed =
         reqwest::Url::parse(url).map_err(|error| refuse(format!("not a valid URL: {error}")))?;
     for (key, value) in parsed.query_pairs() {
         if !POSTGRES_URL_PARAMETERS.contains(&&*key) {
+            let named = if key.len() <= 40
+                && key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_[]".contains(c))
+            {
+                format!("`{key}`")
+            } else {
+                "a parameter".to_owned()
+            };
             return Err(refuse(format!(
-                "unknown parameter `{key}` (known: {})",
+                "unknown: {named} (known: {})",
                 POSTGRES_URL_PARAMETERS.join(", ")
             )));
         }
         if matches!(&*key, "sslmode" | "ssl-mode") && !SSL_MODES.contains(&&*value) {
             return Err(refuse(format!(
-                "sslmode `{value}`: expected {}",
+                "unknown sslmode (expected {})",
                 SSL_MODES.join(", ")
             )));
         }
+        let names_a_file = matches!(
+            &*key,
+            "sslrootcert"
+                | "ssl-root-cert"
+                | "ssl-ca"
+                | "sslcert"
+                | "ssl-cert"
+                | "sslkey"
+                | "ssl-key"
+        );
+        // A PEM text in place of a path is read as it is.
+        if names_a_file && !value.trim_start().starts_with("-----BEGIN") {
+            if let Err(error) = std::fs::File::open(&*value) {
+                return Err(refuse(format!("{key} {value} cannot be read: {error}")));
+            }
+        }
     }
     Ok(())
+}
+
+/// A URL without its query and fragment.
+fn without_query(url: &str) -> String {
+    url.split(['?', '#']).next().unwrap_or_default().to_owned()
 }
 
 /// `CORS_ORIGINS`: unset means none, `*` any origin, else a list of origins that must parse.
@@ -800,27 +839,48 @@ fn parse_cors(value: Option<String>) -> Result<Cors, ConfigError> {
     })
 }
 
-/// A URL with its user info, and the value of any query parameter that names a password,
-/// replaced by `***`, for messages and logs. Everything up to the last `@` counts as user info,
-/// so a password with an unescaped `@`, `/` or `?` is hidden whole.
+/// A URL for messages and logs: its user info replaced by `***`, and the value of any query
+/// parameter that names a secret too. It is read as the drivers read it; a URL that does not
+/// parse shows only its scheme and what follows its last `@`, without a query.
 pub fn redact_url(url: &str) -> String {
-    let (shown, rest) = match (url.find("://"), url.rfind('@')) {
+    let fallback = || match (url.find("://"), url.rfind('@')) {
         (Some(scheme_end), Some(at)) if at > scheme_end => {
-            (format!("{}://***@", &url[..scheme_end]), &url[at + 1..])
+            format!(
+                "{}://***@{}",
+                &url[..scheme_end],
+                without_query(&url[at + 1..])
+            )
         }
-        _ => (String::new(), url),
+        _ => without_query(url),
     };
-    let Some((place, query)) = rest.split_once('?') else {
-        return shown + rest;
+    let Ok(mut parsed) = reqwest::Url::parse(url) else {
+        return fallback();
     };
-    let query: Vec<String> = query
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if names_a_secret(key) => format!("{key}=***"),
-            _ => pair.to_owned(),
+    let had_user = !parsed.username().is_empty() || parsed.password().is_some();
+    let query: Vec<String> = parsed
+        .query_pairs()
+        .map(|(key, value)| match names_a_secret(&key) {
+            true => format!("{key}=***"),
+            false => format!("{key}={value}"),
         })
         .collect();
-    format!("{shown}{place}?{}", query.join("&"))
+    let fragment = parsed.fragment().map(str::to_owned);
+    parsed.set_query(None);
+    parsed.set_fragment(None);
+    if had_user && (parsed.set_password(None).is_err() || parsed.set_username("").is_err()) {
+        return fallback();
+    }
+    let mut shown = parsed.to_string();
+    if had_user {
+        shown = shown.replacen("://", "://***@", 1);
+    }
+    if !query.is_empty() {
+        shown = format!("{shown}?{}", query.join("&"));
+    }
+    match fragment {
+        Some(fragment) => format!("{shown}#{fragment}"),
+        None => shown,
+    }
 }
 
 #[cfg(test)]
@@ -906,17 +966,36 @@ mod tests {
 
     #[test]
     fn a_postgres_url_carries_only_what_the_driver_reads_and_its_secrets_are_scrubbed() {
-        let tls = "postgres://app@db:5432/app?sslmode=verify-full&sslrootcert=/etc/ca.pem";
-        config_from(&[("DATABASE_URL", tls)]).expect("TLS settings are known");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----").expect("a CA file");
+        let tls = format!(
+            "postgres://app@db:5432/app?sslmode=verify-full&sslrootcert={}",
+            ca.display()
+        );
+        config_from(&[("DATABASE_URL", &tls)]).expect("TLS settings are known");
+        let missing = dir.path().join("missing.pem");
         for (url, named) in [
-            ("postgres://app@db/app?sslmod=require", "sslmod"),
-            ("postgres://app@db/app?sslmode=required", "required"),
+            ("postgres://app@db/app?sslmod=require".to_owned(), "sslmod"),
             (
-                "postgres://app@db/app?sslpassword=k-0123456789",
+                "postgres://app@db/app?sslmode=required".to_owned(),
+                "sslmode",
+            ),
+            (
+                "postgres://app@db/app?sslpassword=k-0123456789".to_owned(),
                 "sslpassword",
             ),
+            ("postgres://app@db/app?pwd=k-0123456789".to_owned(), "pwd"),
+            (
+                "postgres://app@db/app?password%3Dk-0123456789".to_owned(),
+                "a parameter",
+            ),
+            (
+                format!("postgres://app@db/app?sslrootcert={}", missing.display()),
+                "cannot be read",
+            ),
         ] {
-            let error = config_from(&[("DATABASE_URL", url)]).expect_err(url);
+            let error = config_from(&[("DATABASE_URL", &url)]).expect_err(&url);
             assert_eq!(error.variable, "DATABASE_URL");
             assert!(error.reason.contains(named), "{error}");
             assert!(!error.to_string().contains("k-0123456789"), "{error}");
@@ -935,19 +1014,54 @@ mod tests {
         let config = config_from(&[
             (
                 "DATABASE_URL",
-                "postgres://app:p%40ss-0123456789@db/app?password=q-0123456789",
+                "postgres://app:p%40ss+0123456789@db/app?password=q%40-0123456789",
             ),
             ("PGPASSWORD", "env-0123456789"),
         ])
         .expect("parses");
         let scrubbed = config
             .scrubber()
-            .scrub("p%40ss-0123456789 p@ss-0123456789 q-0123456789 env-0123456789")
+            .scrub("p%40ss+0123456789 p@ss+0123456789 q@-0123456789 env-0123456789")
             .into_owned();
         assert_eq!(scrubbed, "*** *** *** ***");
         let no_password = config_from(&[("DATABASE_URL", "postgres://stagecraft@db/stagecraft")])
             .expect("parses");
         assert_eq!(no_password.scrubber().scrub("stagecraft"), "stagecraft");
+    }
+
+    /// URLs are read as the drivers read them (the WHATWG parser): where the user info ends,
+    /// which query parameter holds a password, how it is decoded.
+    #[test]
+    fn secrets_in_urls_are_found_where_the_drivers_find_them() {
+        for (url, secret, shown) in [
+            (
+                "postgres://app@db/app?password=s3cr@t-value-123",
+                "s3cr@t-value-123",
+                "postgres://***@db/app?password=***",
+            ),
+            (
+                "postgres://app@db/app?pass%77ord=hunter2-long",
+                "hunter2-long",
+                "postgres://***@db/app?password=***",
+            ),
+            (
+                "postgres://u:a+b%21longpass@db/x?application_name=a@b",
+                "a+b!longpass",
+                "postgres://***@db/x?application_name=a@b",
+            ),
+            (
+                "unix:///run/redis.sock?db=0&pass=hunter2-long",
+                "hunter2-long",
+                "unix:///run/redis.sock?db=0&pass=***",
+            ),
+        ] {
+            assert!(
+                url_secrets(url).iter().any(|found| found == secret),
+                "{url}: {:?}",
+                url_secrets(url)
+            );
+            assert_eq!(redact_url(url), shown);
+        }
     }
 
     /// Every variable of the module's table (what `from_lookup` reads) is in `.env.example`.

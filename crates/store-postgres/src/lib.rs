@@ -114,13 +114,6 @@ fn transient(sqlstate: &str) -> bool {
         )
 }
 
-/// Whether a connection's I/O failure may pass: a network's or a server's (refused, reset,
-/// timed out, closed; a socket file not there yet), not a TLS handshake that refused the
-/// server's certificate (rustls reports it as invalid data).
-fn transient_io(error: &std::io::Error) -> bool {
-    error.kind() != std::io::ErrorKind::InvalidData
-}
-
 /// sqlx's failures as the store reports them: a server that cannot be reached or answers that
 /// it cannot serve now is the store being unavailable (503 and try again), anything else a
 /// database error (including TLS that cannot be set up as the URL asks: a server without TLS,
@@ -128,7 +121,7 @@ fn transient_io(error: &std::io::Error) -> bool {
 fn store_error(error: sqlx::Error) -> StoreError {
     let unavailable = match &error {
         sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => true,
-        sqlx::Error::Io(io) => transient_io(io),
+        sqlx::Error::Io(io) => !stagecraft_core::store::refuses_the_server(io),
         // The TLS request of a new connection went unanswered: an address that accepts and
         // closes (a proxy or load balancer whose server is down, a failover under way).
         sqlx::Error::Protocol(message) => message.contains("SSLRequest"),
@@ -2058,11 +2051,17 @@ mod tests {
             sqlx::Error::Tls("server does not support TLS".into()),
             sqlx::Error::Io(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
-                "invalid peer certificate: UnknownIssuer",
+                rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
             )),
         ] {
             assert!(matches!(store_error(refused), StoreError::Database(_)));
         }
+        // Any other TLS failure may be a server restarting (an alert, a decrypt error).
+        let alert = sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::DecryptError,
+        ));
+        assert!(matches!(store_error(alert), StoreError::Unavailable(_)));
         assert!(matches!(
             store_error(sqlx::Error::Protocol(
                 "unexpected response from SSLRequest: 0x00".to_owned()

@@ -312,12 +312,9 @@ fn store_error(error: redis::RedisError) -> StoreError {
     }
 }
 
-/// Whether an I/O failure is TLS that cannot be set up as `REDIS_URL` asks (a certificate that is
-/// not trusted or names another host: rustls answers invalid data), which waiting would not
-/// change, rather than a network's or a server's failure. (A socket file not there yet is a
-/// server still starting.)
+/// Whether an I/O failure is TLS refusing the server `REDIS_URL` names (see
+/// [`stagecraft_core::store::refuses_the_server`]), which waiting would not change.
 fn refused_by_tls(error: &redis::RedisError) -> bool {
-    use std::io::ErrorKind;
     let Some(source) = std::error::Error::source(error) else {
         return false;
     };
@@ -326,7 +323,7 @@ fn refused_by_tls(error: &redis::RedisError) -> bool {
             .downcast_ref::<std::sync::Arc<dyn std::error::Error + Send + Sync>>()
             .and_then(|inner| inner.downcast_ref::<std::io::Error>())
     });
-    io.is_some_and(|io| io.kind() == ErrorKind::InvalidData)
+    io.is_some_and(stagecraft_core::store::refuses_the_server)
 }
 
 /// The same failure once more, for each operation a failed call carried.
@@ -2007,9 +2004,14 @@ mod tests {
         }
         let untrusted = redis::RedisError::from(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
-            "invalid peer certificate: UnknownIssuer",
+            rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName),
         ));
         assert!(matches!(store_error(untrusted), StoreError::Redis(_)));
+        let alert = redis::RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::DecryptError,
+        ));
+        assert!(matches!(store_error(alert), StoreError::Unavailable(_)));
     }
 
     #[test]

@@ -65,10 +65,22 @@ async fn connect(client: &Client) -> StoreResult<ConnectionManager> {
         .db()
 }
 
-/// Whether `REDIS_URL` asks for TLS (`rediss://`): then the sentinels and the primary they name
-/// are reached over TLS too.
-fn uses_tls(template: &redis::ConnectionInfo) -> bool {
-    matches!(template.addr(), ConnectionAddr::TcpTls { .. })
+/// How `REDIS_URL` reaches its server, for the sentinels too: `None` without TLS, otherwise
+/// whether the certificate's name goes unchecked (`rediss://…/#insecure`).
+fn tls_of(template: &redis::ConnectionInfo) -> Option<bool> {
+    match template.addr() {
+        ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+        _ => None,
+    }
+}
+
+/// A sentinel's URL, over TLS when `REDIS_URL` is.
+fn sentinel_url(sentinel: &str, tls: Option<bool>) -> String {
+    match tls {
+        None => format!("redis://{sentinel}"),
+        Some(false) => format!("rediss://{sentinel}"),
+        Some(true) => format!("rediss://{sentinel}/#insecure"),
+    }
 }
 
 /// `template` (its password, database and TLS settings) pointed at `host:port`.
@@ -91,9 +103,12 @@ fn pointed_at(template: &redis::ConnectionInfo, host: &str, port: u16) -> redis:
 
 /// What one sentinel says of `master`: its address and configuration epoch, unless it
 /// considers it down.
-async fn ask_sentinel(sentinel: &str, master: &str, tls: bool) -> Option<(String, u16, i64)> {
-    let scheme = if tls { "rediss" } else { "redis" };
-    let client = Client::open(format!("{scheme}://{sentinel}")).ok()?;
+async fn ask_sentinel(
+    sentinel: &str,
+    master: &str,
+    tls: Option<bool>,
+) -> Option<(String, u16, i64)> {
+    let client = Client::open(sentinel_url(sentinel, tls)).ok()?;
     let asked = async {
         let mut conn = client.get_multiplexed_async_connection().await.ok()?;
         let fields: Vec<String> = redis::cmd("SENTINEL")
@@ -191,7 +206,7 @@ impl Primary {
 }
 
 /// The primary the sentinels name with the highest epoch: its host, port and epoch.
-async fn ask_sentinels(options: &SentinelOptions, tls: bool) -> Option<(String, u16, i64)> {
+async fn ask_sentinels(options: &SentinelOptions, tls: Option<bool>) -> Option<(String, u16, i64)> {
     futures::future::join_all(
         options
             .sentinels
@@ -210,7 +225,7 @@ async fn discover(
     options: &SentinelOptions,
     template: &redis::ConnectionInfo,
 ) -> StoreResult<Option<Current>> {
-    match ask_sentinels(options, uses_tls(template)).await {
+    match ask_sentinels(options, tls_of(template)).await {
         Some(named) => connect_named(template, named).await,
         None => Ok(None),
     }
@@ -252,7 +267,7 @@ async fn follow(primary: Weak<Primary>, library: Library) {
         let seen = strong.current();
         drop(strong);
         let changed =
-            ask_sentinels(&options, uses_tls(&template))
+            ask_sentinels(&options, tls_of(&template))
                 .await
                 .filter(|(host, port, epoch)| {
                     format!("{host}:{port}") != seen.addr || *epoch > seen.epoch
@@ -299,7 +314,8 @@ mod tests {
         let tls = "rediss://:secret@cache:6380/2"
             .into_connection_info()
             .expect("a URL");
-        assert!(uses_tls(&tls));
+        assert_eq!(tls_of(&tls), Some(false));
+        assert_eq!(sentinel_url("s1:26379", tls_of(&tls)), "rediss://s1:26379");
         let named = pointed_at(&tls, "10.0.0.5", 6381);
         assert!(matches!(
             named.addr(),
@@ -308,7 +324,15 @@ mod tests {
         assert_eq!(named.redis_settings().db(), 2);
         assert_eq!(named.redis_settings().password(), Some("secret"));
         let plain = "redis://cache:6379".into_connection_info().expect("a URL");
-        assert!(!uses_tls(&plain));
+        assert_eq!(tls_of(&plain), None);
+        assert_eq!(sentinel_url("s1:26379", None), "redis://s1:26379");
+        let insecure = "rediss://cache:6380/#insecure"
+            .into_connection_info()
+            .expect("a URL");
+        assert_eq!(
+            sentinel_url("s1:26379", tls_of(&insecure)),
+            "rediss://s1:26379/#insecure"
+        );
         assert_eq!(
             pointed_at(&plain, "10.0.0.5", 6381).addr(),
             &ConnectionAddr::Tcp("10.0.0.5".to_owned(), 6381)

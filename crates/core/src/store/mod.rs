@@ -63,6 +63,24 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Whether a connection's I/O failure is TLS refusing the server: its certificate is not
+/// trusted, names another host or has expired, or there is none. Waiting would not change it,
+/// so a store reports it as final rather than as an outage; every other TLS failure (an alert,
+/// a connection closed mid-handshake) may be a server restarting or failing over.
+pub fn refuses_the_server(error: &std::io::Error) -> bool {
+    error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_)
+                    | rustls::Error::NoCertificatesPresented
+                    | rustls::Error::InvalidCertRevocationList(_)
+            )
+        })
+}
+
 /// Whether a run's providers are the built-in mocks or the paid services. The strings are
 /// frozen: they are stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
