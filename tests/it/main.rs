@@ -15,5 +15,6 @@ mod redis_scale;
 mod security;
 mod studio;
 mod support;
+mod tls;
 mod watch;
 mod work_orders;

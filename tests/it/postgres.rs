@@ -1,7 +1,7 @@
 //! What only the PostgreSQL store has to show: the API and workers riding out a restart of the
 //! database (a server of the test's own), losing no accepted run; and a failover to a
-//! synchronous standby, under load, losing nothing acknowledged; the processes behind
-//! PgBouncer in transaction mode; and a database that requires TLS.
+//! synchronous standby, under load, losing nothing acknowledged; and the processes behind
+//! PgBouncer in transaction mode.
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -13,7 +13,6 @@ use std::{
 };
 
 use serde_json::{Value, json};
-use sqlx::Connection;
 
 use crate::support::{
     Backend, TestApp,
@@ -39,7 +38,8 @@ async fn health_becomes(app: &TestApp, status: u16, within: Duration) -> Value {
     }
 }
 
-fn assert_all_running(app: &mut TestApp, when: &str) {
+/// Fails unless every process of `app` is still running.
+pub(crate) fn assert_all_running(app: &mut TestApp, when: &str) {
     for proc in app.workers.iter_mut().chain(app.api.iter_mut()) {
         assert!(
             proc.child.try_wait().expect("try_wait").is_none(),
@@ -433,73 +433,4 @@ async fn the_api_and_workers_run_behind_a_transaction_mode_pooler() {
             .await;
     }
     assert_all_running(&mut app, "after the runs");
-}
-
-/// PostgreSQL over TLS, as managed offerings require it: a server that rejects connections
-/// without TLS. Processes whose URL checks the server's certificate against the CA that signed
-/// it and its name (`sslmode=verify-full`) run a run to completion, every connection
-/// encrypted. A URL that trusts another CA, or asks for no TLS, stops `stagecraft migrate` at
-/// once (not after the minute a server that is still starting is waited for), saying why and
-/// never the password.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_processes_reach_a_database_that_requires_tls_and_check_its_certificate() {
-    let (server, certificates) = PostgresServer::start_tls();
-    let (url, _database) = fresh_database_on(&server.admin_url).await;
-    let secret = "tls-secret-0123456789";
-    let app = TestApp::new(Backend::Postgres);
-    for (query, says) in [
-        (
-            format!(
-                "sslmode=verify-full&sslrootcert={}",
-                certificates.other_ca.display()
-            ),
-            "certificate",
-        ),
-        ("sslmode=disable".to_owned(), "no encryption"),
-    ] {
-        let started = Instant::now();
-        let refused = tokio::task::block_in_place(|| {
-            app.command(&["migrate"])
-                .env("DATABASE_URL", format!("{url}?{query}&password={secret}"))
-                .output()
-                .expect("migrate runs")
-        });
-        let said = String::from_utf8_lossy(&refused.stderr);
-        assert!(!refused.status.success(), "{query}: {said}");
-        assert!(said.contains(says), "{query}: {said}");
-        assert!(!said.contains(secret), "{query}: {said}");
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "{query}: refused only after {:?}",
-            started.elapsed()
-        );
-    }
-
-    let verified = format!(
-        "{url}?sslmode=verify-full&sslrootcert={}",
-        certificates.ca.display()
-    );
-    let mut app = app.with_env("DATABASE_URL", &verified).with_api();
-    app.start_worker();
-    let id = app.submit_demo(json!({"steps": 2})).await;
-    app.wait_status(&id, "completed", Duration::from_secs(30))
-        .await;
-    let database = url.rsplit('/').next().expect("a database name").to_owned();
-    let mut admin = sqlx::PgConnection::connect(&server.admin_url)
-        .await
-        .expect("the admin connection");
-    let (encrypted, plain): (i64, i64) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE s.ssl), count(*) FILTER (WHERE NOT s.ssl) \
-         FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1",
-    )
-    .bind(&database)
-    .fetch_one(&mut admin)
-    .await
-    .expect("the connections are counted");
-    assert!(
-        encrypted >= 2,
-        "{encrypted} encrypted connections (API and worker)"
-    );
-    assert_eq!(plain, 0);
-    assert_all_running(&mut app, "after the run");
 }
