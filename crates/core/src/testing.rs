@@ -555,7 +555,8 @@ pub async fn an_abandoned_run_goes_back_to_the_queue(store: &SharedStore) {
     ));
 }
 
-pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &SharedStore) {
+/// A run of two stages whose first completed and whose second failed, ending the run.
+async fn failed_at_its_second_stage(store: &SharedStore) -> RunId {
     let id = submit(store, &["first", "second"]).await;
     let claimed = claim_one(store, Duration::from_secs(30)).await;
     let (stage, _) = start(store, &claimed).await;
@@ -573,6 +574,24 @@ pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &
         .end_attempt(&claimed.lease, 1, failed)
         .await
         .expect("fail");
+    id
+}
+
+/// The runs whose inputs contain `text`, as the input search finds them.
+async fn found_by_input(store: &SharedStore, text: &str) -> Vec<RunId> {
+    let found = store
+        .list_runs(&RunFilter {
+            input_text: Some(text.into()),
+            limit: 10,
+            ..RunFilter::default()
+        })
+        .await
+        .expect("search");
+    found.runs.iter().map(|r| r.id).collect()
+}
+
+pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &SharedStore) {
+    let id = failed_at_its_second_stage(store).await;
     assert!(matches!(
         store
             .resume(
@@ -598,15 +617,7 @@ pub async fn resume_requeues_a_finished_run_keeping_earlier_checkpoints(store: &
     assert_eq!(resumed.status, RunStatus::Queued);
     assert_eq!(resumed.inputs, json!({"n": 2, "note": "amended"}));
     // The input search sees the new inputs.
-    let found = store
-        .list_runs(&RunFilter {
-            input_text: Some("amended".into()),
-            limit: 10,
-            ..RunFilter::default()
-        })
-        .await
-        .expect("search");
-    assert_eq!(found.runs.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+    assert_eq!(found_by_input(store, "amended").await, [id]);
     assert_eq!(resumed.stages[0].status, StageStatus::Completed);
     assert_eq!(resumed.stages[1].status, StageStatus::Pending);
     assert!(resumed.error.is_none() && resumed.finished_at.is_none());
